@@ -1,0 +1,32 @@
+# Two set-up commands on a fresh machine: `make train` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+RECIPE ?= recipes/gpt-cpu.toml
+PYTEST_ARGS ?=
+
+.PHONY: setup test train bench clean
+
+setup: $(STAMP)
+
+# torch first, pinned, so pip takes the local CPU wheel here (and the normal build elsewhere)
+# and never resolves a CUDA build as a dependency of something else.
+$(STAMP): pyproject.toml
+	@test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+train: setup
+	$(BIN)/playattention train $(RECIPE)
+
+bench: setup
+	$(BIN)/python bench/bench.py $(RECIPE)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

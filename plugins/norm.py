@@ -1,0 +1,42 @@
+"""Built-in norm components. Contract: factory(opts, dims, dim) -> module normalising the last dim."""
+from __future__ import annotations
+
+import attrs
+import torch
+import torch.nn.functional as F
+from attrs import validators as v
+from torch import nn
+
+from toolkit.contracts import Dims
+from toolkit.hookspecs import hookimpl
+
+
+@attrs.frozen
+class LayerNormOptions:
+    eps: float = attrs.field(default=1e-5, validator=v.gt(0.0))
+    # None: follow the model's `bias` setting; true/false: force it
+    bias: bool | None = attrs.field(default=None, validator=v.optional(v.instance_of(bool)))
+
+
+class LayerNorm(nn.Module):
+    """Layer normalisation (Ba et al. 2016) with an optional bias (PyTorch's has no bias=False before 2.1)."""
+
+    Options = LayerNormOptions
+
+    def __init__(self, opts: LayerNormOptions, dims: Dims, dim: int):
+        super().__init__()
+        self.eps = opts.eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        use_bias = dims.bias if opts.bias is None else opts.bias
+        self.bias = nn.Parameter(torch.zeros(dim)) if use_bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+
+    def flops_per_token(self, seq_len: int) -> int:
+        return 0  # elementwise: negligible next to the matmuls, as in the 6N estimate
+
+
+@hookimpl
+def register_components(register):
+    register("norm", "layernorm", LayerNorm)

@@ -1,0 +1,151 @@
+"""What each component family must do. Plugin authors: start here.
+
+Every factory is called with its structured options and a :class:`Dims` describing the model::
+
+    attention: factory(opts, dims)        -> module; forward(x, position, pos, cache=None) -> y
+    norm:      factory(opts, dims, dim)   -> module; forward(x) -> x, normalising the last dim of size `dim`
+    position:  factory(opts, dims)        -> a Position (below)
+    mlp:       factory(opts, dims)        -> module; forward(x) -> y
+
+Shapes: ``x`` and ``y`` are (B, T, C) hidden states, C = dims.n_embd; ``pos`` is a (T,) LongTensor
+of absolute positions of the T tokens in ``x`` (0..T-1 in training, offsets when decoding with a
+cache).
+
+**Positions act in three places**, and attention never asks which kind it has: it calls all three
+hooks of the :class:`Position` it is given, and the ones a position kind does not use are identities.
+
+1. ``embed(tok_emb, pos)`` adds to the token embeddings (learned, sinusoidal), called once by the model;
+2. ``rotate(q, k, pos)`` rotates queries and keys per head (RoPE), called by attention before caching k;
+3. ``score_bias(q_pos, k_pos)`` returns an additive (nh, Tq, Tk) bias for the attention scores (ALiBi),
+   or None.
+
+:func:`attend` does the causal attention arithmetic (masking, bias, cache-aware positions, an SDPA
+fast path and an explicit math path) so an attention plugin mostly projects q, k, v and calls it.
+
+**KV cache.** ``cache`` is a per-layer dict owned by the attention module (the model creates one
+empty dict per block and passes it on every decoding call); store whatever you need in it,
+e.g. ``cache["k"], cache["v"], cache["pos"]``. :func:`update_cache` does the usual append.
+
+**Counting.** Every component may define ``flops_per_token(seq_len) -> int``, its *forward* FLOPs
+per token; :func:`flops_per_token` supplies the default (2 FLOPs per weight of each ``nn.Linear``),
+which is exact for matmul-only modules. Attention adds its score and value products itself.
+
+**Initialisation.** The model applies GPT-2's init to every ``nn.Linear`` and ``nn.Embedding``
+(normal, std 0.02, zero bias) and scales linear layers named ``c_proj`` (the projections back into
+the residual stream) by 1/sqrt(2 * n_layer), as GPT-2 does. Other parameters keep the init their
+module gives them (norms: ones and zeros), so define ``reset_parameters`` for anything special.
+"""
+from __future__ import annotations
+
+import math
+
+import attrs
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@attrs.frozen
+class Dims:
+    """The model's shape, handed to every component factory."""
+
+    n_embd: int
+    n_head: int
+    n_layer: int
+    block_size: int
+    vocab_size: int
+    dropout: float = 0.0
+    bias: bool = True
+    # build(family, spec_or_kind, *args) builds another registered component (e.g. a qk-norm)
+    build: object = attrs.field(default=None, eq=False, repr=False)
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+class Position(nn.Module):
+    """Base class for positional components. Override the hooks your scheme uses."""
+
+    #: the longest sequence this scheme can encode, or None for no limit
+    max_len: int | None = None
+
+    def embed(self, tok_emb: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) token embeddings -> (B, T, C); default: unchanged."""
+        return tok_emb
+
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q (B, nh, T, hs), k (B, nkv, T, hs) at positions pos (T,) -> rotated q, k; default: unchanged."""
+        return q, k
+
+    def score_bias(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor | None:
+        """Additive attention-score bias (nh, Tq, Tk) for the given positions, or None."""
+        return None
+
+    def flops_per_token(self, seq_len: int) -> int:
+        return 0
+
+
+def flops_per_token(module: nn.Module, seq_len: int) -> int:
+    """Forward FLOPs per token of a module: its own ``flops_per_token`` if it has one, else 2 per Linear weight."""
+    own = getattr(type(module), "flops_per_token", None)
+    if own is not None:
+        return int(module.flops_per_token(seq_len))
+    return sum(2 * m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def update_cache(cache: dict | None, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
+    """Append this step's k, v (B, nkv, T, hs) and positions (T,) to ``cache``; return all keys, values, positions."""
+    if cache is None:
+        return k, v, pos
+    if "k" in cache:
+        k = torch.cat([cache["k"], k], dim=2)  # (B, nkv, T_past + T, hs)
+        v = torch.cat([cache["v"], v], dim=2)
+        pos = torch.cat([cache["pos"], pos])
+    cache["k"], cache["v"], cache["pos"] = k, v, pos
+    return k, v, pos
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    position: Position | None = None,
+    *,
+    dropout: float = 0.0,
+    window: int | None = None,
+    backend: str = "sdpa",
+) -> torch.Tensor:
+    """Causal attention of q (B, nh, Tq, hs) over k, v (B, nkv, Tk, hs) -> (B, nh, Tq, hs).
+
+    A query at position p sees keys at positions in (p - window, p]. ``nkv`` may divide ``nh``
+    (grouped-query attention, Ainslie et al. 2023): each group of nh/nkv query heads shares one
+    key/value head. ``backend="sdpa"`` uses ``F.scaled_dot_product_attention`` (flash or
+    memory-efficient kernels where the inputs allow), ``"math"`` spells out
+    softmax(QK^T / sqrt(d) + bias + mask) V (Vaswani et al. 2017, eq. 1) for reading and checking.
+    """
+    n_head, n_kv = q.size(1), k.size(1)
+    bias = position.score_bias(q_pos, k_pos) if position is not None else None
+    # Plain causal self-attention over a fresh sequence: let SDPA build the mask (flash-eligible).
+    # (k_pos is q_pos exactly when nothing is cached: update_cache hands the same tensor back.)
+    if backend == "sdpa" and bias is None and window is None and k_pos is q_pos:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=n_kv != n_head)
+    visible = k_pos[None, :] <= q_pos[:, None]  # (Tq, Tk) causal
+    if window is not None:
+        visible = visible & (k_pos[None, :] > q_pos[:, None] - window)
+    mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill(~visible, float("-inf"))
+    if bias is not None:
+        mask = mask + bias.to(q.dtype)  # (nh, Tq, Tk)
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=n_kv != n_head)
+    if backend != "math":
+        raise ValueError(f"unknown attention backend {backend!r} (expected 'sdpa' or 'math')")
+    if n_kv != n_head:
+        k = k.repeat_interleave(n_head // n_kv, dim=1)  # (B, nh, Tk, hs)
+        v = v.repeat_interleave(n_head // n_kv, dim=1)
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # (B, nh, Tq, Tk)
+    att = torch.softmax(att + mask, dim=-1)
+    att = F.dropout(att, p=dropout, training=dropout > 0)
+    return att @ v  # (B, nh, Tq, hs)

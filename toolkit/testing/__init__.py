@@ -1,0 +1,1 @@
+"""Conformance kit for playattention components (see toolkit.testing.conformance)."""
