@@ -112,3 +112,27 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     data.setdefault("name", Path(path).stem)
     registry = get_registry(data.get("plugins", []))
     return structure(registry, data, Recipe)
+
+
+def _drop_none(value):
+    """TOML has no null: leave unset optional keys out (they resolve to the same defaults)."""
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [_drop_none(v) for v in value]
+    return value
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    """The fully resolved recipe as plain data (every component's options spelled out)."""
+    from .config import make_converter
+    from .plugin_manager import get_registry
+
+    return _drop_none(make_converter(get_registry(recipe.plugins)).unstructure(recipe))
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The fully resolved recipe as TOML text; loading it gives back an equal recipe."""
+    import tomli_w
+
+    return tomli_w.dumps(recipe_to_dict(recipe))
