@@ -1,0 +1,163 @@
+"""Reading and writing Hugging Face checkpoint folders (config.json + weights), from local files only.
+
+Nothing here downloads: a path is a folder on disk laid out as ``save_pretrained`` writes it.
+Weights come from ``model.safetensors``, a sharded ``model.safetensors.index.json``, or the
+legacy ``pytorch_model.bin`` (loaded with ``torch.load(weights_only=True)``, which runs no pickled code).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+TORCH_BIN = "pytorch_model.bin"
+TORCH_BIN_INDEX = "pytorch_model.bin.index.json"
+CONFIG = "config.json"
+
+
+class HFFormatError(ValueError):
+    """A checkpoint folder that this toolkit cannot read or a model it cannot write in a given layout."""
+
+
+def checkpoint_dir(path: str | Path) -> Path:
+    """The folder ``path`` as a Path, or a FileNotFoundError naming what is missing."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint folder")
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: expected a checkpoint folder (with {CONFIG} and {SAFETENSORS}), got a file")
+    return path
+
+
+def read_config(path: str | Path) -> dict:
+    """The parsed ``config.json`` of a checkpoint folder."""
+    file = checkpoint_dir(path) / CONFIG
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no such file (a Hugging Face checkpoint folder needs {CONFIG})")
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise HFFormatError(f"{file}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(data, dict):
+        raise HFFormatError(f"{file}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint folder, by their Hugging Face names, on the CPU."""
+    from safetensors.torch import load_file
+
+    folder = checkpoint_dir(path)
+    if (folder / SAFETENSORS).is_file():
+        return load_file(folder / SAFETENSORS)
+    if (folder / SAFETENSORS_INDEX).is_file():
+        out: dict[str, torch.Tensor] = {}
+        for shard in _shards(folder / SAFETENSORS_INDEX):
+            out.update(load_file(shard))
+        return out
+    if (folder / TORCH_BIN).is_file():
+        return _torch_load(folder / TORCH_BIN)
+    if (folder / TORCH_BIN_INDEX).is_file():
+        out = {}
+        for shard in _shards(folder / TORCH_BIN_INDEX):
+            out.update(_torch_load(shard))
+        return out
+    raise FileNotFoundError(
+        f"{folder}: no weights found (looked for {SAFETENSORS}, {SAFETENSORS_INDEX}, {TORCH_BIN}, {TORCH_BIN_INDEX})"
+    )
+
+
+def _shards(index_file: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index_file.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise HFFormatError(f"{index_file}: not a weight index (expected a JSON object with a 'weight_map')") from None
+    shards = [index_file.parent / name for name in dict.fromkeys(weight_map.values())]
+    for shard in shards:
+        if not shard.is_file():
+            raise FileNotFoundError(f"{shard}: no such file (named by {index_file.name})")
+    return shards
+
+
+def _torch_load(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        sd = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a corrupt or code-carrying pickle; say which file
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise HFFormatError(f"{file}: cannot load weights ({type(exc).__name__}: {first})") from None
+    if not isinstance(sd, dict):
+        raise HFFormatError(f"{file}: expected a dict of tensors, got {type(sd).__name__}")
+    return sd
+
+
+def write_checkpoint(folder: str | Path, config: dict, state_dict: dict[str, torch.Tensor]) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` into ``folder`` (created if missing)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{folder}: exists and is not a folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    # safetensors refuses tensors that share storage (tied or transposed views): give each its own
+    tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in state_dict.items()}
+    save_file(tensors, str(folder / SAFETENSORS), metadata={"format": "pt"})
+    (folder / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return folder
+
+
+def check_architecture(config: dict, model_type: str, architectures: Iterable[str], where: str) -> None:
+    """Refuse a config.json whose ``model_type`` is not the one this loader reads."""
+    got = config.get("model_type")
+    if got != model_type:
+        archs = ", ".join(config.get("architectures") or []) or "none listed"
+        raise HFFormatError(
+            f"{where}: model_type {got!r} is not {model_type!r} (architectures: {archs}); "
+            f"this loader reads {'/'.join(architectures)} checkpoints"
+        )
+
+
+def require(config: dict, keys: Iterable[str], where: str) -> None:
+    """Every key in ``keys`` must be present in config.json."""
+    missing = [k for k in keys if k not in config]
+    if missing:
+        raise HFFormatError(f"{where}: config.json lacks {', '.join(missing)}")
+
+
+def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], where: str) -> None:
+    """Copy ``state_dict`` (already in this toolkit's names) into ``model``, reporting every mismatch at once."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    wrong = [
+        f"{k} {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own if k in state_dict and state_dict[k].shape != own[k].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing {_few(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {_few(unexpected)}")
+    if wrong:
+        problems.append(f"shape mismatch {_few(wrong)}")
+    if problems:
+        raise HFFormatError(f"{where}: weights do not fit the model: {'; '.join(problems)}")
+    with torch.no_grad():
+        for k, t in own.items():
+            t.copy_(state_dict[k])  # copy_ casts (e.g. fp16 files into an fp32 model)
+
+
+def _few(items: list[str], n: int = 4) -> str:
+    more = f" and {len(items) - n} more" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+
+def strip_prefix(name: str, prefixes: Iterable[str]) -> str:
+    for p in prefixes:
+        if name.startswith(p):
+            return name[len(p):]
+    return name

@@ -1,0 +1,179 @@
+"""GPT-2 checkpoints in Hugging Face layout <-> the composed :class:`~toolkit.model.Transformer`.
+
+GPT-2 is mha + layernorm + learned positions + a GELU MLP, pre-norm, with biases. Our parameter
+names are GPT-2's, so the mapping is by name; the one twist is that HF stores c_attn, c_proj and
+c_fc as ``Conv1D`` layers whose weight is (in, out), the transpose of ``nn.Linear``'s (out, in).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from ..model import ModelConfig, Transformer, resolve_options
+from ..registry import Registry
+from .common import (
+    HFFormatError,
+    check_architecture,
+    load_into,
+    read_config,
+    read_state_dict,
+    require,
+    write_checkpoint,
+)
+
+# HF's activation_function -> our gelu MLP's `approximate`, or the relu MLP
+_GELU_APPROX = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
+_CONV1D = re.compile(r"\.(c_attn|c_proj|c_fc)\.weight$")  # HF Conv1D weights: (in, out)
+_BUFFERS = re.compile(r"(^|\.)h\.\d+\.attn\.(bias|masked_bias)$")  # causal-mask buffers in old checkpoints
+
+
+def gpt2_config_from_hf(hf: dict, *, dropout: float = 0.0) -> ModelConfig:
+    """The :class:`ModelConfig` for a GPT-2 ``config.json`` (as a dict); dropout is not inherited, as in nanoGPT."""
+    where = "GPT-2 config"
+    check_architecture(hf, "gpt2", ["GPT2LMHeadModel"], where)
+    require(hf, ["n_embd", "n_head", "n_layer", "n_positions", "vocab_size"], where)
+    if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("scale_attn_weights") is False:
+        raise HFFormatError(f"{where}: scale_attn_by_inverse_layer_idx / scale_attn_weights=false are not supported")
+    if hf.get("add_cross_attention"):
+        raise HFFormatError(f"{where}: add_cross_attention is not supported (decoder-only models only)")
+    act = hf.get("activation_function", "gelu_new")
+    n_inner = hf.get("n_inner")
+    mlp_opts: dict = {} if n_inner is None else {"hidden_dim": int(n_inner)}
+    if act in _GELU_APPROX:
+        mlp = {"kind": "gelu", "approximate": _GELU_APPROX[act], **mlp_opts}
+    elif act == "relu":
+        mlp = {"kind": "relu", **mlp_opts}
+    else:
+        raise HFFormatError(
+            f"{where}: activation_function {act!r} is not supported (expected one of: {', '.join([*_GELU_APPROX, 'relu'])})"
+        )
+    return ModelConfig(
+        vocab_size=int(hf["vocab_size"]),
+        block_size=int(hf["n_positions"]),
+        n_layer=int(hf["n_layer"]),
+        n_head=int(hf["n_head"]),
+        n_embd=int(hf["n_embd"]),
+        dropout=dropout,
+        bias=True,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        layout="pre",
+        attention="mha",
+        norm={"kind": "layernorm", "eps": float(hf.get("layer_norm_epsilon", 1e-5))},
+        position="learned",
+        mlp=mlp,
+    )
+
+
+def gpt2_state_dict_from_hf(hf_sd: dict[str, torch.Tensor], tied: bool) -> dict[str, torch.Tensor]:
+    """HF GPT-2 tensors -> this toolkit's names (Conv1D weights transposed, mask buffers dropped)."""
+    out = {}
+    for name, t in hf_sd.items():
+        if _BUFFERS.search(name):
+            continue
+        if name != "lm_head.weight" and not name.startswith("transformer."):
+            name = "transformer." + name  # the original OpenAI-converted checkpoints have no prefix
+        out[name] = t.t() if _CONV1D.search(name) else t
+    if tied:
+        # the tied head is the token embedding (HF's file may omit it or repeat it)
+        if "transformer.wte.weight" in out:
+            out["lm_head.weight"] = out["transformer.wte.weight"]
+    return out
+
+
+def load_gpt2(path: str | Path, *, dropout: float = 0.0, dtype: torch.dtype | None = None,
+              registry: Registry | None = None) -> Transformer:
+    """A :class:`Transformer` with the weights of a local HF GPT-2 folder (config.json + model.safetensors)."""
+    hf = read_config(path)
+    where = str(path)
+    try:
+        config = gpt2_config_from_hf(hf, dropout=dropout)
+    except HFFormatError as exc:
+        raise HFFormatError(str(exc).replace("GPT-2 config", f"{where}/config.json", 1)) from None
+    sd = gpt2_state_dict_from_hf(read_state_dict(path), config.tie_embeddings)
+    model = Transformer(config, registry)
+    load_into(model, sd, where)
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()
+
+
+def _unwrap(model) -> Transformer:
+    inner = getattr(model, "module", model)  # DeepSpeed / DDP wrappers
+    inner = getattr(inner, "_orig_mod", inner)  # torch.compile
+    if not isinstance(inner, Transformer):
+        raise TypeError(f"expected a toolkit Transformer, got {type(model).__name__}")
+    return inner
+
+
+def hf_config_from_gpt2(model: Transformer, registry: Registry | None = None) -> dict:
+    """The HF ``config.json`` dict for a model that GPT-2 can express; HFFormatError says why not otherwise."""
+    model = _unwrap(model)
+    cfg = model.config
+    if registry is None:
+        from ..plugin_manager import get_registry
+
+        registry = get_registry()
+    wants = {"attention": ("mha",), "norm": ("layernorm",), "position": ("learned",), "mlp": ("gelu", "relu")}
+    problems = [
+        f"{fam} {getattr(cfg, fam).kind!r} (GPT-2 has {' or '.join(map(repr, kinds))})"
+        for fam, kinds in wants.items() if getattr(cfg, fam).kind not in kinds
+    ]
+    if cfg.layout != "pre":
+        problems.append(f"layout {cfg.layout!r} (GPT-2 is pre-norm)")
+    if problems:
+        raise HFFormatError(f"cannot export as GPT-2: unsupported {'; '.join(problems)}")
+    norm = resolve_options(registry, cfg.norm)
+    mlp = resolve_options(registry, cfg.mlp)
+    hidden = mlp.hidden_dim or int(mlp.multiplier * cfg.n_embd)
+    if cfg.mlp.kind == "gelu":
+        act = "gelu_new" if mlp.approximate == "tanh" else "gelu"
+    else:
+        act = "relu"
+    special = 50256 if cfg.vocab_size > 50256 else None  # <|endoftext|>, where the vocabulary has it
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.block_size,
+        "n_embd": cfg.n_embd,
+        "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head,
+        "n_inner": None if hidden == 4 * cfg.n_embd else hidden,
+        "activation_function": act,
+        "layer_norm_epsilon": norm.eps,
+        "resid_pdrop": cfg.dropout,
+        "embd_pdrop": cfg.dropout,
+        "attn_pdrop": cfg.dropout,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "bos_token_id": special,
+        "eos_token_id": special,
+        "torch_dtype": dtype,
+    }
+
+
+def gpt2_state_dict_to_hf(model: Transformer) -> dict[str, torch.Tensor]:
+    """This toolkit's tensors -> HF GPT-2 names (Conv1D weights transposed; absent biases written as zeros)."""
+    model = _unwrap(model)
+    cfg = model.config
+    sd = {k: t for k, t in model.state_dict().items()}
+    if cfg.tie_embeddings:
+        sd.pop("lm_head.weight")  # HF re-ties it to wte on load
+    # GPT-2 always has biases; a bias-free model is the same function with zero biases
+    dtype = sd["transformer.wte.weight"].dtype
+    for name, t in list(sd.items()):
+        if name.endswith(".weight") and name != "lm_head.weight" and not name.endswith(("wte.weight", "wpe.weight")):
+            bias = name[: -len("weight")] + "bias"
+            if bias not in sd:
+                sd[bias] = torch.zeros(t.shape[0], dtype=dtype)
+    return {k: (t.t() if _CONV1D.search(k) else t) for k, t in sd.items()}
+
+
+def save_gpt2(model: Transformer, path: str | Path, registry: Registry | None = None) -> Path:
+    """Write ``model`` as a HF GPT-2 folder (config.json + model.safetensors) that GPT2LMHeadModel loads."""
+    config = hf_config_from_gpt2(model, registry)
+    return write_checkpoint(path, config, gpt2_state_dict_to_hf(model))
