@@ -45,7 +45,10 @@ class PluginLoadError(RuntimeError):
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
+    text = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if isinstance(exc, pluggy.PluginValidationError):
+        # pluggy's first line only names the hook; the reason (e.g. a misspelt argument) is on the last
+        return f"{type(exc).__name__}: {'; '.join(text[-2:])}"
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
@@ -87,7 +90,8 @@ class PluginManager:
             except Exception as exc:  # noqa: BLE001 - a broken plugin must not take the others down
                 self._fail(PluginFailure(ep.name, package, version, _one_line(exc)))
                 continue
-            self._register_plugin(obj, f"entrypoint:{ep.name}", Source(ep.name, package, version))
+            # keyed by package too: two packages may both call their entry point "attention"
+            self._register_plugin(obj, f"entrypoint:{package}:{ep.name}", Source(ep.name, package, version))
 
     def add_module(self, name: str, *, source: Source | None = None, strict: bool = False) -> None:
         """Load a plugin module by import name."""
@@ -147,14 +151,16 @@ class PluginManager:
                 impl.function(register=register)
             for comp in staged:
                 self.registry.add(comp)
-                if self.trace:
-                    print(f"[playattention] {source} registered {comp.family} {comp.name!r}", file=sys.stderr)
         except Exception as exc:  # noqa: BLE001 - atomic: a plugin registers all its components or none
             for comp in staged:
                 if (comp.family, comp.name) in self.registry and self.registry.get(comp.family, comp.name) is comp:
                     self.registry._components[comp.family].pop(comp.name)
             self.pm.unregister(name=key)
             self._fail(PluginFailure(source.plugin, source.package, source.version, _one_line(exc)), strict)
+            return
+        if self.trace:  # only once the whole plugin is in: a rolled-back one registered nothing
+            for comp in staged:
+                print(f"[playattention] {source} registered {comp.family} {comp.name!r}", file=sys.stderr)
 
     def _fail(self, failure: PluginFailure, strict: bool = False) -> None:
         if strict:

@@ -142,12 +142,14 @@ def make_component(family, name, factory, options=None, doc=None, source=Source(
 
 def _is_frozen(options: type) -> bool:
     fields = attrs.fields(options)
-    if not fields or any(f.default is attrs.NOTHING for f in fields):
-        return True  # nothing to probe without arguments; structuring will still type-check it
+    if not fields:
+        return True  # nothing to mutate
+    # probe an instance made without __init__, so required fields and validators do not get in the way
+    probe = object.__new__(options)
     try:
-        setattr(options(), fields[0].name, None)
+        setattr(probe, fields[0].name, None)
     except attrs.exceptions.FrozenInstanceError:
         return True
-    except Exception:
-        return True
+    except Exception:  # noqa: BLE001 - e.g. an on_setattr validator: it is mutable all the same
+        return False
     return False

@@ -1,0 +1,144 @@
+"""The component registry: lookups with helpful errors, duplicate detection, validated registrations."""
+import attr
+import attrs
+import pytest
+from torch import nn
+
+from toolkit.registry import (
+    FAMILIES,
+    NoOptions,
+    Registry,
+    RegistryError,
+    Source,
+    UnknownComponentError,
+)
+
+
+@attrs.frozen
+class WidthOptions:
+    width: int = 4
+    tags: list = attrs.Factory(lambda: ["a"])
+
+
+class Widget(nn.Module):
+    """A widget for tests.
+
+    More text that is not the one-line doc.
+    """
+
+    Options = WidthOptions
+
+
+def registry_with(*names, family="attention") -> Registry:
+    reg = Registry()
+    for name in names:
+        reg.register(family, name, Widget, source=Source("tests.plugin", "testpkg", "1.0"))
+    return reg
+
+
+def test_unknown_name_suggests_the_closest_and_lists_all():
+    reg = registry_with("mha", "gqa", "alibi_attn")
+    with pytest.raises(UnknownComponentError) as info:
+        reg.get("attention", "mah")
+    msg = str(info.value)
+    assert msg == "unknown attention 'mah'; did you mean 'mha'? (registered: alibi_attn, gqa, mha)"
+    assert isinstance(info.value, KeyError) and isinstance(info.value, RegistryError)
+
+
+def test_unknown_name_without_a_close_match_still_lists_names():
+    msg = str(pytest.raises(UnknownComponentError, registry_with("mha").get, "attention", "zzzzzz").value)
+    assert "did you mean" not in msg and "(registered: mha)" in msg
+
+
+def test_unknown_name_in_an_empty_family_says_none_registered():
+    assert "(registered: none)" in str(pytest.raises(UnknownComponentError, Registry().get, "mlp", "gelu").value)
+
+
+def test_unknown_family_is_an_error_with_a_hint():
+    with pytest.raises(RegistryError, match=r"unknown component family 'norms'; did you mean 'norm'\?"):
+        Registry().get("norms", "layernorm")
+    assert FAMILIES == ("attention", "norm", "position", "mlp")
+
+
+def test_duplicate_registration_names_both_sources():
+    reg = registry_with("mha")
+    with pytest.raises(RegistryError) as info:
+        reg.register("attention", "mha", Widget, source=Source("other.plugin", "otherpkg", "2.5"))
+    assert str(info.value) == (
+        "attention 'mha' registered twice: by testpkg 1.0 (tests.plugin) and by otherpkg 2.5 (other.plugin)"
+    )
+    assert reg.get("attention", "mha").source.package == "testpkg"  # the first one stays
+
+
+def test_same_name_in_different_families_is_fine():
+    reg = registry_with("x", family="norm")
+    reg.register("mlp", "x", Widget)
+    assert reg.names("norm") == ["x"] and reg.names("mlp") == ["x"]
+
+
+@pytest.mark.parametrize("options", [
+    attrs.make_class("MutableWithDefault", {"x": attrs.field(default=1)}),
+    attrs.make_class("MutableRequired", {"x": attrs.field()}),
+    attrs.make_class("MutableValidated", {"x": attrs.field(validator=attrs.validators.instance_of(int))}),
+    attr.make_class("OldStyleMutable", {"x": attr.ib(default=0)}),
+], ids=lambda c: c.__name__)
+def test_mutable_options_classes_are_refused(options):
+    with pytest.raises(RegistryError, match=f"options class {options.__name__} must be frozen"):
+        Registry().register("mlp", "m", Widget, options)
+
+
+def test_options_must_be_an_attrs_class():
+    class Plain:
+        width = 4
+
+    with pytest.raises(RegistryError, match=r"mlp 'm': options must be an attrs class"):
+        Registry().register("mlp", "m", Widget, Plain)
+
+
+@pytest.mark.parametrize("options", [
+    WidthOptions, NoOptions,
+    attrs.make_class("FrozenRequired", {"x": attrs.field()}, frozen=True),
+    attr.make_class("OldStyleFrozen", {"x": attr.ib(default=0)}, frozen=True),
+], ids=lambda c: c.__name__)
+def test_frozen_options_classes_are_accepted(options):
+    assert Registry().register("mlp", "m", Widget, options).options is options
+
+
+def test_factory_must_be_callable_and_name_identifier_like():
+    with pytest.raises(RegistryError, match="factory must be callable, got int"):
+        Registry().register("mlp", "m", 3)
+    with pytest.raises(RegistryError, match="name must be an identifier-like string, got 'two words'"):
+        Registry().register("mlp", "two words", Widget)
+    assert Registry().register("mlp", "swi-glu", Widget).name == "swi-glu"
+
+
+def test_options_and_doc_default_to_the_factory():
+    comp = Registry().register("mlp", "w", Widget)
+    assert comp.options is WidthOptions
+    assert comp.doc == "A widget for tests."
+    assert comp.source == Source("<python>")
+
+
+def test_factory_without_options_gets_no_options():
+    comp = Registry().register("norm", "plain", nn.Identity, doc="identity")
+    assert comp.options is NoOptions and comp.option_fields() == [] and comp.doc == "identity"
+
+
+def test_option_fields_list_name_type_and_default():
+    comp = Registry().register("mlp", "w", Widget)
+    assert comp.option_fields() == [("width", "int", 4), ("tags", "list", ["a"])]
+
+
+def test_iteration_is_by_family_then_name_and_membership_works():
+    reg = Registry()
+    reg.register("mlp", "b", Widget)
+    reg.register("attention", "z", Widget)
+    reg.register("mlp", "a", Widget)
+    assert [(c.family, c.name) for c in reg] == [("attention", "z"), ("mlp", "a"), ("mlp", "b")]
+    assert ("mlp", "a") in reg and ("norm", "a") not in reg
+
+
+def test_source_string_shows_package_version_and_plugin():
+    assert str(Source("plugins.attention", "playattention", "0.1.0")) == "playattention 0.1.0 (plugins.attention)"
+    assert str(Source("/tmp/x.py")) == "/tmp/x.py"
+    assert str(Source("ep", "pkg", None)) == "pkg ? (ep)"
