@@ -1,4 +1,17 @@
-"""Built-in attention components. Contract: toolkit.contracts (forward(x, position, pos, cache))."""
+"""Built-in attention components. Contract: toolkit.contracts (forward(x, position, pos, cache)).
+
+All four share one module, :class:`GroupedQueryAttention`; they differ in how many key/value
+heads they keep and in how far back a query may look:
+
+    mha             n_kv_head = n_head             (Vaswani et al. 2017)
+    gqa             n_kv_head divides n_head        (Ainslie et al. 2023)
+    mqa             n_kv_head = 1                   (Shazeer 2019)
+    sliding_window  causal band of `window` keys    (Child et al. 2019; Beltagy et al. 2020; Mistral 7B)
+
+Parameters: a fused ``c_attn`` whose output rows are [q (n_head*hs); k (n_kv_head*hs); v (n_kv_head*hs)]
+and ``c_proj``. With n_kv_head = n_head this is exactly GPT-2's ``c_attn`` layout, and Llama's
+separate q/k/v projections load by stacking them in that order.
+"""
 from __future__ import annotations
 
 import attrs
@@ -6,47 +19,147 @@ import torch
 from attrs import validators as v
 from torch import nn
 
-from toolkit.contracts import Dims, attend, update_cache
+from toolkit.config import ConfigError
+from toolkit.contracts import Dims, attend, flops_per_token, update_cache
 from toolkit.hookspecs import hookimpl
 
 
+def _positive_int(_, attribute, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{attribute.name} must be a positive integer, got {value!r}")
+
+
 @attrs.frozen
-class MHAOptions:
+class AttentionOptions:
+    """Options every built-in attention takes."""
+
+    # "sdpa": F.scaled_dot_product_attention (fused kernels); "math": softmax(QK^T/sqrt(d) + mask)V spelled out.
+    # Both give the same outputs (up to float rounding).
     backend: str = attrs.field(default="sdpa", validator=v.in_(("sdpa", "math")))
+    # name of a registered norm applied per head to queries and keys over head_dim, before any rotation
+    # (QK-norm: Henry et al. 2020; Dehghani et al. 2023 use it to keep attention logits from blowing up)
+    qk_norm: str | None = attrs.field(default=None, validator=v.optional(v.instance_of(str)))
 
 
-class CausalSelfAttention(nn.Module):
-    """Causal multi-head self-attention (Vaswani et al. 2017) with a fused qkv projection, as in GPT-2."""
+@attrs.frozen
+class GQAOptions(AttentionOptions):
+    # key/value heads, each shared by n_head / n_kv_head query heads; None: n_head (plain multi-head)
+    n_kv_head: int | None = attrs.field(default=None, validator=v.optional(_positive_int))
 
-    Options = MHAOptions
 
-    def __init__(self, opts: MHAOptions, dims: Dims):
+@attrs.frozen
+class SlidingWindowOptions(GQAOptions):
+    # a query at position p attends to keys at positions p - window + 1 .. p
+    window: int = attrs.field(default=256, validator=_positive_int)
+
+
+class GroupedQueryAttention(nn.Module):
+    """Grouped-query attention (Ainslie et al. 2023): groups of query heads share a key/value head."""
+
+    Options = GQAOptions
+    window: int | None = None  # None: full causal attention
+
+    def __init__(self, opts: AttentionOptions, dims: Dims, n_kv_head: int | None = None):
         super().__init__()
-        C = dims.n_embd
-        self.n_head, self.head_dim, self.backend = dims.n_head, dims.head_dim, opts.backend
-        self.c_attn = nn.Linear(C, 3 * C, bias=dims.bias)  # q, k, v for all heads in one matmul
-        self.c_proj = nn.Linear(C, C, bias=dims.bias)
+        C, nh, hs = dims.n_embd, dims.n_head, dims.head_dim
+        nkv = n_kv_head or getattr(opts, "n_kv_head", None) or nh
+        if nh % nkv:
+            raise ConfigError([f"model.attention.n_kv_head ({nkv}) must divide model.n_head ({nh})"])
+        self.n_head, self.n_kv_head, self.head_dim, self.backend = nh, nkv, hs, opts.backend
+        # rows: [q for nh heads; k for nkv heads; v for nkv heads], one matmul for all three
+        self.c_attn = nn.Linear(C, (nh + 2 * nkv) * hs, bias=dims.bias)
+        self.c_proj = nn.Linear(nh * hs, C, bias=dims.bias)
+        self.q_norm = self.k_norm = None
+        if opts.qk_norm is not None:  # separate weights for queries and keys (as OLMo 2 and Qwen 3 do)
+            self.q_norm = _build_norm(dims, opts.qk_norm, hs)
+            self.k_norm = _build_norm(dims, opts.qk_norm, hs)
         self.dropout = dims.dropout
         self.resid_dropout = nn.Dropout(dims.dropout)
 
     def forward(self, x, position, pos, cache=None):
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.c_attn(x).split([nh * hs, nkv * hs, nkv * hs], dim=2)  # (B, T, nh*hs), 2 x (B, T, nkv*hs)
+        q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)  # normalised over hs, per head and token
         q, k = position.rotate(q, k, pos)
-        k, v, k_pos = update_cache(cache, k, v, pos)
+        k, v, k_pos = self.update_cache(cache, k, v, pos)  # (B, nkv, T_past + T, hs), positions (T_past + T,)
         y = attend(q, k, v, pos, k_pos, position, dropout=self.dropout if self.training else 0.0,
-                   backend=self.backend)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
+                   window=self.window, backend=self.backend)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, nh * hs)  # (B, T, C): heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
+    def update_cache(self, cache, k, v, pos):
+        return update_cache(cache, k, v, pos)
+
+    def context(self, seq_len: int) -> int:
+        """How many keys a query attends to, at most, in a sequence of seq_len."""
+        return seq_len if self.window is None else min(self.window, seq_len)
+
     def flops_per_token(self, seq_len: int) -> int:
-        # projections, plus QK^T and AV over a context of seq_len (PaLM's 12*L*H*Q*T counts both, x3 for backward)
-        return 2 * (self.c_attn.weight.numel() + self.c_proj.weight.numel()) + 4 * seq_len * self.n_head * self.head_dim
+        # projections, plus QK^T and AV: 2 * 2 * context * hs for each query head (PaLM's 12*L*H*Q*T / 3)
+        proj = 2 * (self.c_attn.weight.numel() + self.c_proj.weight.numel())
+        norms = 0
+        if self.q_norm is not None:  # applied to nh query vectors and nkv key vectors per token
+            norms = self.n_head * flops_per_token(self.q_norm, seq_len) + self.n_kv_head * flops_per_token(self.k_norm, seq_len)
+        return proj + norms + 4 * self.context(seq_len) * self.n_head * self.head_dim
+
+
+class MultiHeadAttention(GroupedQueryAttention):
+    """Causal multi-head self-attention (Vaswani et al. 2017) with GPT-2's fused qkv projection."""
+
+    Options = AttentionOptions
+
+    def __init__(self, opts: AttentionOptions, dims: Dims):
+        super().__init__(opts, dims, n_kv_head=dims.n_head)
+
+
+class MultiQueryAttention(GroupedQueryAttention):
+    """Multi-query attention (Shazeer 2019): all query heads share one key/value head."""
+
+    Options = AttentionOptions
+
+    def __init__(self, opts: AttentionOptions, dims: Dims):
+        super().__init__(opts, dims, n_kv_head=1)
+
+
+class SlidingWindowAttention(GroupedQueryAttention):
+    """Causal attention over the last `window` tokens only; its KV cache stays `window` long."""
+
+    # Local banded attention: Child et al. 2019 (Sparse Transformers), Beltagy et al. 2020
+    # (Longformer), Jiang et al. 2023 (Mistral 7B, with a rolling KV cache like this one).
+    Options = SlidingWindowOptions
+
+    def __init__(self, opts: SlidingWindowOptions, dims: Dims):
+        super().__init__(opts, dims)
+        self.window = opts.window
+
+    def update_cache(self, cache, k, v, pos):
+        k, v, k_pos = update_cache(cache, k, v, pos)
+        if cache is not None and k_pos.size(0) > self.window:
+            # Every later query sits after the last cached key, so it can see at most window - 1 of them:
+            # keeping the last `window` keys, values and positions is enough, and memory stays bounded.
+            w = self.window
+            cache["k"], cache["v"], cache["pos"] = k[:, :, -w:], v[:, :, -w:], k_pos[-w:]  # (B, nkv, w, hs), (w,)
+        return k, v, k_pos
+
+
+def _build_norm(dims: Dims, kind: str, dim: int) -> nn.Module:
+    """A registered norm over `dim` (the model hands factories a `build`; fall back to the process registry)."""
+    if dims.build is not None:
+        return dims.build("norm", kind, dims, dim)
+    from toolkit.model import build_component
+    from toolkit.plugin_manager import get_registry
+
+    return build_component(get_registry(), "norm", kind, dims, dim)
 
 
 @hookimpl
 def register_components(register):
-    register("attention", "mha", CausalSelfAttention)
+    register("attention", "mha", MultiHeadAttention)
+    register("attention", "gqa", GroupedQueryAttention)
+    register("attention", "mqa", MultiQueryAttention)
+    register("attention", "sliding_window", SlidingWindowAttention)

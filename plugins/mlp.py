@@ -1,6 +1,8 @@
 """Built-in MLP components. Contract: factory(opts, dims) -> module; forward (B, T, C) -> (B, T, C)."""
 from __future__ import annotations
 
+import math
+
 import attrs
 import torch.nn.functional as F
 from attrs import validators as v
@@ -59,7 +61,78 @@ class ReluMLP(MLP):
     """The original Transformer's MLP: Linear, ReLU, Linear."""
 
 
+def _positive_int(_, attribute, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{attribute.name} must be a positive integer, got {value!r}")
+
+
+@attrs.frozen
+class GatedOptions:
+    # hidden width = multiplier * n_embd rounded up to a multiple of `multiple_of`, unless hidden_dim is given.
+    # 8/3 keeps the parameter count of a 4x ungated MLP with three matrices instead of two (Shazeer 2020).
+    multiplier: float = attrs.field(default=8 / 3, validator=v.gt(0.0))
+    multiple_of: int = attrs.field(default=64, validator=_positive_int)  # for tensor-core friendly shapes (Llama)
+    hidden_dim: int | None = attrs.field(default=None, validator=v.optional(_positive_int))
+
+
+@attrs.frozen
+class GeGLUOptions(GatedOptions):
+    # "none": the exact erf GELU of the paper; "tanh": the approximation (T5 v1.1's gelu_new)
+    approximate: str = attrs.field(default="none", validator=v.in_(("none", "tanh")))
+
+
+def gated_hidden_dim(opts: GatedOptions, n_embd: int) -> int:
+    """The hidden width of a gated MLP: hidden_dim, or multiplier * n_embd rounded up to multiple_of."""
+    if opts.hidden_dim is not None:
+        return opts.hidden_dim
+    width = round(opts.multiplier * n_embd, 6)  # 8/3 * 768 is 2047.9999999999998 in floating point
+    return opts.multiple_of * math.ceil(width / opts.multiple_of)
+
+
+class GatedMLP(nn.Module):
+    """Gated linear unit feed-forward network (Shazeer 2020): c_proj(act(gate) * up)."""
+
+    Options = GatedOptions
+
+    def __init__(self, opts: GatedOptions, dims: Dims):
+        super().__init__()
+        self.hidden = gated_hidden_dim(opts, dims.n_embd)
+        # rows [gate; up]: both input projections in one matmul
+        self.c_fc = nn.Linear(dims.n_embd, 2 * self.hidden, bias=dims.bias)
+        self.c_proj = nn.Linear(self.hidden, dims.n_embd, bias=dims.bias)
+        self.dropout = nn.Dropout(dims.dropout)
+
+    def act(self, x):
+        return F.silu(x)
+
+    def forward(self, x):
+        gate, up = self.c_fc(x).split(self.hidden, dim=-1)  # 2 x (B, T, hidden)
+        return self.dropout(self.c_proj(self.act(gate) * up))
+
+    # flops_per_token: the default 2 per Linear weight counts c_fc (2 * hidden * C) and c_proj (hidden * C),
+    # i.e. 6 * hidden * C; the elementwise gate is negligible, as the activation is in the ungated MLP.
+
+
+class SwiGLU(GatedMLP):
+    """SwiGLU feed-forward (Shazeer 2020, as in PaLM and Llama): c_proj(silu(gate) * up)."""
+
+
+class GeGLU(GatedMLP):
+    """GEGLU feed-forward (Shazeer 2020, as in T5 v1.1 and Gemma): c_proj(gelu(gate) * up)."""
+
+    Options = GeGLUOptions
+
+    def __init__(self, opts: GeGLUOptions, dims: Dims):
+        super().__init__(opts, dims)
+        self.approximate = opts.approximate
+
+    def act(self, x):
+        return F.gelu(x, approximate=self.approximate)
+
+
 @hookimpl
 def register_components(register):
     register("mlp", "gelu", GeluMLP)
     register("mlp", "relu", ReluMLP)
+    register("mlp", "swiglu", SwiGLU)
+    register("mlp", "geglu", GeGLU)

@@ -37,6 +37,33 @@ class LayerNorm(nn.Module):
         return 0  # elementwise: negligible next to the matmuls, as in the 6N estimate
 
 
+@attrs.frozen
+class RMSNormOptions:
+    # 1e-5 as in Llama 2/3's released configs (rms_norm_eps); HF's class default is 1e-6
+    eps: float = attrs.field(default=1e-5, validator=v.gt(0.0))
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square normalisation (Zhang & Sennrich 2019): no mean subtraction, no bias, as in Llama."""
+
+    Options = RMSNormOptions
+
+    def __init__(self, opts: RMSNormOptions, dims: Dims, dim: int):
+        super().__init__()
+        self.eps = opts.eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # as HF Llama: normalise in fp32 (bf16 squares lose too much), cast back, then scale
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+    def flops_per_token(self, seq_len: int) -> int:
+        return 0  # elementwise, like LayerNorm
+
+
 @hookimpl
 def register_components(register):
     register("norm", "layernorm", LayerNorm)
+    register("norm", "rmsnorm", RMSNorm)

@@ -1,9 +1,25 @@
-"""Built-in positional components. Contract: toolkit.contracts.Position (embed / rotate / score_bias)."""
+"""Built-in positional components. Contract: toolkit.contracts.Position (embed / rotate / score_bias).
+
+    learned     added to embeddings, trained, limited to block_size   (GPT-2)
+    sinusoidal  added to embeddings, fixed, no limit                  (Vaswani et al. 2017)
+    rope        rotates queries and keys, no limit                   (Su et al. 2021)
+    alibi       linear bias on attention scores, no limit            (Press et al. 2021)
+    none        nothing: causal masking alone carries order (NoPE)   (Kazemnejad et al. 2023)
+
+The fixed schemes compute their tables from ``pos`` on every call, in fp32: a few sin/cos per
+token are nothing next to the projections, there is no length limit to extend and no host-side
+bounds check (which would stall a GPU), and casting the model to bf16 cannot degrade them.
+"""
 from __future__ import annotations
 
+import math
+
+import attrs
 import torch
+from attrs import validators as v
 from torch import nn
 
+from toolkit.config import ConfigError
 from toolkit.contracts import Dims, Position
 from toolkit.hookspecs import hookimpl
 from toolkit.registry import NoOptions
@@ -24,6 +40,113 @@ class LearnedPosition(Position):
         return tok_emb + self.weight[pos]  # (B, T, C) + (T, C)
 
 
+@attrs.frozen
+class SinusoidalOptions:
+    # wavelengths form a geometric progression from 2*pi to base*2*pi (10000 in the paper)
+    base: float = attrs.field(default=10000.0, validator=v.gt(1.0))
+
+
+class SinusoidalPosition(Position):
+    """Fixed sinusoidal position encodings added to token embeddings (Vaswani et al. 2017); no length limit."""
+
+    Options = SinusoidalOptions
+
+    def __init__(self, opts: SinusoidalOptions, dims: Dims):
+        super().__init__()
+        self.base, self.n_embd = opts.base, dims.n_embd
+
+    def embed(self, tok_emb, pos):
+        # PE(p, 2i) = sin(p / base^(2i/C)), PE(p, 2i+1) = cos(p / base^(2i/C))   (section 3.5)
+        C = self.n_embd
+        inv_freq = 1.0 / (self.base ** (torch.arange(0, C, 2, device=pos.device, dtype=torch.float32) / C))  # (ceil(C/2),)
+        angle = pos.float()[:, None] * inv_freq[None, :]  # (T, ceil(C/2))
+        pe = torch.empty(pos.size(0), C, device=pos.device, dtype=torch.float32)  # (T, C)
+        pe[:, 0::2] = angle.sin()
+        pe[:, 1::2] = angle.cos()[:, : C // 2]  # an odd C has one more sin column than cos
+        return tok_emb + pe.to(tok_emb.dtype)  # (B, T, C) + (T, C)
+
+
+@attrs.frozen
+class RopeOptions:
+    # base of the rotation frequencies; Llama 1/2 use 10000, Llama 3 500000
+    theta: float = attrs.field(default=10000.0, validator=v.gt(1.0))
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(..., hs) -> (..., hs): [x1, x2] -> [-x2, x1], pairing dimension i with i + hs/2 (HF Llama's layout)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RotaryPosition(Position):
+    """Rotary position embeddings (Su et al. 2021): rotate queries and keys so q.k depends on distance only."""
+
+    Options = RopeOptions
+
+    def __init__(self, opts: RopeOptions, dims: Dims):
+        super().__init__()
+        if dims.head_dim % 2:
+            raise ConfigError([f"position rope needs an even head dim, got n_embd/n_head = {dims.head_dim}"])
+        self.theta, self.head_dim = opts.theta, dims.head_dim
+
+    def cos_sin(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 cos and sin tables (T, hs) for positions pos (T,), laid out as HF Llama's rotary embedding."""
+        hs = self.head_dim
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, hs, 2, dtype=torch.int64, device=pos.device).float() / hs))  # (hs/2,)
+        freqs = pos.float()[:, None] * inv_freq[None, :]  # (T, hs/2): angle of pair i at each position
+        emb = torch.cat((freqs, freqs), dim=-1)  # (T, hs): pair i occupies dims i and i + hs/2
+        return emb.cos(), emb.sin()
+
+    def rotate(self, q, k, pos):
+        cos, sin = self.cos_sin(pos)  # (T, hs), broadcast over (B, heads, T, hs)
+        # in fp32, cast back after: bf16 rotations of large angles lose the relative-position property
+        q_rot = (q.float() * cos + rotate_half(q.float()) * sin).to(q.dtype)
+        k_rot = (k.float() * cos + rotate_half(k.float()) * sin).to(k.dtype)
+        return q_rot, k_rot
+
+
+def alibi_slopes(n_head: int) -> list[float]:
+    """ALiBi's head slopes: a geometric sequence starting at 2^(-8/n); for a non-power-of-2 n, the
+    slopes of the closest smaller power of 2 plus every other slope of the next one (Press et al. 2021,
+    as in the authors' reference implementation)."""
+
+    def power_of_2(n: int) -> list[float]:
+        start = 2 ** (-(2 ** -(math.log2(n) - 3)))  # = 2^(-8/n)
+        return [start * start**i for i in range(n)]
+
+    if math.log2(n_head).is_integer():
+        return power_of_2(n_head)
+    closest = 2 ** math.floor(math.log2(n_head))
+    return power_of_2(closest) + alibi_slopes(2 * closest)[0::2][: n_head - closest]
+
+
+class ALiBiPosition(Position):
+    """Attention with linear biases (Press et al. 2021): penalise scores by head slope times distance; no limit."""
+
+    Options = NoOptions
+
+    def __init__(self, opts: NoOptions, dims: Dims):
+        super().__init__()
+        self.register_buffer("slopes", torch.tensor(alibi_slopes(dims.n_head)), persistent=False)  # (nh,)
+
+    def score_bias(self, q_pos, k_pos):
+        distance = (q_pos[:, None] - k_pos[None, :]).float()  # (Tq, Tk); negative ones are masked anyway
+        return -self.slopes.float()[:, None, None] * distance  # (nh, Tq, Tk)
+
+
+class NoPosition(Position):
+    """No positional information (NoPE, Kazemnejad et al. 2023): causal masking alone reveals order."""
+
+    Options = NoOptions
+
+    def __init__(self, opts: NoOptions, dims: Dims):
+        super().__init__()
+
+
 @hookimpl
 def register_components(register):
     register("position", "learned", LearnedPosition)
+    register("position", "sinusoidal", SinusoidalPosition)
+    register("position", "rope", RotaryPosition)
+    register("position", "alibi", ALiBiPosition)
+    register("position", "none", NoPosition)
