@@ -1,0 +1,102 @@
+"""`playattention plugins`: every family, each component's options with type and default, and its source."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from toolkit import cli, plugin_manager
+
+
+@pytest.fixture(autouse=True)
+def isolated_plugins(monkeypatch):
+    """Each test gets a fresh process-wide manager (built inside main), forgotten afterwards."""
+    monkeypatch.delenv("PLAYATTENTION_TRACE", raising=False)
+    plugin_manager.reset()
+    yield
+    plugin_manager.reset()
+
+
+def section(out: str, family: str) -> str:
+    """The lines of one family's block in the listing."""
+    block = out.split(f"{family}:\n", 1)[1]
+    return block.split("\n\n", 1)[0]
+
+
+def test_lists_every_family_with_options_types_defaults_and_source(capsys):
+    assert cli.main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    for family in ("attention", "norm", "position", "mlp"):
+        assert f"{family}:\n" in out
+    attention = section(out, "attention")
+    assert "  mha " in attention and "Causal multi-head self-attention" in attention
+    assert "backend: str = 'sdpa'" in attention
+    assert "from playattention 0.1.0 (plugins.attention)" in attention
+    norm = section(out, "norm")
+    assert "eps: float = 1e-05" in norm and "bias: bool | None = None" in norm
+    mlp = section(out, "mlp")
+    assert "approximate: str = 'tanh'" in mlp and "multiplier: float = 4.0" in mlp
+    assert "from playattention 0.1.0 (plugins.mlp)" in mlp
+    assert "failed plugins" not in out
+
+
+def test_an_extra_plugin_file_is_listed_with_its_path(tmp_path, capsys):
+    plugin = tmp_path / "myattn.py"
+    plugin.write_text(textwrap.dedent("""
+        import attrs
+        from torch import nn
+        from toolkit.hookspecs import hookimpl
+
+        @attrs.frozen
+        class Opts:
+            window: int = 128
+
+        class Local(nn.Module):
+            '''Sliding-window attention for tests.'''
+            Options = Opts
+
+        @hookimpl
+        def register_components(register):
+            register("attention", "local_test", Local)
+    """))
+    assert cli.main(["plugins", "--plugin", str(plugin)]) == 0
+    attention = section(capsys.readouterr().out, "attention")
+    assert "  local_test " in attention and "Sliding-window attention for tests." in attention
+    assert f"from {plugin}" in attention and "window: int = 128" in attention
+
+
+def test_a_broken_plugin_file_is_one_error_line_and_exit_2(tmp_path, capsys):
+    plugin = tmp_path / "broken.py"
+    plugin.write_text("import not_a_real_module_xyz\n")
+    assert cli.main(["plugins", "--plugin", str(plugin)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == (f"error: plugin '{plugin}' failed: "
+                            "ModuleNotFoundError: No module named 'not_a_real_module_xyz'\n")
+    assert "Traceback" not in captured.err and captured.out == ""
+
+
+def test_failed_entry_point_plugins_are_listed_and_strict_exits_1(capsys):
+    pm = plugin_manager.get_plugin_manager()
+    pm.failures.append(plugin_manager.PluginFailure("fancy", "fancy-attn", "0.3", "ImportError: no triton"))
+    assert cli.main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    assert out.rstrip().endswith("failed plugins:\n  plugin 'fancy' from fancy-attn 0.3 failed: ImportError: no triton")
+    assert cli.main(["plugins", "--strict"]) == 1
+
+
+def test_python_dash_m_toolkit_plugins_with_trace():
+    env = {**os.environ, "PLAYATTENTION_TRACE": ""}
+    proc = subprocess.run([sys.executable, "-m", "toolkit", "--trace", "plugins"], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    attention = section(proc.stdout, "attention")
+    assert "  mha " in attention and "backend: str = 'sdpa'" in attention
+    assert "[playattention] playattention 0.1.0 (plugins.attention) registered attention 'mha'" in proc.stderr
+    assert "[playattention] playattention 0.1.0 (plugins.mlp) registered mlp 'relu'" in proc.stderr
+
+
+def test_trace_flag_in_process_reports_registrations_on_stderr(capsys):
+    assert cli.main(["--trace", "plugins"]) == 0
+    err = capsys.readouterr().err
+    assert "[playattention] playattention 0.1.0 (plugins.norm) registered norm 'layernorm'" in err
