@@ -11,6 +11,7 @@ import os
 import sys
 
 from .config import ConfigError
+from .data import DataError
 from .plugin_manager import PluginLoadError
 from .registry import RegistryError
 
@@ -49,6 +50,38 @@ def render_plugins(pm) -> str:
     return "\n".join(lines).rstrip()
 
 
+def cmd_prepare(args) -> int:
+    from .data import prepare
+    from .recipe import DataConfig, load_recipe
+
+    if args.recipe and args.input:
+        raise UsageError("give a RECIPE or --input files, not both")
+    if args.recipe:
+        if args.tokenizer or args.out or args.val_fraction is not None:
+            raise UsageError("--tokenizer, --out and --val-fraction go with --input; with a recipe use --set data.KEY=VALUE")
+        data = load_recipe(args.recipe, args.set, args.plugin).data
+    elif args.input:
+        if args.set or args.plugin:
+            raise UsageError("--set and --plugin go with a RECIPE, not with --input")
+        for given in args.input:
+            if not os.path.exists(given):
+                raise UsageError(f"--input {given}: no such file or folder")
+        tokenizer = args.tokenizer or "gpt2"
+        try:
+            data = DataConfig(
+                dataset=os.path.splitext(os.path.basename(os.path.normpath(args.input[0])))[0],
+                tokenizer=tokenizer, paths=list(args.input), prepared_dir=args.out,
+                val_fraction=0.1 if args.val_fraction is None else args.val_fraction,
+            )
+        except ValueError as exc:
+            raise UsageError(f"--val-fraction: {exc}") from None
+    else:
+        raise UsageError("give a RECIPE to prepare its [data], or --input FILE_OR_DIR... (see --help)")
+    out = prepare(data, workers=args.workers, shard_size=args.shard_size, progress=not args.quiet)
+    print(out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="playattention", description=__doc__.splitlines()[0])
     parser.add_argument("--trace", action="store_true", help="show which plugin registered what")
@@ -58,6 +91,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plugin", action="append", default=[], help="also load this plugin file or module")
     p.add_argument("--strict", action="store_true", help="exit 1 if any plugin failed to load")
     p.set_defaults(func=cmd_plugins)
+
+    p = sub.add_parser("prepare", help="tokenize a recipe's [data] (or --input files) into token shards",
+                       description="Tokenize text into uint16 token shards plus a validation split. "
+                       "Finished shards are kept, so re-running is instant and an interrupted run resumes.")
+    p.add_argument("recipe", nargs="?", help="recipe TOML whose [data] to prepare")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value")
+    p.add_argument("--plugin", action="append", default=[], help="also load this plugin file or module")
+    p.add_argument("--input", nargs="+", metavar="FILE_OR_DIR", help=".txt/.jsonl files or folders, without a recipe")
+    p.add_argument("--tokenizer", choices=("char", "gpt2"), help="with --input (default gpt2)")
+    p.add_argument("--out", metavar="DIR", help="with --input: where the shards go (default data/<name>-<tokenizer>)")
+    p.add_argument("--val-fraction", type=float, help="with --input: share of tokens for validation (default 0.1)")
+    p.add_argument("--shard-size", type=int, default=100_000_000, metavar="TOKENS", help="tokens per shard")
+    p.add_argument("--workers", type=int, help="tokenizer processes (default: all cores for big inputs)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or messages on stderr")
+    p.set_defaults(func=cmd_prepare)
     return parser
 
 
@@ -72,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         for line in exc.lines:
             print(f"error: {line}", file=sys.stderr)
         return 2
-    except (UsageError, PluginLoadError, RegistryError, FileNotFoundError) as exc:
+    except (UsageError, PluginLoadError, RegistryError, FileNotFoundError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

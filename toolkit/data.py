@@ -1,0 +1,666 @@
+"""Token data: ``prepare`` turns text into uint16 token shards; ``TokenLoader`` serves batches.
+
+Prepared layout (``prepared_dir(data)``, default ``data/<dataset>-<tokenizer>``)::
+
+    train_000000.bin ...   raw little-endian uint16 tokens, np.memmap-readable, shard_size each
+    val_000000.bin ...     (the last shard of a split is shorter)
+    tokenizer.json         the tokenizer, so a run can decode without the corpus
+    meta.json              format, tokenizer, token/shard counts per split, the inputs' fingerprint
+
+Documents. A ``.txt`` file is one document; a ``.jsonl`` file holds one per line (its ``text``
+field); a folder means every ``.txt``/``.jsonl`` file under it, in sorted order. With ``gpt2``
+every document starts with ``<|endoftext|>`` (50256), as in build-nanogpt's fineweb.py, so the
+model learns where documents begin. ``char`` has no such token: documents are joined with a blank
+line (``"\\n\\n"``), which adds no character a text corpus lacks.
+
+Validation split. ``char`` always uses nanoGPT's split: the first ``1 - val_fraction`` of the
+tokens train, the rest validate. ``gpt2`` does the same when there are few documents (fewer than
+``MIN_VAL_DOCS / val_fraction``, e.g. tiny Shakespeare is one); with many documents (JSONL web
+text), whole documents are spread evenly over the corpus: document ``i`` validates when
+``floor((i+1)*f) > floor(i*f)``, i.e. every ``1/f``-th one, so validation sees the whole corpus
+(not only its first files) and never a document the model trained on.
+
+Re-running. Shards are written under a temporary name and renamed when complete; ``progress.json``
+then records where the next shard starts (document, offset), so an interrupted run resumes
+without re-tokenizing the finished part; ``meta.json`` is written last. A finished preparation
+whose inputs (file list, sizes, mtimes, tokenizer, val_fraction, shard size) are unchanged returns
+at once; changed inputs are reported and prepared again.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .tokenizer import ASSETS, CHAR_DOC_SEPARATOR, CharTokenizer, Tokenizer, build_tokenizer, tokenizer_from_dict
+
+FORMAT_VERSION = 1
+DEFAULT_SHARD_SIZE = 100_000_000  # tokens per shard (200 MB), as in build-nanogpt
+SPLITS = ("train", "val")
+SHIPPED = {"tinyshakespeare": ASSETS / "tinyshakespeare.txt"}
+INPUT_SUFFIXES = (".txt", ".jsonl")
+MIN_VAL_DOCS = 10  # fewer documents than this would validate: split the token stream instead
+CHUNK_CHARS = 1 << 18  # big documents are tokenized in pieces of about this many characters
+SMALL_INPUT_BYTES = 8 << 20  # below this, tokenizing in-process beats starting worker processes
+# A piece boundary right after a newline that has non-space on both sides: GPT-2's pre-tokenizer
+# makes that newline a pre-token of its own either way, so pieces encode exactly like the whole.
+# (Python's \s is a superset of Unicode White_Space, so \S here is never whitespace to tiktoken.)
+_SAFE_BREAK = re.compile(r"\S\n(?=\S)")
+
+
+class DataError(ValueError):
+    """A problem with the data a user can fix (a path, a too-small split); one line."""
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def prepared_dir(data) -> Path:
+    """Where ``data`` (a DataConfig) is prepared: its ``prepared_dir`` or ``data/<dataset>-<tokenizer>``."""
+    if data.prepared_dir:
+        return Path(data.prepared_dir).expanduser()
+    return Path("data") / f"{data.dataset}-{data.tokenizer}"
+
+
+def resolve_sources(data) -> list[Path]:
+    """The input files of ``data`` in reading order; raises DataError naming a bad path."""
+    if not data.paths:
+        if data.dataset not in SHIPPED:
+            raise DataError(
+                f"data.paths is empty and dataset {data.dataset!r} does not ship with playattention "
+                f"(shipped: {', '.join(SHIPPED)}); give data.paths"
+            )
+        return [SHIPPED[data.dataset]]
+    files: list[Path] = []
+    for i, given in enumerate(data.paths):
+        path = Path(given).expanduser()
+        where = f"data.paths[{i}]: {given}"
+        if path.is_dir():
+            found = sorted(
+                (f for f in path.rglob("*") if f.is_file() and f.suffix in INPUT_SUFFIXES and not f.name.startswith(".")),
+                key=lambda f: f.relative_to(path).as_posix(),
+            )
+            if not found:
+                raise DataError(f"{where}: the folder has no .txt or .jsonl files")
+            files.extend(found)
+        elif path.is_file():
+            if path.suffix not in INPUT_SUFFIXES:
+                raise DataError(f"{where}: expected a .txt or .jsonl file (or a folder of them), got {path.suffix or 'no suffix'}")
+            files.append(path)
+        else:
+            raise DataError(f"{where}: no such file or folder")
+    seen: set[Path] = set()
+    unique = []
+    for f in files:
+        key = f.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(f)
+    return unique
+
+
+def _fingerprint(data, sources: list[Path], shard_size: int) -> dict:
+    out = {
+        "format": FORMAT_VERSION,
+        "tokenizer": data.tokenizer,
+        "val_fraction": data.val_fraction,
+        "shard_size": shard_size,
+        "sources": [],
+    }
+    for f in sources:
+        st = f.stat()
+        out["sources"].append({"path": str(f.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    return out
+
+
+def _what_changed(old: dict, new: dict) -> str | None:
+    """Why a preparation with fingerprint ``old`` is stale for ``new``, or None if it is not."""
+    if old == new:
+        return None
+    for key, what in (("format", "the prepared-data format"), ("tokenizer", "the tokenizer"),
+                      ("val_fraction", "val_fraction"), ("shard_size", "the shard size")):
+        if old.get(key) != new.get(key):
+            return f"{what} changed ({old.get(key)} -> {new.get(key)})"
+    before = {s["path"]: s for s in old.get("sources", [])}
+    after = {s["path"]: s for s in new["sources"]}
+    added, removed = sorted(after.keys() - before.keys()), sorted(before.keys() - after.keys())
+    if added or removed:
+        names = [f"+{Path(p).name}" for p in added] + [f"-{Path(p).name}" for p in removed]
+        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+        return f"the input files changed ({', '.join(names[:3])}{more})"
+    for path, s in after.items():
+        if before[path]["size"] != s["size"]:
+            return f"{path} changed (size {before[path]['size']} -> {s['size']} bytes)"
+        if before[path]["mtime_ns"] != s["mtime_ns"]:
+            return f"{path} changed (modified since it was prepared)"
+    return "the order of the input files changed"
+
+
+def _documents(sources: list[Path]) -> Iterator[tuple[str, int]]:
+    """Every document's text with the number of input bytes it accounts for."""
+    for path in sources:
+        if path.suffix == ".jsonl":
+            pending = 0  # bytes of blank lines, counted with the next document
+            with open(path, "rb") as f:
+                for lineno, raw in enumerate(f, 1):
+                    pending += len(raw)
+                    if not raw.strip():
+                        continue
+                    try:
+                        obj = json.loads(raw)
+                    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                        raise DataError(f"{path}:{lineno}: not a JSON line ({exc})") from None
+                    text = obj.get("text") if isinstance(obj, dict) else None
+                    if not isinstance(text, str):
+                        raise DataError(f'{path}:{lineno}: expected a JSON object with a "text" string')
+                    yield text, pending
+                    pending = 0
+        else:
+            raw = path.read_bytes()
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+            yield text, len(raw)
+
+
+def _count_documents(sources: list[Path], limit: int) -> int:
+    """How many documents the inputs hold, counting no further than ``limit``."""
+    n = 0
+    for path in sources:
+        if path.suffix == ".jsonl":
+            with open(path, "rb") as f:
+                for raw in f:
+                    if raw.strip():
+                        n += 1
+                        if n >= limit:
+                            return n
+        else:
+            n += 1
+        if n >= limit:
+            return n
+    return n
+
+
+def _pieces(text: str, size: int = CHUNK_CHARS) -> list[str]:
+    """``text`` cut at safe newlines into pieces of about ``size`` characters (see _SAFE_BREAK)."""
+    if len(text) <= size:
+        return [text]
+    pieces, start = [], 0
+    while len(text) - start > size:
+        m = _SAFE_BREAK.search(text, start + size)
+        if m is None:
+            break
+        pieces.append(text[start:m.end()])
+        start = m.end()
+    pieces.append(text[start:])
+    return pieces
+
+
+def is_val_document(i: int, val_fraction: float) -> bool:
+    """Whether document ``i`` validates in the by-document split: every 1/f-th, evenly spread."""
+    return math.floor((i + 1) * val_fraction) > math.floor(i * val_fraction)
+
+
+# ----------------------------------------------------------------------------- tokenizing
+
+
+class _PieceEncoder:
+    """Encodes one piece of a document; the first piece of each starts with the tokenizer's eot."""
+
+    def __init__(self, tok: Tokenizer):
+        self.tok = tok
+
+    def __call__(self, item):
+        doc, first, nbytes, text = item
+        ids = self.tok.encode(text)
+        if first and self.tok.eot is not None:
+            ids = [self.tok.eot, *ids]
+        return doc, first, nbytes, np.array(ids, dtype=np.uint16)
+
+
+_worker_encoder: _PieceEncoder | None = None
+
+
+def _init_worker(tok_dict: dict) -> None:
+    global _worker_encoder
+    _worker_encoder = _PieceEncoder(tokenizer_from_dict(tok_dict))
+
+
+def _encode_in_worker(item):
+    return _worker_encoder(item)
+
+
+@contextlib.contextmanager
+def _encoded(tok: Tokenizer, items, workers: int):
+    """``items`` (doc, first, nbytes, text) encoded in order, by a process pool when workers > 1."""
+    if workers <= 1:
+        yield map(_PieceEncoder(tok), items)
+        return
+    import multiprocessing
+
+    # workers rebuild the tokenizer from its json: pickling a tiktoken Encoding may look it up by name
+    with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(tok.to_dict(),)) as pool:
+        yield pool.imap(_encode_in_worker, items, chunksize=16)
+
+
+def _char_ids(tok: CharTokenizer, text: str) -> np.ndarray:
+    """The whole text as char token ids, vectorised (the vocabulary is sorted by code point)."""
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    table = np.array([ord(c) for c in tok.chars], dtype=np.uint32)
+    return np.searchsorted(table, codes).astype(np.uint16)
+
+
+# ----------------------------------------------------------------------------- shards
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}_{index:06d}.bin"
+
+
+class _ShardWriter:
+    """Cuts one split's token stream into shards, skipping tokens already in finished shards.
+
+    Tokens arrive as (doc, offset, ids) where ``offset`` is the position of ids[0] in the document;
+    a finished shard records the position of the next token, which is where a resumed run goes on.
+    """
+
+    def __init__(self, out: Path, split: str, shard_size: int, shards: list[int], next_pos, on_shard):
+        self.out, self.split, self.shard_size = out, split, shard_size
+        self.shards = list(shards)  # token counts of the finished shards
+        self.resume = tuple(next_pos)  # tokens before this (doc, offset) are already written
+        self.next = tuple(next_pos)
+        self.on_shard = on_shard
+        self.buf: list[np.ndarray] = []
+        self.n = 0
+
+    def add(self, doc: int, offset: int, ids: np.ndarray) -> None:
+        rdoc, roff = self.resume
+        if doc < rdoc:
+            return
+        if doc == rdoc and offset < roff:
+            ids, offset = ids[roff - offset:], roff
+        if len(ids) == 0:
+            return
+        self.buf.append(ids)
+        self.n += len(ids)
+        while self.n >= self.shard_size:
+            flat = np.concatenate(self.buf)
+            rest = flat[self.shard_size:]
+            # the rest is a suffix of ids, since the buffer held less than a shard before them
+            self._write(flat[: self.shard_size], (doc, offset + len(ids) - len(rest)))
+            self.buf, self.n = ([rest] if len(rest) else []), len(rest)
+        self.next = (doc, offset + len(ids))
+
+    def finish(self) -> None:
+        if self.n:
+            self._write(np.concatenate(self.buf), self.next)
+            self.buf, self.n = [], 0
+
+    def _write(self, ids: np.ndarray, next_pos) -> None:
+        path = self.out / shard_name(self.split, len(self.shards))
+        tmp = path.with_name(path.name + ".tmp")
+        ids.astype("<u2", copy=False).tofile(tmp)
+        os.replace(tmp, path)  # a shard exists under its name only when complete
+        self.shards.append(len(ids))
+        self.next = tuple(next_pos)
+        self.on_shard(self)
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _shards_ok(out: Path, split: str, sizes: list[int]) -> str | None:
+    """None if every listed shard is on disk with its size, else what is wrong."""
+    for i, n in enumerate(sizes):
+        path = out / shard_name(split, i)
+        if not path.is_file():
+            return f"{path.name} is missing"
+        if path.stat().st_size != 2 * n:
+            return f"{path.name} has {path.stat().st_size} bytes, expected {2 * n}"
+    return None
+
+
+def _clear(out: Path) -> None:
+    """Remove what prepare writes (and nothing else) from ``out``."""
+    for pattern in ("train_*.bin", "val_*.bin", "*.tmp", "meta.json", "progress.json", "tokenizer.json"):
+        for f in out.glob(pattern):
+            f.unlink()
+
+
+@contextlib.contextmanager
+def _locked(out: Path):
+    """Serialise concurrent prepares of one directory (e.g. several ranks starting together)."""
+    import fcntl
+
+    with open(out / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# ----------------------------------------------------------------------------- prepare
+
+
+def prepare(data, *, progress: bool = True, workers: int | None = None, shard_size: int = DEFAULT_SHARD_SIZE) -> Path:
+    """Tokenize ``data`` (a DataConfig) into shards under ``prepared_dir(data)``; returns that dir.
+
+    ``workers``: tokenizer processes (default: all cores for inputs over 8 MB, else in-process).
+    ``progress``: show a progress bar and say what is done on stderr.
+    """
+    if shard_size < 1:
+        raise DataError(f"shard size must be at least 1 token, got {shard_size}")
+    if workers is not None and workers < 1:
+        raise DataError(f"workers must be at least 1, got {workers}")
+    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
+    out = prepared_dir(data)
+    sources = resolve_sources(data)
+    inputs = _fingerprint(data, sources, shard_size)
+    out.mkdir(parents=True, exist_ok=True)
+    with _locked(out):
+        meta = _read_json(out / "meta.json") if (out / "meta.json").exists() else None
+        if (out / "meta.json").exists():
+            why = "meta.json is unreadable" if meta is None else _what_changed(meta.get("inputs", {}), inputs)
+            if why is None:
+                for split in SPLITS:
+                    why = why or _shards_ok(out, split, [s["tokens"] for s in meta["splits"][split]["shards"]])
+            if why is None:
+                say(f"{out}: already prepared ({_summary(meta)})")
+                return out
+            say(f"{out}: {why}; preparing again")
+            _clear(out)
+        state = _read_json(out / "progress.json")
+        if state is not None and (
+            state.get("inputs") != inputs
+            or any(_shards_ok(out, s, state["splits"][s]["shards"]) for s in SPLITS)
+        ):
+            state = None
+        if state is None:
+            _clear(out)
+        else:
+            done = sum(len(state["splits"][s]["shards"]) for s in SPLITS)
+            say(f"{out}: resuming an interrupted preparation ({done} shards already written)")
+        if workers is None:
+            total = sum(s["size"] for s in inputs["sources"])
+            workers = (os.cpu_count() or 1) if total > SMALL_INPUT_BYTES else 1
+        t0 = time.time()
+        meta = _prepare(data, sources, inputs, out, state, workers, shard_size, progress)
+        say(f"{out}: {_summary(meta)} in {time.time() - t0:.1f}s")
+    return out
+
+
+def _summary(meta: dict) -> str:
+    sp = meta["splits"]
+    n = len(sp["train"]["shards"]) + len(sp["val"]["shards"])
+    return (f"{meta['tokenizer_name']}, {sp['train']['tokens']:,} train and {sp['val']['tokens']:,} val tokens "
+            f"in {n} shard{'s' if n != 1 else ''}")
+
+
+def _prepare(data, sources, inputs, out, state, workers, shard_size, progress) -> dict:
+    from tqdm import tqdm
+
+    f = data.val_fraction
+    total_bytes = sum(s["size"] for s in inputs["sources"])
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"tokenizing ({data.tokenizer})",
+               disable=not progress, leave=False, file=sys.stderr)
+
+    if data.tokenizer == "char":
+        texts = []
+        for text, nbytes in _documents(sources):
+            texts.append(text)
+            bar.update(nbytes)
+        n_docs = len(texts)
+        corpus = CHAR_DOC_SEPARATOR.join(texts)
+        del texts
+        tok: Tokenizer = CharTokenizer.from_text(corpus)
+        if tok.vocab_size > 65536:
+            raise DataError(f"the char vocabulary has {tok.vocab_size} characters; uint16 shards hold at most 65536")
+        mode = "tail"
+    else:
+        tok = build_tokenizer(data.tokenizer)
+        limit = math.ceil(MIN_VAL_DOCS / f)
+        mode = "documents" if _count_documents(sources, limit) >= limit else "tail"
+    tok.save(out)
+
+    def checkpoint(_writer) -> None:
+        _write_json(out / "progress.json", {
+            "inputs": inputs,
+            "splits": {s: {"shards": w.shards, "next": list(w.next)} for s, w in writers.items()},
+        })
+
+    writers = {
+        s: _ShardWriter(out, s, shard_size,
+                        state["splits"][s]["shards"] if state else [],
+                        state["splits"][s]["next"] if state else (0, 0), checkpoint)
+        for s in SPLITS
+    }
+    docs = {"train": 0, "val": 0}
+
+    if data.tokenizer == "char":
+        ids = _char_ids(tok, corpus)
+        del corpus
+        cut = int(len(ids) * (1 - f))  # nanoGPT: first 90% train, last 10% val
+        writers["train"].add(0, 0, ids[:cut])
+        writers["val"].add(0, cut, ids[cut:])
+        docs = None
+    else:
+        # by document, the documents before every split's resume point need no tokenizing; the
+        # stream split needs them all to know where 1 - f of the tokens is
+        first_doc = min(w.resume[0] for w in writers.values()) if mode == "documents" else 0
+        feed = _Feed(sources, mode, f, first_doc, docs)
+        with _encoded(tok, feed, workers) as encoded:
+            if mode == "documents":
+                offset = 0
+                for doc, first, nbytes, ids in encoded:
+                    offset = 0 if first else offset
+                    writers["val" if is_val_document(doc, f) else "train"].add(doc, offset, ids)
+                    offset += len(ids)
+                    bar.update(nbytes)
+            else:  # few documents: keep the stream (it is small) and cut it at 1 - f
+                stream, offset = [], 0
+                for doc, first, nbytes, ids in encoded:
+                    offset = 0 if first else offset
+                    stream.append((doc, offset, ids))
+                    offset += len(ids)
+                    bar.update(nbytes)
+                cut = int(sum(len(ids) for _, _, ids in stream) * (1 - f))
+                seen = 0
+                for doc, offset, ids in stream:
+                    k = min(max(cut - seen, 0), len(ids))
+                    if k:
+                        writers["train"].add(doc, offset, ids[:k])
+                    if k < len(ids):
+                        writers["val"].add(doc, offset + k, ids[k:])
+                    seen += len(ids)
+                docs = None
+        bar.update(feed.skipped_bytes)
+        n_docs = feed.n_docs
+    bar.close()
+    for w in writers.values():
+        w.finish()
+
+    meta = {
+        "format": FORMAT_VERSION,
+        "tokenizer_name": tok.name,
+        "tokenizer": tok.to_dict(),
+        "vocab_size": tok.vocab_size,
+        "eot": tok.eot,
+        "dtype": "uint16",
+        "split": mode,
+        "val_fraction": f,
+        "shard_size": shard_size,
+        "documents": n_docs,
+        "splits": {
+            s: {
+                "tokens": int(sum(w.shards)),
+                "documents": docs[s] if docs is not None else None,
+                "shards": [{"file": shard_name(s, i), "tokens": int(n)} for i, n in enumerate(w.shards)],
+            }
+            for s, w in writers.items()
+        },
+        "inputs": inputs,
+    }
+    _write_json(out / "meta.json", meta)  # last: its presence means the preparation is complete
+    (out / "progress.json").unlink(missing_ok=True)
+    return meta
+
+
+class _Feed:
+    """The pieces to tokenize, in order, leaving out documents that finished shards already hold."""
+
+    def __init__(self, sources, mode, val_fraction, first_doc, docs_per_split):
+        self.sources, self.mode, self.f, self.first_doc = sources, mode, val_fraction, first_doc
+        self.docs = docs_per_split
+        self.n_docs = 0
+        self.skipped_bytes = 0  # bytes of skipped documents, reported with the next piece
+
+    def __iter__(self):
+        for doc, (text, nbytes) in enumerate(_documents(self.sources)):
+            self.n_docs += 1
+            if self.mode == "documents":
+                self.docs["val" if is_val_document(doc, self.f) else "train"] += 1
+            if doc < self.first_doc:
+                self.skipped_bytes += nbytes
+                continue
+            pieces = _pieces(text)
+            for k, piece in enumerate(pieces):
+                carried = nbytes + self.skipped_bytes if k == len(pieces) - 1 else 0
+                if k == len(pieces) - 1:
+                    self.skipped_bytes = 0
+                yield doc, k == 0, carried, piece
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_meta(prepared: str | Path) -> dict:
+    """``meta.json`` of a prepared dataset; raises DataError if it is not one."""
+    path = Path(prepared) / "meta.json"
+    meta = _read_json(path)
+    if meta is None:
+        raise DataError(f"{prepared}: not a prepared dataset (no readable meta.json); run `playattention prepare`")
+    if meta.get("format") != FORMAT_VERSION:
+        raise DataError(f"{prepared}: prepared with data format {meta.get('format')}, this version reads "
+                        f"{FORMAT_VERSION}; prepare it again")
+    return meta
+
+
+def tokens_in(prepared: str | Path, split: str) -> int:
+    """How many tokens the ``split`` of a prepared dataset holds."""
+    meta = read_meta(prepared)
+    if split not in meta["splits"]:
+        raise DataError(f"{prepared}: no split {split!r} (have: {', '.join(meta['splits'])})")
+    return int(meta["splits"][split]["tokens"])
+
+
+class TokenLoader:
+    """Batches of (x, y) token windows for one rank, read through np.memmap.
+
+    Each shard of ``n`` tokens is cut into ``n // T - 1`` windows of ``T + 1`` tokens starting at
+    ``phase + j*T`` (``T`` = block_size; x is the first T tokens, y the last T), so windows of an
+    epoch never overlap. Every epoch draws, from (seed, epoch), a new phase in [0, T) per shard
+    (window edges move, as with nanoGPT's random offsets) and a permutation of all windows (batches
+    are well mixed). Batch k of the epoch takes permuted positions [k*B*W, (k+1)*B*W) and rank r
+    every W-th of them (W = world_size), so ranks read disjoint windows and all ranks have the
+    same number of batches per epoch; the few windows left over at an epoch's end are skipped.
+    The state (epoch, cursor) is the same on every rank, so one rank's ``state_dict`` resumes all.
+    """
+
+    def __init__(self, prepared: str | Path, split: str, batch_size: int, block_size: int, *,
+                 rank: int = 0, world_size: int = 1, seed: int = 0):
+        if batch_size < 1 or block_size < 1:
+            raise ValueError(f"batch_size and block_size must be positive, got {batch_size} and {block_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        self.prepared, self.split = Path(prepared), split
+        self.batch_size, self.block_size = batch_size, block_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        meta = read_meta(self.prepared)
+        if split not in meta["splits"]:
+            raise DataError(f"{prepared}: no split {split!r} (have: {', '.join(meta['splits'])})")
+        entries = meta["splits"][split]["shards"]
+        if err := _shards_ok(self.prepared, split, [e["tokens"] for e in entries]):
+            raise DataError(f"{prepared}: {err}; prepare it again")
+        self.tokens = int(meta["splits"][split]["tokens"])
+        T = block_size
+        self._shards = [np.memmap(self.prepared / e["file"], dtype="<u2", mode="r")
+                        for e in entries if e["tokens"] // T - 1 > 0]
+        counts = np.array([len(s) // T - 1 for s in self._shards], dtype=np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(counts)])  # first window index of each shard
+        self.n_windows = int(self._starts[-1])
+        self.batches_per_epoch = self.n_windows // (batch_size * world_size)
+        if self.batches_per_epoch == 0:
+            need = (batch_size * world_size + 1) * T
+            raise DataError(
+                f"the {split} split of {prepared} has {self.tokens:,} tokens: too few for one batch of "
+                f"{batch_size} windows of {T + 1} tokens on each of {world_size} rank(s); that needs at "
+                f"least {need:,} tokens in a shard (lower batch size or block size, or add data)"
+            )
+        self.epoch, self.cursor = 0, 0
+        self._plan_epoch: int | None = None
+
+    def _plan(self) -> None:
+        """This epoch's window phases and order, drawn from (seed, epoch) only."""
+        if self._plan_epoch == self.epoch:
+            return
+        rng = np.random.default_rng([self.seed % 2**63, self.epoch])
+        self._phase = rng.integers(0, self.block_size, size=len(self._shards))
+        self._order = rng.permutation(self.n_windows)
+        self._plan_epoch = self.epoch
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next (x, y), int64 CPU tensors of shape (batch_size, block_size); y is x shifted by one."""
+        B, T, W = self.batch_size, self.block_size, self.world_size
+        if self.cursor + B * W > self.n_windows:  # epoch done: the next one reorders the windows
+            self.epoch, self.cursor = self.epoch + 1, 0
+        self._plan()
+        windows = self._order[self.cursor + self.rank : self.cursor + B * W : W]
+        self.cursor += B * W
+        shard = np.searchsorted(self._starts, windows, side="right") - 1
+        rows = np.empty((B, T + 1), dtype=np.int64)
+        for i, (w, s) in enumerate(zip(windows, shard)):
+            start = int(self._phase[s]) + int(w - self._starts[s]) * T
+            rows[i] = self._shards[s][start : start + T + 1]
+        buf = torch.from_numpy(rows)  # (B, T+1)
+        return buf[:, :-1].contiguous(), buf[:, 1:].contiguous()  # (B, T) each
+
+    def reset(self) -> None:
+        """Start again from the first batch of epoch 0 (e.g. the same val batches every evaluation)."""
+        self.epoch, self.cursor = 0, 0
+
+    def state_dict(self) -> dict:
+        """JSON-serialisable position; ``load_state_dict`` of it continues with the very next batch."""
+        return {"split": self.split, "epoch": self.epoch, "cursor": self.cursor, "seed": self.seed,
+                "block_size": self.block_size, "batch_size": self.batch_size,
+                "world_size": self.world_size, "tokens": self.tokens}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state``; the data, seed and block size must be the ones it came from."""
+        for key in ("split", "seed", "block_size", "tokens"):
+            if state.get(key) != getattr(self, key):
+                raise DataError(f"loader state is for {key} {state.get(key)!r}, this loader has "
+                                f"{getattr(self, key)!r}; resuming would not read the same data")
+        # the cursor counts windows of all ranks, so a changed batch size or world size goes on
+        # from the same place in the epoch
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
