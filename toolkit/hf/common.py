@@ -155,9 +155,3 @@ def _few(items: list[str], n: int = 4) -> str:
     more = f" and {len(items) - n} more" if len(items) > n else ""
     return ", ".join(items[:n]) + more
 
-
-def strip_prefix(name: str, prefixes: Iterable[str]) -> str:
-    for p in prefixes:
-        if name.startswith(p):
-            return name[len(p):]
-    return name

@@ -29,9 +29,8 @@ _CONV1D = re.compile(r"\.(c_attn|c_proj|c_fc)\.weight$")  # HF Conv1D weights: (
 _BUFFERS = re.compile(r"(^|\.)h\.\d+\.attn\.(bias|masked_bias)$")  # causal-mask buffers in old checkpoints
 
 
-def gpt2_config_from_hf(hf: dict, *, dropout: float = 0.0) -> ModelConfig:
+def gpt2_config_from_hf(hf: dict, *, dropout: float = 0.0, where: str = "GPT-2 config") -> ModelConfig:
     """The :class:`ModelConfig` for a GPT-2 ``config.json`` (as a dict); dropout is not inherited, as in nanoGPT."""
-    where = "GPT-2 config"
     check_architecture(hf, "gpt2", ["GPT2LMHeadModel"], where)
     require(hf, ["n_embd", "n_head", "n_layer", "n_positions", "vocab_size"], where)
     if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("scale_attn_weights") is False:
@@ -85,12 +84,8 @@ def gpt2_state_dict_from_hf(hf_sd: dict[str, torch.Tensor], tied: bool) -> dict[
 def load_gpt2(path: str | Path, *, dropout: float = 0.0, dtype: torch.dtype | None = None,
               registry: Registry | None = None) -> Transformer:
     """A :class:`Transformer` with the weights of a local HF GPT-2 folder (config.json + model.safetensors)."""
-    hf = read_config(path)
     where = str(path)
-    try:
-        config = gpt2_config_from_hf(hf, dropout=dropout)
-    except HFFormatError as exc:
-        raise HFFormatError(str(exc).replace("GPT-2 config", f"{where}/config.json", 1)) from None
+    config = gpt2_config_from_hf(read_config(path), dropout=dropout, where=f"{where}/config.json")
     sd = gpt2_state_dict_from_hf(read_state_dict(path), config.tie_embeddings)
     model = Transformer(config, registry)
     load_into(model, sd, where)
@@ -122,6 +117,8 @@ def hf_config_from_gpt2(model: Transformer, registry: Registry | None = None) ->
     ]
     if cfg.layout != "pre":
         problems.append(f"layout {cfg.layout!r} (GPT-2 is pre-norm)")
+    if not problems and getattr(resolve_options(registry, cfg.attention), "qk_norm", None) is not None:
+        problems.append("attention qk_norm (GPT-2 has none)")
     if problems:
         raise HFFormatError(f"cannot export as GPT-2: unsupported {'; '.join(problems)}")
     norm = resolve_options(registry, cfg.norm)
