@@ -105,7 +105,7 @@ def test_top_k_samples_only_the_k_most_likely():
     assert set(draws().tolist()) == {0, 1, 2, 3}
 
 
-@pytest.mark.parametrize("top_p, kept", [(0.5, {0}), (0.6, {0, 1}), (0.85, {0, 1, 2}), (1.0, {0, 1, 2, 3})])
+@pytest.mark.parametrize("top_p, kept", [(0.0, {0}), (0.5, {0}), (0.6, {0, 1}), (0.85, {0, 1, 2}), (1.0, {0, 1, 2, 3})])
 def test_top_p_keeps_the_smallest_set_reaching_p(top_p, kept):
     assert set(draws(top_p=top_p).tolist()) == kept
 
@@ -125,3 +125,8 @@ def test_temperature_scales_logits_before_sampling(temperature):
 def test_temperature_zero_is_argmax_per_row():
     logits = torch.tensor([[0.1, 2.0, -1.0], [3.0, 0.0, 2.9]])
     assert sample_next(logits, temperature=0).tolist() == [[1], [0]]
+
+
+def test_negative_temperature_is_refused():
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        sample_next(torch.zeros(1, 4), temperature=-1.0)

@@ -298,6 +298,8 @@ class Transformer(nn.Module):
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                 top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Sample one token id per row of logits (B, V) -> (B, 1)."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits.float() / temperature
@@ -308,7 +310,8 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
         # nucleus sampling (Holtzman et al. 2019): keep the smallest set whose probability reaches top_p
         sorted_logits, order = torch.sort(logits, descending=True)
         cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        drop = cum - torch.softmax(sorted_logits, dim=-1) >= top_p  # the first token is always kept
+        drop = cum - torch.softmax(sorted_logits, dim=-1) >= top_p
+        drop[..., 0] = False  # the most likely token is always kept (top_p = 0 would otherwise drop all)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = torch.softmax(logits, dim=-1)
