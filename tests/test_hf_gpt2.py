@@ -165,3 +165,12 @@ def test_models_gpt2_cannot_express_are_refused_with_the_reason(tmp_path, change
     with pytest.raises(HFFormatError, match=re.escape(f"cannot export as GPT-2: unsupported {reason}")):
         save_gpt2(Transformer(cfg, pm.registry), tmp_path, registry=pm.registry)
     assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_half_precision_files_load_into_fp32_unless_a_dtype_is_asked_for(tmp_path):
+    hf = random_hf_gpt2()
+    hf.half().save_pretrained(tmp_path)
+    ours = load_gpt2(tmp_path)
+    assert ours.transformer.wte.weight.dtype == torch.float32
+    assert torch.equal(ours.transformer.h[0].attn.c_attn.weight, hf.transformer.h[0].attn.c_attn.weight.float().t())
+    assert load_gpt2(tmp_path, dtype=torch.bfloat16).lm_head.weight.dtype == torch.bfloat16
