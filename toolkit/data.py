@@ -278,7 +278,8 @@ class _ShardWriter:
         self.out, self.split, self.shard_size = out, split, shard_size
         self.shards = list(shards)  # token counts of the finished shards
         self.resume = tuple(next_pos)  # tokens before this (doc, offset) are already written
-        self.next = tuple(next_pos)
+        self.done = tuple(next_pos)  # where the token after the last finished shard is
+        self.end = tuple(next_pos)  # where the token after the last one received is
         self.on_shard = on_shard
         self.buf: list[np.ndarray] = []
         self.n = 0
@@ -299,11 +300,11 @@ class _ShardWriter:
             # the rest is a suffix of ids, since the buffer held less than a shard before them
             self._write(flat[: self.shard_size], (doc, offset + len(ids) - len(rest)))
             self.buf, self.n = ([rest] if len(rest) else []), len(rest)
-        self.next = (doc, offset + len(ids))
+        self.end = (doc, offset + len(ids))
 
     def finish(self) -> None:
         if self.n:
-            self._write(np.concatenate(self.buf), self.next)
+            self._write(np.concatenate(self.buf), self.end)
             self.buf, self.n = [], 0
 
     def _write(self, ids: np.ndarray, next_pos) -> None:
@@ -312,7 +313,7 @@ class _ShardWriter:
         ids.astype("<u2", copy=False).tofile(tmp)
         os.replace(tmp, path)  # a shard exists under its name only when complete
         self.shards.append(len(ids))
-        self.next = tuple(next_pos)
+        self.done = tuple(next_pos)
         self.on_shard(self)
 
 
@@ -352,7 +353,7 @@ def _locked(out: Path):
     """Serialise concurrent prepares of one directory (e.g. several ranks starting together)."""
     import fcntl
 
-    with open(out / ".lock", "w") as f:
+    with open(out / ".lock", "a") as f:  # "a": opening changes nothing, not even the mtime
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
@@ -446,7 +447,7 @@ def _prepare(data, sources, inputs, out, state, workers, shard_size, progress) -
     def checkpoint(_writer) -> None:
         _write_json(out / "progress.json", {
             "inputs": inputs,
-            "splits": {s: {"shards": w.shards, "next": list(w.next)} for s, w in writers.items()},
+            "splits": {s: {"shards": w.shards, "next": list(w.done)} for s, w in writers.items()},
         })
 
     writers = {
@@ -465,10 +466,7 @@ def _prepare(data, sources, inputs, out, state, workers, shard_size, progress) -
         writers["val"].add(0, cut, ids[cut:])
         docs = None
     else:
-        # by document, the documents before every split's resume point need no tokenizing; the
-        # stream split needs them all to know where 1 - f of the tokens is
-        first_doc = min(w.resume[0] for w in writers.values()) if mode == "documents" else 0
-        feed = _Feed(sources, mode, f, first_doc, docs)
+        feed = _Feed(sources, mode, f, {s: w.resume[0] for s, w in writers.items()}, docs)
         with _encoded(tok, feed, workers) as encoded:
             if mode == "documents":
                 offset = 0
@@ -527,10 +525,14 @@ def _prepare(data, sources, inputs, out, state, workers, shard_size, progress) -
 
 
 class _Feed:
-    """The pieces to tokenize, in order, leaving out documents that finished shards already hold."""
+    """The pieces to tokenize, in order, leaving out documents that finished shards already hold.
 
-    def __init__(self, sources, mode, val_fraction, first_doc, docs_per_split):
-        self.sources, self.mode, self.f, self.first_doc = sources, mode, val_fraction, first_doc
+    Split by document, a document is needed from its split's resume point on; the stream split
+    needs every document, to know where ``1 - f`` of the tokens is.
+    """
+
+    def __init__(self, sources, mode, val_fraction, resume_docs, docs_per_split):
+        self.sources, self.mode, self.f, self.resume_docs = sources, mode, val_fraction, resume_docs
         self.docs = docs_per_split
         self.n_docs = 0
         self.skipped_bytes = 0  # bytes of skipped documents, reported with the next piece
@@ -539,10 +541,11 @@ class _Feed:
         for doc, (text, nbytes) in enumerate(_documents(self.sources)):
             self.n_docs += 1
             if self.mode == "documents":
-                self.docs["val" if is_val_document(doc, self.f) else "train"] += 1
-            if doc < self.first_doc:
-                self.skipped_bytes += nbytes
-                continue
+                split = "val" if is_val_document(doc, self.f) else "train"
+                self.docs[split] += 1
+                if doc < self.resume_docs[split]:
+                    self.skipped_bytes += nbytes
+                    continue
             pieces = _pieces(text)
             for k, piece in enumerate(pieces):
                 carried = nbytes + self.skipped_bytes if k == len(pieces) - 1 else 0
