@@ -1,22 +1,34 @@
 """The one cattrs converter, built after plugins load.
 
-It is strict where TOML users need it to be: unknown keys are errors (``forbid_extra_keys``),
-an ``int`` field takes only integers (not ``true``, not ``12.5``, not ``"12"``), and a component
-table ``{kind = "gqa", n_kv_head = 2}`` is structured into that component's own options class, so an
-option that belongs to another component is reported at its path. Use :func:`format_errors` to turn
-a cattrs error into lines like ``$.model.n_head: expected int, got "twelve"``.
+It is strict where TOML users need it to be: unknown keys are errors, an ``int`` field takes only
+integers (not ``true``, not ``12.5``, not ``"12"``), an array field takes only an array, and a
+component table ``{kind = "gqa", n_kv_head = 2}`` is structured into that component's own options
+class, so an option that belongs to another component is reported at its path.
+
+attrs classes are structured field by field here rather than by cattrs' generated code, so each
+field's attrs validator runs at that field's path: ``$.train.lr: must be > 0, got -1.0`` instead of
+attrs' raw ``("'lr' must be > 0: -1.0", Attribute(...), ...)`` escaping the path tracking. Use
+:func:`format_errors` to turn a cattrs error into lines like ``$.model.n_head: expected int, got "twelve"``.
 """
 from __future__ import annotations
 
 import difflib
 import functools
-from typing import Any
+import re
+import typing
+from typing import Any, Literal
 
 import attrs
 import cattrs
-from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
+from cattrs.errors import (
+    AttributeValidationNote,
+    ClassValidationError,
+    ForbiddenExtraKeysError,
+    IterableValidationError,
+    IterableValidationNote,
+)
 
-from .model import SPEC_TYPES, Spec, resolve_options
+from .model import SPEC_TYPES, Spec, resolve_options  # noqa: F401  (SPEC_TYPES re-exported)
 from .registry import Registry, UnknownComponentError
 
 
@@ -28,18 +40,35 @@ class ValueTypeError(TypeError):
         super().__init__(f"expected {expected}, got {_show(value)}")
 
 
+class InvalidValue(ValueError):
+    """A value of the right type that a validator refused; the message is already user-facing."""
+
+
+class UnknownOptionError(KeyError):
+    """An option that the chosen component does not take."""
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
 def _show(value: Any) -> str:
+    """A value as a TOML user would write it: strings in double quotes, true/false, a table."""
     if isinstance(value, str):
         return f'"{value}"'
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, dict):
         return "a table"
-    if isinstance(value, list):
-        return "an array"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_show(v) for v in value) + "]" if len(value) <= 8 else f"an array of {len(value)}"
     return repr(value)
 
 
+def _quote_names(names) -> str:
+    return ", ".join(f"'{n}'" for n in names)
+
+
+# -- scalar hooks -------------------------------------------------------------------------------
 def _strict_int(value, _):
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueTypeError("int", value)
@@ -64,11 +93,202 @@ def _strict_str(value, _):
     return value
 
 
-def _note(exc: Exception, name: str, typ: Any) -> Exception:
-    from cattrs.errors import AttributeValidationNote
+def _structure_literal(value, typ):
+    allowed = typing.get_args(typ)
+    for option in allowed:  # `1 == True` in Python: compare types too
+        if value == option and type(value) is type(option):
+            return option
+    msg = f"must be one of {', '.join(_show(o) for o in allowed)}, got {_show(value)}"
+    if isinstance(value, str):
+        hint = difflib.get_close_matches(value, [o for o in allowed if isinstance(o, str)], n=1)
+        if hint:
+            msg += f"; did you mean {_show(hint[0])}?"
+    raise InvalidValue(msg)
 
+
+# -- container hooks (TOML arrays and tables only; a string is not an array of characters) ------
+def _type_name(typ: Any, plural: bool = False) -> str:
+    names = {int: "int", float: "float", str: "string", bool: "bool"}
+    name = names.get(typ, getattr(typ, "__name__", str(typ)))
+    return name + "s" if plural and typ in names else name
+
+
+def _structure_list(converter: cattrs.Converter, value, typ):
+    (elem,) = typing.get_args(typ) or (Any,)
+    if not isinstance(value, (list, tuple)):
+        raise ValueTypeError(f"an array of {_type_name(elem, plural=True)}", value)
+    return _structure_items(converter, list(value), [elem] * len(value), typ)
+
+
+def _structure_tuple(converter: cattrs.Converter, value, typ):
+    args = typing.get_args(typ)
+    if len(args) == 2 and args[1] is Ellipsis:
+        return tuple(_structure_list(converter, value, list[args[0]]))
+    kinds = " and ".join(sorted({_type_name(a, plural=len(args) > 1) for a in args}))
+    if not isinstance(value, (list, tuple)) or len(value) != len(args):
+        raise ValueTypeError(f"an array of {len(args)} {kinds}", value)
+    return tuple(_structure_items(converter, list(value), list(args), typ))
+
+
+def _structure_items(converter: cattrs.Converter, values: list, types: list, typ) -> list:
+    out, errors = [], []
+    for i, (item, t) in enumerate(zip(values, types)):
+        try:
+            out.append(item if t is Any else converter.structure(item, t))
+        except Exception as exc:  # noqa: BLE001 - collected and reported with its index
+            exc.__notes__ = [*getattr(exc, "__notes__", []), IterableValidationNote(f"Structuring @ index {i}", i, t)]
+            errors.append(exc)
+    if errors:
+        raise IterableValidationError(f"While structuring {typ!r}", errors, typ)
+    return out
+
+
+def _structure_dict(converter: cattrs.Converter, value, typ):
+    key_t, val_t = typing.get_args(typ) or (str, Any)
+    if not isinstance(value, dict):
+        raise ValueTypeError("a table", value)
+    out, errors = {}, []
+    for k, item in value.items():
+        try:
+            out[converter.structure(k, key_t)] = item if val_t is Any else converter.structure(item, val_t)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(_note(exc, str(k), val_t))
+    if errors:
+        raise ClassValidationError(f"While structuring {typ!r}", errors, dict)
+    return out
+
+
+def _origin_is(*origins):
+    return lambda t: typing.get_origin(t) in origins
+
+
+# -- attrs classes, field by field --------------------------------------------------------------
+def _note(exc: Exception, name: str, typ: Any) -> Exception:
     exc.__notes__ = [*getattr(exc, "__notes__", []), AttributeValidationNote(f"Structuring @ {name}", name, typ)]
     return exc
+
+
+_ATTRS_NUMBER = re.compile(r"^'?\w+'? must be (?P<op>[<>]=?|==|!=) (?P<bound>.+): .*$", re.S)
+_ATTRS_IN = re.compile(r"^'?\w+'? must be in .*\(got .*\)$", re.S)
+_ATTRS_TYPE = re.compile(r"^'?\w+'? must be <class '(?P<type>[\w.]+)'>", re.S)
+
+
+def validator_message(exc: BaseException, name: str, value: Any) -> str:
+    """An attrs validator's error as ``must be > 0, got -1.0`` (the field name is in the path)."""
+    args = exc.args
+    text = args[0] if args and isinstance(args[0], str) else str(exc)
+    if _ATTRS_IN.match(text) and len(args) >= 3:
+        options = list(args[2])
+        msg = f"must be one of {', '.join(_show(o) for o in options)}, got {_show(value)}"
+        if isinstance(value, str):
+            hint = difflib.get_close_matches(value, [o for o in options if isinstance(o, str)], n=1)
+            if hint:
+                msg += f"; did you mean {_show(hint[0])}?"
+        return msg
+    m = _ATTRS_NUMBER.match(text)
+    if m:
+        bound = m["bound"]
+        try:  # `must be > 0`, not `> 0.0`
+            bound = str(int(float(bound))) if float(bound).is_integer() else bound
+        except ValueError:
+            pass
+        return f"must be {m['op']} {bound}, got {_show(value)}"
+    m = _ATTRS_TYPE.match(text)
+    if m:
+        return f"expected {_type_name(args[2]) if len(args) >= 3 else m['type']}, got {_show(value)}"
+    for prefix in (f"'{name}' ", f"{name} ", f"{name}: "):  # custom validators often name the field
+        if text.startswith(prefix):
+            return text[len(prefix):]
+    return text
+
+
+def _clean(exc: BaseException, name: str = "") -> Exception:
+    """A constructor's (post-init or validator) error as a one-line :class:`InvalidValue`."""
+    if isinstance(exc, (InvalidValue, ValueTypeError)):
+        return exc
+    text = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
+    if len(exc.args) >= 2 and isinstance(exc.args[1], attrs.Attribute):  # a validator that needed the instance
+        attr = exc.args[1]
+        value = exc.args[-1]
+        return _note(InvalidValue(validator_message(exc, attr.name, value)), attr.name, attr.type)
+    return InvalidValue(text.strip().splitlines()[0] if text.strip() else type(exc).__name__)
+
+
+def structure_fields(converter: cattrs.Converter, data: Any, cls: type) -> tuple[dict, list[Exception]]:
+    """Structure and validate each field of attrs class ``cls`` from table ``data``.
+
+    Returns the constructor keywords of the fields that are valid and the errors of the others
+    (each carrying a path note). The class itself is not built, so callers can still look at the
+    valid fields when others fail (cross-field checks, :func:`toolkit.recipe.load_recipe`).
+    """
+    if not isinstance(data, dict):
+        raise ValueTypeError("a table", data)
+    attrs.resolve_types(cls)
+    fields = [f for f in attrs.fields(cls) if f.init]
+    by_name = {f.name: f for f in fields}
+    errors: list[Exception] = []
+    extra = [k for k in data if k not in by_name]
+    if extra:
+        errors.append(ForbiddenExtraKeysError(f"unknown keys for {cls.__name__}", cls, set(extra)))
+    kwargs: dict[str, Any] = {}
+    for f in fields:
+        if f.name not in data:
+            if f.default is attrs.NOTHING:
+                errors.append(_note(KeyError("required key is missing"), f.name, f.type))
+            continue
+        try:
+            value = converter.structure(data[f.name], f.type)
+        except Exception as exc:  # noqa: BLE001 - every problem is collected with its path
+            errors.append(_note(exc, f.name, f.type))
+            continue
+        checked = value
+        if f.converter is not None and callable(f.converter) and not isinstance(f.converter, attrs.Converter):
+            try:
+                checked = f.converter(value)
+            except (ValueError, TypeError) as exc:
+                errors.append(_note(InvalidValue(str(exc)), f.name, f.type))
+                continue
+        if f.validator is not None:
+            try:
+                f.validator(None, f, checked)
+            except (ValueError, TypeError) as exc:
+                errors.append(_note(InvalidValue(validator_message(exc, f.name, checked)), f.name, f.type))
+                continue
+            except AttributeError:
+                pass  # a validator that needs the instance; the constructor runs it below
+        kwargs[f.alias or f.name] = value
+    return kwargs, errors
+
+
+def _structure_attrs(converter: cattrs.Converter, data: Any, cls: type):
+    kwargs, errors = structure_fields(converter, data, cls)
+    if errors:
+        raise ClassValidationError(f"While structuring {cls.__name__}", errors, cls)
+    return build(cls, kwargs)
+
+
+def build(cls: type, kwargs: dict):
+    """``cls(**kwargs)``; a cross-field error of its ``__attrs_post_init__`` is reported at the class's path."""
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as exc:
+        raise ClassValidationError(f"While structuring {cls.__name__}", [_clean(exc)], cls) from None
+
+
+# -- component specs ----------------------------------------------------------------------------
+def _unknown_option(registry: Registry, family: str, kind: str, key: str, allowed: list[str]) -> UnknownOptionError:
+    msg = f"not an option of {family} '{kind}'"
+    hint = difflib.get_close_matches(key, allowed, n=1)
+    if hint:
+        msg += f"; did you mean '{hint[0]}'?"
+    elif allowed:
+        msg += f" (its options: {', '.join(allowed)})"
+    else:
+        msg += " (it takes no options)"
+    owners = [n for n in registry.names(family) if n != kind and key in attrs.fields_dict(registry.get(family, n).options)]
+    if owners:
+        msg += f"; {key} is an option of {family} {_quote_names(owners)}"
+    return UnknownOptionError(msg)
 
 
 def _structure_spec(registry: Registry, converter: cattrs.Converter, value: Any, cls: type[Spec]) -> Spec:
@@ -87,13 +307,25 @@ def _structure_spec(registry: Registry, converter: cattrs.Converter, value: Any,
         comp = registry.get(family, kind)
     except UnknownComponentError as exc:
         raise ClassValidationError(f"{family} table", [_note(exc, "kind", str)], cls) from None
+    allowed = [f.name for f in attrs.fields(comp.options) if f.init]
     rest = {k: v for k, v in value.items() if k != "kind"}
-    return cls(kind, converter.structure(rest, comp.options))
+    errors: list[Exception] = [
+        _note(_unknown_option(registry, family, kind, k, allowed), k, Any) for k in rest if k not in allowed
+    ]
+    kwargs, field_errors = structure_fields(converter, {k: v for k, v in rest.items() if k in allowed}, comp.options)
+    errors += field_errors
+    if errors:
+        raise ClassValidationError(f"{family} table", errors, cls)
+    return cls(kind, build(comp.options, kwargs))
 
 
 def _unstructure_spec(registry: Registry, converter: cattrs.Converter, spec: Spec) -> dict:
     opts = resolve_options(registry, spec)
     return {"kind": spec.kind, **converter.unstructure(opts)}
+
+
+def _is_spec(t) -> bool:
+    return isinstance(t, type) and issubclass(t, Spec)
 
 
 def make_converter(registry: Registry) -> cattrs.Converter:
@@ -103,31 +335,35 @@ def make_converter(registry: Registry) -> cattrs.Converter:
     c.register_structure_hook(float, _strict_float)
     c.register_structure_hook(bool, _strict_bool)
     c.register_structure_hook(str, _strict_str)
+    # later registrations win: the general container and attrs hooks first, specs last
+    c.register_structure_hook_func(_origin_is(list, typing.List), functools.partial(_structure_list, c))
+    c.register_structure_hook_func(_origin_is(tuple, typing.Tuple), functools.partial(_structure_tuple, c))
+    c.register_structure_hook_func(_origin_is(dict, typing.Dict), functools.partial(_structure_dict, c))
+    c.register_structure_hook_func(_origin_is(Literal), _structure_literal)
     c.register_structure_hook_func(
-        lambda t: isinstance(t, type) and issubclass(t, Spec) and t is not Spec,
+        lambda t: isinstance(t, type) and attrs.has(t) and not _is_spec(t), functools.partial(_structure_attrs, c)
+    )
+    c.register_structure_hook_func(
+        lambda t: _is_spec(t) and t is not Spec,
         functools.partial(_structure_spec, registry, c),
     )
-    c.register_unstructure_hook_func(
-        lambda t: isinstance(t, type) and issubclass(t, Spec),
-        functools.partial(_unstructure_spec, registry, c),
-    )
+    c.register_unstructure_hook_func(_is_spec, functools.partial(_unstructure_spec, registry, c))
     return c
 
 
+# -- error formatting ---------------------------------------------------------------------------
 def _describe(exc: BaseException, path: str) -> str:
     """One error as ``PATH: message`` (cattrs' transform_error formatter, friendlier for TOML)."""
-    if isinstance(exc, ValueTypeError):
-        return f"{path}: {exc}"
-    if isinstance(exc, UnknownComponentError):
+    if isinstance(exc, (ValueTypeError, InvalidValue, UnknownComponentError, UnknownOptionError)):
         return f"{path}: {exc}"
     if isinstance(exc, ForbiddenExtraKeysError):
-        known = [f.name for f in attrs.fields(exc.cl)] if attrs.has(exc.cl) else []
+        known = [f.name for f in attrs.fields(exc.cl) if f.init] if attrs.has(exc.cl) else []
         parts = []
         for key in sorted(exc.extra_fields):
+            msg = f"{path}.{key}: unknown key"
             hint = difflib.get_close_matches(key, known, n=1)
-            msg = f"{path}.{key}: unknown key" if path != "$" else f"$.{key}: unknown key"
             if hint:
-                msg += f"; did you mean {hint[0]!r}?"
+                msg += f"; did you mean '{hint[0]}'?"
             elif known:
                 msg += f" (allowed: {', '.join(known)})"
             parts.append(msg)
@@ -136,7 +372,8 @@ def _describe(exc: BaseException, path: str) -> str:
         text = exc.args[0] if exc.args else ""
         return f"{path}: {text if isinstance(text, str) and ' ' in text else 'required key is missing'}"
     if isinstance(exc, (ValueError, TypeError)):
-        return f"{path}: {exc}"
+        text = str(exc).strip().splitlines()
+        return f"{path}: {text[0] if text else type(exc).__name__}"
     return f"{path}: {type(exc).__name__}: {exc}"
 
 
@@ -149,8 +386,6 @@ def format_errors(exc: BaseException, root: str = "$") -> list[str]:
 
 
 def _walk(exc: BaseException, path: str) -> list[str]:
-    from cattrs.errors import AttributeValidationNote, IterableValidationNote
-
     if isinstance(exc, (ClassValidationError, IterableValidationError)):
         out: list[str] = []
         with_notes, without = exc.group_exceptions()
@@ -168,14 +403,21 @@ def _walk(exc: BaseException, path: str) -> list[str]:
     return _describe(exc, path).splitlines()
 
 
+def errors_to_lines(errors: list[Exception], root: str = "$") -> list[str]:
+    """Lines for errors collected by :func:`structure_fields` (each carries its path note)."""
+    if not errors:
+        return []
+    return format_errors(ClassValidationError("errors", errors, object), root)
+
+
 def structure(registry: Registry, data: Any, cls: type, root: str = "$"):
     """Structure ``data`` into ``cls``; on failure raise :class:`ConfigError` with every problem."""
     try:
         return make_converter(registry).structure(data, cls)
     except (ClassValidationError, IterableValidationError) as exc:
         raise ConfigError(format_errors(exc, root)) from None
-    except (ValueError, TypeError) as exc:  # cross-field checks in __attrs_post_init__
-        raise ConfigError([f"{root}: {exc}"]) from None
+    except (ValueError, TypeError) as exc:  # a top-level value of the wrong type
+        raise ConfigError(_describe(exc, root).splitlines()) from None
 
 
 class ConfigError(ValueError):

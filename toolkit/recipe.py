@@ -1,10 +1,23 @@
-"""TOML recipes: the typed schema and loading.
+"""TOML recipes: the typed schema, composition (``extends``, ``--set``) and validation.
 
-A recipe is one TOML file (optionally ``extends = "base.toml"``) structured by the one converter
-(:func:`toolkit.config.make_converter`) into the frozen attrs classes below.
+A recipe is one TOML file structured by the one converter (:func:`toolkit.config.make_converter`)
+into the frozen attrs classes below. :func:`load_recipe` resolves it in this order:
+
+1. read the file; ``extends = "base.toml"`` (relative to the file) reads the base first, recursively,
+   and deep-merges the file onto it: tables merge, arrays and scalars replace. Two exceptions:
+   a table whose ``kind`` changes is replaced whole (the old component's options are dropped), and
+   ``plugins`` accumulate (a base's components stay loadable). ``name`` and ``description`` describe
+   one file and are not inherited; ``name`` defaults to the file's stem.
+2. apply ``--set key.path=value`` overrides (values in TOML syntax; a bare word is a string), merged
+   the same way, so ``--set model.attention.kind=gqa`` drops the old kind's options.
+3. load the plugins (paths relative to the recipe file that names them), then structure and
+   validate everything, collecting every problem, one line each, prefixed with the recipe path.
 """
 from __future__ import annotations
 
+import copy
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -18,6 +31,14 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
+COMPONENT_TABLES = ("attention", "norm", "position", "mlp")  # under [model]
+GPT2_TOKENIZER_VOCAB = 50257  # 50,000 merges + 256 byte tokens + <|endoftext|>
+
+
+def _betas(_, attribute, value):
+    if not all(0.0 <= b < 1.0 for b in value):
+        raise ValueError(f"must be two numbers in [0, 1), got [{', '.join(repr(b) for b in value)}]")
 
 
 @attrs.frozen
@@ -50,7 +71,7 @@ class TrainConfig:
     # steps over which lr decays to min_lr; default max_steps
     decay_steps: int | None = attrs.field(default=None, validator=v.optional(v.gt(0)))
     weight_decay: float = attrs.field(default=0.1, validator=v.ge(0.0))
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[float, float] = attrs.field(default=(0.9, 0.95), validator=_betas)
     grad_clip: float = attrs.field(default=1.0, validator=v.ge(0.0))  # 0 disables clipping
     eval_interval: int = attrs.field(default=250, validator=v.gt(0))
     eval_batches: int = attrs.field(default=20, validator=v.gt(0))
@@ -70,7 +91,7 @@ class DeepSpeedConfig:
 
     zero_stage: int = attrs.field(default=0, validator=v.in_((0, 1, 2, 3)))
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    offload: Literal["none", "cpu"] = "none"
+    offload: Literal["none", "cpu"] = "none"  # "cpu": optimizer states and step on the host (stages 2, 3)
     config: dict[str, Any] = attrs.Factory(dict)
 
 
@@ -81,7 +102,8 @@ class GenerateConfig:
     prompts: list[str] = attrs.Factory(lambda: ["\n"])
     max_new_tokens: int = attrs.field(default=500, validator=v.gt(0))
     temperature: float = attrs.field(default=0.8, validator=v.ge(0.0))
-    top_k: int | None = attrs.field(default=200, validator=v.optional(v.gt(0)))
+    # 0 disables top-k (TOML has no null to unset it)
+    top_k: int | None = attrs.field(default=200, validator=v.optional(v.ge(0)))
     top_p: float | None = attrs.field(default=None, validator=v.optional([v.gt(0.0), v.le(1.0)]))
     seed: int = 1337
 
@@ -98,22 +120,382 @@ class Recipe:
     generate: GenerateConfig = attrs.Factory(GenerateConfig)
 
 
+# -- reading and composing ------------------------------------------------------------------------
 def read_toml(path: str | Path) -> dict:
-    with open(path, "rb") as f:
-        return tomllib.load(f)
+    """Parse a TOML file; invalid TOML is a ConfigError naming file, line and column."""
+    from .config import ConfigError
+
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        text = str(exc)
+        m = re.search(r"\(at line (\d+), column (\d+)\)", text)
+        where = f"{path}:{m[1]}:{m[2]}" if m else f"{path}"
+        reason = re.sub(r"\s*\(at line \d+, column \d+\)", "", text).strip() or "parse error"
+        raise ConfigError([f"{where}: invalid TOML: {reason[0].lower() + reason[1:]}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: invalid TOML: not UTF-8 text ({exc.reason} at byte {exc.start})"]) from None
+    except IsADirectoryError:
+        raise ConfigError([f"{path}: is a folder, not a recipe file"]) from None
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read recipe file: {exc.strerror or exc}"]) from None
 
 
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read, resolve and validate a recipe file; raises :class:`toolkit.config.ConfigError`."""
-    from .config import structure
-    from .plugin_manager import get_registry
+def recipe_file(path: str | Path) -> Path:
+    """The recipe file for ``path``: the file itself, or ``recipe.toml`` inside a run folder."""
+    from .config import ConfigError
 
+    p = Path(path)
+    if p.is_dir():
+        if (p / "recipe.toml").is_file():
+            return p / "recipe.toml"
+        raise ConfigError([f"{path}: a folder without a recipe.toml (not a run folder)"])
+    if not p.exists():
+        raise ConfigError([f"{path}: no such recipe file"])
+    return p
+
+
+def _normalise_components(data: dict) -> None:
+    """``attention = "gqa"`` is shorthand for ``[model.attention] kind = "gqa"``: merge tables, not strings."""
+    model = data.get("model")
+    if isinstance(model, dict):
+        for family in COMPONENT_TABLES:
+            if isinstance(model.get(family), str):
+                model[family] = {"kind": model[family]}
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    """``over`` merged onto ``base`` (new dict): tables merge, anything else replaces.
+
+    A table whose ``kind`` differs between the two is replaced whole, so the options of the old
+    component do not leak into the new one.
+    """
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        old = out.get(key)
+        if isinstance(value, dict) and isinstance(old, dict):
+            if "kind" in value and "kind" in old and value["kind"] != old["kind"]:
+                out[key] = copy.deepcopy(value)
+            else:
+                out[key] = deep_merge(old, value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _leaves(data: dict, prefix: tuple = ()):
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            yield from _leaves(value, (*prefix, key))
+        else:
+            yield (*prefix, key)
+
+
+def _display(path: Path) -> str:
+    """A path as short as it can be: relative to the working directory when below it."""
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:  # another drive (Windows)
+        return str(path)
+    return str(Path(path).resolve()) if rel.startswith("..") else rel
+
+
+def _is_path_spec(spec: str) -> bool:
+    return spec.endswith(".py") or "/" in spec or os.sep in spec
+
+
+@attrs.define
+class _Sources:
+    """Which file or --set gave each key (for ``(from base.toml)`` on error lines)."""
+
+    by_key: dict[tuple, str] = attrs.Factory(dict)
+
+    def record(self, data: dict, source: str | None) -> None:
+        for key in _leaves(data):
+            if source is None:
+                self.by_key.pop(key, None)
+            else:
+                self.by_key[key] = source
+
+    def lookup(self, keys: tuple) -> str | None:
+        for n in range(len(keys), 0, -1):
+            if keys[:n] in self.by_key:
+                return self.by_key[keys[:n]]
+        return None
+
+
+@attrs.define
+class _Reading:
+    """State of one :func:`resolve_data`: the recipe as the user named it, sources, errors so far."""
+
+    top: str  # the recipe path as given, the prefix of every error line
+    top_file: Path  # resolved
+    sources: _Sources
+    errors: list[str] = attrs.Factory(list)
+
+    def origin(self, path: Path) -> str | None:
+        """None for the recipe itself, else how to name a base file on an error line."""
+        return None if path.resolve() == self.top_file else _display(path)
+
+    def line(self, path: Path, text: str) -> str:
+        origin = self.origin(path)
+        return f"{self.top}: {text}" + (f" (from {origin})" if origin else "")
+
+
+def _read_layers(path: Path, ctx: _Reading, chain: list[Path]) -> dict:
+    """The merged data of ``path`` and everything it extends (recoverable errors collected in ctx)."""
+    from .config import ConfigError, _show
+
+    resolved = path.resolve()
+    if resolved in chain:
+        cycle = " -> ".join(_display(p) for p in [*chain[chain.index(resolved):], resolved])
+        raise ConfigError([f"{ctx.top}: extends cycle: {cycle}"])
     data = read_toml(path)
-    data.setdefault("name", Path(path).stem)
-    registry = get_registry(data.get("plugins", []))
-    return structure(registry, data, Recipe)
+    _normalise_components(data)
+
+    plugins = data.get("plugins", [])
+    if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
+        ctx.errors.append(ctx.line(path, f"$.plugins: expected an array of strings, got {_show(plugins)}"))
+        data.pop("plugins")
+    elif plugins:  # relative to the file that names them, so a recipe works from any directory
+        data["plugins"] = [str((path.parent / p).resolve()) if _is_path_spec(p) else p for p in plugins]
+
+    base_name = data.pop("extends", None)
+    base: dict = {}
+    if isinstance(base_name, str):
+        base_path = path.parent / base_name
+        if not base_path.is_file():
+            raise ConfigError([ctx.line(path, f"$.extends: no such file \"{base_name}\" (looked for {_display(base_path)})")])
+        base = _read_layers(base_path, ctx, [*chain, resolved])
+        for key in ("name", "description"):  # they describe one file
+            base.pop(key, None)
+    elif base_name is not None:
+        ctx.errors.append(ctx.line(path, f"$.extends: expected a file name (string), got {_show(base_name)}"))
+    merged = deep_merge(base, data)
+    merged_plugins = list(dict.fromkeys([*base.get("plugins", []), *data.get("plugins", [])]))
+    if merged_plugins:
+        merged["plugins"] = merged_plugins
+    ctx.sources.record(data, ctx.origin(path))
+    return merged
 
 
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.lr=3e-4"`` -> (["train", "lr"], 0.0003). A value that is not TOML is a plain string."""
+    from .config import ConfigError
+
+    key, sep, raw = text.partition("=")
+    keys = [k.strip() for k in key.strip().split(".")]
+    if not sep or not all(keys):
+        raise ConfigError([f"--set {text}: expected KEY.PATH=VALUE, e.g. --set train.lr=3e-4"])
+    try:
+        value = tomllib.loads(f"value = {raw.strip()}")["value"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()  # --set model.attention.kind=gqa: a bare word means the string
+    return keys, value
+
+
+def overrides_table(overrides: list[str] | tuple[str, ...], sources: _Sources | None = None) -> dict:
+    """All ``--set`` overrides as one nested table (a later one wins over an earlier one)."""
+    from .config import ConfigError
+
+    table: dict = {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = table
+        for i, k in enumerate(keys[:-1]):
+            if k in node and not isinstance(node[k], dict):
+                raise ConfigError([f"--set {text}: {'.'.join(keys[: i + 1])} was set to a value by an earlier --set"])
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+        if sources is not None:
+            leaf: dict = {keys[-1]: value}
+            for k in reversed(keys[:-1]):
+                leaf = {k: leaf}
+            sources.record(leaf, f"--set {text}")
+    _normalise_components(table)
+    return table
+
+
+def _top(path: str | Path) -> tuple[Path, str]:
+    """The recipe file and how error lines name it (as the user typed it, or the run folder's recipe.toml)."""
+    file = recipe_file(path)
+    return file, (str(path) if file == Path(path) else _display(file))
+
+
+def resolve_data(path: str | Path, overrides=(), plugins=(), *, _sources: _Sources | None = None) -> dict:
+    """The recipe's plain data after ``extends`` and ``--set``, before structuring (plugin paths absolute)."""
+    from .config import ConfigError
+
+    file, top = _top(path)
+    ctx = _Reading(top, file.resolve(), _sources if _sources is not None else _Sources())
+    data = _read_layers(file, ctx, [])
+    if "name" not in data:  # a run folder's recipe.toml always has one (recipe show writes it)
+        data["name"] = file.stem
+    data = deep_merge(data, overrides_table(overrides, ctx.sources))
+    extra = [str(Path(p).resolve()) if _is_path_spec(p) else p for p in plugins]
+    if extra:
+        data["plugins"] = list(dict.fromkeys([*(data.get("plugins") or []), *extra]))
+    if ctx.errors:
+        raise ConfigError(ctx.errors)
+    return data
+
+
+# -- structuring and validation -------------------------------------------------------------------
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "deepspeed": DeepSpeedConfig,
+            "generate": GenerateConfig}
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), plugins: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, resolve and validate a recipe file (or a run folder's recipe.toml).
+
+    ``overrides`` are ``--set`` strings (``"train.lr=3e-4"``), ``plugins`` extra plugin files or
+    modules (``--plugin``). Raises :class:`toolkit.config.ConfigError` with every problem, one line
+    each, prefixed with the recipe path.
+    """
+    from .config import ConfigError
+
+    sources = _Sources()
+    data = resolve_data(path, overrides, plugins, _sources=sources)
+    recipe, lines = validate(data)
+    if lines:
+        raise ConfigError([f"{_top(path)[1]}: {_with_source(line, sources)}" for line in lines])
+    return recipe
+
+
+_PATH_TOKEN = re.compile(r"\.([^.\[]+)")
+
+
+def _with_source(line: str, sources: _Sources) -> str:
+    """Append ``(from base.toml)`` or ``(from --set ...)`` to a line whose value came from elsewhere."""
+    path, sep, _ = line.partition(": ")
+    if not sep or not path.startswith("$"):
+        return line
+    source = sources.lookup(tuple(_PATH_TOKEN.findall(path.split("[")[0])))
+    return f"{line} (from {source})" if source else line
+
+
+def validate(data: dict) -> tuple[Recipe | None, list[str]]:
+    """Structure resolved recipe data and run the cross-field checks: (recipe, []) or (None, every problem).
+
+    Each section is structured on its own, so a section that fails still lends its valid fields
+    to the checks that span sections (the batch arithmetic needs the model's block_size).
+    """
+    from cattrs.errors import ClassValidationError
+
+    from .config import ValueTypeError, build, errors_to_lines, format_errors, make_converter, structure_fields
+    from .plugin_manager import PluginLoadError, get_plugin_manager
+
+    lines: list[str] = []
+    pm = get_plugin_manager()
+    plugins = data.get("plugins", [])
+    for i, spec in enumerate(plugins if isinstance(plugins, list) else []):
+        if isinstance(spec, str):  # a non-string is reported by structuring below
+            try:
+                pm.add(spec)
+            except PluginLoadError as exc:
+                reason = str(exc).split(" failed: ", 1)[-1]
+                shown = _display(Path(spec)) if _is_path_spec(spec) else spec
+                lines.append(f"$.plugins[{i}]: cannot load plugin \"{shown}\": {reason}")
+    converter = make_converter(pm.registry)
+
+    kwargs, errors = structure_fields(converter, {k: val for k, val in data.items() if k not in SECTIONS}, Recipe)
+    lines += errors_to_lines(errors)
+    values: dict[str, dict] = {}  # each section's valid field values, defaults filled in
+    for name, cls in SECTIONS.items():
+        if name not in data:
+            values[name] = attrs.asdict(cls(), recurse=False)
+            continue
+        root = f"$.{name}"
+        try:
+            fields, errors = structure_fields(converter, data[name], cls)
+        except ValueTypeError as exc:  # `model = 3`
+            lines.append(f"{root}: {exc}")
+            continue
+        lines += errors_to_lines(errors, root)
+        defaults = {f.name: f.default.factory() if isinstance(f.default, attrs.Factory) else f.default
+                    for f in attrs.fields(cls) if f.default is not attrs.NOTHING}
+        failed = set(data[name]) - set(fields)
+        values[name] = {k: val for k, val in {**defaults, **fields}.items() if k not in failed}
+        if not errors:
+            try:
+                kwargs[name] = build(cls, fields)
+            except ClassValidationError as exc:  # a refused combination, e.g. n_embd % n_head
+                lines += format_errors(exc, root)
+    model = kwargs.get("model", None if "model" in data else ModelConfig())  # None: the model section failed
+    lines += _cross_checks(values, model, pm.registry)
+    if lines:
+        return None, lines
+    return build(Recipe, kwargs), []
+
+
+def _cross_checks(s: dict[str, dict], model: ModelConfig | None, registry) -> list[str]:
+    """Checks that need several values: components vs the model's shape, batch arithmetic, schedule."""
+    m, t, d, ds = (s.get(k, {}) for k in ("model", "train", "data", "deepspeed"))
+    out: list[str] = []
+
+    def have(section: dict, *keys: str) -> bool:
+        return all(k in section for k in keys)
+
+    if model is not None:
+        out += _component_checks(model, registry)
+
+    # batch arithmetic at world size 1 (`playattention inspect --world-size N` checks other sizes)
+    if have(t, "micro_batch", "tokens_per_step", "grad_accum") and have(m, "block_size"):
+        mb, T, tps, ga = t["micro_batch"], m["block_size"], t["tokens_per_step"], t["grad_accum"]
+        if tps is not None:
+            per = mb * T
+            if tps % per:
+                out.append(f"$.train.tokens_per_step: {tps} is not divisible by micro_batch * block_size "
+                           f"= {mb} * {T} = {per} (the tokens of one micro batch)")
+            elif ga is not None and ga != tps // per:
+                out.append(f"$.train.grad_accum: {ga} disagrees with tokens_per_step / (micro_batch * block_size) "
+                           f"= {tps} / ({mb} * {T}) = {tps // per}; give only one of them")
+    if have(t, "lr", "min_lr") and t["min_lr"] > t["lr"]:
+        out.append(f"$.train.min_lr: must be <= lr ({t['lr']!r}), got {t['min_lr']!r}")
+    if have(t, "warmup_steps", "max_steps") and t["warmup_steps"] >= t["max_steps"]:
+        out.append(f"$.train.warmup_steps: must be < max_steps ({t['max_steps']}), got {t['warmup_steps']}")
+    if have(t, "warmup_steps", "decay_steps") and t["decay_steps"] is not None and t["decay_steps"] <= t["warmup_steps"]:
+        out.append(f"$.train.decay_steps: must be > warmup_steps ({t['warmup_steps']}), got {t['decay_steps']}")
+    if have(d, "tokenizer") and have(m, "vocab_size") and d["tokenizer"] == "gpt2" and m["vocab_size"] < GPT2_TOKENIZER_VOCAB:
+        out.append(f"$.model.vocab_size: the gpt2 tokenizer has {GPT2_TOKENIZER_VOCAB} tokens, got vocab_size "
+                   f"{m['vocab_size']} (GPT-2 pads it to 50304)")
+    if have(ds, "offload", "zero_stage") and ds["offload"] == "cpu" and ds["zero_stage"] < 2:
+        out.append(f"$.deepspeed.offload: \"cpu\" needs zero_stage 2 or 3, got zero_stage {ds['zero_stage']}")
+    return out
+
+
+def _component_checks(model: ModelConfig, registry) -> list[str]:
+    """Build each component once on the meta device: a factory that refuses its options for this
+    model's shape raises ConfigError (e.g. gqa's n_kv_head must divide n_head); a position reports
+    the longest sequence it can encode as ``max_len``."""
+    import torch
+
+    from .config import ConfigError
+    from .model import build_component
+
+    def build(family, spec, dims, *args):
+        return build_component(registry, family, spec, dims, *args)
+
+    dims = model.dims(build)
+    out: list[str] = []
+    built = {}
+    for family, extra in (("position", ()), ("attention", ()), ("norm", (model.n_embd,)), ("mlp", ())):
+        try:
+            with torch.device("meta"):
+                built[family] = build(family, getattr(model, family), dims, *extra)
+        except ConfigError as exc:
+            out += [f"$.model.{family}: {line}" for line in exc.lines]
+        except Exception:  # noqa: BLE001 - not a recipe problem; building the model for real will say what
+            pass
+    limit = getattr(built.get("position"), "max_len", None)
+    if isinstance(limit, int) and model.block_size > limit:
+        out.append(f"$.model.block_size: position '{model.position.kind}' encodes at most {limit} positions, "
+                   f"got block_size {model.block_size}")
+    return out
+
+
+# -- writing --------------------------------------------------------------------------------------
 def _drop_none(value):
     """TOML has no null: leave unset optional keys out (they resolve to the same defaults)."""
     if isinstance(value, dict):
@@ -136,3 +518,58 @@ def dump_recipe(recipe: Recipe) -> str:
     import tomli_w
 
     return tomli_w.dumps(recipe_to_dict(recipe))
+
+
+# -- comparing ------------------------------------------------------------------------------------
+def toml_inline(value: Any) -> str:
+    """A value in TOML's inline syntax (what you would write after ``--set key=``)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        import json
+
+        return json.dumps(value, ensure_ascii=False)  # a JSON string is a valid TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_inline(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {toml_inline(v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"model": {"n_head": 6}}`` -> ``{"model.n_head": 6}`` (arrays stay whole)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def _key_order(a: dict, b: dict) -> dict:
+    """The keys of both, table by table: a's order, then what only b has (so a table's keys stay together)."""
+    out: dict = {}
+    for key in [*a, *(k for k in b if k not in a)]:
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) or isinstance(vb, dict):
+            out[key] = _key_order(va if isinstance(va, dict) else {}, vb if isinstance(vb, dict) else {}) or None
+        else:
+            out[key] = None
+    return out
+
+
+def diff_recipes(a: Recipe, b: Recipe) -> list[str]:
+    """``key: a -> b`` for every resolved key whose value differs (``(unset)`` where one has none)."""
+    da, db = recipe_to_dict(a), recipe_to_dict(b)
+    fa, fb = flatten(da), flatten(db)
+    missing = object()
+    lines = []
+    for key in flatten(_key_order(da, db)):
+        va, vb = fa.get(key, missing), fb.get(key, missing)
+        if va != vb or type(va) is not type(vb):
+            show_a = "(unset)" if va is missing else toml_inline(va)
+            show_b = "(unset)" if vb is missing else toml_inline(vb)
+            lines.append(f"{key}: {show_a} -> {show_b}")
+    return lines

@@ -1,0 +1,213 @@
+"""`playattention inspect`: what a recipe costs before it runs.
+
+Parameters and forward FLOPs per token per component (the model is built on the ``meta`` device:
+shapes without storage, so GPT-2 124M inspects instantly), the batch arithmetic, the derived
+DeepSpeed config, and an estimate of memory per GPU for ZeRO stages 0 to 3.
+
+Counting references: Kaplan et al. 2020 (C = 6N per token), PaLM (Chowdhery et al. 2022, App. B:
+6N + 12·L·H·Q·T with attention), ZeRO (Rajbhandari et al. 2020, §3: 2Ψ + 2Ψ + KΨ with K = 12 for
+mixed-precision Adam), activations after Korthikanti et al. 2022 (§4: 34·s·b·h per layer in 16 bit).
+"""
+from __future__ import annotations
+
+import json
+
+import attrs
+import torch
+
+from .config import ConfigError
+from .model import Transformer
+from .recipe import Recipe
+
+
+def build_meta_model(recipe: Recipe) -> Transformer:
+    """The recipe's model with shapes but no storage (instant, even for big models)."""
+    from .plugin_manager import get_registry
+
+    registry = get_registry(recipe.plugins)
+    with torch.device("meta"):
+        return Transformer(recipe.model, registry)
+
+
+@attrs.frozen
+class FlopsCheck:
+    """The model's own count against the 6N + 12·L·H·Q·T estimate, per token, for training."""
+
+    from_components: int  # 3 x the summed forward FLOPs of the table (backward ~ 2 x forward)
+    estimate: int  # 6N + 12·L·H·Q·T
+    n_matmul_params: int  # N: parameters that take part in matmuls (no embedding lookup tables)
+
+    @property
+    def ratio(self) -> float:
+        return self.from_components / self.estimate
+
+
+def flops_check(recipe: Recipe, model: Transformer, report: list[dict]) -> FlopsCheck:
+    cfg = recipe.model
+    total = report[-1]
+    # N counts each weight used in a matmul once: the LM head (= wte when tied), not the lookup tables
+    lookups = sum(p.numel() for p in model.transformer.wpe.parameters())
+    if not cfg.tie_embeddings:
+        lookups += model.transformer.wte.weight.numel()
+    n = total["params"] - lookups
+    L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
+    return FlopsCheck(3 * total["flops_per_token"], 6 * n + 12 * L * H * Q * T, n)
+
+
+# -- memory ---------------------------------------------------------------------------------------
+def state_bytes_per_param(precision: str) -> tuple[int, int, int]:
+    """Bytes per parameter for (weights, gradients, optimizer states) with Adam.
+
+    Mixed precision (ZeRO paper's accounting): 2 + 2 + 12 (fp32 master weights, momentum and
+    variance); fp32: 4 + 4 + 8 (momentum and variance; the weights are their own master copy).
+    """
+    return (2, 2, 12) if precision in ("bf16", "fp16") else (4, 4, 8)
+
+
+def activation_bytes(recipe: Recipe) -> int:
+    """Estimated activation memory of one micro batch for the backward pass.
+
+    Per layer 34·s·b·h bytes in 16 bit (Korthikanti et al. 2022) for a GPT-2-shaped block, scaled
+    for fp32; the 5·a·s²·b attention-matrix term only with ``backend = "math"`` (SDPA's fused kernels
+    keep no score matrix). Activation checkpointing keeps each block's input plus one block's
+    working set. Plus the logits, their fp32 copy for the loss and its gradient.
+    """
+    m, t = recipe.model, recipe.train
+    s, b, h, a, L, V = m.block_size, t.micro_batch, m.n_embd, m.n_head, m.n_layer, m.vocab_size
+    width = 2 if recipe.deepspeed.precision in ("bf16", "fp16") else 4
+    scale = width / 2
+    layer = 34 * s * b * h * scale
+    if getattr(m.attention.options, "backend", "sdpa") == "math":
+        layer += 5 * a * s * s * b * scale
+    if recipe.train.activation_checkpointing:
+        blocks = L * 2 * s * b * h * scale + layer
+    else:
+        blocks = L * layer
+    logits = s * b * V * (width + 4 + 4)
+    return int(blocks + logits)
+
+
+def memory_per_gpu(recipe: Recipe, n_params: int, world_size: int = 1) -> list[dict]:
+    """Estimated bytes per GPU for ZeRO stages 0-3: weights, gradients, optimizer states, activations.
+
+    Stage 1 shards the optimizer states over the ``world_size`` ranks, stage 2 also the gradients,
+    stage 3 also the weights. With ``offload = "cpu"`` (stages 2 and 3) the optimizer states live
+    in host memory and are left out of the GPU total.
+    """
+    wb, gb, ob = state_bytes_per_param(recipe.deepspeed.precision)
+    act = activation_bytes(recipe)
+    n, N = n_params, world_size
+    rows = []
+    for stage in range(4):
+        weights = wb * n / (N if stage >= 3 else 1)
+        grads = gb * n / (N if stage >= 2 else 1)
+        optim = ob * n / (N if stage >= 1 else 1)
+        offloaded = recipe.deepspeed.offload == "cpu" and stage >= 2
+        gpu = weights + grads + (0 if offloaded else optim) + act
+        rows.append(dict(stage=stage, weights=int(weights), grads=int(grads), optimizer=int(optim),
+                         optimizer_on_host=offloaded, activations=act, total=int(gpu)))
+    return rows
+
+
+# -- the report -----------------------------------------------------------------------------------
+def _gib(n: float) -> str:
+    if n >= 2**30:
+        return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _count(n: float) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(int(n))
+
+
+def _table(header: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    out = []
+    for r in [header, *rows]:
+        cells = [str(c).rjust(w) if i in right else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths))]
+        out.append("  " + "  ".join(cells).rstrip())
+    return out
+
+
+def inspect_recipe(recipe: Recipe, world_size: int = 1, path: str = "") -> str:
+    """The report `playattention inspect` prints."""
+    from .engine import batch_plan
+
+    m, t, ds = recipe.model, recipe.train, recipe.deepspeed
+    try:
+        plan = batch_plan(recipe, world_size)
+    except ConfigError as exc:
+        where = f"{path}: " if path else ""
+        raise ConfigError([f"{where}--world-size {world_size}: {line}" for line in exc.lines]) from None
+    model = build_meta_model(recipe)
+    report = model.component_report(m.block_size)
+    total = report[-1]
+    lines = [f"recipe {recipe.name}" + (f" ({path})" if path else "") + (f": {recipe.description}" if recipe.description else "")]
+    lines.append(
+        f"model: {m.n_layer} layers x {m.n_head} heads (head dim {m.n_embd // m.n_head}), n_embd {m.n_embd}, "
+        f"block_size {m.block_size}, vocab {m.vocab_size}, {'tied' if m.tie_embeddings else 'untied'} embeddings, "
+        f"{m.layout}-norm"
+    )
+    lines.append("")
+    lines.append(f"parameters and forward FLOPs per token (context T = {m.block_size}):")
+    rows = []
+    for r in report:
+        rows.append([r["component"], r["kind"], f"{r['params']:,}", f"{100 * r['params'] / total['params']:.1f}%",
+                     f"{r['flops_per_token']:,}", f"{100 * r['flops_per_token'] / max(total['flops_per_token'], 1):.1f}%"])
+    lines += _table(["component", "kind", "params", "", "fwd FLOPs/token", ""], rows, {2, 3, 4, 5})
+
+    check = flops_check(recipe, model, report)
+    lines.append("")
+    lines.append("training FLOPs per token (forward + backward = 3 x forward):")
+    lines.append(f"  from the table      {check.from_components:>16,}")
+    lines.append(f"  6N + 12*L*H*Q*T     {check.estimate:>16,}   (PaLM's estimate, N = {check.n_matmul_params:,} "
+                 f"matmul params; table / estimate = {check.ratio:.4f})")
+
+    lines.append("")
+    tokens = plan.tokens_per_step
+    lines.append(f"batch (world size {world_size}):")
+    lines.append(f"  micro batch {plan.micro_batch} x block_size {m.block_size} = {plan.micro_batch * m.block_size:,} "
+                 f"tokens per GPU per micro step")
+    lines.append(f"  x {plan.grad_accum} accumulation step{'s' if plan.grad_accum != 1 else ''} x {world_size} "
+                 f"GPU{'s' if world_size != 1 else ''} = {tokens:,} tokens per optimizer step "
+                 f"({plan.batch_size} sequences)")
+    total_tokens = tokens * t.max_steps
+    train_flops = check.from_components * total_tokens
+    lines.append(f"  x {t.max_steps:,} steps = {_count(total_tokens)} tokens, about {train_flops:.2e} training FLOPs "
+                 f"({total_tokens / max(total['params'], 1):.1f} tokens per parameter)")
+
+    try:
+        from .engine import deepspeed_config
+    except ImportError:
+        deepspeed_config = None
+    if deepspeed_config is not None:
+        lines.append("")
+        lines.append(f"deepspeed config (world size {world_size}):")
+        try:
+            cfg = deepspeed_config(recipe, world_size)
+            lines += ["  " + line for line in json.dumps(cfg, indent=2, sort_keys=True).splitlines()]
+        except ConfigError as exc:  # e.g. fp16 on a machine without CUDA
+            lines += [f"  not derivable on this machine: {line}" for line in exc.lines]
+
+    lines.append("")
+    n = total["params"]
+    wb, gb, ob = state_bytes_per_param(ds.precision)
+    mixed = ds.precision in ("bf16", "fp16")
+    lines.append(
+        f"memory per GPU, an ESTIMATE (world size {world_size}, {ds.precision}"
+        f"{' with fp32 master weights' if mixed else ''}, Adam: {wb}+{gb}+{ob} bytes per parameter; "
+        f"activations for micro batch {t.micro_batch}"
+        f"{', activation checkpointing' if t.activation_checkpointing else ''}; "
+        "CUDA context, temporary buffers and fragmentation not counted):"
+    )
+    mem_rows = []
+    for r in memory_per_gpu(recipe, n, world_size):
+        optim = _gib(r["optimizer"]) + (" (host)" if r["optimizer_on_host"] else "")
+        mark = "  <- recipe" if r["stage"] == ds.zero_stage else ""
+        mem_rows.append([f"ZeRO {r['stage']}", _gib(r["weights"]), _gib(r["grads"]), optim, _gib(r["activations"]),
+                         _gib(r["total"]) + mark])
+    lines += _table(["stage", "weights", "gradients", "optimizer", "activations", "total"], mem_rows, {1, 2, 3, 4})
+    return "\n".join(lines)
