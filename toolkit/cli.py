@@ -82,6 +82,43 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def add_recipe_options(p: argparse.ArgumentParser) -> None:
+    """``--set`` and ``--plugin``, for every command that takes a recipe."""
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value, in TOML syntax or a bare word for a string "
+                   "(e.g. --set train.lr=3e-4 --set model.attention.kind=gqa); repeatable")
+    p.add_argument("--plugin", action="append", default=[], metavar="FILE",
+                   help="also load this plugin file or module; repeatable")
+
+
+def cmd_recipe_show(args) -> int:
+    from .recipe import dump_recipe, load_recipe
+
+    print(dump_recipe(load_recipe(args.recipe, args.set, args.plugin)), end="")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .inspection import inspect_recipe
+    from .recipe import load_recipe
+
+    if args.world_size < 1:
+        raise UsageError(f"--world-size must be >= 1, got {args.world_size}")
+    print(inspect_recipe(load_recipe(args.recipe, args.set, args.plugin), args.world_size, args.recipe))
+    return 0
+
+
+def cmd_diff(args) -> int:
+    from .recipe import diff_recipes, load_recipe
+
+    a = load_recipe(args.a, args.set, args.plugin)
+    b = load_recipe(args.b, args.set, args.plugin)
+    lines = diff_recipes(a, b)
+    if lines:
+        print("\n".join(lines))
+    return 1 if lines else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="playattention", description=__doc__.splitlines()[0])
     parser.add_argument("--trace", action="store_true", help="show which plugin registered what")
@@ -91,6 +128,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plugin", action="append", default=[], help="also load this plugin file or module")
     p.add_argument("--strict", action="store_true", help="exit 1 if any plugin failed to load")
     p.set_defaults(func=cmd_plugins)
+
+    p = sub.add_parser("recipe", help="work with recipes (see docs/recipes.md)")
+    recipe_sub = p.add_subparsers(dest="recipe_command", required=True, metavar="ACTION")
+    q = recipe_sub.add_parser("show", help="print the fully resolved recipe as TOML (extends and --set applied)")
+    q.add_argument("recipe", help="recipe TOML file or run folder")
+    add_recipe_options(q)
+    q.set_defaults(func=cmd_recipe_show)
+
+    p = sub.add_parser("inspect", help="parameters, FLOPs, batch arithmetic, DeepSpeed config and memory of a recipe")
+    p.add_argument("recipe", help="recipe TOML file or run folder")
+    p.add_argument("--world-size", type=int, default=1, metavar="N", help="number of GPUs (default 1)")
+    add_recipe_options(p)
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("diff", help="key-by-key differences of two resolved recipes or run folders",
+                       description="Print `key: a -> b` for every resolved key that differs. "
+                       "Exit status as diff(1): 0 same, 1 different, 2 error.")
+    p.add_argument("a", help="recipe TOML file or run folder")
+    p.add_argument("b", help="recipe TOML file or run folder")
+    add_recipe_options(p)
+    p.set_defaults(func=cmd_diff)
 
     p = sub.add_parser("prepare", help="tokenize a recipe's [data] (or --input files) into token shards",
                        description="Tokenize text into uint16 token shards plus a validation split. "
