@@ -119,9 +119,105 @@ def cmd_diff(args) -> int:
     return 1 if lines else 0
 
 
+def cmd_train(args) -> int:
+    from .recipe import load_recipe
+
+    if args.nproc < 1:
+        raise UsageError(f"--nproc must be at least 1, got {args.nproc}")
+    recipe = load_recipe(args.recipe, args.set, args.plugin)
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return launch_ranks(args, recipe)
+    from .trainer import train
+
+    summary = train(recipe, run_dir=args.run_dir)
+    code = 0 if summary["status"] == "finished" else 1
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(render_train_summary(summary), file=sys.stdout if code == 0 else sys.stderr)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # gloo's threads can abort the interpreter's shutdown ("terminate called without an
+        # active exception"); everything is written and flushed, so leave without it
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def launch_ranks(args, recipe) -> int:
+    """Run this same command on ``--nproc`` local ranks through torchrun (rank 0 names the run folder)."""
+    import subprocess
+
+    from .trainer import default_run_dir
+
+    run_dir = args.run_dir or str(default_run_dir(recipe))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+           "-m", "toolkit", "train", args.recipe, "--run-dir", run_dir]
+    for s in args.set:
+        cmd += ["--set", s]
+    for p in args.plugin:
+        cmd += ["--plugin", p]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+    return subprocess.call(cmd, env=env)
+
+
+def render_train_summary(s: dict) -> str:
+    from pathlib import Path
+
+    run = Path(s["run_dir"])
+    if s["status"] != "finished":
+        return f"error: training failed at step {s['steps']}: {s.get('error')} (run folder {run})"
+
+    def loss(x):
+        return "n/a" if x is None else f"{x:.4f}"
+
+    mins, secs = divmod(int(s["wall_s"]), 60)
+    rate = f"{s['tokens_per_s']:,.0f} tokens/s" if s.get("tokens_per_s") else "n/a tokens/s"
+    lines = [
+        f"finished {s['steps']} steps ({s['tokens']:,} tokens) in {mins}m{secs:02d}s, {rate}: "
+        f"val loss {loss(s['final_val_loss'])} (best {loss(s['best_val_loss'])})",
+        f"  losses:   {run / 'losses.png'}",
+        f"  samples:  {run / 'samples.txt'}",
+        f"  weights:  {run / 'model.safetensors'}",
+        f"  generate: playattention generate {run} --prompt 'ROMEO:'",
+    ]
+    return "\n".join(lines)
+
+
+def cmd_generate(args) -> int:
+    import attrs
+
+    from .generate import encode_prompt, load_run, resolve_run_dir, stream_samples
+
+    resolve_run_dir(args.run)  # FileNotFoundError (one line, exit 2) before anything loads
+    if args.num_samples < 1:
+        raise UsageError(f"--num-samples must be at least 1, got {args.num_samples}")
+    model, tokenizer, recipe = load_run(args.run, device=args.device or ("cuda" if _cuda() else "cpu"))
+    given = {"prompts": args.prompt, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+             "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
+    try:
+        cfg = attrs.evolve(recipe.generate, **{k: v for k, v in given.items() if v is not None})
+    except ValueError as exc:  # attrs validators: "'temperature' must be >= 0.0: -1.0"
+        raise UsageError(f"bad sampling option: {exc}") from None
+    for prompt in cfg.prompts:
+        try:
+            encode_prompt(tokenizer, prompt)
+        except ValueError as exc:
+            raise UsageError(f"--prompt {prompt!r}: {exc}") from None
+    stream_samples(model, tokenizer, cfg.prompts, cfg, num_samples=args.num_samples)
+    return 0
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="playattention", description=__doc__.splitlines()[0])
     parser.add_argument("--trace", action="store_true", help="show which plugin registered what")
+    # the deepspeed launcher runs `playattention --local_rank=N train ...` (LOCAL_RANK is also in the env)
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("plugins", help="list every registered component with its options and source")
@@ -164,6 +260,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="tokenizer processes (default: all cores for big inputs)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or messages on stderr")
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train a recipe through DeepSpeed into a run folder",
+                       description="Train a recipe with DeepSpeed's ZeRO engine as one process, or on N local "
+                       "ranks with --nproc N (or under `deepspeed`/`torchrun`), writing runs/<name>-<time>/.")
+    p.add_argument("recipe", help="recipe TOML")
+    add_recipe_options(p)
+    p.add_argument("--run-dir", metavar="DIR", help="write the run here (default <train.out_dir>/<name>-<time>)")
+    p.add_argument("--nproc", type=int, default=1, metavar="N", help="launch N local ranks through torchrun")
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="sample text from a finished run, streamed as it is produced")
+    p.add_argument("run", metavar="RUN_DIR_OR_WEIGHTS", help="a run folder (or its model.safetensors)")
+    p.add_argument("--prompt", action="append", help="text to continue (repeatable; default the run's prompts)")
+    p.add_argument("--max-new-tokens", type=int, metavar="N")
+    p.add_argument("--temperature", type=float, help="0 is greedy")
+    p.add_argument("--top-k", type=int, metavar="K", help="keep the K most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling: keep tokens up to probability P")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--num-samples", type=int, default=1, metavar="N",
+                   help="samples per prompt (seeds seed, seed+1, ...)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default cuda if available)")
+    p.set_defaults(func=cmd_generate)
     return parser
 
 

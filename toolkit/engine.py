@@ -1,0 +1,296 @@
+"""DeepSpeed set-up in one place: the batch arithmetic, the config, the optimizer, the schedule.
+
+Everything that trains goes through :func:`build_engine`, which wraps a model in DeepSpeed's ZeRO
+data-parallel engine (Rajbhandari et al. 2020) on one CPU process or many GPUs alike. The recipe
+decides the DeepSpeed config (:func:`deepspeed_config`); its ``[deepspeed.config]`` table is
+merged on top last, verbatim, for anything the recipe does not name.
+
+On a machine without CUDA we set ``DS_ACCELERATOR=cpu`` (never on a GPU machine) and use gloo;
+a single process without a launcher gets the rendezvous variables a launcher would have set.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import socket
+import types
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+
+from .config import ConfigError
+from .recipe import Recipe, TrainConfig
+
+#: dense bf16 peak FLOP/s per device, by a substring of torch.cuda.get_device_name()
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def on_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def ensure_accelerator() -> None:
+    """Tell DeepSpeed to use its CPU accelerator where there is no CUDA (must run before it picks one)."""
+    if not on_cuda():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def device() -> torch.device:
+    """This rank's device: its CUDA GPU (LOCAL_RANK) or the CPU."""
+    if on_cuda():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def peak_flops(dev: torch.device | None = None) -> float | None:
+    """The device's dense bf16 peak FLOP/s, or None where unknown (CPUs, other GPUs)."""
+    dev = dev or device()
+    if dev.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(dev)
+    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+# -- batch arithmetic ------------------------------------------------------------------------
+@attrs.frozen
+class BatchPlan:
+    """How one optimizer step's tokens are made: micro batches x accumulation x ranks."""
+
+    micro_batch: int
+    grad_accum: int
+    world_size: int
+    block_size: int
+
+    @property
+    def batch_size(self) -> int:
+        """Sequences per optimizer step over all ranks (DeepSpeed's train_batch_size)."""
+        return self.micro_batch * self.grad_accum * self.world_size
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.block_size
+
+
+def batch_plan(recipe: Recipe, world_size: int = 1) -> BatchPlan:
+    """The batch arithmetic of a recipe on ``world_size`` ranks; ConfigError if it does not divide."""
+    train: TrainConfig = recipe.train
+    mb, T = train.micro_batch, recipe.model.block_size
+    per_accum = mb * T * world_size
+    if train.tokens_per_step is not None:
+        if train.tokens_per_step % per_accum:
+            raise ConfigError([
+                f"train.tokens_per_step {train.tokens_per_step} is not divisible by micro_batch {mb} x "
+                f"block_size {T} x world_size {world_size} = {per_accum}"
+            ])
+        grad_accum = train.tokens_per_step // per_accum
+        if train.grad_accum is not None and train.grad_accum != grad_accum:
+            raise ConfigError([
+                f"train.grad_accum {train.grad_accum} disagrees with train.tokens_per_step {train.tokens_per_step} "
+                f"/ (micro_batch {mb} x block_size {T} x world_size {world_size}) = {grad_accum}; give only one"
+            ])
+    else:
+        grad_accum = train.grad_accum or 1
+    return BatchPlan(mb, grad_accum, world_size, T)
+
+
+# -- the DeepSpeed config --------------------------------------------------------------------
+def deep_merge(base: dict, extra: dict) -> dict:
+    """``base`` updated by ``extra``, recursing into tables both have (a new dict; inputs untouched)."""
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def check_precision(recipe: Recipe, cuda: bool | None = None) -> None:
+    """Refuse what this machine or DeepSpeed cannot do, with the recipe key to change."""
+    ds = recipe.deepspeed
+    cuda = on_cuda() if cuda is None else cuda
+    if ds.precision == "fp16" and not cuda:
+        raise ConfigError(["deepspeed.precision: fp16 needs a CUDA GPU (DeepSpeed refuses it on CPU); use bf16 or fp32"])
+    if ds.offload == "cpu" and ds.zero_stage < 2:
+        raise ConfigError([f"deepspeed.offload: optimizer offload needs zero_stage 2 or 3, got zero_stage {ds.zero_stage}"])
+
+
+def deepspeed_config(recipe: Recipe, world_size: int = 1) -> dict:
+    """The DeepSpeed config dict for ``recipe`` on ``world_size`` ranks."""
+    check_precision(recipe)
+    plan = batch_plan(recipe, world_size)
+    ds, train = recipe.deepspeed, recipe.train
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.offload == "cpu":
+        zero["offload_optimizer"] = {"device": "cpu"}
+    cfg: dict[str, Any] = {
+        "train_batch_size": plan.batch_size,
+        "train_micro_batch_size_per_gpu": plan.micro_batch,
+        "gradient_accumulation_steps": plan.grad_accum,
+        "gradient_clipping": float(train.grad_clip),
+        "zero_optimization": zero,
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "fp16": {"enabled": ds.precision == "fp16"},
+        # we pass our own torch.optim.AdamW (ZeRO has not "tested" it, but it is plain Adam)
+        "zero_allow_untested_optimizer": True,
+        # we log ourselves, once per optimizer step; DeepSpeed's own printing and timers only cost time
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    return deep_merge(cfg, ds.config)
+
+
+# -- optimizer and schedule ------------------------------------------------------------------
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups as in nanoGPT: decay matrices and embeddings (dim >= 2), not biases or norm gains."""
+    params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    """AdamW with weight-decay groups: fused on CUDA, DeepSpeedCPUAdam when ZeRO offloads to the CPU."""
+    train = recipe.train
+    groups = param_groups(model, train.weight_decay)
+    if recipe.deepspeed.offload == "cpu":
+        # DeepSpeed refuses a torch optimizer with offload: the update runs on the host, where its
+        # vectorised CPU Adam is the one that is fast (compiled once, ~40 s, then cached)
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=train.lr, betas=tuple(train.betas), adamw_mode=True)
+    extra = {"fused": True} if on_cuda() else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=train.lr, betas=tuple(train.betas), **extra)
+
+
+def lr_at(step: int, train: TrainConfig) -> float:
+    """The learning rate of optimizer step ``step`` (0-based): nanoGPT's get_lr, plus linear/constant.
+
+    Linear warmup over ``warmup_steps`` to ``lr``, then cosine (Loshchilov & Hutter 2017), linear,
+    or no decay down to ``min_lr`` at ``decay_steps`` (default ``max_steps``), then ``min_lr``.
+    """
+    lr, min_lr, warmup = train.lr, train.min_lr, train.warmup_steps
+    decay_steps = train.decay_steps or train.max_steps
+    if step < warmup:
+        return lr * (step + 1) / (warmup + 1)
+    if train.schedule == "constant":
+        return lr
+    if step > decay_steps:
+        return min_lr
+    ratio = (step - warmup) / max(1, decay_steps - warmup)
+    if train.schedule == "linear":
+        coeff = 1.0 - ratio
+    else:
+        coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))
+    return min_lr + coeff * (lr - min_lr)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR giving :func:`lr_at`; DeepSpeed steps it once per optimizer step."""
+
+    def factor(step: int) -> float:  # a plain function: LambdaLR then leaves it out of its state_dict
+        return lr_at(step, train) / train.lr
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# -- distributed set-up ----------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join (or, alone, create) the process group; returns (rank, world_size).
+
+    Under a launcher (deepspeed, torchrun) the rendezvous variables are set already; a lone
+    process gets RANK=0, WORLD_SIZE=1 and a free local port, or DeepSpeed tries MPI discovery.
+    """
+    ensure_accelerator()
+    import deepspeed
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(free_port()))
+        os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
+        if on_cuda():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        deepspeed.init_distributed(dist_backend="nccl" if on_cuda() else "gloo", auto_mpi_discovery=False)
+    return dist.get_rank(), dist.get_world_size()
+
+
+# -- the engine ------------------------------------------------------------------------------
+@attrs.frozen
+class Engine:
+    """What :func:`build_engine` returns: the DeepSpeed engine and what it was built from."""
+
+    engine: Any  # deepspeed.DeepSpeedEngine
+    optimizer: Any
+    scheduler: Any
+    config: dict
+    plan: BatchPlan
+    rank: int
+    world_size: int
+
+    @property
+    def module(self) -> nn.Module:
+        return self.engine.module
+
+
+def _clip_fp32_gradients(engine) -> None:
+    """Stage 0 fp32 clipping in one fused call (foreach), keeping the norm for logging.
+
+    DeepSpeed's own clip_grad_norm_ loops over the parameters and all-reduces a norm that is
+    already global there (gradients are averaged before the step), and it discards the norm.
+    """
+    params = [p for p in engine.module.parameters() if p.grad is not None]
+    engine._global_grad_norm = torch.nn.utils.clip_grad_norm_(params, engine.gradient_clipping(), foreach=True)
+
+
+def build_engine(model: nn.Module, recipe: Recipe) -> Engine:
+    """Wrap ``model`` in a DeepSpeed engine as the recipe says (ZeRO stage, precision, optimizer, schedule)."""
+    rank, world_size = init_distributed()
+    import deepspeed
+
+    config = deepspeed_config(recipe, world_size)
+    plan = batch_plan(recipe, world_size)
+    model.activation_checkpointing = recipe.train.activation_checkpointing
+    model.to(device())
+    optimizer = make_optimizer(model, recipe)
+    scheduler = make_scheduler(optimizer, recipe.train)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config,
+        dist_init_required=False)
+    if not engine.zero_optimization() and not engine.fp16_enabled() and not engine.bfloat16_enabled():
+        engine.clip_fp32_gradients = types.MethodType(_clip_fp32_gradients, engine)
+    if recipe.train.compile:
+        # compile the module inside the engine, so parameter names (and checkpoints) stay unprefixed
+        engine.compile()
+    return Engine(engine, optimizer, scheduler, config, plan, rank, world_size)
+
+
+def full_fp32_state_dict(engine) -> dict[str, torch.Tensor]:
+    """The model's weights as fp32 CPU tensors under their module names; a collective on every rank.
+
+    ZeRO 1-3 and the bf16/fp16 optimizers keep fp32 master weights (partitioned across ranks
+    for ZeRO); DeepSpeed's ``safe_get_full_fp32_param`` gathers them. Plain fp32 parameters are
+    the weights themselves.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    module = engine.module
+    out: dict[str, torch.Tensor] = {}
+    for name, p in module.named_parameters():  # tied weights appear once (under their first name)
+        full = safe_get_full_fp32_param(p)
+        out[name] = (p.detach() if full is None else full).float().cpu().clone()
+    params = set(dict(module.named_parameters(remove_duplicate=False)))
+    for name, t in module.state_dict().items():  # persistent buffers
+        if name not in params:
+            out[name] = t.detach().float().cpu().clone() if t.is_floating_point() else t.detach().cpu().clone()
+    return out
