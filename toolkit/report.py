@@ -1,0 +1,393 @@
+"""Ablation reports: one table, two CSV files and two plots from a folder of runs.
+
+Input is what the trainer leaves in each run folder (``summary.json``, and the ``eval`` lines of
+``metrics.jsonl``) plus what the ablation runner knows (variant, seed, the keys that differ from the
+baseline, parameters and FLOPs per token, and why a run failed). Output, in the ablation folder:
+
+- ``report.md``: one row per variant, ranked by mean final validation loss;
+- ``results.csv``: the same rows as numbers; ``runs.csv``: one row per (variant, seed) run;
+- ``curves.png``: validation loss against tokens seen (mean over seeds, band from min to max);
+- ``tradeoff.png``: final validation loss against FLOPs per token (or parameters when FLOPs are equal).
+
+Statistics over seeds are the mean and the sample standard deviation (n - 1); a variant counts as
+finished when at least one of its seeds finished, and failed seeds are named in the report.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any, Sequence
+
+import attrs
+
+STATUS_ORDER = ("finished", "partial", "running", "pending", "interrupted", "failed")
+
+
+@attrs.frozen
+class VariantInfo:
+    """What the report says about a variant before any of its runs: its differences, size and cost."""
+
+    name: str
+    diff: tuple[str, ...] = ()  # "key=value" for each setting that differs from the baseline
+    params: int | None = None
+    flops_per_token: int | None = None
+
+
+@attrs.frozen
+class RunResult:
+    """One (variant, seed) run: its status, the trainer's summary and its validation curve."""
+
+    variant: str
+    seed: int
+    run_dir: str
+    status: str  # finished | failed | interrupted | running | pending
+    summary: dict = attrs.Factory(dict)
+    evals: tuple[tuple[int, float], ...] = ()  # (tokens seen, val loss)
+    error: str | None = None
+
+
+def read_evals(metrics_path: str | Path) -> tuple[tuple[int, float], ...]:
+    """(tokens, val_loss) of every ``eval`` line of a metrics.jsonl; a half-written last line is skipped."""
+    path = Path(metrics_path)
+    if not path.is_file():
+        return ()
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and rec.get("type") == "eval" and _is_number(rec.get("val_loss")):
+            out.append((int(rec["tokens"]), float(rec["val_loss"])))
+    return tuple(out)
+
+
+def read_run(variant: str, seed: int, run_dir: str | Path, status: str = "pending",
+             error: str | None = None) -> RunResult:
+    """A run as its folder shows it; the folder's summary.json status wins over ``status``."""
+    run_dir = Path(run_dir)
+    summary: dict = {}
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        pass
+    if summary.get("status"):
+        status = str(summary["status"])
+    if status != "finished" and error is None and summary.get("error"):
+        error = str(summary["error"])
+    return RunResult(variant, seed, str(run_dir), status, summary, read_evals(run_dir / "metrics.jsonl"), error)
+
+
+# -- aggregation -------------------------------------------------------------------------------
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+    values = [v for v in values if _is_number(v)]
+    if not values:
+        return None, None
+    std = statistics.stdev(values) if len(values) > 1 else None
+    return statistics.fmean(values), std
+
+
+def _mean(values) -> float | None:
+    return _mean_std(list(values))[0]
+
+
+def summarize(variants: Sequence[VariantInfo], runs: Sequence[RunResult], baseline: str | None) -> list[dict]:
+    """One row per variant (in the order given): losses as mean and std over its finished seeds,
+    delta of the mean final val loss against the baseline's, and rank by mean final val loss (1 = best)."""
+    rows = []
+    for v in variants:
+        mine = [r for r in runs if r.variant == v.name]
+        done = [r for r in mine if r.status == "finished"]
+        failed = [r for r in mine if r.status == "failed"]
+        if done and len(done) == len(mine):
+            status = "finished"
+        elif done:
+            status = "partial"
+        elif mine and len(failed) == len(mine):
+            status = "failed"
+        else:
+            status = next((s for s in STATUS_ORDER if any(r.status == s for r in mine)), "pending")
+        final_m, final_s = _mean_std([r.summary.get("final_val_loss") for r in done])
+        best_m, best_s = _mean_std([r.summary.get("best_val_loss") for r in done])
+        errors = [f"seed {r.seed}: {r.error or 'no error recorded'}" for r in mine if r.status == "failed"]
+        rows.append(dict(
+            variant=v.name,
+            baseline=v.name == baseline,
+            status=status,
+            seeds_finished=len(done),
+            seeds_total=len(mine),
+            diff="; ".join(v.diff),
+            params=v.params,
+            flops_per_token=v.flops_per_token,
+            final_val_loss=final_m,
+            final_val_loss_std=final_s,
+            best_val_loss=best_m,
+            best_val_loss_std=best_s,
+            delta_final_val_loss=None,
+            final_train_loss=_mean(r.summary.get("final_train_loss") for r in done),
+            tokens=_mean(r.summary.get("tokens") for r in done),
+            tokens_per_s=_mean(r.summary.get("tokens_per_s") for r in done),
+            peak_mem_bytes=_mean(r.summary.get("peak_mem_bytes") for r in done),
+            wall_s=_mean(r.summary.get("wall_s") for r in done),
+            rank=None,
+            error=" | ".join(errors),
+        ))
+    base = next((r for r in rows if r["baseline"]), None)
+    if base is not None and base["final_val_loss"] is not None:
+        for r in rows:
+            if r["final_val_loss"] is not None:
+                r["delta_final_val_loss"] = r["final_val_loss"] - base["final_val_loss"]
+    ranked = sorted((r for r in rows if r["final_val_loss"] is not None), key=lambda r: r["final_val_loss"])
+    for i, r in enumerate(ranked, 1):
+        r["rank"] = i
+    return rows
+
+
+# -- formatting --------------------------------------------------------------------------------
+def si(n: float | None, unit: str = "") -> str:
+    """1234567 -> '1.23M' (three significant digits)."""
+    if n is None:
+        return "–"
+    for div, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= div:
+            return f"{n / div:.3g}{suffix}{unit}"
+    return f"{n:.3g}{unit}"
+
+
+def _bytes(n: float | None) -> str:
+    if n is None:
+        return "–"
+    for div, suffix in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if n >= div:
+            return f"{n / div:.3g} {suffix}"
+    return f"{n:.0f} B"
+
+
+def _duration(s: float | None) -> str:
+    if s is None:
+        return "–"
+    if s < 90:
+        return f"{s:.0f}s"
+    m, s = divmod(round(s), 60)
+    if m < 90:
+        return f"{m}m{s:02d}s"
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m"
+
+
+def _loss(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return "–"
+    return f"{mean:.4f} ± {std:.4f}" if std is not None else f"{mean:.4f}"
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _ordered(rows: list[dict]) -> list[dict]:
+    """Ranked variants first (best first), then the others in their given order."""
+    ranked = sorted((r for r in rows if r["rank"] is not None), key=lambda r: r["rank"])
+    return ranked + [r for r in rows if r["rank"] is None]
+
+
+def render_markdown(rows: list[dict], runs: Sequence[RunResult], *, title: str, header: Sequence[str] = (),
+                    plots: Sequence[str] = ()) -> str:
+    """The report as Markdown: the ranked table, failed runs with their last error line, the plots."""
+    n_seeds = max((r["seeds_total"] for r in rows), default=0)
+    lines = [f"# Ablation: {title}", ""]
+    lines += [f"- {h}" for h in header]
+    if header:
+        lines.append("")
+    lines += [
+        "| rank | variant | differs from baseline | params | FLOPs/token | final val loss | best val loss "
+        "| Δ final vs baseline | tokens/s | peak mem | wall |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in _ordered(rows):
+        name = f"**{r['variant']}** (baseline)" if r["baseline"] else r["variant"]
+        if r["status"] != "finished":
+            name += f" [{r['status']}{'' if r['status'] != 'partial' else ' ' + str(r['seeds_finished']) + '/' + str(r['seeds_total'])}]"
+        diff = r["diff"] or ("–" if not r["baseline"] else "")
+        delta = "" if r["delta_final_val_loss"] is None else f"{r['delta_final_val_loss']:+.4f}"
+        if r["baseline"] and delta:
+            delta = "0"
+        lines.append("| " + " | ".join([
+            str(r["rank"] or "–"), _md(name), _md(diff), si(r["params"]), si(r["flops_per_token"]),
+            _loss(r["final_val_loss"], r["final_val_loss_std"]), _loss(r["best_val_loss"], r["best_val_loss_std"]),
+            delta or "–", si(r["tokens_per_s"]), _bytes(r["peak_mem_bytes"]), _duration(r["wall_s"]),
+        ]) + " |")
+    lines.append("")
+    seeds_note = f"over {n_seeds} seeds (sample std)" if n_seeds > 1 else "from one seed"
+    lines.append(f"Losses are mean ± std {seeds_note}; rank and Δ use the mean final val loss (lower is better). "
+                 "Parameters count every weight once (tied embeddings once); FLOPs/token are forward FLOPs "
+                 "at the full context.")
+    failed = [r for r in runs if r.status in ("failed", "interrupted")]
+    if failed:
+        lines += ["", "## Failed runs", ""]
+        for r in failed:
+            lines.append(f"- `{r.variant}` seed {r.seed} ({r.status}): {_md(r.error or 'no error recorded')} "
+                         f"(`{r.run_dir}`)")
+    waiting = [r for r in runs if r.status in ("pending", "running")]
+    if waiting:
+        lines += ["", f"{len(waiting)} run(s) not finished yet: " + ", ".join(f"{r.variant} s{r.seed}" for r in waiting)]
+    for p in plots:
+        lines += ["", f"![{Path(p).stem}]({p})"]
+    return "\n".join(lines) + "\n"
+
+
+CSV_FIELDS = ["rank", "variant", "baseline", "status", "seeds_finished", "seeds_total", "diff", "params",
+              "flops_per_token", "final_val_loss", "final_val_loss_std", "best_val_loss", "best_val_loss_std",
+              "delta_final_val_loss", "final_train_loss", "tokens", "tokens_per_s", "peak_mem_bytes", "wall_s", "error"]
+RUN_FIELDS = ["variant", "seed", "status", "run_dir", "steps", "tokens", "final_train_loss", "final_val_loss",
+              "best_val_loss", "tokens_per_s", "peak_mem_bytes", "wall_s", "error"]
+
+
+def write_csv(rows: list[dict], path: str | Path) -> None:
+    """results.csv: one row per variant, best first; empty cells where there is no number."""
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in _ordered(rows):
+            w.writerow({k: "" if r.get(k) is None else r[k] for k in CSV_FIELDS})
+
+
+def write_runs_csv(runs: Sequence[RunResult], path: str | Path) -> None:
+    """runs.csv: one row per (variant, seed) run, straight from its summary."""
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, RUN_FIELDS)
+        w.writeheader()
+        for r in runs:
+            row = {k: r.summary.get(k, "") for k in RUN_FIELDS}
+            row.update(variant=r.variant, seed=r.seed, status=r.status, run_dir=r.run_dir, error=r.error or "")
+            w.writerow({k: "" if v is None else v for k, v in row.items()})
+
+
+# -- plots -------------------------------------------------------------------------------------
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _colors(n: int):
+    plt = _pyplot()
+    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def mean_curve(runs: Sequence[RunResult]) -> tuple[list[int], list[float], list[float], list[float]]:
+    """tokens, mean, min, max of val loss over the given runs, at every token count any of them evaluated."""
+    by_tokens: dict[int, list[float]] = {}
+    for r in runs:
+        for tokens, loss in r.evals:
+            by_tokens.setdefault(tokens, []).append(loss)
+    xs = sorted(by_tokens)
+    return (xs, [statistics.fmean(by_tokens[x]) for x in xs], [min(by_tokens[x]) for x in xs],
+            [max(by_tokens[x]) for x in xs])
+
+
+def plot_curves(rows: list[dict], runs: Sequence[RunResult], path: str | Path, title: str = "") -> bool:
+    """curves.png: val loss against tokens, one line per variant (legend best first); False if no data."""
+    plt = _pyplot()
+    order = _ordered(rows)
+    curves = []
+    for r in order:
+        xs, mean, lo, hi = mean_curve([x for x in runs if x.variant == r["variant"] and x.status == "finished"])
+        if xs:
+            curves.append((r, xs, mean, lo, hi))
+    if not curves:
+        return False
+    fig, ax = plt.subplots(figsize=(7.5, 4.6), dpi=110)
+    colors = _colors(len(rows))
+    color_of = {r["variant"]: colors[i] for i, r in enumerate(rows)}
+    for r, xs, mean, lo, hi in curves:
+        c = color_of[r["variant"]]
+        label = f"{r['variant']}{' (baseline)' if r['baseline'] else ''}  {r['final_val_loss']:.3f}"
+        ax.plot(xs, mean, color=c, lw=2.4 if r["baseline"] else 1.5, ls="--" if r["baseline"] else "-", label=label)
+        if any(h != l for h, l in zip(hi, lo)):
+            ax.fill_between(xs, lo, hi, color=c, alpha=0.18, lw=0)
+    # Zoom on the part of training where variants separate: the first evaluations (loss near ln(vocab))
+    # would otherwise squash every difference into a few pixels.
+    last = max(xs[-1] for _, xs, *_ in curves)
+    late = [v for _, xs, _, lo, hi in curves for x, l, h in zip(xs, lo, hi) if x >= 0.2 * last for v in (l, h)]
+    if len(late) >= 2 * len(curves) * 2:
+        bottom, top = min(late), max(late)
+        pad = 0.08 * (top - bottom or 1.0)
+        ax.set_ylim(bottom - pad, top + pad)
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("validation loss")
+    ax.set_title(title or "validation loss")
+    ax.grid(alpha=0.3)
+    ax.legend(title="variant  final val loss", fontsize=8, title_fontsize=8, loc="upper right", frameon=True)
+    ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda x, _: si(x)))
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def plot_tradeoff(rows: list[dict], path: str | Path, title: str = "") -> bool:
+    """tradeoff.png: final val loss (± std) against FLOPs per token, or parameters when FLOPs barely differ."""
+    plt = _pyplot()
+    pts = [r for r in rows if r["final_val_loss"] is not None]
+    if not pts:
+        return False
+    key, xlabel = "flops_per_token", "forward FLOPs per token"
+    flops = [r["flops_per_token"] for r in pts if r["flops_per_token"]]
+    if not flops or max(flops) <= 1.01 * min(flops):
+        key, xlabel = "params", "parameters"
+    pts = [r for r in pts if r[key] is not None]
+    if not pts:
+        return False
+    fig, ax = plt.subplots(figsize=(6.5, 4.4), dpi=110)
+    colors = _colors(len(rows))
+    color_of = {r["variant"]: colors[i] for i, r in enumerate(rows)}
+    # labels alternate sides, in order of loss, so points at the same x stay readable
+    for i, r in enumerate(sorted(pts, key=lambda r: r["final_val_loss"])):
+        c = color_of[r["variant"]]
+        ax.errorbar(r[key], r["final_val_loss"], yerr=r["final_val_loss_std"] or 0.0, fmt="*" if r["baseline"] else "o",
+                    ms=11 if r["baseline"] else 7, color=c, capsize=3)
+        side = 1 if i % 2 == 0 else -1
+        ax.annotate(r["variant"] + (" (baseline)" if r["baseline"] else ""), (r[key], r["final_val_loss"]),
+                    xytext=(8 * side, 0), textcoords="offset points", fontsize=8, va="center",
+                    ha="left" if side > 0 else "right")
+    xs = [r[key] for r in pts]
+    span = (max(xs) - min(xs)) or max(xs) * 0.1 or 1.0
+    ax.set_xlim(min(xs) - 0.35 * span, max(xs) + 0.35 * span)
+    ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda x, _: si(x)))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("final validation loss")
+    ax.set_title(title or f"final val loss vs {xlabel}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def write_report(out_dir: str | Path, variants: Sequence[VariantInfo], runs: Sequence[RunResult], *,
+                 baseline: str | None, title: str, header: Sequence[str] = ()) -> list[dict]:
+    """Write report.md, results.csv, runs.csv, curves.png and tradeoff.png into ``out_dir``; return the rows."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = summarize(variants, runs, baseline)
+    plots = []
+    if plot_curves(rows, runs, out / "curves.png", title=f"{title}: validation loss"):
+        plots.append("curves.png")
+    if plot_tradeoff(rows, out / "tradeoff.png", title=f"{title}: loss vs cost"):
+        plots.append("tradeoff.png")
+    write_csv(rows, out / "results.csv")
+    write_runs_csv(runs, out / "runs.csv")
+    (out / "report.md").write_text(render_markdown(rows, runs, title=title, header=header, plots=plots))
+    return rows
