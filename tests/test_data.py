@@ -170,8 +170,8 @@ def test_interrupted_prepare_resumes_without_retokenizing_finished_documents(tmp
     monkeypatch.setattr(D._ShardWriter, "_write", write)
 
     encoded = []
-    encode = D._PieceEncoder.__call__
-    monkeypatch.setattr(D._PieceEncoder, "__call__", lambda self, item: encoded.append(item[0]) or encode(self, item))
+    encode = D._TaskEncoder.__call__
+    monkeypatch.setattr(D._TaskEncoder, "__call__", lambda self, task: encoded.extend(t[0] for t in task) or encode(self, task))
     prepare(data, progress=False, workers=1, shard_size=1000)
     assert shard_bytes(out) == reference
     # the training documents of the five finished shards were not tokenized again, only the

@@ -50,6 +50,7 @@ SHIPPED = {"tinyshakespeare": ASSETS / "tinyshakespeare.txt"}
 INPUT_SUFFIXES = (".txt", ".jsonl")
 MIN_VAL_DOCS = 10  # fewer documents than this would validate: split the token stream instead
 CHUNK_CHARS = 1 << 18  # big documents are tokenized in pieces of about this many characters
+TASK_CHARS = 1 << 20  # one task for a tokenizer process: pieces or documents of about this size
 SMALL_INPUT_BYTES = 8 << 20  # below this, tokenizing in-process beats starting worker processes
 # A piece boundary right after a newline that has non-space on both sides: GPT-2's pre-tokenizer
 # makes that newline a pre-token of its own either way, so pieces encode exactly like the whole.
@@ -145,49 +146,57 @@ def _what_changed(old: dict, new: dict) -> str | None:
     return "the order of the input files changed"
 
 
-def _documents(sources: list[Path]) -> Iterator[tuple[str, int]]:
-    """Every document's text with the number of input bytes it accounts for."""
+def _jsonl_text(raw: bytes, where: str) -> str:
+    """The ``text`` of one JSONL line; ``where`` (file:line) names it in errors."""
+    try:
+        obj = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{where}: not a JSON line ({exc})") from None
+    text = obj.get("text") if isinstance(obj, dict) else None
+    if not isinstance(text, str):
+        raise DataError(f'{where}: expected a JSON object with a "text" string')
+    return text
+
+
+def _read_text(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def _raw_documents(sources: list[Path]) -> Iterator[tuple[Path, int, bytes | None, int]]:
+    """Every document as (file, line, raw JSONL line or None for a whole .txt file, input bytes).
+
+    Blank JSONL lines are no documents; their bytes are counted with the next one.
+    """
     for path in sources:
         if path.suffix == ".jsonl":
-            pending = 0  # bytes of blank lines, counted with the next document
+            pending = 0
             with open(path, "rb") as f:
                 for lineno, raw in enumerate(f, 1):
                     pending += len(raw)
-                    if not raw.strip():
-                        continue
-                    try:
-                        obj = json.loads(raw)
-                    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                        raise DataError(f"{path}:{lineno}: not a JSON line ({exc})") from None
-                    text = obj.get("text") if isinstance(obj, dict) else None
-                    if not isinstance(text, str):
-                        raise DataError(f'{path}:{lineno}: expected a JSON object with a "text" string')
-                    yield text, pending
-                    pending = 0
+                    if raw.strip():
+                        yield path, lineno, raw, pending
+                        pending = 0
         else:
-            raw = path.read_bytes()
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-            yield text, len(raw)
+            yield path, 0, None, path.stat().st_size
+
+
+def _documents(sources: list[Path]) -> Iterator[tuple[str, int]]:
+    """Every document's text with the number of input bytes it accounts for."""
+    for path, lineno, raw, nbytes in _raw_documents(sources):
+        yield (_read_text(path) if raw is None else _jsonl_text(raw, f"{path}:{lineno}")), nbytes
 
 
 def _count_documents(sources: list[Path], limit: int) -> int:
     """How many documents the inputs hold, counting no further than ``limit``."""
     n = 0
-    for path in sources:
-        if path.suffix == ".jsonl":
-            with open(path, "rb") as f:
-                for raw in f:
-                    if raw.strip():
-                        n += 1
-                        if n >= limit:
-                            return n
-        else:
-            n += 1
+    for _ in _raw_documents(sources):
+        n += 1
         if n >= limit:
-            return n
+            break
     return n
 
 
@@ -214,43 +223,64 @@ def is_val_document(i: int, val_fraction: float) -> bool:
 # ----------------------------------------------------------------------------- tokenizing
 
 
-class _PieceEncoder:
-    """Encodes one piece of a document; the first piece of each starts with the tokenizer's eot."""
+class _TaskEncoder:
+    """Encodes a task: pieces of documents (text, or raw JSONL lines parsed here, in the worker).
+
+    A task is a list of (doc, first, where, payload, nbytes); the first piece of a document starts
+    with the tokenizer's eot. Returns (docs, firsts, lengths, all ids concatenated, nbytes) so one
+    task crosses the process boundary as one array, however many small documents it holds.
+    """
 
     def __init__(self, tok: Tokenizer):
         self.tok = tok
 
-    def __call__(self, item):
-        doc, first, nbytes, text = item
-        ids = self.tok.encode(text)
-        if first and self.tok.eot is not None:
-            ids = [self.tok.eot, *ids]
-        return doc, first, nbytes, np.array(ids, dtype=np.uint16)
+    def __call__(self, task):
+        docs, firsts, lengths, ids, nbytes = [], [], [], [], 0
+        for doc, first, where, payload, nb in task:
+            text = payload if isinstance(payload, str) else _jsonl_text(payload, where)
+            before = len(ids)
+            if first and self.tok.eot is not None:
+                ids.append(self.tok.eot)
+            ids.extend(self.tok.encode(text))
+            docs.append(doc)
+            firsts.append(first)
+            lengths.append(len(ids) - before)
+            nbytes += nb
+        return docs, firsts, lengths, np.array(ids, dtype=np.uint16), nbytes
 
 
-_worker_encoder: _PieceEncoder | None = None
+_worker_encoder: _TaskEncoder | None = None
 
 
 def _init_worker(tok_dict: dict) -> None:
     global _worker_encoder
-    _worker_encoder = _PieceEncoder(tokenizer_from_dict(tok_dict))
+    _worker_encoder = _TaskEncoder(tokenizer_from_dict(tok_dict))
 
 
-def _encode_in_worker(item):
-    return _worker_encoder(item)
+def _encode_in_worker(task):
+    return _worker_encoder(task)
 
 
 @contextlib.contextmanager
-def _encoded(tok: Tokenizer, items, workers: int):
-    """``items`` (doc, first, nbytes, text) encoded in order, by a process pool when workers > 1."""
+def _encoded(tok: Tokenizer, tasks, workers: int):
+    """Each task's (doc, first, ids, nbytes) pieces in order, encoded by a process pool when workers > 1."""
     if workers <= 1:
-        yield map(_PieceEncoder(tok), items)
+        yield _unpack(map(_TaskEncoder(tok), tasks))
         return
     import multiprocessing
 
     # workers rebuild the tokenizer from its json: pickling a tiktoken Encoding may look it up by name
     with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(tok.to_dict(),)) as pool:
-        yield pool.imap(_encode_in_worker, items, chunksize=16)
+        yield _unpack(pool.imap(_encode_in_worker, tasks))
+
+
+def _unpack(results):
+    for docs, firsts, lengths, ids, nbytes in results:
+        pos = 0
+        for doc, first, n in zip(docs, firsts, lengths):
+            yield doc, first, ids[pos : pos + n], 0
+            pos += n
+        yield -1, False, ids[:0], nbytes  # progress marker: the task's input bytes are done
 
 
 def _char_ids(tok: CharTokenizer, text: str) -> np.ndarray:
@@ -470,18 +500,22 @@ def _prepare(data, sources, inputs, out, state, workers, shard_size, progress) -
         with _encoded(tok, feed, workers) as encoded:
             if mode == "documents":
                 offset = 0
-                for doc, first, nbytes, ids in encoded:
+                for doc, first, ids, nbytes in encoded:
+                    if doc < 0:
+                        bar.update(nbytes)
+                        continue
                     offset = 0 if first else offset
                     writers["val" if is_val_document(doc, f) else "train"].add(doc, offset, ids)
                     offset += len(ids)
-                    bar.update(nbytes)
             else:  # few documents: keep the stream (it is small) and cut it at 1 - f
                 stream, offset = [], 0
-                for doc, first, nbytes, ids in encoded:
+                for doc, first, ids, nbytes in encoded:
+                    if doc < 0:
+                        bar.update(nbytes)
+                        continue
                     offset = 0 if first else offset
                     stream.append((doc, offset, ids))
                     offset += len(ids)
-                    bar.update(nbytes)
                 cut = int(sum(len(ids) for _, _, ids in stream) * (1 - f))
                 seen = 0
                 for doc, offset, ids in stream:
@@ -525,20 +559,22 @@ def _prepare(data, sources, inputs, out, state, workers, shard_size, progress) -
 
 
 class _Feed:
-    """The pieces to tokenize, in order, leaving out documents that finished shards already hold.
+    """Tasks of about TASK_CHARS characters for the encoders, leaving out finished documents.
 
-    Split by document, a document is needed from its split's resume point on; the stream split
-    needs every document, to know where ``1 - f`` of the tokens is.
+    Split by document, a document is needed from its split's resume point on (so a resumed run
+    does not tokenize again what finished shards hold); the stream split needs every document, to
+    know where ``1 - f`` of the tokens is. JSONL lines travel raw: workers parse them.
     """
 
     def __init__(self, sources, mode, val_fraction, resume_docs, docs_per_split):
         self.sources, self.mode, self.f, self.resume_docs = sources, mode, val_fraction, resume_docs
         self.docs = docs_per_split
         self.n_docs = 0
-        self.skipped_bytes = 0  # bytes of skipped documents, reported with the next piece
+        self.skipped_bytes = 0  # bytes of skipped documents, reported with the next task
 
     def __iter__(self):
-        for doc, (text, nbytes) in enumerate(_documents(self.sources)):
+        task, size = [], 0
+        for doc, (path, lineno, raw, nbytes) in enumerate(_raw_documents(self.sources)):
             self.n_docs += 1
             if self.mode == "documents":
                 split = "val" if is_val_document(doc, self.f) else "train"
@@ -546,12 +582,23 @@ class _Feed:
                 if doc < self.resume_docs[split]:
                     self.skipped_bytes += nbytes
                     continue
-            pieces = _pieces(text)
-            for k, piece in enumerate(pieces):
-                carried = nbytes + self.skipped_bytes if k == len(pieces) - 1 else 0
-                if k == len(pieces) - 1:
-                    self.skipped_bytes = 0
-                yield doc, k == 0, carried, piece
+            nbytes, self.skipped_bytes = nbytes + self.skipped_bytes, 0
+            if raw is not None:
+                task.append((doc, True, f"{path}:{lineno}", raw, nbytes))
+                size += len(raw)
+            else:
+                pieces = _pieces(_read_text(path))
+                for k, piece in enumerate(pieces):
+                    task.append((doc, k == 0, str(path), piece, nbytes if k == len(pieces) - 1 else 0))
+                    size += len(piece)
+                    if size >= TASK_CHARS:
+                        yield task
+                        task, size = [], 0
+            if size >= TASK_CHARS:
+                yield task
+                task, size = [], 0
+        if task:
+            yield task
 
 
 # ----------------------------------------------------------------------------- reading
@@ -607,7 +654,8 @@ class TokenLoader:
             raise DataError(f"{prepared}: {err}; prepare it again")
         self.tokens = int(meta["splits"][split]["tokens"])
         T = block_size
-        self._shards = [np.memmap(self.prepared / e["file"], dtype="<u2", mode="r")
+        # plain ndarray views of the maps: slicing a np.memmap costs ~10x more per window
+        self._shards = [np.asarray(np.memmap(self.prepared / e["file"], dtype="<u2", mode="r"))
                         for e in entries if e["tokens"] // T - 1 > 0]
         counts = np.array([len(s) // T - 1 for s in self._shards], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(counts)])  # first window index of each shard
