@@ -132,7 +132,9 @@ def test_big_documents_are_cut_where_gpt2_encodes_the_pieces_exactly():
     assert [t for p in pieces for t in tok.encode(p)] == tok.encode(text)
 
 
-def test_worker_processes_write_the_same_shards_as_one_process(tmp_path):
+def test_worker_processes_write_the_same_shards_as_one_process(tmp_path, monkeypatch):
+    monkeypatch.setattr(D, "TASK_CHARS", 30_000)  # many small tasks, finishing out of order
+    monkeypatch.setattr(D, "CHUNK_CHARS", 10_000)
     (tmp_path / "in").mkdir()
     write_jsonl(tmp_path / "in" / "a.jsonl", documents(150))
     (tmp_path / "in" / "b.txt").write_text(SHAKESPEARE[:600_000])  # one big document, cut in pieces

@@ -20,6 +20,10 @@ text), whole documents are spread evenly over the corpus: document ``i`` validat
 ``floor((i+1)*f) > floor(i*f)``, i.e. every ``1/f``-th one, so validation sees the whole corpus
 (not only its first files) and never a document the model trained on.
 
+Speed. Inputs over 8 MB are tokenized by a process pool (all cores by default; ``workers``) in
+tasks of about 1 MB (raw JSONL lines, parsed in the workers, or pieces of big documents cut where
+GPT-2 encodes them exactly); results come back in order, so the shards never depend on ``workers``.
+
 Re-running. Shards are written under a temporary name and renamed when complete; ``progress.json``
 then records where the next shard starts (document, offset), so an interrupted run resumes
 without re-tokenizing the finished part; ``meta.json`` is written last. A finished preparation
@@ -200,8 +204,9 @@ def _count_documents(sources: list[Path], limit: int) -> int:
     return n
 
 
-def _pieces(text: str, size: int = CHUNK_CHARS) -> list[str]:
+def _pieces(text: str, size: int | None = None) -> list[str]:
     """``text`` cut at safe newlines into pieces of about ``size`` characters (see _SAFE_BREAK)."""
+    size = size or CHUNK_CHARS
     if len(text) <= size:
         return [text]
     pieces, start = [], 0
