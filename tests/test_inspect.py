@@ -1,0 +1,87 @@
+"""`playattention inspect`: counts on the meta device, the FLOPs cross-check, ZeRO memory accounting."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+import pytest
+
+from toolkit.cli import main
+from toolkit.inspection import activation_bytes, build_meta_model, flops_check, memory_per_gpu
+from toolkit.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return load_recipe(ROOT / "recipes" / "gpt2.toml")
+
+
+def test_gpt2_is_built_on_the_meta_device_with_gpt2_smalls_parameter_count(gpt2):
+    model = build_meta_model(gpt2)
+    assert all(p.is_meta for p in model.parameters())
+    report = model.component_report(gpt2.model.block_size)
+    # GPT-2 small with the vocabulary padded to 50304, position table included (nanoGPT: 124.47M)
+    assert report[-1]["params"] == 124_475_904
+    assert sum(r["params"] for r in report[:-1]) == report[-1]["params"]
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "gpt"])
+def test_component_flops_agree_with_the_6n_plus_attention_estimate(name):
+    recipe = load_recipe(ROOT / "recipes" / f"{name}.toml")
+    model = build_meta_model(recipe)
+    check = flops_check(recipe, model, model.component_report(recipe.model.block_size))
+    # the table leaves out biases and norms, which 6N counts; everything else is the same matmuls
+    assert check.ratio == pytest.approx(1.0, abs=0.01)
+
+
+def test_zero_stages_shard_optimizer_then_gradients_then_weights(gpt2):
+    n, world = 1_000_000, 8
+    rows = memory_per_gpu(gpt2, n, world)  # bf16: 2 + 2 + 12 bytes per parameter (ZeRO paper)
+    act = activation_bytes(gpt2)
+    assert [r["total"] - act for r in rows] == [
+        16 * n,
+        4 * n + 12 * n // world,
+        2 * n + 14 * n // world,
+        16 * n // world,
+    ]
+    fp32 = attrs.evolve(gpt2, deepspeed=attrs.evolve(gpt2.deepspeed, precision="fp32"))
+    assert memory_per_gpu(fp32, n, 1)[0]["total"] - activation_bytes(fp32) == 16 * n  # 4 + 4 + 8
+
+
+def test_cpu_offload_takes_the_optimizer_states_off_the_gpu(gpt2):
+    offload = attrs.evolve(gpt2, deepspeed=attrs.evolve(gpt2.deepspeed, zero_stage=2, offload="cpu"))
+    rows = memory_per_gpu(offload, 1000, 1)
+    assert [r["optimizer_on_host"] for r in rows] == [False, False, True, True]
+    assert rows[2]["total"] == rows[2]["weights"] + rows[2]["grads"] + rows[2]["activations"]
+
+
+def test_activation_checkpointing_and_a_bigger_micro_batch_move_the_activation_estimate(gpt2):
+    base = activation_bytes(gpt2)
+    ckpt = attrs.evolve(gpt2, train=attrs.evolve(gpt2.train, activation_checkpointing=True))
+    double = attrs.evolve(gpt2, train=attrs.evolve(gpt2.train, micro_batch=2 * gpt2.train.micro_batch))
+    assert activation_bytes(ckpt) < base
+    assert activation_bytes(double) == 2 * base
+
+
+def test_inspect_prints_the_table_batch_arithmetic_deepspeed_config_and_memory(capsys):
+    assert main(["inspect", str(ROOT / "recipes" / "gpt2.toml"), "--world-size", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "total" in out and "124,475,904" in out
+    assert "6N + 12*L*H*Q*T" in out
+    assert "x 4 accumulation steps x 8 GPUs = 524,288 tokens per optimizer step" in out
+    assert '"train_micro_batch_size_per_gpu": 16' in out and '"gradient_accumulation_steps": 4' in out
+    assert "ESTIMATE" in out
+    assert [line.split()[:2] for line in out.splitlines() if line.strip().startswith("ZeRO ")] == [
+        ["ZeRO", "0"], ["ZeRO", "1"], ["ZeRO", "2"], ["ZeRO", "3"]]
+
+
+def test_inspect_takes_set_and_refuses_a_world_size_the_batch_does_not_divide(capsys):
+    recipe = str(ROOT / "recipes" / "gpt2.toml")
+    assert main(["inspect", recipe, "--set", "model.n_layer=2"]) == 0
+    assert "2 layers" in capsys.readouterr().out
+    assert main(["inspect", recipe, "--world-size", "3"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {recipe}: --world-size 3: ")
+    assert "not divisible" in err[0]
