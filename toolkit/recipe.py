@@ -387,6 +387,12 @@ def validate(data: dict) -> tuple[Recipe | None, list[str]]:
     from .plugin_manager import PluginLoadError, get_plugin_manager
 
     lines: list[str] = []
+    data = dict(data)
+    if isinstance(data.setdefault("model", {}), dict):
+        # spell out the default components, so every spec carries its options instance: a recipe
+        # equals the one loaded back from its `recipe show` text
+        defaults = attrs.fields_dict(ModelConfig)
+        data["model"] = {**{f: {"kind": defaults[f].default.kind} for f in COMPONENT_TABLES}, **data["model"]}
     pm = get_plugin_manager()
     plugins = data.get("plugins", [])
     for i, spec in enumerate(plugins if isinstance(plugins, list) else []):
@@ -422,7 +428,7 @@ def validate(data: dict) -> tuple[Recipe | None, list[str]]:
                 kwargs[name] = build(cls, fields)
             except ClassValidationError as exc:  # a refused combination, e.g. n_embd % n_head
                 lines += format_errors(exc, root)
-    model = kwargs.get("model", None if "model" in data else ModelConfig())  # None: the model section failed
+    model = kwargs.get("model")  # None: the model section failed
     lines += _cross_checks(values, model, pm.registry)
     if lines:
         return None, lines
