@@ -82,6 +82,12 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def cmd_ablate(args) -> int:
+    from .ablate import main as ablate
+
+    return ablate(args.file, dry_run=args.dry_run, parallel=args.parallel, out=args.out, progress=not args.quiet)
+
+
 def add_recipe_options(p: argparse.ArgumentParser) -> None:
     """``--set`` and ``--plugin``, for every command that takes a recipe."""
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -283,6 +289,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="samples per prompt (seeds seed, seed+1, ...)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default cuda if available)")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("ablate", help="train a grid of component swaps and write a comparison report",
+                       description="Train every variant of an ablation file (a base recipe plus component swaps) "
+                       "with the same budget and seeds, then write report.md, results.csv, curves.png and "
+                       "tradeoff.png. Finished runs are skipped when re-run. See docs/ablations.md.")
+    p.add_argument("file", help="the ablation file (TOML)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate, print every variant's differences, parameters and FLOPs per token; train nothing")
+    p.add_argument("--parallel", type=int, default=1, metavar="N",
+                   help="run N variants side by side (one GPU each, or the CPU cores divided between them)")
+    p.add_argument("--out", metavar="DIR", help="the ablation folder (default ablations-out/<name>/)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or per-run lines")
+    p.set_defaults(func=cmd_ablate)
     return parser
 
 

@@ -225,8 +225,8 @@ def render_markdown(rows: list[dict], runs: Sequence[RunResult], *, title: str, 
             delta or "–", si(r["tokens_per_s"]), _bytes(r["peak_mem_bytes"]), _duration(r["wall_s"]),
         ]) + " |")
     lines.append("")
-    seeds_note = f"over {n_seeds} seeds (sample std)" if n_seeds > 1 else "from one seed"
-    lines.append(f"Losses are mean ± std {seeds_note}; rank and Δ use the mean final val loss (lower is better). "
+    seeds_note = f"mean ± std over {n_seeds} seeds (sample std)" if n_seeds > 1 else "from one seed"
+    lines.append(f"Losses are {seeds_note}; rank and Δ use the mean final val loss (lower is better). "
                  "Parameters count every weight once (tied embeddings once); FLOPs/token are forward FLOPs "
                  "at the full context.")
     failed = [r for r in runs if r.status in ("failed", "interrupted")]

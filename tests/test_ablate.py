@@ -1,0 +1,367 @@
+"""Ablation files: both variant forms, grid expansion, budget, validation, dry run, and a tiny grid end to end."""
+import json
+import textwrap
+
+import pytest
+import torch
+
+from toolkit import ablate
+from toolkit.cli import main
+from toolkit.config import ConfigError
+from toolkit.model import Transformer
+from toolkit.recipe import load_recipe
+
+TINY_RECIPE = """\
+name = "tiny"
+[model]
+vocab_size = 65
+block_size = 16
+n_layer = 1
+n_head = 2
+n_embd = 16
+[data]
+tokenizer = "char"
+prepared_dir = "{prepared}"
+[train]
+micro_batch = 2
+max_steps = 100
+warmup_steps = 10
+decay_steps = 80
+eval_interval = 50
+eval_batches = 1
+log_interval = 1
+[generate]
+max_new_tokens = 8
+"""
+
+# A component whose forward pass raises: it builds (so validation and the dry run pass) and fails
+# only once training calls it, as a buggy plugin would.
+BOOM_PLUGIN = '''\
+from torch import nn
+from toolkit.hookspecs import hookimpl
+from toolkit.registry import NoOptions
+
+
+class BoomMLP(nn.Module):
+    """An MLP that cannot run."""
+
+    Options = NoOptions
+
+    def __init__(self, opts, dims):
+        super().__init__()
+        self.c_fc = nn.Linear(dims.n_embd, dims.n_embd)
+
+    def forward(self, x):
+        raise FloatingPointError("boom: this MLP cannot run")
+
+
+@hookimpl
+def register_components(register):
+    register("mlp", "boom", BoomMLP)
+'''
+
+
+@pytest.fixture
+def tiny(tmp_path, tmp_path_factory):
+    """A folder with a tiny base recipe; returns a function writing an ablation file next to it."""
+    prepared = tmp_path_factory.getbasetemp() / "ablate-data"
+    (tmp_path / "base.toml").write_text(TINY_RECIPE.format(prepared=prepared))
+
+    def write(body: str, name: str = "abl.toml"):
+        path = tmp_path / "ablations" / name
+        path.parent.mkdir(exist_ok=True)
+        path.write_text('recipe = "../base.toml"\n' + textwrap.dedent(body))
+        return path
+
+    return write
+
+
+def errors_of(path, capsys) -> list[str]:
+    assert main(["ablate", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    return [ln.removeprefix("error: ") for ln in err.strip().splitlines()]
+
+
+def test_grid_is_the_cartesian_product_named_after_its_values(tiny):
+    path = tiny("""\
+        steps = 20
+        [grid]
+        "model.position.kind" = ["learned", "rope"]
+        "model.n_layer" = [1, 2]
+        """)
+    ab = ablate.parse_ablation(path)
+    assert [v.name for v in ab.variants] == ["learned-n_layer=1", "learned-n_layer=2", "rope-n_layer=1", "rope-n_layer=2"]
+    assert [o.arg for o in ab.variants[2].overrides] == ['model.position.kind="rope"', "model.n_layer=1"]
+    assert ab.baseline == "learned-n_layer=1" and ab.seeds == (1337,)
+
+
+def test_named_variants_take_a_table_or_an_array_of_overrides_after_the_grid(tiny):
+    path = tiny("""\
+        steps = 20
+        seeds = [1, 2]
+        set = ["train.lr=3e-3"]
+        baseline = "post"
+        [grid]
+        "model.mlp.kind" = ["gelu"]
+        [[variant]]
+        name = "post"
+        set = { model.layout = "post", "model.norm" = { kind = "rmsnorm", eps = 1e-6 } }
+        [[variant]]
+        name = "wide"
+        set = ["model.n_embd=32", "model.attention.kind=gqa"]
+        """)
+    ab, resolved = ablate.load_ablation(path)
+    assert [v.name for v in ab.variants] == ["gelu", "post", "wide"]
+    post = ab.variants[1]
+    assert [(o.key, o.value) for o in post.overrides] == [("model.layout", "post"),
+                                                          ("model.norm", {"kind": "rmsnorm", "eps": 1e-6})]
+    by_name = {r.variant.name: r.recipe for r in resolved}
+    assert by_name["post"].model.layout == "post" and by_name["post"].model.norm.kind == "rmsnorm"
+    assert by_name["wide"].model.n_embd == 32 and by_name["wide"].model.attention.kind == "gqa"
+    assert all(r.train.lr == 3e-3 for r in by_name.values())
+    assert ab.seeds == (1, 2) and ab.baseline == "post"
+
+
+def test_budget_sets_max_steps_and_scales_the_schedule_unless_set_explicitly(tiny):
+    path = tiny("""\
+        steps = 50
+        evals = 5
+        [[variant]]
+        name = "a"
+        [[variant]]
+        name = "b"
+        set = { "train.eval_interval" = 7 }
+        """)
+    _, (a, b) = ablate.load_ablation(path)
+    assert (a.recipe.train.max_steps, a.recipe.train.warmup_steps, a.recipe.train.decay_steps) == (50, 5, 40)
+    assert a.recipe.train.eval_interval == 10 and b.recipe.train.eval_interval == 7
+    tokens = tiny("""\
+        tokens = 1000
+        [[variant]]
+        name = "a"
+        [[variant]]
+        name = "big-batch"
+        set = { "train.micro_batch" = 4 }
+        """, "tokens.toml")
+    _, (a, big) = ablate.load_ablation(tokens)
+    assert a.recipe.train.max_steps == 32  # ceil(1000 / (2 * 16))
+    assert big.recipe.train.max_steps == 16  # the same tokens in bigger steps
+    assert "train.max_steps=16" in big.info.diff
+
+
+def test_every_problem_in_every_variant_is_reported_at_its_place_with_exit_2(tiny, capsys):
+    path = tiny("""\
+        steps = 20
+        seed = [1]
+        set = ["train.max_steps=5"]
+        [grid]
+        "model.positon.kind" = ["learned", "rope"]
+        [[variant]]
+        name = "typo"
+        set = { "train.lr" = "fast", "model.mlp.kind" = "swiglo" }
+        [[variant]]
+        name = "opts"
+        set = { "model.position" = { kind = "rope", thetaa = 3.0 } }
+        """)
+    lines = errors_of(path, capsys)
+    p = str(path)
+    assert lines == [
+        f"{p}: $.seed: unknown key; did you mean 'seeds'?",
+        f"{p}: $.set[0]: the ablation sets it: use `steps = N` or `tokens = N` at the top of the file",
+        f"{p}: variants 'learned', 'rope': $.grid.\"model.positon.kind\": unknown key; did you mean \"model.position.kind\"?",
+        f"{p}: variant 'typo': $.variant[0].set.\"model.mlp.kind\": unknown mlp 'swiglo'; did you mean 'swiglu'? "
+        "(registered: geglu, gelu, relu, swiglu)",
+        f"{p}: variant 'typo': $.variant[0].set.\"train.lr\": expected float, got \"fast\"",
+        f"{p}: variant 'opts': $.variant[1].set.\"model.position\".thetaa: not an option of position 'rope'; "
+        "did you mean 'theta'?",
+    ]
+
+
+def test_an_option_of_another_component_and_a_bad_grid_value_name_the_variant(tiny, capsys):
+    path = tiny("""\
+        steps = 20
+        [grid]
+        "model.position.kind" = ["learned", "rop"]
+        "model.attention.n_kv_head" = [1]
+        """)
+    lines = errors_of(path, capsys)
+    assert lines[0].endswith("all variants: $.grid.\"model.attention.n_kv_head\": unknown key: attention 'mha' has "
+                             "no option 'n_kv_head' (options: backend, qk_norm)")
+    assert lines[1].endswith("variant 'rop-n_kv_head=1': $.grid.\"model.position.kind\"[1]: unknown position 'rop'; "
+                             "did you mean 'rope'? (registered: alibi, learned, none, rope, sinusoidal)")
+    assert len(lines) == 2
+
+
+def test_file_level_problems_are_reported_together(tiny, capsys):
+    path = tiny("""\
+        steps = 0
+        seeds = [1, 1]
+        baseline = "lerned"
+        [grid]
+        "model.position.kind" = "learned"
+        [[variant]]
+        name = "learned"
+        set = 3
+        """)
+    lines = [ln.split(": ", 1)[1] for ln in errors_of(path, capsys)]
+    assert lines == [
+        "$.steps: must be > 0, got 0",
+        "$.seeds: seeds repeat: [1, 1]",
+        '$.grid."model.position.kind": expected a non-empty array of values, got "learned"',
+        '$.variant[0].set: expected a table of "dotted.key" = value or an array of "dotted.key=value", got 3',
+        "$.baseline: no variant named 'lerned'; did you mean 'learned'? (variants: learned)",
+    ]
+
+
+def test_dry_run_prints_each_variant_with_parameters_flops_and_differences(tiny, capsys):
+    path = tiny("""\
+        steps = 20
+        baseline = "learned"
+        [grid]
+        "model.position.kind" = ["learned", "rope"]
+        [[variant]]
+        name = "gqa"
+        set = { "model.attention" = { kind = "gqa", n_kv_head = 1 } }
+        """)
+    assert main(["ablate", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    _, resolved = ablate.load_ablation(path)
+    lines = {ln.split()[0]: ln for ln in out.splitlines()[3:]}
+    for r in resolved:
+        model = Transformer(r.recipe.model)
+        total = model.component_report(16)[-1]
+        assert r.info.params == sum(p.numel() for p in model.parameters()) == total["params"]
+        assert r.info.flops_per_token == model.flops_per_token(16)
+        assert f"{r.info.params:,}" in lines[r.variant.name]
+    assert lines["learned"].split()[1] == "*" and lines["learned"].endswith("(baseline)")
+    assert lines["rope"].endswith("model.position.kind=rope")
+    assert lines["gqa"].endswith("model.attention.kind=gqa, model.attention.n_kv_head=1")
+    assert out.startswith("ablation abl: 3 variants x 1 seed = 3 runs of 20 steps")
+
+
+def test_toml_values_round_trip_through_set_syntax():
+    for value in ["rope", 'a "quoted"\nline', 3, 2.5e-4, True, [1, 2], {"kind": "gqa", "n_kv_head": 2}, 1e300]:
+        assert ablate.parse_value(ablate.toml_value(value)) == value
+    assert ablate.parse_value("gqa") == "gqa"  # a bare word is a string, as with --set
+
+
+def test_last_error_line_finds_the_exception_not_the_progress_bar():
+    log = "step 0: loss 4.2\nTraceback (most recent call last):\n  File x\nValueError: bad shape\nrun:  0%|  | 0/10\r"
+    assert ablate.last_error_line(log) == "ValueError: bad shape"
+    assert ablate.last_error_line("error: data not found\n") == "error: data not found"
+    assert ablate.last_error_line("just this\n\n") == "just this"
+
+
+def test_parallel_runs_get_a_gpu_each_or_a_share_of_the_cores_and_their_own_port(monkeypatch):
+    monkeypatch.setattr(ablate.os, "sched_getaffinity", lambda _: set(range(8)), raising=False)
+    monkeypatch.setenv("RANK", "3")  # as under a launcher: each training run must be its own world
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    a, b = ablate.child_env(0, 3, gpus=[]), ablate.child_env(1, 3, gpus=[])
+    assert a["OMP_NUM_THREADS"] == b["OMP_NUM_THREADS"] == "2" and "RANK" not in a
+    assert a["MASTER_PORT"] != b["MASTER_PORT"]
+    assert ablate.child_env(1, 2, gpus=["4", "5"])["CUDA_VISIBLE_DEVICES"] == "5"
+    assert "OMP_NUM_THREADS" not in ablate.child_env(0, 1, gpus=[])  # one run at a time: torch's own default
+
+
+def test_interrupted_runs_restart_from_scratch_until_train_can_resume(tmp_path):
+    (tmp_path / "checkpoints" / "step-0000010").mkdir(parents=True)
+    # RESUME HOOK: flips to ["--resume", ...] once `playattention train --resume` exists
+    expected = None
+    from toolkit.cli import build_parser
+
+    train = next(a for a in build_parser()._actions if "train" in (getattr(a, "choices", None) or {})).choices["train"]
+    if any("--resume" in a.option_strings for a in train._actions):
+        expected = ablate.resume_args(tmp_path)
+        assert expected and expected[0] == "--resume"
+    assert ablate.resume_args(tmp_path) == expected
+    assert ablate.resume_args(tmp_path / "no-checkpoints") is None
+
+
+@pytest.mark.slow
+def test_a_tiny_grid_runs_end_to_end_records_a_failure_and_skips_finished_runs_on_rerun(tiny, tmp_path, capsys,
+                                                                                         fresh_plugins):
+    plugin = tmp_path / "boom.py"
+    plugin.write_text(BOOM_PLUGIN)
+    path = tiny(f"""\
+        name = "tiny-e2e"
+        steps = 6
+        evals = 2
+        [[variant]]
+        name = "learned"
+        [[variant]]
+        name = "boom"
+        set = {{ plugins = ["{plugin}"], "model.mlp.kind" = "boom" }}
+        """)
+    out = tmp_path / "out"
+    assert main(["ablate", str(path), "--out", str(out), "--quiet"]) == 1  # one variant failed
+    summary = json.loads((out / "learned-s1337" / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["steps"] == 6
+    state = json.loads((out / "state.json").read_text())
+    assert state["boom-s1337"]["status"] == "failed"
+    assert state["boom-s1337"]["error"] == "FloatingPointError: boom: this MLP cannot run"
+    md = (out / "report.md").read_text()
+    assert "| 1 | **learned** (baseline) |" in md and "boom [failed]" in md
+    assert "`boom` seed 1337 (failed): FloatingPointError: boom: this MLP cannot run" in md
+    assert (out / "curves.png").is_file() and (out / "results.csv").is_file()
+    assert load_recipe(out / "recipes" / "learned-s1337.toml").train.max_steps == 6
+
+    mtime = (out / "learned-s1337" / "summary.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["ablate", str(path), "--out", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert "1 of 2 runs already finished with the same recipe; skipping them" in captured.out
+    assert "start boom-s1337" in captured.out and "start learned" not in captured.out
+    assert (out / "learned-s1337" / "summary.json").stat().st_mtime_ns == mtime
+    assert "FAILED boom-s1337: FloatingPointError: boom: this MLP cannot run" in captured.out
+
+
+def test_unknown_ablation_file_is_a_one_line_error(tmp_path, capsys):
+    assert main(["ablate", str(tmp_path / "nope.toml"), "--dry-run"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'nope.toml'}: no such ablation file"
+
+
+def test_shipped_ablations_resolve(capsys):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "recipes" / "ablations"
+    files = sorted(root.glob("*.toml"))
+    assert {f.stem for f in files} >= {"positions", "attention", "norms", "mlps"}
+    for f in files:
+        ab, resolved = ablate.load_ablation(f)
+        assert len(resolved) == len(ab.variants) >= 3
+        assert all(r.recipe.train.max_steps <= 1000 for r in resolved)
+
+
+def test_a_component_that_cannot_be_built_is_reported_before_anything_runs(tiny, tmp_path, capsys, fresh_plugins):
+    plugin = tmp_path / "picky.py"
+    plugin.write_text(textwrap.dedent('''\
+        from torch import nn
+        from toolkit.hookspecs import hookimpl
+        from toolkit.registry import NoOptions
+
+
+        class PickyNorm(nn.Module):
+            """A norm that only builds for widths divisible by 3."""
+
+            Options = NoOptions
+
+            def __init__(self, opts, dims, dim):
+                super().__init__()
+                if dim % 3:
+                    raise ValueError(f"width {dim} is not divisible by 3")
+
+
+        @hookimpl
+        def register_components(register):
+            register("norm", "picky", PickyNorm)
+        '''))
+    path = tiny(f"""\
+        steps = 5
+        [[variant]]
+        name = "a"
+        [[variant]]
+        name = "picky"
+        set = {{ plugins = ["{plugin}"], "model.norm.kind" = "picky" }}
+        """)
+    lines = errors_of(path, capsys)
+    assert lines == [f"{path}: variant 'picky': $: cannot build the model: ValueError: width 16 is not divisible by 3"]
