@@ -286,3 +286,10 @@ def test_the_annotated_example_in_the_docs_is_a_valid_recipe(tmp_path):
     r = load_recipe(write(tmp_path / "example.toml", example))
     assert (r.name, r.model.attention.kind, r.model.attention.options.n_kv_head) == ("my-run", "gqa", 4)
     assert r.train.tokens_per_step == 524288 and r.train.grad_accum is None
+
+
+def test_plugins_given_by_set_are_relative_to_the_working_directory(fresh_plugins, monkeypatch):
+    monkeypatch.chdir(ROOT / "tests")
+    r = load_recipe(ROOT / "recipes" / "smoke.toml",
+                    ['plugins=["recipes/plugins/short_position.py"]', "model.position.kind=short", "model.position.max_len=32"])
+    assert r.plugins == [str(ROOT / "tests" / "recipes" / "plugins" / "short_position.py")]

@@ -333,9 +333,12 @@ def resolve_data(path: str | Path, overrides=(), plugins=(), *, _sources: _Sourc
     if "name" not in data:  # a run folder's recipe.toml always has one (recipe show writes it)
         data["name"] = file.stem
     data = deep_merge(data, overrides_table(overrides, ctx.sources))
-    extra = [str(Path(p).resolve()) if _is_path_spec(p) else p for p in plugins]
-    if extra:
-        data["plugins"] = list(dict.fromkeys([*(data.get("plugins") or []), *extra]))
+    named = data.get("plugins", [])
+    if isinstance(named, list) and all(isinstance(p, str) for p in named):
+        # file layers made theirs absolute already; --set and --plugin ones are relative to here
+        specs = [*named, *plugins]
+        if specs:
+            data["plugins"] = list(dict.fromkeys(str(Path(p).resolve()) if _is_path_spec(p) else p for p in specs))
     if ctx.errors:
         raise ConfigError(ctx.errors)
     return data
