@@ -256,8 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Tokenize text into uint16 token shards plus a validation split. "
                        "Finished shards are kept, so re-running is instant and an interrupted run resumes.")
     p.add_argument("recipe", nargs="?", help="recipe TOML whose [data] to prepare")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value")
-    p.add_argument("--plugin", action="append", default=[], help="also load this plugin file or module")
+    add_recipe_options(p)
     p.add_argument("--input", nargs="+", metavar="FILE_OR_DIR", help=".txt/.jsonl files or folders, without a recipe")
     p.add_argument("--tokenizer", choices=("char", "gpt2"), help="with --input (default gpt2)")
     p.add_argument("--out", metavar="DIR", help="with --input: where the shards go (default data/<name>-<tokenizer>)")
