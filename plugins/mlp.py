@@ -85,7 +85,7 @@ def gated_hidden_dim(opts: GatedOptions, n_embd: int) -> int:
     """The hidden width of a gated MLP: hidden_dim, or multiplier * n_embd rounded up to multiple_of."""
     if opts.hidden_dim is not None:
         return opts.hidden_dim
-    width = round(opts.multiplier * n_embd, 6)  # 8/3 * 768 is 2047.9999999999998 in floating point
+    width = round(opts.multiplier * n_embd, 6)  # 1.1 * 100 is 110.00000000000001 in floating point
     return opts.multiple_of * math.ceil(width / opts.multiple_of)
 
 

@@ -1,0 +1,555 @@
+"""Conformance kit: does a component keep its family's contract (:mod:`toolkit.contracts`)?
+
+Run it from your plugin package's own tests, in either of two ways; both run the same checks.
+
+**One call**, anywhere (a test, a notebook, a CI script); it runs every check and raises one
+:class:`ConformanceError` that lists each failed check on its own line::
+
+    from toolkit.testing import conformance
+
+    def test_my_attention_conforms():
+        conformance.check_component("attention", "my_attention", options={"n_groups": 2})
+
+**A pytest class**, one test per check, so a failure names the behaviour that broke::
+
+    from toolkit.testing import ComponentConformance
+
+    class TestMyAttention(ComponentConformance):
+        family = "attention"
+        name = "my_attention"
+        options = {"n_groups": 2}      # optional: the component's defaults otherwise
+        plugins = ["my_attention.py"]  # optional: plugin files or modules to load first
+        model = {"n_head": 8}          # optional: change the tiny test model's shape
+
+Installed plugin packages (entry-point group ``playattention``) are loaded anyway. Components
+are looked up in the process-wide registry, or in the ``registry`` you pass to check_component.
+
+Each check builds the component inside a tiny GPT (:data:`TINY_MODEL`: 2 layers, 4 heads,
+n_embd 32, block 16, vocab 97) whose other parts are the :data:`DEFAULT_PARTNERS` (mha, layernorm,
+learned, gelu), so a norm, a position or an MLP is tested where it lives. The checks, in order:
+
+    described        registered with a one-line description (its docstring's first line)
+    counts           reports parameters and int forward FLOPs per token >= 0, non-decreasing in seq_len
+    shape_and_dtype  keeps its family's shapes and the dtype, in fp32 and in bf16
+    position_hooks   attention: calls position.rotate and position.score_bias (directly or through
+                     attend) with the right positions, cached ones included, and uses what they return
+    causal           changing the tokens after position t never changes the outputs at positions <= t
+    kv_cache         cached decoding, token by token and in chunks, gives the full forward's outputs
+    gradients        every parameter gets a finite gradient; each of the component's own is non-zero
+    state_dict       saving and loading into a differently initialised model reproduces outputs exactly
+    deterministic    the same seed gives the same weights, and the same outputs with dropout on
+    partners         shape, causal and kv_cache with every registered position kind
+                     (for a position: with every registered attention)
+    post_norm        shape, causal and kv_cache in the post-norm block layout (Vaswani et al. 2017)
+    backends         components with a `backend` option: "sdpa" and "math" give the same outputs
+    compile          torch.compile gives the eager outputs (only with compile=True: CPU compiles are slow)
+
+Tolerances are fp32's (atol 1e-5, rtol 1e-4) except where the text says "exactly".
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import traceback
+from typing import Callable
+
+import attrs
+import torch
+from torch import nn
+
+from toolkit.contracts import Position, flops_per_token
+from toolkit.model import SPEC_TYPES, ModelConfig, Transformer, resolve_options
+from toolkit.registry import FAMILIES, Registry
+
+#: the tiny model every check builds the component into (ModelConfig fields)
+TINY_MODEL = dict(vocab_size=97, block_size=16, n_layer=2, n_head=4, n_embd=32, dropout=0.0)
+#: the other three components of that model
+DEFAULT_PARTNERS = {"attention": "mha", "norm": "layernorm", "position": "learned", "mlp": "gelu"}
+BATCH = 2
+ATOL, RTOL = 1e-5, 1e-4
+
+
+class ConformanceError(AssertionError):
+    """A component broke its contract; the message says which checks failed and how."""
+
+
+@attrs.frozen
+class Subject:
+    """The component under test and how to build a tiny model around it."""
+
+    family: str
+    name: str
+    options: object  # an instance of the component's options class
+    registry: Registry
+    model: dict = attrs.Factory(dict)  # ModelConfig overrides
+
+    @property
+    def label(self) -> str:
+        return f"{self.family} {self.name!r}"
+
+    def config(self, **changes) -> ModelConfig:
+        """The tiny model's config with this component; ``changes`` override fields (partners, layout, ...)."""
+        fields = {**TINY_MODEL, **DEFAULT_PARTNERS, **self.model, self.family: SPEC_TYPES[self.family](self.name, self.options)}
+        fields.update(changes)
+        return ModelConfig(**fields)
+
+    def build(self, seed: int = 0, **changes) -> Transformer:
+        torch.manual_seed(seed)
+        return Transformer(self.config(**changes), self.registry)
+
+    def module_paths(self, model: Transformer) -> list[str]:
+        """Where this component sits in ``model`` (module names)."""
+        n = len(model.transformer.h)
+        if self.family == "attention":
+            return [f"transformer.h.{i}.attn" for i in range(n)]
+        if self.family == "mlp":
+            return [f"transformer.h.{i}.mlp" for i in range(n)]
+        if self.family == "position":
+            return ["transformer.wpe"]
+        paths = [f"transformer.h.{i}.{ln}" for i in range(n) for ln in ("ln_1", "ln_2")]
+        return paths + (["transformer.ln_f"] if model.config.layout == "pre" else [])
+
+    def modules(self, model: Transformer) -> list[nn.Module]:
+        return [model.get_submodule(p) for p in self.module_paths(model)]
+
+
+def make_subject(family: str, name: str, options=None, registry: Registry | None = None, *,
+                 plugins: list[str] | tuple[str, ...] = (), model: dict | None = None) -> Subject:
+    """Look the component up and structure its options; a readable ConformanceError if either fails."""
+    from toolkit.config import format_errors, make_converter
+    from toolkit.plugin_manager import get_registry
+
+    if family not in FAMILIES:
+        raise ConformanceError(f"unknown component family {family!r} (families: {', '.join(FAMILIES)})")
+    if registry is None:
+        registry = get_registry(list(plugins))
+    elif plugins:
+        raise ConformanceError("pass either registry or plugins, not both (load the plugins into your registry first)")
+    elif not isinstance(registry, Registry):
+        raise ConformanceError(f"registry must be a toolkit.registry.Registry, got {type(registry).__name__}")
+    comp = registry.get(family, name)  # UnknownComponentError names the registered ones
+    if options is None or isinstance(options, comp.options):
+        try:
+            opts = options if options is not None else comp.options()
+        except TypeError as exc:
+            raise ConformanceError(f"{family} {name!r}: its options have no defaults, pass options=...: {exc}") from None
+    elif isinstance(options, dict):
+        import cattrs
+
+        try:
+            opts = make_converter(registry).structure(options, comp.options)
+        except (cattrs.BaseValidationError, ValueError, TypeError) as exc:
+            lines = format_errors(exc, "options") if isinstance(exc, cattrs.BaseValidationError) else [str(exc)]
+            raise ConformanceError(f"{family} {name!r}: invalid options: " + "; ".join(lines)) from None
+    else:
+        raise ConformanceError(f"{family} {name!r}: options must be a dict or {comp.options.__name__}, "
+                               f"got {type(options).__name__}")
+    return Subject(family, name, opts, registry, dict(model or {}))
+
+
+# -- helpers -------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def single_thread():
+    """Run tiny models on one intra-op thread: more threads only add synchronisation, and on a busy
+    machine their spin-waits make a 1 ms forward take hundreds of ms."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def tokens(subject: Subject, T: int | None = None, seed: int = 0) -> torch.Tensor:
+    cfg = subject.config()
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, cfg.vocab_size, (BATCH, T or cfg.block_size), generator=g)
+
+
+def _where(diff: torch.Tensor) -> str:
+    idx = tuple(int(i) for i in torch.nonzero(diff == diff.max())[0])
+    return f"max abs difference {diff.max().item():.3g} at index {idx}"
+
+
+def assert_same(got: torch.Tensor, want: torch.Tensor, what: str, exact: bool = False) -> None:
+    """Raise ConformanceError describing the largest mismatch between two tensors."""
+    if got.shape != want.shape:
+        raise ConformanceError(f"{what}: shape {tuple(got.shape)}, expected {tuple(want.shape)}")
+    got, want = got.detach().float(), want.detach().float()
+    if exact:
+        if not torch.equal(got, want):
+            raise ConformanceError(f"{what}: not identical ({_where((got - want).abs().nan_to_num(float('inf')))})")
+        return
+    if not torch.isfinite(got).all():
+        raise ConformanceError(f"{what}: non-finite values")
+    if not torch.allclose(got, want, atol=ATOL, rtol=RTOL):
+        raise ConformanceError(f"{what}: {_where((got - want).abs())} (atol {ATOL}, rtol {RTOL})")
+
+
+def decode(model: Transformer, idx: torch.Tensor, chunks: list[int]) -> torch.Tensor:
+    """Logits (B, T, V) from feeding idx through a KV cache in chunks of the given sizes."""
+    cache = [{} for _ in model.transformer.h]
+    out, start = [], 0
+    for n in chunks:
+        logits, _ = model(idx[:, start:start + n], cache=cache, start_pos=start)  # (B, n, V)
+        out.append(logits)
+        start += n
+    return torch.cat(out, dim=1)
+
+
+def chunk_sizes(T: int) -> list[int]:
+    """Uneven chunks covering T tokens: a prefill, single tokens, and longer runs."""
+    sizes, pattern = [], [5, 1, 1, 3, 4]
+    while sum(sizes) < T:
+        sizes.append(min(pattern[len(sizes) % len(pattern)], T - sum(sizes)))
+    return sizes
+
+
+# -- the checks ----------------------------------------------------------------------------------
+def check_described(subject: Subject, **_) -> None:
+    comp = subject.registry.get(subject.family, subject.name)
+    if not comp.doc.strip():
+        raise ConformanceError("no description: give the factory a docstring whose first line says what it is")
+
+
+def check_counts(subject: Subject, **_) -> None:
+    model = subject.build()
+    T = model.config.block_size
+    for path, module in zip(subject.module_paths(model), subject.modules(model)):
+        counts = []
+        for seq_len in (1, max(1, T // 2), T, 4 * T):
+            n = flops_per_token(module, seq_len)
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                raise ConformanceError(f"{path}: flops_per_token({seq_len}) must be an int >= 0, got {n!r}")
+            counts.append(n)
+        if counts != sorted(counts):
+            raise ConformanceError(f"{path}: flops_per_token decreases with seq_len (1, T/2, T, 4T -> {counts})")
+    for row in model.component_report(T):
+        if not all(isinstance(row[k], int) and row[k] >= 0 for k in ("params", "flops_per_token")):
+            raise ConformanceError(f"component_report row {row} has a count that is not an int >= 0")
+
+
+def _check_module_shapes(subject: Subject, model: Transformer, dtype: torch.dtype) -> None:
+    """The family contract on the component itself (not only through the model)."""
+    cfg = model.config
+    B, T, C, nh, hs = BATCH, cfg.block_size, cfg.n_embd, cfg.n_head, cfg.n_embd // cfg.n_head
+    x = torch.randn(B, T, C, generator=torch.Generator().manual_seed(1)).to(dtype)
+    pos = torch.arange(T)
+    module = subject.modules(model)[0]
+    position = model.transformer.wpe
+    if subject.family == "position":
+        if not isinstance(module, Position):
+            raise ConformanceError(f"builds a {type(module).__name__}, not a toolkit.contracts.Position")
+        checks = [("embed(tok_emb, pos)", module.embed(x, pos), x)]
+        q = torch.randn(B, nh, T, hs).to(dtype)
+        for n_kv in sorted({nh, 1}):  # keys may have fewer heads than queries (GQA, MQA)
+            k = torch.randn(B, n_kv, T, hs).to(dtype)
+            q_rot, k_rot = module.rotate(q, k, pos)
+            checks += [(f"rotate(q, k) with {n_kv} key heads: q", q_rot, q), (f"rotate(q, k) with {n_kv} key heads: k", k_rot, k)]
+        # a cached step: 3 new queries over all T keys
+        bias = module.score_bias(pos[-3:], pos)
+        if bias is not None:
+            if tuple(bias.shape) not in ((nh, 3, T), (1, 3, T)):
+                raise ConformanceError(f"score_bias(q_pos[3], k_pos[{T}]) has shape {tuple(bias.shape)}, expected ({nh}, 3, {T})")
+            if not torch.isfinite(bias).all():
+                raise ConformanceError("score_bias has non-finite values (leave masking to attend)")
+    elif subject.family == "attention":
+        checks = [("forward(x, position, pos)", module(x, position, pos), x)]
+    else:  # norm, mlp: (B, T, C) -> (B, T, C)
+        checks = [("forward(x)", module(x), x)]
+    for what, got, like in checks:
+        if got.shape != like.shape or got.dtype != like.dtype:
+            raise ConformanceError(f"{what} in {dtype}: got {tuple(got.shape)} {got.dtype}, "
+                                   f"expected {tuple(like.shape)} {like.dtype}")
+
+
+def check_shape_and_dtype(subject: Subject, *, dtypes=(torch.float32, torch.bfloat16), **changes) -> None:
+    for dtype in dtypes:
+        model = subject.build(**changes).to(dtype).eval()
+        idx = tokens(subject)
+        with torch.no_grad():
+            _check_module_shapes(subject, model, dtype)
+            logits, _ = model(idx)
+        want = (*idx.shape, model.config.vocab_size)
+        if tuple(logits.shape) != want or logits.dtype != dtype:
+            raise ConformanceError(f"model logits in {dtype}: got {tuple(logits.shape)} {logits.dtype}, expected {want} {dtype}")
+        if not torch.isfinite(logits.float()).all():
+            raise ConformanceError(f"model logits in {dtype} are not finite")
+
+
+class SpyPosition(Position):
+    """A Position that records how attention calls its hooks, and can perturb what they return."""
+
+    def __init__(self, perturb: str | None = None):
+        super().__init__()
+        self.perturb, self.calls = perturb, []
+
+    def rotate(self, q, k, pos):
+        self.calls.append(("rotate", tuple(q.shape), tuple(k.shape), pos.tolist()))
+        if self.perturb == "rotate":  # a fixed, non-trivial change to q and k: the output must change
+            g = torch.Generator().manual_seed(5)
+            q = q + torch.randn(q.shape, generator=g).to(q.dtype)
+            k = k + torch.randn(k.shape, generator=g).to(k.dtype)
+        return q, k
+
+    def score_bias(self, q_pos, k_pos):
+        self.calls.append(("score_bias", q_pos.tolist(), k_pos.tolist()))
+        if self.perturb == "score_bias":  # attend to the current token only
+            return -1e4 * (q_pos[:, None] - k_pos[None, :]).abs().float()[None]  # (1, Tq, Tk)
+        return None
+
+
+def check_position_hooks(subject: Subject, **_) -> None:
+    if subject.family != "attention":
+        return
+    model = subject.build().eval()
+    attn = subject.modules(model)[0]
+    T, C = model.config.block_size, model.config.n_embd
+    x = torch.randn(BATCH, T, C, generator=torch.Generator().manual_seed(2))
+    pos = torch.arange(T)
+    with torch.no_grad():
+        spy = SpyPosition()
+        plain = attn(x, spy, pos)
+        rotates = [c for c in spy.calls if c[0] == "rotate"]
+        biases = [c for c in spy.calls if c[0] == "score_bias"]
+        if len(rotates) != 1 or rotates[0][3] != pos.tolist() or rotates[0][1][2] != T or rotates[0][2][2] != T:
+            raise ConformanceError(f"expected one call position.rotate(q (B, nh, {T}, hs), k (B, nkv, {T}, hs), pos), "
+                                   f"got {rotates or 'none'}")
+        if not biases or any(c[1] != pos.tolist() or c[2] != pos.tolist() for c in biases):
+            raise ConformanceError(f"expected position.score_bias(q_pos, k_pos) with the {T} positions "
+                                   f"(attend calls it), got {biases or 'no call'}")
+        for hook in ("rotate", "score_bias"):
+            if torch.allclose(attn(x, SpyPosition(perturb=hook), pos).float(), plain.float()):
+                raise ConformanceError(f"the output ignores what position.{hook} returns")
+        # decoding: the hooks see the new positions, and score_bias every cached key position
+        spy, cache, split = SpyPosition(), {}, T - 6
+        attn(x[:, :split], spy, pos[:split], cache)
+        spy.calls.clear()
+        attn(x[:, split:], spy, pos[split:], cache)
+        rotate_pos = [c[3] for c in spy.calls if c[0] == "rotate"]
+        bias_pos = [(c[1], c[2]) for c in spy.calls if c[0] == "score_bias"]
+        new = pos[split:].tolist()
+        if rotate_pos != [new]:
+            raise ConformanceError(f"with a cache holding {split} tokens, rotate got positions {rotate_pos}, expected [{new}]")
+        if not bias_pos or any(q != new or k[-len(new):] != new or k != sorted(k) for q, k in bias_pos):
+            raise ConformanceError(f"with a cache holding {split} tokens, score_bias got (q_pos, k_pos) {bias_pos}: "
+                                   f"expected q_pos {new} and k_pos the cached positions followed by these")
+
+
+def check_causal(subject: Subject, **changes) -> None:
+    model = subject.build(**changes).eval()
+    idx = tokens(subject)
+    T, V = idx.size(1), model.config.vocab_size
+    with torch.no_grad():
+        base, _ = model(idx)
+        for t in sorted({0, T // 2, T - 2}):
+            changed = idx.clone()
+            changed[:, t + 1:] = (idx[:, t + 1:] + 1 + torch.arange(T - t - 1)) % V  # every later token differs
+            out, _ = model(changed)
+            assert_same(out[:, : t + 1], base[:, : t + 1], f"outputs at positions <= {t} changed when only tokens after {t} did")
+
+
+def check_kv_cache(subject: Subject, **changes) -> None:
+    model = subject.build(**changes).eval()
+    idx = tokens(subject)
+    T = idx.size(1)
+    with torch.no_grad():
+        full, _ = model(idx)
+        assert_same(decode(model, idx, [1] * T), full, "token-by-token cached decoding vs the full forward")
+        sizes = chunk_sizes(T)
+        assert_same(decode(model, idx, sizes), full, f"cached decoding in chunks {sizes} vs the full forward")
+
+
+def check_gradients(subject: Subject, **_) -> None:
+    model = subject.build().train()
+    idx, targets = tokens(subject, seed=1), tokens(subject, seed=2)
+    _, loss = model(idx, targets)
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    if missing:
+        raise ConformanceError(f"no gradient reached {', '.join(missing)}")
+    bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    if bad:
+        raise ConformanceError(f"non-finite gradients in {', '.join(bad)}")
+    zero = []
+    for path, module in zip(subject.module_paths(model), subject.modules(model)):
+        zero += [f"{path}.{n}" for n, p in module.named_parameters() if p.requires_grad and not p.grad.abs().sum() > 0]
+    if zero:
+        raise ConformanceError(f"gradients are all zero for {', '.join(zero)} (is the parameter used in forward?)")
+
+
+def check_state_dict(subject: Subject, **_) -> None:
+    saved, fresh = subject.build(seed=1).eval(), subject.build(seed=2).eval()
+    buf = io.BytesIO()
+    torch.save(saved.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    result = fresh.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ConformanceError(f"state_dict does not load into a fresh model: missing {result.missing_keys}, "
+                               f"unexpected {result.unexpected_keys}")
+    idx = tokens(subject)
+    with torch.no_grad():
+        assert_same(fresh(idx)[0], saved(idx)[0], "outputs after a state_dict save/load round trip", exact=True)
+
+
+def check_deterministic(subject: Subject, **_) -> None:
+    a, b = subject.build(seed=3, dropout=0.1), subject.build(seed=3, dropout=0.1)
+    sa, sb = a.state_dict(), b.state_dict()
+    differ = [k for k in sa if k not in sb or not torch.equal(sa[k], sb[k])]
+    if differ:
+        raise ConformanceError(f"two builds under the same seed have different {', '.join(differ)}")
+    idx = tokens(subject)
+    with torch.no_grad():
+        assert_same(b.eval()(idx)[0], a.eval()(idx)[0], "eval outputs of two builds under the same seed", exact=True)
+        a.train()
+        torch.manual_seed(4)
+        first, _ = a(idx)
+        torch.manual_seed(4)
+        second, _ = a(idx)
+        assert_same(second, first, "training-mode outputs (dropout 0.1) under the same seed", exact=True)
+
+
+def _behaviour(subject: Subject, **changes) -> None:
+    check_shape_and_dtype(subject, dtypes=(torch.float32,), **changes)
+    check_causal(subject, **changes)
+    check_kv_cache(subject, **changes)
+
+
+def partner_family(family: str) -> str:
+    """Which family a component is crossed with: positions with every attention, the rest with every position."""
+    return "attention" if family == "position" else "position"
+
+
+def check_partners(subject: Subject, **_) -> None:
+    other = partner_family(subject.family)
+    failures, tried = [], 0
+    for kind in subject.registry.names(other):
+        comp = subject.registry.get(other, kind)
+        try:
+            comp.options()
+        except TypeError:
+            continue  # a partner without default options: we cannot choose them for it
+        tried += 1
+        try:
+            _behaviour(subject, **{other: SPEC_TYPES[other](kind)})
+        except Exception as exc:  # noqa: BLE001 - collect every partner's failure
+            failures.append(f"    with {other} {kind!r}: {_describe(exc)}")
+    if failures:
+        raise ConformanceError(f"fails with {len(failures)} of {tried} {other} kinds:\n" + "\n".join(failures))
+
+
+def check_post_norm(subject: Subject, **_) -> None:
+    _behaviour(subject, layout="post")
+
+
+def check_backends(subject: Subject, **_) -> None:
+    if "backend" not in attrs.fields_dict(type(subject.options)):
+        return
+    variants = {}
+    for backend in ("sdpa", "math"):
+        try:
+            variants[backend] = attrs.evolve(subject.options, backend=backend)
+        except (ValueError, TypeError):
+            pass
+    if len(variants) < 2:
+        return
+    idx = tokens(subject)
+    other = partner_family(subject.family)
+    for kind in subject.registry.names(other) if subject.family == "attention" else [None]:
+        changes = {other: SPEC_TYPES[other](kind)} if kind else {}
+        outs = {}
+        for backend, opts in variants.items():
+            sub = attrs.evolve(subject, options=opts)
+            model = sub.build(**changes).eval()
+            with torch.no_grad():
+                outs[backend] = (model(idx)[0], decode(model, idx, chunk_sizes(idx.size(1))))
+        with_ = f" with {other} {kind!r}" if kind else ""
+        assert_same(outs["math"][0], outs["sdpa"][0], f"backend 'math' vs 'sdpa'{with_}: full forward")
+        assert_same(outs["math"][1], outs["sdpa"][1], f"backend 'math' vs 'sdpa'{with_}: cached decoding")
+
+
+def check_compile(subject: Subject, *, backend: str = "inductor", **changes) -> None:
+    import torch._dynamo
+
+    model = subject.build(**changes).eval()
+    idx = tokens(subject)
+    torch._dynamo.reset()  # a fresh cache: never fall back to eager after too many recompiles
+    compiled = torch.compile(model, backend=backend)
+    with torch.no_grad():
+        want, _ = model(idx)
+        got, _ = compiled(idx)
+    torch._dynamo.reset()
+    assert_same(got, want, f"torch.compile(backend={backend!r}) vs eager outputs")
+
+
+#: every check by name, in the order they run
+CHECKS: dict[str, Callable] = {
+    "described": check_described,
+    "counts": check_counts,
+    "shape_and_dtype": check_shape_and_dtype,
+    "position_hooks": check_position_hooks,
+    "causal": check_causal,
+    "kv_cache": check_kv_cache,
+    "gradients": check_gradients,
+    "state_dict": check_state_dict,
+    "deterministic": check_deterministic,
+    "partners": check_partners,
+    "post_norm": check_post_norm,
+    "backends": check_backends,
+    "compile": check_compile,
+}
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for an exception: a ConformanceError's message, or type, message and where it was raised."""
+    if isinstance(exc, ConformanceError):
+        return str(exc)
+    text = (str(exc).strip().splitlines() or [""])[0]
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f"{os.sep}torch{os.sep}" not in f.filename]
+    where = f" ({os.path.basename(frames[-1].filename)}:{frames[-1].lineno})" if frames else ""
+    return f"{type(exc).__name__}: {text}{where}"
+
+
+def run_check(subject: Subject, check: str, **kwargs) -> None:
+    """Run one check; raise ConformanceError('<family> <name> <check>: ...') if it fails."""
+    try:
+        with single_thread():
+            CHECKS[check](subject, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one readable line
+        raise ConformanceError(f"{subject.label} fails {check}: {_describe(exc)}") from exc
+
+
+def check_component(family: str, name: str, options=None, registry: Registry | None = None, *,
+                    plugins: list[str] | tuple[str, ...] = (), model: dict | None = None,
+                    checks: list[str] | tuple[str, ...] | None = None, compile: bool = False,
+                    compile_backend: str = "inductor") -> list[str]:
+    """Run the conformance checks on one registered component; return the names of those run.
+
+    ``options``: a dict (structured like a recipe table) or an options instance, else the defaults.
+    ``checks``: names from :data:`CHECKS` (default: all but ``compile``, which ``compile=True`` adds).
+    Raises :class:`ConformanceError` listing every failed check.
+    """
+    subject = make_subject(family, name, options, registry, plugins=plugins, model=model)
+    names = list(checks) if checks is not None else [c for c in CHECKS if c != "compile" or compile]
+    unknown = [c for c in names if c not in CHECKS]
+    if unknown:
+        raise ConformanceError(f"unknown checks {unknown} (known: {', '.join(CHECKS)})")
+    try:
+        subject.build()
+    except Exception as exc:  # noqa: BLE001 - nothing else can run
+        raise ConformanceError(f"{subject.label} does not build in a tiny model: {_describe(exc)}") from exc
+    failures = []
+    for check in names:
+        kwargs = {"backend": compile_backend} if check == "compile" else {}
+        try:
+            with single_thread():
+                CHECKS[check](subject, **kwargs)
+        except Exception as exc:  # noqa: BLE001
+            failures.append(f"  {check}: {_describe(exc)}")
+    if failures:
+        opts = f" ({subject.options})" if attrs.fields(type(subject.options)) else ""
+        raise ConformanceError(f"{subject.label}{opts} failed {len(failures)} of {len(names)} "
+                               f"conformance checks:\n" + "\n".join(failures))
+    return names
