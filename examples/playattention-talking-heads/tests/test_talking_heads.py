@@ -1,0 +1,55 @@
+"""Talking-heads attention: the playattention conformance kit, plus what is special about it."""
+import pytest
+import torch
+
+from toolkit.config import ConfigError, structure
+from toolkit.model import ModelConfig, Transformer
+from toolkit.plugin_manager import PluginManager
+from toolkit.testing import ComponentConformance
+
+
+class TestTalkingHeads(ComponentConformance):
+    family = "attention"
+    name = "talking_heads"
+
+
+class TestTalkingHeadsLogitsOnly(ComponentConformance):
+    family = "attention"
+    name = "talking_heads"
+    options = {"mix": "logits"}
+
+
+def small(attention, seed=0):
+    registry = PluginManager().registry  # built-ins plus installed packages, this one included
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=50, block_size=12, n_layer=2, n_head=4, n_embd=32, attention=attention)
+    return Transformer(cfg, registry).eval()
+
+
+def test_is_found_through_its_entry_point():
+    comp = PluginManager().registry.get("attention", "talking_heads")
+    assert comp.source.package == "playattention-talking-heads"
+
+
+def test_identity_mixing_is_multi_head_attention():
+    th, mha = small("talking_heads"), small("mha", seed=1)
+    mha.load_state_dict({k: v for k, v in th.state_dict().items() if "mix_" not in k})
+    idx = torch.randint(0, 50, (2, 12))
+    torch.testing.assert_close(th(idx)[0], mha(idx)[0], atol=1e-5, rtol=1e-4)
+
+
+def test_learned_mixing_changes_the_outputs():
+    th = small("talking_heads")
+    idx = torch.randint(0, 50, (2, 12))
+    before = th(idx)[0]
+    with torch.no_grad():
+        th.transformer.h[0].attn.mix_logits.copy_(torch.randn(4, 4))
+    assert (th(idx)[0] - before).abs().max() > 1e-3
+
+
+def test_unknown_mix_is_a_clear_error():
+    registry = PluginManager().registry
+    with pytest.raises(ConfigError) as err:
+        structure(registry, {"attention": {"kind": "talking_heads", "mix": "sideways"}}, ModelConfig, "$.model")
+    assert err.value.lines[0].startswith("$.model.attention.mix:")
+    assert "sideways" in err.value.lines[0]
