@@ -309,13 +309,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.trace:
         os.environ["PLAYATTENTION_TRACE"] = "1"
+        from . import plugin_manager
+
+        plugin_manager.reset()  # rebuild so the built-ins' registrations are traced too
+    from .hf.common import HFFormatError
+
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:
         for line in exc.lines:
             print(f"error: {line}", file=sys.stderr)
         return 2
-    except (UsageError, PluginLoadError, RegistryError, FileNotFoundError, DataError) as exc:
+    except (UsageError, PluginLoadError, RegistryError, FileNotFoundError, DataError, HFFormatError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -12,7 +12,6 @@ attrs' raw ``("'lr' must be > 0: -1.0", Attribute(...), ...)`` escaping the path
 """
 from __future__ import annotations
 
-import difflib
 import functools
 import re
 import typing
@@ -29,7 +28,7 @@ from cattrs.errors import (
 )
 
 from .model import SPEC_TYPES, Spec, resolve_options  # noqa: F401  (SPEC_TYPES re-exported)
-from .registry import Registry, UnknownComponentError
+from .registry import Registry, UnknownComponentError, did_you_mean
 
 
 class ValueTypeError(TypeError):
@@ -100,9 +99,9 @@ def _structure_literal(value, typ):
             return option
     msg = f"must be one of {', '.join(_show(o) for o in allowed)}, got {_show(value)}"
     if isinstance(value, str):
-        hint = difflib.get_close_matches(value, [o for o in allowed if isinstance(o, str)], n=1)
+        hint = did_you_mean(value, [o for o in allowed if isinstance(o, str)])
         if hint:
-            msg += f"; did you mean {_show(hint[0])}?"
+            msg += f"; did you mean {_show(hint)}?"
     raise InvalidValue(msg)
 
 
@@ -181,9 +180,9 @@ def validator_message(exc: BaseException, name: str, value: Any) -> str:
         options = list(args[2])
         msg = f"must be one of {', '.join(_show(o) for o in options)}, got {_show(value)}"
         if isinstance(value, str):
-            hint = difflib.get_close_matches(value, [o for o in options if isinstance(o, str)], n=1)
+            hint = did_you_mean(value, [o for o in options if isinstance(o, str)])
             if hint:
-                msg += f"; did you mean {_show(hint[0])}?"
+                msg += f"; did you mean {_show(hint)}?"
         return msg
     m = _ATTRS_NUMBER.match(text)
     if m:
@@ -278,9 +277,9 @@ def build(cls: type, kwargs: dict):
 # -- component specs ----------------------------------------------------------------------------
 def _unknown_option(registry: Registry, family: str, kind: str, key: str, allowed: list[str]) -> UnknownOptionError:
     msg = f"not an option of {family} '{kind}'"
-    hint = difflib.get_close_matches(key, allowed, n=1)
+    hint = did_you_mean(key, allowed)
     if hint:
-        msg += f"; did you mean '{hint[0]}'?"
+        msg += f"; did you mean '{hint}'?"
     elif allowed:
         msg += f" (its options: {', '.join(allowed)})"
     else:
@@ -361,9 +360,9 @@ def _describe(exc: BaseException, path: str) -> str:
         parts = []
         for key in sorted(exc.extra_fields):
             msg = f"{path}.{key}: unknown key"
-            hint = difflib.get_close_matches(key, known, n=1)
+            hint = did_you_mean(key, known)
             if hint:
-                msg += f"; did you mean '{hint[0]}'?"
+                msg += f"; did you mean '{hint}'?"
             elif known:
                 msg += f" (allowed: {', '.join(known)})"
             parts.append(msg)

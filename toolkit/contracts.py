@@ -30,6 +30,11 @@ e.g. ``cache["k"], cache["v"], cache["pos"]``. :func:`update_cache` does the usu
 per token; :func:`flops_per_token` supplies the default (2 FLOPs per weight of each ``nn.Linear``),
 which is exact for matmul-only modules. Attention adds its score and value products itself.
 
+**Validation.** Options classes validate single values (attrs validators). A factory that needs
+the model's shape to decide (``n_kv_head`` must divide ``n_head``) raises
+:class:`toolkit.config.ConfigError` from ``__init__``: recipe validation builds every component
+once on the ``meta`` device and reports that message at ``$.model.<family>`` with the others.
+
 **Initialisation.** The model applies GPT-2's init to every ``nn.Linear`` and ``nn.Embedding``
 (normal, std 0.02, zero bias) and scales linear layers named ``c_proj`` (the projections back into
 the residual stream) by 1/sqrt(2 * n_layer), as GPT-2 does. Other parameters keep the init their

@@ -55,6 +55,19 @@ class Component:
         return out
 
 
+def did_you_mean(word: str, candidates) -> str | None:
+    """The candidate a typo most likely meant: same letters swapped first ('mah' -> 'mha'), then difflib's closest."""
+    candidates = [c for c in candidates if isinstance(c, str)]
+    lowered = {c.lower(): c for c in candidates}
+    if word.lower() in lowered:
+        return lowered[word.lower()]
+    swapped = [c for c in candidates if sorted(c.lower()) == sorted(word.lower())]
+    if swapped:
+        return swapped[0]
+    hint = difflib.get_close_matches(word, candidates, n=1)
+    return hint[0] if hint else None
+
+
 class RegistryError(ValueError):
     """A component could not be registered or found."""
 
@@ -62,10 +75,10 @@ class RegistryError(ValueError):
 class UnknownComponentError(RegistryError, KeyError):
     def __init__(self, family: str, name: str, known: list[str]):
         self.family, self.name, self.known = family, name, known
-        hint = difflib.get_close_matches(name, known, n=1)
+        hint = did_you_mean(name, known)
         msg = f"unknown {family} {name!r}"
         if hint:
-            msg += f"; did you mean {hint[0]!r}?"
+            msg += f"; did you mean {hint!r}?"
         msg += f" (registered: {', '.join(sorted(known)) or 'none'})"
         super().__init__(msg)
 
@@ -75,8 +88,8 @@ class UnknownComponentError(RegistryError, KeyError):
 
 def _check_family(family: str) -> None:
     if family not in FAMILIES:
-        hint = difflib.get_close_matches(family, FAMILIES, n=1)
-        extra = f"; did you mean {hint[0]!r}?" if hint else ""
+        hint = did_you_mean(family, FAMILIES)
+        extra = f"; did you mean {hint!r}?" if hint else ""
         raise RegistryError(f"unknown component family {family!r}{extra} (families: {', '.join(FAMILIES)})")
 
 
