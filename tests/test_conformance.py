@@ -220,3 +220,10 @@ def test_kit_explains_bad_options_and_unknown_names():
 def test_kit_reports_a_component_that_cannot_build_in_one_line():
     with pytest.raises(ConformanceError, match=r"does not build in a tiny model: ConfigError: model\.attention\.n_kv_head \(3\)"):
         check_component("attention", "gqa", {"n_kv_head": 3}, registry=BUILTINS)
+
+
+def test_pytest_plugin_gives_each_test_its_own_registry(playattention_registry):
+    from toolkit.plugin_manager import get_registry
+
+    assert playattention_registry is not get_registry()
+    assert {"mha", "gqa", "mqa", "sliding_window"} <= set(playattention_registry.names("attention"))
