@@ -93,8 +93,9 @@ def sample(model, tokenizer, prompt: str, cfg: GenerateConfig, *, seed: int | No
 
 
 def stream_samples(model, tokenizer, prompts: list[str], cfg: GenerateConfig, num_samples: int = 1,
-                   out: TextIO = sys.stdout) -> list[str]:
-    """Write samples to ``out`` as the tokens are produced; sample i of a prompt uses seed + i."""
+                   out: TextIO | None = None) -> list[str]:
+    """Write samples to ``out`` (stdout) as the tokens are produced; sample i of a prompt uses seed + i."""
+    out = sys.stdout if out is None else out
     texts = []
     for p, prompt in enumerate(prompts):
         for i in range(num_samples):

@@ -35,8 +35,8 @@ import attrs
 import torch
 
 from . import checkpoint
-from .engine import (batch_plan, build_engine, check_precision, deepspeed_config, device, init_distributed,
-                     peak_flops)
+from .engine import (batch_plan, build_engine, check_precision, deepspeed_config, device, engine_step,
+                     init_distributed, peak_flops)
 from .generate import load_run  # noqa: F401 - re-exported: toolkit.trainer.load_run(run_dir)
 from .recipe import Recipe
 
@@ -124,15 +124,7 @@ class Trainer:
     # -- one step --------------------------------------------------------------------------
     def train_step(self) -> torch.Tensor:
         """One optimizer step over grad_accum micro batches; the mean loss, still on the device."""
-        engine = self.engine
-        total = torch.zeros((), device=self.device)
-        for _ in range(self.plan.grad_accum):
-            x, y = self.batch(self.train_loader)
-            _, loss = engine(x, y)
-            engine.backward(loss)  # scaled by 1/grad_accum; all-reduced across ranks at the boundary
-            engine.step()  # a no-op until the boundary, then clip, optimizer step, schedule step
-            total += loss.detach()
-        return total / self.plan.grad_accum
+        return engine_step(self.engine, lambda: self.batch(self.train_loader), self.plan.grad_accum)
 
     def read_step(self, loss: torch.Tensor) -> tuple[float, float | None]:
         """(loss averaged over ranks, gradient norm before clipping) as Python floats."""
@@ -229,11 +221,13 @@ class Trainer:
         self.metrics.write(json.dumps(clean) + "\n")
         self.metrics.flush()
 
-    def plot(self) -> None:
+    def plot(self, summary: bool = False) -> None:
+        """Redraw losses.png (at every evaluation) and, at the end, summary.png."""
         from .plots import plot_losses, plot_summary
 
         plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "losses.png", title=self.recipe.name)
-        plot_summary(self.run_dir / "metrics.jsonl", self.run_dir / "summary.png", title=self.recipe.name)
+        if summary:
+            plot_summary(self.run_dir / "metrics.jsonl", self.run_dir / "summary.png", title=self.recipe.name)
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.t_start
@@ -301,8 +295,8 @@ class Trainer:
         self.ds_config = deepspeed_config(recipe, self.world_size)
         self.tokenizer, prepared = self.prepare_data()
         self.check_model_fits_data(prepared)
-        self.make_run_dir()
         self.make_loaders(prepared)
+        self.make_run_dir()
         torch.manual_seed(self.cfg.seed)  # the same initial weights on every rank
         model = Transformer(recipe.model, registry)
         self.params = model.num_params()
@@ -414,7 +408,7 @@ class Trainer:
         if self.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             if (self.run_dir / "metrics.jsonl").exists():
-                self.plot()
+                self.plot(summary=True)
         return summary
 
 

@@ -1,0 +1,168 @@
+"""The Trainer end to end on CPU through DeepSpeed: the run folder, metrics, plots, export, failures."""
+import json
+import math
+
+import pytest
+import torch
+
+from toolkit.config import ConfigError
+from toolkit.generate import load_run
+from toolkit.recipe import load_recipe
+from toolkit.trainer import Trainer, train
+
+TINY = """
+name = "tiny"
+[model]
+vocab_size = 65
+block_size = 32
+n_layer = 2
+n_head = 2
+n_embd = 32
+[data]
+prepared_dir = "{data}"
+[train]
+micro_batch = 8
+max_steps = 12
+lr = 3e-3
+warmup_steps = 2
+eval_interval = 6
+eval_batches = 2
+sample_interval = 6
+log_interval = 4
+out_dir = "{out}"
+[generate]
+prompts = ["ROMEO:", "\\n"]
+max_new_tokens = 24
+"""
+
+RUN_FILES = ["recipe.toml", "ds_config.json", "versions.json", "metrics.jsonl", "losses.png", "summary.png",
+             "samples.txt", "model.safetensors", "model.toml", "tokenizer.json", "summary.json"]
+TRAIN_KEYS = {"type", "step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "elapsed"}
+EVAL_KEYS = {"type", "step", "tokens", "train_loss", "val_loss", "elapsed"}
+SUMMARY_KEYS = {"run_dir", "status", "steps", "tokens", "final_train_loss", "final_val_loss", "best_val_loss",
+                "tokens_per_s", "peak_mem_bytes", "wall_s", "params", "flops_per_token"}
+
+
+@pytest.fixture(scope="module")
+def tiny_file(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trainer")
+    path = root / "tiny.toml"
+    path.write_text(TINY.format(data=root / "data", out=root / "runs"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_file):
+    trainer = Trainer(load_recipe(tiny_file), progress=False)
+    summary = trainer.run()
+    return trainer, summary
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_folder_has_every_file(trained):
+    trainer, summary = trained
+    run = trainer.run_dir
+    assert summary["status"] == "finished", summary
+    assert run.parent.name == "runs" and run.name.startswith("tiny-")
+    assert sorted(p.name for p in run.iterdir() if p.is_file()) == sorted(RUN_FILES)
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir())
+    assert ckpts == ["step-0000012"]
+    for png in ("losses.png", "summary.png"):
+        assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ds = json.loads((run / "ds_config.json").read_text())
+    assert ds["train_batch_size"] == 8 and ds["zero_optimization"]["stage"] == 0
+    versions = json.loads((run / "versions.json").read_text())
+    assert {"python", "torch", "deepspeed", "playattention"} <= versions.keys()
+    assert any("attention:mha" in p["components"] for p in versions["plugins"])
+
+
+def test_metrics_lines_have_exactly_the_documented_keys(trained):
+    trainer, _ = trained
+    rows = metrics(trainer.run_dir)
+    train_rows = [r for r in rows if r["type"] == "train"]
+    eval_rows = [r for r in rows if r["type"] == "eval"]
+    assert [r["step"] for r in train_rows] == list(range(1, 13))
+    assert all(set(r) == TRAIN_KEYS for r in train_rows)
+    assert [r["step"] for r in eval_rows] == [0, 6, 12] and all(set(r) == EVAL_KEYS for r in eval_rows)
+    assert train_rows[-1]["tokens"] == 12 * 8 * 32
+    assert all(r["mfu"] is None and r["tokens_per_s"] > 0 and r["grad_norm"] > 0 for r in train_rows)
+
+
+def test_loss_decreases(trained):
+    trainer, summary = trained
+    evals = [r for r in metrics(trainer.run_dir) if r["type"] == "eval"]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.3
+    assert evals[0]["val_loss"] == pytest.approx(math.log(65), abs=0.15)  # untrained: about uniform
+    assert summary["final_val_loss"] == evals[-1]["val_loss"] and summary["best_val_loss"] <= evals[-1]["val_loss"]
+
+
+def test_summary_is_returned_and_written(trained):
+    trainer, summary = trained
+    assert SUMMARY_KEYS <= summary.keys()
+    assert json.loads((trainer.run_dir / "summary.json").read_text()) == summary
+    assert summary["steps"] == 12 and summary["tokens"] == 12 * 256
+    assert summary["params"] > 0 and summary["flops_per_token"] > 0 and summary["peak_mem_bytes"] > 2**20
+
+
+def test_samples_are_headed_by_their_step(trained):
+    trainer, _ = trained
+    text = (trainer.run_dir / "samples.txt").read_text()
+    assert text.count("=== step 6 |") == 2 and text.count("=== step 12 |") == 2
+    assert "\nROMEO:" in text
+
+
+def test_exported_weights_give_the_engines_logits(trained):
+    trainer, _ = trained
+    model, tokenizer, recipe = load_run(trainer.run_dir)
+    assert recipe.name == "tiny" and tokenizer.vocab_size == 65
+    assert model.lm_head.weight is model.transformer.wte.weight  # tied, stored once
+    idx = torch.tensor([tokenizer.encode("ROMEO: what light")])
+    engine_module = trainer.engine.module.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx)[0], engine_module(idx)[0], rtol=0, atol=0)
+
+
+def test_vocab_smaller_than_the_tokenizer_is_refused(tiny_file):
+    with pytest.raises(ConfigError, match="model.vocab_size: 50 is smaller than the char tokenizer's vocabulary of 65"):
+        train(load_recipe(tiny_file, ["model.vocab_size=50"]), progress=False)
+
+
+def test_block_size_too_long_for_the_data_is_refused(tiny_file):
+    from toolkit.data import DataError
+
+    with pytest.raises(DataError, match="too few for one batch"):
+        train(load_recipe(tiny_file, ["model.block_size=60000", "train.micro_batch=2"]), progress=False)
+
+
+def test_a_failure_during_training_is_recorded_as_failed(tiny_file, tmp_path, monkeypatch):
+    calls = []
+
+    def boom(self):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom at the third step")
+        return original(self)
+
+    original = Trainer.train_step
+    monkeypatch.setattr(Trainer, "train_step", boom)
+    summary = train(load_recipe(tiny_file, ["train.max_steps=5"]), run_dir=tmp_path / "run", progress=False)
+    assert summary["status"] == "failed" and summary["steps"] == 2
+    assert summary["error"] == "RuntimeError: boom at the third step"
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "failed"
+
+
+def test_grad_accumulation_follows_the_same_curve_as_one_big_batch(tiny_file, tmp_path):
+    common = ["train.max_steps=4", "train.eval_interval=100", "generate.max_new_tokens=1", "train.eval_batches=1"]
+    accumulated = train(load_recipe(tiny_file, [*common, "train.micro_batch=4", "train.grad_accum=2"]),
+                        run_dir=tmp_path / "accum", progress=False)
+    single = train(load_recipe(tiny_file, [*common, "train.micro_batch=8", "train.grad_accum=1"]),
+                   run_dir=tmp_path / "single", progress=False)
+
+    def losses(name):
+        return [r["loss"] for r in metrics(tmp_path / name) if r["type"] == "train"]
+
+    assert accumulated["tokens"] == single["tokens"] == 4 * 8 * 32
+    assert losses("accum") == pytest.approx(losses("single"), rel=1e-5)
