@@ -92,7 +92,7 @@ def test_markdown_ranks_best_first_and_lists_failed_runs_with_their_error(three_
     assert table[2].startswith("| – | broken [failed] |")
     assert "model.position.kind=rope" in table[0]
     assert "900" in table[0] and "6K" in table[0] and "| 5K |" in table[0] and "200 MiB" in table[0]
-    assert "## Failed runs" in md and "`broken` seed 1 (failed): FloatingPointError: loss is nan" in md
+    assert "## Runs that did not finish" in md and "`broken` seed 1 (failed): FloatingPointError: loss is nan" in md
     assert "![curves](curves.png)" in md and "- 500 steps" in md
 
 

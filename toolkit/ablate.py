@@ -658,11 +658,12 @@ def dry_run_text(ablation: Ablation, resolved: list[Resolved]) -> str:
     lines = [f"ablation {ablation.name}: {_budget_line(ablation, resolved)}",
              f"seeds {', '.join(map(str, ablation.seeds))}; baseline {ablation.baseline}", ""]
     width = max(len("variant"), *(len(r.variant.name) + 2 for r in resolved))
-    lines.append(f"{'variant':<{width}}  {'params':>8}  {'FLOPs/tok':>9}  differs from baseline")
+    pw = max(len("params"), *(len(f"{r.info.params:,}") for r in resolved))
+    lines.append(f"{'variant':<{width}}  {'params':>{pw}}  {'FLOPs/tok':>9}  differs from baseline")
     for r in resolved:
         name = r.variant.name + (" *" if r.variant.name == ablation.baseline else "")
         diff = "(baseline)" if r.variant.name == ablation.baseline else (", ".join(r.info.diff) or "(nothing)")
-        lines.append(f"{name:<{width}}  {r.info.params:>8,}  {report.si(r.info.flops_per_token):>9}  {diff}")
+        lines.append(f"{name:<{width}}  {r.info.params:>{pw},}  {report.si(r.info.flops_per_token):>9}  {diff}")
     return "\n".join(lines)
 
 
@@ -890,6 +891,13 @@ def run_ablation(ablation: Ablation, resolved: list[Resolved], out: str | Path, 
         bar.update(1)
         refresh()
 
+    def on_term(signum, frame):  # a scheduler's SIGTERM stops the runs as Ctrl-C does
+        raise KeyboardInterrupt
+
+    import signal
+    import threading
+
+    old_term = signal.signal(signal.SIGTERM, on_term) if threading.current_thread() is threading.main_thread() else None
     try:
         while queue or active:
             for slot in range(parallel):
@@ -900,7 +908,7 @@ def run_ablation(ablation: Ablation, resolved: list[Resolved], out: str | Path, 
                 rc = proc.poll()
                 if rc is not None:
                     finish(slot, rc)
-    except KeyboardInterrupt:
+    except BaseException:  # Ctrl-C, SIGTERM, or a bug here: never leave training processes behind
         for slot, (job, proc, log, _) in list(active.items()):
             proc.terminate()
             try:
@@ -915,6 +923,8 @@ def run_ablation(ablation: Ablation, resolved: list[Resolved], out: str | Path, 
         raise
     finally:
         bar.close()
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
     return [results[j.name] for j in jobs]
 
 

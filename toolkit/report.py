@@ -231,7 +231,7 @@ def render_markdown(rows: list[dict], runs: Sequence[RunResult], *, title: str, 
                  "at the full context.")
     failed = [r for r in runs if r.status in ("failed", "interrupted")]
     if failed:
-        lines += ["", "## Failed runs", ""]
+        lines += ["", "## Runs that did not finish", ""]
         for r in failed:
             lines.append(f"- `{r.variant}` seed {r.seed} ({r.status}): {_md(r.error or 'no error recorded')} "
                          f"(`{r.run_dir}`)")
@@ -308,7 +308,7 @@ def plot_curves(rows: list[dict], runs: Sequence[RunResult], path: str | Path, t
             curves.append((r, xs, mean, lo, hi))
     if not curves:
         return False
-    fig, ax = plt.subplots(figsize=(7.5, 4.6), dpi=110)
+    fig, ax = plt.subplots(figsize=(8.5, 4.4), dpi=100)
     colors = _colors(len(rows))
     color_of = {r["variant"]: colors[i] for i, r in enumerate(rows)}
     for r, xs, mean, lo, hi in curves:
@@ -329,7 +329,9 @@ def plot_curves(rows: list[dict], runs: Sequence[RunResult], path: str | Path, t
     ax.set_ylabel("validation loss")
     ax.set_title(title or "validation loss")
     ax.grid(alpha=0.3)
-    ax.legend(title="variant  final val loss", fontsize=8, title_fontsize=8, loc="upper right", frameon=True)
+    # outside the axes, best first: it never hides a curve, and reads as the ranking
+    ax.legend(title="variant  final val loss", fontsize=8, title_fontsize=8, loc="upper left",
+              bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda x, _: si(x)))
     fig.tight_layout()
     fig.savefig(path)
