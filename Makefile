@@ -22,8 +22,10 @@ $(STAMP): pyproject.toml
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# OpenMP threads that sleep instead of spinning while they wait: on a CPU other programs also
+# use, spinning threads wait for descheduled ones and a step takes ~10x longer (measured on 2 cores)
 train: setup
-	$(BIN)/playattention train $(RECIPE)
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(BIN)/playattention train $(RECIPE)
 
 bench: setup
 	$(BIN)/python bench/bench.py $(RECIPE)

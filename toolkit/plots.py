@@ -66,9 +66,13 @@ def plot_losses(metrics_path: str | Path, out_png: str | Path, title: str | None
     ax = fig.add_subplot()
     steps, loss = _finite([r["step"] for r in train], [r.get("loss") for r in train])
     shown = list(loss)
-    if loss:
+    window = min(100, len(loss) // 40)  # smooth over ~1/40 of the run: readable, and not lagging
+    if loss and window >= 3:
         ax.plot(steps, loss, color="tab:blue", alpha=0.25, linewidth=0.8, label="train loss (per step)")
-        ax.plot(steps, _ema(loss), color="tab:blue", linewidth=1.5, label="train loss (smoothed)")
+        ax.plot(steps, _ema(loss, 1 - 1 / window), color="tab:blue", linewidth=1.5,
+                label=f"train loss (smoothed over ~{window} steps)")
+    elif loss:
+        ax.plot(steps, loss, color="tab:blue", alpha=0.6, linewidth=1.0, label="train loss (per step)")
     for key, color, label in (("train_loss", "tab:orange", "eval: train"), ("val_loss", "tab:red", "eval: val")):
         xs, ys = _finite([r["step"] for r in evals], [r.get(key) for r in evals])
         if ys:
