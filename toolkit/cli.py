@@ -126,17 +126,15 @@ def cmd_diff(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .recipe import load_recipe
-
     if args.nproc < 1:
         raise UsageError(f"--nproc must be at least 1, got {args.nproc}")
-    recipe = load_recipe(args.recipe, args.set, args.plugin)
+    recipe, resume = train_target(args)
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        return launch_ranks(args, recipe)
+        return launch_ranks(args, recipe, resume)
     from .trainer import train
 
-    summary = train(recipe, run_dir=args.run_dir)
-    code = 0 if summary["status"] == "finished" else 1
+    summary = train(recipe, run_dir=resume or args.run_dir, resume=resume is not None)
+    code = train_exit_status(summary)
     if int(os.environ.get("RANK", "0")) == 0:
         print(render_train_summary(summary), file=sys.stdout if code == 0 else sys.stderr)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -148,28 +146,83 @@ def cmd_train(args) -> int:
     return code
 
 
-def launch_ranks(args, recipe) -> int:
-    """Run this same command on ``--nproc`` local ranks through torchrun (rank 0 names the run folder)."""
+def train_target(args):
+    """(recipe, run folder to resume or None) for ``train``; UsageError/CheckpointError name what is wrong."""
+    from pathlib import Path
+
+    from .checkpoint import check_resumable, find_run
+    from .recipe import load_recipe
+
+    if not args.resume:
+        if not args.recipe:
+            raise UsageError("give a RECIPE to train, or --resume RUN_DIR to continue a run")
+        return load_recipe(args.recipe, args.set, args.plugin), None
+    if args.resume == "auto":
+        if not args.recipe:
+            raise UsageError("--resume auto needs the RECIPE whose newest run to continue")
+        recipe = load_recipe(args.recipe, args.set, args.plugin)
+        run_dir = find_run(recipe.train.out_dir, recipe.name)
+    else:
+        run_dir = check_resumable(args.resume)
+        recipe = load_recipe(args.recipe or run_dir, args.set, args.plugin)  # default: the run's own recipe
+    if args.run_dir and Path(args.run_dir).resolve() != run_dir.resolve():
+        raise UsageError(f"--run-dir {args.run_dir} and --resume {run_dir} differ; a resumed run continues in its own folder")
+    return recipe, str(run_dir)
+
+
+def train_exit_status(summary: dict) -> int:
+    """0 finished; 128 + the signal when stopped by one (130 SIGINT, 143 SIGTERM); 1 failed."""
+    if summary["status"] == "finished":
+        return 0
+    if summary["status"] == "interrupted":
+        return 128 + summary["signal"]
+    return 1
+
+
+def launch_ranks(args, recipe, resume: str | None = None) -> int:
+    """Run this same command on ``--nproc`` local ranks through torchrun (rank 0 names the run folder).
+
+    torchrun runs in its own session and gets each SIGINT/SIGTERM from here exactly once (a
+    second one would make the ranks stop at once, unsaved); it passes it to every rank, which
+    finish the step and save a checkpoint within --shutdown_timeout.
+    """
+    import signal
     import subprocess
 
     from .trainer import default_run_dir
 
-    run_dir = args.run_dir or str(default_run_dir(recipe))
+    run_dir = resume or args.run_dir or str(default_run_dir(recipe))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-           "-m", "toolkit", "train", args.recipe, "--run-dir", run_dir]
+           "--shutdown_timeout=300", "-m", "toolkit", "train", *([args.recipe] if args.recipe else []),
+           "--run-dir", run_dir, *(["--resume", run_dir] if resume else [])]
     for s in args.set:
         cmd += ["--set", s]
     for p in args.plugin:
         cmd += ["--plugin", p]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
-    return subprocess.call(cmd, env=env)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    got = []
+
+    def forward(signum, _frame):
+        got.append(signum)
+        proc.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = proc.wait()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    return 128 + got[0] if got else code
 
 
 def render_train_summary(s: dict) -> str:
     from pathlib import Path
 
     run = Path(s["run_dir"])
+    if s["status"] == "interrupted":
+        return f"interrupted: {s.get('error')}"
     if s["status"] != "finished":
         return f"error: training failed at step {s['steps']}: {s.get('error')} (run folder {run})"
 
@@ -269,9 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a recipe through DeepSpeed into a run folder",
                        description="Train a recipe with DeepSpeed's ZeRO engine as one process, or on N local "
                        "ranks with --nproc N (or under `deepspeed`/`torchrun`), writing runs/<name>-<time>/.")
-    p.add_argument("recipe", help="recipe TOML")
+    p.add_argument("recipe", nargs="?", help="recipe TOML (with --resume RUN_DIR: default the run's recipe.toml)")
     add_recipe_options(p)
     p.add_argument("--run-dir", metavar="DIR", help="write the run here (default <train.out_dir>/<name>-<time>)")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue RUN_DIR from its newest complete checkpoint, in that folder; 'auto': the newest "
+                   "run of RECIPE under train.out_dir that has one (see docs/checkpoints.md)")
     p.add_argument("--nproc", type=int, default=1, metavar="N", help="launch N local ranks through torchrun")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_train)
@@ -312,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         from . import plugin_manager
 
         plugin_manager.reset()  # rebuild so the built-ins' registrations are traced too
+    from .checkpoint import CheckpointError
     from .hf.common import HFFormatError
 
     try:
@@ -320,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
         for line in exc.lines:
             print(f"error: {line}", file=sys.stderr)
         return 2
-    except (UsageError, PluginLoadError, RegistryError, FileNotFoundError, DataError, HFFormatError) as exc:
+    except (UsageError, PluginLoadError, RegistryError, FileNotFoundError, DataError, HFFormatError,
+            CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -8,7 +8,8 @@
         losses.png         train and val loss vs step, redrawn at each evaluation
         summary.png        learning rate, gradient norm and tokens/s vs step
         samples.txt        generated text, each sample headed by the step it was drawn at
-        checkpoints/       DeepSpeed checkpoints, step-NNNNNNN
+        checkpoints/       checkpoints, step-NNNNNNN, each committed whole (:mod:`toolkit.checkpoint`)
+        resume.log         one entry per resume: from which checkpoint, what changed
         model.safetensors  fp32 weights under GPT-2 names, with model.toml and tokenizer.json:
                            the run without DeepSpeed (:func:`toolkit.generate.load_run`)
         summary.json       the result, also returned by :func:`train`
@@ -17,15 +18,22 @@
 named method. One optimizer step is ``grad_accum`` micro batches through the DeepSpeed engine,
 which scales, accumulates and (across ranks) averages the gradients, clips them, and steps the
 optimizer and the schedule at the accumulation boundary.
+
+A run survives being stopped: SIGINT/SIGTERM finish the step, save a checkpoint and exit 130/143;
+``resume=True`` continues a run folder from its newest complete checkpoint, bitwise as if it had
+never stopped (fp32, same ranks); a NaN/inf loss stops the run without saving the broken state.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 import resource
+import signal
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -44,14 +52,29 @@ from .recipe import Recipe
 TIMING_SKIP = 3
 
 
-def train(recipe: Recipe, *, run_dir: str | Path | None = None, progress: bool = True, plugins=()) -> dict:
+def train(recipe: Recipe, *, run_dir: str | Path | None = None, progress: bool = True, plugins=(),
+          resume: bool = False) -> dict:
     """Train ``recipe`` and return its summary (also written to ``run_dir/summary.json``).
 
     ``plugins`` are extra plugin files or modules, loaded as if the recipe listed them. Problems
     found before training starts (recipe, data, batch arithmetic) raise; a failure during
-    training is reported as ``status: "failed"`` with an ``error`` line.
+    training is reported as ``status: "failed"`` with an ``error`` line, a SIGINT/SIGTERM as
+    ``status: "interrupted"`` with the ``signal``. ``resume`` continues ``run_dir`` from its
+    newest complete checkpoint.
     """
-    return Trainer(recipe, run_dir=run_dir, progress=progress, plugins=plugins).run()
+    return Trainer(recipe, run_dir=run_dir, progress=progress, plugins=plugins, resume=resume).run()
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM: the run stopped after a step and saved a checkpoint."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
+class Diverged(Exception):
+    """The loss became NaN or inf; nothing of that step was saved."""
 
 
 def default_run_dir(recipe: Recipe) -> Path:
@@ -68,11 +91,17 @@ def default_run_dir(recipe: Recipe) -> Path:
 class Trainer:
     """Trains one recipe on this rank; every rank of a launch runs the same Trainer."""
 
-    def __init__(self, recipe: Recipe, *, run_dir: str | Path | None = None, progress: bool = True, plugins=()):
+    def __init__(self, recipe: Recipe, *, run_dir: str | Path | None = None, progress: bool = True, plugins=(),
+                 resume: bool = False):
         self.recipe, self.cfg = recipe, recipe.train
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.progress = progress
         self.plugins = list(plugins)
+        self.resume = resume  # continue run_dir from its newest complete checkpoint
+        if resume and run_dir is None:
+            raise ValueError("resume needs the run_dir to continue")
+        self.saved_step: int | None = None  # the step of the newest checkpoint this run saved or loaded
+        self.signal_received = 0  # SIGINT/SIGTERM seen by this rank (the handler sets it)
         self.step = 0  # optimizer steps taken
         self.tokens = 0  # tokens trained on, all ranks together
         self.last_eval: dict = {}
@@ -91,6 +120,7 @@ class Trainer:
             t0 = time.perf_counter()
             loss = self.train_step()
             loss, grad_norm = self.read_step(loss)  # the one host sync of the step
+            self.check_finite(loss)  # NaN/inf: stop before anything of this step is logged or saved
             self.step += 1
             self.tokens += self.plan.tokens_per_step
             self.log(loss, lr, grad_norm, time.perf_counter() - t0)
@@ -101,6 +131,8 @@ class Trainer:
                 self.sample()
             if cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0 and not last:
                 self.save_checkpoint()
+            if not last and self.stop_requested():  # SIGINT/SIGTERM on any rank: every rank stops here
+                self.stop()
         self.sample()
         self.save_checkpoint()
         self.export()
@@ -110,7 +142,12 @@ class Trainer:
         self.setup()
         status, error = "finished", None
         try:
-            self.fit()
+            with self.stop_on_signals():
+                self.fit()
+        except Interrupted as exc:
+            status, error = "interrupted", str(exc)
+        except (Diverged, checkpoint.CheckpointError) as exc:  # said in one line; a traceback adds nothing
+            status, error = "failed", str(exc)
         except Exception as exc:  # noqa: BLE001 - the run folder records the failure
             status, error = "failed", f"{type(exc).__name__}: {exc}"
             traceback.print_exc()
@@ -150,6 +187,59 @@ class Trainer:
         value = value.detach().clone().float()
         dist.all_reduce(value)  # SUM: gloo has no AVG
         return value / self.world_size
+
+    # -- stopping: signals and divergence ----------------------------------------------------------
+    def check_finite(self, loss: float) -> None:
+        """Raise Diverged on a NaN or inf loss, naming the step and the last good checkpoint."""
+        if not math.isfinite(loss):
+            good = checkpoint.latest(self.run_dir / "checkpoints")
+            raise Diverged(f"loss is {loss} at step {self.step + 1}; stopped without saving, the last good "
+                           f"checkpoint is {good or 'none (no checkpoint was saved yet)'}")
+
+    @contextlib.contextmanager
+    def stop_on_signals(self):
+        """While fitting, SIGINT/SIGTERM ask for a stop after the current step; a second one acts at once."""
+        if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+            yield
+            return
+        previous = {s: signal.getsignal(s) or signal.SIG_DFL for s in (signal.SIGINT, signal.SIGTERM)}
+
+        def handler(signum, _frame):
+            self.signal_received = signum
+            for s, h in previous.items():
+                signal.signal(s, h)
+            who = f"rank {self.rank}: " if self.world_size > 1 else ""
+            sys.stderr.write(f"\n{who}{signal.Signals(signum).name}: finishing this step, then saving a "
+                             f"checkpoint and stopping (send it again to stop at once, unsaved)\n")
+
+        for s in previous:
+            signal.signal(s, handler)
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def stop_requested(self) -> bool:
+        """Whether any rank got SIGINT/SIGTERM; every rank gets the same answer (one int, all-reduced)."""
+        signum = self.signal_received
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            flag = torch.tensor([signum], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            signum = int(flag.item())
+        self.signal_received = signum
+        return signum != 0
+
+    def stop(self) -> None:
+        """Save a checkpoint of this step, then raise Interrupted saying how to resume."""
+        self.save_checkpoint()
+        nproc = f" --nproc {self.world_size}" if self.world_size > 1 else ""
+        raise Interrupted(self.signal_received,
+                          f"{signal.Signals(self.signal_received).name} at step {self.step}: saved "
+                          f"{self.run_dir / 'checkpoints' / checkpoint.tag_for(self.step)}; resume with: "
+                          f"playattention train --resume {self.run_dir}{nproc}")
 
     # -- evaluation and samples --------------------------------------------------------------
     @torch.no_grad()
@@ -234,23 +324,73 @@ class Trainer:
 
     # -- checkpoints and export -----------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        """A DeepSpeed checkpoint of this step, with the step, tokens and every rank's loader state."""
+        """A checkpoint of this step, committed whole: DeepSpeed's engine state plus ours (a collective).
+
+        Ours: step, tokens, best val loss, every rank's loader position and RNG states, the
+        tokenizer, and the recipe with the plugin versions that built the model.
+        """
+        path = self.run_dir / "checkpoints" / checkpoint.tag_for(self.step)
+        if self.saved_step == self.step:  # saved (or resumed from) already
+            return path
         state = {"step": self.step, "tokens": self.tokens, "best_val_loss": self.best_val_loss,
-                 "elapsed": self.elapsed(), "world_size": self.world_size,
-                 "loaders": self.gather_objects(self.train_loader.state_dict())}
-        return checkpoint.save(self.engine, self.run_dir / "checkpoints", self.step, state,
-                               keep=self.cfg.keep_checkpoints)
+                 "last_eval": self.last_eval, "elapsed": self.elapsed(),
+                 "loaders": self.gather_objects(self.train_loader.state_dict()),
+                 "rng": self.gather_objects(checkpoint.rng_state()), **self.identity}
+        checkpoint.save(self.engine, self.run_dir / "checkpoints", self.step, state,
+                        keep=self.cfg.keep_checkpoints, tokenizer=self.tokenizer)
+        self.saved_step = self.step
+        return path
 
     def load_checkpoint(self, tag: str | None = None) -> dict:
-        """Restore the engine, step, tokens and this rank's loader from a checkpoint (default: newest)."""
+        """Restore the engine, step, tokens, data position and RNG states of a checkpoint (default: newest complete)."""
         state = checkpoint.load(self.engine, self.run_dir / "checkpoints", tag)
-        if state.get("world_size", self.world_size) != self.world_size:
-            raise ValueError(f"checkpoint was written by {state['world_size']} ranks; this launch has {self.world_size}")
-        self.step, self.tokens = state["step"], state["tokens"]
-        self.best_val_loss = state.get("best_val_loss", math.inf)
-        self.elapsed_before = state.get("elapsed", 0.0)
-        self.train_loader.load_state_dict(state["loaders"][self.rank])
+        self.step, self.tokens, self.elapsed_before = state["step"], state["tokens"], state["elapsed"]
+        self.best_val_loss = math.inf if state["best_val_loss"] is None else state["best_val_loss"]
+        self.last_eval = state["last_eval"]
+        # a loader position counts the windows of all ranks together: any rank's serves every rank
+        self.train_loader.load_state_dict(state["loaders"][0])
+        if state["world_size"] == self.world_size:
+            checkpoint.set_rng_state(state["rng"][self.rank])  # the same dropout masks as if never stopped
+        else:
+            checkpoint.reseed(self.cfg.seed + 1009 * self.step + self.rank)
+        self.saved_step = self.step
         return state
+
+    def check_resume(self) -> None:
+        """Refuse a resume that changes the model, its plugins or the engine layout (a line per change)."""
+        from .config import ConfigError
+
+        found = checkpoint.latest(self.run_dir / "checkpoints")
+        if found is None:
+            raise checkpoint.CheckpointError(f"{self.run_dir}: no complete checkpoint to resume from")
+        saved = checkpoint.read_state(found)
+        refused, self.resume_changes = checkpoint.identity_changes(saved, self.identity)
+        if refused:
+            raise ConfigError([f"cannot resume {self.run_dir} from {found.name}: the model, its plugins or the "
+                               f"engine layout differ from the checkpoint's:", *refused])
+        if saved["step"] >= self.cfg.max_steps:
+            raise ConfigError([f"train.max_steps: {self.run_dir} is at step {saved['step']} already, max_steps is "
+                               f"{self.cfg.max_steps}; raise it to train on (--set train.max_steps=N)"])
+        self.resume_from = found, saved
+
+    def record_resume(self) -> None:
+        """Drop metrics and samples logged after the checkpoint; note the resume in resume.log and metrics.jsonl."""
+        found, saved = self.resume_from
+        checkpoint.trim_metrics(self.run_dir / "metrics.jsonl", self.step)
+        checkpoint.trim_samples(self.run_dir / "samples.txt", self.step)
+        ranks = f"{self.world_size} rank(s)"
+        if saved["world_size"] != self.world_size:
+            ranks += f" (it was saved by {saved['world_size']}: new optimizer partitions, data position kept)"
+        lines = [f"{time.strftime('%Y-%m-%d %H:%M:%S')} resumed at step {self.step} from {found} on {ranks}",
+                 *(f"  changed {c}" for c in self.resume_changes)]
+        with open(self.run_dir / "resume.log", "a", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps({"type": "resume", "step": self.step, "checkpoint": found.name,
+                                "world_size": self.world_size, "saved_world_size": saved["world_size"],
+                                "changes": self.resume_changes}) + "\n")
+        if self.progress:
+            print("\n".join(lines), file=sys.stderr)
 
     def export(self) -> Path:
         """model.safetensors (fp32, GPT-2 names, a tied head once) and model.toml; a collective."""
@@ -290,6 +430,9 @@ class Trainer:
         self.is_main = self.rank == 0
         self.recipe = recipe = self.resolved_recipe()
         registry = get_registry(recipe.plugins)
+        self.identity = checkpoint.identity(recipe, registry)  # saved with each checkpoint
+        if self.resume:
+            self.check_resume()
         check_precision(recipe)
         self.plan = batch_plan(recipe, self.world_size)
         self.ds_config = deepspeed_config(recipe, self.world_size)
@@ -300,13 +443,19 @@ class Trainer:
         torch.manual_seed(self.cfg.seed)  # the same initial weights on every rank
         model = Transformer(recipe.model, registry)
         self.params = model.num_params()
+        checkpoint.check_room(self.run_dir, self.params, recipe.deepspeed.precision, recipe.deepspeed.zero_stage,
+                              self.cfg.keep_checkpoints)
         self.flops_per_token = model.flops_per_token(recipe.model.block_size)  # forward; counted before ZeRO 3 partitions
         self.engine = build_engine(model, recipe).engine
         self.device = device()
+        if self.resume:
+            self.load_checkpoint()
         self.peak = peak_flops(self.device)
         self.t_start = time.perf_counter()
         if self.is_main:
             self.write_run_files(registry)
+            if self.resume:
+                self.record_resume()
         self.metrics = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") if self.is_main else None
         from tqdm.auto import tqdm
 
@@ -362,11 +511,13 @@ class Trainer:
         """Rank 0 picks the folder (the others may start a second later) and tells every rank."""
         import torch.distributed as dist
 
-        chosen = [str(self.run_dir or default_run_dir(self.recipe)) if self.is_main else None]
-        dist.broadcast_object_list(chosen, src=0)
-        self.run_dir = Path(chosen[0])
+        chosen = [str(self.run_dir or default_run_dir(self.recipe)) if self.is_main else None, None]
         if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            chosen[1] = checkpoint.unwritable(chosen[0])  # creates it; None, or why it cannot be written
+        dist.broadcast_object_list(chosen, src=0)
+        if chosen[1]:
+            raise checkpoint.CheckpointError(chosen[1])
+        self.run_dir = Path(chosen[0])
         dist.barrier()
 
     def write_run_files(self, registry) -> None:
@@ -404,6 +555,8 @@ class Trainer:
             "flops_per_token": self.flops_per_token,
             "world_size": self.world_size,
             "tokens_per_step": self.plan.tokens_per_step,
+            "signal": self.signal_received if status == "interrupted" else None,  # SIGINT 2, SIGTERM 15
+            "checkpoint": str(checkpoint.latest(self.run_dir / "checkpoints") or "") or None,  # the one to resume
         }
         if self.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
