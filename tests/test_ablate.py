@@ -239,10 +239,11 @@ def test_dry_run_prints_each_variant_with_parameters_flops_and_differences(tiny,
     assert out.startswith("ablation abl: 3 variants x 1 seed = 3 runs of 20 steps")
 
 
-def test_toml_values_round_trip_through_set_syntax():
+def test_values_from_tables_travel_through_set_syntax_unchanged():
+    from toolkit.recipe import parse_override
+
     for value in ["rope", 'a "quoted"\nline', 3, 2.5e-4, True, [1, 2], {"kind": "gqa", "n_kv_head": 2}, 1e300]:
-        assert ablate.parse_value(ablate.toml_value(value)) == value
-    assert ablate.parse_value("gqa") == "gqa"  # a bare word is a string, as with --set
+        assert parse_override("k=" + ablate.toml_value(value)) == (["k"], value)
 
 
 def test_last_error_line_finds_the_exception_not_the_progress_bar():
@@ -263,7 +264,7 @@ def test_parallel_runs_get_a_gpu_each_or_a_share_of_the_cores_and_their_own_port
     assert "OMP_NUM_THREADS" not in ablate.child_env(0, 1, gpus=[])  # one run at a time: torch's own default
 
 
-def test_interrupted_runs_restart_from_scratch_until_train_can_resume(tmp_path):
+def test_resume_hook_waits_for_train_resume_and_a_checkpoint(tmp_path):
     (tmp_path / "checkpoints" / "step-0000010").mkdir(parents=True)
     # RESUME HOOK: flips to ["--resume", ...] once `playattention train --resume` exists
     expected = None

@@ -53,9 +53,11 @@ import math
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import typing
 from pathlib import Path
@@ -65,15 +67,11 @@ import attrs
 
 from . import report
 from .config import ConfigError
-from .recipe import Recipe, read_toml
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from .config import _show as _got  # a value as the recipe errors show it
+from .recipe import Recipe, parse_override, read_toml
 
 TOP_KEYS = ("name", "description", "recipe", "steps", "tokens", "seeds", "evals", "set", "baseline", "grid", "variant")
-VARIANT_KEYS = ("name", "description", "set")
+VARIANT_KEYS = ("name", "set")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=,-]*$")
 # recipe keys the ablation sets itself
 RESERVED = {
@@ -102,7 +100,6 @@ class Override:
 class Variant:
     name: str
     overrides: tuple[Override, ...]
-    description: str = ""
 
 
 @attrs.frozen
@@ -158,14 +155,6 @@ def toml_value(value: Any) -> str:
     if isinstance(value, dict):
         return "{" + ", ".join(f"{json.dumps(str(k))} = {toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"cannot write {type(value).__name__} as a TOML value")
-
-
-def parse_value(text: str) -> Any:
-    """A ``--set`` value: TOML syntax, or else the plain string."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
 
 
 def _show(value: Any) -> str:
@@ -289,14 +278,6 @@ def _pos_int(value, where: str, errors: list[str]) -> int | None:
     return value
 
 
-def _got(value) -> str:
-    if isinstance(value, dict):
-        return "a table"
-    if isinstance(value, list):
-        return "an array"
-    return toml_value(value) if isinstance(value, (str, bool, int, float)) else repr(value)
-
-
 def parse_overrides(value: Any, where: str, errors: list[str]) -> list[Override]:
     """A ``set``: a table of ``"dotted.key" = value`` or an array of ``"dotted.key=value"`` strings."""
     out: list[Override] = []
@@ -308,11 +289,11 @@ def parse_overrides(value: Any, where: str, errors: list[str]) -> list[Override]
     elif isinstance(value, list):
         for i, item in enumerate(value):
             loc = f"{where}[{i}]"
-            if not isinstance(item, str) or "=" not in item:
+            if not isinstance(item, str) or "=" not in item or not all(k.strip() for k in item.split("=", 1)[0].split(".")):
                 errors.append(f'{loc}: expected "dotted.key=value", got {_got(item)}')
                 continue
-            key, text = (s.strip() for s in item.split("=", 1))
-            out.append(Override(key, text, parse_value(text), loc, loc))
+            keys, value = parse_override(item)
+            out.append(Override(".".join(keys), item.split("=", 1)[1].strip(), value, loc, loc))
     else:
         errors.append(f'{where}: expected a table of "dotted.key" = value or an array of "dotted.key=value", got {_got(value)}')
     return out
@@ -428,9 +409,8 @@ def _parse(path: Path) -> tuple[Ablation | None, list[str]]:
         if not isinstance(vname, str) or not NAME_RE.match(vname):
             errors.append(f"{loc}.name: expected a name of letters, digits and ._+=,- , got {_got(vname) if vname is not None else 'nothing'}")
             vname = f"variant{i}"
-        desc = item.get("description", "")
         ovs = parse_overrides(item.get("set", {}), f"{loc}.set", errors)
-        variants.append(Variant(vname, tuple(ovs), desc if isinstance(desc, str) else ""))
+        variants.append(Variant(vname, tuple(ovs)))
 
     if not variants and not errors:
         errors.append("$: no variants: add a [grid] table or [[variant]] tables")
@@ -691,33 +671,28 @@ def plan_jobs(ablation: Ablation, resolved: list[Resolved]) -> list[Job]:
 
 
 def _absolute_plugins(ablation: Ablation, recipe: Recipe) -> Recipe:
-    """Plugin files as absolute paths, so the recipe copy in the output folder still finds them."""
-    out = []
-    for p in recipe.plugins:
-        if p.endswith(".py") or "/" in p or os.sep in p:
-            for cand in (Path(p), ablation.recipe.parent / p, ablation.path.parent / p):
-                if cand.is_file():
-                    p = str(cand.resolve())
-                    break
-        out.append(p)
-    return attrs.evolve(recipe, plugins=out)
+    """Plugin files as absolute paths (validation found them from here), so the recipe copy in the
+    output folder trains from any directory."""
+    plugins = [str(Path(p).resolve()) if (p.endswith(".py") or "/" in p) and Path(p).is_file() else p
+               for p in recipe.plugins]
+    return attrs.evolve(recipe, plugins=plugins)
 
 
 def resume_args(run_dir: Path) -> list[str] | None:
     """RESUME HOOK: the ``train`` arguments that continue an interrupted run, or None to start it over.
 
-    Resuming needs ``playattention train --resume`` (the checkpoint work); until the train command
-    has that option, interrupted runs restart from scratch. Once it exists, a run folder that holds
-    checkpoints (``checkpoints/``, the run-folder layout) is resumed from them.
+    Uses ``playattention train --resume RUN_DIR`` where the train command has it and the run folder
+    holds a checkpoint; otherwise interrupted runs restart from scratch.
     """
+    from .checkpoint import list_checkpoints
     from .cli import build_parser
 
-    if not any((run_dir / "checkpoints").glob("*")):
+    if not list_checkpoints(run_dir / "checkpoints"):
         return None
     for action in build_parser()._actions:
-        train = getattr(action, "choices", None) or {}
-        if isinstance(train, dict) and "train" in train:
-            for opt in train["train"]._actions:
+        commands = getattr(action, "choices", None)
+        if isinstance(commands, dict) and "train" in commands:
+            for opt in commands["train"]._actions:
                 if "--resume" in opt.option_strings:
                     return ["--resume"] if opt.nargs == 0 else ["--resume", str(run_dir)]
     return None
@@ -756,7 +731,9 @@ def child_env(slot: int, parallel: int, gpus: list[str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
     root = str(Path(__file__).resolve().parent.parent)  # the same toolkit as this process, installed or not
     env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
-    env.update(PYTHONUNBUFFERED="1", TQDM_DISABLE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    env.update(PYTHONUNBUFFERED="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    # idle OpenMP threads sleep instead of spinning: on a shared CPU spinning made training ~10x slower
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if parallel > 1:
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = gpus[slot]
@@ -871,7 +848,10 @@ def run_ablation(ablation: Ablation, resolved: list[Resolved], out: str | Path, 
         run_dir = out / job.name
         res = report.read_run(job.variant, job.seed, run_dir, status="failed")
         error = None
-        if rc != 0 or res.status != "finished":
+        if res.status == "interrupted":  # stopped by a signal; the trainer saved a checkpoint to resume from
+            error = f"interrupted (exit status {rc})"
+            res = attrs.evolve(res, error=error)
+        elif rc != 0 or res.status != "finished":
             log_text = (out / "logs" / f"{job.name}.log").read_text(errors="replace")
             if rc < 0:
                 error = f"killed by signal {-rc}" + (" (out of memory?)" if -rc == 9 else "")
@@ -887,15 +867,12 @@ def run_ablation(ablation: Ablation, resolved: list[Resolved], out: str | Path, 
             say(f"done  {job.name}: final val loss {loss:.4f}, {time.time() - t0:.0f}s" if isinstance(loss, (int, float))
                 else f"done  {job.name}: {time.time() - t0:.0f}s")
         else:
-            say(f"FAILED {job.name}: {error} (log: {out / 'logs' / (job.name + '.log')})")
+            say(f"{res.status.upper()} {job.name}: {error} (log: {out / 'logs' / (job.name + '.log')})")
         bar.update(1)
         refresh()
 
     def on_term(signum, frame):  # a scheduler's SIGTERM stops the runs as Ctrl-C does
         raise KeyboardInterrupt
-
-    import signal
-    import threading
 
     old_term = signal.signal(signal.SIGTERM, on_term) if threading.current_thread() is threading.main_thread() else None
     try:
@@ -910,9 +887,9 @@ def run_ablation(ablation: Ablation, resolved: list[Resolved], out: str | Path, 
                     finish(slot, rc)
     except BaseException:  # Ctrl-C, SIGTERM, or a bug here: never leave training processes behind
         for slot, (job, proc, log, _) in list(active.items()):
-            proc.terminate()
+            proc.terminate()  # the trainer finishes its step and saves a checkpoint to resume from
             try:
-                proc.wait(timeout=15)
+                proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
