@@ -112,7 +112,7 @@ def test_a_truncated_checkpoint_is_incomplete_and_skipped(engine, tmp_path):
     (tmp_path / "step-0000001" / "toolkit_state.json").unlink()  # e.g. copied by hand, half-way
     assert checkpoint.problem(tmp_path / "step-0000001") == "no toolkit_state.json (the save did not finish)"
     assert checkpoint.latest(tmp_path) is None
-    save(engine, tmp_path, 3, keep=5)  # a new save replaces nothing complete: broken ones are only pruned by age
+    save(engine, tmp_path, 3, keep=5)  # saving goes on beside broken ones (pruned by age like the rest)
     assert checkpoint.latest(tmp_path).name == "step-0000003"
 
 

@@ -222,3 +222,33 @@ def test_resume_auto_without_a_recipe_and_a_conflicting_run_dir_are_refused(stop
     assert "--resume auto needs the RECIPE" in capsys.readouterr().err
     assert main(["train", "--resume", str(stopped), "--run-dir", str(stopped.parent / "elsewhere")]) == 2
     assert "a resumed run continues in its own folder" in capsys.readouterr().err
+
+
+def test_resume_auto_continues_the_newest_run_from_the_command_line(recipe_path, stopped, tmp_path, capsys):
+    out = tmp_path / "runs"
+    shutil.copytree(stopped, out / "ckpt-20240101-000000")
+    shutil.copytree(stopped, out / "ckpt-20240301-000000")
+    code = main(["train", str(recipe_path), "--resume", "auto", "--set", f"train.out_dir={out}"])
+    assert code == 0, capsys.readouterr().err
+    assert "finished 6 steps" in capsys.readouterr().out
+    assert json.loads((out / "ckpt-20240301-000000" / "summary.json").read_text())["status"] == "finished"
+    assert json.loads((out / "ckpt-20240101-000000" / "summary.json").read_text())["status"] == "interrupted"
+
+
+def test_resume_on_several_local_ranks_passes_the_run_folder_to_every_rank(stopped, monkeypatch):
+    import subprocess
+
+    launched = []
+
+    class FakePopen:
+        def __init__(self, cmd, **kwargs):
+            launched.append((cmd, kwargs))
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", FakePopen)
+    assert main(["train", "--resume", str(stopped), "--nproc", "2"]) == 0
+    ((cmd, kwargs),) = launched
+    assert cmd[cmd.index("toolkit"):] == ["toolkit", "train", "--run-dir", str(stopped), "--resume", str(stopped)]
+    assert "--nproc_per_node=2" in cmd and kwargs["start_new_session"]  # torchrun gets each signal once, from us
