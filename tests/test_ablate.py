@@ -264,18 +264,11 @@ def test_parallel_runs_get_a_gpu_each_or_a_share_of_the_cores_and_their_own_port
     assert "OMP_NUM_THREADS" not in ablate.child_env(0, 1, gpus=[])  # one run at a time: torch's own default
 
 
-def test_resume_hook_waits_for_train_resume_and_a_checkpoint(tmp_path):
-    (tmp_path / "checkpoints" / "step-0000010").mkdir(parents=True)
-    # RESUME HOOK: flips to ["--resume", ...] once `playattention train --resume` exists
-    expected = None
-    from toolkit.cli import build_parser
-
-    train = next(a for a in build_parser()._actions if "train" in (getattr(a, "choices", None) or {})).choices["train"]
-    if any("--resume" in a.option_strings for a in train._actions):
-        expected = ablate.resume_args(tmp_path)
-        assert expected and expected[0] == "--resume"
-    assert ablate.resume_args(tmp_path) == expected
-    assert ablate.resume_args(tmp_path / "no-checkpoints") is None
+def test_a_run_without_a_complete_checkpoint_starts_over_instead_of_resuming(tmp_path):
+    (tmp_path / "recipe.toml").write_text("")
+    (tmp_path / "checkpoints" / "step-0000010").mkdir(parents=True)  # never completed: no manifest
+    assert ablate.resume_args(tmp_path) is None
+    assert ablate.resume_args(tmp_path / "missing") is None
 
 
 @pytest.mark.slow
@@ -305,6 +298,8 @@ def test_a_tiny_grid_runs_end_to_end_records_a_failure_and_skips_finished_runs_o
     assert "`boom` seed 1337 (failed): FloatingPointError: boom: this MLP cannot run" in md
     assert (out / "curves.png").is_file() and (out / "results.csv").is_file()
     assert load_recipe(out / "recipes" / "learned-s1337.toml").train.max_steps == 6
+    run = out / "learned-s1337"
+    assert ablate.resume_args(run) == ["--resume", str(run)]  # its final checkpoint is complete
 
     mtime = (out / "learned-s1337" / "summary.json").stat().st_mtime_ns
     capsys.readouterr()

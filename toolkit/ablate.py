@@ -39,8 +39,10 @@ variant is reported, one line each, at its place in the ablation file::
 ``<out>/<variant>-s<seed>/``, one after another or ``--parallel N`` side by side (one GPU each, or
 CPU threads divided between them). The resolved recipe of each run is kept in ``<out>/recipes/``, its
 output in ``<out>/logs/``, and ``<out>/state.json`` records each run's recipe fingerprint and status.
-Re-running skips finished runs whose recipe is unchanged, starts interrupted and failed ones again,
-and a run that fails is recorded (with its last error line) while the others go on. The report
+Re-running skips finished runs whose recipe is unchanged, resumes interrupted ones from their newest
+complete checkpoint (``train --resume``), starts failed and changed ones again, and a run that fails
+is recorded (with its last error line) while the others go on. Ctrl-C or SIGTERM stops the running
+trainings, which save a checkpoint first. The report
 (:mod:`toolkit.report`) is refreshed after every run.
 """
 from __future__ import annotations
@@ -679,23 +681,15 @@ def _absolute_plugins(ablation: Ablation, recipe: Recipe) -> Recipe:
 
 
 def resume_args(run_dir: Path) -> list[str] | None:
-    """RESUME HOOK: the ``train`` arguments that continue an interrupted run, or None to start it over.
+    """``train`` arguments that continue an interrupted run from its newest complete checkpoint,
+    or None (no complete checkpoint) to start it over."""
+    from .checkpoint import CheckpointError, check_resumable
 
-    Uses ``playattention train --resume RUN_DIR`` where the train command has it and the run folder
-    holds a checkpoint; otherwise interrupted runs restart from scratch.
-    """
-    from .checkpoint import list_checkpoints
-    from .cli import build_parser
-
-    if not list_checkpoints(run_dir / "checkpoints"):
+    try:
+        check_resumable(run_dir)
+    except CheckpointError:
         return None
-    for action in build_parser()._actions:
-        commands = getattr(action, "choices", None)
-        if isinstance(commands, dict) and "train" in commands:
-            for opt in commands["train"]._actions:
-                if "--resume" in opt.option_strings:
-                    return ["--resume"] if opt.nargs == 0 else ["--resume", str(run_dir)]
-    return None
+    return ["--resume", str(run_dir)]
 
 
 def last_error_line(log_text: str) -> str | None:
@@ -833,7 +827,10 @@ def run_ablation(ablation: Ablation, resolved: list[Resolved], out: str | Path, 
         log = open(out / "logs" / f"{job.name}.log", "a" if args else "w")
         log.write(f"$ {' '.join(cmd)}\n")
         log.flush()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(slot, parallel, gpus))
+        # its own session: a Ctrl-C at the terminal reaches only this process, which then stops each
+        # training with exactly one SIGTERM (a second signal would make it stop without a checkpoint)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(slot, parallel, gpus),
+                                start_new_session=True)
         started += 1
         state.set(job.name, fingerprint=job.fingerprint, status="running", error=None, started=time.time())
         results[job.name] = report.RunResult(job.variant, job.seed, str(run_dir), "running")
