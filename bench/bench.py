@@ -7,8 +7,8 @@ Both paths start from the same weights and train on the same fixed batch with th
 autocast with fp32 weights), compile setting, gradient accumulation and clipping, and read the
 loss once per step. Their timed steps alternate in blocks so that a busy machine slows both alike;
 step time is the median (wall clock, and the process's CPU time, which a busy machine disturbs
-less when torch runs one thread: OMP_NUM_THREADS=1). MFU counts 6N + 12*L*H*Q*T FLOPs per token (PaLM appendix B, as nanoGPT's
-estimate_mfu) against the device's dense bf16 peak; n/a on CPU. Peak memory on CUDA is what each
+less when torch runs one thread: OMP_NUM_THREADS=1). MFU counts 6N + 12*L*H*Q*T FLOPs per token
+(PaLM appendix B, as nanoGPT's estimate_mfu) against the device's dense bf16 peak; n/a on CPU. Peak memory on CUDA is what each
 path holds (weights, optimizer, buffers) plus what one step adds; on CPU, the process's peak RSS.
 """
 from __future__ import annotations
@@ -164,8 +164,9 @@ def bench(recipe, steps: int, warmup: int, block: int = 5) -> dict:
 
 def render(result: dict, recipe) -> str:
     m, t, ds = recipe.model, recipe.train, recipe.deepspeed
+    accum = result["tokens_per_step"] // (t.micro_batch * m.block_size)
     head = (f"{result['recipe']}: {m.n_layer} layers x {m.n_embd}, block {m.block_size}, micro {t.micro_batch} x "
-            f"accum {result['tokens_per_step'] // (t.micro_batch * m.block_size)} ({result['tokens_per_step']:,} tokens/step), {ds.precision}, "
+            f"accum {accum} ({result['tokens_per_step']:,} tokens/step), {ds.precision}, "
             f"ZeRO {ds.zero_stage}, compile {'on' if t.compile else 'off'}, {result['device']} "
             f"({result['threads']} threads); {result['steps']} timed steps after {result['warmup']} warm-up")
     mem_label = "peak mem" if result["device"] != "cpu" else "peak RSS*"

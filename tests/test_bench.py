@@ -30,9 +30,9 @@ def test_bench_compares_the_engine_with_a_plain_loop(tmp_path):
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench.py"), str(recipe), "--steps", "2", "--warmup", "2",
-                           "--set", "deepspeed.zero_stage=1", "--json", str(out)],
-                          env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    cmd = [sys.executable, str(ROOT / "bench" / "bench.py"), str(recipe), "--steps", "2", "--warmup", "2",
+           "--set", "deepspeed.zero_stage=1", "--json", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "engine / plain" in proc.stdout and "ZeRO 1" in proc.stdout and "accum 2" in proc.stdout
     result = json.loads(out.read_text())

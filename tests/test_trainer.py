@@ -166,3 +166,23 @@ def test_grad_accumulation_follows_the_same_curve_as_one_big_batch(tiny_file, tm
 
     assert accumulated["tokens"] == single["tokens"] == 4 * 8 * 32
     assert losses("accum") == pytest.approx(losses("single"), rel=1e-5)
+
+
+def test_train_command_says_where_the_plot_samples_and_weights_are(tiny_file, tmp_path, capsys):
+    from toolkit.cli import main
+
+    run = tmp_path / "cli-run"
+    assert main(["train", str(tiny_file), "--set", "train.max_steps=2", "--set", "train.warmup_steps=1",
+                 "--set", "generate.max_new_tokens=2", "--run-dir", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert f"finished 2 steps ({2 * 8 * 32:,} tokens)" in out
+    for name in ("losses.png", "samples.txt", "model.safetensors"):
+        assert f"{run / name}" in out and (run / name).is_file()
+
+
+def test_train_command_refuses_indivisible_batch_arithmetic_in_one_line(tiny_file, capsys):
+    from toolkit.cli import main
+
+    assert main(["train", str(tiny_file), "--set", "train.tokens_per_step=1000"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "train.tokens_per_step" in err and "256" in err

@@ -10,10 +10,13 @@ a single process without a launcher gets the rendezvous variables a launcher wou
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import math
 import os
 import socket
+import sys
 import types
 from typing import Any, Callable
 
@@ -113,9 +116,11 @@ def check_precision(recipe: Recipe, cuda: bool | None = None) -> None:
     ds = recipe.deepspeed
     cuda = on_cuda() if cuda is None else cuda
     if ds.precision == "fp16" and not cuda:
-        raise ConfigError(["deepspeed.precision: fp16 needs a CUDA GPU (DeepSpeed refuses it on CPU); use bf16 or fp32"])
+        raise ConfigError(["deepspeed.precision: fp16 needs a CUDA GPU (DeepSpeed refuses it on CPU); "
+                           "use bf16 or fp32"])
     if ds.offload == "cpu" and ds.zero_stage < 2:
-        raise ConfigError([f"deepspeed.offload: optimizer offload needs zero_stage 2 or 3, got zero_stage {ds.zero_stage}"])
+        raise ConfigError([f"deepspeed.offload: optimizer offload needs zero_stage 2 or 3, "
+                           f"got zero_stage {ds.zero_stage}"])
 
 
 def deepspeed_config(recipe: Recipe, world_size: int = 1) -> dict:
@@ -204,6 +209,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def _quiet_op_loading():
+    """Drop DeepSpeed's "DeepSpeed <op> built successfully" prints (stdout, each start); keep all else."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield
+    finally:
+        lines = buffer.getvalue().splitlines(keepends=True)
+        sys.stdout.write("".join(line for line in lines if not line.endswith("built successfully\n")))
+
+
 def init_distributed() -> tuple[int, int]:
     """Join (or, alone, create) the process group; returns (rank, world_size).
 
@@ -223,7 +240,8 @@ def init_distributed() -> tuple[int, int]:
         if on_cuda():
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         try:
-            deepspeed.init_distributed(dist_backend="nccl" if on_cuda() else "gloo", auto_mpi_discovery=False)
+            with _quiet_op_loading():  # the CPU backend loads (or first builds) its shared-memory op here
+                deepspeed.init_distributed(dist_backend="nccl" if on_cuda() else "gloo", auto_mpi_discovery=False)
         finally:
             # a lone process's rendezvous must not leak into processes it starts (they would try
             # to join it, or take it for a launch of their own)

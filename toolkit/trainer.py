@@ -445,7 +445,8 @@ class Trainer:
         self.params = model.num_params()
         checkpoint.check_room(self.run_dir, self.params, recipe.deepspeed.precision, recipe.deepspeed.zero_stage,
                               self.cfg.keep_checkpoints)
-        self.flops_per_token = model.flops_per_token(recipe.model.block_size)  # forward; counted before ZeRO 3 partitions
+        # forward FLOPs; counted (like params) before ZeRO 3 partitions the weights
+        self.flops_per_token = model.flops_per_token(recipe.model.block_size)
         self.engine = build_engine(model, recipe).engine
         self.device = device()
         if self.resume:
