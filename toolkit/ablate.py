@@ -366,7 +366,8 @@ def _parse(path: Path) -> tuple[Ablation | None, list[str]]:
         if isinstance(s, bool) or not isinstance(s, int):
             errors.append(f"$.seeds[{i}]: expected int, got {_got(s)}")
     if len(set(map(repr, seeds))) != len(seeds):
-        errors.append(f"$.seeds: seeds repeat: {toml_value(seeds) if all(isinstance(s, int) for s in seeds) else seeds}")
+        errors.append(f"$.seeds: seeds repeat: {_got(seeds)}")
+    seeds = [s for s in seeds if isinstance(s, int) and not isinstance(s, bool)] or [1337]
     evals = _pos_int(data.get("evals", 10), "$.evals", errors) or 10
 
     shared = parse_overrides(data.get("set", []), "$.set", errors)
@@ -432,7 +433,7 @@ def _parse(path: Path) -> tuple[Ablation | None, list[str]]:
     usable = recipe_path.is_file() and variants and isinstance(baseline, str) and baseline in seen
     if not usable:
         return None, errors
-    return Ablation(path, name, description, recipe_path, steps, tokens or None, tuple(seeds), evals, tuple(shared),
+    return Ablation(path, name, description, recipe_path, steps, tokens, tuple(seeds), evals, tuple(shared),
                     tuple(variants), baseline), errors
 
 
