@@ -131,12 +131,19 @@ def test_rope_needs_an_even_head_dim(registry):
 
 # -- sinusoidal, none ----------------------------------------------------------------------------
 def test_sinusoidal_encoding_is_the_papers_formula_beyond_block_size(registry):
-    sin = component(registry, "position", "sinusoidal", n_embd=6)
+    sin = component(registry, "position", _spec("position", "sinusoidal", scale=1.0), n_embd=6)
     pos = torch.tensor([0, 1, 500])  # block_size is 48: no limit
     pe = sin.embed(torch.zeros(1, 3, 6), pos)[0]
     want = [[f(p / 10000 ** (2 * (i // 2) / 6)) for i, f in enumerate([math.sin, math.cos] * 3)] for p in (0, 1, 500)]
     torch.testing.assert_close(pe, torch.tensor(want))
     assert sin.max_len is None and not list(sin.state_dict())
+
+
+def test_sinusoidal_default_scale_matches_the_token_embedding_init(registry):
+    sin = component(registry, "position", "sinusoidal", n_embd=64)
+    pe = sin.embed(torch.zeros(1, 48, 64), torch.arange(48))[0]
+    # unit-amplitude encodings would swamp GPT-2-initialised token embeddings (std 0.02)
+    assert 0.005 < pe.std().item() < 0.03
 
 
 def test_positions_without_a_limit_decode_past_block_size(registry):
