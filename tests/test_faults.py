@@ -98,6 +98,31 @@ def long_recipe(tmp_path_factory):
     return write(tmp_path_factory.mktemp("faults"))
 
 
+_started: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def no_training_outlives_its_test():
+    """A failed assertion must not leave a training (or its torchrun ranks) running after the test."""
+    import psutil
+
+    yield
+    while _started:
+        proc = _started.pop()
+        if proc.poll() is not None:
+            continue
+        try:
+            family = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.Error:
+            family = []
+        for p in [*family, proc]:
+            try:
+                p.kill()
+            except (psutil.Error, ProcessLookupError):
+                pass
+        proc.wait()
+
+
 def start(recipe_path, run_dir, *args):
     """`playattention train` in a subprocess (own output file), with this process's thread count for equal sums."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT",
@@ -107,6 +132,7 @@ def start(recipe_path, run_dir, *args):
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "toolkit", "train", str(recipe_path), "--run-dir", str(run_dir),
                                  *args], env=env, stdout=out, stderr=subprocess.STDOUT)
+    _started.append(proc)
     return proc, log
 
 
