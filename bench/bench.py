@@ -100,8 +100,14 @@ def measure_cuda_peak(path: Timed, resident: int) -> int:
     return resident + torch.cuda.max_memory_allocated() - before
 
 
-def bench(recipe, steps: int, warmup: int, block: int = 5) -> dict:
-    """Warm both paths up, then alternate timed blocks of ``block`` steps; the numbers of each and their ratio."""
+def bench(recipe, steps: int, warmup: int, block: int = 5, stages: list[int] | None = None) -> dict:
+    """Warm every path up, then alternate timed blocks of ``block`` steps; the numbers of each and the ratios.
+
+    One engine path per ZeRO stage in ``stages`` (default: the recipe's own), then the plain loop.
+    The first engine path is the recipe's configuration; ``ratio`` compares it with the plain loop.
+    """
+    import attrs
+
     from toolkit.engine import batch_plan
     from toolkit.model import Transformer
     from toolkit.plugin_manager import get_registry
@@ -115,50 +121,66 @@ def bench(recipe, steps: int, warmup: int, block: int = 5) -> dict:
     x, y = batch[:, :-1].contiguous().to(dev), batch[:, 1:].contiguous().to(dev)
 
     torch.manual_seed(recipe.train.seed)
-    model = Transformer(recipe.model, registry)
-    plain_model = Transformer(recipe.model, registry)
-    plain_model.load_state_dict(model.state_dict())
-    flops = mfu_flops_per_token(model)
+    reference = Transformer(recipe.model, registry)
+    flops = mfu_flops_per_token(reference)
+    stages = stages or [recipe.deepspeed.zero_stage]
+    stages = [recipe.deepspeed.zero_stage] + [s for s in stages if s != recipe.deepspeed.zero_stage]
 
+    def copy_of_model():
+        model = Transformer(recipe.model, registry)
+        model.load_state_dict(reference.state_dict())
+        return model
+
+    paths, resident = [], {}
+    for stage in stages:  # one engine per stage; several deepspeed.initialize calls in one process work
+        staged = attrs.evolve(recipe, deepspeed=attrs.evolve(recipe.deepspeed, zero_stage=stage))
+        m0 = cuda_mem()
+        engine = build_engine(copy_of_model(), staged).engine
+        path = Timed(f"engine ZeRO {stage}", lambda engine=engine: engine_step(engine, lambda: (x, y), plan.grad_accum))
+        path.run(warmup, record=False)
+        resident[path.name] = cuda_mem() - m0  # weights, optimizer states and buffers
+        paths.append(path)
     m0 = cuda_mem()
-    engine = build_engine(model, recipe).engine
-    engine_path = Timed("deepspeed engine", lambda: engine_step(engine, lambda: (x, y), plan.grad_accum))
-    engine_path.run(warmup, record=False)
-    m1 = cuda_mem()  # the engine's weights, optimizer states and buffers
-    plain_model.to(dev)
+    plain_model = copy_of_model().to(dev)
     plain_model.activation_checkpointing = recipe.train.activation_checkpointing
     if recipe.train.compile:
         plain_model.compile()
     plain = PlainLoop(plain_model, recipe, plan.grad_accum)
     plain_path = Timed("plain pytorch", lambda: plain.step(x, y))
     plain_path.run(warmup, record=False)
-    m2 = cuda_mem()  # and the plain loop's
+    resident[plain_path.name] = cuda_mem() - m0
+    paths.append(plain_path)
     if torch.cuda.is_available():
-        engine_path.mem = measure_cuda_peak(engine_path, m1 - m0)
-        plain_path.mem = measure_cuda_peak(plain_path, m2 - m1)
+        for path in paths:
+            path.mem = measure_cuda_peak(path, resident[path.name])
     done = 0
     while done < steps:
         n = min(block, steps - done)
-        for path in (engine_path, plain_path):
+        for path in paths:
             path.run(n)
         done += n
     if not torch.cuda.is_available():
-        engine_path.mem = plain_path.mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        for path in paths:
+            path.mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     peak = peak_flops(dev)
     out = {"recipe": recipe.name, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
            "threads": torch.get_num_threads(), "tokens_per_step": plan.tokens_per_step, "steps": steps,
-           "warmup": warmup, "flops_per_token": flops, "paths": {}}
-    for path in (engine_path, plain_path):
+           "warmup": warmup, "flops_per_token": flops, "paths": {}, "ratios": {}, "cpu_ratios": {}}
+    for path in paths:
         step_s = statistics.median(path.times)
         tps = plan.tokens_per_step / step_s
         out["paths"][path.name] = {"tokens_per_s": tps, "step_ms": 1000 * step_s,
                                    "cpu_ms": 1000 * statistics.median(path.cpu_times),
                                    "mfu": flops * tps / peak if peak else None, "peak_mem_bytes": path.mem}
-    engine_p, plain_p = out["paths"]["deepspeed engine"], out["paths"]["plain pytorch"]
-    out["ratio"] = engine_p["tokens_per_s"] / plain_p["tokens_per_s"]
-    # on a shared CPU the process's own CPU time per step is steadier than the wall clock
-    out["cpu_ratio"] = plain_p["cpu_ms"] / engine_p["cpu_ms"] if engine_p["cpu_ms"] > 0 else None
+    plain_p = out["paths"][plain_path.name]
+    for path in paths[:-1]:
+        p = out["paths"][path.name]
+        out["ratios"][path.name] = p["tokens_per_s"] / plain_p["tokens_per_s"]
+        # on a shared CPU the process's own CPU time per step is steadier than the wall clock
+        out["cpu_ratios"][path.name] = plain_p["cpu_ms"] / p["cpu_ms"] if p["cpu_ms"] > 0 else None
+    out["ratio"] = out["ratios"][paths[0].name]
+    out["cpu_ratio"] = out["cpu_ratios"][paths[0].name]
     return out
 
 
@@ -170,15 +192,17 @@ def render(result: dict, recipe) -> str:
             f"ZeRO {ds.zero_stage}, compile {'on' if t.compile else 'off'}, {result['device']} "
             f"({result['threads']} threads); {result['steps']} timed steps after {result['warmup']} warm-up")
     mem_label = "peak mem" if result["device"] != "cpu" else "peak RSS*"
-    rows = [head, "", f"{'':<18}{'tokens/s':>12}{'MFU':>8}{'step ms':>10}{'cpu ms':>10}{mem_label:>12}"]
+    rows = [head, "", f"{'':<16}{'tokens/s':>12}{'MFU':>8}{'step ms':>10}{'cpu ms':>10}{mem_label:>12}"
+                      f"{'vs plain':>10}{'(cpu)':>8}"]
     for name, p in result["paths"].items():
         mfu = f"{100 * p['mfu']:.1f}%" if p["mfu"] is not None else "n/a"
-        rows.append(f"{name:<18}{p['tokens_per_s']:>12,.0f}{mfu:>8}{p['step_ms']:>10.2f}{p['cpu_ms']:>10.2f}"
-                    f"{p['peak_mem_bytes'] / 2**20:>10,.0f}MB")
-    cpu = f"{result['cpu_ratio']:>9.3f}x" if result["cpu_ratio"] else ""
-    rows.append(f"{'engine / plain':<18}{result['ratio']:>11.3f}x{'':>18}{cpu}")
+        ratio = f"{result['ratios'][name]:.3f}x" if name in result["ratios"] else ""
+        cpu = result["cpu_ratios"].get(name)
+        rows.append(f"{name:<16}{p['tokens_per_s']:>12,.0f}{mfu:>8}{p['step_ms']:>10.2f}{p['cpu_ms']:>10.2f}"
+                    f"{p['peak_mem_bytes'] / 2**20:>10,.0f}MB{ratio:>10}{f'{cpu:.3f}x' if cpu else '':>8}")
+    rows.append(f"engine / plain (recipe's ZeRO {ds.zero_stage}): {result['ratio']:.3f}x")
     if result["device"] == "cpu":
-        rows.append("* the process's peak resident set, shared by both paths")
+        rows.append("* the process's peak resident set, shared by all paths")
     return "\n".join(rows)
 
 
@@ -190,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value")
     p.add_argument("--plugin", action="append", default=[], help="also load this plugin file or module")
     p.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
+    p.add_argument("--stages", default="", metavar="S,S",
+                   help="also time the engine at these ZeRO stages (e.g. 0,2), beside the recipe's own")
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
@@ -199,7 +225,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         recipe = load_recipe(args.recipe, args.set, args.plugin)
-        result = bench(recipe, args.steps, args.warmup)
+        stages = [int(v) for v in args.stages.split(",") if v.strip()]
+        if any(v not in (0, 1, 2, 3) for v in stages):
+            raise ConfigError([f"--stages: ZeRO stages are 0 to 3, got {args.stages}"])
+        result = bench(recipe, args.steps, args.warmup, stages=stages)
     except (ConfigError, FileNotFoundError) as exc:
         for line in getattr(exc, "lines", [str(exc)]):
             print(f"error: {line}", file=sys.stderr)

@@ -31,12 +31,13 @@ def test_bench_compares_the_engine_with_a_plain_loop(tmp_path):
     for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     cmd = [sys.executable, str(ROOT / "bench" / "bench.py"), str(recipe), "--steps", "2", "--warmup", "2",
-           "--set", "deepspeed.zero_stage=1", "--json", str(out)]
+           "--set", "deepspeed.zero_stage=1", "--stages", "0,2", "--json", str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "engine / plain" in proc.stdout and "ZeRO 1" in proc.stdout and "accum 2" in proc.stdout
     result = json.loads(out.read_text())
-    assert set(result["paths"]) == {"deepspeed engine", "plain pytorch"}
+    assert list(result["paths"]) == ["engine ZeRO 1", "engine ZeRO 0", "engine ZeRO 2", "plain pytorch"]
+    assert set(result["ratios"]) == {"engine ZeRO 1", "engine ZeRO 0", "engine ZeRO 2"}
     for path in result["paths"].values():
         assert path["tokens_per_s"] > 0 and path["step_ms"] > 0 and path["mfu"] is None
     assert result["tokens_per_step"] == 2 * 2 * 16
