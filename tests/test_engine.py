@@ -174,6 +174,16 @@ def test_zero_stages_train_alike_on_cpu(stage, precision, fp32_stage0):
         assert engine.get_global_grad_norm() is not None  # our fused clipping keeps the norm for the log
 
 
+def test_bf16_at_zero_0_is_autocast_over_fp32_weights_so_the_export_is_true_fp32():
+    cfg = deepspeed_config(recipe(ds=DeepSpeedConfig(zero_stage=0, precision="bf16")), 1)
+    assert cfg["bf16"] == {"enabled": False} and cfg["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    _, engine = run_engine(0, "bf16")
+    assert all(p.dtype == torch.float32 for p in engine.module.parameters())
+    state = full_fp32_state_dict(engine)
+    # trained fp32 weights are not all bf16 values upcast (they would be with bf16 weights)
+    assert any(not torch.equal(t, t.bfloat16().float()) for t in state.values())
+
+
 def test_grad_accumulation_matches_one_big_micro_batch():
     accumulated, _ = run_engine(0, "fp32", micro_batch=4, grad_accum=2)
     single, _ = run_engine(0, "fp32", micro_batch=8, grad_accum=1)

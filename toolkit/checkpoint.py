@@ -458,7 +458,8 @@ def checkpoint_bytes(params: int, precision: str, zero_stage: int) -> int:
     """
     if zero_stage == 3:  # the module file holds no weights, only the partitions do
         return params * (4 + 8)
-    weights = 2 if precision in ("bf16", "fp16") else 4
+    # bf16 at ZeRO 0 runs under autocast with fp32 weights (see engine.deepspeed_config)
+    weights = 2 if precision == "fp16" or (precision == "bf16" and zero_stage > 0) else 4
     master = 4 if (weights == 2 or zero_stage > 0) else 0  # ZeRO saves its fp32 partitions besides the module
     return params * (weights + master + 8)
 

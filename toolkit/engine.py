@@ -131,13 +131,17 @@ def deepspeed_config(recipe: Recipe, world_size: int = 1) -> dict:
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.offload == "cpu":
         zero["offload_optimizer"] = {"device": "cpu"}
+    # At ZeRO 0 DeepSpeed's bf16 mode keeps no fp32 master weights we can export and accumulates
+    # gradients in bf16. Autocast instead keeps fp32 weights, gradients and Adam states and runs
+    # the matmuls in bf16: standard mixed precision, as the plain loop in bench/bench.py does.
+    autocast = ds.precision == "bf16" and ds.zero_stage == 0
     cfg: dict[str, Any] = {
         "train_batch_size": plan.batch_size,
         "train_micro_batch_size_per_gpu": plan.micro_batch,
         "gradient_accumulation_steps": plan.grad_accum,
         "gradient_clipping": float(train.grad_clip),
         "zero_optimization": zero,
-        "bf16": {"enabled": ds.precision == "bf16"},
+        "bf16": {"enabled": ds.precision == "bf16" and not autocast},
         "fp16": {"enabled": ds.precision == "fp16"},
         # we pass our own torch.optim.AdamW (ZeRO has not "tested" it, but it is plain Adam)
         "zero_allow_untested_optimizer": True,
@@ -145,6 +149,8 @@ def deepspeed_config(recipe: Recipe, world_size: int = 1) -> dict:
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    if autocast:
+        cfg["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     return deep_merge(cfg, ds.config)
 
 
