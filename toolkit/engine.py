@@ -18,6 +18,7 @@ import os
 import socket
 import sys
 import types
+from pathlib import Path
 from typing import Any, Callable
 
 import attrs
@@ -227,6 +228,16 @@ def _quiet_op_loading():
         sys.stdout.write("".join(line for line in lines if not line.endswith("built successfully\n")))
 
 
+def _shm_op_built() -> bool:
+    """Whether DeepSpeed's CPU shared-memory op is already compiled in torch's extension cache."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return any(Path(_get_build_directory("deepspeed_shm_comm", verbose=False)).glob("*.so"))
+    except Exception:  # noqa: BLE001 - a private torch helper: if it moves, just say nothing
+        return True
+
+
 def init_distributed() -> tuple[int, int]:
     """Join (or, alone, create) the process group; returns (rank, world_size).
 
@@ -245,6 +256,9 @@ def init_distributed() -> tuple[int, int]:
         os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
         if on_cuda():
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        if not on_cuda() and os.environ.get("LOCAL_RANK", "0") == "0" and not _shm_op_built():
+            print("building DeepSpeed's CPU communication op (once per machine, about 30 s)...", file=sys.stderr,
+                  flush=True)
         try:
             with _quiet_op_loading():  # the CPU backend loads (or first builds) its shared-memory op here
                 deepspeed.init_distributed(dist_backend="nccl" if on_cuda() else "gloo", auto_mpi_discovery=False)
