@@ -311,6 +311,22 @@ def test_a_tiny_grid_runs_end_to_end_records_a_failure_and_skips_finished_runs_o
     assert "FAILED boom-s1337: FloatingPointError: boom: this MLP cannot run" in captured.out
 
 
+def test_a_kind_from_one_variants_plugin_does_not_validate_another_variant(tiny, tmp_path, capsys, fresh_plugins):
+    plugin = tmp_path / "boom.py"
+    plugin.write_text(BOOM_PLUGIN)
+    path = tiny(f"""\
+        steps = 6
+        [[variant]]
+        name = "with-plugin"
+        set = {{ plugins = ["{plugin}"], "model.mlp.kind" = "boom" }}
+        [[variant]]
+        name = "without"
+        set = {{ "model.mlp.kind" = "boom" }}
+        """)
+    lines = errors_of(path, capsys)
+    assert len(lines) == 1 and "variant 'without'" in lines[0] and "unknown mlp 'boom'" in lines[0]
+
+
 def test_unknown_ablation_file_is_a_one_line_error(tmp_path, capsys):
     assert main(["ablate", str(tmp_path / "nope.toml"), "--dry-run"]) == 2
     assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'nope.toml'}: no such ablation file"

@@ -532,6 +532,7 @@ def resolve(ablation: Ablation) -> list[Resolved]:
     """Every variant's recipe, validated, with its budget, differences, parameters and FLOPs.
 
     Raises ConfigError listing every problem of every variant (identical problems merged)."""
+    from . import plugin_manager
     from .plugin_manager import PluginLoadError, get_registry
     from .recipe import load_recipe
 
@@ -546,6 +547,10 @@ def resolve(ablation: Ablation) -> list[Resolved]:
 
     def check(overrides: list[Override], checked: list[Override]) -> tuple[list[str], Recipe | None]:
         """The recipe with all of ``overrides``, or the problems with the keys of ``checked``, or with the recipe."""
+        # Each check sees only the built-ins, installed packages and its own plugins: a kind that one
+        # variant's plugin file provides must not validate another variant. (This process only
+        # validates and starts trainings, so rebuilding the process-wide manager is safe.)
+        plugin_manager.reset()
         plugins = list(base.plugins)
         for ov in overrides:
             if ov.key == "plugins" and isinstance(ov.value, list):
