@@ -7,6 +7,7 @@ touches the network.
 """
 from __future__ import annotations
 
+import abc
 import functools
 import hashlib
 import json
@@ -24,21 +25,24 @@ TOKENIZERS = ("char", "gpt2")
 CHAR_DOC_SEPARATOR = "\n\n"
 
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
     """Text <-> token ids; ``eot`` is the end-of-text id that separates documents, or None."""
 
     name: str
     vocab_size: int
     eot: int | None
 
+    @abc.abstractmethod
     def encode(self, text: str) -> list[int]:
-        raise NotImplementedError
+        """Token ids of ``text``."""
 
+    @abc.abstractmethod
     def decode(self, ids) -> str:
-        raise NotImplementedError
+        """The text of token ids ``ids``."""
 
+    @abc.abstractmethod
     def to_dict(self) -> dict:
-        raise NotImplementedError
+        """What ``tokenizer.json`` holds."""
 
     def save(self, directory: str | Path) -> Path:
         """Write ``tokenizer.json`` into ``directory`` (created if needed); returns its path."""
