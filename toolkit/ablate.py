@@ -56,7 +56,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -708,12 +707,6 @@ def last_error_line(log_text: str) -> str | None:
     return lines[-1] if lines else None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _gpus() -> list[str]:
     import torch
 
@@ -728,10 +721,12 @@ def _gpus() -> list[str]:
 def child_env(slot: int, parallel: int, gpus: list[str]) -> dict[str, str]:
     """The environment of one training subprocess: its own rendezvous port, and with ``parallel > 1``
     its own GPU or its share of the CPU cores."""
+    from .engine import free_port
+
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
     root = str(Path(__file__).resolve().parent.parent)  # the same toolkit as this process, installed or not
     env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
-    env.update(PYTHONUNBUFFERED="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    env.update(PYTHONUNBUFFERED="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     # idle OpenMP threads sleep instead of spinning: on a shared CPU spinning made training ~10x slower
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if parallel > 1:
