@@ -195,6 +195,22 @@ def test_kill_9_loses_at_most_one_checkpoint_interval_and_resumes_exactly(long_r
     assert_same_weights(run, tmp_path / "ref")
 
 
+def test_a_signal_landing_during_the_stop_flag_all_reduce_stops_the_next_step(long_recipe, monkeypatch):
+    """The handler runs as the collective returns; the all-reduced 0 must not erase what it set."""
+    import torch.distributed as dist
+
+    trainer = Trainer(load_recipe(long_recipe))
+    trainer.world_size, trainer.device = 2, torch.device("cpu")
+
+    def all_reduce_interrupted(tensor, op=None):
+        trainer.signal_received = signal.SIGTERM  # what the handler does, after this rank sent its 0
+
+    monkeypatch.setattr(dist, "all_reduce", all_reduce_interrupted)
+    assert not trainer.stop_requested()  # this step: every rank saw 0, so every rank goes on
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, op=None: None)  # next step: this rank sends 15
+    assert trainer.stop_requested() and trainer.signal_received == signal.SIGTERM
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_sigterm_to_one_rank_stops_both_at_one_step_and_the_run_resumes_on_one_rank(tmp_path, stage):

@@ -229,7 +229,10 @@ class Trainer:
             flag = torch.tensor([signum], device=self.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             signum = int(flag.item())
-        self.signal_received = signum
+        # only ever set, never cleared: a signal that lands during the all-reduce (its handler runs
+        # as the collective returns) is in self.signal_received but not in signum; the next step stops
+        if signum:
+            self.signal_received = signum
         return signum != 0
 
     def stop(self) -> None:
@@ -563,6 +566,12 @@ class Trainer:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             if (self.run_dir / "metrics.jsonl").exists():
                 self.plot(summary=True)
+        if self.world_size > 1 and status != "failed":
+            # no rank leaves before rank 0 has written: torchrun ends the others once one exits non-zero
+            # (143 after a SIGTERM). A failed rank may be out of step with the rest, so it does not wait.
+            import torch.distributed as dist
+
+            dist.barrier()
         return summary
 
 
