@@ -87,3 +87,25 @@ def test_two_ranks_follow_the_one_rank_curve(setup, stage):
     model_two, _, _ = load_run(two)
     for (name, a), (_, b) in zip(model_one.state_dict().items(), model_two.state_dict().items()):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=2e-5, msg=name)
+
+
+def test_the_deepspeed_launcher_runs_the_installed_command_on_two_ranks(setup):
+    """`deepspeed --num_accelerators 2 $(which playattention) train ...`: the README's multi-GPU line, on CPU."""
+    from pathlib import Path
+
+    from toolkit.engine import free_port
+
+    root, recipe_path = setup
+    run = root / "deepspeed-launcher"
+    bin_dir = Path(sys.executable).parent
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR")}
+    env["DS_ACCELERATOR"] = "cpu"
+    cmd = [str(bin_dir / "deepspeed"), "--num_accelerators", "2", "--master_port", str(free_port()),
+           str(bin_dir / "playattention"), "train", str(recipe_path), "--run-dir", str(run),
+           "--set", "train.micro_batch=4", "--set", "deepspeed.zero_stage=1"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["status"], summary["world_size"], summary["steps"]) == ("finished", 2, 6)
+    assert [r["loss"] for r in rows(run, "train")] == pytest.approx(
+        [r["loss"] for r in rows(root / "one-rank", "train")], rel=1e-4)
