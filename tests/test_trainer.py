@@ -180,6 +180,19 @@ def test_train_command_says_where_the_plot_samples_and_weights_are(tiny_file, tm
         assert f"{run / name}" in out and (run / name).is_file()
 
 
+def test_output_that_is_not_a_terminal_gets_a_plain_line_every_log_interval_not_bar_frames(tiny_file, tmp_path,
+                                                                                           capsys):
+    from toolkit.cli import main
+
+    assert main(["train", str(tiny_file), "--set", "train.max_steps=8", "--set", "generate.max_new_tokens=2",
+                 "--run-dir", str(tmp_path / "logged")]) == 0
+    err = capsys.readouterr().err  # captured: not a terminal, as with nohup, a scheduler or an ablation's log
+    lines = [ln for ln in err.splitlines() if ln.startswith("step ") and "/8: loss " in ln]
+    assert [ln.split(":")[0] for ln in lines] == ["step 1/8", "step 4/8", "step 8/8"]  # log_interval = 4
+    assert all(", lr " in ln and " tokens/s, ETA " in ln for ln in lines)
+    assert "step/s" not in err  # no progress bar frames
+
+
 def test_train_command_refuses_indivisible_batch_arithmetic_in_one_line(tiny_file, capsys):
     from toolkit.cli import main
 

@@ -303,6 +303,16 @@ class Trainer:
         self.bar.update(1)
         if self.step % self.cfg.log_interval == 0 or self.step == 1:
             self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+            if self.bar.disable:  # a log file or a scheduler's output: plain lines instead of bar frames
+                self.say(self.log_line(loss, lr, tokens_per_s, mfu))
+
+    def log_line(self, loss: float, lr: float, tokens_per_s: float, mfu: float | None) -> str:
+        """``step 100/2000: loss 2.1234, lr 1.00e-03, 15,000 tokens/s, ETA 1m40s`` (MFU on GPUs)."""
+        recent = self.step_times[-20:]
+        eta = int((self.cfg.max_steps - self.step) * sum(recent) / len(recent))
+        mins, secs = divmod(eta, 60)
+        return (f"step {self.step}/{self.cfg.max_steps}: loss {loss:.4f}, lr {lr:.2e}, {tokens_per_s:,.0f} tokens/s"
+                + (f", MFU {mfu:.1%}" if mfu is not None else "") + f", ETA {mins}m{secs:02d}s")
 
     def say(self, message: str) -> None:
         """A line above the progress bar (rank 0, and only when showing progress)."""
@@ -464,7 +474,8 @@ class Trainer:
         from tqdm.auto import tqdm
 
         self.bar = tqdm(total=self.cfg.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
-                        desc=recipe.name, disable=not (self.progress and self.is_main), file=sys.stderr)
+                        desc=recipe.name, file=sys.stderr,
+                        disable=not (self.progress and self.is_main and sys.stderr.isatty()))
 
     def resolved_recipe(self) -> Recipe:
         """The recipe with extra plugins added and plugin file paths made absolute (a run loads anywhere)."""
