@@ -475,7 +475,7 @@ class Trainer:
 
         self.bar = tqdm(total=self.cfg.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
                         desc=recipe.name, file=sys.stderr,
-                        disable=not (self.progress and self.is_main and sys.stderr.isatty()))
+                        disable=not (self.progress and self.is_main and shows_a_bar()))
 
     def resolved_recipe(self) -> Recipe:
         """The recipe with extra plugins added and plugin file paths made absolute (a run loads anywhere)."""
@@ -584,6 +584,11 @@ class Trainer:
 
             dist.barrier()
         return summary
+
+
+def shows_a_bar() -> bool:
+    """A terminal or a notebook (tqdm.auto's widget); log files get plain lines (Trainer.log_line)."""
+    return sys.stderr.isatty() or "ipykernel" in sys.modules
 
 
 def peak_memory_bytes(dev: torch.device) -> int:
