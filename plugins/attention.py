@@ -19,7 +19,7 @@ import torch
 from attrs import validators as v
 from torch import nn
 
-from toolkit.config import ConfigError
+from toolkit.errors import ConfigError
 from toolkit.contracts import Dims, attend, flops_per_token, update_cache
 from toolkit.hookspecs import hookimpl
 
@@ -148,13 +148,10 @@ class SlidingWindowAttention(GroupedQueryAttention):
 
 
 def _build_norm(dims: Dims, kind: str, dim: int) -> nn.Module:
-    """A registered norm over `dim` (the model hands factories a `build`; fall back to the process registry)."""
-    if dims.build is not None:
-        return dims.build("norm", kind, dims, dim)
-    from toolkit.model import build_component
-    from toolkit.plugin_manager import get_registry
-
-    return build_component(get_registry(), "norm", kind, dims, dim)
+    """A registered norm over `dim`, built through the model's registry (dims.build)."""
+    if dims.build is None:
+        raise ValueError("qk_norm needs dims.build (the model passes it; build Dims through ModelConfig.dims)")
+    return dims.build("norm", kind, dims, dim)
 
 
 @hookimpl

@@ -19,7 +19,7 @@ import torch
 from attrs import validators as v
 from torch import nn
 
-from toolkit.config import ConfigError
+from toolkit.errors import ConfigError
 from toolkit.contracts import Dims, Position
 from toolkit.hookspecs import hookimpl
 from toolkit.registry import NoOptions

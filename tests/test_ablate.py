@@ -5,9 +5,9 @@ import textwrap
 import pytest
 import torch
 
-from toolkit import ablate
+from toolkit import ablate, ablation
 from toolkit.cli import main
-from toolkit.config import ConfigError
+from toolkit.errors import ConfigError
 from toolkit.model import Transformer
 from toolkit.recipe import load_recipe
 
@@ -89,7 +89,7 @@ def test_grid_is_the_cartesian_product_named_after_its_values(tiny):
         "model.position.kind" = ["learned", "rope"]
         "model.n_layer" = [1, 2]
         """)
-    ab = ablate.parse_ablation(path)
+    ab = ablation.parse_ablation(path)
     assert [v.name for v in ab.variants] == ["learned-n_layer=1", "learned-n_layer=2", "rope-n_layer=1", "rope-n_layer=2"]
     assert [o.arg for o in ab.variants[2].overrides] == ['model.position.kind="rope"', "model.n_layer=1"]
     assert ab.baseline == "learned-n_layer=1" and ab.seeds == (1337,)
@@ -110,7 +110,7 @@ def test_named_variants_take_a_table_or_an_array_of_overrides_after_the_grid(tin
         name = "wide"
         set = ["model.n_embd=32", "model.attention.kind=gqa"]
         """)
-    ab, resolved = ablate.load_ablation(path)
+    ab, resolved = ablation.load_ablation(path)
     assert [v.name for v in ab.variants] == ["gelu", "post", "wide"]
     post = ab.variants[1]
     assert [(o.key, o.value) for o in post.overrides] == [("model.layout", "post"),
@@ -132,7 +132,7 @@ def test_budget_sets_max_steps_and_scales_the_schedule_unless_set_explicitly(tin
         name = "b"
         set = { "train.eval_interval" = 7 }
         """)
-    _, (a, b) = ablate.load_ablation(path)
+    _, (a, b) = ablation.load_ablation(path)
     assert (a.recipe.train.max_steps, a.recipe.train.warmup_steps, a.recipe.train.decay_steps) == (50, 5, 40)
     assert a.recipe.train.eval_interval == 10 and b.recipe.train.eval_interval == 7
     tokens = tiny("""\
@@ -143,7 +143,7 @@ def test_budget_sets_max_steps_and_scales_the_schedule_unless_set_explicitly(tin
         name = "big-batch"
         set = { "train.micro_batch" = 4 }
         """, "tokens.toml")
-    _, (a, big) = ablate.load_ablation(tokens)
+    _, (a, big) = ablation.load_ablation(tokens)
     assert a.recipe.train.max_steps == 32  # ceil(1000 / (2 * 16))
     assert big.recipe.train.max_steps == 16  # the same tokens in bigger steps
     assert "train.max_steps=16" in big.info.diff
@@ -206,7 +206,7 @@ def test_file_level_problems_are_reported_together(tiny, capsys):
     lines = [ln.split(": ", 1)[1] for ln in errors_of(path, capsys)]
     assert lines == [
         "$.steps: must be > 0, got 0",
-        "$.seeds: seeds repeat: [1, 1]",
+        "$.seeds: repeats a seed: [1, 1]",
         '$.grid."model.position.kind": expected a non-empty array of values, got "learned"',
         '$.variant[0].set: expected a table of "dotted.key" = value or an array of "dotted.key=value", got 3',
         "$.baseline: no variant named 'lerned'; did you mean 'learned'? (variants: learned)",
@@ -225,7 +225,7 @@ def test_dry_run_prints_each_variant_with_parameters_flops_and_differences(tiny,
         """)
     assert main(["ablate", str(path), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    _, resolved = ablate.load_ablation(path)
+    _, resolved = ablation.load_ablation(path)
     lines = {ln.split()[0]: ln for ln in out.splitlines()[3:]}
     for r in resolved:
         model = Transformer(r.recipe.model)
@@ -243,7 +243,7 @@ def test_values_from_tables_travel_through_set_syntax_unchanged():
     from toolkit.recipe import parse_override
 
     for value in ["rope", 'a "quoted"\nline', 3, 2.5e-4, True, [1, 2], {"kind": "gqa", "n_kv_head": 2}, 1e300]:
-        assert parse_override("k=" + ablate.toml_value(value)) == (["k"], value)
+        assert parse_override("k=" + ablation.toml_value(value)) == (["k"], value)
 
 
 def test_last_error_line_finds_the_exception_not_the_progress_bar():
@@ -273,7 +273,7 @@ def test_a_run_without_a_complete_checkpoint_starts_over_instead_of_resuming(tmp
 
 @pytest.mark.slow
 def test_a_tiny_grid_runs_end_to_end_records_a_failure_and_skips_finished_runs_on_rerun(tiny, tmp_path, capsys,
-                                                                                         fresh_plugins):
+):
     plugin = tmp_path / "boom.py"
     plugin.write_text(BOOM_PLUGIN)
     path = tiny(f"""\
@@ -311,7 +311,7 @@ def test_a_tiny_grid_runs_end_to_end_records_a_failure_and_skips_finished_runs_o
     assert "FAILED boom-s1337: FloatingPointError: boom: this MLP cannot run" in captured.out
 
 
-def test_a_kind_from_one_variants_plugin_does_not_validate_another_variant(tiny, tmp_path, capsys, fresh_plugins):
+def test_a_kind_from_one_variants_plugin_does_not_validate_another_variant(tiny, tmp_path, capsys):
     plugin = tmp_path / "boom.py"
     plugin.write_text(BOOM_PLUGIN)
     path = tiny(f"""\
@@ -339,12 +339,12 @@ def test_shipped_ablations_resolve(capsys):
     files = sorted(root.glob("*.toml"))
     assert {f.stem for f in files} >= {"positions", "attention", "norms", "mlps"}
     for f in files:
-        ab, resolved = ablate.load_ablation(f)
+        ab, resolved = ablation.load_ablation(f)
         assert len(resolved) == len(ab.variants) >= 3
         assert all(r.recipe.train.max_steps <= 1000 for r in resolved)
 
 
-def test_a_component_that_cannot_be_built_is_reported_before_anything_runs(tiny, tmp_path, capsys, fresh_plugins):
+def test_a_component_that_cannot_be_built_is_reported_before_anything_runs(tiny, tmp_path, capsys):
     plugin = tmp_path / "picky.py"
     plugin.write_text(textwrap.dedent('''\
         from torch import nn
@@ -377,3 +377,46 @@ def test_a_component_that_cannot_be_built_is_reported_before_anything_runs(tiny,
         """)
     lines = errors_of(path, capsys)
     assert lines == [f"{path}: variant 'picky': $: cannot build the model: ValueError: width 16 is not divisible by 3"]
+
+
+def test_plugin_files_in_an_ablation_file_are_relative_to_it_not_the_working_directory(tiny, tmp_path, capsys,
+                                                                                        monkeypatch):
+    (tmp_path / "ablations" / "plug").mkdir(parents=True)
+    (tmp_path / "ablations" / "plug" / "boom.py").write_text(BOOM_PLUGIN)
+    path = tiny("""\
+        plugins = ["plug/boom.py"]
+        steps = 6
+        [[variant]]
+        name = "gelu"
+        [[variant]]
+        name = "boom"
+        set = { "model.mlp.kind" = "boom" }
+        [[variant]]
+        name = "boom-again"
+        set = { plugins = ["plug/boom.py"], "model.mlp.kind" = "boom", "model.n_layer" = 2 }
+        """)
+    monkeypatch.chdir(tmp_path.parent)  # somewhere else: the paths must not depend on it
+    ab, resolved = ablation.load_ablation(path)
+    plugin = str(tmp_path / "ablations" / "plug" / "boom.py")
+    assert ab.plugins == (plugin,)
+    assert [r.recipe.model.mlp.kind for r in resolved] == ["gelu", "boom", "boom"]
+    assert all(plugin in r.recipe.plugins for r in resolved)
+
+
+def test_an_ablation_file_reads_through_the_recipe_converter(tiny, capsys):
+    path = tiny("""\
+        steps = "ten"
+        evals = 2.5
+        seeds = [1, "two"]
+        plugin = ["x.py"]
+        [[variant]]
+        name = "a b"
+        sett = {}
+        """)
+    lines = [ln.split(": ", 1)[1] for ln in errors_of(path, capsys)]
+    assert '$.steps: expected int, got "ten"' in lines
+    assert "$.evals: expected int, got 2.5" in lines
+    assert '$.seeds[1]: expected int, got "two"' in lines
+    assert "$.plugin: unknown key; did you mean 'plugins'?" in lines
+    assert "$.variant[0].sett: unknown key; did you mean 'set'?" in lines
+    assert '$.variant[0].name: expected a name of letters, digits and ._+=,- , got "a b"' in lines

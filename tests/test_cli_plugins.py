@@ -10,12 +10,10 @@ from toolkit import cli, plugin_manager
 
 
 @pytest.fixture(autouse=True)
-def isolated_plugins(monkeypatch):
-    """Each test gets a fresh process-wide manager (built inside main), forgotten afterwards."""
+def no_trace(monkeypatch):
     monkeypatch.delenv("PLAYATTENTION_TRACE", raising=False)
-    plugin_manager.reset()
     yield
-    plugin_manager.reset()
+    plugin_manager.forget_loaded()  # a traced load must not stay cached for the next test
 
 
 def section(out: str, family: str) -> str:
@@ -32,12 +30,12 @@ def test_lists_every_family_with_options_types_defaults_and_source(capsys):
     attention = section(out, "attention")
     assert "  mha " in attention and "Causal multi-head self-attention" in attention
     assert "backend: str = 'sdpa'" in attention
-    assert "from playattention 0.1.0 (plugins.attention)" in attention
+    assert "from playattention 0.1.0 (toolkit.plugins.attention)" in attention
     norm = section(out, "norm")
     assert "eps: float = 1e-05" in norm and "bias: bool | None = None" in norm
     mlp = section(out, "mlp")
     assert "approximate: str = 'tanh'" in mlp and "multiplier: float = 4.0" in mlp
-    assert "from playattention 0.1.0 (plugins.mlp)" in mlp
+    assert "from playattention 0.1.0 (toolkit.plugins.mlp)" in mlp
     assert "failed plugins" not in out
 
 
@@ -76,9 +74,11 @@ def test_a_broken_plugin_file_is_one_error_line_and_exit_2(tmp_path, capsys):
     assert "Traceback" not in captured.err and captured.out == ""
 
 
-def test_failed_entry_point_plugins_are_listed_and_strict_exits_1(capsys):
-    pm = plugin_manager.get_plugin_manager()
-    pm.failures.append(plugin_manager.PluginFailure("fancy", "fancy-attn", "0.3", "ImportError: no triton"))
+def test_failed_entry_point_plugins_are_listed_and_strict_exits_1(capsys, monkeypatch):
+    def load_entry_points(self, group="playattention"):
+        self.failures.append(plugin_manager.PluginFailure("fancy", "fancy-attn", "0.3", "ImportError: no triton"))
+
+    monkeypatch.setattr(plugin_manager.PluginManager, "load_entry_points", load_entry_points)
     assert cli.main(["plugins"]) == 0
     out = capsys.readouterr().out
     assert out.rstrip().endswith("failed plugins:\n  plugin 'fancy' from fancy-attn 0.3 failed: ImportError: no triton")
@@ -92,11 +92,53 @@ def test_python_dash_m_toolkit_plugins_with_trace():
     assert proc.returncode == 0, proc.stderr
     attention = section(proc.stdout, "attention")
     assert "  mha " in attention and "backend: str = 'sdpa'" in attention
-    assert "[playattention] playattention 0.1.0 (plugins.attention) registered attention 'mha'" in proc.stderr
-    assert "[playattention] playattention 0.1.0 (plugins.mlp) registered mlp 'relu'" in proc.stderr
+    assert "[playattention] playattention 0.1.0 (toolkit.plugins.attention) registered attention 'mha'" in proc.stderr
+    assert "[playattention] playattention 0.1.0 (toolkit.plugins.mlp) registered mlp 'relu'" in proc.stderr
 
 
 def test_trace_flag_in_process_reports_registrations_on_stderr(capsys):
     assert cli.main(["--trace", "plugins"]) == 0
     err = capsys.readouterr().err
-    assert "[playattention] playattention 0.1.0 (plugins.norm) registered norm 'layernorm'" in err
+    assert "[playattention] playattention 0.1.0 (toolkit.plugins.norm) registered norm 'layernorm'" in err
+
+
+def test_hooks_flag_lists_every_hook_and_each_familys_place_in_a_recipe(capsys):
+    from toolkit.families import FAMILIES, HOOKS
+
+    assert cli.main(["plugins", "--hooks"]) == 0
+    out = capsys.readouterr().out
+    for hook, doc in HOOKS.items():
+        assert f"  {hook}(register)  {doc}" in out
+    for fam in FAMILIES:
+        assert f"\n{fam.name}:  ({fam.hook}; " in out
+    assert "schedule:  (register_schedules; recipe: train.schedule;" in out
+    schedules = out.split("schedule:  (", 1)[1].split("\n\n", 1)[0]
+    assert "  wsd " in schedules and "decay_fraction: float = 0.2" in schedules
+
+
+def test_a_plugin_package_adds_a_command(tmp_path, monkeypatch, capsys):
+    (tmp_path / "pa_cmd.py").write_text(textwrap.dedent("""
+        from toolkit.hookspecs import hookimpl
+
+        def greet(parser):
+            '''Greets someone.'''
+            parser.add_argument("--who", default="world")
+
+            def run(args):
+                print(f"hello {args.who}")
+                return 3
+
+            return run
+
+        @hookimpl
+        def register_commands(register):
+            register("greet", greet)
+            register("train", greet)  # a built-in name: not added
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(plugin_manager, "BUILTIN_MODULES", (*plugin_manager.BUILTIN_MODULES, "pa_cmd"))
+    plugin_manager.forget_loaded()
+    assert cli.main(["greet", "--who", "you"]) == 3
+    captured = capsys.readouterr()
+    assert captured.out == "hello you\n"
+    assert "warning: command 'train' from playattention 0.1.0 (pa_cmd) is not added: a built-in command has that name" in captured.err

@@ -5,12 +5,14 @@ import math
 import pytest
 import torch
 
-from plugins.attention import GQAOptions
-from plugins.mlp import GatedOptions, gated_hidden_dim
-from plugins.position import alibi_slopes
-from toolkit.config import ConfigError, structure
+from toolkit.plugins.attention import GQAOptions
+from toolkit.plugins.mlp import GatedOptions, gated_hidden_dim
+from toolkit.plugins.position import alibi_slopes
+from toolkit.config import resolve_spec, structure
+from toolkit.errors import ConfigError
 from toolkit.contracts import Dims, flops_per_token
-from toolkit.model import SPEC_TYPES, ModelConfig, Transformer, build_component
+from toolkit.families import SPEC_TYPES
+from toolkit.model import ModelConfig, Transformer
 from toolkit.plugin_manager import PluginManager
 from toolkit.registry import UnknownComponentError
 
@@ -37,8 +39,9 @@ def model(registry, seed=0, **kw):
 
 
 def component(registry, family, spec, *args, **dims):
-    d = Dims(**{**dict(n_embd=32, n_head=4, n_layer=2, block_size=48, vocab_size=61), **dims})
-    return build_component(registry, family, spec, d, *args)
+    d = Dims(**{**dict(n_embd=32, n_head=4, n_layer=2, block_size=48, vocab_size=61), **dims}, build=registry.build_in)
+    spec = SPEC_TYPES[family](spec) if isinstance(spec, str) else spec
+    return registry.build(resolve_spec(registry, spec), d, *args)
 
 
 def _spec(family, kind, **options):

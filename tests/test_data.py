@@ -9,9 +9,16 @@ import torch
 
 from toolkit import data as D
 from toolkit.cli import main
-from toolkit.data import DataError, TokenLoader, prepare, read_meta, tokens_in
+from toolkit.data import TokenLoader, prepare, read_meta, tokens_in
+from toolkit.errors import DataError
+from toolkit.plugin_manager import default_registry
 from toolkit.recipe import DataConfig
-from toolkit.tokenizer import ASSETS, build_tokenizer, load_tokenizer
+from toolkit.tokenizer import ASSETS, GPT2Tokenizer
+from toolkit.tokenizer import load_tokenizer as _load_tokenizer
+
+
+def load_tokenizer(path):
+    return _load_tokenizer(path, default_registry())
 
 SHAKESPEARE = (ASSETS / "tinyshakespeare.txt").read_text(encoding="utf-8")
 WORDS = np.array(SHAKESPEARE[:100_000].split())
@@ -98,7 +105,7 @@ def test_gpt2_jsonl_documents_each_start_with_endoftext(tmp_path):
     write_jsonl(tmp_path / "docs.jsonl", texts)
     out = prepare(DataConfig(dataset="d", tokenizer="gpt2", paths=[str(tmp_path / "docs.jsonl")],
                              prepared_dir=str(tmp_path / "p"), val_fraction=0.25), progress=False)
-    tok = build_tokenizer("gpt2")
+    tok = GPT2Tokenizer()
     expected = [i for t in texts for i in [50256, *tok.encode(t)]]
     assert expected[:3] == [50256, 15496, 995]
     stream = np.concatenate([split_tokens(out, "train"), split_tokens(out, "val")]).tolist()
@@ -113,7 +120,7 @@ def test_many_documents_split_every_kth_document_into_val(tmp_path):
     write_jsonl(tmp_path / "docs.jsonl", texts)
     out = prepare(DataConfig(dataset="d", tokenizer="gpt2", paths=[str(tmp_path)],
                              prepared_dir=str(tmp_path / "p"), val_fraction=0.1), progress=False)
-    tok = build_tokenizer("gpt2")
+    tok = GPT2Tokenizer()
     val_docs = [i for i in range(120) if D.is_val_document(i, 0.1)]
     assert val_docs == list(range(9, 120, 10))
     meta = read_meta(out)
@@ -125,7 +132,7 @@ def test_many_documents_split_every_kth_document_into_val(tmp_path):
 
 
 def test_big_documents_are_cut_where_gpt2_encodes_the_pieces_exactly():
-    tok = build_tokenizer("gpt2")
+    tok = GPT2Tokenizer()
     text = SHAKESPEARE[:300_000]
     pieces = D._pieces(text, size=2000)
     assert len(pieces) > 100 and "".join(pieces) == text
@@ -186,7 +193,7 @@ def test_interrupted_prepare_resumes_without_retokenizing_finished_documents(tmp
 def test_bad_inputs_are_one_line_errors_naming_the_problem(tmp_path):
     with pytest.raises(DataError, match=r"data.paths\[0\]: nope.txt: no such file or folder"):
         prepare(DataConfig(paths=["nope.txt"], prepared_dir=str(tmp_path / "p")))
-    with pytest.raises(DataError, match="dataset 'mine' does not ship with playattention"):
+    with pytest.raises(DataError, match="data.paths is empty and unknown dataset 'mine'.*registered: tinyshakespeare"):
         prepare(DataConfig(dataset="mine", prepared_dir=str(tmp_path / "p")))
     (tmp_path / "x.csv").write_text("a,b")
     with pytest.raises(DataError, match="expected a .txt or .jsonl file"):

@@ -19,7 +19,7 @@ def recipe(block_size=1024, ds=None, **train) -> Recipe:
 # -- batch arithmetic and the config ------------------------------------------------------------
 def test_tokens_per_step_gives_grad_accum_and_train_batch_size():
     r = recipe(micro_batch=12, tokens_per_step=12 * 1024 * 2 * 5)
-    cfg = deepspeed_config(r, world_size=2)
+    cfg = deepspeed_config(r, 2)
     assert cfg["gradient_accumulation_steps"] == 5
     assert cfg["train_micro_batch_size_per_gpu"] == 12
     assert cfg["train_batch_size"] == 12 * 5 * 2
@@ -27,13 +27,13 @@ def test_tokens_per_step_gives_grad_accum_and_train_batch_size():
 
 
 def test_grad_accum_given_directly_scales_with_world_size():
-    cfg = deepspeed_config(recipe(micro_batch=4, grad_accum=3), world_size=4)
+    cfg = deepspeed_config(recipe(micro_batch=4, grad_accum=3), 4)
     assert (cfg["train_batch_size"], cfg["gradient_accumulation_steps"]) == (48, 3)
 
 
 def test_indivisible_tokens_per_step_shows_the_arithmetic():
     with pytest.raises(ConfigError) as err:
-        deepspeed_config(recipe(micro_batch=12, tokens_per_step=524288), world_size=2)
+        deepspeed_config(recipe(micro_batch=12, tokens_per_step=524288), 2)
     assert err.value.lines == [
         "train.tokens_per_step 524288 is not divisible by micro_batch 12 x block_size 1024 x world_size 2 = 24576"]
 

@@ -18,6 +18,7 @@ from test_resume import assert_same_weights, curve, rows
 from toolkit import checkpoint
 from toolkit.cli import main
 from toolkit.recipe import load_recipe
+from toolkit.signals import StopSignals
 from toolkit.trainer import Trainer, train
 
 LONG = """
@@ -195,20 +196,19 @@ def test_kill_9_loses_at_most_one_checkpoint_interval_and_resumes_exactly(long_r
     assert_same_weights(run, tmp_path / "ref")
 
 
-def test_a_signal_landing_during_the_stop_flag_all_reduce_stops_the_next_step(long_recipe, monkeypatch):
+def test_a_signal_landing_during_the_stop_flag_all_reduce_stops_the_next_step(monkeypatch):
     """The handler runs as the collective returns; the all-reduced 0 must not erase what it set."""
     import torch.distributed as dist
 
-    trainer = Trainer(load_recipe(long_recipe))
-    trainer.world_size, trainer.device = 2, torch.device("cpu")
+    signals = StopSignals(rank=0, world_size=2, device=torch.device("cpu"))
 
     def all_reduce_interrupted(tensor, op=None):
-        trainer.signal_received = signal.SIGTERM  # what the handler does, after this rank sent its 0
+        signals.received = signal.SIGTERM  # what the handler does, after this rank sent its 0
 
     monkeypatch.setattr(dist, "all_reduce", all_reduce_interrupted)
-    assert not trainer.stop_requested()  # this step: every rank saw 0, so every rank goes on
+    assert not signals.stop_requested()  # this step: every rank saw 0, so every rank goes on
     monkeypatch.setattr(dist, "all_reduce", lambda tensor, op=None: None)  # next step: this rank sends 15
-    assert trainer.stop_requested() and trainer.signal_received == signal.SIGTERM
+    assert signals.stop_requested() and signals.received == signal.SIGTERM
 
 
 @pytest.mark.slow

@@ -11,7 +11,9 @@ transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
 
 from toolkit.hf import HFFormatError, gpt2_config_from_hf, load_gpt2, save_gpt2  # noqa: E402
-from toolkit.model import ModelConfig, Spec, Transformer, resolve_options  # noqa: E402
+from toolkit.config import resolve_spec  # noqa: E402
+from toolkit.families import Spec  # noqa: E402
+from toolkit.model import ModelConfig, Transformer  # noqa: E402
 from toolkit.plugin_manager import PluginManager, get_registry  # noqa: E402
 from toolkit.registry import Source  # noqa: E402
 
@@ -51,7 +53,7 @@ def test_imported_gpt2_matches_transformers_logits(tmp_path, activation):
     hf = random_hf_gpt2(activation_function=activation)
     hf.save_pretrained(tmp_path)
     ours = load_gpt2(tmp_path)
-    assert ours.config.mlp.options["approximate"] == ("none" if activation == "gelu" else "tanh")
+    assert ours.config.mlp.options.approximate == ("none" if activation == "gelu" else "tanh")
     assert rel_err(our_logits(ours, IDX), hf_logits(hf, IDX)) < 1e-5
 
 
@@ -79,7 +81,7 @@ def test_gpt2_round_trip_keeps_config_and_weights_exactly(tmp_path):
     for field in attrs.fields(ModelConfig):
         a, b = getattr(again.config, field.name), getattr(cfg, field.name)
         if isinstance(a, Spec):  # the same component with the same resolved options
-            assert a.kind == b.kind and resolve_options(reg, a) == resolve_options(reg, b), field.name
+            assert resolve_spec(reg, a) == resolve_spec(reg, b), field.name
         else:
             assert a == b, field.name
     for (name, a), (_, b) in zip(ours.state_dict().items(), again.state_dict().items()):
@@ -163,7 +165,7 @@ def test_models_gpt2_cannot_express_are_refused_with_the_reason(tmp_path, change
     pm.registry.register("position", "rope_stand_in", learned.factory, learned.options, source=Source("test"))
     cfg = ModelConfig(vocab_size=100, block_size=32, n_layer=1, n_head=4, n_embd=64, **change)
     with pytest.raises(HFFormatError, match=re.escape(f"cannot export as GPT-2: unsupported {reason}")):
-        save_gpt2(Transformer(cfg, pm.registry), tmp_path, registry=pm.registry)
+        save_gpt2(Transformer(cfg, pm.registry), tmp_path)
     assert not (tmp_path / "model.safetensors").exists()
 
 

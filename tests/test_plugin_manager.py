@@ -96,7 +96,7 @@ def test_builtins_register_with_the_package_as_source():
     builtins = {("attention", "mha"), ("norm", "layernorm"), ("position", "learned"), ("mlp", "gelu"), ("mlp", "relu")}
     assert builtins <= {(c.family, c.name) for c in pm.registry}
     src = pm.registry.get("attention", "mha").source
-    assert (src.plugin, src.package) == ("plugins.attention", "playattention") and src.version
+    assert (src.plugin, src.package) == ("toolkit.plugins.attention", "playattention") and src.version
     assert pm.failures == []
 
 
@@ -134,7 +134,7 @@ def test_a_plugin_is_registered_atomically_when_it_clashes_with_another(plugin_d
     assert reason == ("RegistryError: attention 'mha' registered twice: "
                       f"by {pm.registry.get('attention', 'mha').source} and by pa_dup")
     assert ("mlp", "first_ok") not in pm.registry  # registered before the clash, rolled back
-    assert pm.registry.get("attention", "mha").source.plugin == "plugins.attention"
+    assert pm.registry.get("attention", "mha").source.plugin == "toolkit.plugins.attention"
 
 
 def test_a_hook_with_the_wrong_signature_is_reported(plugin_dir):
@@ -184,7 +184,7 @@ def test_trace_shows_who_registered_what(plugin_dir, monkeypatch, capsys, via):
     pm.add_module("pa_trace")
     pm.add_module("pa_trace_bad")
     err = capsys.readouterr().err
-    assert "[playattention] playattention" in err and "(plugins.attention) registered attention 'mha'" in err
+    assert "[playattention] playattention" in err and "(toolkit.plugins.attention) registered attention 'mha'" in err
     assert "[playattention] pa_trace registered norm 'shift_trace'" in err
     assert "[playattention] plugin 'pa_trace_bad' failed: RuntimeError: half-way through" in err
     assert "never_there" not in err  # rolled back, so never announced
@@ -196,8 +196,72 @@ def test_no_trace_output_by_default(monkeypatch, capsys):
     assert capsys.readouterr().err == ""
 
 
-def test_get_registry_is_process_wide_and_adds_named_plugins(plugin_dir, fresh_plugins):
-    plugin_dir("pa_global", GOOD, name="shift_global")
-    reg = plugin_manager.get_registry()
-    assert reg is fresh_plugins.registry and ("norm", "shift_global") not in reg
-    assert plugin_manager.get_registry(["pa_global"]) is reg and ("norm", "shift_global") in reg
+def test_each_set_of_plugins_gets_its_own_registry_and_the_defaults_stay_untouched(plugin_dir):
+    plugin_dir("pa_own", GOOD, name="shift_own")
+    plain = plugin_manager.load_registry()
+    mine = plugin_manager.load_registry(["pa_own"])
+    assert ("norm", "shift_own") in mine and ("norm", "shift_own") not in plain
+    assert plain is plugin_manager.default_registry() and plugin_manager.load_registry(["pa_own"]) is mine
+    assert ("norm", "shift_own") not in plugin_manager.load_registry()  # nothing leaked into the defaults
+
+
+def test_a_plugin_file_is_imported_once_however_many_registries_use_it(plugin_dir):
+    name = plugin_dir("pa_once", GOOD, name="shift_once")
+    path = str(plugin_dir.path / f"{name}.py")
+    a = PluginManager(entry_points=False)
+    a.add(path)
+    b = PluginManager(entry_points=False)
+    b.add(path)
+    # the same class object in both: options made for one registry are valid in the other
+    assert a.registry.get("norm", "shift_once").factory is b.registry.get("norm", "shift_once").factory
+
+
+SCHEDULE_AND_COMMAND = """
+    from toolkit.hookspecs import hookimpl
+
+    class Halving:
+        '''Halves the learning rate every 10 steps.'''
+        def __init__(self, opts, train):
+            self.lr = train.lr
+        def __call__(self, step):
+            return self.lr * 0.5 ** (step // 10)
+
+    def hello(parser):
+        '''Says hello.'''
+        parser.add_argument("--who", default="world")
+        return lambda args: print(f"hello {{args.who}}") or 0
+
+    @hookimpl
+    def register_schedules(register):
+        register("{name}", Halving)
+
+    @hookimpl
+    def register_commands(register):
+        register("hello-{name}", hello)
+"""
+
+
+def test_every_kind_has_its_own_hook_and_register_callback(plugin_dir):
+    plugin_dir("pa_kinds", SCHEDULE_AND_COMMAND, name="halving")
+    pm = PluginManager(entry_points=False)
+    pm.add_module("pa_kinds")
+    assert pm.registry.get("schedule", "halving").doc == "Halves the learning rate every 10 steps."
+    assert pm.registry.get("command", "hello-halving").doc == "Says hello."
+    built_ins = {(c.family, c.name) for c in PluginManager(entry_points=False).registry}
+    assert {("schedule", "cosine"), ("schedule", "wsd"), ("tokenizer", "char"), ("tokenizer", "gpt2"),
+            ("dataset", "tinyshakespeare")} <= built_ins
+
+
+def test_a_component_hook_cannot_register_another_kind(plugin_dir):
+    plugin_dir("pa_wrongkind", """
+        from toolkit.hookspecs import hookimpl
+
+        @hookimpl
+        def register_components(register):
+            register("schedule", "sneaky", lambda opts, train: None)
+    """)
+    pm = PluginManager(entry_points=False)
+    pm.add_module("pa_wrongkind")
+    assert failure_for(pm, "pa_wrongkind").reason == (
+        "ValueError: register_components registers attention, norm, position, mlp, not 'schedule' "
+        "(use register_schedules)")

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from toolkit.config import ConfigError, structure
+from toolkit.config import resolve_specs, structure
+from toolkit.errors import ConfigError
 from toolkit.model import ModelConfig
 from toolkit.plugin_manager import get_registry
 from toolkit.recipe import Recipe, dump_recipe, load_recipe, parse_override, resolve_data
@@ -50,7 +51,7 @@ def test_gpt_cpu_is_the_lecture_gpt_shrunk_for_two_cores():
     assert (t.micro_batch, t.max_steps, t.eval_interval, t.eval_batches, t.lr) == (12, 2000, 250, 20, 1e-3)
     # inherited from gpt.toml
     assert (t.min_lr, t.warmup_steps, t.betas, t.weight_decay) == (1e-4, 100, (0.9, 0.99), 0.1)
-    assert r.data.tokenizer == "char" and r.data.dataset == "tinyshakespeare"
+    assert r.data.tokenizer.kind == "char" and r.data.dataset == "tinyshakespeare"
     assert r.description != load_recipe(ROOT / "recipes" / "gpt.toml").description
 
 
@@ -68,10 +69,10 @@ def test_gpt2_is_124m_with_half_a_million_tokens_per_step():
     m, t, ds = r.model, r.train, r.deepspeed
     assert (m.n_layer, m.n_head, m.n_embd, m.block_size, m.vocab_size) == (12, 12, 768, 1024, 50304)
     assert t.tokens_per_step == 524288 and t.tokens_per_step % (t.micro_batch * m.block_size) == 0
-    assert (t.lr, t.min_lr, t.warmup_steps, t.max_steps, t.schedule) == (6e-4, 6e-5, 715, 19073, "cosine")
+    assert (t.lr, t.min_lr, t.warmup_steps, t.max_steps, t.schedule.kind) == (6e-4, 6e-5, 715, 19073, "cosine")
     assert (t.weight_decay, t.betas, t.grad_clip, t.compile) == (0.1, (0.9, 0.95), 1.0, True)
     assert (ds.precision, ds.zero_stage) == ("bf16", 1)
-    assert (r.data.tokenizer, r.data.dataset, r.data.prepared_dir) == ("gpt2", "fineweb-edu", "data/fineweb-edu")
+    assert (r.data.tokenizer.kind, r.data.dataset, r.data.prepared_dir) == ("gpt2", "fineweb-edu", "data/fineweb-edu")
 
 
 def test_llama_swaps_in_the_llama_components_and_keeps_gpt2s_budget():
@@ -144,7 +145,7 @@ def test_changing_kind_in_a_child_drops_the_parents_options_for_that_component(t
     assert load_recipe(shorthand).model.attention.kind == "mqa"
 
 
-def test_plugins_resolve_relative_to_the_recipe_that_names_them_and_accumulate(tmp_path, fresh_plugins, monkeypatch):
+def test_plugins_resolve_relative_to_the_recipe_that_names_them_and_accumulate(tmp_path, monkeypatch):
     plugin = ROOT / "tests" / "recipes" / "plugins" / "short_position.py"
     relative = Path(os.path.relpath(plugin, tmp_path / "deep")).as_posix()
     write(tmp_path / "deep" / "base.toml", f"""
@@ -165,7 +166,7 @@ def test_plugins_resolve_relative_to_the_recipe_that_names_them_and_accumulate(t
     assert r.model.position.kind == "short" and r.model.position.options.max_len == 64
 
 
-def test_a_relative_plugin_path_is_taken_from_the_recipes_folder(tmp_path, fresh_plugins, monkeypatch):
+def test_a_relative_plugin_path_is_taken_from_the_recipes_folder(tmp_path, monkeypatch):
     source = (ROOT / "tests" / "recipes" / "plugins" / "short_position.py").read_text()
     write(tmp_path / "plugins" / "pos.py", source.replace('"short"', '"short_rel"'))
     recipe = write(tmp_path / "recipes" / "r.toml", f"""
@@ -181,7 +182,7 @@ def test_a_relative_plugin_path_is_taken_from_the_recipes_folder(tmp_path, fresh
     assert f'plugins = [\n    "{(tmp_path / "plugins" / "pos.py").as_posix()}",\n]' in dump_recipe(load_recipe(recipe))
 
 
-def test_plugin_option_flag_loads_a_plugin_for_the_recipe(fresh_plugins, monkeypatch):
+def test_plugin_option_flag_loads_a_plugin_for_the_recipe(monkeypatch):
     monkeypatch.chdir(ROOT)
     r = load_recipe("recipes/smoke.toml", ["model.position.kind=short", "model.position.max_len=32"],
                     plugins=["tests/recipes/plugins/short_position.py"])
@@ -263,14 +264,16 @@ def test_resolve_data_is_the_merged_table_before_structuring(tmp_path):
     child = write(tmp_path / "child.toml", f'extends = "{TINY.as_posix()}"\n[model]\nattention = "mqa"\n')
     data = resolve_data(child, ["train.seed=5"])
     assert data["model"]["attention"] == {"kind": "mqa"}  # the string shorthand, as a table
-    assert data["train"] == {"micro_batch": 4, "max_steps": 20, "warmup_steps": 2, "seed": 5}
+    assert data["train"] == {"micro_batch": 4, "max_steps": 20, "warmup_steps": 2, "eval_interval": 10,
+                             "eval_batches": 2, "log_interval": 5, "seed": 5}
     assert data["name"] == "child" and "extends" not in data
 
 
 def test_an_empty_recipe_is_the_defaults_named_after_its_file(tmp_path):
     r, default = load_recipe(write(tmp_path / "empty.toml", "")), Recipe()
     assert r.name == "empty"
-    assert (r.data, r.train, r.deepspeed, r.generate) == (default.data, default.train, default.deepspeed, default.generate)
+    sections = (default.data, default.train, default.deepspeed, default.generate)
+    assert (r.data, r.train, r.deepspeed, r.generate) == tuple(resolve_specs(get_registry(), s) for s in sections)
     m = r.model
     assert (m.n_layer, m.n_head, m.n_embd, m.block_size) == (12, 12, 768, 1024)
     # the default components come with their options spelled out (what `recipe show` writes)
@@ -288,7 +291,7 @@ def test_the_annotated_example_in_the_docs_is_a_valid_recipe(tmp_path):
     assert r.train.tokens_per_step == 524288 and r.train.grad_accum is None
 
 
-def test_plugins_given_by_set_are_relative_to_the_working_directory(fresh_plugins, monkeypatch):
+def test_plugins_given_by_set_are_relative_to_the_working_directory(monkeypatch):
     monkeypatch.chdir(ROOT / "tests")
     r = load_recipe(ROOT / "recipes" / "smoke.toml",
                     ['plugins=["recipes/plugins/short_position.py"]', "model.position.kind=short", "model.position.max_len=32"])

@@ -4,8 +4,8 @@ import attrs
 import pytest
 from torch import nn
 
+from toolkit.families import MODEL_FAMILIES, NAMES
 from toolkit.registry import (
-    FAMILIES,
     NoOptions,
     Registry,
     RegistryError,
@@ -57,7 +57,8 @@ def test_unknown_name_in_an_empty_family_says_none_registered():
 def test_unknown_family_is_an_error_with_a_hint():
     with pytest.raises(RegistryError, match=r"unknown component family 'norms'; did you mean 'norm'\?"):
         Registry().get("norms", "layernorm")
-    assert FAMILIES == ("attention", "norm", "position", "mlp")
+    assert MODEL_FAMILIES == ("attention", "norm", "position", "mlp")
+    assert set(NAMES) >= {*MODEL_FAMILIES, "schedule", "tokenizer", "dataset", "evaluator", "command"}
 
 
 def test_duplicate_registration_names_both_sources():
@@ -139,6 +140,6 @@ def test_iteration_is_by_family_then_name_and_membership_works():
 
 
 def test_source_string_shows_package_version_and_plugin():
-    assert str(Source("plugins.attention", "playattention", "0.1.0")) == "playattention 0.1.0 (plugins.attention)"
+    assert str(Source("toolkit.plugins.attention", "playattention", "0.1.0")) == "playattention 0.1.0 (toolkit.plugins.attention)"
     assert str(Source("/tmp/x.py")) == "/tmp/x.py"
     assert str(Source("ep", "pkg", None)) == "pkg ? (ep)"

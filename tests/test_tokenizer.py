@@ -5,7 +5,16 @@ import socket
 import pytest
 
 from toolkit import tokenizer as tk
-from toolkit.tokenizer import ASSETS, CharTokenizer, build_tokenizer, load_tokenizer
+from toolkit.errors import UnknownComponentError
+from toolkit.families import SPEC_TYPES
+from toolkit.plugin_manager import default_registry
+from toolkit.registry import NoOptions
+from toolkit.tokenizer import ASSETS, CharTokenizer, GPT2Tokenizer, load_tokenizer
+
+
+def build_tokenizer(name, corpus=None):
+    """A registered tokenizer by name, as a recipe's data.tokenizer builds it."""
+    return default_registry().build(SPEC_TYPES["tokenizer"](name), corpus)
 
 SHAKESPEARE = (ASSETS / "tinyshakespeare.txt").read_text(encoding="utf-8")
 PARAGRAPH = SHAKESPEARE[:1500]  # "First Citizen:\nBefore we proceed any further, hear me speak. ..."
@@ -121,10 +130,11 @@ def test_char_refuses_characters_outside_its_vocabulary():
 
 
 def test_char_needs_a_corpus_and_unknown_names_are_refused():
-    with pytest.raises(ValueError, match="needs corpus_text"):
-        build_tokenizer("char")
-    with pytest.raises(ValueError, match="unknown tokenizer 'bpe' \\(known: char, gpt2\\)"):
+    with pytest.raises(ValueError, match="needs the corpus"):
+        CharTokenizer(NoOptions(), None)
+    with pytest.raises(UnknownComponentError, match="unknown tokenizer 'bpe' \\(registered: char, gpt2\\)"):
         build_tokenizer("bpe")
+    assert GPT2Tokenizer.needs_corpus is False and CharTokenizer.needs_corpus is True
 
 
 @pytest.mark.parametrize("name", ["char", "gpt2"])
@@ -134,14 +144,14 @@ def test_saved_tokenizer_loads_back_identical(tmp_path, name):
     assert path == tmp_path / "run" / "tokenizer.json"
     assert json.loads(path.read_text(encoding="utf-8"))["type"] == name
     for where in (tmp_path / "run", path):
-        back = load_tokenizer(where)
+        back = load_tokenizer(where, default_registry())
         assert (back.name, back.vocab_size, back.eot) == (tok.name, tok.vocab_size, tok.eot)
         assert back.encode("not to be: ü") == tok.encode("not to be: ü")
 
 
 def test_load_tokenizer_names_the_file_on_bad_input(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such tokenizer file"):
-        load_tokenizer(tmp_path)
+        load_tokenizer(tmp_path, default_registry())
     (tmp_path / "tokenizer.json").write_text('{"type": "sentencepiece"}')
     with pytest.raises(ValueError, match="tokenizer.json: unknown tokenizer type 'sentencepiece'"):
-        load_tokenizer(tmp_path)
+        load_tokenizer(tmp_path, default_registry())

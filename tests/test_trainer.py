@@ -5,35 +5,11 @@ import math
 import pytest
 import torch
 
-from toolkit.config import ConfigError
+from toolkit.cli import main
+from toolkit.errors import ConfigError, DataError
 from toolkit.generate import load_run
 from toolkit.recipe import load_recipe
 from toolkit.trainer import Trainer, train
-
-TINY = """
-name = "tiny"
-[model]
-vocab_size = 65
-block_size = 32
-n_layer = 2
-n_head = 2
-n_embd = 32
-[data]
-prepared_dir = "{data}"
-[train]
-micro_batch = 8
-max_steps = 12
-lr = 3e-3
-warmup_steps = 2
-eval_interval = 6
-eval_batches = 2
-sample_interval = 6
-log_interval = 4
-out_dir = "{out}"
-[generate]
-prompts = ["ROMEO:", "\\n"]
-max_new_tokens = 24
-"""
 
 RUN_FILES = ["recipe.toml", "ds_config.json", "versions.json", "metrics.jsonl", "losses.png", "summary.png",
              "samples.txt", "model.safetensors", "model.toml", "tokenizer.json", "summary.json"]
@@ -44,11 +20,11 @@ SUMMARY_KEYS = {"run_dir", "status", "steps", "tokens", "final_train_loss", "fin
 
 
 @pytest.fixture(scope="module")
-def tiny_file(tmp_path_factory):
-    root = tmp_path_factory.mktemp("trainer")
-    path = root / "tiny.toml"
-    path.write_text(TINY.format(data=root / "data", out=root / "runs"))
-    return path
+def tiny_file(tmp_path_factory, tiny_recipe):
+    return tiny_recipe(tmp_path_factory.mktemp("trainer"), {
+        "train.micro_batch": 8, "train.max_steps": 12, "train.lr": 3e-3, "train.eval_interval": 6,
+        "train.sample_interval": 6, "train.log_interval": 4, "generate.prompts": ["ROMEO:", "\n"],
+        "generate.max_new_tokens": 24})
 
 
 @pytest.fixture(scope="module")
@@ -131,8 +107,6 @@ def test_vocab_smaller_than_the_tokenizer_is_refused(tiny_file):
 
 
 def test_block_size_too_long_for_the_data_is_refused(tiny_file):
-    from toolkit.data import DataError
-
     with pytest.raises(DataError, match="too few for one batch"):
         train(load_recipe(tiny_file, ["model.block_size=60000", "train.micro_batch=2"]), progress=False)
 
@@ -169,8 +143,6 @@ def test_grad_accumulation_follows_the_same_curve_as_one_big_batch(tiny_file, tm
 
 
 def test_train_command_says_where_the_plot_samples_and_weights_are(tiny_file, tmp_path, capsys):
-    from toolkit.cli import main
-
     run = tmp_path / "cli-run"
     assert main(["train", str(tiny_file), "--set", "train.max_steps=2", "--set", "train.warmup_steps=1",
                  "--set", "generate.max_new_tokens=2", "--run-dir", str(run)]) == 0
@@ -182,8 +154,6 @@ def test_train_command_says_where_the_plot_samples_and_weights_are(tiny_file, tm
 
 def test_output_that_is_not_a_terminal_gets_a_plain_line_every_log_interval_not_bar_frames(tiny_file, tmp_path,
                                                                                            capsys):
-    from toolkit.cli import main
-
     assert main(["train", str(tiny_file), "--set", "train.max_steps=8", "--set", "generate.max_new_tokens=2",
                  "--run-dir", str(tmp_path / "logged")]) == 0
     err = capsys.readouterr().err  # captured: not a terminal, as with nohup, a scheduler or an ablation's log
@@ -194,8 +164,6 @@ def test_output_that_is_not_a_terminal_gets_a_plain_line_every_log_interval_not_
 
 
 def test_train_command_refuses_indivisible_batch_arithmetic_in_one_line(tiny_file, capsys):
-    from toolkit.cli import main
-
     assert main(["train", str(tiny_file), "--set", "train.tokens_per_step=1000"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and "train.tokens_per_step" in err and "256" in err

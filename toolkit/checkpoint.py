@@ -38,6 +38,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from . import families
+from .engine import device
+from .errors import CheckpointError
+from .recipe import flatten, recipe_to_dict, toml_inline
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 TAG_RE = re.compile(r"^step-(\d+)$")
 WEIGHTS = "model.safetensors"
@@ -49,12 +61,7 @@ UNIVERSAL = ".universal-"  # a conversion for another number of ranks
 FORMAT = 1
 #: the recipe keys a resumed run may not change besides the model: the checkpoint's layout depends on them
 ENGINE_KEYS = ("deepspeed.zero_stage", "deepspeed.precision", "deepspeed.offload")
-COMPONENT_FAMILIES = ("attention", "norm", "position", "mlp")
 RUN_NAME_RE = re.compile(r"-(\d{8}-\d{6})(?:-(\d+))?$")  # <name>-<YYYYmmdd-HHMMSS>[-n] (trainer.default_run_dir)
-
-
-class CheckpointError(Exception):
-    """A checkpoint or run folder problem, said in one line."""
 
 
 def tag_for(step: int) -> str:
@@ -127,8 +134,6 @@ def check_resumable(run_dir: str | Path) -> Path:
 
 def find_run(out_dir: str | Path, recipe_name: str) -> Path:
     """The newest run folder of ``recipe_name`` under ``out_dir`` with a complete checkpoint (``--resume auto``)."""
-    import tomllib
-
     out_dir, found = Path(out_dir), []
     for run in (out_dir.iterdir() if out_dir.is_dir() else []):
         m = RUN_NAME_RE.search(run.name)
@@ -183,11 +188,9 @@ def identity(recipe, registry) -> dict:
     ``fingerprint`` hashes the parts a resume may not change: the model table, the plugin list,
     the component sources (package and version, or a plugin file's content hash) and ENGINE_KEYS.
     """
-    from .recipe import recipe_to_dict
-
     d = recipe_to_dict(recipe)
     components = {}
-    for family in COMPONENT_FAMILIES:
+    for family in families.MODEL_FAMILIES:
         kind = getattr(recipe.model, family).kind
         components[f"{family}:{kind}"] = _source_version(registry.get(family, kind).source)
     fixed = {"model": _fixed_keys(d), "components": components}
@@ -205,8 +208,6 @@ def _source_version(source) -> str:
 
 
 def _fixed_keys(recipe_dict: dict) -> dict:
-    from .recipe import flatten
-
     flat = flatten({k: recipe_dict[k] for k in ("plugins", "model", "deepspeed") if k in recipe_dict})
     return {k: v for k, v in flat.items() if k == "plugins" or k.startswith("model.") or k in ENGINE_KEYS}
 
@@ -217,8 +218,6 @@ def identity_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     Refused: the model, its plugins and their versions, and ENGINE_KEYS. Allowed: everything else
     (more steps, another eval interval, ...), which the run folder then records.
     """
-    from .recipe import flatten, toml_inline
-
     def changes(a: dict, b: dict, prefix: str = "") -> list[str]:
         missing, out = object(), []
         for key in [*a, *(k for k in b if k not in a)]:
@@ -244,8 +243,6 @@ def save(engine, root: str | Path, step: int, state: dict, *, keep: int | None =
     removes the partial save and raises CheckpointError on every rank; the previous checkpoint
     stays the newest complete one.
     """
-    import torch.distributed as dist
-
     root, tag = Path(root), tag_for(step)
     partial = root / f"{PARTIAL}{tag}"
     rank = dist.get_rank()
@@ -287,12 +284,8 @@ def _describe(exc: OSError) -> str:
 
 def _any_rank(flag: bool) -> bool:
     """True on every rank if it is True on any (one all-reduced int)."""
-    import torch.distributed as dist
-
     if dist.get_world_size() == 1:
         return flag
-    from .engine import device
-
     t = torch.tensor([int(flag)], device=device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
@@ -370,8 +363,6 @@ def load(engine, root: str | Path, tag: str | None = None) -> dict:
     DeepSpeed unpickles its own files (``torch.load(weights_only=False)``): load only checkpoints
     from sources you trust.
     """
-    import torch.distributed as dist
-
     root = Path(root)
     path = root / tag if tag else latest(root)
     if path is None:
@@ -390,8 +381,6 @@ def load(engine, root: str | Path, tag: str | None = None) -> dict:
 
 def _load_universal(engine, root: Path, tag: str) -> None:
     """Convert ``tag`` with ``ds_to_universal`` and load it, whatever the number of ranks."""
-    import torch.distributed as dist
-
     out = root / f"{UNIVERSAL}{tag}"
     failure = ""
     if dist.get_rank() == 0:
@@ -535,8 +524,6 @@ def exportable(state: dict[str, torch.Tensor], tied: bool) -> dict[str, torch.Te
 
 def export_weights(state: dict[str, torch.Tensor], path: str | Path, tied: bool, metadata: dict | None = None) -> Path:
     """Write fp32 weights to a safetensors file (written beside it, then renamed into place)."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     save_file(exportable(state, tied), str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
@@ -546,8 +533,6 @@ def export_weights(state: dict[str, torch.Tensor], path: str | Path, tied: bool,
 
 def load_weights(model: torch.nn.Module, path: str | Path) -> None:
     """Load an exported ``model.safetensors`` into ``model``; a tied head may be absent, nothing else."""
-    from safetensors.torch import load_file
-
     state = load_file(str(path))
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)

@@ -1,65 +1,77 @@
 """The `playattention` command line (also `python -m toolkit`).
 
 Each subcommand is a small function here that parses arguments and calls into the module that
-owns the work. Problems a user can fix (bad recipe, missing file) print one line per problem to
-stderr and exit 2; nothing is lost and no traceback is shown.
+owns the work; plugins add commands of their own through ``register_commands``. Problems a user
+can fix (bad recipe, missing file) print one line per problem to stderr and exit 2; nothing is
+lost and no traceback is shown.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import signal
+import subprocess
 import sys
+from pathlib import Path
 
-from .config import ConfigError
-from .data import DataError
-from .plugin_manager import PluginLoadError
-from .registry import RegistryError
+import attrs
 
-
-class UsageError(Exception):
-    """A problem with the command line or the files it names; printed as one line, exit 2."""
+from . import families
+from .ablate import run_ablation
+from .ablation import dry_run_text, load_ablation
+from .checkpoint import check_resumable, find_run
+from .data import prepare
+from .errors import ConfigError, UsageError, UserError
+from .generate import encode_prompt, load_run, resolve_run_dir, stream_samples
+from .inspection import inspect_recipe
+from .plugin_manager import PluginManager, default_registry, forget_loaded
+from .recipe import DataConfig, diff_recipes, dump_recipe, load_recipe, registry_of
+from .registry import Registry
+from .runfolder import default_run_dir
+from .trainer import train
 
 
 def cmd_plugins(args) -> int:
-    from .plugin_manager import get_plugin_manager
-
-    pm = get_plugin_manager()
+    pm = PluginManager()
     for spec in args.plugin:
         pm.add(spec)
-    print(render_plugins(pm))
+    print(render_plugins(pm.registry, hooks=args.hooks))
     return 1 if pm.failures and args.strict else 0
 
 
-def render_plugins(pm) -> str:
-    from .registry import FAMILIES
-
-    reg = pm.registry
+def render_plugins(registry: Registry, hooks: bool = False) -> str:
+    """Every family with its registered parts: one-line doc, source, options (name: type = default)."""
     lines = []
-    for family in FAMILIES:
-        lines.append(f"{family}:")
-        for name in reg.names(family):
-            comp = reg.get(family, name)
+    if hooks:
+        lines.append("hooks (implement any with @hookimpl; see toolkit/families.py):")
+        lines += [f"  {hook}(register)  {doc}" for hook, doc in families.HOOKS.items()]
+        lines.append("")
+    for fam in families.FAMILIES:
+        where = f"recipe: {fam.where}" + ("[]" if fam.many else "") if fam.where else "not in recipes"
+        lines.append(f"{fam.name}:" if not hooks else f"{fam.name}:  ({fam.hook}; {where}; {fam.contract})")
+        for name in registry.names(fam.name):
+            comp = registry.get(fam.name, name)
             lines.append(f"  {name:<16} {comp.doc}")
             lines.append(f"  {'':<16} from {comp.source}")
             for opt, typ, default in comp.option_fields():
                 lines.append(f"  {'':<16}   {opt}: {typ} = {default!r}")
+        if not registry.names(fam.name):
+            lines.append("  (none registered)")
         lines.append("")
-    if pm.failures:
+    if registry.failures:
         lines.append("failed plugins:")
-        lines.extend(f"  {f}" for f in pm.failures)
+        lines.extend(f"  {f}" for f in registry.failures)
     return "\n".join(lines).rstrip()
 
 
 def cmd_prepare(args) -> int:
-    from .data import prepare
-    from .recipe import DataConfig, load_recipe
-
     if args.recipe and args.input:
         raise UsageError("give a RECIPE or --input files, not both")
     if args.recipe:
         if args.tokenizer or args.out or args.val_fraction is not None:
             raise UsageError("--tokenizer, --out and --val-fraction go with --input; with a recipe use --set data.KEY=VALUE")
-        data = load_recipe(args.recipe, args.set, args.plugin).data
+        recipe = load_recipe(args.recipe, args.set, args.plugin)
+        data, registry = recipe.data, registry_of(recipe)
     elif args.input:
         if args.set or args.plugin:
             raise UsageError("--set and --plugin go with a RECIPE, not with --input")
@@ -75,17 +87,27 @@ def cmd_prepare(args) -> int:
             )
         except ValueError as exc:
             raise UsageError(f"--val-fraction: {exc}") from None
+        registry = default_registry()
     else:
         raise UsageError("give a RECIPE to prepare its [data], or --input FILE_OR_DIR... (see --help)")
-    out = prepare(data, workers=args.workers, shard_size=args.shard_size, progress=not args.quiet)
+    out = prepare(data, registry=registry, workers=args.workers, shard_size=args.shard_size, progress=not args.quiet)
     print(out)
     return 0
 
 
 def cmd_ablate(args) -> int:
-    from .ablate import main as ablate
-
-    return ablate(args.file, dry_run=args.dry_run, parallel=args.parallel, out=args.out, progress=not args.quiet)
+    """Validate, then print the plan or run it: 0 when every run finished, 1 otherwise."""
+    if args.parallel < 1:
+        raise UsageError(f"--parallel must be at least 1, got {args.parallel}")
+    ablation, resolved = load_ablation(args.file)
+    if args.dry_run:
+        print(dry_run_text(ablation, resolved))
+        return 0
+    out_dir = Path(args.out) if args.out else Path("ablations-out") / ablation.name
+    runs = run_ablation(ablation, resolved, out_dir, parallel=args.parallel, progress=not args.quiet)
+    failed = [r for r in runs if r.status != "finished"]
+    print(f"report: {out_dir / 'report.md'}" + (f" ({len(failed)} of {len(runs)} runs failed)" if failed else ""))
+    return 1 if failed else 0
 
 
 def add_recipe_options(p: argparse.ArgumentParser) -> None:
@@ -98,16 +120,11 @@ def add_recipe_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_recipe_show(args) -> int:
-    from .recipe import dump_recipe, load_recipe
-
     print(dump_recipe(load_recipe(args.recipe, args.set, args.plugin)), end="")
     return 0
 
 
 def cmd_inspect(args) -> int:
-    from .inspection import inspect_recipe
-    from .recipe import load_recipe
-
     if args.world_size < 1:
         raise UsageError(f"--world-size must be >= 1, got {args.world_size}")
     print(inspect_recipe(load_recipe(args.recipe, args.set, args.plugin), args.world_size, args.recipe))
@@ -115,8 +132,6 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_diff(args) -> int:
-    from .recipe import diff_recipes, load_recipe
-
     a = load_recipe(args.a, args.set, args.plugin)
     b = load_recipe(args.b, args.set, args.plugin)
     lines = diff_recipes(a, b)
@@ -131,8 +146,6 @@ def cmd_train(args) -> int:
     recipe, resume = train_target(args)
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return launch_ranks(args, recipe, resume)
-    from .trainer import train
-
     summary = train(recipe, run_dir=resume or args.run_dir, resume=resume is not None)
     code = train_exit_status(summary)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -148,11 +161,6 @@ def cmd_train(args) -> int:
 
 def train_target(args):
     """(recipe, run folder to resume or None) for ``train``; UsageError/CheckpointError name what is wrong."""
-    from pathlib import Path
-
-    from .checkpoint import check_resumable, find_run
-    from .recipe import load_recipe
-
     if not args.resume:
         if not args.recipe:
             raise UsageError("give a RECIPE to train, or --resume RUN_DIR to continue a run")
@@ -186,11 +194,6 @@ def launch_ranks(args, recipe, resume: str | None = None) -> int:
     second one would make the ranks stop at once, unsaved); it passes it to every rank, which
     finish the step and save a checkpoint within --shutdown_timeout.
     """
-    import signal
-    import subprocess
-
-    from .trainer import default_run_dir
-
     run_dir = resume or args.run_dir or str(default_run_dir(recipe))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
            "--shutdown_timeout=300", "-m", "toolkit", "train", *([args.recipe] if args.recipe else []),
@@ -218,8 +221,6 @@ def launch_ranks(args, recipe, resume: str | None = None) -> int:
 
 
 def render_train_summary(s: dict) -> str:
-    from pathlib import Path
-
     run = Path(s["run_dir"])
     if s["status"] == "interrupted":
         return f"interrupted: {s.get('error')}"
@@ -243,10 +244,6 @@ def render_train_summary(s: dict) -> str:
 
 
 def cmd_generate(args) -> int:
-    import attrs
-
-    from .generate import encode_prompt, load_run, resolve_run_dir, stream_samples
-
     resolve_run_dir(args.run)  # FileNotFoundError (one line, exit 2) before anything loads
     if args.num_samples < 1:
         raise UsageError(f"--num-samples must be at least 1, got {args.num_samples}")
@@ -282,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plugins", help="list every registered component with its options and source")
     p.add_argument("--plugin", action="append", default=[], help="also load this plugin file or module")
     p.add_argument("--strict", action="store_true", help="exit 1 if any plugin failed to load")
+    p.add_argument("--hooks", action="store_true", help="also list the hooks, and each family's place and contract")
     p.set_defaults(func=cmd_plugins)
 
     p = sub.add_parser("recipe", help="work with recipes (see docs/recipes.md)")
@@ -360,25 +358,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_plugin_commands(sub, registry: Registry) -> None:
+    """A subcommand for every registered ``command``: ``factory(parser)`` adds its arguments and returns its run(args)."""
+    for name in registry.names("command"):
+        comp = registry.get("command", name)
+        if name in sub.choices:
+            print(f"warning: command {name!r} from {comp.source} is not added: a built-in command has that name",
+                  file=sys.stderr)
+            continue
+        p = sub.add_parser(name, help=f"{comp.doc} (from {comp.source})", description=comp.doc)
+        p.set_defaults(func=comp.factory(p))
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.trace:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--trace" in argv[: argv.index("--") if "--" in argv else len(argv)]:
         os.environ["PLAYATTENTION_TRACE"] = "1"
-        from . import plugin_manager
-
-        plugin_manager.reset()  # rebuild so the built-ins' registrations are traced too
-    from .checkpoint import CheckpointError
-    from .hf.common import HFFormatError
-
+        forget_loaded()  # load again, so the built-ins' registrations are traced too
+    parser = build_parser()
     try:
+        add_plugin_commands(parser._subparsers._group_actions[0], default_registry())
+        args = parser.parse_args(argv)
         return int(args.func(args) or 0)
     except ConfigError as exc:
         for line in exc.lines:
             print(f"error: {line}", file=sys.stderr)
         return 2
-    except (UsageError, PluginLoadError, RegistryError, FileNotFoundError, DataError, HFFormatError,
-            CheckpointError) as exc:
+    except (UserError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -27,8 +27,9 @@ from cattrs.errors import (
     IterableValidationNote,
 )
 
-from .model import SPEC_TYPES, Spec, resolve_options  # noqa: F401  (SPEC_TYPES re-exported)
-from .registry import Registry, UnknownComponentError, did_you_mean
+from .errors import ConfigError, UnknownComponentError, did_you_mean
+from .families import Spec
+from .registry import Registry
 
 
 class ValueTypeError(TypeError):
@@ -319,8 +320,7 @@ def _structure_spec(registry: Registry, converter: cattrs.Converter, value: Any,
 
 
 def _unstructure_spec(registry: Registry, converter: cattrs.Converter, spec: Spec) -> dict:
-    opts = resolve_options(registry, spec)
-    return {"kind": spec.kind, **converter.unstructure(opts)}
+    return {"kind": spec.kind, **converter.unstructure(resolve_spec(registry, spec).options)}
 
 
 def _is_spec(t) -> bool:
@@ -328,8 +328,11 @@ def _is_spec(t) -> bool:
 
 
 def make_converter(registry: Registry) -> cattrs.Converter:
-    """The converter for recipes and model specs over the given registry's components."""
-    c = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
+    """The converter for recipes and model specs over the given registry's components (made once per registry)."""
+    cached = getattr(registry, "_converter", None)
+    if cached is not None:
+        return cached
+    c = registry._converter = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
     c.register_structure_hook(int, _strict_int)
     c.register_structure_hook(float, _strict_float)
     c.register_structure_hook(bool, _strict_bool)
@@ -419,9 +422,28 @@ def structure(registry: Registry, data: Any, cls: type, root: str = "$"):
         raise ConfigError(_describe(exc, root).splitlines()) from None
 
 
-class ConfigError(ValueError):
-    """One or more configuration problems, one line each."""
+# -- specs made in Python ---------------------------------------------------------------------------
+def resolve_spec(registry: Registry, spec: Spec) -> Spec:
+    """``spec`` with an instance of its component's options class: the defaults for None, a dict
+    structured (ConfigError naming each bad option), an instance kept."""
+    comp = registry.get(spec.family, spec.kind)
+    if isinstance(spec.options, comp.options):
+        return spec
+    if spec.options is None:
+        return attrs.evolve(spec, options=comp.options())
+    if isinstance(spec.options, dict):
+        return structure(registry, {"kind": spec.kind, **spec.options}, type(spec), root=f"$.{spec.family}")
+    raise ConfigError([f"$.{spec.family}: options must be a table or {comp.options.__qualname__}, "
+                       f"got {type(spec.options).__qualname__}"])
 
-    def __init__(self, lines: list[str]):
-        self.lines = list(lines)
-        super().__init__("\n".join(self.lines))
+
+def resolve_specs(registry: Registry, obj):
+    """An attrs object (a ModelConfig, a Recipe section) with every Spec field resolved (:func:`resolve_spec`)."""
+    changes = {}
+    for f in attrs.fields(type(obj)):
+        value = getattr(obj, f.name)
+        if isinstance(value, Spec):
+            changes[f.name] = resolve_spec(registry, value)
+        elif isinstance(value, list) and value and all(isinstance(v, Spec) for v in value):
+            changes[f.name] = [resolve_spec(registry, v) for v in value]
+    return attrs.evolve(obj, **changes) if changes else obj

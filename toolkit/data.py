@@ -45,12 +45,16 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .tokenizer import ASSETS, CHAR_DOC_SEPARATOR, CharTokenizer, Tokenizer, build_tokenizer, tokenizer_from_dict
+import attrs
+
+from .errors import DataError, UnknownComponentError
+from .plugin_manager import default_registry
+from .registry import Registry
+from .tokenizer import CHAR_DOC_SEPARATOR, Tokenizer
 
 FORMAT_VERSION = 1
 DEFAULT_SHARD_SIZE = 100_000_000  # tokens per shard (200 MB), as in build-nanogpt
 SPLITS = ("train", "val")
-SHIPPED = {"tinyshakespeare": ASSETS / "tinyshakespeare.txt"}
 INPUT_SUFFIXES = (".txt", ".jsonl")
 MIN_VAL_DOCS = 10  # fewer documents than this would validate: split the token stream instead
 CHUNK_CHARS = 1 << 18  # big documents are tokenized in pieces of about this many characters
@@ -62,10 +66,6 @@ SMALL_INPUT_BYTES = 8 << 20  # below this, tokenizing in-process beats starting 
 _SAFE_BREAK = re.compile(r"\S\n(?=\S)")
 
 
-class DataError(ValueError):
-    """A problem with the data a user can fix (a path, a too-small split); one line."""
-
-
 # ----------------------------------------------------------------------------- inputs
 
 
@@ -73,18 +73,22 @@ def prepared_dir(data) -> Path:
     """Where ``data`` (a DataConfig) is prepared: its ``prepared_dir`` or ``data/<dataset>-<tokenizer>``."""
     if data.prepared_dir:
         return Path(data.prepared_dir).expanduser()
-    return Path("data") / f"{data.dataset}-{data.tokenizer}"
+    return Path("data") / f"{data.dataset}-{data.tokenizer.kind}"
 
 
-def resolve_sources(data) -> list[Path]:
-    """The input files of ``data`` in reading order; raises DataError naming a bad path."""
+def resolve_sources(data, registry: Registry | None = None) -> list[Path]:
+    """The input files of ``data`` in reading order; raises DataError naming a bad path.
+
+    With no ``paths``, ``dataset`` names a registered dataset (``register_datasets``), whose
+    factory gives the files.
+    """
     if not data.paths:
-        if data.dataset not in SHIPPED:
-            raise DataError(
-                f"data.paths is empty and dataset {data.dataset!r} does not ship with playattention "
-                f"(shipped: {', '.join(SHIPPED)}); give data.paths"
-            )
-        return [SHIPPED[data.dataset]]
+        registry = registry or default_registry()
+        try:
+            dataset = registry.get("dataset", data.dataset)
+        except UnknownComponentError as exc:
+            raise DataError(f"data.paths is empty and {exc}; give data.paths or a registered dataset") from None
+        return [Path(p) for p in dataset.factory(dataset.options())]
     files: list[Path] = []
     for i, given in enumerate(data.paths):
         path = Path(given).expanduser()
@@ -116,7 +120,7 @@ def resolve_sources(data) -> list[Path]:
 def _fingerprint(data, sources: list[Path], shard_size: int) -> dict:
     out = {
         "format": FORMAT_VERSION,
-        "tokenizer": data.tokenizer,
+        "tokenizer": _tokenizer_key(data.tokenizer),
         "val_fraction": data.val_fraction,
         "shard_size": shard_size,
         "sources": [],
@@ -125,6 +129,12 @@ def _fingerprint(data, sources: list[Path], shard_size: int) -> dict:
         st = f.stat()
         out["sources"].append({"path": str(f.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
     return out
+
+
+def _tokenizer_key(spec) -> str | dict:
+    """The tokenizer as it enters the fingerprint: its kind, and its options if it has any."""
+    options = attrs.asdict(spec.options) if spec.options is not None else {}
+    return {"kind": spec.kind, **options} if options else spec.kind
 
 
 def _what_changed(old: dict, new: dict) -> str | None:
@@ -257,9 +267,9 @@ class _TaskEncoder:
 _worker_encoder: _TaskEncoder | None = None
 
 
-def _init_worker(tok_dict: dict) -> None:
+def _init_worker(tok_class: type[Tokenizer], tok_dict: dict) -> None:
     global _worker_encoder
-    _worker_encoder = _TaskEncoder(tokenizer_from_dict(tok_dict))
+    _worker_encoder = _TaskEncoder(tok_class.from_dict(tok_dict))
 
 
 def _encode_in_worker(task):
@@ -275,7 +285,7 @@ def _encoded(tok: Tokenizer, tasks, workers: int):
     import multiprocessing
 
     # workers rebuild the tokenizer from its json: pickling a tiktoken Encoding may look it up by name
-    with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(tok.to_dict(),)) as pool:
+    with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(type(tok), tok.to_dict())) as pool:
         yield _unpack(pool.imap(_encode_in_worker, tasks))
 
 
@@ -286,13 +296,6 @@ def _unpack(results):
             yield doc, first, ids[pos : pos + n], 0
             pos += n
         yield -1, False, ids[:0], nbytes  # progress marker: the task's input bytes are done
-
-
-def _char_ids(tok: CharTokenizer, text: str) -> np.ndarray:
-    """The whole text as char token ids, vectorised (the vocabulary is sorted by code point)."""
-    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-    table = np.array([ord(c) for c in tok.chars], dtype=np.uint32)
-    return np.searchsorted(table, codes).astype(np.uint16)
 
 
 # ----------------------------------------------------------------------------- shards
@@ -399,8 +402,11 @@ def _locked(out: Path):
 # ----------------------------------------------------------------------------- prepare
 
 
-def prepare(data, *, progress: bool = True, workers: int | None = None, shard_size: int = DEFAULT_SHARD_SIZE) -> Path:
+def prepare(data, *, registry: Registry | None = None, progress: bool = True, workers: int | None = None,
+            shard_size: int = DEFAULT_SHARD_SIZE) -> Path:
     """Tokenize ``data`` (a DataConfig) into shards under ``prepared_dir(data)``; returns that dir.
+
+    ``registry``: where the tokenizer and dataset come from (the recipe's; default the built-ins).
 
     ``workers``: tokenizer processes (default: all cores for inputs over 8 MB, else in-process).
     ``progress``: show a progress bar and say what is done on stderr.
@@ -411,7 +417,8 @@ def prepare(data, *, progress: bool = True, workers: int | None = None, shard_si
         raise DataError(f"workers must be at least 1, got {workers}")
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
     out = prepared_dir(data)
-    sources = resolve_sources(data)
+    registry = registry or default_registry()
+    sources = resolve_sources(data, registry)
     inputs = _fingerprint(data, sources, shard_size)
     out.mkdir(parents=True, exist_ok=True)
     with _locked(out):
@@ -441,7 +448,7 @@ def prepare(data, *, progress: bool = True, workers: int | None = None, shard_si
             total = sum(s["size"] for s in inputs["sources"])
             workers = (os.cpu_count() or 1) if total > SMALL_INPUT_BYTES else 1
         t0 = time.time()
-        meta = _prepare(data, sources, inputs, out, state, workers, shard_size, progress)
+        meta = _prepare(data, registry, sources, inputs, out, state, workers, shard_size, progress)
         say(f"{out}: {_summary(meta)} in {time.time() - t0:.1f}s")
     return out
 
@@ -453,15 +460,17 @@ def _summary(meta: dict) -> str:
             f"in {n} shard{'s' if n != 1 else ''}")
 
 
-def _prepare(data, sources, inputs, out, state, workers, shard_size, progress) -> dict:
+def _prepare(data, registry, sources, inputs, out, state, workers, shard_size, progress) -> dict:
     from tqdm import tqdm
 
     f = data.val_fraction
     total_bytes = sum(s["size"] for s in inputs["sources"])
-    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"tokenizing ({data.tokenizer})",
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"tokenizing ({data.tokenizer.kind})",
                disable=not progress, leave=False, file=sys.stderr)
 
-    if data.tokenizer == "char":
+    tok_class = registry.get("tokenizer", data.tokenizer.kind).factory
+    whole = tok_class.needs_corpus  # built from the corpus (characters): encode it whole, split its tail
+    if whole:
         texts = []
         for text, nbytes in _documents(sources):
             texts.append(text)
@@ -469,12 +478,10 @@ def _prepare(data, sources, inputs, out, state, workers, shard_size, progress) -
         n_docs = len(texts)
         corpus = CHAR_DOC_SEPARATOR.join(texts)
         del texts
-        tok: Tokenizer = CharTokenizer.from_text(corpus)
-        if tok.vocab_size > 65536:
-            raise DataError(f"the char vocabulary has {tok.vocab_size} characters; uint16 shards hold at most 65536")
+        tok: Tokenizer = registry.build(data.tokenizer, corpus)
         mode = "tail"
     else:
-        tok = build_tokenizer(data.tokenizer)
+        tok = registry.build(data.tokenizer, None)
         limit = math.ceil(MIN_VAL_DOCS / f)
         mode = "documents" if _count_documents(sources, limit) >= limit else "tail"
     tok.save(out)
@@ -493,8 +500,11 @@ def _prepare(data, sources, inputs, out, state, workers, shard_size, progress) -
     }
     docs = {"train": 0, "val": 0}
 
-    if data.tokenizer == "char":
-        ids = _char_ids(tok, corpus)
+    if whole:
+        try:
+            ids = tok.encode_corpus(corpus)
+        except ValueError as exc:  # e.g. more characters than uint16 ids
+            raise DataError(str(exc)) from None
         del corpus
         cut = int(len(ids) * (1 - f))  # nanoGPT: first 90% train, last 10% val
         writers["train"].add(0, 0, ids[:cut])

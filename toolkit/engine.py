@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import math
 import os
 import socket
 import sys
@@ -25,8 +24,10 @@ import attrs
 import torch
 from torch import nn
 
-from .config import ConfigError
-from .recipe import Recipe, TrainConfig
+from .errors import ConfigError
+from .plugin_manager import default_registry
+from .recipe import Recipe, TrainConfig, registry_of
+from .registry import Registry
 
 #: dense bf16 peak FLOP/s per device, by a substring of torch.cuda.get_device_name()
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -124,10 +125,10 @@ def check_precision(recipe: Recipe, cuda: bool | None = None) -> None:
                            f"got zero_stage {ds.zero_stage}"])
 
 
-def deepspeed_config(recipe: Recipe, world_size: int = 1) -> dict:
-    """The DeepSpeed config dict for ``recipe`` on ``world_size`` ranks."""
+def deepspeed_config(recipe: Recipe, plan: BatchPlan | int = 1) -> dict:
+    """The DeepSpeed config dict for ``recipe`` with a batch plan (or on that many ranks)."""
     check_precision(recipe)
-    plan = batch_plan(recipe, world_size)
+    plan = plan if isinstance(plan, BatchPlan) else batch_plan(recipe, plan)
     ds, train = recipe.deepspeed, recipe.train
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.offload == "cpu":
@@ -178,33 +179,23 @@ def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=train.lr, betas=tuple(train.betas), **extra)
 
 
-def lr_at(step: int, train: TrainConfig) -> float:
-    """The learning rate of optimizer step ``step`` (0-based): nanoGPT's get_lr, plus linear/constant.
-
-    Linear warmup over ``warmup_steps`` to ``lr``, then cosine (Loshchilov & Hutter 2017), linear,
-    or no decay down to ``min_lr`` at ``decay_steps`` (default ``max_steps``), then ``min_lr``.
-    """
-    lr, min_lr, warmup = train.lr, train.min_lr, train.warmup_steps
-    decay_steps = train.decay_steps or train.max_steps
-    if step < warmup:
-        return lr * (step + 1) / (warmup + 1)
-    if train.schedule == "constant":
-        return lr
-    if step > decay_steps:
-        return min_lr
-    ratio = (step - warmup) / max(1, decay_steps - warmup)
-    if train.schedule == "linear":
-        coeff = 1.0 - ratio
-    else:
-        coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))
-    return min_lr + coeff * (lr - min_lr)
+def schedule(train: TrainConfig, registry: Registry):
+    """The recipe's learning-rate schedule (a registered ``schedule``): optimizer step (0-based) -> lr."""
+    return registry.build(train.schedule, train)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """A LambdaLR giving :func:`lr_at`; DeepSpeed steps it once per optimizer step."""
+def lr_at(step: int, train: TrainConfig, registry: Registry | None = None) -> float:
+    """The learning rate of optimizer step ``step`` (0-based) under the recipe's schedule."""
+    return schedule(train, registry or default_registry())(step)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig,
+                   registry: Registry | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR scaling every group's lr by schedule(step) / train.lr; DeepSpeed steps it once per optimizer step."""
+    lr_of = schedule(train, registry or default_registry())
 
     def factor(step: int) -> float:  # a plain function: LambdaLR then leaves it out of its state_dict
-        return lr_at(step, train) / train.lr
+        return lr_of(step) / train.lr
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -300,17 +291,22 @@ def _clip_fp32_gradients(engine) -> None:
     engine._global_grad_norm = torch.nn.utils.clip_grad_norm_(params, engine.gradient_clipping(), foreach=True)
 
 
-def build_engine(model: nn.Module, recipe: Recipe) -> Engine:
-    """Wrap ``model`` in a DeepSpeed engine as the recipe says (ZeRO stage, precision, optimizer, schedule)."""
+def build_engine(model: nn.Module, recipe: Recipe, *, registry: Registry | None = None,
+                 plan: BatchPlan | None = None, config: dict | None = None) -> Engine:
+    """Wrap ``model`` in a DeepSpeed engine as the recipe says (ZeRO stage, precision, optimizer, schedule).
+
+    ``plan`` and ``config`` are computed here unless the caller already has them (the trainer does).
+    """
     rank, world_size = init_distributed()
     import deepspeed
 
-    config = deepspeed_config(recipe, world_size)
-    plan = batch_plan(recipe, world_size)
+    registry = registry or registry_of(recipe)
+    plan = plan or batch_plan(recipe, world_size)
+    config = config or deepspeed_config(recipe, plan)
     model.activation_checkpointing = recipe.train.activation_checkpointing
     model.to(device())
     optimizer = make_optimizer(model, recipe)
-    scheduler = make_scheduler(optimizer, recipe.train)
+    scheduler = make_scheduler(optimizer, recipe.train, registry)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config,
         dist_init_required=False)

@@ -12,7 +12,10 @@ from typing import Callable, TextIO
 import torch
 
 from .checkpoint import WEIGHTS, load_weights
-from .recipe import GenerateConfig
+from .errors import ConfigError
+from .model import Transformer
+from .recipe import GenerateConfig, load_recipe, registry_of
+from .tokenizer import load_tokenizer
 
 RECIPE_FILE = "recipe.toml"
 TOKENIZER_FILE = "tokenizer.json"
@@ -34,16 +37,12 @@ def resolve_run_dir(path: str | Path) -> Path:
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
     """(model in eval mode, tokenizer, recipe) of a finished run, built from its files alone."""
-    from .model import Transformer
-    from .plugin_manager import get_registry
-    from .recipe import load_recipe
-    from .tokenizer import load_tokenizer
-
     run_dir = resolve_run_dir(run_dir)
     recipe = load_recipe(run_dir / RECIPE_FILE)
-    model = Transformer(recipe.model, get_registry(recipe.plugins))
+    registry = registry_of(recipe)
+    model = Transformer(recipe.model, registry)
     load_weights(model, run_dir / WEIGHTS)
-    tokenizer = load_tokenizer(run_dir / TOKENIZER_FILE)
+    tokenizer = load_tokenizer(run_dir / TOKENIZER_FILE, registry)
     return model.to(device).eval(), tokenizer, recipe
 
 
@@ -112,8 +111,6 @@ def stream_samples(model, tokenizer, prompts: list[str], cfg: GenerateConfig, nu
 
 def check_generate_config(cfg: GenerateConfig, tokenizer, where: str = "generate") -> None:
     """Every prompt must encode (a char tokenizer knows only its corpus's characters)."""
-    from .config import ConfigError
-
     problems = []
     for i, prompt in enumerate(cfg.prompts):
         try:

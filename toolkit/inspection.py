@@ -15,18 +15,16 @@ import json
 import attrs
 import torch
 
-from .config import ConfigError
+from .engine import batch_plan, deepspeed_config
+from .errors import ConfigError
 from .model import Transformer
-from .recipe import Recipe
+from .recipe import Recipe, registry_of
 
 
 def build_meta_model(recipe: Recipe) -> Transformer:
     """The recipe's model with shapes but no storage (instant, even for big models)."""
-    from .plugin_manager import get_registry
-
-    registry = get_registry(recipe.plugins)
     with torch.device("meta"):
-        return Transformer(recipe.model, registry)
+        return Transformer(recipe.model, registry_of(recipe))
 
 
 @attrs.frozen
@@ -134,8 +132,6 @@ def _table(header: list[str], rows: list[list[str]], right: set[int]) -> list[st
 
 def inspect_recipe(recipe: Recipe, world_size: int = 1, path: str = "") -> str:
     """The report `playattention inspect` prints."""
-    from .engine import batch_plan
-
     m, t, ds = recipe.model, recipe.train, recipe.deepspeed
     try:
         plan = batch_plan(recipe, world_size)
@@ -179,18 +175,13 @@ def inspect_recipe(recipe: Recipe, world_size: int = 1, path: str = "") -> str:
     lines.append(f"  x {t.max_steps:,} steps = {_count(total_tokens)} tokens, about {train_flops:.2e} training FLOPs "
                  f"({total_tokens / max(total['params'], 1):.1f} tokens per parameter)")
 
+    lines.append("")
+    lines.append(f"deepspeed config (world size {world_size}):")
     try:
-        from .engine import deepspeed_config
-    except ImportError:
-        deepspeed_config = None
-    if deepspeed_config is not None:
-        lines.append("")
-        lines.append(f"deepspeed config (world size {world_size}):")
-        try:
-            cfg = deepspeed_config(recipe, world_size)
-            lines += ["  " + line for line in json.dumps(cfg, indent=2, sort_keys=True).splitlines()]
-        except ConfigError as exc:  # e.g. fp16 on a machine without CUDA
-            lines += [f"  not derivable on this machine: {line}" for line in exc.lines]
+        cfg = deepspeed_config(recipe, plan)
+        lines += ["  " + line for line in json.dumps(cfg, indent=2, sort_keys=True).splitlines()]
+    except ConfigError as exc:  # e.g. fp16 on a machine without CUDA
+        lines += [f"  not derivable on this machine: {line}" for line in exc.lines]
 
     lines.append("")
     n = total["params"]

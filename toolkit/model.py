@@ -10,7 +10,7 @@ References: GPT-2 (Radford et al. 2019), nanoGPT (Karpathy), Attention Is All Yo
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, ClassVar, Literal
+from typing import Callable, Literal
 
 import attrs
 import torch
@@ -19,55 +19,14 @@ from attrs import validators as v
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .config import resolve_specs
 from .contracts import Dims, Position, flops_per_token
+from .families import SPEC_TYPES, components
+from .plugin_manager import default_registry
 from .registry import Registry
 
-
-@attrs.frozen
-class Spec:
-    """A component choice: a registered ``kind`` plus its options (an instance of its options class).
-
-    ``options=None`` means the component's defaults; a dict is structured into its options class.
-    """
-
-    family: ClassVar[str] = ""
-    kind: str
-    options: Any = None
-
-
-@attrs.frozen
-class AttentionSpec(Spec):
-    family: ClassVar[str] = "attention"
-
-
-@attrs.frozen
-class NormSpec(Spec):
-    family: ClassVar[str] = "norm"
-
-
-@attrs.frozen
-class PositionSpec(Spec):
-    family: ClassVar[str] = "position"
-
-
-@attrs.frozen
-class MlpSpec(Spec):
-    family: ClassVar[str] = "mlp"
-
-
-SPEC_TYPES = {cls.family: cls for cls in (AttentionSpec, NormSpec, PositionSpec, MlpSpec)}
-
-
-def _as_spec(family: str):
-    def convert(value):
-        if isinstance(value, str):
-            return SPEC_TYPES[family](value)
-        if isinstance(value, dict):
-            rest = dict(value)
-            return SPEC_TYPES[family](rest.pop("kind"), rest or None)
-        return value
-
-    return convert
+# the Spec of each model family, by the names older code imports
+AttentionSpec, NormSpec, PositionSpec, MlpSpec = (SPEC_TYPES[f] for f in ("attention", "norm", "position", "mlp"))
 
 
 def _positive(_, attribute, value):
@@ -76,8 +35,9 @@ def _positive(_, attribute, value):
 
 
 @attrs.frozen
+@components("model")  # attention, norm, position, mlp: one field each (toolkit.families)
 class ModelConfig:
-    """The model's shape and its four components. Defaults are GPT-2 124M (vocab padded to 50304)."""
+    """The model's shape and its components. Defaults are GPT-2 124M (vocab padded to 50304)."""
 
     vocab_size: int = attrs.field(default=50304, validator=[v.instance_of(int), _positive])
     block_size: int = attrs.field(default=1024, validator=[v.instance_of(int), _positive])
@@ -88,10 +48,6 @@ class ModelConfig:
     bias: bool = attrs.field(default=True, validator=v.instance_of(bool))
     tie_embeddings: bool = attrs.field(default=True, validator=v.instance_of(bool))
     layout: Literal["pre", "post"] = attrs.field(default="pre", validator=v.in_(("pre", "post")))
-    attention: AttentionSpec = attrs.field(default=AttentionSpec("mha"), converter=_as_spec("attention"))
-    norm: NormSpec = attrs.field(default=NormSpec("layernorm"), converter=_as_spec("norm"))
-    position: PositionSpec = attrs.field(default=PositionSpec("learned"), converter=_as_spec("position"))
-    mlp: MlpSpec = attrs.field(default=MlpSpec("gelu"), converter=_as_spec("mlp"))
 
     def __attrs_post_init__(self):
         if self.n_embd % self.n_head:
@@ -100,28 +56,6 @@ class ModelConfig:
     def dims(self, build: Callable | None = None) -> Dims:
         return Dims(self.n_embd, self.n_head, self.n_layer, self.block_size, self.vocab_size,
                     self.dropout, self.bias, build)
-
-
-def resolve_options(registry: Registry, spec: Spec):
-    """The options instance for ``spec`` (defaults, a dict structured, or the instance given)."""
-    comp = registry.get(spec.family, spec.kind)
-    if spec.options is None:
-        return comp.options()
-    if isinstance(spec.options, comp.options):
-        return spec.options
-    if isinstance(spec.options, dict):
-        from .config import make_converter
-
-        return make_converter(registry).structure(spec.options, comp.options)
-    raise TypeError(f"{spec.family} {spec.kind!r}: options must be {comp.options.__name__}, got {type(spec.options).__name__}")
-
-
-def build_component(registry: Registry, family: str, spec: Spec | str, dims: Dims, *args) -> nn.Module:
-    """Build one registered component: ``factory(options, dims, *args)``."""
-    if isinstance(spec, str):
-        spec = SPEC_TYPES[family](spec)
-    comp = registry.get(family, spec.kind)
-    return comp.factory(resolve_options(registry, spec), dims, *args)
 
 
 class Block(nn.Module):
@@ -149,14 +83,9 @@ class Transformer(nn.Module):
 
     def __init__(self, config: ModelConfig, registry: Registry | None = None):
         super().__init__()
-        if registry is None:
-            from .plugin_manager import get_registry
-
-            registry = get_registry()
-        self.config = config
-
-        def build(family, spec, dims, *args):
-            return build_component(registry, family, spec, dims, *args)
+        registry = default_registry() if registry is None else registry
+        self.config = config = resolve_specs(registry, config)  # typed options for every component
+        build = registry.build_in
 
         dims = config.dims(build)
         C, V = config.n_embd, config.vocab_size

@@ -1,19 +1,27 @@
-"""Loads plugins into a :class:`~toolkit.registry.Registry` through one pluggy hook.
+"""Loads plugins into a fresh :class:`~toolkit.registry.Registry`, one hook per kind of extension.
 
-Built-in components (the modules in ``plugins/``), installed packages (entry-point group
-``playattention``) and files or modules named by a recipe are all registered the same way: their
-``register_components(register)`` hook implementation is called with a ``register`` callback.
+Built-ins (the modules of ``toolkit.plugins``, the repository's ``plugins/`` folder), installed
+packages (entry-point group ``playattention``) and files or modules named by a recipe are all
+registered the same way: each of their hook implementations (:data:`toolkit.families.HOOKS`) is
+called with a ``register`` callback for that hook's families.
+
+:func:`load_registry` gives every set of plugins its own registry, filled once and not changed
+after: a recipe's plugin file never leaks into another recipe's registry, and nothing process-wide
+has to be reset. A plugin file is imported once per process however many registries use it.
 
 A plugin that fails to import or to register is recorded as a :class:`PluginFailure` and skipped;
-the others still load. Set ``PLAYATTENTION_TRACE=1`` (or ``playattention --trace``) to see who
+the others still load. ``PLAYATTENTION_TRACE=1`` (or ``playattention --trace``) shows who
 registered what.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib
 import importlib.metadata as md
 import importlib.util
 import os
+import pkgutil
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -21,11 +29,15 @@ from types import ModuleType
 import attrs
 import pluggy
 
-from . import hookspecs
-from .registry import Registry, RegistryError, Source, make_component
+from . import families, hookspecs
+from . import plugins as builtin_plugins
+from .errors import PluginLoadError
+from .registry import Registry, Source, make_component
 
 ENTRY_POINT_GROUP = "playattention"
-BUILTIN_MODULES = ("plugins.attention", "plugins.norm", "plugins.position", "plugins.mlp")
+#: the built-in plugin modules: every module of the toolkit.plugins package, registered like any other
+BUILTIN_MODULES = tuple(f"{builtin_plugins.__name__}.{m.name}"
+                        for m in sorted(pkgutil.iter_modules(builtin_plugins.__path__), key=lambda m: m.name))
 
 
 @attrs.frozen
@@ -40,10 +52,6 @@ class PluginFailure:
         return f"plugin {self.plugin!r}{pkg} failed: {self.reason}"
 
 
-class PluginLoadError(RuntimeError):
-    """A plugin the user asked for by name (recipe or --plugin) could not be loaded."""
-
-
 def _one_line(exc: BaseException) -> str:
     text = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
     if isinstance(exc, pluggy.PluginValidationError):
@@ -52,7 +60,7 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
-def _trace_enabled() -> bool:
+def trace_enabled() -> bool:
     return os.environ.get("PLAYATTENTION_TRACE", "") not in ("", "0")
 
 
@@ -63,6 +71,32 @@ def _own_version() -> str | None:
         return None
 
 
+def is_path_spec(spec: str) -> bool:
+    """Whether a plugin spec names a file (``my_attention.py``, ``dir/plugin``) rather than a module."""
+    return spec.endswith(".py") or "/" in spec or os.sep in spec
+
+
+_file_modules: dict[Path, ModuleType] = {}  # plugin files imported so far, by resolved path
+
+
+def import_file(path: Path) -> ModuleType:
+    """Import a plugin file once per process (its classes stay the same objects for every registry)."""
+    if path in _file_modules:
+        return _file_modules[path]
+    digest = hashlib.sha256(str(path).encode()).hexdigest()[:8]
+    mod_name = f"playattention_plugin_{path.stem}_{digest}"
+    spec = importlib.util.spec_from_file_location(mod_name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[mod_name] = mod  # attrs and pickling want the module importable by name
+    try:
+        spec.loader.exec_module(mod)
+    except BaseException:
+        sys.modules.pop(mod_name, None)
+        raise
+    _file_modules[path] = mod
+    return mod
+
+
 class PluginManager:
     """A pluggy manager plus the registry it fills."""
 
@@ -70,9 +104,8 @@ class PluginManager:
         self.pm = pluggy.PluginManager("playattention")
         self.pm.add_hookspecs(hookspecs)
         self.registry = Registry()
-        self.failures: list[PluginFailure] = self.registry.failures
-        self.trace = _trace_enabled() if trace is None else trace
-        self._sources: dict[str, Source] = {}
+        self.failures = self.registry.failures
+        self.trace = trace_enabled() if trace is None else trace
         if builtins:
             for mod in BUILTIN_MODULES:
                 self.add_module(mod, source=Source(mod, "playattention", _own_version()))
@@ -111,21 +144,16 @@ class PluginManager:
         if not path.is_file():
             self._fail(PluginFailure(str(path), None, None, "no such file"), strict)
             return
-        mod_name = f"playattention_plugin_{path.stem}_{abs(hash(str(path))) & 0xFFFF:x}"
         try:
-            spec = importlib.util.spec_from_file_location(mod_name, path)
-            mod = importlib.util.module_from_spec(spec)
-            sys.modules[mod_name] = mod  # attrs and pickling want the module importable by name
-            spec.loader.exec_module(mod)
+            mod = import_file(path)
         except Exception as exc:  # noqa: BLE001
-            sys.modules.pop(mod_name, None)
             self._fail(PluginFailure(str(path), None, None, _one_line(exc)), strict)
             return
         self._register_plugin(mod, key, Source(str(path)), strict)
 
     def add(self, spec: str, *, strict: bool = True) -> None:
         """Load a plugin named by a recipe: a path ending in ``.py`` or an importable module name."""
-        if spec.endswith(".py") or os.sep in spec or "/" in spec:
+        if is_path_spec(spec):
             self.add_file(spec, strict=strict)
         else:
             self.add_module(spec, strict=strict)
@@ -139,28 +167,43 @@ class PluginManager:
         except Exception as exc:  # noqa: BLE001 - e.g. a hook with the wrong signature
             self._fail(PluginFailure(source.plugin, source.package, source.version, _one_line(exc)), strict)
             return
-        impls = [i for i in self.pm.hook.register_components.get_hookimpls() if i.plugin_name == key]
         staged = []
-
-        def register(family, name, factory, options=None, doc=None):
-            """Register one component (family, name, factory, options class, one-line doc)."""
-            staged.append(make_component(family, name, factory, options, doc, source))
-
         try:
-            for impl in impls:
-                impl.function(register=register)
+            for hook in families.HOOKS:
+                impls = [i for i in getattr(self.pm.hook, hook).get_hookimpls() if i.plugin_name == key]
+                for impl in impls:
+                    impl.function(register=self._register_callback(hook, source, staged))
             for comp in staged:
                 self.registry.add(comp)
         except Exception as exc:  # noqa: BLE001 - atomic: a plugin registers all its components or none
             for comp in staged:
-                if (comp.family, comp.name) in self.registry and self.registry.get(comp.family, comp.name) is comp:
-                    self.registry._components[comp.family].pop(comp.name)
+                self.registry.remove(comp)
             self.pm.unregister(name=key)
             self._fail(PluginFailure(source.plugin, source.package, source.version, _one_line(exc)), strict)
             return
         if self.trace:  # only once the whole plugin is in: a rolled-back one registered nothing
             for comp in staged:
                 print(f"[playattention] {source} registered {comp.family} {comp.name!r}", file=sys.stderr)
+
+    @staticmethod
+    def _register_callback(hook: str, source: Source, staged: list):
+        """The ``register`` a hook implementation is called with: ``(family, name, ...)`` for a hook
+        of several families (register_components), ``(name, ...)`` for a hook of one."""
+        fams = families.of_hook(hook)
+        allowed = [f.name for f in fams]
+        if len(fams) == 1:
+            def register(name, factory, options=None, doc=None):
+                """Register one part (name, factory, options class, one-line doc)."""
+                staged.append(make_component(fams[0].name, name, factory, options, doc, source))
+        else:
+            def register(family, name, factory, options=None, doc=None):
+                """Register one part (family, name, factory, options class, one-line doc)."""
+                if family not in allowed:
+                    families.family(family)  # an unknown family: did-you-mean
+                    raise ValueError(f"{hook} registers {', '.join(allowed)}, not {family!r} "
+                                     f"(use {families.family(family).hook})")
+                staged.append(make_component(family, name, factory, options, doc, source))
+        return register
 
     def _fail(self, failure: PluginFailure, strict: bool = False) -> None:
         if strict:
@@ -170,37 +213,32 @@ class PluginManager:
             print(f"[playattention] {failure}", file=sys.stderr)
 
 
-_default: PluginManager | None = None
-
-
-def get_plugin_manager() -> PluginManager:
-    """The process-wide manager: built-ins plus installed entry points, loaded once."""
-    global _default
-    if _default is None:
-        _default = PluginManager()
-    return _default
-
-
-def get_registry(plugins: list[str] | tuple[str, ...] = ()) -> Registry:
-    """The registry with built-ins, entry points and the given extra plugin files or modules."""
-    pm = get_plugin_manager()
+@functools.lru_cache(maxsize=64)
+def _load(plugins: tuple[str, ...], trace: bool) -> Registry:
+    pm = PluginManager(trace=trace)
     for spec in plugins:
         pm.add(spec)
     return pm.registry
 
 
-def reset() -> None:
-    """Forget the process-wide manager (tests)."""
-    global _default
-    _default = None
+def load_registry(plugins: list[str] | tuple[str, ...] = ()) -> Registry:
+    """The registry of built-ins, installed entry points and the given plugin files or modules.
+
+    The same plugins give the same (cached, unchanging) registry; PluginLoadError names a plugin
+    that cannot be loaded.
+    """
+    specs = tuple(str(Path(p).resolve()) if is_path_spec(p) else p for p in plugins)
+    return _load(specs, trace_enabled())
 
 
-__all__ = [
-    "PluginFailure",
-    "PluginLoadError",
-    "PluginManager",
-    "RegistryError",
-    "get_plugin_manager",
-    "get_registry",
-    "reset",
-]
+def default_registry() -> Registry:
+    """Built-ins and installed entry points only."""
+    return load_registry(())
+
+
+def forget_loaded() -> None:
+    """Forget cached registries (after installing or uninstalling a plugin package in this process)."""
+    _load.cache_clear()
+
+
+get_registry = load_registry  # the name the README and older code use

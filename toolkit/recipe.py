@@ -16,6 +16,7 @@ into the frozen attrs classes below. :func:`load_recipe` resolves it in this ord
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 import sys
@@ -23,17 +24,24 @@ from pathlib import Path
 from typing import Any, Literal
 
 import attrs
+import tomli_w
+import torch
 from attrs import validators as v
+from cattrs.errors import ClassValidationError
 
+from . import families
+from .config import (ValueTypeError, _show, build, errors_to_lines, format_errors, make_converter,
+                     structure_fields)
+from .errors import ConfigError, PluginLoadError
+from .families import components
 from .model import ModelConfig
+from .plugin_manager import is_path_spec, load_registry
+from .registry import Registry
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
-
-COMPONENT_TABLES = ("attention", "norm", "position", "mlp")  # under [model]
-GPT2_TOKENIZER_VOCAB = 50257  # 50,000 merges + 256 byte tokens + <|endoftext|>
 
 
 def _betas(_, attribute, value):
@@ -42,12 +50,12 @@ def _betas(_, attribute, value):
 
 
 @attrs.frozen
+@components("data")  # tokenizer (toolkit.families)
 class DataConfig:
     """Where tokens come from: a dataset of text files, a tokenizer and a validation split."""
 
-    # "tinyshakespeare" (shipped with the package) or a name of your own for `paths`
+    # a registered dataset ("tinyshakespeare" ships with the package) or a name of your own for `paths`
     dataset: str = "tinyshakespeare"
-    tokenizer: Literal["char", "gpt2"] = "char"
     # input text (.txt) or JSONL (a `text` field) files or folders; empty means the shipped dataset
     paths: list[str] = attrs.Factory(list)
     # prepared token shards; default data/<dataset>-<tokenizer> under the working directory
@@ -56,6 +64,7 @@ class DataConfig:
 
 
 @attrs.frozen
+@components("train")  # schedule (toolkit.families)
 class TrainConfig:
     """The optimisation: batch arithmetic, schedule, evaluation, sampling, checkpoints."""
 
@@ -67,7 +76,6 @@ class TrainConfig:
     lr: float = attrs.field(default=1e-3, validator=v.gt(0.0))
     min_lr: float = attrs.field(default=1e-4, validator=v.ge(0.0))
     warmup_steps: int = attrs.field(default=100, validator=v.ge(0))
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
     # steps over which lr decays to min_lr; default max_steps
     decay_steps: int | None = attrs.field(default=None, validator=v.optional(v.gt(0)))
     weight_decay: float = attrs.field(default=0.1, validator=v.ge(0.0))
@@ -109,6 +117,7 @@ class GenerateConfig:
 
 
 @attrs.frozen
+@components("")  # eval: the evaluators run at every evaluation (toolkit.families)
 class Recipe:
     name: str = "recipe"
     description: str = ""
@@ -123,8 +132,6 @@ class Recipe:
 # -- reading and composing ------------------------------------------------------------------------
 def read_toml(path: str | Path) -> dict:
     """Parse a TOML file; invalid TOML is a ConfigError naming file, line and column."""
-    from .config import ConfigError
-
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)
@@ -144,8 +151,6 @@ def read_toml(path: str | Path) -> dict:
 
 def recipe_file(path: str | Path) -> Path:
     """The recipe file for ``path``: the file itself, or ``recipe.toml`` inside a run folder."""
-    from .config import ConfigError
-
     p = Path(path)
     if p.is_dir():
         if (p / "recipe.toml").is_file():
@@ -158,11 +163,12 @@ def recipe_file(path: str | Path) -> Path:
 
 def _normalise_components(data: dict) -> None:
     """``attention = "gqa"`` is shorthand for ``[model.attention] kind = "gqa"``: merge tables, not strings."""
-    model = data.get("model")
-    if isinstance(model, dict):
-        for family in COMPONENT_TABLES:
-            if isinstance(model.get(family), str):
-                model[family] = {"kind": model[family]}
+    for fam in families.FAMILIES:
+        if fam.where is None or fam.many:
+            continue
+        table = data.get(fam.section) if fam.section else data
+        if isinstance(table, dict) and isinstance(table.get(fam.key), str):
+            table[fam.key] = {"kind": table[fam.key]}
 
 
 def deep_merge(base: dict, over: dict) -> dict:
@@ -199,10 +205,6 @@ def _display(path: Path) -> str:
     except ValueError:  # another drive (Windows)
         return str(path)
     return str(Path(path).resolve()) if rel.startswith("..") else rel
-
-
-def _is_path_spec(spec: str) -> bool:
-    return spec.endswith(".py") or "/" in spec or os.sep in spec
 
 
 @attrs.define
@@ -245,8 +247,6 @@ class _Reading:
 
 def _read_layers(path: Path, ctx: _Reading, chain: list[Path]) -> dict:
     """The merged data of ``path`` and everything it extends (recoverable errors collected in ctx)."""
-    from .config import ConfigError, _show
-
     resolved = path.resolve()
     if resolved in chain:
         cycle = " -> ".join(_display(p) for p in [*chain[chain.index(resolved):], resolved])
@@ -259,7 +259,7 @@ def _read_layers(path: Path, ctx: _Reading, chain: list[Path]) -> dict:
         ctx.errors.append(ctx.line(path, f"$.plugins: expected an array of strings, got {_show(plugins)}"))
         data.pop("plugins")
     elif plugins:  # relative to the file that names them, so a recipe works from any directory
-        data["plugins"] = [str((path.parent / p).resolve()) if _is_path_spec(p) else p for p in plugins]
+        data["plugins"] = [str((path.parent / p).resolve()) if is_path_spec(p) else p for p in plugins]
 
     base_name = data.pop("extends", None)
     base: dict = {}
@@ -282,8 +282,6 @@ def _read_layers(path: Path, ctx: _Reading, chain: list[Path]) -> dict:
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"train.lr=3e-4"`` -> (["train", "lr"], 0.0003). A value that is not TOML is a plain string."""
-    from .config import ConfigError
-
     key, sep, raw = text.partition("=")
     keys = [k.strip() for k in key.strip().split(".")]
     if not sep or not all(keys):
@@ -297,8 +295,6 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def overrides_table(overrides: list[str] | tuple[str, ...], sources: _Sources | None = None) -> dict:
     """All ``--set`` overrides as one nested table (a later one wins over an earlier one)."""
-    from .config import ConfigError
-
     table: dict = {}
     for text in overrides:
         keys, value = parse_override(text)
@@ -325,8 +321,6 @@ def _top(path: str | Path) -> tuple[Path, str]:
 
 def resolve_data(path: str | Path, overrides=(), plugins=(), *, _sources: _Sources | None = None) -> dict:
     """The recipe's plain data after ``extends`` and ``--set``, before structuring (plugin paths absolute)."""
-    from .config import ConfigError
-
     file, top = _top(path)
     ctx = _Reading(top, file.resolve(), _sources if _sources is not None else _Sources())
     data = _read_layers(file, ctx, [])
@@ -338,7 +332,7 @@ def resolve_data(path: str | Path, overrides=(), plugins=(), *, _sources: _Sourc
         # file layers made theirs absolute already; --set and --plugin ones are relative to here
         specs = [*named, *plugins]
         if specs:
-            data["plugins"] = list(dict.fromkeys(str(Path(p).resolve()) if _is_path_spec(p) else p for p in specs))
+            data["plugins"] = list(dict.fromkeys(str(Path(p).resolve()) if is_path_spec(p) else p for p in specs))
     if ctx.errors:
         raise ConfigError(ctx.errors)
     return data
@@ -356,8 +350,6 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), p
     modules (``--plugin``). Raises :class:`toolkit.config.ConfigError` with every problem, one line
     each, prefixed with the recipe path.
     """
-    from .config import ConfigError
-
     sources = _Sources()
     data = resolve_data(path, overrides, plugins, _sources=sources)
     recipe, lines = validate(data)
@@ -384,29 +376,11 @@ def validate(data: dict) -> tuple[Recipe | None, list[str]]:
     Each section is structured on its own, so a section that fails still lends its valid fields
     to the checks that span sections (the batch arithmetic needs the model's block_size).
     """
-    from cattrs.errors import ClassValidationError
-
-    from .config import ValueTypeError, build, errors_to_lines, format_errors, make_converter, structure_fields
-    from .plugin_manager import PluginLoadError, get_plugin_manager
-
     lines: list[str] = []
-    data = dict(data)
-    if isinstance(data.setdefault("model", {}), dict):
-        # spell out the default components, so every spec carries its options instance: a recipe
-        # equals the one loaded back from its `recipe show` text
-        defaults = attrs.fields_dict(ModelConfig)
-        data["model"] = {**{f: {"kind": defaults[f].default.kind} for f in COMPONENT_TABLES}, **data["model"]}
-    pm = get_plugin_manager()
-    plugins = data.get("plugins", [])
-    for i, spec in enumerate(plugins if isinstance(plugins, list) else []):
-        if isinstance(spec, str):  # a non-string is reported by structuring below
-            try:
-                pm.add(spec)
-            except PluginLoadError as exc:
-                reason = str(exc).split(" failed: ", 1)[-1]
-                shown = _display(Path(spec)) if _is_path_spec(spec) else spec
-                lines.append(f"$.plugins[{i}]: cannot load plugin \"{shown}\": {reason}")
-    converter = make_converter(pm.registry)
+    data = _spell_out_default_components(dict(data))
+    registry, plugin_lines = _registry_for(data.get("plugins", []))
+    lines += plugin_lines
+    converter = make_converter(registry)
 
     kwargs, errors = structure_fields(converter, {k: val for k, val in data.items() if k not in SECTIONS}, Recipe)
     lines += errors_to_lines(errors)
@@ -432,22 +406,61 @@ def validate(data: dict) -> tuple[Recipe | None, list[str]]:
             except ClassValidationError as exc:  # a refused combination, e.g. n_embd % n_head
                 lines += format_errors(exc, root)
     model = kwargs.get("model")  # None: the model section failed
-    lines += _cross_checks(values, model, pm.registry)
+    lines += _cross_checks(values, model, registry)
     if lines:
         return None, lines
-    return build(Recipe, kwargs), []
+    recipe = build(Recipe, kwargs)
+    lines = _component_recipe_checks(recipe, registry)
+    return (None, lines) if lines else (recipe, [])
 
 
-def _cross_checks(s: dict[str, dict], model: ModelConfig | None, registry) -> list[str]:
+def _spell_out_default_components(data: dict) -> dict:
+    """Every chosen component as a table, defaults included, so every spec carries its options
+    instance: a recipe equals the one loaded back from its `recipe show` text."""
+    for fam in families.FAMILIES:
+        if fam.where is None or fam.many:
+            continue
+        if fam.section:
+            if not isinstance(data.setdefault(fam.section, {}), dict):
+                continue  # `model = 3`: reported by structuring
+            data[fam.section] = {fam.key: {"kind": fam.default}, **data[fam.section]}
+        else:
+            data = {fam.key: {"kind": fam.default}, **data}
+    return data
+
+
+def _registry_for(plugins) -> tuple[Registry, list[str]]:
+    """The registry of the recipe's plugins, and a line for each plugin that cannot be loaded."""
+    lines, good = [], []
+    for i, spec in enumerate(plugins if isinstance(plugins, list) else []):
+        if not isinstance(spec, str):
+            continue  # reported by structuring
+        try:
+            load_registry([spec])
+        except PluginLoadError as exc:
+            reason = str(exc).split(" failed: ", 1)[-1]
+            shown = _display(Path(spec)) if is_path_spec(spec) else spec
+            lines.append(f"$.plugins[{i}]: cannot load plugin \"{shown}\": {reason}")
+            continue
+        good.append(spec)
+    return load_registry(good), lines
+
+
+def registry_of(recipe: Recipe) -> Registry:
+    """The registry a recipe's components come from: built-ins, installed packages and its plugins."""
+    return load_registry(recipe.plugins)
+
+
+def _cross_checks(s: dict[str, dict], model: ModelConfig | None, registry: Registry) -> list[str]:
     """Checks that need several values: components vs the model's shape, batch arithmetic, schedule."""
-    m, t, d, ds = (s.get(k, {}) for k in ("model", "train", "data", "deepspeed"))
+    m, t, ds = (s.get(k, {}) for k in ("model", "train", "deepspeed"))
     out: list[str] = []
 
     def have(section: dict, *keys: str) -> bool:
         return all(k in section for k in keys)
 
     if model is not None:
-        out += _component_checks(model, registry)
+        out += _model_component_checks(model, registry)
 
     # batch arithmetic at world size 1 (`playattention inspect --world-size N` checks other sizes)
     if have(t, "micro_batch", "tokens_per_step", "grad_accum") and have(m, "block_size"):
@@ -466,26 +479,16 @@ def _cross_checks(s: dict[str, dict], model: ModelConfig | None, registry) -> li
         out.append(f"$.train.warmup_steps: must be < max_steps ({t['max_steps']}), got {t['warmup_steps']}")
     if have(t, "warmup_steps", "decay_steps") and t["decay_steps"] is not None and t["decay_steps"] <= t["warmup_steps"]:
         out.append(f"$.train.decay_steps: must be > warmup_steps ({t['warmup_steps']}), got {t['decay_steps']}")
-    if have(d, "tokenizer") and have(m, "vocab_size") and d["tokenizer"] == "gpt2" and m["vocab_size"] < GPT2_TOKENIZER_VOCAB:
-        out.append(f"$.model.vocab_size: the gpt2 tokenizer has {GPT2_TOKENIZER_VOCAB} tokens, got vocab_size "
-                   f"{m['vocab_size']} (GPT-2 pads it to 50304)")
     if have(ds, "offload", "zero_stage") and ds["offload"] == "cpu" and ds["zero_stage"] < 2:
         out.append(f"$.deepspeed.offload: \"cpu\" needs zero_stage 2 or 3, got zero_stage {ds['zero_stage']}")
     return out
 
 
-def _component_checks(model: ModelConfig, registry) -> list[str]:
-    """Build each component once on the meta device: a factory that refuses its options for this
-    model's shape raises ConfigError (e.g. gqa's n_kv_head must divide n_head); a position reports
-    the longest sequence it can encode as ``max_len``."""
-    import torch
-
-    from .config import ConfigError
-    from .model import build_component
-
-    def build(family, spec, dims, *args):
-        return build_component(registry, family, spec, dims, *args)
-
+def _model_component_checks(model: ModelConfig, registry: Registry) -> list[str]:
+    """Build each model component once on the meta device: a factory that refuses its options for
+    this model's shape raises ConfigError (e.g. gqa's n_kv_head must divide n_head); a position
+    reports the longest sequence it can encode as ``max_len``."""
+    build = registry.build_in
     dims = model.dims(build)
     out: list[str] = []
     built = {}
@@ -504,6 +507,32 @@ def _component_checks(model: ModelConfig, registry) -> list[str]:
     return out
 
 
+def chosen_components(recipe: Recipe) -> list[tuple[str, families.Spec]]:
+    """(recipe path, spec) of every component the recipe chooses, in the families' order."""
+    out = []
+    for fam in families.FAMILIES:
+        if fam.where is None:
+            continue
+        holder = getattr(recipe, fam.section) if fam.section else recipe
+        value = getattr(holder, fam.key)
+        if fam.many:
+            out += [(f"$.{fam.where}[{i}]", spec) for i, spec in enumerate(value)]
+        else:
+            out.append((f"$.{fam.where}", value))
+    return out
+
+
+def _component_recipe_checks(recipe: Recipe, registry: Registry) -> list[str]:
+    """Each chosen component's own say on the whole recipe: a factory's ``check_recipe(options, recipe)``
+    returns problem lines (``$.path: message``), e.g. an optimizer that needs ZeRO stage 0."""
+    out = []
+    for _, spec in chosen_components(recipe):
+        check = getattr(registry.get(spec.family, spec.kind).factory, "check_recipe", None)
+        if check is not None:
+            out += list(check(spec.options, recipe))
+    return out
+
+
 # -- writing --------------------------------------------------------------------------------------
 def _drop_none(value):
     """TOML has no null: leave unset optional keys out (they resolve to the same defaults)."""
@@ -516,16 +545,11 @@ def _drop_none(value):
 
 def recipe_to_dict(recipe: Recipe) -> dict:
     """The fully resolved recipe as plain data (every component's options spelled out)."""
-    from .config import make_converter
-    from .plugin_manager import get_registry
-
-    return _drop_none(make_converter(get_registry(recipe.plugins)).unstructure(recipe))
+    return _drop_none(make_converter(registry_of(recipe)).unstructure(recipe))
 
 
 def dump_recipe(recipe: Recipe) -> str:
     """The fully resolved recipe as TOML text; loading it gives back an equal recipe."""
-    import tomli_w
-
     return tomli_w.dumps(recipe_to_dict(recipe))
 
 
@@ -535,8 +559,6 @@ def toml_inline(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        import json
-
         return json.dumps(value, ensure_ascii=False)  # a JSON string is a valid TOML basic string
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(toml_inline(v) for v in value) + "]"

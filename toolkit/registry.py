@@ -1,18 +1,21 @@
-"""The component registry: four families of named, swappable model parts.
+"""The registry: every family's parts (:mod:`toolkit.families`), each a named factory with typed options.
 
-Each component is a *factory* (usually an ``nn.Module`` subclass) plus a frozen attrs *options*
-class. The recipe table for a component (``[model.attention] kind = "gqa"  n_kv_head = 2``) is
-structured into that options class, so every option is typed and validated, and the factory is
-called as described in :mod:`toolkit.contracts`.
+Each component is a *factory* (usually a class) plus a frozen attrs *options* class. A recipe's
+table for it (``[model.attention] kind = "gqa"  n_kv_head = 2``) is structured into that options
+class once, by the recipe converter, and the factory is called with that instance as
+:mod:`toolkit.contracts` describes. A registry is filled by a plugin manager
+(:func:`toolkit.plugin_manager.load_registry`) and not changed after: each recipe gets the
+registry of its own plugins.
 """
 from __future__ import annotations
 
-import difflib
 from typing import Callable
 
 import attrs
 
-FAMILIES = ("attention", "norm", "position", "mlp")
+from . import families
+from .errors import RegistryError, UnknownComponentError
+from .families import Spec
 
 
 @attrs.frozen
@@ -55,53 +58,15 @@ class Component:
         return out
 
 
-def did_you_mean(word: str, candidates) -> str | None:
-    """The candidate a typo most likely meant: same letters swapped first ('mah' -> 'mha'), then difflib's closest."""
-    candidates = [c for c in candidates if isinstance(c, str)]
-    lowered = {c.lower(): c for c in candidates}
-    if word.lower() in lowered:
-        return lowered[word.lower()]
-    swapped = [c for c in candidates if sorted(c.lower()) == sorted(word.lower())]
-    if swapped:
-        return swapped[0]
-    hint = difflib.get_close_matches(word, candidates, n=1)
-    return hint[0] if hint else None
-
-
-class RegistryError(ValueError):
-    """A component could not be registered or found."""
-
-
-class UnknownComponentError(RegistryError, KeyError):
-    def __init__(self, family: str, name: str, known: list[str]):
-        self.family, self.name, self.known = family, name, known
-        hint = did_you_mean(name, known)
-        msg = f"unknown {family} {name!r}"
-        if hint:
-            msg += f"; did you mean {hint!r}?"
-        msg += f" (registered: {', '.join(sorted(known)) or 'none'})"
-        super().__init__(msg)
-
-    def __str__(self) -> str:  # KeyError would repr() the message
-        return self.args[0]
-
-
-def _check_family(family: str) -> None:
-    if family not in FAMILIES:
-        hint = did_you_mean(family, FAMILIES)
-        extra = f"; did you mean {hint!r}?" if hint else ""
-        raise RegistryError(f"unknown component family {family!r}{extra} (families: {', '.join(FAMILIES)})")
-
-
 class Registry:
     """Maps (family, name) to a :class:`Component`."""
 
     def __init__(self) -> None:
-        self._components: dict[str, dict[str, Component]] = {f: {} for f in FAMILIES}
+        self._components: dict[str, dict[str, Component]] = {f: {} for f in families.NAMES}
         self.failures: list = []  # PluginFailure records, filled by the plugin manager
 
     def add(self, component: Component) -> None:
-        _check_family(component.family)
+        families.family(component.family)
         existing = self._components[component.family].get(component.name)
         if existing is not None:
             raise RegistryError(
@@ -109,25 +74,49 @@ class Registry:
             )
         self._components[component.family][component.name] = component
 
+    def remove(self, component: Component) -> None:
+        """Take back a component (a plugin whose registration failed half way registers nothing)."""
+        if self._components[component.family].get(component.name) is component:
+            del self._components[component.family][component.name]
+
     def register(self, family, name, factory, options=None, doc=None, *, source=Source("<python>")) -> Component:
-        """Register directly (tests, notebooks). Plugins use the hook's ``register`` callback instead."""
+        """Register directly (tests, notebooks). Plugins use their hook's ``register`` callback instead."""
         comp = make_component(family, name, factory, options, doc, source)
         self.add(comp)
         return comp
 
     def get(self, family: str, name: str) -> Component:
-        _check_family(family)
+        families.family(family)
         try:
             return self._components[family][name]
-        except KeyError:
+        except (KeyError, TypeError):
             raise UnknownComponentError(family, name, list(self._components[family])) from None
 
     def names(self, family: str) -> list[str]:
-        _check_family(family)
+        families.family(family)
         return sorted(self._components[family])
 
+    def options(self, spec: Spec):
+        """The typed options of ``spec``: its instance, or the component's defaults when it has none."""
+        comp = self.get(spec.family, spec.kind)
+        if spec.options is None:
+            return comp.options()
+        if isinstance(spec.options, comp.options):
+            return spec.options
+        raise TypeError(f"{spec.family} {spec.kind!r}: options must be {comp.options.__qualname__}, got "
+                        f"{type(spec.options).__qualname__} (structure recipe tables with toolkit.config first)")
+
+    def build(self, spec: Spec, *args):
+        """``factory(options, *args)`` for the component ``spec`` chooses."""
+        return self.get(spec.family, spec.kind).factory(self.options(spec), *args)
+
+    def build_in(self, family: str, choice: Spec | str, *args):
+        """Build a Spec, or a kind with its default options: what ``Dims.build`` does, so a component
+        can build another (attention builds its qk-norm) from the model's own registry."""
+        return self.build(families.SPEC_TYPES[family](choice) if isinstance(choice, str) else choice, *args)
+
     def __iter__(self):
-        for family in FAMILIES:
+        for family in families.NAMES:
             yield from (self._components[family][n] for n in sorted(self._components[family]))
 
     def __contains__(self, key: tuple[str, str]) -> bool:
@@ -137,8 +126,8 @@ class Registry:
 
 def make_component(family, name, factory, options=None, doc=None, source=Source("<python>")) -> Component:
     """Validate one registration and turn it into a :class:`Component`."""
-    _check_family(family)
-    if not isinstance(name, str) or not name.isidentifier() and not name.replace("-", "_").isidentifier():
+    families.family(family)
+    if not isinstance(name, str) or not name.replace("-", "_").isidentifier():
         raise RegistryError(f"{family} name must be an identifier-like string, got {name!r}")
     if not callable(factory):
         raise RegistryError(f"{family} {name!r}: factory must be callable, got {type(factory).__name__}")

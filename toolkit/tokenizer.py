@@ -1,9 +1,15 @@
 """Tokenizers: characters (nanoGPT's shakespeare_char) and GPT-2 BPE (tiktoken, built offline).
 
+Tokenizers are a registered family (``register_tokenizers``; the built-ins register in
+``plugins/tokenizers.py``): a recipe's ``data.tokenizer`` names one, and its factory is called as
+``factory(options, corpus)``, with the training text as ``corpus`` when the class sets
+``needs_corpus`` (a character vocabulary is the corpus's characters) and None otherwise.
+
 A tokenizer is saved as ``tokenizer.json`` next to the prepared data and in every run, so a run
-can be decoded without the corpus: ``{"type": "char", "chars": "..."}`` or ``{"type": "gpt2"}``.
-The GPT-2 encoding is built from the BPE files shipped in ``toolkit/assets/gpt2`` and never
-touches the network.
+can be decoded without the corpus: ``{"type": "char", "chars": "..."}`` or ``{"type": "gpt2"}``,
+``type`` being its registered name; :func:`tokenizer_from_dict` finds the class in a registry and
+calls its ``from_dict``. The GPT-2 encoding is built from the BPE files shipped in
+``toolkit/assets/gpt2`` and never touches the network.
 """
 from __future__ import annotations
 
@@ -14,13 +20,18 @@ import json
 import os
 import threading
 from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from .errors import UnknownComponentError
+from .registry import NoOptions
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 GPT2_FILES = {  # the hashes tiktoken's own "gpt2" encoding expects (see assets/README.md)
     "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
     "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
 }
-TOKENIZERS = ("char", "gpt2")
 # the char tokenizer has no end-of-text token: documents are joined with a blank line instead
 CHAR_DOC_SEPARATOR = "\n\n"
 
@@ -28,9 +39,18 @@ CHAR_DOC_SEPARATOR = "\n\n"
 class Tokenizer(abc.ABC):
     """Text <-> token ids; ``eot`` is the end-of-text id that separates documents, or None."""
 
-    name: str
+    name: str  # its registered name: the "type" of tokenizer.json
     vocab_size: int
     eot: int | None
+    #: built from the training text (factory(opts, corpus) gets it), which is then encoded whole
+    needs_corpus: ClassVar[bool] = False
+    #: the vocabulary size when it does not depend on the data (checked against model.vocab_size)
+    fixed_vocab_size: ClassVar[int | None] = None
+
+    @classmethod
+    @abc.abstractmethod
+    def from_dict(cls, d: dict) -> Tokenizer:
+        """The tokenizer ``to_dict`` describes (ValueError if it cannot be)."""
 
     @abc.abstractmethod
     def encode(self, text: str) -> list[int]:
@@ -43,6 +63,19 @@ class Tokenizer(abc.ABC):
     @abc.abstractmethod
     def to_dict(self) -> dict:
         """What ``tokenizer.json`` holds."""
+
+    def encode_corpus(self, text: str) -> np.ndarray:
+        """All of ``text`` as uint16 ids (a tokenizer with ``needs_corpus`` may do it faster)."""
+        return np.array(self.encode(text), dtype=np.uint16)
+
+    @classmethod
+    def check_recipe(cls, opts, recipe) -> list[str]:
+        """A vocabulary that does not depend on the data must fit the model's."""
+        vocab = cls.fixed_vocab_size
+        if vocab is not None and recipe.model.vocab_size < vocab:
+            return [f"$.model.vocab_size: the {recipe.data.tokenizer.kind} tokenizer has {vocab} tokens, got vocab_size "
+                    f"{recipe.model.vocab_size}" + (" (GPT-2 pads it to 50304)" if vocab == 50257 else "")]
+        return []
 
     def save(self, directory: str | Path) -> Path:
         """Write ``tokenizer.json`` into ``directory`` (created if needed); returns its path."""
@@ -60,10 +93,17 @@ class Tokenizer(abc.ABC):
 class CharTokenizer(Tokenizer):
     """One token per character; the vocabulary is the sorted set of the corpus's characters."""
 
+    Options = NoOptions
     name = "char"
     eot = None
+    needs_corpus = True
 
-    def __init__(self, chars: str):
+    def __init__(self, opts: NoOptions, corpus: str | None):
+        if corpus is None:
+            raise ValueError("the char tokenizer needs the corpus to build its vocabulary")
+        self._set_chars("".join(sorted(set(corpus))))
+
+    def _set_chars(self, chars: str) -> None:
         if len(set(chars)) != len(chars):
             raise ValueError("char tokenizer: the vocabulary has repeated characters")
         self.chars = "".join(sorted(chars))
@@ -72,7 +112,20 @@ class CharTokenizer(Tokenizer):
 
     @classmethod
     def from_text(cls, text: str) -> CharTokenizer:
-        return cls("".join(sorted(set(text))))
+        return cls(NoOptions(), text)
+
+    @classmethod
+    def from_chars(cls, chars: str) -> CharTokenizer:
+        tok = cls.__new__(cls)
+        tok._set_chars(chars)
+        return tok
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CharTokenizer:
+        chars = d.get("chars")
+        if not isinstance(chars, str) or not chars:
+            raise ValueError('a char tokenizer needs a non-empty "chars" string')
+        return cls.from_chars(chars)
 
     def encode(self, text: str) -> list[int]:
         try:
@@ -86,6 +139,14 @@ class CharTokenizer(Tokenizer):
     def decode(self, ids) -> str:
         return "".join(self.chars[int(i)] for i in ids)
 
+    def encode_corpus(self, text: str) -> np.ndarray:
+        """The whole text as ids, vectorised (the vocabulary is sorted by code point)."""
+        if self.vocab_size > 65536:
+            raise ValueError(f"the char vocabulary has {self.vocab_size} characters; uint16 shards hold at most 65536")
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        table = np.array([ord(c) for c in self.chars], dtype=np.uint32)
+        return np.searchsorted(table, codes).astype(np.uint16)
+
     def to_dict(self) -> dict:
         return {"type": "char", "chars": self.chars}
 
@@ -93,12 +154,17 @@ class CharTokenizer(Tokenizer):
 class GPT2Tokenizer(Tokenizer):
     """OpenAI's GPT-2 BPE (50257 tokens, ``<|endoftext|>`` = 50256) through tiktoken, offline."""
 
+    Options = NoOptions
     name = "gpt2"
-    vocab_size = 50257
+    vocab_size = fixed_vocab_size = 50257  # 50,000 merges + 256 byte tokens + <|endoftext|>
     eot = 50256
 
-    def __init__(self):
+    def __init__(self, opts: NoOptions | None = None, corpus: str | None = None):
         self.encoding = gpt2_encoding()
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GPT2Tokenizer:
+        return cls()
 
     def encode(self, text: str) -> list[int]:
         # ordinary: a literal "<|endoftext|>" in user text is text, not the document separator
@@ -151,31 +217,17 @@ def gpt2_encoding():
     )
 
 
-def build_tokenizer(name: str, corpus_text: str | None = None) -> Tokenizer:
-    """A tokenizer by name; ``char`` builds its vocabulary from ``corpus_text``."""
-    if name == "gpt2":
-        return GPT2Tokenizer()
-    if name == "char":
-        if corpus_text is None:
-            raise ValueError("the char tokenizer needs corpus_text to build its vocabulary")
-        return CharTokenizer.from_text(corpus_text)
-    raise ValueError(f"unknown tokenizer {name!r} (known: {', '.join(TOKENIZERS)})")
-
-
-def tokenizer_from_dict(d: dict) -> Tokenizer:
-    """The tokenizer a ``tokenizer.json`` describes."""
+def tokenizer_from_dict(d: dict, registry) -> Tokenizer:
+    """The tokenizer a ``tokenizer.json`` describes, by its registered ``type``."""
     kind = d.get("type") if isinstance(d, dict) else None
-    if kind == "gpt2":
-        return GPT2Tokenizer()
-    if kind == "char":
-        chars = d.get("chars")
-        if not isinstance(chars, str) or not chars:
-            raise ValueError('a char tokenizer needs a non-empty "chars" string')
-        return CharTokenizer(chars)
-    raise ValueError(f"unknown tokenizer type {kind!r} (known: {', '.join(TOKENIZERS)})")
+    try:
+        cls = registry.get("tokenizer", kind).factory
+    except UnknownComponentError as exc:
+        raise ValueError(f"unknown tokenizer type {kind!r} (registered: {', '.join(exc.known)})") from None
+    return cls.from_dict(d)
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
+def load_tokenizer(path: str | Path, registry) -> Tokenizer:
     """Read ``tokenizer.json`` from a directory (a prepared dataset or a run), or that file itself."""
     path = Path(path)
     if path.is_dir():
@@ -184,6 +236,6 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise FileNotFoundError(f"{path}: no such tokenizer file")
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
-        return tokenizer_from_dict(d)
+        return tokenizer_from_dict(d, registry)
     except (json.JSONDecodeError, ValueError) as exc:
         raise ValueError(f"{path}: {exc}") from None

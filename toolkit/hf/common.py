@@ -11,17 +11,16 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
+
+from ..errors import HFFormatError
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_BIN = "pytorch_model.bin"
 TORCH_BIN_INDEX = "pytorch_model.bin.index.json"
 CONFIG = "config.json"
-
-
-class HFFormatError(ValueError):
-    """A checkpoint folder that this toolkit cannot read or a model it cannot write in a given layout."""
 
 
 def checkpoint_dir(path: str | Path) -> Path:
@@ -50,8 +49,6 @@ def read_config(path: str | Path) -> dict:
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint folder, by their Hugging Face names, on the CPU."""
-    from safetensors.torch import load_file
-
     folder = checkpoint_dir(path)
     if (folder / SAFETENSORS).is_file():
         return load_file(folder / SAFETENSORS)
@@ -97,8 +94,6 @@ def _torch_load(file: Path) -> dict[str, torch.Tensor]:
 
 def write_checkpoint(folder: str | Path, config: dict, state_dict: dict[str, torch.Tensor]) -> Path:
     """Write ``config.json`` and ``model.safetensors`` into ``folder`` (created if missing)."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise FileExistsError(f"{folder}: exists and is not a folder")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..model import ModelConfig, Transformer, resolve_options
+from ..model import ModelConfig, Transformer
 from ..registry import Registry
 from .common import (
     HFFormatError,
@@ -102,14 +102,10 @@ def _unwrap(model) -> Transformer:
     return inner
 
 
-def hf_config_from_gpt2(model: Transformer, registry: Registry | None = None) -> dict:
+def hf_config_from_gpt2(model: Transformer) -> dict:
     """The HF ``config.json`` dict for a model that GPT-2 can express; HFFormatError says why not otherwise."""
     model = _unwrap(model)
-    cfg = model.config
-    if registry is None:
-        from ..plugin_manager import get_registry
-
-        registry = get_registry()
+    cfg = model.config  # its specs carry typed options (the model resolved them)
     wants = {"attention": ("mha",), "norm": ("layernorm",), "position": ("learned",), "mlp": ("gelu", "relu")}
     problems = [
         f"{fam} {getattr(cfg, fam).kind!r} (GPT-2 has {' or '.join(map(repr, kinds))})"
@@ -117,12 +113,11 @@ def hf_config_from_gpt2(model: Transformer, registry: Registry | None = None) ->
     ]
     if cfg.layout != "pre":
         problems.append(f"layout {cfg.layout!r} (GPT-2 is pre-norm)")
-    if not problems and getattr(resolve_options(registry, cfg.attention), "qk_norm", None) is not None:
+    if not problems and getattr(cfg.attention.options, "qk_norm", None) is not None:
         problems.append("attention qk_norm (GPT-2 has none)")
     if problems:
         raise HFFormatError(f"cannot export as GPT-2: unsupported {'; '.join(problems)}")
-    norm = resolve_options(registry, cfg.norm)
-    mlp = resolve_options(registry, cfg.mlp)
+    norm, mlp = cfg.norm.options, cfg.mlp.options
     hidden = mlp.hidden_dim or int(mlp.multiplier * cfg.n_embd)
     if cfg.mlp.kind == "gelu":
         act = "gelu_new" if mlp.approximate == "tanh" else "gelu"
@@ -170,7 +165,7 @@ def gpt2_state_dict_to_hf(model: Transformer) -> dict[str, torch.Tensor]:
     return {k: (t.t() if _CONV1D.search(k) else t) for k, t in sd.items()}
 
 
-def save_gpt2(model: Transformer, path: str | Path, registry: Registry | None = None) -> Path:
+def save_gpt2(model: Transformer, path: str | Path) -> Path:
     """Write ``model`` as a HF GPT-2 folder (config.json + model.safetensors) that GPT2LMHeadModel loads."""
-    config = hf_config_from_gpt2(model, registry)
+    config = hf_config_from_gpt2(model)
     return write_checkpoint(path, config, gpt2_state_dict_to_hf(model))

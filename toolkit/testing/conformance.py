@@ -58,9 +58,15 @@ import attrs
 import torch
 from torch import nn
 
+import cattrs
+
+from toolkit import families
+from toolkit.config import format_errors, make_converter
 from toolkit.contracts import Position, flops_per_token
-from toolkit.model import SPEC_TYPES, ModelConfig, Transformer, resolve_options
-from toolkit.registry import FAMILIES, Registry
+from toolkit.families import SPEC_TYPES
+from toolkit.model import ModelConfig, Transformer
+from toolkit.plugin_manager import load_registry
+from toolkit.registry import Registry
 
 #: the tiny model every check builds the component into (ModelConfig fields)
 TINY_MODEL = dict(vocab_size=97, block_size=16, n_layer=2, n_head=4, n_embd=32, dropout=0.0)
@@ -99,16 +105,16 @@ class Subject:
         return Transformer(self.config(**changes), self.registry)
 
     def module_paths(self, model: Transformer) -> list[str]:
-        """Where this component sits in ``model`` (module names)."""
-        n = len(model.transformer.h)
-        if self.family == "attention":
-            return [f"transformer.h.{i}.attn" for i in range(n)]
-        if self.family == "mlp":
-            return [f"transformer.h.{i}.mlp" for i in range(n)]
-        if self.family == "position":
-            return ["transformer.wpe"]
-        paths = [f"transformer.h.{i}.{ln}" for i in range(n) for ln in ("ln_1", "ln_2")]
-        return paths + (["transformer.ln_f"] if model.config.layout == "pre" else [])
+        """Where this component sits in ``model`` (module names, from its family's ``locations``)."""
+        names = dict(model.named_modules())
+        paths = []
+        for pattern in families.family(self.family).locations:
+            layers = range(len(model.transformer.h)) if "*" in pattern else [None]
+            paths += [p for i in layers if (p := pattern.replace("*", str(i))) in names]
+        # only modules this component built (a post-norm model has an nn.Identity for ln_f)
+        comp = self.registry.get(self.family, self.name)
+        factory = comp.factory if isinstance(comp.factory, type) else None
+        return [p for p in paths if factory is None or isinstance(names[p], factory)]
 
     def modules(self, model: Transformer) -> list[nn.Module]:
         return [model.get_submodule(p) for p in self.module_paths(model)]
@@ -117,13 +123,10 @@ class Subject:
 def make_subject(family: str, name: str, options=None, registry: Registry | None = None, *,
                  plugins: list[str] | tuple[str, ...] = (), model: dict | None = None) -> Subject:
     """Look the component up and structure its options; a readable ConformanceError if either fails."""
-    from toolkit.config import format_errors, make_converter
-    from toolkit.plugin_manager import get_registry
-
-    if family not in FAMILIES:
-        raise ConformanceError(f"unknown component family {family!r} (families: {', '.join(FAMILIES)})")
+    if family not in families.MODEL_FAMILIES:
+        raise ConformanceError(f"unknown component family {family!r} (families: {', '.join(families.MODEL_FAMILIES)})")
     if registry is None:
-        registry = get_registry(list(plugins))
+        registry = load_registry(list(plugins))
     elif plugins:
         raise ConformanceError("pass either registry or plugins, not both (load the plugins into your registry first)")
     elif not isinstance(registry, Registry):
@@ -135,8 +138,6 @@ def make_subject(family: str, name: str, options=None, registry: Registry | None
         except TypeError as exc:
             raise ConformanceError(f"{family} {name!r}: its options have no defaults, pass options=...: {exc}") from None
     elif isinstance(options, dict):
-        import cattrs
-
         try:
             opts = make_converter(registry).structure(options, comp.options)
         except (cattrs.BaseValidationError, ValueError, TypeError) as exc:

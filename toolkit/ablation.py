@@ -1,0 +1,623 @@
+"""Ablation files: what to compare, read through the recipe converter and resolved into one recipe per variant.
+
+The file (paths are relative to it; see docs/ablations.md)::
+
+    name = "positions"               # optional; default: the file's stem. Names the output folder.
+    description = "..."              # optional; copied into the report
+    recipe = "../gpt-cpu.toml"       # the base recipe
+    plugins = ["my_attention.py"]    # optional: plugin files or modules every variant may use
+    steps = 400                      # the budget of every run: steps = N, or tokens = N
+    seeds = [1337, 1338]             # every variant runs once per seed (default [1337])
+    evals = 10                       # evaluations per run (default 10): sets train.eval_interval
+    set = ["generate.max_new_tokens=200"]   # overrides shared by every variant (like --set; or a table)
+    baseline = "learned"             # deltas are against this variant (default: the first)
+
+    [grid]                           # the cartesian product over dotted recipe keys ...
+    "model.position.kind" = ["learned", "rope", "alibi"]
+
+    [[variant]]                      # ... and/or named variants, each with its own overrides
+    name = "post-norm"
+    set = { "model.layout" = "post" }
+
+An override is ``"dotted.key" = value`` in a table or ``"dotted.key=value"`` in an array (TOML
+syntax, or a plain string), exactly what ``playattention train --set`` takes. Grid variants are named
+after their values (``rope``, ``rope-n_layer=4``). Plugin files named by ``plugins`` or by a
+``plugins`` override are relative to the ablation file.
+
+**The budget.** Every run gets ``train.max_steps = steps`` (with ``tokens = N``: N divided by the
+variant's tokens per optimizer step, rounded up) and ``train.seed`` from ``seeds``; the same seed
+gives every variant the same initialisation stream and data order. The schedule keeps its shape:
+``warmup_steps`` and ``decay_steps`` scale by the ratio of the budget to the base recipe's
+``max_steps``, and ``eval_interval = steps // evals`` so every curve has the same evaluation points.
+A key you set yourself (``set`` or a variant's ``set``) is left as you set it.
+
+**Validation.** The file itself goes through the recipe converter (:mod:`toolkit.config`), so its
+errors read like a recipe's. Then every variant's recipe is resolved, each with the registry of its
+own plugins, and every problem in every variant is reported, one line each, at its place in the
+ablation file::
+
+    recipes/ablations/x.toml: all variants: $.grid."model.positon.kind": unknown key; did you mean "model.position.kind"?
+
+:mod:`toolkit.ablate` runs what this module resolves.
+"""
+from __future__ import annotations
+
+import difflib
+import itertools
+import json
+import math
+import os
+import re
+import typing
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+from attrs import validators as v
+
+from . import families, report
+from .config import _show as _got  # a value as the recipe errors show it
+from .config import errors_to_lines, make_converter, structure_fields
+from .errors import ConfigError, PluginLoadError
+from .families import Spec
+from .model import Transformer
+from .plugin_manager import default_registry, is_path_spec, load_registry
+from .recipe import Recipe, load_recipe, parse_override, read_toml, recipe_to_dict, registry_of
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=,-]*$")
+# recipe keys the ablation sets itself
+RESERVED = {
+    "train.max_steps": "the ablation sets it: use `steps = N` or `tokens = N` at the top of the file",
+    "train.seed": "the ablation sets it: use `seeds = [...]` at the top of the file",
+}
+
+
+# -- the file's schema (structured by the recipe converter) -----------------------------------------
+def _name(_, attribute, value):
+    if value is not None and not NAME_RE.match(value):
+        raise ValueError(f"expected a name of letters, digits and ._+=,- , got {_got(value)}")
+
+
+def _unique(_, attribute, value):
+    if not value:
+        raise ValueError(f"expected a non-empty array of ints, got {_got(value)}")
+    if len(set(value)) != len(value):
+        raise ValueError(f"repeats a seed: {_got(value)}")
+
+
+@attrs.frozen
+class VariantTable:
+    """One ``[[variant]]``: a name and its overrides."""
+
+    name: str = attrs.field(validator=_name)
+    set: Any = attrs.Factory(dict)  # a table of "dotted.key" = value, or an array of "dotted.key=value"
+
+
+@attrs.frozen
+class AblationFile:
+    """An ablation file as written."""
+
+    recipe: str
+    name: str | None = attrs.field(default=None, validator=_name)
+    description: str = ""
+    plugins: list[str] = attrs.Factory(list)
+    steps: int | None = attrs.field(default=None, validator=v.optional(v.gt(0)))
+    tokens: int | None = attrs.field(default=None, validator=v.optional(v.gt(0)))
+    seeds: list[int] = attrs.field(factory=lambda: [1337], validator=_unique)
+    evals: int = attrs.field(default=10, validator=v.gt(0))
+    set: Any = attrs.Factory(list)
+    baseline: str | None = None
+    grid: dict[str, Any] = attrs.Factory(dict)
+    variant: list[VariantTable] = attrs.Factory(list)
+
+
+# -- what the file means ----------------------------------------------------------------------------
+@attrs.frozen
+class Override:
+    """One ``dotted.key = value`` override and where the ablation file says it."""
+
+    key: str
+    text: str  # the value in TOML syntax, as `--set key=text` takes it
+    value: Any
+    where: str  # its place in the ablation file, e.g. $.grid."model.position.kind"[1]
+    key_where: str  # where its key is written (problems with the key itself)
+
+    @property
+    def arg(self) -> str:
+        return f"{self.key}={self.text}"
+
+
+@attrs.frozen
+class Variant:
+    name: str
+    overrides: tuple[Override, ...]
+
+
+@attrs.frozen
+class Ablation:
+    """A parsed ablation file (nothing resolved yet)."""
+
+    path: Path
+    name: str
+    description: str
+    recipe: Path
+    plugins: tuple[str, ...]  # absolute paths of plugin files, or module names
+    steps: int | None
+    tokens: int | None
+    seeds: tuple[int, ...]
+    evals: int
+    shared: tuple[Override, ...]
+    variants: tuple[Variant, ...]
+    baseline: str
+
+    def run_name(self, variant: str, seed: int) -> str:
+        return f"{variant}-s{seed}"
+
+
+@attrs.frozen
+class Resolved:
+    """A variant's validated recipe (budget applied, first seed), its differences, size and cost."""
+
+    variant: Variant
+    recipe: Recipe
+    info: report.VariantInfo
+
+    def recipe_for(self, ablation: Ablation, seed: int) -> Recipe:
+        train = attrs.evolve(self.recipe.train, seed=seed)
+        return attrs.evolve(self.recipe, train=train, name=f"{ablation.name}-{ablation.run_name(self.variant.name, seed)}")
+
+
+# -- TOML values -------------------------------------------------------------------------------
+def toml_value(value: Any) -> str:
+    """``value`` in TOML syntax (inline), so it can travel as ``--set key=<text>``."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # JSON string escapes are valid TOML basic-string escapes
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"cannot write {type(value).__name__} as a TOML value")
+
+
+def _show(value: Any) -> str:
+    """A value for people: strings bare, the rest as TOML."""
+    return value if isinstance(value, str) else toml_value(value)
+
+
+# -- the recipe schema, for checking override keys ---------------------------------------------
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints.get(f.name, f.type) for f in attrs.fields(cls)}
+
+
+def _is_table(tp: Any) -> bool:
+    return tp is dict or typing.get_origin(tp) is dict
+
+
+def _spec_family(tp: Any) -> str | None:
+    if isinstance(tp, type) and issubclass(tp, Spec) and tp is not Spec:
+        return tp.family
+    return None
+
+
+def _subkeys(key: str, value: Any) -> list[tuple[str, Any]]:
+    """Spread a table written with unquoted dotted keys (``{model.layout = "post"}`` is
+    ``{"model": {"layout": "post"}}`` to TOML) back into dotted keys, down to a component table,
+    a free-form table or a value."""
+    if not isinstance(value, dict) or not value:
+        return [(key, value)]
+    cls: Any = Recipe
+    for part in key.split("."):
+        types = _field_types(cls) if attrs.has(cls) else {}
+        if part not in types:
+            cls = None
+            break
+        cls = types[part]
+    if cls is not None and (_spec_family(cls) or not attrs.has(cls)):
+        return [(key, value)]  # a component spec, a free-form table (deepspeed.config) or a value
+    return [kv for k, v in value.items() for kv in _subkeys(f"{key}.{k}", v)]
+
+
+def check_key(key: str, kinds: dict[str, str], registry) -> str | None:
+    """None if ``key`` names a setting of a recipe whose components are ``kinds``; else the problem."""
+    parts = key.split(".")
+    if not all(parts):
+        return f"not a dotted key: {key!r}"
+    if key in RESERVED:
+        return RESERVED[key]
+    cls: Any = Recipe
+    family = None
+    for i, part in enumerate(parts):
+        here = ".".join(parts[:i])
+        if family is not None:  # inside a component table: kind, or an option of that kind
+            kind = kinds.get(family)
+            if kind is None or (family, kind) not in registry:
+                return None  # an unknown kind is reported by the recipe check
+            comp = registry.get(family, kind)
+            names = ["kind", *(f.name for f in attrs.fields(comp.options))]
+            if part not in names:
+                hint = difflib.get_close_matches(part, names, n=1)
+                fix = f'; did you mean "{".".join([*parts[:i], hint[0], *parts[i + 1:]])}"?' if hint else ""
+                return f"unknown key: {family} {kind!r} has no option {part!r}{fix} (options: {', '.join(names[1:]) or 'none'})"
+            if i == len(parts) - 1:
+                return None
+            if part == "kind":
+                return f"{here}.kind is a value, not a table"
+            cls, family = _field_types(comp.options)[part], None
+            continue
+        if cls is None or not attrs.has(cls):
+            return None if _is_table(cls) or cls is Any else f"{here} is a value, not a table"
+        types = _field_types(cls)
+        if part not in types:
+            hint = difflib.get_close_matches(part, list(types), n=1)
+            if hint:
+                return f'unknown key; did you mean "{".".join([*parts[:i], hint[0], *parts[i + 1:]])}"?'
+            where = f" in {here}" if here else ""
+            return f"unknown key {part!r}{where} (allowed: {', '.join(types)})"
+        cls = types[part]
+        family = _spec_family(cls)
+        if _is_table(cls):
+            return None  # free-form, e.g. deepspeed.config
+    return None
+
+
+def chosen_kinds(recipe: Recipe) -> dict[str, str]:
+    """The kind the recipe chooses in every family it holds one of."""
+    out = {}
+    for fam in families.FAMILIES:
+        if fam.where and not fam.many:
+            holder = getattr(recipe, fam.section) if fam.section else recipe
+            out[fam.name] = getattr(holder, fam.key).kind
+    return out
+
+
+def _apply_kinds(kinds: dict[str, str], overrides) -> dict[str, str]:
+    """The component kinds after these overrides (``model.attention = "gqa"``, ``... = {kind=...}``, ``....kind``)."""
+    kinds = dict(kinds)
+    places = {fam.where: fam.name for fam in families.FAMILIES if fam.where and not fam.many}
+    for ov in overrides:
+        if ov.key in places:
+            if isinstance(ov.value, str):
+                kinds[places[ov.key]] = ov.value
+            elif isinstance(ov.value, dict) and isinstance(ov.value.get("kind"), str):
+                kinds[places[ov.key]] = ov.value["kind"]
+        elif ov.key.endswith(".kind") and ov.key[:-5] in places and isinstance(ov.value, str):
+            kinds[places[ov.key[:-5]]] = ov.value
+    return kinds
+
+
+# -- parsing -----------------------------------------------------------------------------------
+def parse_overrides(value: Any, where: str, errors: list[str], base: Path) -> list[Override]:
+    """A ``set``: a table of ``"dotted.key" = value`` or an array of ``"dotted.key=value"`` strings.
+
+    Plugin files in a ``plugins`` override are made absolute, relative to ``base`` (the ablation file's folder).
+    """
+    out: list[Override] = []
+    if isinstance(value, dict):
+        for k, val in value.items():
+            for key, item in _subkeys(k, val):
+                loc = f'{where}."{key}"'
+                out.append(Override(key, toml_value(item), item, loc, loc))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            loc = f"{where}[{i}]"
+            if not isinstance(item, str) or "=" not in item or not all(k.strip() for k in item.split("=", 1)[0].split(".")):
+                errors.append(f'{loc}: expected "dotted.key=value", got {_got(item)}')
+                continue
+            keys, parsed = parse_override(item)
+            out.append(Override(".".join(keys), item.split("=", 1)[1].strip(), parsed, loc, loc))
+    else:
+        errors.append(f'{where}: expected a table of "dotted.key" = value or an array of "dotted.key=value", got {_got(value)}')
+    return [_absolute_plugins(ov, base) for ov in out]
+
+
+def _absolute_plugins(ov: Override, base: Path) -> Override:
+    if ov.key != "plugins" or not isinstance(ov.value, list):
+        return ov
+    value = [str((base / p).resolve()) if isinstance(p, str) and is_path_spec(p) else p for p in ov.value]
+    return attrs.evolve(ov, value=value, text=toml_value(value))
+
+
+def _label(key: str, value: Any) -> str:
+    """A grid value as part of a variant name: rope, n_layer=4, rope,theta=500."""
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, dict):
+        rest = [f"{k}={_show(v)}" for k, v in value.items() if k != "kind"]
+        text = ",".join([str(value["kind"])] * ("kind" in value) + rest)
+    else:
+        text = f"{key.rsplit('.', 1)[-1]}={_show(value)}"
+    return re.sub(r"[^A-Za-z0-9._+=,-]+", "-", text).strip("-") or "x"
+
+
+def parse_ablation(path: str | Path) -> Ablation:
+    """Read and check an ablation file's own structure; raises ConfigError (one line per problem)."""
+    ablation, errors = _parse(Path(path))
+    if errors:
+        raise ConfigError([f"{path}: {e}" for e in errors])
+    return ablation
+
+
+def _flatten_grid(data: dict) -> None:
+    """``[grid] model.position.kind = [...]`` (unquoted dotted keys nest in TOML) back to one dotted key."""
+    grid = data.get("grid")
+    if isinstance(grid, dict):
+        flat = {}
+        for key, values in grid.items():
+            flat.update(_subkeys(key, values) if isinstance(values, dict) and values else [(key, values)])
+        data["grid"] = flat
+
+
+def _parse(path: Path) -> tuple[Ablation | None, list[str]]:
+    """The ablation and the problems with its structure; None where it is too broken to resolve."""
+    if not path.is_file():
+        raise ConfigError([f"{path}: no such ablation file"])
+    data = read_toml(path)
+    _flatten_grid(data)
+    kwargs, errs = structure_fields(make_converter(default_registry()), data, AblationFile)
+    errors = errors_to_lines(errs)
+    given = {k: kwargs.get(k, getattr(attrs.fields(AblationFile), k).default) for k in attrs.fields_dict(AblationFile)}
+    given = {k: (val.factory() if isinstance(val, attrs.Factory) else val) for k, val in given.items()}
+
+    recipe_path = Path()
+    if "recipe" in kwargs:
+        recipe_path = Path(os.path.normpath(path.parent / kwargs["recipe"]))
+        if not recipe_path.is_file():
+            errors.append(f"$.recipe: no such file: {recipe_path}")
+    if "steps" in data and "tokens" in data:
+        errors.append("$.tokens: give either steps or tokens, not both")
+    elif "steps" not in data and "tokens" not in data:
+        errors.append("$: no budget: add steps = N or tokens = N (every variant trains for the same budget)")
+    plugins = tuple(str((path.parent / p).resolve()) if is_path_spec(p) else p for p in given["plugins"])
+
+    shared = parse_overrides(given["set"], "$.set", errors, path.parent)
+    variants: list[Variant] = []
+    axes = []
+    for key, values in given["grid"].items():
+        if not isinstance(values, list) or not values:
+            errors.append(f'$.grid."{key}": expected a non-empty array of values, got {_got(values)}')
+        else:
+            axes.append((key, values))
+    if axes:
+        for combo in itertools.product(*(range(len(vals)) for _, vals in axes)):
+            ovs, labels = [], []
+            for (key, values), i in zip(axes, combo):
+                ovs.append(_absolute_plugins(
+                    Override(key, toml_value(values[i]), values[i], f'$.grid."{key}"[{i}]', f'$.grid."{key}"'), path.parent))
+                labels.append(_label(key, values[i]))
+            variants.append(Variant("-".join(labels), tuple(ovs)))
+    for i, item in enumerate(given["variant"]):
+        variants.append(Variant(item.name, tuple(parse_overrides(item.set, f"$.variant[{i}].set", errors, path.parent))))
+
+    if not variants and not errors:
+        errors.append("$: no variants: add a [grid] table or [[variant]] tables")
+    seen: dict[str, int] = {}
+    for variant in variants:
+        seen[variant.name] = seen.get(variant.name, 0) + 1
+    for vname, n in seen.items():
+        if n > 1:
+            errors.append(f"$: variant name {vname!r} is used {n} times; names must be unique")
+    baseline = given["baseline"] if given["baseline"] is not None else (variants[0].name if variants else "")
+    if variants and baseline not in seen and "baseline" not in {ln.split(":")[0][2:] for ln in errors}:
+        hint = difflib.get_close_matches(baseline, list(seen), n=1)
+        errors.append(f"$.baseline: no variant named {baseline!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
+                      + f" (variants: {', '.join(seen)})")
+    if not (recipe_path.is_file() and variants and baseline in seen):
+        return None, errors
+    return Ablation(path, given["name"] or path.stem, given["description"], recipe_path, plugins, given["steps"],
+                    given["tokens"], tuple(given["seeds"]), given["evals"], tuple(shared), tuple(variants),
+                    baseline), errors
+
+
+# -- resolving ---------------------------------------------------------------------------------
+_PATH_RE = re.compile(r'\$((?:\.(?:"[^"]*"|[\w-]+)|\[\d+\])*)')
+
+
+def _map_line(line: str, overrides: list[Override]) -> str:
+    """Move a recipe error that an override caused to that override's place in the ablation file."""
+    m = _PATH_RE.search(line)
+    if not m or not m.group(1):
+        return line
+    dotted = m.group(1)[1:].replace('"', "") if m.group(1).startswith(".") else m.group(1)
+    best = None
+    for ov in overrides:  # the last matching override wins, as it does when applied
+        if dotted == ov.key or dotted.startswith(ov.key + ".") or dotted.startswith(ov.key + "["):
+            if best is None or len(ov.key) >= len(best.key):
+                best = ov
+    if best is None:
+        return line
+    rest = re.sub(r" \(from --set .*\)$", "", line[m.end():])  # the recipe's note of which --set it was
+    return best.where + dotted[len(best.key):] + rest
+
+
+def model_counts(recipe: Recipe) -> tuple[int, int]:
+    """All parameters (tied embeddings once) and forward FLOPs per token at the full context,
+    from the model built on the meta device (no memory, no init time)."""
+    with torch.device("meta"):
+        model = Transformer(recipe.model, registry_of(recipe))
+    total = model.component_report(recipe.model.block_size)[-1]
+    return int(total["params"]), int(total["flops_per_token"])
+
+
+def budget_overrides(ablation: Ablation, recipe: Recipe) -> list[Override]:
+    """The overrides that give ``recipe`` the ablation's budget: max_steps, warmup and decay scaled
+    with it, and the eval interval. Overrides in the file come after them, so they win."""
+    t = recipe.train
+    tokens_per_step = t.tokens_per_step or t.micro_batch * recipe.model.block_size * (t.grad_accum or 1)
+    steps = ablation.steps or math.ceil(ablation.tokens / tokens_per_step)
+    ratio = steps / t.max_steps
+    values: dict[str, int] = {"max_steps": steps, "warmup_steps": min(round(t.warmup_steps * ratio), steps - 1)}
+    if t.decay_steps is not None:
+        values["decay_steps"] = max(1, round(t.decay_steps * ratio))
+    values["eval_interval"] = max(1, steps // ablation.evals)
+    at = "$.steps" if ablation.steps else "$.tokens"
+    return [Override(f"train.{k}", str(val), val, f"{at} (sets train.{k}={val})", at) for k, val in values.items()]
+
+
+def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for k, val in data.items():
+            out.update(_flat(val, f"{prefix}.{k}" if prefix else k))
+        return out
+    return {prefix: data}
+
+
+def recipe_diff(recipe: Recipe, baseline: Recipe) -> tuple[str, ...]:
+    """``key=value`` for each setting of ``recipe`` that differs from ``baseline`` (name, description
+    and seed aside). Where a component's kind changed, its options are listed only where they differ
+    from that kind's defaults."""
+    mine, base = _flat(recipe_to_dict(recipe)), _flat(recipe_to_dict(baseline))
+    registry = registry_of(recipe)
+    converter = make_converter(registry)
+    changed_kind = {}  # recipe place of a component whose kind changed -> that kind's default options
+    for fam in families.FAMILIES:
+        if not fam.where or fam.many:
+            continue
+        kind = mine.get(f"{fam.where}.kind")
+        if kind != base.get(f"{fam.where}.kind") and (fam.name, kind) in registry:
+            changed_kind[fam.where] = _flat(converter.unstructure(registry.get(fam.name, kind).options()))
+    out = []
+    for key, value in mine.items():
+        if key in ("name", "description", "train.seed") or base.get(key, object()) == value:
+            continue
+        place = next((w for w in changed_kind if key.startswith(w + ".") and key != f"{w}.kind"), None)
+        if place is not None and changed_kind[place].get(key[len(place) + 1:], object()) == value:
+            continue  # the new kind's default
+        out.append(f"{key}={_show(value)}")
+    for key in base:
+        if key not in mine and not any(key.startswith(w + ".") for w in changed_kind):
+            out.append(f"{key}=(unset)")
+    return tuple(out)
+
+
+def _check_variant(ablation: Ablation, base: Recipe, overrides: list[Override],
+                   checked: list[Override]) -> tuple[list[str], Recipe | None]:
+    """The recipe with all of ``overrides``, or the problems with the keys of ``checked``, or with the recipe.
+
+    Each variant is checked against the registry of its own plugins (the base recipe's, the
+    file's, and its own ``plugins`` override): a kind that one variant's plugin file provides
+    never validates another variant.
+    """
+    plugins = [*base.plugins, *ablation.plugins]
+    for ov in overrides:
+        if ov.key == "plugins" and isinstance(ov.value, list):
+            plugins = [*ablation.plugins, *(p for p in ov.value if isinstance(p, str))]
+    try:
+        registry = load_registry(plugins)
+    except PluginLoadError as exc:
+        at = next((o.where for o in overrides if o.key == "plugins"), "$.plugins")
+        return [f"{at}: {exc}"], None
+    kinds = _apply_kinds(chosen_kinds(base), overrides)
+    problems, bad = [], []
+    for ov in checked:
+        if p := check_key(ov.key, kinds, registry):
+            problems.append(f"{ov.key_where}: {p}")
+            bad.append(ov)
+    good = [ov for ov in overrides if ov not in bad]  # the rest is still checked, for every problem at once
+    try:
+        recipe = load_recipe(ablation.recipe, [ov.arg for ov in good], plugins=ablation.plugins)
+    except ConfigError as exc:
+        return problems + [_map_line(line, good) for line in exc.lines], None
+    return problems, None if problems else recipe
+
+
+def resolve(ablation: Ablation) -> list[Resolved]:
+    """Every variant's recipe, validated, with its budget, differences, parameters and FLOPs.
+
+    Raises ConfigError listing every problem of every variant (identical problems merged)."""
+    where = str(ablation.path)
+    try:
+        base = load_recipe(ablation.recipe, plugins=ablation.plugins)
+    except ConfigError as exc:
+        raise ConfigError([f"{where}: base recipe {ablation.recipe}: {line}" for line in exc.lines]) from None
+
+    # shared overrides first: their problems are reported once, and variants are checked without them
+    shared_problems, _ = _check_variant(ablation, base, list(ablation.shared), list(ablation.shared))
+    lines = [f"{where}: {p}" for p in shared_problems]
+    shared = [ov for ov in ablation.shared if not any(p.startswith(ov.where) for p in shared_problems)]
+
+    by_problem: dict[str, list[str]] = {}
+    resolved: dict[str, tuple[Variant, Recipe, int, int]] = {}
+    for variant in ablation.variants:
+        overrides = shared + list(variant.overrides)
+        problems, recipe = _check_variant(ablation, base, overrides, list(variant.overrides))
+        if not problems:
+            overrides = budget_overrides(ablation, recipe) + overrides
+            try:
+                recipe = load_recipe(ablation.recipe, [ov.arg for ov in overrides], plugins=ablation.plugins)
+                recipe = attrs.evolve(recipe, train=attrs.evolve(recipe.train, seed=ablation.seeds[0]))
+            except ConfigError as exc:
+                problems = [_map_line(line, overrides) for line in exc.lines]
+        if not problems:
+            try:
+                params, flops = model_counts(recipe)
+            except Exception as exc:  # noqa: BLE001 - a component that cannot be built is a user problem
+                problems = [f"$: cannot build the model: {type(exc).__name__}: {exc}"]
+            else:
+                resolved[variant.name] = (variant, recipe, params, flops)
+        for p in problems:
+            by_problem.setdefault(p, []).append(variant.name)
+    if by_problem or lines:
+        n = len(ablation.variants)
+        for p, names in by_problem.items():
+            who = "all variants" if len(names) == n > 1 else ("variant " if len(names) == 1 else "variants ") + ", ".join(
+                repr(x) for x in names)
+            lines.append(f"{where}: {who}: {p}")
+        raise ConfigError(lines)
+
+    base_recipe = resolved[ablation.baseline][1]
+    out = []
+    for variant, recipe, params, flops in resolved.values():
+        diff = () if variant.name == ablation.baseline else recipe_diff(recipe, base_recipe)
+        out.append(Resolved(variant, recipe, report.VariantInfo(variant.name, diff, params, flops)))
+    return out
+
+
+def load_ablation(path: str | Path) -> tuple[Ablation, list[Resolved]]:
+    """Parse and resolve an ablation file; raises ConfigError with every problem of the file and of every variant."""
+    ablation, errors = _parse(Path(path))
+    lines = [f"{path}: {e}" for e in errors]
+    if ablation is not None:
+        if not (ablation.steps or ablation.tokens):  # a broken budget: resolve with a stand-in, report the rest
+            ablation = attrs.evolve(ablation, steps=1)
+        try:
+            resolved = resolve(ablation)
+        except ConfigError as exc:
+            lines += exc.lines
+    if lines:
+        raise ConfigError(lines)
+    return ablation, resolved
+
+
+# -- dry run -----------------------------------------------------------------------------------
+def budget_line(ablation: Ablation, resolved: list[Resolved]) -> str:
+    steps = sorted({r.recipe.train.max_steps for r in resolved})
+    what = f"{ablation.steps} steps" if ablation.steps else f"{report.si(ablation.tokens)} tokens ({'/'.join(map(str, steps))} steps)"
+    n, s = len(resolved), len(ablation.seeds)
+    return f"{n} variant{'s' * (n != 1)} x {s} seed{'s' * (s != 1)} = {n * s} runs of {what}, base recipe {ablation.recipe}"
+
+
+def dry_run_text(ablation: Ablation, resolved: list[Resolved]) -> str:
+    """Every variant with its parameters, FLOPs per token and differing keys."""
+    lines = [f"ablation {ablation.name}: {budget_line(ablation, resolved)}",
+             f"seeds {', '.join(map(str, ablation.seeds))}; baseline {ablation.baseline}", ""]
+    width = max(len("variant"), *(len(r.variant.name) + 2 for r in resolved))
+    pw = max(len("params"), *(len(f"{r.info.params:,}") for r in resolved))
+    lines.append(f"{'variant':<{width}}  {'params':>{pw}}  {'FLOPs/tok':>9}  differs from baseline")
+    for r in resolved:
+        name = r.variant.name + (" *" if r.variant.name == ablation.baseline else "")
+        diff = "(baseline)" if r.variant.name == ablation.baseline else (", ".join(r.info.diff) or "(nothing)")
+        lines.append(f"{name:<{width}}  {r.info.params:>{pw},}  {report.si(r.info.flops_per_token):>9}  {diff}")
+    return "\n".join(lines)

@@ -1,0 +1,75 @@
+"""Every error a user can fix, in one place: the CLI prints each as one line and exits 2.
+
+They sit at the bottom of the layers (:mod:`toolkit.families` lists them), so any module, and any
+plugin, raises them without importing anything above it.
+"""
+from __future__ import annotations
+
+import difflib
+
+
+class UserError(Exception):
+    """A problem the user can fix (a recipe value, a missing file); said in one line, never a traceback."""
+
+
+class ConfigError(UserError, ValueError):
+    """One or more configuration problems, one line each (``file: $.path: problem``)."""
+
+    def __init__(self, lines: list[str] | str):
+        self.lines = [lines] if isinstance(lines, str) else list(lines)
+        super().__init__("\n".join(self.lines))
+
+
+class RegistryError(UserError, ValueError):
+    """A component could not be registered or found."""
+
+
+class UnknownComponentError(RegistryError, KeyError):
+    """A name that no plugin registered in a family, with the closest registered name."""
+
+    def __init__(self, family: str, name: str, known: list[str]):
+        self.family, self.name, self.known = family, name, known
+        hint = did_you_mean(name, known)
+        msg = f"unknown {family} {name!r}"
+        if hint:
+            msg += f"; did you mean {hint!r}?"
+        msg += f" (registered: {', '.join(sorted(known)) or 'none'})"
+        super().__init__(msg)
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return self.args[0]
+
+
+class PluginLoadError(UserError, RuntimeError):
+    """A plugin the user asked for by name (recipe, ablation file or --plugin) could not be loaded."""
+
+
+class DataError(UserError, ValueError):
+    """A problem with the data (a path, a too-small split)."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint or run folder problem."""
+
+
+class UsageError(UserError):
+    """A problem with the command line or the files it names."""
+
+
+class HFFormatError(UserError, ValueError):
+    """A Hugging Face folder this toolkit cannot read exactly (missing file, unsupported setting)."""
+
+
+def did_you_mean(word: str, candidates) -> str | None:
+    """The candidate a typo most likely meant: same letters swapped first ('mah' -> 'mha'), then difflib's closest."""
+    candidates = [c for c in candidates if isinstance(c, str)]
+    if not isinstance(word, str):
+        return None
+    lowered = {c.lower(): c for c in candidates}
+    if word.lower() in lowered:
+        return lowered[word.lower()]
+    swapped = [c for c in candidates if sorted(c.lower()) == sorted(word.lower())]
+    if swapped:
+        return swapped[0]
+    hint = difflib.get_close_matches(word, candidates, n=1)
+    return hint[0] if hint else None

@@ -1,0 +1,144 @@
+"""The run folder a person opens after training; rank 0 writes it.
+
+    runs/<recipe name>-<YYYYmmdd-HHMMSS>/
+        recipe.toml        the resolved recipe (``playattention train`` it again to rerun)
+        ds_config.json     the DeepSpeed config it ran with
+        versions.json      python, torch, deepspeed, playattention and plugin versions
+        metrics.jsonl      one "train" line per optimizer step, one "eval" line per evaluation
+        losses.png         train and val loss (and evaluator scores) vs step, redrawn at each evaluation
+        summary.png        learning rate, gradient norm and tokens/s vs step
+        samples.txt        generated text, each sample headed by the step it was drawn at
+        checkpoints/       checkpoints, step-NNNNNNN, each committed whole (:mod:`toolkit.checkpoint`)
+        resume.log         one entry per resume: from which checkpoint, what changed
+        model.safetensors  fp32 weights under GPT-2 names, with model.toml and tokenizer.json:
+                           the run without DeepSpeed (:func:`toolkit.generate.load_run`)
+        summary.json       the result
+"""
+from __future__ import annotations
+
+import importlib.metadata as md
+import json
+import math
+import platform
+import re
+import time
+from pathlib import Path
+
+import tomli_w
+import torch
+
+from . import checkpoint
+from .plots import plot_losses, plot_summary
+from .recipe import Recipe, dump_recipe, recipe_to_dict
+from .registry import Registry
+
+
+def default_run_dir(recipe: Recipe) -> Path:
+    """``<train.out_dir>/<recipe name>-<YYYYmmdd-HHMMSS>``, with a numeric suffix if that exists."""
+    name = re.sub(r"[^\w.-]+", "-", recipe.name).strip("-") or "run"
+    base = Path(recipe.train.out_dir) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+class RunFolder:
+    """The files of one run. Only rank 0 makes one (other ranks hold ``None``)."""
+
+    def __init__(self, path: Path, title: str):
+        self.path, self.title = Path(path), title
+        self.metrics_path = self.path / "metrics.jsonl"
+        self._metrics = None
+
+    # -- at the start -------------------------------------------------------------------------
+    def write_start(self, recipe: Recipe, ds_config: dict, registry: Registry, tokenizer) -> None:
+        (self.path / "recipe.toml").write_text(dump_recipe(recipe))
+        (self.path / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+        (self.path / "versions.json").write_text(json.dumps(versions(registry), indent=2) + "\n")
+        tokenizer.save(self.path)
+
+    def record_resume(self, step: int, found: Path, world_size: int, saved_world_size: int, changes: list[str]) -> list[str]:
+        """Drop metrics and samples logged after ``step``; note the resume in resume.log and metrics.jsonl."""
+        checkpoint.trim_metrics(self.metrics_path, step)
+        checkpoint.trim_samples(self.path / "samples.txt", step)
+        ranks = f"{world_size} rank(s)"
+        if saved_world_size != world_size:
+            ranks += f" (it was saved by {saved_world_size}: new optimizer partitions, data position kept)"
+        lines = [f"{time.strftime('%Y-%m-%d %H:%M:%S')} resumed at step {step} from {found} on {ranks}",
+                 *(f"  changed {c}" for c in changes)]
+        with open(self.path / "resume.log", "a", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+        self.write_metrics({"type": "resume", "step": step, "checkpoint": found.name, "world_size": world_size,
+                            "saved_world_size": saved_world_size, "changes": changes})
+        return lines
+
+    # -- while training -----------------------------------------------------------------------
+    def write_metrics(self, row: dict) -> None:
+        """One line of metrics.jsonl (non-finite numbers as null: JSON has no nan)."""
+        if self._metrics is None:
+            self._metrics = open(self.metrics_path, "a", encoding="utf-8")
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+        self._metrics.write(json.dumps(clean) + "\n")
+        self._metrics.flush()
+
+    def plot(self, summary: bool = False) -> None:
+        """Redraw losses.png (at every evaluation) and, at the end, summary.png."""
+        plot_losses(self.metrics_path, self.path / "losses.png", title=self.title)
+        if summary:
+            plot_summary(self.metrics_path, self.path / "summary.png", title=self.title)
+
+    def append_samples(self, step: int, texts: list[str], gen) -> None:
+        with open(self.path / "samples.txt", "a", encoding="utf-8") as f:
+            for i, text in enumerate(texts):
+                f.write(f"=== step {step} | sample {i + 1}/{len(texts)} | temperature {gen.temperature}, "
+                        f"top_k {gen.top_k}, top_p {gen.top_p}, seed {gen.seed} ===\n{text}\n\n")
+
+    # -- at the end ---------------------------------------------------------------------------
+    def write_export(self, state: dict[str, torch.Tensor], recipe: Recipe, step: int) -> Path:
+        """model.safetensors (fp32, GPT-2 names, a tied head once) and model.toml."""
+        path = self.path / checkpoint.WEIGHTS
+        checkpoint.export_weights(state, path, tied=recipe.model.tie_embeddings,
+                                  metadata={"format": "pt", "recipe": recipe.name, "step": step})
+        d = recipe_to_dict(recipe)
+        (self.path / "model.toml").write_text(tomli_w.dumps({"plugins": d.get("plugins", []), "model": d["model"]}))
+        return path
+
+    def write_summary(self, summary: dict) -> None:
+        (self.path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if self.metrics_path.exists():
+            self.plot(summary=True)
+
+    def close(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+
+
+def versions(registry: Registry) -> dict:
+    """Versions of everything that shaped the run, plugin packages from the registry's sources."""
+    import deepspeed
+
+    def version(dist: str) -> str | None:
+        try:
+            return md.version(dist)
+        except md.PackageNotFoundError:
+            return None
+
+    plugins: dict[tuple, dict] = {}
+    for comp in registry:
+        src = comp.source
+        entry = plugins.setdefault((src.plugin, src.package, src.version),
+                                   {"plugin": src.plugin, "package": src.package, "version": src.version,
+                                    "components": []})
+        entry["components"].append(f"{comp.family}:{comp.name}")
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "deepspeed": deepspeed.__version__,
+        "playattention": version("playattention"),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        "plugins": list(plugins.values()),
+    }
