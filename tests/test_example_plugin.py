@@ -2,6 +2,7 @@
 pip-installed (into a temporary folder, so the venv is untouched), found through its entry point,
 its options validated, passing the conformance kit; and the same module loaded as a plain file."""
 import importlib
+import os
 import shutil
 import subprocess
 import sys
@@ -10,9 +11,11 @@ from pathlib import Path
 import pytest
 
 from toolkit.cli import render_plugins
-from toolkit.config import ConfigError
+from toolkit import plugin_manager
+from toolkit.errors import ConfigError
 from toolkit.model import ModelConfig
 from toolkit.plugin_manager import PluginManager
+from toolkit.recipe import registry_of
 from toolkit.testing.conformance import check_component
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "playattention-talking-heads"
@@ -40,7 +43,9 @@ def installed(site):
     """The installed example on sys.path for one test; a PluginManager made inside sees its entry point."""
     sys.path.insert(0, str(site))
     importlib.invalidate_caches()
+    plugin_manager.forget_loaded()  # registries loaded before it was installed do not know it
     yield site
+    plugin_manager.forget_loaded()
     sys.path.remove(str(site))
     for name in [m for m in sys.modules if m.startswith("playattention_talking_heads")]:
         del sys.modules[name]
@@ -53,12 +58,12 @@ def test_installed_package_is_discovered_through_its_entry_point(installed):
     assert (comp.source.package, comp.source.version, comp.source.plugin) == ("playattention-talking-heads", "0.1.0", "talking_heads")
     assert comp.doc.startswith("Talking-heads attention (Shazeer et al. 2020)")
     assert not [f for f in pm.failures if f.package == "playattention-talking-heads"]
-    listing = render_plugins(pm)
+    listing = render_plugins(pm.registry)
     assert "talking_heads" in listing and "from playattention-talking-heads 0.1.0 (talking_heads)" in listing
     assert "mix: str = 'both'" in listing
 
 
-def test_installed_package_options_are_validated_at_their_recipe_path(installed, tmp_path, fresh_plugins):
+def test_installed_package_options_are_validated_at_their_recipe_path(installed, tmp_path):
     from toolkit.recipe import load_recipe
 
     recipe = tmp_path / "th.toml"
@@ -70,6 +75,23 @@ def test_installed_package_options_are_validated_at_their_recipe_path(installed,
     assert load_recipe(recipe).model.attention.kind == "talking_heads"
 
 
+def test_installed_package_adds_a_schedule_a_recipe_can_name(installed, tmp_path):
+    from toolkit.engine import lr_at
+    from toolkit.recipe import load_recipe
+
+    comp = PluginManager().registry.get("schedule", "inverse_sqrt")
+    assert comp.source.package == "playattention-talking-heads" and comp.doc.startswith("Linear warmup")
+    recipe = tmp_path / "sched.toml"
+    recipe.write_text('[train]\nlr = 1.0\nmin_lr = 0.0\nwarmup_steps = 4\n[train.schedule]\nkind = "inverse_sqrt"\n'
+                      'floor = 0.3\n')
+    train = load_recipe(recipe).train
+    assert [lr_at(s, train, registry_of(load_recipe(recipe))) for s in (0, 3, 15, 99)] == [0.25, 1.0, 0.5, 0.3]
+    recipe.write_text('[train.schedule]\nkind = "inverse_sqrt"\nfloor = 2.0\n')
+    with pytest.raises(ConfigError) as err:
+        load_recipe(recipe)
+    assert err.value.lines == [f"{recipe}: $.train.schedule.floor: must be <= 1, got 2.0"]
+
+
 def test_installed_package_passes_the_conformance_kit(installed):
     registry = PluginManager().registry
     check_component("attention", "talking_heads", registry=registry)
@@ -79,13 +101,11 @@ def test_installed_package_passes_the_conformance_kit(installed):
 
 @pytest.fixture
 def builtins_only(monkeypatch):
-    """A fresh process-wide plugin manager that ignores installed packages (the example may be pip-installed here)."""
-    from toolkit import plugin_manager
-
+    """Registries that ignore installed packages (the example may be pip-installed here)."""
     monkeypatch.setattr(PluginManager, "load_entry_points", lambda self, group=None: None)
-    plugin_manager.reset()
-    yield plugin_manager.get_plugin_manager()
-    plugin_manager.reset()
+    plugin_manager.forget_loaded()
+    yield
+    plugin_manager.forget_loaded()
 
 
 def test_the_same_module_loads_as_a_plugin_file_named_by_a_recipe(tmp_path, builtins_only):
@@ -98,9 +118,9 @@ def test_the_same_module_loads_as_a_plugin_file_named_by_a_recipe(tmp_path, buil
         'vocab_size = 50\n[model.attention]\nkind = "talking_heads"\n'
     )
     recipe = load_recipe(tmp_path / "recipe.toml")
-    comp = builtins_only.registry.get("attention", "talking_heads")
+    comp = registry_of(recipe).get("attention", "talking_heads")
     assert comp.source.plugin == str(tmp_path / "talking_heads.py")
-    model = Transformer(recipe.model)
+    model = Transformer(recipe.model, registry_of(recipe))
     assert model.transformer.h[0].attn.mix_logits.shape == (2, 2)
 
 
@@ -133,4 +153,13 @@ def test_contributing_walkthrough_plugin_loads_from_its_recipe_and_conforms(tmp_
     said = "$.model.attention.init_temprature: not an option of attention 'tempered'; did you mean 'init_temperature'?"
     assert err.value.lines == [f"{tmp_path / 'typo.toml'}: {said}"]
     assert said in (Path(__file__).resolve().parents[1] / "CONTRIBUTING.md").read_text()  # the guide shows the real message
-    check_component("attention", "tempered", {"init_temperature": 0.5}, registry=builtins_only.registry)
+    check_component("attention", "tempered", {"init_temperature": 0.5}, registry=registry_of(loaded))
+
+
+@pytest.mark.slow
+def test_the_example_packages_own_tests_pass_once_it_is_installed(site, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(site), "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(EXAMPLE / "tests")],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and "failed" not in proc.stdout

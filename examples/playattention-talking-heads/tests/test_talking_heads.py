@@ -53,3 +53,12 @@ def test_unknown_mix_is_a_clear_error():
         structure(registry, {"attention": {"kind": "talking_heads", "mix": "sideways"}}, ModelConfig, "$.model")
     assert err.value.lines[0].startswith("$.model.attention.mix:")
     assert "sideways" in err.value.lines[0]
+
+
+def test_inverse_sqrt_schedule_warms_up_then_decays_with_the_square_root_of_the_step():
+    from toolkit.families import SPEC_TYPES
+    from toolkit.recipe import TrainConfig
+
+    schedule = PluginManager().registry.build(SPEC_TYPES["schedule"]("inverse_sqrt"), TrainConfig(lr=1.0, warmup_steps=4))
+    assert [schedule(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]  # linear warmup to train.lr
+    assert schedule(15) == 0.5 and schedule(63) == 0.25  # lr * sqrt(4 / 16), lr * sqrt(4 / 64)

@@ -1,4 +1,5 @@
-"""Talking-heads attention (Shazeer et al. 2020, arXiv:2003.02436) as a playattention plugin."""
+"""Talking-heads attention (Shazeer et al. 2020, arXiv:2003.02436) as a playattention plugin,
+and the original Transformer's inverse-square-root learning-rate schedule beside it."""
 from __future__ import annotations
 
 import math
@@ -69,6 +70,33 @@ class TalkingHeadsAttention(nn.Module):
         return proj + 4 * seq_len * self.n_head * self.head_dim + mixes * 2 * self.n_head * self.n_head * seq_len
 
 
+# -- the original Transformer's learning-rate schedule (Vaswani et al. 2017, section 5.3) ---------
+# lrate = d_model^-0.5 * min(step^-0.5, step * warmup^-1.5): linear warmup, then decay with the inverse
+# square root of the step; scaled so the peak, at the end of warmup, is the recipe's train.lr.
+@attrs.frozen
+class InverseSqrtOptions:
+    # the decay never goes below this fraction of train.lr (0: decay for ever, as in the paper)
+    floor: float = attrs.field(default=0.0, validator=[v.ge(0.0), v.le(1.0)])
+
+
+class InverseSqrt:
+    """Linear warmup, then lr * sqrt(warmup / step) (Vaswani et al. 2017, section 5.3)."""
+
+    Options = InverseSqrtOptions
+
+    def __init__(self, opts: InverseSqrtOptions, train):
+        self.lr, self.warmup, self.floor = train.lr, max(1, train.warmup_steps), opts.floor
+
+    def __call__(self, step: int) -> float:
+        n = step + 1  # the paper counts steps from 1
+        return self.lr * min(n / self.warmup, max(self.floor, math.sqrt(self.warmup / n)))
+
+
 @hookimpl
 def register_components(register):
     register("attention", "talking_heads", TalkingHeadsAttention)
+
+
+@hookimpl
+def register_schedules(register):
+    register("inverse_sqrt", InverseSqrt)
