@@ -2,8 +2,10 @@
 import csv
 import json
 import math
+import statistics
 
 import pytest
+from scipy import stats
 
 from toolkit import report
 from toolkit.report import RunResult, VariantInfo
@@ -133,3 +135,132 @@ def test_plots_are_skipped_without_finished_runs(tmp_path):
 def test_si_and_sizes_are_short():
     assert report.si(1234567) == "1.23M" and report.si(809856) == "810K" and report.si(950) == "950"
     assert report.si(None) == "–"
+
+
+# -- the difference from the baseline: Welch interval, verdicts, seeds to resolve ---------------
+KNOWN = {"base": [2.0, 2.1, 2.2], "better": [1.80, 1.85], "worse": [2.40, 2.50], "wide": [2.0, 2.4], "lonely": [1.5]}
+
+
+def known_runs(values=KNOWN):
+    """Finished runs with the given final val losses per variant (no folders: summarize needs none)."""
+    variants = [VariantInfo(name) for name in values]
+    runs = [RunResult(name, seed, f"{name}-s{seed}", "finished", summary={"final_val_loss": x})
+            for name, xs in values.items() for seed, x in enumerate(xs, 1)]
+    return variants, runs
+
+
+def welch_by_hand(a, b):
+    """diff, half-width and df of the 95% Welch interval of mean(a) - mean(b), written out."""
+    na, nb = len(a), len(b)
+    ma, mb = sum(a) / na, sum(b) / nb
+    va = sum((x - ma) ** 2 for x in a) / (na - 1) / na  # squared standard error of each mean
+    vb = sum((x - mb) ** 2 for x in b) / (nb - 1) / nb
+    df = (va + vb) ** 2 / (va ** 2 / (na - 1) + vb ** 2 / (nb - 1))
+    return ma - mb, stats.t.ppf(0.975, df) * math.sqrt(va + vb), df
+
+
+def test_welch_interval_of_the_difference_matches_a_hand_computation_not_a_pooled_one():
+    variants, runs = known_runs()
+    rows = {r["variant"]: r for r in report.summarize(variants, runs, baseline="base")}
+    better = rows["better"]
+    diff, half, df = welch_by_hand(KNOWN["better"], KNOWN["base"])
+    assert df == pytest.approx(2.6350365, rel=1e-6)  # between min(n) - 1 = 1 and n_a + n_b - 2 = 3
+    assert better["welch_df"] == pytest.approx(df, rel=1e-9)
+    assert better["delta_final_val_loss"] == pytest.approx(diff) == pytest.approx(-0.275)
+    assert (better["ci_low"], better["ci_high"]) == (pytest.approx(diff - half, rel=1e-9),
+                                                     pytest.approx(diff + half, rel=1e-9))
+    # scipy's own Welch test agrees
+    ci = stats.ttest_ind(KNOWN["better"], KNOWN["base"], equal_var=False).confidence_interval(0.95)
+    assert (better["ci_low"], better["ci_high"]) == (pytest.approx(ci.low), pytest.approx(ci.high))
+    # Student's pooled interval (or Welch's error with the pooled df) would be wider here: the test tells them apart
+    na, nb = 2, 3
+    pooled_var = (statistics.variance(KNOWN["better"]) * (na - 1) + statistics.variance(KNOWN["base"]) * (nb - 1)) / (na + nb - 2)
+    pooled_half = stats.t.ppf(0.975, na + nb - 2) * math.sqrt(pooled_var * (1 / na + 1 / nb))
+    wrong_df_half = stats.t.ppf(0.975, na + nb - 2) / stats.t.ppf(0.975, df) * half
+    assert abs(pooled_half - half) > 0.02 and abs(wrong_df_half - half) > 0.01
+
+
+def test_verdicts_say_ahead_behind_within_noise_and_baseline():
+    variants, runs = known_runs()
+    rows = {r["variant"]: r for r in report.summarize(variants, runs, baseline="base")}
+    assert rows["base"]["verdict"] == "baseline" and rows["base"]["ci_low"] is None
+    assert rows["better"]["verdict"] == "ahead" and rows["better"]["ci_high"] < 0
+    assert rows["worse"]["verdict"] == "behind" and rows["worse"]["ci_low"] > 0
+    wide = rows["wide"]
+    assert wide["verdict"] == "within noise" and wide["ci_low"] < 0 < wide["ci_high"]
+    assert rows["better"]["seeds_to_resolve"] is None and rows["worse"]["seeds_to_resolve"] is None
+    # the ranking is still by mean final val loss, whatever the verdicts
+    assert [r["variant"] for r in report._ordered(list(rows.values()))] == ["lonely", "better", "base", "wide", "worse"]
+
+
+def test_one_seed_on_either_side_gives_no_interval():
+    variants, runs = known_runs()
+    rows = {r["variant"]: r for r in report.summarize(variants, runs, baseline="base")}
+    lonely = rows["lonely"]
+    assert lonely["verdict"] == "1 seed: no interval"
+    assert lonely["ci_low"] is lonely["ci_high"] is lonely["seeds_to_resolve"] is None
+    assert lonely["delta_final_val_loss"] == pytest.approx(-0.6)  # the delta itself is still there
+    rows = {r["variant"]: r for r in report.summarize(variants, runs, baseline="lonely")}
+    assert {rows[v]["verdict"] for v in ("base", "better", "worse", "wide")} == {"1 seed: no interval"}
+
+
+def test_seeds_to_resolve_is_the_smallest_n_whose_welch_interval_excludes_the_gap():
+    variants, runs = known_runs()
+    wide = {r["variant"]: r for r in report.summarize(variants, runs, baseline="base")}["wide"]
+    gap = abs(statistics.fmean(KNOWN["wide"]) - statistics.fmean(KNOWN["base"]))  # 0.1
+    sa, sb = statistics.stdev(KNOWN["wide"]), statistics.stdev(KNOWN["base"])
+
+    def first_n(df_of_n):
+        return next(n for n in range(2, 1001)
+                    if stats.t.ppf(0.975, df_of_n(n)) * math.sqrt((sa ** 2 + sb ** 2) / n) < gap)
+
+    welch = first_n(lambda n: (n - 1) * (sa ** 2 + sb ** 2) ** 2 / (sa ** 4 + sb ** 4))
+    assert wide["seeds_to_resolve"] == welch == 37
+    # a pooled df (2n - 2), the smaller sample's df (n - 1) or a normal quantile would each give another n
+    assert {first_n(lambda n: 2 * n - 2), first_n(lambda n: n - 1), first_n(lambda n: 1e9)} == {36, 38, 35}
+    # and at 37 seeds each, with the same means and spreads, Welch's interval excludes 0; at 36 it does not
+    for n, excludes in ((37, True), (36, False)):
+        va, vb = sa ** 2 / n, sb ** 2 / n
+        df = (va + vb) ** 2 / (va ** 2 / (n - 1) + vb ** 2 / (n - 1))
+        assert bool(stats.t.ppf(0.975, df) * math.sqrt(va + vb) < gap) is excludes
+
+
+def test_seeds_to_resolve_is_none_without_a_gap_or_beyond_the_cap():
+    assert report.seeds_to_resolve(0.0, 0.1, 0.1) is None
+    assert report.seeds_to_resolve(0.001, 0.1, 0.1) is None  # would need about 80,000 seeds
+    assert report.seeds_to_resolve(0.001, 0.1, 0.1, cap=100_000) == pytest.approx(76_830, abs=30)
+    variants, runs = known_runs({"base": [2.0, 2.2], "same": [2.2, 2.0]})
+    same = report.summarize(variants, runs, baseline="base")[1]
+    assert same["verdict"] == "within noise" and same["seeds_to_resolve"] is None
+
+
+def test_report_and_csv_show_interval_verdict_and_seeds_columns(tmp_path):
+    variants, runs = known_runs()
+    report.write_report(tmp_path, variants, runs, baseline="base", title="known")
+    md = (tmp_path / "report.md").read_text()
+    head, *table = [ln for ln in md.splitlines() if ln.startswith("| ")]
+    assert "| Δ final vs baseline | 95% CI of Δ | verdict | seeds to resolve | tokens/s |" in head
+    rows = {ln.split(" | ")[1].split(" ")[0].strip("*"): ln for ln in table}
+    assert "| -0.2750 | [-0.4919, -0.0581] | ahead | – |" in rows["better"]
+    assert "| +0.1000 |" in rows["wide"] and "| within noise | ≥ 37 seeds |" in rows["wide"]
+    assert "| 0 | – | baseline | – |" in rows["base"]
+    assert "| 1 seed: no interval | – |" in rows["lonely"]
+    assert "Welch's t interval" in md and "Welch–Satterthwaite" in md
+    with open(tmp_path / "results.csv") as f:
+        csv_rows = {r["variant"]: r for r in csv.DictReader(f)}
+    wide = csv_rows["wide"]
+    assert wide["verdict"] == "within noise" and wide["seeds_to_resolve"] == "37"
+    assert float(wide["delta_final_val_loss"]) == pytest.approx(0.1)
+    diff, half, _ = welch_by_hand(KNOWN["wide"], KNOWN["base"])
+    assert float(wide["ci_low"]) == pytest.approx(diff - half) and float(wide["ci_high"]) == pytest.approx(diff + half)
+    assert csv_rows["lonely"]["ci_low"] == "" and csv_rows["lonely"]["verdict"] == "1 seed: no interval"
+    assert list(csv_rows) == ["lonely", "better", "base", "wide", "worse"]  # still ranked best first
+
+
+def test_seeds_that_agree_exactly_give_a_point_interval():
+    variants, runs = known_runs({"base": [2.1, 2.1], "same": [2.1, 2.1], "better": [2.0, 2.0]})
+    base, same, better = report.summarize(variants, runs, baseline="base")
+    assert better["verdict"] == "ahead" and better["ci_low"] == better["ci_high"] == pytest.approx(-0.1)
+    assert better["welch_df"] is None
+    assert same["verdict"] == "within noise" and same["ci_low"] == same["ci_high"] == 0.0
+    assert same["seeds_to_resolve"] is None

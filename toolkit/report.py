@@ -10,7 +10,9 @@ baseline, parameters and FLOPs per token, and why a run failed). Output, in the 
 - ``tradeoff.png``: final validation loss against FLOPs per token (or parameters when FLOPs are equal).
 
 Statistics over seeds are the mean and the sample standard deviation (n - 1); a variant counts as
-finished when at least one of its seeds finished, and failed seeds are named in the report.
+finished when at least one of its seeds finished, and failed seeds are named in the report. Each
+variant's difference from the baseline gets a 95% Welch t interval (unequal variances), a verdict
+(ahead, behind, within noise) and, when within noise, the seeds per variant that would resolve it.
 """
 from __future__ import annotations
 
@@ -22,8 +24,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import attrs
+import numpy as np
 
 STATUS_ORDER = ("finished", "partial", "running", "pending", "interrupted", "failed")
+CONFIDENCE = 0.95
+MAX_SEEDS = 1000  # seeds_to_resolve looks no further: a gap that needs more is not one to chase with seeds
 
 
 @attrs.frozen
@@ -98,10 +103,76 @@ def _mean(values) -> float | None:
     return _mean_std(list(values))[0]
 
 
+# -- the difference from the baseline ------------------------------------------------------------
+@attrs.frozen
+class Comparison:
+    """A variant's mean final val loss against the baseline's: Welch interval, verdict, seeds to resolve."""
+
+    diff: float  # mean_variant - mean_baseline (negative: the variant is ahead)
+    verdict: str  # ahead | behind | within noise | 1 seed: no interval
+    ci_low: float | None = None
+    ci_high: float | None = None
+    df: float | None = None  # Welch-Satterthwaite degrees of freedom; None for zero spread or no interval
+    seeds_to_resolve: int | None = None  # only for "within noise"; None when no n up to MAX_SEEDS does it
+
+
+def _t_quantile(df):
+    """Two-sided CONFIDENCE quantile of Student's t at ``df`` (a float or an array)."""
+    from scipy import stats  # imported here: scipy is slow to import and only reports need it
+
+    return stats.t.ppf(0.5 + CONFIDENCE / 2, df)
+
+
+def welch_df(var_a: float, n_a: int, var_b: float, n_b: int) -> float | None:
+    """Welch-Satterthwaite degrees of freedom of mean_a - mean_b; None when both spreads are 0."""
+    a, b = var_a / n_a, var_b / n_b
+    denom = a * a / (n_a - 1) + b * b / (n_b - 1)
+    return (a + b) ** 2 / denom if denom > 0 else None
+
+
+def seeds_to_resolve(gap: float, std_a: float, std_b: float, cap: int = MAX_SEEDS) -> int | None:
+    """Smallest n (seeds per variant, both sides) for which the Welch interval of a ``gap`` at the
+    observed spreads excludes 0: t(df(n)) * sqrt((s_a^2 + s_b^2) / n) < |gap|; None if gap is 0 or n > cap."""
+    gap = abs(gap)
+    va, vb = std_a ** 2, std_b ** 2
+    if gap == 0:
+        return None
+    if va + vb == 0:
+        return 2  # no spread at all: any two seeds each show the gap
+    n = np.arange(2, cap + 1)
+    # with n seeds on both sides Welch's df is (n - 1) (va + vb)^2 / (va^2 + vb^2), between n - 1 and 2n - 2
+    df = (n - 1) * (va + vb) ** 2 / (va ** 2 + vb ** 2)
+    ok = np.nonzero(_t_quantile(df) * np.sqrt((va + vb) / n) < gap)[0]
+    return int(n[ok[0]]) if len(ok) else None
+
+
+def compare(values: Sequence[float], base_values: Sequence[float]) -> Comparison:
+    """Welch's t interval (Welch 1947) of mean(values) - mean(base_values), and what it says.
+
+    Welch rather than Student's pooled t because a variant need not share the baseline's spread (in
+    docs/ablations.md geglu's final losses scatter five times wider over seeds than gelu's)."""
+    n_a, n_b = len(values), len(base_values)
+    diff = statistics.fmean(values) - statistics.fmean(base_values)
+    if n_a < 2 or n_b < 2:
+        return Comparison(diff, "1 seed: no interval")
+    s_a, s_b = statistics.stdev(values), statistics.stdev(base_values)
+    se = math.sqrt(s_a ** 2 / n_a + s_b ** 2 / n_b)
+    df = welch_df(s_a ** 2, n_a, s_b ** 2, n_b)
+    half = 0.0 if df is None else float(_t_quantile(df)) * se  # no spread: the interval is the point
+    lo, hi = diff - half, diff + half
+    if hi < 0:
+        return Comparison(diff, "ahead", lo, hi, df)
+    if lo > 0:
+        return Comparison(diff, "behind", lo, hi, df)
+    return Comparison(diff, "within noise", lo, hi, df, seeds_to_resolve(diff, s_a, s_b))
+
+
 def summarize(variants: Sequence[VariantInfo], runs: Sequence[RunResult], baseline: str | None) -> list[dict]:
     """One row per variant (in the order given): losses as mean and std over its finished seeds,
-    delta of the mean final val loss against the baseline's, and rank by mean final val loss (1 = best)."""
+    delta of the mean final val loss against the baseline's with its Welch interval, verdict and seeds
+    to resolve, and rank by mean final val loss (1 = best)."""
     rows = []
+    finals: dict[str, list[float]] = {}  # each variant's final val losses over its finished seeds
     for v in variants:
         mine = [r for r in runs if r.variant == v.name]
         done = [r for r in mine if r.status == "finished"]
@@ -114,7 +185,8 @@ def summarize(variants: Sequence[VariantInfo], runs: Sequence[RunResult], baseli
             status = "failed"
         else:
             status = next((s for s in STATUS_ORDER if any(r.status == s for r in mine)), "pending")
-        final_m, final_s = _mean_std([r.summary.get("final_val_loss") for r in done])
+        finals[v.name] = [x for x in (r.summary.get("final_val_loss") for r in done) if _is_number(x)]
+        final_m, final_s = _mean_std(finals[v.name])
         best_m, best_s = _mean_std([r.summary.get("best_val_loss") for r in done])
         errors = [f"seed {r.seed}: {r.error or 'no error recorded'}" for r in mine if r.status == "failed"]
         rows.append(dict(
@@ -131,6 +203,11 @@ def summarize(variants: Sequence[VariantInfo], runs: Sequence[RunResult], baseli
             best_val_loss=best_m,
             best_val_loss_std=best_s,
             delta_final_val_loss=None,
+            ci_low=None,
+            ci_high=None,
+            welch_df=None,
+            verdict=None,
+            seeds_to_resolve=None,
             final_train_loss=_mean(r.summary.get("final_train_loss") for r in done),
             tokens=_mean(r.summary.get("tokens") for r in done),
             tokens_per_s=_mean(r.summary.get("tokens_per_s") for r in done),
@@ -142,8 +219,15 @@ def summarize(variants: Sequence[VariantInfo], runs: Sequence[RunResult], baseli
     base = next((r for r in rows if r["baseline"]), None)
     if base is not None and base["final_val_loss"] is not None:
         for r in rows:
-            if r["final_val_loss"] is not None:
-                r["delta_final_val_loss"] = r["final_val_loss"] - base["final_val_loss"]
+            if r["final_val_loss"] is None:
+                continue
+            r["delta_final_val_loss"] = r["final_val_loss"] - base["final_val_loss"]
+            if r is base:
+                r["verdict"] = "baseline"
+                continue
+            c = compare(finals[r["variant"]], finals[base["variant"]])
+            r.update(ci_low=c.ci_low, ci_high=c.ci_high, welch_df=c.df, verdict=c.verdict,
+                     seeds_to_resolve=c.seeds_to_resolve)
     ranked = sorted((r for r in rows if r["final_val_loss"] is not None), key=lambda r: r["final_val_loss"])
     for i, r in enumerate(ranked, 1):
         r["rank"] = i
@@ -188,6 +272,18 @@ def _loss(mean: float | None, std: float | None) -> str:
     return f"{mean:.4f} ± {std:.4f}" if std is not None else f"{mean:.4f}"
 
 
+def _interval(lo: float | None, hi: float | None) -> str:
+    return "–" if lo is None or hi is None else f"[{lo:+.4f}, {hi:+.4f}]"
+
+
+def _seeds(row: dict) -> str:
+    """'≥ N seeds' for a within-noise row, '—' when no sane number resolves it, '–' otherwise."""
+    if row["verdict"] != "within noise":
+        return "–"
+    n = row["seeds_to_resolve"]
+    return "—" if n is None else f"≥ {n} seeds"
+
+
 def _md(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
@@ -208,8 +304,8 @@ def render_markdown(rows: list[dict], runs: Sequence[RunResult], *, title: str, 
         lines.append("")
     lines += [
         "| rank | variant | differs from baseline | params | FLOPs/token | final val loss | best val loss "
-        "| Δ final vs baseline | tokens/s | peak mem | wall |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| Δ final vs baseline | 95% CI of Δ | verdict | seeds to resolve | tokens/s | peak mem | wall |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
     for r in _ordered(rows):
         name = f"**{r['variant']}** (baseline)" if r["baseline"] else r["variant"]
@@ -222,13 +318,21 @@ def render_markdown(rows: list[dict], runs: Sequence[RunResult], *, title: str, 
         lines.append("| " + " | ".join([
             str(r["rank"] or "–"), _md(name), _md(diff), si(r["params"]), si(r["flops_per_token"]),
             _loss(r["final_val_loss"], r["final_val_loss_std"]), _loss(r["best_val_loss"], r["best_val_loss_std"]),
-            delta or "–", si(r["tokens_per_s"]), _bytes(r["peak_mem_bytes"]), _duration(r["wall_s"]),
+            delta or "–", _interval(r["ci_low"], r["ci_high"]), r["verdict"] or "–", _seeds(r),
+            si(r["tokens_per_s"]), _bytes(r["peak_mem_bytes"]), _duration(r["wall_s"]),
         ]) + " |")
     lines.append("")
     seeds_note = f"mean ± std over {n_seeds} seeds (sample std)" if n_seeds > 1 else "from one seed"
     lines.append(f"Losses are {seeds_note}; rank and Δ use the mean final val loss (lower is better). "
                  "Parameters count every weight once (tied embeddings once); FLOPs/token are forward FLOPs "
                  "at the full context.")
+    if any(r["ci_low"] is not None for r in rows):
+        lines.append("")
+        lines.append(f"95% CI of Δ: Welch's t interval of the difference of mean final val loss over seeds "
+                     "(unequal variances, Welch–Satterthwaite degrees of freedom). A variant is *ahead* when the "
+                     "whole interval is below 0, *behind* when it is above 0, and *within noise* when it contains 0; "
+                     "for those, *seeds to resolve* is the fewest seeds per variant (baseline too) at which the same "
+                     f"gap at the same spread would exclude 0 (—: no gap, or more than {MAX_SEEDS} seeds).")
     failed = [r for r in runs if r.status in ("failed", "interrupted")]
     if failed:
         lines += ["", "## Runs that did not finish", ""]
@@ -245,7 +349,8 @@ def render_markdown(rows: list[dict], runs: Sequence[RunResult], *, title: str, 
 
 CSV_FIELDS = ["rank", "variant", "baseline", "status", "seeds_finished", "seeds_total", "diff", "params",
               "flops_per_token", "final_val_loss", "final_val_loss_std", "best_val_loss", "best_val_loss_std",
-              "delta_final_val_loss", "final_train_loss", "tokens", "tokens_per_s", "peak_mem_bytes", "wall_s", "error"]
+              "delta_final_val_loss", "ci_low", "ci_high", "welch_df", "verdict", "seeds_to_resolve",
+              "final_train_loss", "tokens", "tokens_per_s", "peak_mem_bytes", "wall_s", "error"]
 RUN_FIELDS = ["variant", "seed", "status", "run_dir", "steps", "tokens", "final_train_loss", "final_val_loss",
               "best_val_loss", "tokens_per_s", "peak_mem_bytes", "wall_s", "error"]
 
