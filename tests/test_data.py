@@ -189,7 +189,7 @@ def test_bad_inputs_are_one_line_errors_naming_the_problem(tmp_path):
     with pytest.raises(DataError, match="dataset 'mine' does not ship with playattention"):
         prepare(DataConfig(dataset="mine", prepared_dir=str(tmp_path / "p")))
     (tmp_path / "x.csv").write_text("a,b")
-    with pytest.raises(DataError, match="expected a .txt or .jsonl file"):
+    with pytest.raises(DataError, match=r"expected a .txt, .jsonl or .parquet file \(or a folder of them, or one saved by datasets\), got .csv"):
         prepare(DataConfig(paths=[str(tmp_path / "x.csv")], prepared_dir=str(tmp_path / "p")))
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"body": "no text"}\n')
     for workers in (1, 2):

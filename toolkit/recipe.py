@@ -53,6 +53,8 @@ class DataConfig:
     # prepared token shards; default data/<dataset>-<tokenizer> under the working directory
     prepared_dir: str | None = None
     val_fraction: float = attrs.field(default=0.1, validator=[v.gt(0.0), v.lt(1.0)])
+    # the column of .parquet files and datasets folders, and the JSONL field, that holds the text
+    text_column: str = "text"
 
 
 @attrs.frozen
