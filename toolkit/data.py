@@ -586,20 +586,21 @@ def _recorded(path: Path) -> set[str] | None:
     return {n for n in names if isinstance(n, str) and _OWN_NAME.fullmatch(n)} | {path.name}
 
 
-def _own_files(out: Path) -> set[str]:
-    """The files in ``out`` that prepare recorded as its own; raises DataError if ``out`` is not a
+def _own_files(out: Path) -> tuple[set[str], set[str]]:
+    """The files in ``out`` prepare recorded as its own, and those an unfinished preparation
+    (progress.json) recorded, whose NAME.tmp is its own too; raises DataError if ``out`` is not a
     new or empty folder or one that prepare wrote."""
     if not out.exists():
-        return set()
+        return set(), set()
     if not out.is_dir():
         raise DataError(f"prepared folder {out} is a file; set data.prepared_dir to a folder")
     if not any(p.name != ".lock" for p in out.iterdir()):
-        return set()
-    owned = set().union(*(_recorded(out / name) or set() for name in STATE_FILES))
-    if not owned:
+        return set(), set()
+    done, writing = (_recorded(out / name) or set() for name in STATE_FILES)
+    if not done | writing:
         raise DataError(f"prepared folder {out} is not empty and was not prepared by playattention (no meta.json or "
                         f"progress.json of its own); set data.prepared_dir to a new or empty folder")
-    return owned
+    return done | writing, writing
 
 
 class _Folder:
@@ -607,14 +608,14 @@ class _Folder:
 
     def __init__(self, out: Path):
         self.out = out
-        self.owned = _own_files(out)
+        self.owned, self.writing = _own_files(out)
         self.state = lambda: {}  # the rest of progress.json (inputs, splits), set by _prepare
 
     def refuse_strays(self) -> None:
         """Refuse a file prepare did not record but would write under its name (or NAME.tmp)."""
         for p in self.out.iterdir():
             name = p.name.removesuffix(".tmp")
-            if _OWN_NAME.fullmatch(name) and name not in self.owned:
+            if _OWN_NAME.fullmatch(name) and name not in (self.writing if p.name.endswith(".tmp") else self.owned):
                 raise DataError(f"{p}: prepare did not write this file but would write one of that name; "
                                 f"move it away or set data.prepared_dir to another folder")
 
@@ -627,11 +628,13 @@ class _Folder:
                 raise DataError(f"{p}: prepare did not write this file but would write one of that name; "
                                 f"move it away or set data.prepared_dir to another folder")
         self.owned.add(name)
+        self.writing.add(name)
         self.save()
 
     def save(self) -> None:
         """Write progress.json: the state and every file prepare may have written."""
         self.owned.add("progress.json")
+        self.writing.add("progress.json")
         _write_json(self.out / "progress.json", {**self.state(), "files": sorted(self.owned)})
 
     def finish(self, meta: dict) -> None:
@@ -645,8 +648,9 @@ class _Folder:
         """Remove the files prepare recorded (and their temporaries), the state files last."""
         for name in sorted(self.owned, key=lambda n: n in STATE_FILES):
             (self.out / name).unlink(missing_ok=True)
-            (self.out / (name + ".tmp")).unlink(missing_ok=True)
-        self.owned = set()
+            if name in self.writing:
+                (self.out / (name + ".tmp")).unlink(missing_ok=True)
+        self.owned, self.writing = set(), set()
 
 
 # ----------------------------------------------------------------------------- prepare
@@ -667,10 +671,11 @@ def prepare(data, *, progress: bool = True, workers: int | None = None, shard_si
     _refuse_target(out)
     sources = resolve_sources(data)
     inputs = _fingerprint(data, sources, shard_size)
-    _own_files(out)  # refuse someone else's folder before creating anything in it
+    _own_files(out)  # refuse someone else's folder before anything is created in it
     out.mkdir(parents=True, exist_ok=True)
     with _locked(out):
         folder = _Folder(out)  # again under the lock: another rank may have prepared it meanwhile
+        why = None
         if "meta.json" in folder.owned and (out / "meta.json").exists():
             meta = _read_json(out / "meta.json")
             why = (_what_changed(meta.get("inputs", {}), inputs) if isinstance(meta, dict)
@@ -683,6 +688,8 @@ def prepare(data, *, progress: bool = True, workers: int | None = None, shard_si
             if why is None:
                 say(f"{out}: already prepared ({_summary(meta)})")
                 return out
+        folder.refuse_strays()  # before anything is removed
+        if why is not None:
             say(f"{out}: {why}; preparing again")
             folder.clear()
         state = _read_json(out / "progress.json") if "progress.json" in folder.owned else None
@@ -699,7 +706,6 @@ def prepare(data, *, progress: bool = True, workers: int | None = None, shard_si
         else:
             done = sum(len(state["splits"][s]["shards"]) for s in SPLITS)
             say(f"{out}: resuming an interrupted preparation ({done} shards already written)")
-        folder.refuse_strays()
         if workers is None:
             total = sum(s["size"] for s in inputs["sources"])
             workers = (os.cpu_count() or 1) if total > SMALL_INPUT_BYTES else 1
