@@ -1,6 +1,7 @@
 """prepare (text -> uint16 token shards) and TokenLoader (per-rank batches, exact resume)."""
 import json
 import os
+import shutil
 
 import attrs
 import numpy as np
@@ -196,13 +197,186 @@ def test_bad_inputs_are_one_line_errors_naming_the_problem(tmp_path):
     with pytest.raises(DataError, match="data.paths is empty and unknown dataset 'mine'.*registered: tinyshakespeare"):
         prepare(DataConfig(dataset="mine", prepared_dir=str(tmp_path / "p")))
     (tmp_path / "x.csv").write_text("a,b")
-    with pytest.raises(DataError, match="expected a .txt or .jsonl file"):
+    with pytest.raises(DataError, match=r"expected a .txt, .jsonl or .parquet file \(or a folder of them, or one saved by datasets\), got .csv"):
         prepare(DataConfig(paths=[str(tmp_path / "x.csv")], prepared_dir=str(tmp_path / "p")))
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"body": "no text"}\n')
     for workers in (1, 2):
         with pytest.raises(DataError, match=r"bad.jsonl:2: expected a JSON object with a \"text\" string"):
             prepare(DataConfig(tokenizer="gpt2", paths=[str(tmp_path / "bad.jsonl")],
                                prepared_dir=str(tmp_path / "p")), progress=False, workers=workers)
+
+
+# ----------------------------------------------------------------------------- users' files
+
+
+def foreign_files(folder):
+    """Files a user keeps in ``folder``, some named as prepare once matched them (*.tmp, train_*.bin)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {
+        "tokenizer.json": b'{"mine": "a tokenizer of my own"}\n',
+        "meta.json": b'{"format": 1, "note": "my own meta"}\n',
+        "notes.tmp": b"half-written notes\n",
+        "train_final.bin": bytes(range(256)),
+        "train_000000.bin": b"\x00\x01" * 50,
+        "progress.json": b"[]\n",
+    }
+    for name, content in files.items():
+        (folder / name).write_bytes(content)
+    return files
+
+
+def contents(folder):
+    """Every file under ``folder`` (names relative to it) with its bytes."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def small_web(tmp_path, n=40, seed=0):
+    return write_jsonl(tmp_path / f"web{seed}.jsonl", documents(n, seed=seed))
+
+
+def test_a_folder_that_prepare_did_not_write_is_refused_and_left_byte_for_byte(tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "mine"
+    foreign_files(folder)
+    before = contents(folder)
+    data = DataConfig(dataset="w", tokenizer="gpt2", paths=[str(small_web(tmp_path))], prepared_dir=str(folder))
+    with pytest.raises(DataError) as exc:
+        prepare(data, progress=False)
+    assert str(exc.value) == (f"prepared folder {folder} is not empty and was not prepared by playattention (no "
+                              "meta.json or progress.json of its own); set data.prepared_dir to a new or empty folder")
+    assert contents(folder) == before and not (folder / ".lock").exists()
+    # one file of someone else's is enough; the CLI says it in one line with exit status 2
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "README").write_text("keep me")
+    assert main(["prepare", "--input", "web0.jsonl", "--out", "other", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: prepared folder other is not empty and was not prepared")
+    assert contents(tmp_path / "other") == {"README": b"keep me"}
+
+
+@pytest.mark.parametrize("target, what", [
+    ("/", "a filesystem root"),
+    ("home", "your home folder"),
+    ("work", "the working directory"),
+    ("work/..", "a folder that holds the working directory"),
+])
+def test_a_root_home_or_working_directory_is_refused_as_prepared_folder(tmp_path, monkeypatch, capsys, target, what):
+    (tmp_path / "home").mkdir()  # empty: refused for what it is, not for what it holds
+    (tmp_path / "work").mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path / "work")
+    web = small_web(tmp_path)
+    given = target if target == "/" else str(tmp_path / target)
+
+    def went_past_the_check(data):  # so that a broken check fails here instead of writing into "/"
+        raise AssertionError("prepare went past the check of its folder")
+
+    monkeypatch.setattr(D, "resolve_sources", went_past_the_check)
+    before = {p: os.listdir(p) for p in ("/", tmp_path, tmp_path / "home", tmp_path / "work")}
+    with pytest.raises(DataError) as exc:
+        prepare(DataConfig(dataset="w", tokenizer="gpt2", paths=[str(web)], prepared_dir=given), progress=False)
+    assert str(exc.value) == (f"prepared folder {given} is {what}; set data.prepared_dir to a folder of its own "
+                              "(e.g. data/NAME)")
+    assert {p: os.listdir(p) for p in before} == before
+    # the trainer prepares through the same function; the CLI refuses with exit status 2
+    assert main(["prepare", "--input", str(web), "--out", given, "--quiet"]) == 2
+    assert capsys.readouterr().err == f"error: {exc.value}\n"
+    assert {p: os.listdir(p) for p in before} == before
+
+
+def test_preparing_again_removes_only_prepares_own_files(tmp_path):
+    folder = tmp_path / "p"
+    data = DataConfig(dataset="w", tokenizer="gpt2", paths=[str(small_web(tmp_path, 40))], prepared_dir=str(folder))
+    prepare(data, progress=False, shard_size=300)
+    assert read_meta(folder)["files"] == sorted(p.name for p in folder.iterdir() if p.name != ".lock")
+    # files a user puts beside the shards, named as the old clean-up globs matched them
+    mine = {"notes.tmp": b"notes", "train_final.bin": b"\x07" * 9, "val_.bin": b"v", "README.md": b"# mine",
+            "tokenizer.json.bak": b"old"}
+    for name, content in mine.items():
+        (folder / name).write_bytes(content)
+    (folder / "sub").mkdir()
+    (folder / "sub" / "train_000000.bin").write_bytes(b"nested")
+    for new_data, kw in (
+        (attrs.evolve(data, paths=[str(small_web(tmp_path, 20, seed=1))]), {"shard_size": 300}),  # other inputs
+        (data, {"shard_size": 200}),  # other shard size, more shards
+        (attrs.evolve(data, tokenizer="char"), {}),  # another tokenizer
+    ):
+        prepare(new_data, progress=False, **kw)
+        assert {n: (folder / n).read_bytes() for n in mine} == mine
+        assert (folder / "sub" / "train_000000.bin").read_bytes() == b"nested"
+        ours = {p.name for p in folder.iterdir()} - set(mine) - {"sub", ".lock"}
+        assert ours == set(read_meta(folder)["files"])  # nothing stale of its own is left either
+
+
+def test_a_file_of_someone_elses_under_a_name_prepare_would_write_is_refused(tmp_path):
+    folder = tmp_path / "p"
+    data = DataConfig(dataset="w", tokenizer="gpt2", paths=[str(small_web(tmp_path, 40))], prepared_dir=str(folder))
+    prepare(data, progress=False, shard_size=100_000)
+    assert [p.name for p in sorted(folder.glob("*.bin"))] == ["train_000000.bin", "val_000000.bin"]
+    for name in ("train_000003.bin", "val_000000.bin.tmp"):
+        (folder / name).write_bytes(b"someone else's " + name.encode())
+        before = contents(folder)
+        with pytest.raises(DataError) as exc:
+            prepare(data, progress=False, shard_size=300)  # would write train_000000..000009
+        assert str(exc.value) == (f"{folder / name}: prepare did not write this file but would write one of that "
+                                  "name; move it away or set data.prepared_dir to another folder")
+        assert contents(folder) == before  # refused before anything was removed
+        (folder / name).unlink()
+    prepare(data, progress=False, shard_size=300)
+    assert len(list(folder.glob("train_*.bin"))) > 3
+
+
+def test_a_state_file_naming_other_files_cannot_make_prepare_remove_them(tmp_path):
+    folder = tmp_path / "p"
+    (tmp_path / "outside.txt").write_text("outside")
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    (folder / "train_000000.bin").write_bytes(b"\x01\x00")
+    # looks like prepare's own meta.json but lists files that are not of prepare's kind
+    (folder / "meta.json").write_text(json.dumps({
+        "format": 1, "inputs": {"format": 1, "tokenizer": "gpt2"}, "splits": {"../outside": {"shards": [1]}},
+        "files": ["notes.txt", "../outside.txt", "/etc/hostname", "train_000000.bin"],
+    }))
+    data = DataConfig(dataset="w", tokenizer="gpt2", paths=[str(small_web(tmp_path))], prepared_dir=str(folder))
+    prepare(data, progress=False)
+    assert (folder / "notes.txt").read_text() == "mine" and (tmp_path / "outside.txt").read_text() == "outside"
+    assert read_meta(folder)["documents"] == 40
+
+
+def test_a_folder_prepared_before_files_were_listed_is_still_prepares_own(tmp_path, capsys):
+    folder = tmp_path / "p"
+    data = DataConfig(dataset="w", tokenizer="gpt2", paths=[str(small_web(tmp_path))], prepared_dir=str(folder))
+    prepare(data, progress=False, shard_size=300)
+    meta = read_meta(folder)
+    del meta["files"]  # as the previous version wrote it
+    (folder / "meta.json").write_text(json.dumps(meta))
+    (folder / "notes.tmp").write_text("mine")
+    prepare(data, progress=True, shard_size=300)
+    assert "already prepared" in capsys.readouterr().err
+    prepare(attrs.evolve(data, val_fraction=0.2), progress=False, shard_size=300)
+    assert read_meta(folder)["val_fraction"] == 0.2 and (folder / "notes.tmp").read_text() == "mine"
+
+
+def test_prepare_interrupted_between_recording_and_writing_a_file_resumes(tmp_path, monkeypatch):
+    data = DataConfig(dataset="w", tokenizer="gpt2", paths=[str(small_web(tmp_path, 60))],
+                      prepared_dir=str(tmp_path / "p"))
+    reference = shard_bytes(prepare(attrs.evolve(data, prepared_dir=str(tmp_path / "ref")), progress=False,
+                                    shard_size=300))
+    claim = D._Folder.claim
+    for name in ("tokenizer.json", "train_000000.bin", "train_000002.bin", "meta.json"):
+        def crash_once_recorded(self, n, name=name):
+            claim(self, n)
+            if n == name:
+                (self.out / (n + ".tmp")).write_bytes(b"half")  # as if killed while writing it
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(D._Folder, "claim", crash_once_recorded)
+        with pytest.raises(KeyboardInterrupt):
+            prepare(data, progress=False, shard_size=300)
+        monkeypatch.setattr(D._Folder, "claim", claim)
+        prepare(data, progress=False, shard_size=300)
+        assert shard_bytes(tmp_path / "p") == reference and not list((tmp_path / "p").glob("*.tmp")), name
+        shutil.rmtree(tmp_path / "p")
 
 
 # ----------------------------------------------------------------------------- loader

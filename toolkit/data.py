@@ -8,7 +8,13 @@ Prepared layout (``prepared_dir(data)``, default ``data/<dataset>-<tokenizer>``)
     meta.json              format, tokenizer, token/shard counts per split, the inputs' fingerprint
 
 Documents. A ``.txt`` file is one document; a ``.jsonl`` file holds one per line (its ``text``
-field); a folder means every ``.txt``/``.jsonl`` file under it, in sorted order. With ``gpt2``
+field); a ``.parquet`` file (FineWeb-Edu's shards as downloaded) one per row (its ``text``
+column), read a row group at a time; a folder saved by Hugging Face ``datasets``
+(``Dataset.save_to_disk``: ``state.json`` and Arrow stream files) one per row, its files in the
+order ``state.json`` lists them, read a record batch at a time with pyarrow alone (the ``parquet``
+extra); a ``DatasetDict`` folder is refused with its splits named (give one split's folder). Any
+other folder means every ``.txt``/``.jsonl``/``.parquet`` file under it, in sorted order.
+``data.text_column`` names the JSONL field and table column (default ``text``). With ``gpt2``
 every document starts with ``<|endoftext|>`` (50256), as in build-nanogpt's fineweb.py, so the
 model learns where documents begin. ``char`` has no such token: documents are joined with a blank
 line (``"\\n\\n"``), which adds no character a text corpus lacks.
@@ -27,8 +33,15 @@ GPT-2 encodes them exactly); results come back in order, so the shards never dep
 Re-running. Shards are written under a temporary name and renamed when complete; ``progress.json``
 then records where the next shard starts (document, offset), so an interrupted run resumes
 without re-tokenizing the finished part; ``meta.json`` is written last. A finished preparation
-whose inputs (file list, sizes, mtimes, tokenizer, val_fraction, shard size) are unchanged returns
-at once; changed inputs are reported and prepared again.
+whose inputs (file list, sizes, mtimes, tokenizer, text column, val_fraction, shard size) are
+unchanged returns at once; changed inputs are reported and prepared again.
+
+Users' files. ``prepare`` removes or replaces only files it recorded as its own: before it writes a
+file it adds the name to ``progress.json`` (``files``; ``meta.json`` lists them at the end), and
+only names of its own kind (shards, ``tokenizer.json``, ``meta.json``, ``progress.json``) count.
+It writes into a new or empty folder or one it prepared before, refuses any other (and a file
+there with a name it would write) in one line, and refuses a filesystem root, the home folder
+and the working directory (or a folder above them) outright.
 """
 from __future__ import annotations
 
@@ -55,7 +68,9 @@ from .tokenizer import CHAR_DOC_SEPARATOR, Tokenizer
 FORMAT_VERSION = 1
 DEFAULT_SHARD_SIZE = 100_000_000  # tokens per shard (200 MB), as in build-nanogpt
 SPLITS = ("train", "val")
-INPUT_SUFFIXES = (".txt", ".jsonl")
+INPUT_SUFFIXES = (".txt", ".jsonl", ".parquet")
+TABLE_SUFFIXES = (".parquet", ".arrow")  # read with pyarrow; .arrow only from a folder saved by datasets
+PARQUET_EXTRA = "pip install playattention[parquet]"
 MIN_VAL_DOCS = 10  # fewer documents than this would validate: split the token stream instead
 CHUNK_CHARS = 1 << 18  # big documents are tokenized in pieces of about this many characters
 TASK_CHARS = 1 << 20  # one task for a tokenizer process: pieces or documents of about this size
@@ -64,6 +79,10 @@ SMALL_INPUT_BYTES = 8 << 20  # below this, tokenizing in-process beats starting 
 # makes that newline a pre-token of its own either way, so pieces encode exactly like the whole.
 # (Python's \s is a superset of Unicode White_Space, so \S here is never whitespace to tiktoken.)
 _SAFE_BREAK = re.compile(r"\S\n(?=\S)")
+# The only names prepare writes in its folder (each also as NAME.tmp while it is being written):
+# it removes or replaces no other file, and these only once its state files list them.
+_OWN_NAME = re.compile(r"(?:train|val)_\d{6}\.bin|tokenizer\.json|meta\.json|progress\.json")
+STATE_FILES = ("meta.json", "progress.json")
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -77,7 +96,7 @@ def prepared_dir(data) -> Path:
 
 
 def resolve_sources(data, registry: Registry | None = None) -> list[Path]:
-    """The input files of ``data`` in reading order; raises DataError naming a bad path.
+    """The input files of ``data`` in reading order; raises DataError naming a bad path or column.
 
     With no ``paths``, ``dataset`` names a registered dataset (``register_datasets``), whose
     factory gives the files.
@@ -93,20 +112,29 @@ def resolve_sources(data, registry: Registry | None = None) -> list[Path]:
     for i, given in enumerate(data.paths):
         path = Path(given).expanduser()
         where = f"data.paths[{i}]: {given}"
-        if path.is_dir():
+        if path.is_dir() and (path / "dataset_dict.json").is_file():
+            _refuse_dataset_dict(path, where)
+        elif path.is_dir() and (path / "state.json").is_file():
+            found = _saved_dataset_files(path, where)
+        elif path.is_dir():
             found = sorted(
                 (f for f in path.rglob("*") if f.is_file() and f.suffix in INPUT_SUFFIXES and not f.name.startswith(".")),
                 key=lambda f: f.relative_to(path).as_posix(),
             )
             if not found:
-                raise DataError(f"{where}: the folder has no .txt or .jsonl files")
-            files.extend(found)
+                raise DataError(f"{where}: the folder has no .txt, .jsonl or .parquet files "
+                                "and is no folder saved by datasets")
         elif path.is_file():
             if path.suffix not in INPUT_SUFFIXES:
-                raise DataError(f"{where}: expected a .txt or .jsonl file (or a folder of them), got {path.suffix or 'no suffix'}")
-            files.append(path)
+                raise DataError(f"{where}: expected a .txt, .jsonl or .parquet file (or a folder of them, or one "
+                                f"saved by datasets), got {path.suffix or 'no suffix'}")
+            found = [path]
         else:
             raise DataError(f"{where}: no such file or folder")
+        for f in found:
+            if f.suffix in TABLE_SUFFIXES:
+                _check_table(f, data.text_column, where)
+        files.extend(found)
     seen: set[Path] = set()
     unique = []
     for f in files:
@@ -117,6 +145,118 @@ def resolve_sources(data, registry: Registry | None = None) -> list[Path]:
     return unique
 
 
+def _refuse_dataset_dict(path: Path, where: str) -> None:
+    """A DatasetDict folder holds several splits: the user picks one by giving its folder."""
+    splits = (_read_json(path / "dataset_dict.json") or {}).get("splits") or []
+    splits = [s for s in splits if isinstance(s, str)]
+    example = f", e.g. {path / splits[0]}" if splits else ""
+    raise DataError(f"{where}: a datasets DatasetDict with splits {', '.join(splits) or '(none)'}; "
+                    f"give one split's folder in data.paths{example}")
+
+
+def _saved_dataset_files(path: Path, where: str) -> list[Path]:
+    """The Arrow files of a folder written by ``Dataset.save_to_disk``, in the order state.json lists them."""
+    state = _read_json(path / "state.json")
+    entries = state.get("_data_files") if isinstance(state, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise DataError(f"{where}: state.json lists no data files (expected a folder saved by datasets' "
+                        "save_to_disk)")
+    files = []
+    for entry in entries:
+        name = entry.get("filename") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not name.endswith(".arrow"):
+            raise DataError(f"{where}: state.json lists {name!r}, expected an .arrow file name")
+        if not (path / name).is_file():
+            raise DataError(f"{where}: state.json lists {name}, which is missing")
+        files.append(path / name)
+    return files
+
+
+def _pyarrow(where: str):
+    """pyarrow, or a DataError naming the extra that installs it."""
+    try:
+        import pyarrow
+        import pyarrow.ipc  # noqa: F401
+        import pyarrow.parquet
+    except ImportError:
+        raise DataError(f"{where}: reading parquet files and datasets folders needs pyarrow: "
+                        f"{PARQUET_EXTRA}") from None
+    return pyarrow, pyarrow.parquet
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _check_table(path: Path, column: str, where: str) -> None:
+    """Refuse, before anything is written, a table file without a string column ``column``."""
+    pa, pq = _pyarrow(where)
+    try:
+        if path.suffix == ".parquet":
+            schema = pq.read_schema(path)  # the footer only
+        else:
+            with pa.memory_map(str(path)) as source:
+                schema = pa.ipc.open_stream(source).schema  # the first message only
+    except (pa.ArrowException, OSError) as exc:
+        kind = "parquet" if path.suffix == ".parquet" else "Arrow stream"
+        raise DataError(f"{path}: not a readable {kind} file ({_first_line(exc)})") from None
+    if column not in schema.names:
+        raise DataError(f"{path}: no column {column!r} (columns: {', '.join(schema.names)}); "
+                        f"set data.text_column to the one holding the text")
+    kind = schema.field(column).type
+    value = kind.value_type if pa.types.is_dictionary(kind) else kind
+    if not (pa.types.is_string(value) or pa.types.is_large_string(value)
+            or getattr(pa.types, "is_string_view", lambda _: False)(value)):
+        raise DataError(f"{path}: column {column!r} holds {kind}, expected strings; "
+                        f"set data.text_column to the one holding the text")
+
+
+def _table_batches(path: Path, column: str) -> Iterator[tuple[list, int]]:
+    """The ``column`` of a table file as lists of values, a parquet row group or Arrow record batch
+    at a time (never the whole file in memory), each with the file bytes it accounts for."""
+    pa, pq = _pyarrow(str(path))
+    size = path.stat().st_size
+    try:
+        if path.suffix == ".parquet":
+            f = pq.ParquetFile(path)
+            try:
+                rows, done, counted = f.metadata.num_rows, 0, 0
+                for i in range(f.num_row_groups):
+                    values = f.read_row_group(i, columns=[column]).column(0).to_pylist()
+                    done += len(values)
+                    upto = size * done // rows  # the file's bytes shared out by rows
+                    yield values, upto - counted
+                    counted = upto
+            finally:
+                f.close()
+        else:
+            with pa.memory_map(str(path)) as source:
+                reader = pa.ipc.open_stream(source)
+                index = reader.schema.get_field_index(column)
+                counted, held = 0, None
+                for batch in reader:  # one batch behind, so the last one takes the end-of-stream bytes
+                    if held is not None:
+                        yield held
+                    end = source.tell()
+                    held, counted = (batch.column(index).to_pylist(), end - counted), end
+                if held is not None:
+                    yield held[0], held[1] + size - counted
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{path}: cannot be read ({_first_line(exc)})") from None
+
+
+def _rows(path: Path, column: str) -> Iterator[tuple[Path, str, str, int]]:
+    """Every row of a table file as a document (see _raw_documents); a null text is refused."""
+    row, pending = 0, 0
+    for values, nbytes in _table_batches(path, column):
+        pending += nbytes
+        for text in values:
+            if not isinstance(text, str):
+                raise DataError(f"{path}: row {row}: {column!r} is {text!r}, expected a string")
+            yield path, f"{path}: row {row}", text, pending
+            row, pending = row + 1, 0
+
+
 def _fingerprint(data, sources: list[Path], shard_size: int) -> dict:
     out = {
         "format": FORMAT_VERSION,
@@ -125,6 +265,8 @@ def _fingerprint(data, sources: list[Path], shard_size: int) -> dict:
         "shard_size": shard_size,
         "sources": [],
     }
+    if any(f.suffix != ".txt" for f in sources):  # the column picks the documents
+        out["text_column"] = data.text_column
     for f in sources:
         st = f.stat()
         out["sources"].append({"path": str(f.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
@@ -139,9 +281,12 @@ def _tokenizer_key(spec) -> str | dict:
 
 def _what_changed(old: dict, new: dict) -> str | None:
     """Why a preparation with fingerprint ``old`` is stale for ``new``, or None if it is not."""
+    if "text_column" in new and "text_column" not in old:  # prepared before the column was configurable
+        old = {**old, "text_column": "text"}
     if old == new:
         return None
     for key, what in (("format", "the prepared-data format"), ("tokenizer", "the tokenizer"),
+                      ("text_column", "the text column"),
                       ("val_fraction", "val_fraction"), ("shard_size", "the shard size")):
         if old.get(key) != new.get(key):
             return f"{what} changed ({old.get(key)} -> {new.get(key)})"
@@ -160,15 +305,15 @@ def _what_changed(old: dict, new: dict) -> str | None:
     return "the order of the input files changed"
 
 
-def _jsonl_text(raw: bytes, where: str) -> str:
-    """The ``text`` of one JSONL line; ``where`` (file:line) names it in errors."""
+def _jsonl_text(raw: bytes, where: str, column: str = "text") -> str:
+    """The ``column`` field of one JSONL line; ``where`` (file:line) names it in errors."""
     try:
         obj = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{where}: not a JSON line ({exc})") from None
-    text = obj.get("text") if isinstance(obj, dict) else None
+    text = obj.get(column) if isinstance(obj, dict) else None
     if not isinstance(text, str):
-        raise DataError(f'{where}: expected a JSON object with a "text" string')
+        raise DataError(f'{where}: expected a JSON object with a "{column}" string')
     return text
 
 
@@ -180,10 +325,12 @@ def _read_text(path: Path) -> str:
         raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
-def _raw_documents(sources: list[Path]) -> Iterator[tuple[Path, int, bytes | None, int]]:
-    """Every document as (file, line, raw JSONL line or None for a whole .txt file, input bytes).
+def _raw_documents(sources: list[Path], column: str) -> Iterator[tuple[Path, str, bytes | str | None, int]]:
+    """Every document as (file, where, payload, input bytes); ``where`` names it in errors.
 
-    Blank JSONL lines are no documents; their bytes are counted with the next one.
+    The payload is a raw JSONL line (bytes: the encoders parse it), a table row's text (str), or
+    None for a whole .txt file (read when it is needed). Blank JSONL lines are no documents;
+    their bytes are counted with the next one.
     """
     for path in sources:
         if path.suffix == ".jsonl":
@@ -192,22 +339,27 @@ def _raw_documents(sources: list[Path]) -> Iterator[tuple[Path, int, bytes | Non
                 for lineno, raw in enumerate(f, 1):
                     pending += len(raw)
                     if raw.strip():
-                        yield path, lineno, raw, pending
+                        yield path, f"{path}:{lineno}", raw, pending
                         pending = 0
+        elif path.suffix in TABLE_SUFFIXES:
+            yield from _rows(path, column)
         else:
-            yield path, 0, None, path.stat().st_size
+            yield path, str(path), None, path.stat().st_size
 
 
-def _documents(sources: list[Path]) -> Iterator[tuple[str, int]]:
+def _documents(sources: list[Path], column: str) -> Iterator[tuple[str, int]]:
     """Every document's text with the number of input bytes it accounts for."""
-    for path, lineno, raw, nbytes in _raw_documents(sources):
-        yield (_read_text(path) if raw is None else _jsonl_text(raw, f"{path}:{lineno}")), nbytes
+    for path, where, payload, nbytes in _raw_documents(sources, column):
+        if isinstance(payload, bytes):
+            yield _jsonl_text(payload, where, column), nbytes
+        else:
+            yield (_read_text(path) if payload is None else payload), nbytes
 
 
-def _count_documents(sources: list[Path], limit: int) -> int:
+def _count_documents(sources: list[Path], column: str, limit: int) -> int:
     """How many documents the inputs hold, counting no further than ``limit``."""
     n = 0
-    for _ in _raw_documents(sources):
+    for _ in _raw_documents(sources, column):
         n += 1
         if n >= limit:
             break
@@ -246,13 +398,13 @@ class _TaskEncoder:
     task crosses the process boundary as one array, however many small documents it holds.
     """
 
-    def __init__(self, tok: Tokenizer):
-        self.tok = tok
+    def __init__(self, tok: Tokenizer, column: str = "text"):
+        self.tok, self.column = tok, column
 
     def __call__(self, task):
         docs, firsts, lengths, ids, nbytes = [], [], [], [], 0
         for doc, first, where, payload, nb in task:
-            text = payload if isinstance(payload, str) else _jsonl_text(payload, where)
+            text = payload if isinstance(payload, str) else _jsonl_text(payload, where, self.column)
             before = len(ids)
             if first and self.tok.eot is not None:
                 ids.append(self.tok.eot)
@@ -267,9 +419,9 @@ class _TaskEncoder:
 _worker_encoder: _TaskEncoder | None = None
 
 
-def _init_worker(tok_class: type[Tokenizer], tok_dict: dict) -> None:
+def _init_worker(tok_class: type[Tokenizer], tok_dict: dict, column: str) -> None:
     global _worker_encoder
-    _worker_encoder = _TaskEncoder(tok_class.from_dict(tok_dict))
+    _worker_encoder = _TaskEncoder(tok_class.from_dict(tok_dict), column)
 
 
 def _encode_in_worker(task):
@@ -277,15 +429,15 @@ def _encode_in_worker(task):
 
 
 @contextlib.contextmanager
-def _encoded(tok: Tokenizer, tasks, workers: int):
+def _encoded(tok: Tokenizer, column: str, tasks, workers: int):
     """Each task's (doc, first, ids, nbytes) pieces in order, encoded by a process pool when workers > 1."""
     if workers <= 1:
-        yield _unpack(map(_TaskEncoder(tok), tasks))
+        yield _unpack(map(_TaskEncoder(tok, column), tasks))
         return
     import multiprocessing
 
     # workers rebuild the tokenizer from its json: pickling a tiktoken Encoding may look it up by name
-    with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(type(tok), tok.to_dict())) as pool:
+    with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(type(tok), tok.to_dict(), column)) as pool:
         yield _unpack(pool.imap(_encode_in_worker, tasks))
 
 
@@ -312,13 +464,13 @@ class _ShardWriter:
     a finished shard records the position of the next token, which is where a resumed run goes on.
     """
 
-    def __init__(self, out: Path, split: str, shard_size: int, shards: list[int], next_pos, on_shard):
+    def __init__(self, out: Path, split: str, shard_size: int, shards: list[int], next_pos, on_shard, claim):
         self.out, self.split, self.shard_size = out, split, shard_size
         self.shards = list(shards)  # token counts of the finished shards
         self.resume = tuple(next_pos)  # tokens before this (doc, offset) are already written
         self.done = tuple(next_pos)  # where the token after the last finished shard is
         self.end = tuple(next_pos)  # where the token after the last one received is
-        self.on_shard = on_shard
+        self.on_shard, self.claim = on_shard, claim
         self.buf: list[np.ndarray] = []
         self.n = 0
 
@@ -346,7 +498,9 @@ class _ShardWriter:
             self.buf, self.n = [], 0
 
     def _write(self, ids: np.ndarray, next_pos) -> None:
-        path = self.out / shard_name(self.split, len(self.shards))
+        name = shard_name(self.split, len(self.shards))
+        self.claim(name)  # recorded as prepare's own before the file exists
+        path = self.out / name
         tmp = path.with_name(path.name + ".tmp")
         ids.astype("<u2", copy=False).tofile(tmp)
         os.replace(tmp, path)  # a shard exists under its name only when complete
@@ -364,7 +518,7 @@ def _write_json(path: Path, obj) -> None:
 def _read_json(path: Path):
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
 
 
@@ -379,13 +533,6 @@ def _shards_ok(out: Path, split: str, sizes: list[int]) -> str | None:
     return None
 
 
-def _clear(out: Path) -> None:
-    """Remove what prepare writes (and nothing else) from ``out``."""
-    for pattern in ("train_*.bin", "val_*.bin", "*.tmp", "meta.json", "progress.json", "tokenizer.json"):
-        for f in out.glob(pattern):
-            f.unlink()
-
-
 @contextlib.contextmanager
 def _locked(out: Path):
     """Serialise concurrent prepares of one directory (e.g. several ranks starting together)."""
@@ -397,6 +544,116 @@ def _locked(out: Path):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# ----------------------------------------------------------------------------- the prepared folder
+
+
+def _refuse_target(out: Path) -> None:
+    """Refuse a prepared folder that is obviously wrong: a filesystem root, home, the working directory."""
+    where = out.resolve()
+    cwd = Path.cwd().resolve()
+    try:
+        home = Path.home().resolve()
+    except (RuntimeError, KeyError):  # no home folder known
+        home = None
+    if where.parent == where:
+        what = "a filesystem root"
+    elif where == home:
+        what = "your home folder"
+    elif where == cwd:
+        what = "the working directory"
+    elif where in cwd.parents:
+        what = "a folder that holds the working directory"
+    elif home is not None and where in home.parents:
+        what = "a folder that holds your home folder"
+    else:
+        return
+    raise DataError(f"prepared folder {out} is {what}; set data.prepared_dir to a folder of its own (e.g. data/NAME)")
+
+
+def _recorded(path: Path) -> set[str] | None:
+    """The files a state file of prepare's (meta.json, progress.json) records as prepare's own, or
+    None if ``path`` is not one; only names of prepare's own kind count, whatever the file says."""
+    state = _read_json(path)
+    inputs = state.get("inputs") if isinstance(state, dict) else None
+    if not (isinstance(inputs, dict) and "format" in inputs and "tokenizer" in inputs
+            and isinstance(state.get("splits"), dict)):
+        return None
+    if "files" in state:
+        names = state["files"] if isinstance(state["files"], list) else []
+    else:  # written before prepare listed its files: its shards, the tokenizer and itself
+        names = ["tokenizer.json"] + [shard_name(s, i) for s, sp in state["splits"].items()
+                                      if isinstance(sp, dict) and isinstance(sp.get("shards"), list)
+                                      for i in range(len(sp["shards"]))]
+    return {n for n in names if isinstance(n, str) and _OWN_NAME.fullmatch(n)} | {path.name}
+
+
+def _own_files(out: Path) -> tuple[set[str], set[str]]:
+    """The files in ``out`` prepare recorded as its own, and those an unfinished preparation
+    (progress.json) recorded, whose NAME.tmp is its own too; raises DataError if ``out`` is not a
+    new or empty folder or one that prepare wrote."""
+    if not out.exists():
+        return set(), set()
+    if not out.is_dir():
+        raise DataError(f"prepared folder {out} is a file; set data.prepared_dir to a folder")
+    if not any(p.name != ".lock" for p in out.iterdir()):
+        return set(), set()
+    done, writing = (_recorded(out / name) or set() for name in STATE_FILES)
+    if not done | writing:
+        raise DataError(f"prepared folder {out} is not empty and was not prepared by playattention (no meta.json or "
+                        f"progress.json of its own); set data.prepared_dir to a new or empty folder")
+    return done | writing, writing
+
+
+class _Folder:
+    """The prepared folder and the names prepare recorded in it: the only files it removes or replaces."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.owned, self.writing = _own_files(out)
+        self.state = lambda: {}  # the rest of progress.json (inputs, splits), set by _prepare
+
+    def refuse_strays(self) -> None:
+        """Refuse a file prepare did not record but would write under its name (or NAME.tmp)."""
+        for p in self.out.iterdir():
+            name = p.name.removesuffix(".tmp")
+            if _OWN_NAME.fullmatch(name) and name not in (self.writing if p.name.endswith(".tmp") else self.owned):
+                raise DataError(f"{p}: prepare did not write this file but would write one of that name; "
+                                f"move it away or set data.prepared_dir to another folder")
+
+    def claim(self, name: str) -> None:
+        """Record ``name`` as prepare's own in progress.json before the file is written."""
+        if name in self.owned:
+            return
+        for p in (self.out / name, self.out / (name + ".tmp")):
+            if p.exists() or p.is_symlink():
+                raise DataError(f"{p}: prepare did not write this file but would write one of that name; "
+                                f"move it away or set data.prepared_dir to another folder")
+        self.owned.add(name)
+        self.writing.add(name)
+        self.save()
+
+    def save(self) -> None:
+        """Write progress.json: the state and every file prepare may have written."""
+        self.owned.add("progress.json")
+        self.writing.add("progress.json")
+        _write_json(self.out / "progress.json", {**self.state(), "files": sorted(self.owned)})
+
+    def finish(self, meta: dict) -> None:
+        """Write meta.json (the preparation is complete) listing prepare's files, then drop progress.json."""
+        self.claim("meta.json")
+        self.owned.discard("progress.json")
+        _write_json(self.out / "meta.json", {**meta, "files": sorted(self.owned)})
+        (self.out / "progress.json").unlink(missing_ok=True)
+
+    def clear(self) -> None:
+        """Remove the files prepare recorded (and their temporaries), the state files last."""
+        for name in sorted(self.owned, key=lambda n: n in STATE_FILES):
+            (self.out / name).unlink(missing_ok=True)
+            if name in self.writing:
+                (self.out / (name + ".tmp")).unlink(missing_ok=True)
+        self.owned, self.writing = set(), set()
 
 
 # ----------------------------------------------------------------------------- prepare
@@ -417,30 +674,42 @@ def prepare(data, *, registry: Registry | None = None, progress: bool = True, wo
         raise DataError(f"workers must be at least 1, got {workers}")
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
     out = prepared_dir(data)
+    _refuse_target(out)
     registry = registry or default_registry()
     sources = resolve_sources(data, registry)
     inputs = _fingerprint(data, sources, shard_size)
+    _own_files(out)  # refuse someone else's folder before anything is created in it
     out.mkdir(parents=True, exist_ok=True)
     with _locked(out):
-        meta = _read_json(out / "meta.json") if (out / "meta.json").exists() else None
-        if (out / "meta.json").exists():
-            why = "meta.json is unreadable" if meta is None else _what_changed(meta.get("inputs", {}), inputs)
-            if why is None:
+        folder = _Folder(out)  # again under the lock: another rank may have prepared it meanwhile
+        why = None
+        if "meta.json" in folder.owned and (out / "meta.json").exists():
+            meta = _read_json(out / "meta.json")
+            why = (_what_changed(meta.get("inputs", {}), inputs) if isinstance(meta, dict)
+                   else "meta.json is unreadable")
+            try:
                 for split in SPLITS:
                     why = why or _shards_ok(out, split, [s["tokens"] for s in meta["splits"][split]["shards"]])
+            except (KeyError, TypeError):
+                why = "meta.json is incomplete"
             if why is None:
                 say(f"{out}: already prepared ({_summary(meta)})")
                 return out
+        folder.refuse_strays()  # before anything is removed
+        if why is not None:
             say(f"{out}: {why}; preparing again")
-            _clear(out)
-        state = _read_json(out / "progress.json")
-        if state is not None and (
-            state.get("inputs") != inputs
-            or any(_shards_ok(out, s, state["splits"][s]["shards"]) for s in SPLITS)
-        ):
+            folder.clear()
+        state = _read_json(out / "progress.json") if "progress.json" in folder.owned else None
+        try:
+            if state is not None and (
+                state.get("inputs") != inputs
+                or any(_shards_ok(out, s, state["splits"][s]["shards"]) for s in SPLITS)
+            ):
+                state = None
+        except (KeyError, TypeError):
             state = None
         if state is None:
-            _clear(out)
+            folder.clear()
         else:
             done = sum(len(state["splits"][s]["shards"]) for s in SPLITS)
             say(f"{out}: resuming an interrupted preparation ({done} shards already written)")
@@ -448,7 +717,7 @@ def prepare(data, *, registry: Registry | None = None, progress: bool = True, wo
             total = sum(s["size"] for s in inputs["sources"])
             workers = (os.cpu_count() or 1) if total > SMALL_INPUT_BYTES else 1
         t0 = time.time()
-        meta = _prepare(data, registry, sources, inputs, out, state, workers, shard_size, progress)
+        meta = _prepare(data, registry, sources, inputs, folder, state, workers, shard_size, progress)
         say(f"{out}: {_summary(meta)} in {time.time() - t0:.1f}s")
     return out
 
@@ -460,19 +729,32 @@ def _summary(meta: dict) -> str:
             f"in {n} shard{'s' if n != 1 else ''}")
 
 
-def _prepare(data, registry, sources, inputs, out, state, workers, shard_size, progress) -> dict:
+def _prepare(data, registry, sources, inputs, folder, state, workers, shard_size, progress) -> dict:
     from tqdm import tqdm
 
-    f = data.val_fraction
+    out, f, column = folder.out, data.val_fraction, data.text_column
     total_bytes = sum(s["size"] for s in inputs["sources"])
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"tokenizing ({data.tokenizer.kind})",
                disable=not progress, leave=False, file=sys.stderr)
+
+    writers = {
+        s: _ShardWriter(out, s, shard_size,
+                        state["splits"][s]["shards"] if state else [],
+                        state["splits"][s]["next"] if state else (0, 0),
+                        lambda _writer: folder.save(), folder.claim)
+        for s in SPLITS
+    }
+    folder.state = lambda: {
+        "inputs": inputs,
+        "splits": {s: {"shards": w.shards, "next": list(w.done)} for s, w in writers.items()},
+    }
+    docs = {"train": 0, "val": 0}
 
     tok_class = registry.get("tokenizer", data.tokenizer.kind).factory
     whole = tok_class.needs_corpus  # built from the corpus (characters): encode it whole, split its tail
     if whole:
         texts = []
-        for text, nbytes in _documents(sources):
+        for text, nbytes in _documents(sources, column):
             texts.append(text)
             bar.update(nbytes)
         n_docs = len(texts)
@@ -483,22 +765,9 @@ def _prepare(data, registry, sources, inputs, out, state, workers, shard_size, p
     else:
         tok = registry.build(data.tokenizer, None)
         limit = math.ceil(MIN_VAL_DOCS / f)
-        mode = "documents" if _count_documents(sources, limit) >= limit else "tail"
+        mode = "documents" if _count_documents(sources, column, limit) >= limit else "tail"
+    folder.claim("tokenizer.json")
     tok.save(out)
-
-    def checkpoint(_writer) -> None:
-        _write_json(out / "progress.json", {
-            "inputs": inputs,
-            "splits": {s: {"shards": w.shards, "next": list(w.done)} for s, w in writers.items()},
-        })
-
-    writers = {
-        s: _ShardWriter(out, s, shard_size,
-                        state["splits"][s]["shards"] if state else [],
-                        state["splits"][s]["next"] if state else (0, 0), checkpoint)
-        for s in SPLITS
-    }
-    docs = {"train": 0, "val": 0}
 
     if whole:
         try:
@@ -511,8 +780,8 @@ def _prepare(data, registry, sources, inputs, out, state, workers, shard_size, p
         writers["val"].add(0, cut, ids[cut:])
         docs = None
     else:
-        feed = _Feed(sources, mode, f, {s: w.resume[0] for s, w in writers.items()}, docs)
-        with _encoded(tok, feed, workers) as encoded:
+        feed = _Feed(sources, column, mode, f, {s: w.resume[0] for s, w in writers.items()}, docs)
+        with _encoded(tok, column, feed, workers) as encoded:
             if mode == "documents":
                 offset = 0
                 for doc, first, ids, nbytes in encoded:
@@ -568,8 +837,7 @@ def _prepare(data, registry, sources, inputs, out, state, workers, shard_size, p
         },
         "inputs": inputs,
     }
-    _write_json(out / "meta.json", meta)  # last: its presence means the preparation is complete
-    (out / "progress.json").unlink(missing_ok=True)
+    folder.finish(meta)  # last: meta.json's presence means the preparation is complete
     return meta
 
 
@@ -578,18 +846,20 @@ class _Feed:
 
     Split by document, a document is needed from its split's resume point on (so a resumed run
     does not tokenize again what finished shards hold); the stream split needs every document, to
-    know where ``1 - f`` of the tokens is. JSONL lines travel raw: workers parse them.
+    know where ``1 - f`` of the tokens is. JSONL lines travel raw: workers parse them; table rows
+    travel as text, read here (the workers need no pyarrow).
     """
 
-    def __init__(self, sources, mode, val_fraction, resume_docs, docs_per_split):
-        self.sources, self.mode, self.f, self.resume_docs = sources, mode, val_fraction, resume_docs
+    def __init__(self, sources, column, mode, val_fraction, resume_docs, docs_per_split):
+        self.sources, self.column, self.mode, self.f = sources, column, mode, val_fraction
+        self.resume_docs = resume_docs
         self.docs = docs_per_split
         self.n_docs = 0
         self.skipped_bytes = 0  # bytes of skipped documents, reported with the next task
 
     def __iter__(self):
         task, size = [], 0
-        for doc, (path, lineno, raw, nbytes) in enumerate(_raw_documents(self.sources)):
+        for doc, (path, where, payload, nbytes) in enumerate(_raw_documents(self.sources, self.column)):
             self.n_docs += 1
             if self.mode == "documents":
                 split = "val" if is_val_document(doc, self.f) else "train"
@@ -598,13 +868,13 @@ class _Feed:
                     self.skipped_bytes += nbytes
                     continue
             nbytes, self.skipped_bytes = nbytes + self.skipped_bytes, 0
-            if raw is not None:
-                task.append((doc, True, f"{path}:{lineno}", raw, nbytes))
-                size += len(raw)
+            if isinstance(payload, bytes):
+                task.append((doc, True, where, payload, nbytes))
+                size += len(payload)
             else:
-                pieces = _pieces(_read_text(path))
+                pieces = _pieces(_read_text(path) if payload is None else payload)
                 for k, piece in enumerate(pieces):
-                    task.append((doc, k == 0, str(path), piece, nbytes if k == len(pieces) - 1 else 0))
+                    task.append((doc, k == 0, where, piece, nbytes if k == len(pieces) - 1 else 0))
                     size += len(piece)
                     if size >= TASK_CHARS:
                         yield task

@@ -56,11 +56,13 @@ class DataConfig:
 
     # a registered dataset ("tinyshakespeare" ships with the package) or a name of your own for `paths`
     dataset: str = "tinyshakespeare"
-    # input text (.txt) or JSONL (a `text` field) files or folders; empty means the shipped dataset
+    # input files (.txt, .jsonl, .parquet) or folders of them, or a datasets save_to_disk folder; empty: the dataset
     paths: list[str] = attrs.Factory(list)
     # prepared token shards; default data/<dataset>-<tokenizer> under the working directory
     prepared_dir: str | None = None
     val_fraction: float = attrs.field(default=0.1, validator=[v.gt(0.0), v.lt(1.0)])
+    # the column of .parquet files and datasets folders, and the JSONL field, that holds the text
+    text_column: str = "text"
 
 
 @attrs.frozen
