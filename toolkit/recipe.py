@@ -50,7 +50,7 @@ def _betas(_, attribute, value):
 
 
 @attrs.frozen
-@components("data")  # tokenizer (toolkit.families)
+@components("data")  # the families toolkit/families.py places in [data]: a field each
 class DataConfig:
     """Where tokens come from: a dataset of text files, a tokenizer and a validation split."""
 
@@ -66,7 +66,7 @@ class DataConfig:
 
 
 @attrs.frozen
-@components("train")  # schedule (toolkit.families)
+@components("train")  # the families toolkit/families.py places in [train]: a field each
 class TrainConfig:
     """The optimisation: batch arithmetic, schedule, evaluation, sampling, checkpoints."""
 
