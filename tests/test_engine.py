@@ -4,9 +4,10 @@ import math
 import pytest
 import torch
 
-from toolkit.config import ConfigError
 from toolkit.engine import (batch_plan, build_engine, deep_merge, deepspeed_config, full_fp32_state_dict, lr_at,
-                            make_optimizer, make_scheduler, param_groups)
+                            make_optimizer, make_scheduler)
+from toolkit.errors import ConfigError
+from toolkit.plugins.optimizers import param_groups
 from toolkit.model import ModelConfig, Transformer
 from toolkit.recipe import DeepSpeedConfig, Recipe, TrainConfig
 
@@ -75,7 +76,7 @@ def test_deep_merge_leaves_its_inputs_alone():
     assert base == {"a": {"b": 1}} and extra == {"a": {"c": 2}}
 
 
-# -- optimizer and schedule ---------------------------------------------------------------------
+# -- optimizer and schedule (more in test_optimizers.py and test_schedules.py) --------------------
 def test_weight_decay_only_on_matrices_and_tied_weights_once():
     model = Transformer(recipe().model)
     decay, no_decay = param_groups(model, 0.1)

@@ -157,26 +157,9 @@ def deepspeed_config(recipe: Recipe, plan: BatchPlan | int = 1) -> dict:
 
 
 # -- optimizer and schedule ------------------------------------------------------------------
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups as in nanoGPT: decay matrices and embeddings (dim >= 2), not biases or norm gains."""
-    params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
-    """AdamW with weight-decay groups: fused on CUDA, DeepSpeedCPUAdam when ZeRO offloads to the CPU."""
-    train = recipe.train
-    groups = param_groups(model, train.weight_decay)
-    if recipe.deepspeed.offload == "cpu":
-        # DeepSpeed refuses a torch optimizer with offload: the update runs on the host, where its
-        # vectorised CPU Adam is the one that is fast (compiled once, ~40 s, then cached)
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        return DeepSpeedCPUAdam(groups, lr=train.lr, betas=tuple(train.betas), adamw_mode=True)
-    extra = {"fused": True} if on_cuda() else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=train.lr, betas=tuple(train.betas), **extra)
+def make_optimizer(model: nn.Module, recipe: Recipe, registry: Registry | None = None) -> torch.optim.Optimizer:
+    """The recipe's optimizer (a registered ``optimizer``, ``train.optimizer``) over ``model``'s parameters."""
+    return (registry or registry_of(recipe)).build(recipe.train.optimizer, model, recipe)
 
 
 def schedule(train: TrainConfig, registry: Registry):
@@ -305,7 +288,7 @@ def build_engine(model: nn.Module, recipe: Recipe, *, registry: Registry | None 
     config = config or deepspeed_config(recipe, plan)
     model.activation_checkpointing = recipe.train.activation_checkpointing
     model.to(device())
-    optimizer = make_optimizer(model, recipe)
+    optimizer = make_optimizer(model, recipe, registry)
     scheduler = make_scheduler(optimizer, recipe.train, registry)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config,

@@ -21,6 +21,7 @@ from .errors import RegistryError, did_you_mean
 #: One hook per kind of extension (a plugin implements any of them with ``@hookimpl``).
 HOOKS = {
     "register_components": "Register model components: ``register(family, name, factory, options=None, doc=None)``.",
+    "register_optimizers": "Register optimizers: ``register(name, factory, options=None, doc=None)``.",
     "register_schedules": "Register learning-rate schedules: ``register(name, factory, options=None, doc=None)``.",
     "register_tokenizers": "Register tokenizers: ``register(name, factory, options=None, doc=None)``.",
     "register_datasets": "Register datasets by name: ``register(name, factory, options=None, doc=None)``.",
@@ -65,6 +66,8 @@ FAMILIES: tuple[Family, ...] = (
     Family("mlp", "register_components", "model.mlp", "gelu",
            "factory(opts, dims) -> nn.Module; forward(x) -> y, both (B, T, C)",
            in_model=True, locations=("transformer.h.*.mlp",)),
+    Family("optimizer", "register_optimizers", "train.optimizer", "adamw",
+           "factory(opts, model, recipe) -> torch.optim.Optimizer; the schedule scales every group's lr"),
     Family("schedule", "register_schedules", "train.schedule", "cosine",
            "factory(opts, train) -> callable: optimizer step (0-based) -> learning rate"),
     Family("tokenizer", "register_tokenizers", "data.tokenizer", "char",

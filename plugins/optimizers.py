@@ -1,0 +1,122 @@
+"""Built-in optimizers. Contract: factory(opts, model, recipe) -> torch.optim.Optimizer.
+
+    adamw  AdamW with nanoGPT's weight-decay groups            (Loshchilov & Hutter 2019)
+    muon   Muon for the blocks' weight matrices, AdamW for the rest   (Jordan et al. 2024, modded-nanogpt)
+
+The recipe's schedule multiplies every group's learning rate by schedule(step) / train.lr, so a
+group can start from a peak of its own (Muon's matrices from its ``lr``). A factory may define
+``check_recipe(opts, recipe)`` returning problem lines: what it cannot run under is refused before
+anything runs.
+"""
+from __future__ import annotations
+
+import attrs
+import torch
+from attrs import validators as v
+from torch import nn
+
+from toolkit.hookspecs import hookimpl
+
+
+def decay_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict]:
+    """nanoGPT's AdamW groups: decay matrices and embeddings (dim >= 2), not biases or norm gains."""
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """:func:`decay_groups` of every trainable parameter of ``model`` (tied weights once)."""
+    return decay_groups([p for p in model.parameters() if p.requires_grad], weight_decay)
+
+
+@attrs.frozen
+class AdamWOptions:
+    eps: float = attrs.field(default=1e-8, validator=v.gt(0.0))
+
+
+def adamw(opts: AdamWOptions, model: nn.Module, recipe) -> torch.optim.Optimizer:
+    """AdamW (Loshchilov & Hutter 2019) with nanoGPT's decay groups; fused on CUDA, DeepSpeed's CPU Adam when offloading."""
+    train = recipe.train
+    groups = param_groups(model, train.weight_decay)
+    if recipe.deepspeed.offload == "cpu":
+        # DeepSpeed refuses a torch optimizer with offload: the update runs on the host, where its
+        # vectorised CPU Adam is the one that is fast (compiled once, ~40 s, then cached)
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=train.lr, betas=tuple(train.betas), eps=opts.eps, adamw_mode=True)
+    extra = {"fused": True} if torch.cuda.is_available() else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=train.lr, betas=tuple(train.betas), eps=opts.eps, **extra)
+
+
+@attrs.frozen
+class MuonOptions:
+    # peak learning rate of the block matrices (the AdamW part uses train.lr); the schedule scales both
+    lr: float = attrs.field(default=0.02, validator=v.gt(0.0))
+    momentum: float = attrs.field(default=0.95, validator=[v.ge(0.0), v.lt(1.0)])
+    nesterov: bool = True
+    ns_steps: int = attrs.field(default=5, validator=v.gt(0))  # Newton-Schulz iterations
+    # decoupled weight decay of the block matrices (train.weight_decay is the AdamW part's)
+    weight_decay: float = attrs.field(default=0.0, validator=v.ge(0.0))
+    # "original": updates scaled by sqrt(max(1, rows/cols)) (Jordan); "match_rms_adamw": by
+    # 0.2 * sqrt(max(rows, cols)), so AdamW's lr carries over (Liu et al. 2025, "Muon is Scalable")
+    adjust_lr: str = attrs.field(default="original", validator=v.in_(("original", "match_rms_adamw")))
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon (Jordan et al. 2024): orthogonalised momentum for the blocks' matrices; AdamW for embeddings, head, gains and biases."""
+
+    # Muon replaces each 2-D update by the nearest semi-orthogonal matrix (5 Newton-Schulz steps,
+    # torch.optim.Muon). As in modded-nanogpt it is for the hidden matrices only: embeddings and
+    # the LM head are lookups/classifiers whose rows are updated sparsely, and vectors have no
+    # matrix to orthogonalise, so those stay with AdamW.
+    Options = MuonOptions
+
+    def __init__(self, opts: MuonOptions, model: nn.Module, recipe):
+        train = recipe.train
+        blocks = {id(p) for name, p in model.named_parameters() if name.startswith("transformer.h.") and p.dim() == 2}
+        params = [p for p in model.parameters() if p.requires_grad]
+        matrices = [p for p in params if id(p) in blocks]
+        rest = [p for p in params if id(p) not in blocks]
+        self.muon = torch.optim.Muon(matrices, lr=opts.lr, weight_decay=opts.weight_decay, momentum=opts.momentum,
+                                     nesterov=opts.nesterov, ns_steps=opts.ns_steps, adjust_lr_fn=opts.adjust_lr)
+        foreach = {} if torch.cuda.is_available() else {"foreach": True}
+        self.adamw = torch.optim.AdamW(decay_groups(rest, train.weight_decay), lr=train.lr, betas=tuple(train.betas),
+                                       **foreach)
+        # one optimizer over both: the same group dicts and one state, so the schedule, DeepSpeed
+        # and checkpoints see every group as they would a plain optimizer's
+        super().__init__(self.muon.param_groups + self.adamw.param_groups, {})
+        self._share()
+
+    def _share(self) -> None:
+        n = len(self.muon.param_groups)
+        self.muon.param_groups, self.adamw.param_groups = self.param_groups[:n], self.param_groups[n:]
+        self.muon.state = self.adamw.state = self.state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        self.muon.step()
+        self.adamw.step()
+        return loss
+
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)  # new group dicts and a new state: share them again
+        self._share()
+
+    @staticmethod
+    def check_recipe(opts: MuonOptions, recipe) -> list[str]:
+        ds = recipe.deepspeed
+        if ds.zero_stage != 0:
+            return [f"$.train.optimizer: muon orthogonalises whole matrices, but ZeRO stage {ds.zero_stage} hands the "
+                    f"optimizer flat shards of them; use deepspeed.zero_stage = 0 (each rank runs the full update)"]
+        if ds.precision == "fp16":
+            return ["$.train.optimizer: muon cannot run under fp16 (DeepSpeed's fp16 optimizer flattens the "
+                    "matrices); use precision \"bf16\" or \"fp32\""]
+        return []
+
+
+@hookimpl
+def register_optimizers(register):
+    register("adamw", adamw, AdamWOptions)
+    register("muon", Muon)
