@@ -20,11 +20,12 @@ TINY = Path(__file__).resolve().parent / "recipes" / "bases" / "tiny.toml"
 def tiny_recipe(tmp_path_factory):
     """``tiny_recipe(folder, {"train.max_steps": 6, ...}, name="tiny")`` writes ``folder/<name>.toml``:
     tests/recipes/bases/tiny.toml with those dotted-key changes, its runs under ``folder/runs`` and
-    its data prepared once per test session (per tokenizer). Returns the path."""
+    its data prepared once per test session (per tokenizer); a change to None leaves the key out.
+    Returns the path."""
     data = tmp_path_factory.mktemp("tiny-data")
 
     def make(folder: Path, changes: dict | None = None, name: str = "tiny") -> Path:
-        changes = dict(changes or {})
+        changes = {k: v for k, v in (changes or {}).items() if v is not None}
         tokenizer = changes.get("data.tokenizer", "char")
         table: dict = {"extends": str(TINY), "name": name,
                        "data": {"prepared_dir": str(data / str(tokenizer))}, "train": {"out_dir": str(folder / "runs")}}

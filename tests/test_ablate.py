@@ -11,28 +11,10 @@ from toolkit.errors import ConfigError
 from toolkit.model import Transformer
 from toolkit.recipe import load_recipe
 
-TINY_RECIPE = """\
-name = "tiny"
-[model]
-vocab_size = 65
-block_size = 16
-n_layer = 1
-n_head = 2
-n_embd = 16
-[data]
-tokenizer = "char"
-prepared_dir = "{prepared}"
-[train]
-micro_batch = 2
-max_steps = 100
-warmup_steps = 10
-decay_steps = 80
-eval_interval = 50
-eval_batches = 1
-log_interval = 1
-[generate]
-max_new_tokens = 8
-"""
+#: the base recipe of these ablations (changes to tests/recipes/bases/tiny.toml)
+BASE = {"name": "tiny", "model.block_size": 16, "model.n_layer": 1, "model.n_embd": 16, "train.micro_batch": 2,
+        "train.max_steps": 100, "train.warmup_steps": 10, "train.decay_steps": 80, "train.eval_interval": 50,
+        "train.eval_batches": 1, "train.log_interval": 1}
 
 # A component whose forward pass raises: it builds (so validation and the dry run pass) and fails
 # only once training calls it, as a buggy plugin would.
@@ -62,10 +44,9 @@ def register_components(register):
 
 
 @pytest.fixture
-def tiny(tmp_path, tmp_path_factory):
+def tiny(tmp_path, tiny_recipe):
     """A folder with a tiny base recipe; returns a function writing an ablation file next to it."""
-    prepared = tmp_path_factory.getbasetemp() / "ablate-data"
-    (tmp_path / "base.toml").write_text(TINY_RECIPE.format(prepared=prepared))
+    tiny_recipe(tmp_path, BASE, name="base")
 
     def write(body: str, name: str = "abl.toml"):
         path = tmp_path / "ablations" / name

@@ -18,34 +18,11 @@ from toolkit.trainer import train
 
 pytestmark = pytest.mark.slow
 
-TINY = """
-name = "tiny2"
-[model]
-vocab_size = 65
-block_size = 32
-n_layer = 2
-n_head = 2
-n_embd = 32
-[data]
-prepared_dir = "{data}"
-[train]
-micro_batch = 8
-max_steps = 6
-lr = 3e-3
-warmup_steps = 2
-eval_interval = 3
-eval_batches = 2
-out_dir = "{out}"
-[generate]
-max_new_tokens = 8
-"""
-
-
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tiny_recipe):
     root = tmp_path_factory.mktemp("dist")
-    path = root / "tiny.toml"
-    path.write_text(TINY.format(data=root / "data", out=root / "runs"))
+    path = tiny_recipe(root, {"name": "tiny2", "train.micro_batch": 8, "train.max_steps": 6, "train.lr": 3e-3,
+                              "train.eval_interval": 3}, name="tiny2")
     reference = train(load_recipe(path), run_dir=root / "one-rank", progress=False)
     assert reference["status"] == "finished"
     return root, path

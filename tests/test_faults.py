@@ -21,36 +21,13 @@ from toolkit.recipe import load_recipe
 from toolkit.signals import StopSignals
 from toolkit.trainer import Trainer, train
 
-LONG = """
-name = "faults"
-plugins = {plugins}
-[model]
-vocab_size = 65
-block_size = 16
-n_layer = 2
-n_head = 2
-n_embd = 32
-dropout = {dropout}
-{norm}
-[data]
-prepared_dir = "{data}"
-[train]
-micro_batch = 4
-{batch}
-max_steps = {max_steps}
-lr = 3e-3
-schedule = "constant"  # the learning rate does not depend on max_steps: a resume may set it
-warmup_steps = 2
-eval_interval = 100000
-eval_batches = 1
-checkpoint_interval = {interval}
-keep_checkpoints = 2
-log_interval = 1
-out_dir = "{out}"
-[generate]
-prompts = ["ROMEO:"]
-max_new_tokens = 4
-"""
+#: the long-running recipe these tests stop, kill and break (changes to tests/recipes/bases/tiny.toml)
+LONG = {"name": "faults", "model.block_size": 16, "model.dropout": 0.1, "train.grad_accum": 1,
+        "train.max_steps": 100000, "train.lr": 3e-3,
+        "train.schedule": "constant",  # the learning rate does not depend on max_steps: a resume may set it
+        "train.eval_interval": 100000, "train.eval_batches": 1, "train.checkpoint_interval": 3,
+        "train.keep_checkpoints": 2, "train.log_interval": 1, "generate.prompts": ["ROMEO:"],
+        "generate.max_new_tokens": 4}
 
 BLOWUP = '''"""Test plugin: a layer norm whose output turns to inf after `after` training steps (a diverging run)."""
 import attrs
@@ -87,16 +64,9 @@ def register_components(register):
 '''
 
 
-def write(root, *, max_steps=100000, interval=3, dropout=0.1, batch="grad_accum = 1", plugins="[]", norm=""):
-    path = root / "faults.toml"
-    path.write_text(LONG.format(data=root / "data", out=root / "runs", max_steps=max_steps, interval=interval,
-                                dropout=dropout, batch=batch, plugins=plugins, norm=norm))
-    return path
-
-
 @pytest.fixture(scope="module")
-def long_recipe(tmp_path_factory):
-    return write(tmp_path_factory.mktemp("faults"))
+def long_recipe(tmp_path_factory, tiny_recipe):
+    return tiny_recipe(tmp_path_factory.mktemp("faults"), LONG, name="faults")
 
 
 _started: list[subprocess.Popen] = []
@@ -213,11 +183,12 @@ def test_a_signal_landing_during_the_stop_flag_all_reduce_stops_the_next_step(mo
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
-def test_sigterm_to_one_rank_stops_both_at_one_step_and_the_run_resumes_on_one_rank(tmp_path, stage):
+def test_sigterm_to_one_rank_stops_both_at_one_step_and_the_run_resumes_on_one_rank(tmp_path, tiny_recipe, stage):
     import psutil
 
     # 8 sequences a step: micro batch 4 on each of 2 ranks, or 2 accumulated micro batches on one
-    recipe = write(tmp_path, dropout=0.0, batch=f"tokens_per_step = {8 * 16}", interval=100000)
+    recipe = tiny_recipe(tmp_path, {**LONG, "model.dropout": 0.0, "train.grad_accum": None,
+                                    "train.tokens_per_step": 8 * 16, "train.checkpoint_interval": 100000}, name="faults")
     run = tmp_path / "run"
     proc, log = start(recipe, run, "--nproc", "2", "--set", f"deepspeed.zero_stage={stage}")
     wait_until(lambda: last_step(run) >= 2, proc, log)
@@ -259,10 +230,11 @@ def test_sigterm_to_one_rank_stops_both_at_one_step_and_the_run_resumes_on_one_r
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
-def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_recipe, capsys):
     (tmp_path / "blowup.py").write_text(BLOWUP)
-    recipe = write(tmp_path, max_steps=10, interval=2, plugins=f'["{tmp_path / "blowup.py"}"]',
-                   norm='norm = {kind = "blowup", after = 5}')
+    recipe = tiny_recipe(tmp_path, {**LONG, "train.max_steps": 10, "train.checkpoint_interval": 2,
+                                    "plugins": [str(tmp_path / "blowup.py")],
+                                    "model.norm": {"kind": "blowup", "after": 5}}, name="faults")
     run = tmp_path / "run"
     assert main(["train", str(recipe), "--run-dir", str(run)]) == 1
     err = capsys.readouterr().err

@@ -9,33 +9,11 @@ from toolkit.generate import load_run, stream_samples
 from toolkit.recipe import load_recipe
 from toolkit.trainer import train
 
-TINY = """
-name = "gen"
-[model]
-vocab_size = 65
-block_size = 16
-n_layer = 1
-n_head = 2
-n_embd = 16
-[data]
-prepared_dir = "{data}"
-[train]
-micro_batch = 4
-max_steps = 3
-warmup_steps = 1
-eval_interval = 10
-eval_batches = 1
-out_dir = "{out}"
-[generate]
-max_new_tokens = 4
-"""
-
-
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def run_dir(tmp_path_factory, tiny_recipe):
     root = tmp_path_factory.mktemp("generate")
-    path = root / "gen.toml"
-    path.write_text(TINY.format(data=root / "data", out=root / "runs"))
+    path = tiny_recipe(root, {"model.block_size": 16, "model.n_layer": 1, "model.n_embd": 16, "train.max_steps": 3,
+                              "train.warmup_steps": 1, "train.eval_batches": 1, "generate.max_new_tokens": 4}, name="gen")
     summary = train(load_recipe(path), run_dir=root / "run", progress=False)
     assert summary["status"] == "finished"
     return root / "run"

@@ -14,42 +14,14 @@ import torch
 
 from toolkit import checkpoint
 from toolkit.cli import main
-from toolkit.recipe import load_recipe
+from toolkit.recipe import load_recipe, registry_of
 from toolkit.trainer import Trainer, train
 
-TINY = """
-name = "ckpt"
-[model]
-vocab_size = 65
-block_size = 16
-n_layer = 2
-n_head = 2
-n_embd = 32
-dropout = 0.1
-[data]
-prepared_dir = "{data}"
-[train]
-micro_batch = 4
-grad_accum = 2
-max_steps = 6
-lr = 3e-3
-warmup_steps = 2
-eval_interval = 3
-eval_batches = 1
-checkpoint_interval = 2
-keep_checkpoints = 2
-log_interval = 1
-out_dir = "{out}"
-[generate]
-prompts = ["ROMEO:"]
-max_new_tokens = 4
-"""
-
-
-def write_recipe(root, text=TINY, **extra):
-    path = root / "ckpt.toml"
-    path.write_text(text.format(data=root / "data", out=root / "runs", **extra))
-    return path
+#: changes to tests/recipes/bases/tiny.toml: accumulation, dropout, frequent checkpoints
+CKPT = {"name": "ckpt", "model.block_size": 16, "model.dropout": 0.1, "train.grad_accum": 2, "train.max_steps": 6,
+        "train.lr": 3e-3, "train.eval_interval": 3, "train.eval_batches": 1, "train.checkpoint_interval": 2,
+        "train.keep_checkpoints": 2, "train.log_interval": 1, "generate.prompts": ["ROMEO:"],
+        "generate.max_new_tokens": 4}
 
 
 def rows(run_dir, kind):
@@ -90,8 +62,8 @@ class StopAt(Trainer):
 
 
 @pytest.fixture(scope="module")
-def recipe_path(tmp_path_factory):
-    return write_recipe(tmp_path_factory.mktemp("resume"))
+def recipe_path(tmp_path_factory, tiny_recipe):
+    return tiny_recipe(tmp_path_factory.mktemp("resume"), CKPT, name="ckpt")
 
 
 @pytest.fixture(scope="module")
@@ -149,12 +121,10 @@ def test_resume_refuses_a_changed_model_showing_each_difference(stopped, capsys)
 
 
 def test_resume_refuses_other_plugin_versions_and_engine_layout(recipe_path):
-    from toolkit.plugin_manager import get_registry
-
     recipe = load_recipe(recipe_path)
-    saved = checkpoint.identity(recipe, get_registry(recipe.plugins))
+    saved = checkpoint.identity(recipe, registry_of(recipe))
     now = checkpoint.identity(load_recipe(recipe_path, ["deepspeed.zero_stage=2", "train.max_steps=9"]),
-                              get_registry(recipe.plugins))
+                              registry_of(recipe))
     now["components"]["attention:mha"] = "playattention 99.0"
     refused, allowed = checkpoint.identity_changes(saved, now)
     old = saved["components"]["attention:mha"]
