@@ -63,7 +63,42 @@ class RMSNorm(nn.Module):
         return 0  # elementwise, like LayerNorm
 
 
+@attrs.frozen
+class DyTOptions:
+    # the initial alpha (0.5 in the paper for most models); for LLMs the paper starts the norms in
+    # front of attention higher than the others (e.g. LLaMA 7B: 0.8 and 0.2, Table 10)
+    alpha: float = attrs.field(default=0.5, validator=v.gt(0.0))
+    alpha_attention: float | None = attrs.field(default=None, validator=v.optional(v.gt(0.0)))
+    alpha_other: float | None = attrs.field(default=None, validator=v.optional(v.gt(0.0)))
+
+
+class DyT(nn.Module):
+    """Dynamic Tanh (Zhu et al. 2025): weight * tanh(alpha * x) + bias, a norm with no statistics."""
+
+    # "Transformers without Normalization": alpha is one learned scalar; it squashes the activations
+    # as LayerNorm's input-output curve does, without reductions over the features.
+    Options = DyTOptions
+
+    def __init__(self, opts: DyTOptions, dims: Dims, dim: int):
+        super().__init__()
+        start = opts.alpha_attention if dims.role == "attention" else opts.alpha_other
+        # shape (1,), not a 0-dim tensor: DeepSpeed's broadcast of parameters cannot take 0-dim ones
+        self.alpha = nn.Parameter(torch.full((1,), start if start is not None else opts.alpha))
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        return self.weight * torch.tanh(self.alpha * x) + self.bias
+
+    def metrics(self) -> dict[str, torch.Tensor]:
+        return {"dyt_alpha": self.alpha.detach()[0]}
+
+    def flops_per_token(self, seq_len: int) -> int:
+        return 0  # elementwise, like LayerNorm
+
+
 @hookimpl
 def register_components(register):
     register("norm", "layernorm", LayerNorm)
     register("norm", "rmsnorm", RMSNorm)
+    register("norm", "dyt", DyT)

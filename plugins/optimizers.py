@@ -18,16 +18,29 @@ from torch import nn
 from toolkit.hookspecs import hookimpl
 
 
-def decay_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict]:
-    """nanoGPT's AdamW groups: decay matrices and embeddings (dim >= 2), not biases or norm gains."""
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def decay_groups(params: list[nn.Parameter], weight_decay: float, lr: float | None = None) -> list[dict]:
+    """nanoGPT's AdamW groups: decay matrices and embeddings (dim >= 2), not biases or norm gains,
+    unless a component's hint (toolkit.contracts.hint) says otherwise; a hinted lr_scale gets a
+    group of its own at lr * lr_scale."""
+    groups: dict[tuple[bool, float], list] = {(True, 1.0): [], (False, 1.0): []}
+    for p in params:
+        hints = getattr(p, "optim_hints", {})
+        key = (hints.get("weight_decay", p.dim() >= 2), hints.get("lr_scale", 1.0))
+        groups.setdefault(key, []).append(p)
+    out = []
+    for (decay, scale), members in groups.items():
+        group = {"params": members, "weight_decay": weight_decay if decay else 0.0}
+        if scale != 1.0:
+            if lr is None:
+                raise ValueError("a parameter has an lr_scale hint: give decay_groups the base lr")
+            group["lr"] = lr * scale
+        out.append(group)
+    return out
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None) -> list[dict]:
     """:func:`decay_groups` of every trainable parameter of ``model`` (tied weights once)."""
-    return decay_groups([p for p in model.parameters() if p.requires_grad], weight_decay)
+    return decay_groups([p for p in model.parameters() if p.requires_grad], weight_decay, lr)
 
 
 @attrs.frozen
@@ -38,7 +51,7 @@ class AdamWOptions:
 def adamw(opts: AdamWOptions, model: nn.Module, recipe) -> torch.optim.Optimizer:
     """AdamW (Loshchilov & Hutter 2019) with nanoGPT's decay groups; fused on CUDA, DeepSpeed's CPU Adam when offloading."""
     train = recipe.train
-    groups = param_groups(model, train.weight_decay)
+    groups = param_groups(model, train.weight_decay, train.lr)
     if recipe.deepspeed.offload == "cpu":
         # DeepSpeed refuses a torch optimizer with offload: the update runs on the host, where its
         # vectorised CPU Adam is the one that is fast (compiled once, ~40 s, then cached)
@@ -78,11 +91,15 @@ class Muon(torch.optim.Optimizer):
         params = [p for p in model.parameters() if p.requires_grad]
         matrices = [p for p in params if id(p) in blocks]
         rest = [p for p in params if id(p) not in blocks]
-        self.muon = torch.optim.Muon(matrices, lr=opts.lr, weight_decay=opts.weight_decay, momentum=opts.momentum,
-                                     nesterov=opts.nesterov, ns_steps=opts.ns_steps, adjust_lr_fn=opts.adjust_lr)
+        scales: dict[float, list] = {}  # a hinted lr_scale: a Muon group of its own
+        for p in matrices:
+            scales.setdefault(getattr(p, "optim_hints", {}).get("lr_scale", 1.0), []).append(p)
+        self.muon = torch.optim.Muon([{"params": ps, "lr": opts.lr * s} for s, ps in scales.items()], lr=opts.lr,
+                                     weight_decay=opts.weight_decay, momentum=opts.momentum, nesterov=opts.nesterov,
+                                     ns_steps=opts.ns_steps, adjust_lr_fn=opts.adjust_lr)
         foreach = {} if torch.cuda.is_available() else {"foreach": True}
-        self.adamw = torch.optim.AdamW(decay_groups(rest, train.weight_decay), lr=train.lr, betas=tuple(train.betas),
-                                       **foreach)
+        self.adamw = torch.optim.AdamW(decay_groups(rest, train.weight_decay, train.lr), lr=train.lr,
+                                       betas=tuple(train.betas), **foreach)
         # one optimizer over both: the same group dicts and one state, so the schedule, DeepSpeed
         # and checkpoints see every group as they would a plain optimizer's
         super().__init__(self.muon.param_groups + self.adamw.param_groups, {})

@@ -97,7 +97,7 @@ def test_named_variants_take_a_table_or_an_array_of_overrides_after_the_grid(tin
     assert [(o.key, o.value) for o in post.overrides] == [("model.layout", "post"),
                                                           ("model.norm", {"kind": "rmsnorm", "eps": 1e-6})]
     by_name = {r.variant.name: r.recipe for r in resolved}
-    assert by_name["post"].model.layout == "post" and by_name["post"].model.norm.kind == "rmsnorm"
+    assert by_name["post"].model.block.kind == "post_norm" and by_name["post"].model.norm.kind == "rmsnorm"
     assert by_name["wide"].model.n_embd == 32 and by_name["wide"].model.attention.kind == "gqa"
     assert all(r.train.lr == 3e-3 for r in by_name.values())
     assert ab.seeds == (1, 2) and ab.baseline == "post"
@@ -151,7 +151,7 @@ def test_every_problem_in_every_variant_is_reported_at_its_place_with_exit_2(tin
         f"{p}: $.set[0]: the ablation sets it: use `steps = N` or `tokens = N` at the top of the file",
         f"{p}: variants 'learned', 'rope': $.grid.\"model.positon.kind\": unknown key; did you mean \"model.position.kind\"?",
         f"{p}: variant 'typo': $.variant[0].set.\"model.mlp.kind\": unknown mlp 'swiglo'; did you mean 'swiglu'? "
-        "(registered: geglu, gelu, relu, swiglu)",
+        "(registered: geglu, gelu, moe, relu, swiglu)",
         f"{p}: variant 'typo': $.variant[0].set.\"train.lr\": expected float, got \"fast\"",
         f"{p}: variant 'opts': $.variant[1].set.\"model.position\".thetaa: not an option of position 'rope'; "
         "did you mean 'theta'?",

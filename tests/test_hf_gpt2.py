@@ -155,7 +155,7 @@ def test_weights_that_do_not_fit_are_listed(tmp_path):
 
 @pytest.mark.parametrize("change, reason", [
     (dict(position="rope_stand_in"), "position 'rope_stand_in' (GPT-2 has 'learned')"),
-    (dict(layout="post"), "layout 'post' (GPT-2 is pre-norm)"),
+    (dict(layout="post"), "block 'post_norm' (GPT-2 has 'pre_norm')"),
     (dict(attention={"kind": "mha", "qk_norm": "layernorm"}), "attention qk_norm (GPT-2 has none)"),
 ])
 def test_models_gpt2_cannot_express_are_refused_with_the_reason(tmp_path, change, reason):

@@ -2,11 +2,11 @@
 matrices, AdamW for the rest), with what each supports checked before anything runs."""
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import TINY
 from toolkit.cli import main
 from toolkit.engine import make_optimizer, make_scheduler
 from toolkit.errors import ConfigError
@@ -14,6 +14,8 @@ from toolkit.model import ModelConfig, Transformer
 from toolkit.plugins.optimizers import decay_groups
 from toolkit.recipe import DeepSpeedConfig, Recipe, TrainConfig, load_recipe
 from toolkit.trainer import train
+
+TINY = Path(__file__).resolve().parent / "recipes" / "bases" / "tiny.toml"
 
 
 def recipe(optimizer="muon", **ds) -> Recipe:

@@ -57,7 +57,7 @@ def test_unknown_name_in_an_empty_family_says_none_registered():
 def test_unknown_family_is_an_error_with_a_hint():
     with pytest.raises(RegistryError, match=r"unknown component family 'norms'; did you mean 'norm'\?"):
         Registry().get("norms", "layernorm")
-    assert MODEL_FAMILIES == ("attention", "norm", "position", "mlp")
+    assert MODEL_FAMILIES == ("attention", "norm", "position", "mlp", "block")
     assert set(NAMES) >= {*MODEL_FAMILIES, "schedule", "tokenizer", "dataset", "evaluator", "command"}
 
 

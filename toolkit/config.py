@@ -316,7 +316,7 @@ def _structure_spec(registry: Registry, converter: cattrs.Converter, value: Any,
     errors += field_errors
     if errors:
         raise ClassValidationError(f"{family} table", errors, cls)
-    return cls(kind, build(comp.options, kwargs))
+    return cls(kind, resolve_specs(registry, build(comp.options, kwargs)))
 
 
 def _unstructure_spec(registry: Registry, converter: cattrs.Converter, spec: Spec) -> dict:

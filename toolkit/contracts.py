@@ -6,6 +6,13 @@ Every factory is called with its structured options and a :class:`Dims` describi
     norm:      factory(opts, dims, dim)   -> module; forward(x) -> x, normalising the last dim of size `dim`
     position:  factory(opts, dims)        -> a Position (below)
     mlp:       factory(opts, dims)        -> module; forward(x) -> y
+    block:     factory(opts, dims)        -> module; forward(x, position, pos, cache=None) -> x, one residual
+               layer that builds its attention, norms and MLP with ``dims.part(family, ...)``
+
+**Per layer.** Attention, norm, MLP and block may differ from layer to layer (``[model.layers.<name>]``
+in a recipe). Their factories get ``dims.layer``, the index of the layer they are built for (0 ..
+n_layer - 1; None for the final norm), so per-layer schedules are data (litgpt's ``block_idx``); a
+norm also gets ``dims.role``: "attention", "mlp", "final" or "qk", where it sits.
 
 Shapes: ``x`` and ``y`` are (B, T, C) hidden states, C = dims.n_embd; ``pos`` is a (T,) LongTensor
 of absolute positions of the T tokens in ``x`` (0..T-1 in training, offsets when decoding with a
@@ -38,7 +45,24 @@ once on the ``meta`` device and reports that message at ``$.model.<family>`` wit
 **Initialisation.** The model applies GPT-2's init to every ``nn.Linear`` and ``nn.Embedding``
 (normal, std 0.02, zero bias) and scales linear layers named ``c_proj`` (the projections back into
 the residual stream) by 1/sqrt(2 * n_layer), as GPT-2 does. Other parameters keep the init their
-module gives them (norms: ones and zeros), so define ``reset_parameters`` for anything special.
+module gives them (norms: ones and zeros). A component that wants its own init defines
+``reset_parameters()``: the model calls it on every component after the default init.
+
+**Optimisation hints.** ``hint(param, weight_decay=False)`` exempts a parameter from weight decay
+(identity-initialised mixing matrices, gains), ``hint(param, lr_scale=0.1)`` scales its learning
+rate; the built-in optimizers honour both. Without a hint, parameters of two or more dimensions
+decay and the rest do not (nanoGPT).
+
+**Auxiliary losses.** A component that adds to the training objective (a mixture of experts'
+load-balancing loss) declares ``aux_losses: dict = {}`` in its class and, in every forward, sets
+``self.aux_losses = {name: scalar tensor}``, already weighted (empty when there is nothing to add).
+The model sums each name over layers and returns the terms; the training step adds them to the
+cross-entropy before backward, so gradient accumulation, loss scaling and ZeRO apply, and
+metrics.jsonl logs each as ``aux/<name>``. The logged ``loss`` stays the cross-entropy.
+
+**Metrics.** A component may define ``metrics() -> {name: float or 0-dim tensor}`` (an expert's
+load, a learned lambda, ...): the trainer asks for them every ``log_interval`` steps, so keep what
+they need from the last forward (detached) rather than computing in every step.
 """
 from __future__ import annotations
 
@@ -61,8 +85,21 @@ class Dims:
     vocab_size: int
     dropout: float = 0.0
     bias: bool = True
-    # build(family, spec_or_kind, *args) builds another registered component (e.g. a qk-norm)
+    # build(family, spec_or_kind, dims, *args) builds another registered component (e.g. a qk-norm)
     build: object = attrs.field(default=None, eq=False, repr=False)
+    layer: int | None = None  # the layer a per-layer component is built for; None for the final norm
+    role: str | None = None  # where a norm sits: "attention", "mlp", "final", "qk"
+    # this layer's choice (a Spec) in each per-layer family, and how the model records what it built
+    parts: dict = attrs.field(factory=dict, eq=False, repr=False)
+    record: object = attrs.field(default=None, eq=False, repr=False)
+
+    def part(self, family: str, *args, role: str | None = None):
+        """Build this layer's ``family`` component (a block builds its attention, norms and MLP so)."""
+        dims = attrs.evolve(self, role=role) if role is not None else self
+        module = self.build(family, self.parts[family], dims, *args)
+        if self.record is not None:
+            self.record(family, self.parts[family].kind, module, self.layer)
+        return module
 
     @property
     def head_dim(self) -> int:
@@ -89,6 +126,17 @@ class Position(nn.Module):
 
     def flops_per_token(self, seq_len: int) -> int:
         return 0
+
+
+def hint(param: nn.Parameter, *, weight_decay: bool | None = None, lr_scale: float | None = None) -> nn.Parameter:
+    """Tell the optimizer how to treat ``param``: ``weight_decay`` on or off, its ``lr_scale``."""
+    hints = dict(getattr(param, "optim_hints", {}))
+    if weight_decay is not None:
+        hints["weight_decay"] = weight_decay
+    if lr_scale is not None:
+        hints["lr_scale"] = float(lr_scale)
+    param.optim_hints = hints
+    return param
 
 
 def flops_per_token(module: nn.Module, seq_len: int) -> int:

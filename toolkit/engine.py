@@ -306,18 +306,26 @@ def build_engine(model: nn.Module, recipe: Recipe, *, registry: Registry | None 
     return Engine(engine, optimizer, scheduler, config, plan, rank, world_size)
 
 
-def engine_step(engine, next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]], grad_accum: int) -> torch.Tensor:
-    """One optimizer step over ``grad_accum`` micro batches; the mean loss, still on the device.
+def engine_step(engine, next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]], grad_accum: int,
+                aux: dict | None = None) -> torch.Tensor:
+    """One optimizer step over ``grad_accum`` micro batches; the mean cross-entropy, still on the device.
 
-    No host sync here: the caller reads the loss once per step.
+    The objective is the cross-entropy plus the components' auxiliary losses (a mixture of
+    experts' load balancing), added before backward so that DeepSpeed scales, accumulates and
+    reduces them like the rest; ``aux``, if given, receives each one's mean. No host sync here:
+    the caller reads the numbers once per step.
     """
     total = None
     for _ in range(grad_accum):
         x, y = next_batch()
-        _, loss = engine(x, y)
-        engine.backward(loss)  # scaled by 1/grad_accum; all-reduced across ranks at the boundary
+        _, loss, terms = engine(x, y, return_aux=True)
+        objective = loss + sum(terms.values()) if terms else loss
+        engine.backward(objective)  # scaled by 1/grad_accum; all-reduced across ranks at the boundary
         engine.step()  # a no-op until the boundary, then clip, optimizer step, schedule step
         total = loss.detach() if total is None else total + loss.detach()
+        if aux is not None:
+            for name, value in terms.items():
+                aux[name] = aux.get(name, 0.0) + value.detach() / grad_accum
     return total / grad_accum
 
 

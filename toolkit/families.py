@@ -40,6 +40,7 @@ class Family:
     default: str | None  # the kind a recipe gets when it names none
     contract: str  # what the factory is called with and what it returns (toolkit.contracts has the details)
     in_model: bool = False  # part of the model: it shapes the weights, so a resume may not change it
+    per_layer: bool = False  # a recipe may choose it layer by layer ([model.layers.<name>])
     locations: tuple[str, ...] = ()  # module paths in a Transformer ("*" = every layer), for the conformance kit
     many: bool = False  # the recipe holds a list of them ([[eval]])
 
@@ -56,16 +57,20 @@ class Family:
 FAMILIES: tuple[Family, ...] = (
     Family("attention", "register_components", "model.attention", "mha",
            "factory(opts, dims) -> nn.Module; forward(x, position, pos, cache=None) -> y, x and y (B, T, C)",
-           in_model=True, locations=("transformer.h.*.attn",)),
+           in_model=True, per_layer=True, locations=("transformer.h.*.attn",)),
     Family("norm", "register_components", "model.norm", "layernorm",
            "factory(opts, dims, dim) -> nn.Module normalising the last dimension (of size dim)",
-           in_model=True, locations=("transformer.h.*.ln_1", "transformer.h.*.ln_2", "transformer.ln_f")),
+           in_model=True, per_layer=True, locations=("transformer.h.*.ln_*", "transformer.h.*.post_ln_*",
+                                                     "transformer.ln_f")),
     Family("position", "register_components", "model.position", "learned",
            "factory(opts, dims) -> toolkit.contracts.Position (embed, rotate, score_bias)",
            in_model=True, locations=("transformer.wpe",)),
     Family("mlp", "register_components", "model.mlp", "gelu",
            "factory(opts, dims) -> nn.Module; forward(x) -> y, both (B, T, C)",
-           in_model=True, locations=("transformer.h.*.mlp",)),
+           in_model=True, per_layer=True, locations=("transformer.h.*.mlp",)),
+    Family("block", "register_components", "model.block", "pre_norm",
+           "factory(opts, dims) -> nn.Module; forward(x, position, pos, cache=None) -> x; builds its parts "
+           "with dims.part(family)", in_model=True, per_layer=True, locations=("transformer.h.*",)),
     Family("optimizer", "register_optimizers", "train.optimizer", "adamw",
            "factory(opts, model, recipe) -> torch.optim.Optimizer; the schedule scales every group's lr"),
     Family("schedule", "register_schedules", "train.schedule", "cosine",
@@ -84,6 +89,7 @@ FAMILIES: tuple[Family, ...] = (
 _BY_NAME = {f.name: f for f in FAMILIES}
 NAMES: tuple[str, ...] = tuple(_BY_NAME)
 MODEL_FAMILIES: tuple[str, ...] = tuple(f.name for f in FAMILIES if f.in_model)
+PER_LAYER: tuple[str, ...] = tuple(f.name for f in FAMILIES if f.per_layer)
 
 
 def family(name: str) -> Family:
@@ -151,6 +157,17 @@ def as_spec(name: str):
 def _as_specs(name: str):
     one = as_spec(name)
     return lambda values: [one(v) for v in values] if isinstance(values, (list, tuple)) else values
+
+
+def layer_components(cls):
+    """Class decorator: an optional Spec field (default None: the model's own) for every per-layer family."""
+    annotations = dict(cls.__dict__.get("__annotations__", {}))
+    for name in PER_LAYER:
+        annotations[name] = SPEC_TYPES[name] | None
+        one = as_spec(name)
+        setattr(cls, name, attrs.field(default=None, converter=lambda v, one=one: None if v is None else one(v)))
+    cls.__annotations__ = annotations
+    return cls
 
 
 def components(section: str):

@@ -17,7 +17,8 @@ import torch
 
 from .engine import batch_plan, deepspeed_config
 from .errors import ConfigError
-from .model import Transformer
+from .families import PER_LAYER
+from .model import Transformer, select_layers
 from .recipe import Recipe, registry_of
 
 
@@ -145,8 +146,11 @@ def inspect_recipe(recipe: Recipe, world_size: int = 1, path: str = "") -> str:
     lines.append(
         f"model: {m.n_layer} layers x {m.n_head} heads (head dim {m.n_embd // m.n_head}), n_embd {m.n_embd}, "
         f"block_size {m.block_size}, vocab {m.vocab_size}, {'tied' if m.tie_embeddings else 'untied'} embeddings, "
-        f"{m.layout}-norm"
+        f"{m.block.kind} blocks"
     )
+    for name, group in m.layers.items():
+        chosen = ", ".join(f"{f} {getattr(group, f).kind}" for f in PER_LAYER if getattr(group, f) is not None)
+        lines.append(f"  layers {name} {select_layers(group.at, m.n_layer)}: {chosen or 'nothing of their own'}")
     lines.append("")
     lines.append(f"parameters and forward FLOPs per token (context T = {m.block_size}):")
     rows = []

@@ -10,7 +10,7 @@ References: GPT-2 (Radford et al. 2019), nanoGPT (Karpathy), Attention Is All Yo
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 import attrs
 import torch
@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import resolve_specs
 from .contracts import Dims, Position, flops_per_token
-from .families import SPEC_TYPES, components
+from .families import PER_LAYER, SPEC_TYPES, components, layer_components
 from .plugin_manager import default_registry
 from .registry import Registry
 
@@ -34,8 +34,50 @@ def _positive(_, attribute, value):
         raise ValueError(f"{attribute.name} must be > 0, got {value}")
 
 
+def select_layers(at, n_layer: int) -> list[int]:
+    """The layers ``at`` names: a slice as text ("1::2", "0:4", "-1") or a list of indices; ValueError if out of range."""
+    if isinstance(at, str):
+        parts = at.split(":")
+        try:
+            numbers = [int(p) if p.strip() else None for p in parts]
+        except ValueError:
+            raise ValueError(f'expected a slice such as "1::2" or a list of layer indices, got "{at}"') from None
+        if len(parts) == 1:
+            at = [numbers[0]]
+        elif len(parts) > 3 or numbers[-1] == 0 and len(parts) == 3:
+            raise ValueError(f'expected a slice such as "1::2" or a list of layer indices, got "{at}"')
+        else:
+            return list(range(n_layer))[slice(*numbers)]
+    out = []
+    for i in at:
+        if not -n_layer <= i < n_layer:
+            raise ValueError(f"layer {i} is out of range for n_layer {n_layer}")
+        out.append(i % n_layer)
+    return out
+
+
+def _layer_selection(_, attribute, value):
+    if isinstance(value, str) or (isinstance(value, list) and all(type(i) is int for i in value)):
+        return
+    raise ValueError(f'expected a slice such as "1::2" or a list of layer indices, got {value!r}')
+
+
 @attrs.frozen
-@components("model")  # attention, norm, position, mlp: one field each (toolkit.families)
+@layer_components  # attention, norm, mlp, block: each None (the model's) or a Spec for these layers
+class LayerGroup:
+    """Some layers' own components: ``[model.layers.<name>]`` with ``at`` and any of the per-layer families."""
+
+    at: Any = attrs.field(validator=_layer_selection)  # "1::2", "5::6", "-1", or [0, 11]
+
+
+def _layer_groups(value):
+    if isinstance(value, dict):
+        return {k: LayerGroup(**g) if isinstance(g, dict) else g for k, g in value.items()}
+    return value
+
+
+@attrs.frozen
+@components("model")  # attention, norm, position, mlp, block: one field each (toolkit.families)
 class ModelConfig:
     """The model's shape and its components. Defaults are GPT-2 124M (vocab padded to 50304)."""
 
@@ -47,35 +89,37 @@ class ModelConfig:
     dropout: float = attrs.field(default=0.0, converter=float, validator=[v.ge(0.0), v.lt(1.0)])
     bias: bool = attrs.field(default=True, validator=v.instance_of(bool))
     tie_embeddings: bool = attrs.field(default=True, validator=v.instance_of(bool))
-    layout: Literal["pre", "post"] = attrs.field(default="pre", validator=v.in_(("pre", "post")))
+    # the older spelling of block: "post" is block = "post_norm" ("pre", the default block, changes nothing)
+    layout: Literal["pre", "post"] | None = attrs.field(default=None, validator=v.optional(v.in_(("pre", "post"))))
+    # layers with components of their own, applied in order (a later group wins where two name a layer)
+    layers: dict[str, LayerGroup] = attrs.field(factory=dict, converter=_layer_groups)
 
     def __attrs_post_init__(self):
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.layout is not None:  # fold the old spelling into block, so both spellings are one config
+            if self.layout == "post" and self.block.kind not in ("pre_norm", "post_norm"):
+                raise ValueError(f"layout = \"post\" and block = \"{self.block.kind}\" disagree; give only block")
+            if self.layout == "post":
+                object.__setattr__(self, "block", SPEC_TYPES["block"]("post_norm"))
+            object.__setattr__(self, "layout", None)
+        for name, group in self.layers.items():
+            if not select_layers(group.at, self.n_layer):  # ValueError: out of range
+                raise ValueError(f"layers.{name}.at: {group.at!r} selects none of the {self.n_layer} layers")
 
-    def dims(self, build: Callable | None = None) -> Dims:
-        return Dims(self.n_embd, self.n_head, self.n_layer, self.block_size, self.vocab_size,
-                    self.dropout, self.bias, build)
+    def spec_at(self, family: str, layer: int | None):
+        """The Spec of ``family`` at ``layer`` (None: the model-wide choice)."""
+        spec = getattr(self, family)
+        if layer is not None:
+            for group in self.layers.values():
+                if getattr(group, family) is not None and layer in select_layers(group.at, self.n_layer):
+                    spec = getattr(group, family)
+        return spec
 
-
-class Block(nn.Module):
-    """One residual block: attention then MLP, each wrapped by a norm and a residual connection."""
-
-    def __init__(self, config: ModelConfig, dims: Dims, build: Callable):
-        super().__init__()
-        self.ln_1 = build("norm", config.norm, dims, config.n_embd)
-        self.attn = build("attention", config.attention, dims)
-        self.ln_2 = build("norm", config.norm, dims, config.n_embd)
-        self.mlp = build("mlp", config.mlp, dims)
-        self.post_norm = config.layout == "post"
-
-    def forward(self, x, position: Position, pos: torch.Tensor, cache: dict | None = None):
-        if self.post_norm:  # original Transformer (Vaswani et al. 2017): normalise after each residual add
-            x = self.ln_1(x + self.attn(x, position, pos, cache))
-            return self.ln_2(x + self.mlp(x))
-        # pre-norm (GPT-2): the residual stream stays un-normalised, which keeps deep stacks trainable
-        x = x + self.attn(self.ln_1(x), position, pos, cache)
-        return x + self.mlp(self.ln_2(x))
+    def dims(self, build: Callable | None = None, layer: int | None = None, record: Callable | None = None) -> Dims:
+        parts = {f: self.spec_at(f, layer) for f in PER_LAYER}
+        return Dims(self.n_embd, self.n_head, self.n_layer, self.block_size, self.vocab_size, self.dropout,
+                    self.bias, build, layer=layer, parts=parts, record=record)
 
 
 class Transformer(nn.Module):
@@ -86,19 +130,25 @@ class Transformer(nn.Module):
         registry = default_registry() if registry is None else registry
         self.config = config = resolve_specs(registry, config)  # typed options for every component
         build = registry.build_in
+        self.parts: list[tuple[str, str, nn.Module, int | None]] = []  # what each layer is made of
 
-        dims = config.dims(build)
+        def record(family, kind, module, layer):
+            self.parts.append((family, kind, module, layer))
+
         C, V = config.n_embd, config.vocab_size
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(V, C),
-                wpe=build("position", config.position, dims),
-                drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config, dims, build) for _ in range(config.n_layer)]),
-                # post-norm blocks already end in a norm; a second one would only add parameters
-                ln_f=build("norm", config.norm, dims, C) if config.layout == "pre" else nn.Identity(),
-            )
-        )
+        dims = config.dims(build, record=record)
+        wte = nn.Embedding(V, C)  # built in GPT-2's order, so a seed gives the same weights as ever
+        wpe = build("position", config.position, dims)
+        record("position", config.position.kind, wpe, None)
+        blocks = []
+        for i in range(config.n_layer):
+            block = build("block", config.spec_at("block", i), config.dims(build, i, record))
+            record("block", config.spec_at("block", i).kind, block, i)
+            blocks.append(block)
+        # a block that ends in a norm (post-norm) needs no final one: it would only add parameters
+        final = dims.part("norm", C, role="final") if getattr(blocks[-1], "final_norm", True) else nn.Identity()
+        self.transformer = nn.ModuleDict(dict(wte=wte, wpe=wpe, drop=nn.Dropout(config.dropout),
+                                              h=nn.ModuleList(blocks), ln_f=final))
         if not isinstance(self.transformer.wpe, Position):
             raise TypeError(f"position {config.position.kind!r} must build a toolkit.contracts.Position")
         self.lm_head = nn.Linear(C, V, bias=False)
@@ -111,6 +161,11 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        for module in {id(m): m for m in self.modules()}.values():  # then each component's own init
+            reset = getattr(type(module), "reset_parameters", None)
+            if reset is not None and not reset.__module__.startswith("torch."):
+                module.reset_parameters()
+        self._loss_sources = [m for m in self.modules() if isinstance(getattr(type(m), "aux_losses", None), dict)]
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -123,9 +178,17 @@ class Transformer(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
-                cache: list[dict] | None = None, start_pos: int = 0, last_only: bool = False):
-        """idx (B, T) token ids -> (logits (B, T, V) or (B, 1, V) if last_only, loss or None)."""
+                cache: list[dict] | None = None, start_pos: int = 0, last_only: bool = False,
+                return_aux: bool = False):
+        """idx (B, T) token ids -> (logits (B, T, V) or (B, 1, V) if last_only, loss or None).
+
+        ``loss`` is the cross-entropy. With ``return_aux`` a third item holds the components'
+        auxiliary losses, each summed over layers ({} when none adds any): the training objective
+        is loss + their sum (the engine step adds them before backward).
+        """
         B, T = idx.shape
+        for source in self._loss_sources:
+            source.aux_losses = {}
         position: Position = self.transformer.wpe
         if position.max_len is not None and start_pos + T > position.max_len:
             raise ValueError(f"sequence of {start_pos + T} tokens exceeds the positional limit {position.max_len}")
@@ -144,8 +207,23 @@ class Transformer(nn.Module):
         logits = self.lm_head(x)  # (B, T, V)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
-        return logits, loss
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        if not return_aux:
+            return logits, loss
+        aux: dict[str, torch.Tensor] = {}
+        for source in self._loss_sources:
+            for name, value in source.aux_losses.items():
+                aux[name] = aux[name] + value if name in aux else value
+        return logits, loss, aux
+
+    def component_metrics(self) -> dict[str, float]:
+        """Every component's ``metrics()``, averaged over the layers that have it: ``{"family/name": value}``."""
+        sums: dict[str, list[float]] = {}
+        for family, _, module, _ in self.parts:
+            if callable(getattr(module, "metrics", None)):
+                for name, value in module.metrics().items():
+                    sums.setdefault(f"{family}/{name}", []).append(float(value))
+        return {name: sum(vals) / len(vals) for name, vals in sums.items()}
 
     # -- generation ------------------------------------------------------------------------
     @torch.no_grad()
@@ -191,32 +269,37 @@ class Transformer(nn.Module):
         return n
 
     def component_report(self, seq_len: int | None = None) -> list[dict]:
-        """Parameters and forward FLOPs per token, per component (summed over layers), plus totals."""
+        """Parameters (all, and active per token) and forward FLOPs per token for each (family, kind),
+        summed over layers, plus a total row. A block counts only what its parts do not."""
         T = seq_len or self.config.block_size
-        rows: dict[str, dict] = {}
+        rows: dict[tuple[str, str], dict] = {}
 
-        def add(name, kind, module):
-            row = rows.setdefault(name, dict(component=name, kind=kind, params=0, flops_per_token=0))
-            row["params"] += sum(p.numel() for p in module.parameters())
-            row["flops_per_token"] += flops_per_token(module, T)
+        def add(family, kind, params, active, flops):
+            row = rows.setdefault((family, kind), dict(component=family, kind=kind, params=0, active_params=0,
+                                                       flops_per_token=0))
+            row["params"] += params
+            row["active_params"] += active
+            row["flops_per_token"] += flops
 
-        cfg = self.config
-        add("embedding", "wte", self.transformer.wte)
-        add("position", cfg.position.kind, self.transformer.wpe)
-        for block in self.transformer.h:
-            add("attention", cfg.attention.kind, block.attn)
-            add("norm", cfg.norm.kind, block.ln_1)
-            add("norm", cfg.norm.kind, block.ln_2)
-            add("mlp", cfg.mlp.kind, block.mlp)
-        add("norm", cfg.norm.kind, self.transformer.ln_f)
-        head = rows.setdefault("lm_head", dict(component="lm_head", kind="tied" if cfg.tie_embeddings else "linear",
-                                               params=0, flops_per_token=0))
-        head["params"] = 0 if cfg.tie_embeddings else self.lm_head.weight.numel()
-        head["flops_per_token"] = 2 * self.lm_head.weight.numel()
-        rows["embedding"]["flops_per_token"] = 0  # a lookup, not a matmul
+        wte = self.transformer.wte.weight.numel()
+        add("embedding", "wte", wte, wte, 0)  # a lookup, not a matmul
+        in_parts = set()
+        for family, kind, module, _ in self.parts:
+            if family == "block":
+                continue
+            n = sum(p.numel() for p in module.parameters())
+            in_parts |= {id(p) for p in module.parameters()}
+            active = module.active_params() if callable(getattr(module, "active_params", None)) else n
+            add(family, kind, n, active, flops_per_token(module, T))
+        for family, kind, module, _ in self.parts:
+            if family == "block":  # its own parameters, if any (a learned residual scale, ...)
+                own = sum(p.numel() for p in module.parameters() if id(p) not in in_parts)
+                add("block", kind, own, own, int(module.flops_per_token(T)) if hasattr(module, "flops_per_token") else 0)
+        head = 0 if self.config.tie_embeddings else self.lm_head.weight.numel()
+        add("lm_head", "tied" if self.config.tie_embeddings else "linear", head, head, 2 * self.lm_head.weight.numel())
         out = list(rows.values())
-        out.append(dict(component="total", kind="", params=sum(r["params"] for r in out),
-                        flops_per_token=sum(r["flops_per_token"] for r in out)))
+        out.append(dict(component="total", kind="", **{k: sum(r[k] for r in out)
+                                                        for k in ("params", "active_params", "flops_per_token")}))
         return out
 
     def flops_per_token(self, seq_len: int | None = None) -> int:

@@ -34,7 +34,7 @@ from .config import (ValueTypeError, _show, build, errors_to_lines, format_error
                      structure_fields)
 from .errors import ConfigError, PluginLoadError
 from .families import components
-from .model import ModelConfig
+from .model import ModelConfig, select_layers
 from .plugin_manager import is_path_spec, load_registry
 from .registry import Registry
 
@@ -487,22 +487,32 @@ def _cross_checks(s: dict[str, dict], model: ModelConfig | None, registry: Regis
 
 
 def _model_component_checks(model: ModelConfig, registry: Registry) -> list[str]:
-    """Build each model component once on the meta device: a factory that refuses its options for
-    this model's shape raises ConfigError (e.g. gqa's n_kv_head must divide n_head); a position
-    reports the longest sequence it can encode as ``max_len``."""
+    """Build each model component once on the meta device, for the model and for each layer group:
+    a factory that refuses its options for this model's shape raises ConfigError (e.g. gqa's
+    n_kv_head must divide n_head); a position reports the longest sequence it can encode as ``max_len``."""
     build = registry.build_in
-    dims = model.dims(build)
     out: list[str] = []
-    built = {}
-    for family, extra in (("position", ()), ("attention", ()), ("norm", (model.n_embd,)), ("mlp", ())):
+    # (recipe path, family, spec, the layer it is first used at) for the model's choices and each group's
+    choices = []
+    for family in ("position", *families.PER_LAYER):  # blocks last: they build the others again
+        choices.append((f"$.model.{family}", family, getattr(model, family), 0))
+        for name, group in model.layers.items():
+            if family in families.PER_LAYER and getattr(group, family) is not None:
+                first = select_layers(group.at, model.n_layer)[0]
+                choices.append((f"$.model.layers.{name}.{family}", family, getattr(group, family), first))
+    built, said = {}, set()
+    for path, family, spec, layer in choices:
+        dims = model.dims(build, layer)
+        args = {"norm": (model.n_embd,)}.get(family, ())
         try:
             with torch.device("meta"):
-                built[family] = build(family, getattr(model, family), dims, *extra)
-        except ConfigError as exc:
-            out += [f"$.model.{family}: {line}" for line in exc.lines]
+                built[path] = build(family, spec, attrs.evolve(dims, parts={**dims.parts, family: spec}), *args)
+        except ConfigError as exc:  # a block says again what its parts said: once is enough
+            out += [f"{path}: {line}" for line in exc.lines if line not in said]
+            said.update(exc.lines)
         except Exception:  # noqa: BLE001 - not a recipe problem; building the model for real will say what
             pass
-    limit = getattr(built.get("position"), "max_len", None)
+    limit = getattr(built.get("$.model.position"), "max_len", None)
     if isinstance(limit, int) and model.block_size > limit:
         out.append(f"$.model.block_size: position '{model.position.kind}' encodes at most {limit} positions, "
                    f"got block_size {model.block_size}")

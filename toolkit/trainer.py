@@ -99,11 +99,11 @@ class Trainer:
         while self.step < cfg.max_steps:
             lr = self.lr_of(self.step)
             t0 = time.perf_counter()
-            loss, grad_norm = self.read_step(self.train_step())  # the one host sync of the step
-            self.check_finite(loss)  # NaN/inf: stop before anything of this step is logged or saved
+            loss, grad_norm, aux = self.read_step(*self.train_step())  # the one host sync of the step
+            self.check_finite(loss + sum(aux.values()))  # NaN/inf: stop before anything of this step is kept
             self.step += 1
             self.tokens += self.plan.tokens_per_step
-            self.log(loss, lr, grad_norm, time.perf_counter() - t0)
+            self.log(loss, lr, grad_norm, aux, time.perf_counter() - t0)
             last = self.step == cfg.max_steps
             if self.step % cfg.eval_interval == 0 or last:
                 self.evaluate()
@@ -216,25 +216,30 @@ class Trainer:
         dist.barrier()
 
     # -- one step --------------------------------------------------------------------------
-    def train_step(self) -> torch.Tensor:
-        """One optimizer step over grad_accum micro batches; the mean loss, still on the device."""
-        return engine_step(self.engine, self.next_batch, self.plan.grad_accum)
+    def train_step(self) -> tuple[torch.Tensor, dict]:
+        """One optimizer step over grad_accum micro batches: the mean cross-entropy and the mean of each
+        auxiliary loss, still on the device."""
+        aux: dict = {}
+        return engine_step(self.engine, self.next_batch, self.plan.grad_accum, aux), aux
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.train_loader.next_batch()
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
-    def read_step(self, loss: torch.Tensor) -> tuple[float, float | None]:
-        """(loss averaged over ranks, gradient norm before clipping) as Python floats."""
+    def read_step(self, loss: torch.Tensor, aux: dict) -> tuple[float, float | None, dict[str, float]]:
+        """(loss, gradient norm before clipping, auxiliary losses), averaged over ranks, as Python floats."""
+        losses = torch.stack([loss.detach().float(), *(v.float() for v in aux.values())])
         if self.world_size > 1:
-            loss = loss.detach().clone().float()
-            dist.all_reduce(loss)  # SUM: gloo has no AVG
-            loss = loss / self.world_size
+            losses = losses.clone()
+            dist.all_reduce(losses)  # SUM: gloo has no AVG
+            losses = losses / self.world_size
         norm = self.engine.get_global_grad_norm()
         if isinstance(norm, torch.Tensor):
-            values = torch.stack([loss.float(), norm.detach().to(loss.device, torch.float32)]).tolist()
-            return values[0], values[1]
-        return loss.item(), (float(norm) if norm is not None else None)
+            values = torch.cat([losses, norm.detach().to(losses.device, torch.float32).reshape(1)]).tolist()
+            values, norm = values[:-1], values[-1]
+        else:
+            values, norm = losses.tolist(), (float(norm) if norm is not None else None)
+        return values[0], norm, dict(zip(aux, values[1:]))
 
     # -- stopping: signals and divergence ----------------------------------------------------------
     def check_finite(self, loss: float) -> None:
@@ -282,16 +287,22 @@ class Trainer:
             self.folder.append_samples(self.step, texts, self.recipe.generate)
         return texts
 
-    def log(self, loss: float, lr: float, grad_norm: float | None, dt: float) -> None:
-        """Record one step: a metrics line, the throughput, the progress display."""
+    def log(self, loss: float, lr: float, grad_norm: float | None, aux: dict[str, float], dt: float) -> None:
+        """Record one step: a metrics line (with the auxiliary losses, and every log_interval the
+        components' own metrics), the throughput, the progress display."""
         tokens_per_s = self.plan.tokens_per_step / dt
         mfu = None
         if self.peak is not None:  # training ~ 3x forward FLOPs (forward + backward)
             mfu = 3 * self.flops_per_token * tokens_per_s / (self.peak * self.world_size)
         if self.folder:
-            self.folder.write_metrics({"type": "train", "step": self.step, "tokens": self.tokens, "loss": loss,
-                                       "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "mfu": mfu,
-                                       "elapsed": self.elapsed()})
+            row = {"type": "train", "step": self.step, "tokens": self.tokens, "loss": loss, "lr": lr,
+                   "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "mfu": mfu, "elapsed": self.elapsed()}
+            if aux:
+                row.update({f"aux/{name}": value for name, value in aux.items()}, **{"aux/total": sum(aux.values())})
+            # ZeRO 3 keeps only a shard of each weight on a rank: metrics read from weights would be wrong
+            if self.step % self.cfg.log_interval == 0 and self.recipe.deepspeed.zero_stage < 3:
+                row.update(self.engine.module.component_metrics())
+            self.folder.write_metrics(row)
         self.display.step(self.step, loss, lr, tokens_per_s, mfu, dt)  # shows nothing on other ranks
 
     def elapsed(self) -> float:

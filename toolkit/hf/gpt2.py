@@ -57,7 +57,6 @@ def gpt2_config_from_hf(hf: dict, *, dropout: float = 0.0, where: str = "GPT-2 c
         dropout=dropout,
         bias=True,
         tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
-        layout="pre",
         attention="mha",
         norm={"kind": "layernorm", "eps": float(hf.get("layer_norm_epsilon", 1e-5))},
         position="learned",
@@ -106,13 +105,14 @@ def hf_config_from_gpt2(model: Transformer) -> dict:
     """The HF ``config.json`` dict for a model that GPT-2 can express; HFFormatError says why not otherwise."""
     model = _unwrap(model)
     cfg = model.config  # its specs carry typed options (the model resolved them)
-    wants = {"attention": ("mha",), "norm": ("layernorm",), "position": ("learned",), "mlp": ("gelu", "relu")}
+    wants = {"attention": ("mha",), "norm": ("layernorm",), "position": ("learned",), "mlp": ("gelu", "relu"),
+             "block": ("pre_norm",)}
     problems = [
         f"{fam} {getattr(cfg, fam).kind!r} (GPT-2 has {' or '.join(map(repr, kinds))})"
         for fam, kinds in wants.items() if getattr(cfg, fam).kind not in kinds
     ]
-    if cfg.layout != "pre":
-        problems.append(f"layout {cfg.layout!r} (GPT-2 is pre-norm)")
+    if cfg.layers:
+        problems.append(f"layers with components of their own ({', '.join(cfg.layers)})")
     if not problems and getattr(cfg.attention.options, "qk_norm", None) is not None:
         problems.append("attention qk_norm (GPT-2 has none)")
     if problems:

@@ -65,7 +65,6 @@ def llama_config_from_hf(hf: dict, *, dropout: float = 0.0, where: str = "Llama 
         dropout=dropout,
         bias=False,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        layout="pre",
         attention={"kind": "gqa", "n_kv_head": nkv},
         norm={"kind": "rmsnorm", "eps": float(hf.get("rms_norm_eps", 1e-6))},
         position={"kind": "rope", "theta": _rope_theta(hf, where)},

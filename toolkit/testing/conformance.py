@@ -51,6 +51,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import traceback
 from typing import Callable
 
@@ -108,9 +109,9 @@ class Subject:
         """Where this component sits in ``model`` (module names, from its family's ``locations``)."""
         names = dict(model.named_modules())
         paths = []
-        for pattern in families.family(self.family).locations:
-            layers = range(len(model.transformer.h)) if "*" in pattern else [None]
-            paths += [p for i in layers if (p := pattern.replace("*", str(i))) in names]
+        for pattern in families.family(self.family).locations:  # "*": one name part (a layer index, ...)
+            regex = re.compile(re.escape(pattern).replace(r"\*", r"[^.]+") + "$")
+            paths += [p for p in names if regex.match(p) and p not in paths]
         # only modules this component built (a post-norm model has an nn.Identity for ln_f)
         comp = self.registry.get(self.family, self.name)
         factory = comp.factory if isinstance(comp.factory, type) else None
@@ -255,7 +256,7 @@ def _check_module_shapes(subject: Subject, model: Transformer, dtype: torch.dtyp
                 raise ConformanceError(f"score_bias(q_pos[3], k_pos[{T}]) has shape {tuple(bias.shape)}, expected ({nh}, 3, {T})")
             if not torch.isfinite(bias).all():
                 raise ConformanceError("score_bias has non-finite values (leave masking to attend)")
-    elif subject.family == "attention":
+    elif subject.family in ("attention", "block"):
         checks = [("forward(x, position, pos)", module(x, position, pos), x)]
     else:  # norm, mlp: (B, T, C) -> (B, T, C)
         checks = [("forward(x)", module(x), x)]
@@ -419,8 +420,8 @@ def _behaviour(subject: Subject, **changes) -> None:
 
 
 def partner_family(family: str) -> str:
-    """Which family a component is crossed with: positions with every attention, the rest with every position."""
-    return "attention" if family == "position" else "position"
+    """Which family a component is crossed with: positions and blocks with every attention, the rest with every position."""
+    return "attention" if family in ("position", "block") else "position"
 
 
 def check_partners(subject: Subject, **_) -> None:
@@ -442,7 +443,8 @@ def check_partners(subject: Subject, **_) -> None:
 
 
 def check_post_norm(subject: Subject, **_) -> None:
-    _behaviour(subject, layout="post")
+    if subject.family != "block":  # a block is its own layout
+        _behaviour(subject, block=SPEC_TYPES["block"]("post_norm"))
 
 
 def check_backends(subject: Subject, **_) -> None:

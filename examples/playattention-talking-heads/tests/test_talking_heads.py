@@ -62,3 +62,12 @@ def test_inverse_sqrt_schedule_warms_up_then_decays_with_the_square_root_of_the_
     schedule = PluginManager().registry.build(SPEC_TYPES["schedule"]("inverse_sqrt"), TrainConfig(lr=1.0, warmup_steps=4))
     assert [schedule(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]  # linear warmup to train.lr
     assert schedule(15) == 0.5 and schedule(63) == 0.25  # lr * sqrt(4 / 16), lr * sqrt(4 / 64)
+
+
+def test_mixing_matrices_are_exempt_from_weight_decay():
+    from toolkit.plugins.optimizers import param_groups
+
+    model = small({"kind": "talking_heads"})
+    no_decay = next(g for g in param_groups(model, 0.1) if g["weight_decay"] == 0.0)
+    mixes = [m.mix_logits for m in model.modules() if hasattr(m, "mix_logits")]
+    assert mixes and all(any(p is m for p in no_decay["params"]) for m in mixes)

@@ -9,7 +9,7 @@ import torch
 from attrs import validators as v
 from torch import nn
 
-from toolkit.contracts import Dims, update_cache
+from toolkit.contracts import Dims, hint, update_cache
 from toolkit.hookspecs import hookimpl
 
 __version__ = "0.1.0"
@@ -33,9 +33,10 @@ class TalkingHeadsAttention(nn.Module):
         self.c_attn = nn.Linear(C, 3 * C, bias=dims.bias)  # rows [q; k; v], GPT-2's layout
         self.c_proj = nn.Linear(C, C, bias=dims.bias)
         # (nh, nh) mixing matrices P_l and P_w of the paper; identity at init, so the layer starts as
-        # multi-head attention (the model's init only touches nn.Linear and nn.Embedding)
-        self.mix_logits = nn.Parameter(torch.eye(nh)) if opts.mix in ("both", "logits") else None
-        self.mix_weights = nn.Parameter(torch.eye(nh)) if opts.mix in ("both", "weights") else None
+        # multi-head attention (the model's init only touches nn.Linear and nn.Embedding). Weight
+        # decay would pull them towards zero, not towards that identity: exempt them.
+        self.mix_logits = hint(nn.Parameter(torch.eye(nh)), weight_decay=False) if opts.mix in ("both", "logits") else None
+        self.mix_weights = hint(nn.Parameter(torch.eye(nh)), weight_decay=False) if opts.mix in ("both", "weights") else None
         self.attn_dropout = nn.Dropout(dims.dropout)
         self.resid_dropout = nn.Dropout(dims.dropout)
 

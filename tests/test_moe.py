@@ -1,0 +1,89 @@
+"""The mixture-of-experts MLP and the contract it rests on: auxiliary losses added before backward
+(so accumulation and DeepSpeed apply), component metrics, active parameters."""
+import copy
+import json
+
+import pytest
+import torch
+
+from toolkit.config import structure
+from toolkit.engine import build_engine, engine_step
+from toolkit.model import ModelConfig, Transformer
+from toolkit.plugin_manager import default_registry
+from toolkit.recipe import DeepSpeedConfig, Recipe, TrainConfig, load_recipe
+from toolkit.trainer import train
+
+MOE = {"kind": "moe", "experts": 4, "top_k": 2, "load_balance": 0.5, "router_z": 0.1,
+       "expert": {"kind": "gelu", "multiplier": 2.0}}
+
+
+def config(**changes) -> ModelConfig:
+    return structure(default_registry(), {"vocab_size": 50, "block_size": 12, "n_layer": 2, "n_head": 2,
+                                          "n_embd": 16, "mlp": MOE, **changes}, ModelConfig)
+
+
+def test_each_token_is_the_weighted_sum_of_its_top_k_experts():
+    torch.manual_seed(0)
+    moe = Transformer(config()).transformer.h[0].mlp
+    x = torch.randn(2, 5, 16)
+    probs = moe.router(x).float().softmax(-1)  # (B, T, E)
+    top, chosen = probs.topk(2, dim=-1)
+    weights = top / top.sum(-1, keepdim=True)
+    want = torch.zeros_like(x)
+    for b in range(2):
+        for t in range(5):
+            for j in range(2):
+                want[b, t] += weights[b, t, j] * moe.experts[int(chosen[b, t, j])](x[b, t])
+    torch.testing.assert_close(moe(x), want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_uniform_router_gives_a_load_balance_loss_of_exactly_alpha():
+    moe = Transformer(config()).transformer.h[0].mlp
+    torch.nn.init.zeros_(moe.router.weight)  # every expert equally likely: P_e = 1/E, and sum_e f_e = 1
+    moe(torch.randn(2, 5, 16))
+    assert moe.aux_losses["load_balance"].item() == pytest.approx(0.5)
+    assert moe.aux_losses["router_z"].item() == pytest.approx(0.1 * torch.log(torch.tensor(4.0)).item() ** 2)
+
+
+def test_the_gradient_is_that_of_loss_plus_the_aux_losses_under_gradient_accumulation():
+    recipe = Recipe(model=config(), train=TrainConfig(micro_batch=2, grad_accum=2, lr=1e-3, warmup_steps=0,
+                                                      max_steps=2), deepspeed=DeepSpeedConfig())
+    torch.manual_seed(0)
+    model = Transformer(recipe.model)
+    by_hand = copy.deepcopy(model)
+    engine = build_engine(model, recipe).engine
+    engine.step = lambda *a, **k: None  # keep the accumulated gradients instead of stepping
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 50, (2, 13), generator=g) for _ in range(2)]
+    feed = iter(batches)
+    aux = {}
+    engine_step(engine, lambda: (lambda b: (b[:, :-1], b[:, 1:]))(next(feed)), 2, aux)
+    for b in batches:
+        _, loss, terms = by_hand(b[:, :-1], b[:, 1:], return_aux=True)
+        ((loss + terms["load_balance"] + terms["router_z"]) / 2).backward()
+    for (name, p), q in zip(model.named_parameters(), by_hand.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+    router = dict(model.named_parameters())["transformer.h.0.mlp.router.weight"]
+    assert router.grad.abs().sum() > 0 and set(aux) == {"load_balance", "router_z"}
+
+
+def test_inspect_counts_the_active_parameters_of_a_token():
+    model = Transformer(config())
+    row = next(r for r in model.component_report() if r["kind"] == "moe")
+    expert = sum(p.numel() for p in model.transformer.h[0].mlp.experts[0].parameters())
+    assert row["params"] == 2 * (16 * 4 + 4 * expert)  # two layers: router + 4 experts each
+    assert row["active_params"] == 2 * (16 * 4 + 2 * expert)
+
+
+def test_training_logs_each_aux_loss_the_total_and_the_experts_metrics(tmp_path, tiny_recipe):
+    path = tiny_recipe(tmp_path, {"model.mlp": MOE, "train.max_steps": 4, "train.log_interval": 2,
+                                  "train.eval_interval": 4})
+    summary = train(load_recipe(path), run_dir=tmp_path / "run", progress=False)
+    assert summary["status"] == "finished"
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if r["type"] == "train"]
+    assert all({"aux/load_balance", "aux/router_z", "aux/total"} <= r.keys() for r in steps)
+    assert all(r["aux/total"] == pytest.approx(r["aux/load_balance"] + r["aux/router_z"]) for r in steps)
+    assert all(r["loss"] > 3.0 for r in steps)  # the cross-entropy alone, not the objective
+    logged = [r for r in steps if "mlp/expert_load_max" in r]
+    assert [r["step"] for r in logged] == [2, 4] and all(1.0 <= r["mlp/expert_load_max"] <= 4.0 for r in logged)
