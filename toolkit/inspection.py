@@ -1,8 +1,10 @@
 """`playattention inspect`: what a recipe costs before it runs.
 
-Parameters and forward FLOPs per token per component (the model is built on the ``meta`` device:
-shapes without storage, so GPT-2 124M inspects instantly), the batch arithmetic, the derived
-DeepSpeed config, and an estimate of memory per GPU for ZeRO stages 0 to 3.
+Parameters (all, and active per token) and forward FLOPs per token per component, the KV cache
+each attention keeps, the activations each component saves for the backward pass, the batch
+arithmetic, the derived DeepSpeed config, and memory per GPU for ZeRO stages 0 to 3. The model is
+built and run on the ``meta`` device (shapes without storage), so GPT-2 124M inspects instantly and
+what is measured is what this implementation of each component really keeps.
 
 Counting references: Kaplan et al. 2020 (C = 6N per token), PaLM (Chowdhery et al. 2022, App. B:
 6N + 12·L·H·Q·T with attention), ZeRO (Rajbhandari et al. 2020, §3: 2Ψ + 2Ψ + KΨ with K = 12 for
@@ -63,7 +65,90 @@ def state_bytes_per_param(precision: str) -> tuple[int, int, int]:
     return (2, 2, 12) if precision in ("bf16", "fp16") else (4, 4, 8)
 
 
+def _width(recipe: Recipe) -> int:
+    return 2 if recipe.deepspeed.precision in ("bf16", "fp16") else 4
+
+
+def _parts_of(model: Transformer) -> dict[int, tuple[str, str]]:
+    """Each module of the model -> the (family, kind) of the part it belongs to (the innermost part)."""
+    owner: dict[int, tuple[str, str]] = {}
+    for family, kind, module, _ in sorted(model.parts, key=lambda p: p[0] != "block"):  # blocks first, parts win
+        for sub in module.modules():
+            owner[id(sub)] = (family, kind)
+    return owner
+
+
+class _FusedAttention(torch.autograd.Function):
+    """What a fused SDPA kernel (flash, memory-efficient) keeps for backward: q, k, v, the output, a
+    log-sum-exp per query and the mask if there is one. On the meta device SDPA always spells out the
+    T x T score matrix, which the kernels that train models never store."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask):
+        out = q.new_empty((*q.shape[:-1], v.size(-1)))
+        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)  # (B, nh, T)
+        ctx.save_for_backward(q, k, v, out, lse, *([mask] if mask is not None else []))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v = ctx.saved_tensors[:3]
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None
+
+
+def _fused_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    return _FusedAttention.apply(q, k, v, attn_mask)
+
+
+def measured_activations(recipe: Recipe, model: Transformer | None = None) -> dict[tuple[str, str], int] | None:
+    """Bytes that each (family, kind) saves for the backward pass of one micro batch, measured with
+    autograd's saved-tensor hooks on the meta device; None if a component cannot run there."""
+    m, t = recipe.model, recipe.train
+    model = model or build_meta_model(recipe)
+    if _width(recipe) == 2:
+        model = model.to(torch.bfloat16)
+    model.activation_checkpointing = t.activation_checkpointing
+    model.train()
+    owner, stack = _parts_of(model), [("model", "embedding, loss")]
+    saved: dict[tuple[str, str], int] = {}
+    weights = {id(p) for p in model.parameters()}
+
+    def pack(tensor):  # weights a layer keeps for its backward are the model's, not activations
+        if id(tensor) not in weights and id(tensor._base) not in weights:
+            saved[stack[-1]] = saved.get(stack[-1], 0) + tensor.numel() * tensor.element_size()
+        return tensor
+
+    def enter(mod, args):
+        stack.append(owner[id(mod)])
+
+    def leave(mod, args, out):  # returns None: a forward hook's return value would replace the output
+        stack.pop()
+
+    handles = [h for mod in model.modules() if id(mod) in owner
+               for h in (mod.register_forward_pre_hook(enter), mod.register_forward_hook(leave))]
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    torch.nn.functional.scaled_dot_product_attention = _fused_sdpa  # what the kernels keep, not meta's math
+    try:
+        idx = torch.zeros((t.micro_batch, m.block_size), dtype=torch.long, device="meta")
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+            model(idx, idx)
+    except Exception:  # noqa: BLE001 - a component with data-dependent shapes: fall back to the estimate
+        return None
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = sdpa
+        for h in handles:
+            h.remove()
+    return saved
+
+
 def activation_bytes(recipe: Recipe) -> int:
+    """Activation memory of one micro batch for the backward pass: measured on the meta device
+    (:func:`measured_activations`), or :func:`estimated_activation_bytes` where that cannot run."""
+    measured = measured_activations(recipe)
+    return sum(measured.values()) if measured is not None else estimated_activation_bytes(recipe)
+
+
+def estimated_activation_bytes(recipe: Recipe) -> int:
     """Estimated activation memory of one micro batch for the backward pass.
 
     Per layer 34·s·b·h bytes in 16 bit (Korthikanti et al. 2022) for a GPT-2-shaped block, scaled
@@ -86,7 +171,27 @@ def activation_bytes(recipe: Recipe) -> int:
     return int(blocks + logits)
 
 
-def memory_per_gpu(recipe: Recipe, n_params: int, world_size: int = 1) -> list[dict]:
+def kv_cache(model: Transformer, precision: str) -> list[dict]:
+    """What each layer's attention keeps in its KV cache: bytes per cached token and how many tokens
+    it keeps of a full context, measured by running each attention on the meta device."""
+    T, C = model.config.block_size, model.config.n_embd
+    width = 2 if precision in ("bf16", "fp16") else 4
+    position, rows = model.transformer.wpe, []
+
+    def cached(attn, n: int) -> int:
+        cache: dict = {}
+        attn(torch.zeros((1, n, C), device="meta"), position, torch.arange(n, device="meta"), cache)
+        return sum(v.numel() for k, v in cache.items() if isinstance(v, torch.Tensor) and k != "pos")
+
+    for i, block in enumerate(model.transformer.h):
+        per_token = cached(block.attn, 1)
+        kept = cached(block.attn, T) // per_token if per_token else 0
+        rows.append(dict(layer=i, kind=model.config.spec_at("attention", i).kind, bytes_per_token=per_token * width,
+                         tokens_kept=kept, bytes=kept * per_token * width))
+    return rows
+
+
+def memory_per_gpu(recipe: Recipe, n_params: int, world_size: int = 1, activations: int | None = None) -> list[dict]:
     """Estimated bytes per GPU for ZeRO stages 0-3: weights, gradients, optimizer states, activations.
 
     Stage 1 shards the optimizer states over the ``world_size`` ranks, stage 2 also the gradients,
@@ -94,7 +199,7 @@ def memory_per_gpu(recipe: Recipe, n_params: int, world_size: int = 1) -> list[d
     in host memory and are left out of the GPU total.
     """
     wb, gb, ob = state_bytes_per_param(recipe.deepspeed.precision)
-    act = activation_bytes(recipe)
+    act = activation_bytes(recipe) if activations is None else activations
     n, N = n_params, world_size
     rows = []
     for stage in range(4):
@@ -153,11 +258,39 @@ def inspect_recipe(recipe: Recipe, world_size: int = 1, path: str = "") -> str:
         lines.append(f"  layers {name} {select_layers(group.at, m.n_layer)}: {chosen or 'nothing of their own'}")
     lines.append("")
     lines.append(f"parameters and forward FLOPs per token (context T = {m.block_size}):")
+    sparse = any(r["active_params"] != r["params"] for r in report)  # a mixture of experts: say what a token uses
     rows = []
     for r in report:
-        rows.append([r["component"], r["kind"], f"{r['params']:,}", f"{100 * r['params'] / total['params']:.1f}%",
-                     f"{r['flops_per_token']:,}", f"{100 * r['flops_per_token'] / max(total['flops_per_token'], 1):.1f}%"])
-    lines += _table(["component", "kind", "params", "", "fwd FLOPs/token", ""], rows, {2, 3, 4, 5})
+        if r["component"] == "block" and not r["params"] and not r["flops_per_token"]:
+            continue  # a block that only wires its parts together
+        row = [r["component"], r["kind"], f"{r['params']:,}", f"{100 * r['params'] / total['params']:.1f}%"]
+        row += [f"{r['active_params']:,}"] if sparse else []
+        rows.append(row + [f"{r['flops_per_token']:,}",
+                           f"{100 * r['flops_per_token'] / max(total['flops_per_token'], 1):.1f}%"])
+    header = ["component", "kind", "params", "", *(["active"] if sparse else []), "fwd FLOPs/token", ""]
+    lines += _table(header, rows, set(range(2, len(header))))
+
+    cache = kv_cache(model, ds.precision)
+    lines.append("")
+    lines.append(f"KV cache ({'16' if _width(recipe) == 2 else '32'}-bit, one sequence of {m.block_size} tokens):")
+    kinds: dict[str, list[dict]] = {}
+    for r in cache:
+        kinds.setdefault(r["kind"], []).append(r)
+    cache_rows = [[kind, str(len(rs)), f"{rs[0]['bytes_per_token']:,}", f"{rs[0]['tokens_kept']:,}",
+                   _gib(sum(r["bytes"] for r in rs))] for kind, rs in kinds.items()]
+    cache_rows.append(["total", str(len(cache)), f"{sum(r['bytes_per_token'] for r in cache):,}", "",
+                       _gib(sum(r["bytes"] for r in cache))])
+    lines += _table(["attention", "layers", "bytes/token/layer", "tokens kept", "per sequence"], cache_rows, {1, 2, 3, 4})
+
+    measured = measured_activations(recipe, model)
+    if measured is not None:
+        lines.append("")
+        lines.append(f"activations saved for backward, measured (micro batch {t.micro_batch} x {m.block_size}"
+                     f"{', activation checkpointing' if t.activation_checkpointing else ''}):")
+        act_total = sum(measured.values())
+        act_rows = [[family, kind, _gib(n), f"{100 * n / max(act_total, 1):.1f}%"]
+                    for (family, kind), n in sorted(measured.items(), key=lambda kv: -kv[1])]
+        lines += _table(["component", "kind", "bytes", ""], act_rows + [["total", "", _gib(act_total), ""]], {2, 3})
 
     check = flops_check(recipe, model, report)
     lines.append("")
@@ -199,7 +332,8 @@ def inspect_recipe(recipe: Recipe, world_size: int = 1, path: str = "") -> str:
         "CUDA context, temporary buffers and fragmentation not counted):"
     )
     mem_rows = []
-    for r in memory_per_gpu(recipe, n, world_size):
+    act = sum(measured.values()) if measured is not None else estimated_activation_bytes(recipe)
+    for r in memory_per_gpu(recipe, n, world_size, act):
         optim = _gib(r["optimizer"]) + (" (host)" if r["optimizer_on_host"] else "")
         mark = "  <- recipe" if r["stage"] == ds.zero_stage else ""
         mem_rows.append([f"ZeRO {r['stage']}", _gib(r["weights"]), _gib(r["grads"]), optim, _gib(r["activations"]),
