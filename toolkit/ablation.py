@@ -482,12 +482,12 @@ def recipe_diff(recipe: Recipe, baseline: Recipe) -> tuple[str, ...]:
     registry = registry_of(recipe)
     converter = make_converter(registry)
     changed_kind = {}  # recipe place of a component whose kind changed -> that kind's default options
-    for fam in families.FAMILIES:
-        if not fam.where or fam.many:
-            continue
-        kind = mine.get(f"{fam.where}.kind")
-        if kind != base.get(f"{fam.where}.kind") and (fam.name, kind) in registry:
-            changed_kind[fam.where] = _flat(converter.unstructure(registry.get(fam.name, kind).options()))
+    places = [(fam.where, fam.name) for fam in families.FAMILIES if fam.where and not fam.many]
+    places += [(f"model.layers.{group}.{name}", name) for group in recipe.model.layers for name in families.PER_LAYER]
+    for where, name in places:
+        kind = mine.get(f"{where}.kind")
+        if kind != base.get(f"{where}.kind") and (name, kind) in registry:
+            changed_kind[where] = _flat(converter.unstructure(registry.get(name, kind).options()))
     out = []
     for key, value in mine.items():
         if key in ("name", "description", "train.seed") or base.get(key, object()) == value:
