@@ -1,5 +1,7 @@
 """The conformance kit over every built-in component, over component grids, and against broken components
 (a kit that passes everything would prove nothing)."""
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -185,7 +187,105 @@ class WrongBias(Position):
         return -(k_pos[None, None, :] - k_pos[:, None]).abs().float()  # (Tk, Tk): wrong shape once cached
 
 
+class LateLeak(Leaky):
+    """Attention whose causal mask stops at position 20: later queries see the future (the kit's old 16-token model missed it)."""
+
+    def forward(self, x, position, pos, cache=None):
+        q, k, v = self.heads(x)
+        q, k = position.rotate(q, k, pos)
+        k, v, k_pos = update_cache(cache, k, v, pos)
+        visible = (k_pos[None, :] <= pos[:, None]) | (pos[:, None] >= 20)  # (Tq, Tk)
+        mask = torch.zeros(visible.shape).masked_fill(~visible, float("-inf"))
+        return self.merge(torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+
+
+class ShortMemory(Leaky):
+    """Attention whose KV cache keeps only the last 20 keys."""
+
+    def forward(self, x, position, pos, cache=None):
+        q, k, v = self.heads(x)
+        q, k = position.rotate(q, k, pos)
+        k, v, k_pos = update_cache(cache, k, v, pos)
+        if cache is not None:
+            cache["k"], cache["v"], cache["pos"] = cache["k"][:, :, -20:], cache["v"][:, :, -20:], cache["pos"][-20:]
+        return self.merge(attend(q, k, v, pos, k_pos, position))
+
+
+class OverScaled(Leaky):
+    """Attention that divides q.k by the head dimension instead of its square root."""
+
+    def forward(self, x, position, pos, cache=None):
+        q, k, v = self.heads(x)
+        q, k = position.rotate(q, k, pos)
+        k, v, k_pos = update_cache(cache, k, v, pos)
+        q = q / math.sqrt(q.size(-1))  # on top of attend's 1/sqrt(d): 1/d in all
+        return self.merge(attend(q, k, v, pos, k_pos, position))
+
+
+def miscounted(factor):
+    class Miscounted(nn.Module):
+        """MLP whose FLOP count is off by a factor."""
+
+        def __init__(self, opts, dims):
+            super().__init__()
+            self.c_fc = nn.Linear(dims.n_embd, 4 * dims.n_embd)
+            self.c_proj = nn.Linear(4 * dims.n_embd, dims.n_embd)
+
+        def forward(self, x):
+            return self.c_proj(torch.relu(self.c_fc(x)))
+
+        def flops_per_token(self, seq_len):
+            return int(factor * 2 * (self.c_fc.weight.numel() + self.c_proj.weight.numel()))
+
+    return Miscounted
+
+
+class ZeroDim(nn.Module):
+    """Norm with a 0-dim learned scale (DeepSpeed's broadcast of parameters cannot take one)."""
+
+    def __init__(self, opts, dims, dim):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(1.0))
+
+    def forward(self, x):
+        return self.scale * torch.nn.functional.layer_norm(x, x.shape[-1:])
+
+
+class VectorAux(Upcast):
+    """MLP whose auxiliary loss is a vector, not a scalar, and holds no gradient for it."""
+
+    aux_losses: dict = {}
+
+    def forward(self, x):
+        self.aux_losses = {"spread": x.detach().std(dim=-1).flatten()}
+        return self.c_fc(x)
+
+
+class Hardwired(nn.Module):
+    """Block that builds plain multi-head attention whatever the layer chose."""
+
+    def __init__(self, opts, dims):
+        super().__init__()
+        self.ln_1 = dims.part("norm", dims.n_embd, role="attention")
+        self.attn = dims.build("attention", "mha", dims)  # should be dims.part("attention")
+        self.ln_2 = dims.part("norm", dims.n_embd, role="mlp")
+        self.mlp = dims.part("mlp")
+
+    def forward(self, x, position, pos, cache=None):
+        x = x + self.attn(self.ln_1(x), position, pos, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
 BROKEN = [
+    ("attention", LateLeak, ["causal"]),
+    ("attention", ShortMemory, ["kv_cache"]),
+    ("attention", OverScaled, ["scale"]),
+    ("mlp", miscounted(2.0), ["flops"]),
+    ("mlp", miscounted(0.5), ["flops"]),
+    ("mlp", miscounted(0.8), ["flops"]),
+    ("norm", ZeroDim, ["engine"]),
+    ("mlp", VectorAux, ["aux_losses"]),
+    ("block", Hardwired, ["per_layer"]),
     ("attention", Leaky, ["causal"]),
     ("attention", Forgetful, ["kv_cache"]),
     ("attention", Unrotated, ["position_hooks"]),

@@ -25,8 +25,9 @@ Installed plugin packages (entry-point group ``playattention``) are loaded anywa
 are looked up in the process-wide registry, or in the ``registry`` you pass to check_component.
 
 Each check builds the component inside a tiny GPT (:data:`TINY_MODEL`: 2 layers, 4 heads,
-n_embd 32, block 16, vocab 97) whose other parts are the :data:`DEFAULT_PARTNERS` (mha, layernorm,
-learned, gelu), so a norm, a position or an MLP is tested where it lives. The checks, in order:
+n_embd 32, block 48, vocab 97) whose other parts are the :data:`DEFAULT_PARTNERS` (mha, layernorm,
+learned, gelu, pre_norm blocks), so a norm, a position or an MLP is tested where it lives. The
+checks, in order:
 
     described        registered with a one-line description (its docstring's first line)
     counts           reports parameters and int forward FLOPs per token >= 0, non-decreasing in seq_len
@@ -42,7 +43,20 @@ learned, gelu), so a norm, a position or an MLP is tested where it lives. The ch
                      (for a position: with every registered attention)
     post_norm        shape, causal and kv_cache in the post-norm block layout (Vaswani et al. 2017)
     backends         components with a `backend` option: "sdpa" and "math" give the same outputs
+    flops            flops_per_token(T) is within 5% of what torch's FlopCounterMode counts for one
+                     token decoded at context T (the attention arithmetic spelled out as matmuls)
+    scale            attention: logits are q.k / sqrt(head dim) (q.k/sqrt(d) handed in as a score bias
+                     with q zeroed gives the same output); opt out with conformance_skip (below)
+    engine           two optimizer steps through a one-rank CPU DeepSpeed engine at ZeRO 0 and 1
+                     (DeepSpeed broadcasts, flattens and partitions every parameter)
+    aux_losses       a component that declares aux_losses sets finite 0-dim tensors every forward,
+                     and their gradient reaches its parameters
+    per_layer        shape, causal and kv_cache where only the last layer uses it; a block builds
+                     the parts its layer chose
     compile          torch.compile gives the eager outputs (only with compile=True: CPU compiles are slow)
+
+A component for which a check cannot apply says so with a class attribute
+``conformance_skip = {"scale": "the reason"}``; the kit skips that check and names the reason.
 
 Tolerances are fp32's (atol 1e-5, rtol 1e-4) except where the text says "exactly".
 """
@@ -55,24 +69,33 @@ import re
 import traceback
 from typing import Callable
 
+import math
+import warnings
+
 import attrs
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 import cattrs
 
 from toolkit import families
 from toolkit.config import format_errors, make_converter
 from toolkit.contracts import Position, flops_per_token
+from toolkit.engine import build_engine, engine_step
 from toolkit.families import SPEC_TYPES
 from toolkit.model import ModelConfig, Transformer
 from toolkit.plugin_manager import load_registry
+from toolkit.recipe import DeepSpeedConfig, Recipe, TrainConfig
 from toolkit.registry import Registry
 
-#: the tiny model every check builds the component into (ModelConfig fields)
-TINY_MODEL = dict(vocab_size=97, block_size=16, n_layer=2, n_head=4, n_embd=32, dropout=0.0)
+#: the tiny model every check builds the component into (ModelConfig fields): 48 positions, so a
+#: causal leak or a cache that forgets after 20 tokens shows, and past any sliding window the tests use
+TINY_MODEL = dict(vocab_size=97, block_size=48, n_layer=2, n_head=4, n_embd=32, dropout=0.0)
 #: the other three components of that model
-DEFAULT_PARTNERS = {"attention": "mha", "norm": "layernorm", "position": "learned", "mlp": "gelu"}
+DEFAULT_PARTNERS = {"attention": "mha", "norm": "layernorm", "position": "learned", "mlp": "gelu",
+                    "block": "pre_norm"}
 BATCH = 2
 ATOL, RTOL = 1e-5, 1e-4
 
@@ -487,6 +510,125 @@ def check_compile(subject: Subject, *, backend: str = "inductor", **changes) -> 
     assert_same(got, want, f"torch.compile(backend={backend!r}) vs eager outputs")
 
 
+def check_flops(subject: Subject, *, rtol: float = 0.05, **_) -> None:
+    """flops_per_token(T) against torch's FlopCounterMode on one decoded token at context T."""
+    model = subject.build().eval()
+    idx = tokens(subject)
+    T = idx.size(1)
+    cache = [{} for _ in model.transformer.h]
+    # the math backend spells attention out as matmuls, which the counter sees (fused SDPA it does not)
+    with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
+        model(idx[:, :-1], cache=cache)
+        with FlopCounterMode(display=False, depth=None) as counter:
+            model(idx[:, -1:], cache=cache, start_pos=T - 1)
+    counted = {name.removeprefix(f"{type(model).__name__}."): sum(ops.values())
+               for name, ops in counter.get_flop_counts().items()}
+    for path, module in zip(subject.module_paths(model), subject.modules(model)):
+        measured = counted.get(path, 0) / idx.size(0)  # per token (one token per sequence)
+        if subject.family == "block" and getattr(type(module), "flops_per_token", None) is None:
+            claimed = sum(flops_per_token(part, T) for part in module.children())  # what its parts say
+        else:
+            claimed = flops_per_token(module, T)
+        if abs(claimed - measured) > rtol * max(measured, 1):
+            raise ConformanceError(f"{path}: flops_per_token({T}) = {claimed:,}, but a decoded token at context {T} "
+                                   f"does {measured:,.0f} matmul FLOPs (FlopCounterMode; within {rtol:.0%})")
+
+
+class ScaleProbe(Position):
+    """Records the q and k attention hands to rotate; replayed, it zeroes q and hands q.k/sqrt(d) back as
+    the score bias, so attention that scales its logits by 1/sqrt(d) gives the recorded output again."""
+
+    def __init__(self):
+        super().__init__()
+        self.q = self.k = None
+        self.replay = False
+
+    def rotate(self, q, k, pos):
+        if not self.replay:
+            self.q, self.k = q, k
+            return q, k
+        return torch.zeros_like(q), k
+
+    def score_bias(self, q_pos, k_pos):
+        if not self.replay:
+            return None
+        q, k = self.q.float(), self.k.float()  # (1, nh, T, hs), (1, nkv, T, hs)
+        k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)  # (1, nh, T, hs)
+        return (q @ k.transpose(-2, -1))[0] / math.sqrt(q.size(-1))  # (nh, T, T)
+
+
+def check_scale(subject: Subject, **_) -> None:
+    """Attention scales q.k by 1/sqrt(head dim) (Vaswani et al. 2017, eq. 1)."""
+    if subject.family != "attention":
+        return
+    model = subject.build().eval()
+    attn = subject.modules(model)[0]
+    T, C = model.config.block_size, model.config.n_embd
+    x = torch.randn(1, T, C, generator=torch.Generator().manual_seed(3))  # one sequence: a bias has no batch axis
+    probe = ScaleProbe()
+    with torch.no_grad():
+        recorded = attn(x, probe, torch.arange(T))
+        probe.replay = True
+        replayed = attn(x, probe, torch.arange(T))
+    assert_same(replayed, recorded, "the output with q.k/sqrt(d) handed in as a score bias (q zeroed) vs the plain "
+                "output: the logits are not scaled by 1/sqrt(head dim)")
+
+
+def _tiny_recipe(subject: Subject, stage: int) -> Recipe:
+    return Recipe(model=subject.config(), train=TrainConfig(micro_batch=BATCH, max_steps=2, warmup_steps=0, lr=1e-3),
+                  deepspeed=DeepSpeedConfig(zero_stage=stage), plugins=[])
+
+
+def check_engine(subject: Subject, **_) -> None:
+    """Two optimizer steps through a one-rank CPU DeepSpeed engine at ZeRO 0 and ZeRO 1."""
+    idx, targets = tokens(subject, seed=1), tokens(subject, seed=2)
+    for stage in (0, 1):
+        recipe = _tiny_recipe(subject, stage)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            engine = build_engine(subject.build(), recipe, registry=subject.registry).engine
+            for _ in range(2):
+                loss = engine_step(engine, lambda: (idx, targets), 1)
+        if not torch.isfinite(loss):
+            raise ConformanceError(f"ZeRO {stage}: the loss after two engine steps is {loss.item()}")
+
+
+def check_aux_losses(subject: Subject, **_) -> None:
+    """A component that adds auxiliary losses sets finite scalars every forward, and they reach its parameters."""
+    model = subject.build().train()
+    if not any(isinstance(getattr(type(m), "aux_losses", None), dict) for m in subject.modules(model)):
+        return
+    _, loss, aux = model(tokens(subject, seed=1), tokens(subject, seed=2), return_aux=True)
+    bad = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__ for k, v in aux.items()
+           if not isinstance(v, torch.Tensor) or v.dim() != 0 or not torch.isfinite(v)}
+    if bad:
+        raise ConformanceError(f"aux_losses must be finite 0-dim tensors, got {bad}")
+    if aux:
+        sum(aux.values()).backward()
+        own = [p for m in subject.modules(model) for p in m.parameters()]
+        if not any(p.grad is not None and p.grad.abs().sum() > 0 for p in own):
+            raise ConformanceError(f"the auxiliary losses {sorted(aux)} give no gradient to the component's parameters")
+
+
+def check_per_layer(subject: Subject, **_) -> None:
+    """Builds for every layer index (and as the final norm), and works where only some layers use it."""
+    if subject.family not in families.PER_LAYER:
+        return
+    spec = SPEC_TYPES[subject.family](subject.name, subject.options)
+    partner = SPEC_TYPES[subject.family](DEFAULT_PARTNERS.get(subject.family, "pre_norm"))
+    n = TINY_MODEL["n_layer"]
+    groups = {"some": {"at": [n - 1], subject.family: spec}}
+    _behaviour(subject, **{subject.family: partner, "layers": groups})
+    if subject.family == "block":  # a block builds the attention its layer chose, not one of its own
+        other = "mqa" if DEFAULT_PARTNERS["attention"] != "mqa" else "mha"
+        model = subject.build(layers={"other": {"at": [n - 1], "attention": other}})
+        want = subject.registry.get("attention", other).factory
+        got = model.transformer.h[n - 1].attn
+        if isinstance(want, type) and type(got) is not want:
+            raise ConformanceError(f"layer {n - 1} chose attention {other!r}, but the block built a {type(got).__name__} "
+                                   "(build the layer's parts with dims.part(family))")
+
+
 #: every check by name, in the order they run
 CHECKS: dict[str, Callable] = {
     "described": check_described,
@@ -501,6 +643,11 @@ CHECKS: dict[str, Callable] = {
     "partners": check_partners,
     "post_norm": check_post_norm,
     "backends": check_backends,
+    "flops": check_flops,
+    "scale": check_scale,
+    "engine": check_engine,
+    "aux_losses": check_aux_losses,
+    "per_layer": check_per_layer,
     "compile": check_compile,
 }
 
@@ -515,8 +662,16 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}{where}"
 
 
+def skip_reason(subject: Subject, check: str) -> str | None:
+    """Why the component opts out of ``check`` (its class's ``conformance_skip``), or None."""
+    factory = subject.registry.get(subject.family, subject.name).factory
+    return dict(getattr(factory, "conformance_skip", {})).get(check)
+
+
 def run_check(subject: Subject, check: str, **kwargs) -> None:
     """Run one check; raise ConformanceError('<family> <name> <check>: ...') if it fails."""
+    if skip_reason(subject, check):
+        return
     try:
         with single_thread():
             CHECKS[check](subject, **kwargs)
@@ -544,6 +699,7 @@ def check_component(family: str, name: str, options=None, registry: Registry | N
     except Exception as exc:  # noqa: BLE001 - nothing else can run
         raise ConformanceError(f"{subject.label} does not build in a tiny model: {_describe(exc)}") from exc
     failures = []
+    names = [c for c in names if not skip_reason(subject, c)]
     for check in names:
         kwargs = {"backend": compile_backend} if check == "compile" else {}
         try:

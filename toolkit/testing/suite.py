@@ -35,7 +35,11 @@ class ComponentConformance:
         return conformance.make_subject(self.family, self.name, self.options, plugins=self.plugins, model=self.model)
 
     def check(self, name: str, **kwargs) -> None:
-        conformance.run_check(self.subject(), name, **kwargs)
+        subject = self.subject()
+        reason = conformance.skip_reason(subject, name)
+        if reason:
+            pytest.skip(f"{subject.label} opts out of {name}: {reason}")
+        conformance.run_check(subject, name, **kwargs)
 
     def test_is_registered_with_a_description(self):
         self.check("described")
@@ -72,6 +76,21 @@ class ComponentConformance:
 
     def test_backends_give_the_same_outputs(self):
         self.check("backends")
+
+    def test_flop_count_matches_torchs_flop_counter(self):
+        self.check("flops")
+
+    def test_attention_scales_logits_by_one_over_sqrt_head_dim(self):
+        self.check("scale")
+
+    def test_trains_through_a_deepspeed_engine(self):
+        self.check("engine")
+
+    def test_auxiliary_losses_are_finite_scalars_that_reach_the_parameters(self):
+        self.check("aux_losses")
+
+    def test_works_in_only_some_layers(self):
+        self.check("per_layer")
 
     @pytest.mark.slow
     def test_compiled_model_matches_eager(self):
