@@ -162,7 +162,7 @@ def attend(
     # fresh sequence, so the mask depends on indices only (as is_causal assumes)
     fresh = k_pos is q_pos
     bias, biased = None, False
-    if backend != "math" and flex_runs(q, k, v, dropout) and (backend == "flex" or prefer_flex(q, fresh)):
+    if (backend == "flex" or (backend == "sdpa" and prefer_flex(q, fresh))) and flex_runs(q, k, v, dropout):
         mod = position.score_mod(q_pos, k_pos) if position is not None else None
         if mod is None and position is not None:
             bias, biased = position.score_bias(q_pos, k_pos), True
