@@ -19,8 +19,8 @@ import torch
 from attrs import validators as v
 from torch import nn
 
+from toolkit.contracts import BACKENDS, Dims, attend, flops_per_token, update_cache
 from toolkit.errors import ConfigError
-from toolkit.contracts import Dims, attend, flops_per_token, update_cache
 from toolkit.hookspecs import hookimpl
 
 
@@ -33,9 +33,11 @@ def _positive_int(_, attribute, value):
 class AttentionOptions:
     """Options every built-in attention takes."""
 
-    # "sdpa": F.scaled_dot_product_attention (fused kernels); "math": softmax(QK^T/sqrt(d) + mask)V spelled out.
-    # Both give the same outputs (up to float rounding).
-    backend: str = attrs.field(default="sdpa", validator=v.in_(("sdpa", "math")))
+    # "sdpa": the fused kernel that fits (SDPA; FlexAttention where SDPA would need a mask and flex is
+    # faster there, i.e. CUDA); "flex": FlexAttention wherever it runs (not for dropout, nor for training
+    # on CPU); "math": softmax(QK^T/sqrt(d) + mask)V spelled out. All give the same outputs (up to float
+    # rounding); toolkit.contracts.attend says which runs when.
+    backend: str = attrs.field(default="sdpa", validator=v.in_(BACKENDS))
     # name of a registered norm applied per head to queries and keys over head_dim, before any rotation
     # (QK-norm: Henry et al. 2020; Dehghani et al. 2023 use it to keep attention logits from blowing up)
     qk_norm: str | None = attrs.field(default=None, validator=v.optional(v.instance_of(str)))

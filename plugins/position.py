@@ -138,6 +138,14 @@ class ALiBiPosition(Position):
         distance = (q_pos[:, None] - k_pos[None, :]).float()  # (Tq, Tk); negative ones are masked anyway
         return -self.slopes.float()[:, None, None] * distance  # (nh, Tq, Tk)
 
+    def score_mod(self, q_pos, k_pos):
+        slopes = self.slopes.float()  # (nh,)
+
+        def alibi(score, b, h, q_idx, kv_idx):  # the same bias, one score at a time (for FlexAttention)
+            return score - slopes[h] * (q_pos[q_idx] - k_pos[kv_idx]).float()
+
+        return alibi
+
 
 class NoPosition(Position):
     """No positional information (NoPE, Kazemnejad et al. 2023): causal masking alone reveals order."""

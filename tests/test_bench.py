@@ -1,4 +1,5 @@
-"""bench/bench.py keeps working: two warm-up and two timed steps of a tiny recipe, both paths."""
+"""bench/bench.py and bench/compose.py keep working on tiny recipes; compose.py's interval arithmetic."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -48,3 +49,60 @@ def test_bench_reports_a_bad_recipe_in_one_line(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench.py"), str(tmp_path / "missing.toml")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "missing.toml" in proc.stderr
+
+
+def load_compose():
+    spec = importlib.util.spec_from_file_location("bench_compose", ROOT / "bench" / "compose.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def compose_env():
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def test_compose_times_composed_against_oracle_and_engine_against_plain_loop(tmp_path):
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(TINY)
+    out = tmp_path / "compose.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "compose.py"), str(recipe), "--warmup", "1", "--block", "1",
+           "--min-rounds", "6", "--max-rounds", "6", "--json", str(out), "--quiet"]
+    proc = subprocess.run(cmd, env=compose_env(), capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "composed / oracle" in proc.stdout and "engine / plain" in proc.stdout and "6 rounds" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["device"] == "cpu" and result["compile"] is False and result["rounds"] == 6
+    assert list(result["paths"]) == ["oracle", "composed", "engine"]
+    for ratio in result["ratios"].values():
+        assert len(ratio["rounds"]) == 6 and ratio["low"] <= ratio["median"] <= ratio["high"]
+    assert result["tokens_per_step"] == 2 * 2 * 16 and result["shape"]["grad_accum"] == 2
+
+
+def test_compose_refuses_a_recipe_the_gpt2_oracle_cannot_express_in_one_line(tmp_path):
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(TINY)
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "compose.py"), str(recipe),
+                           "--set", "model.position.kind=rope"], env=compose_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert "model.position: the oracle is GPT-2 (learned), got 'rope'" in proc.stderr
+
+
+def test_median_interval_takes_the_order_statistics_of_a_95_percent_sign_test():
+    compose = load_compose()
+    assert compose.median_interval([1.0, 2.0, 3.0, 4.0, 5.0]) is None  # 5 values cannot reach 95%
+    assert compose.median_interval(list(range(1, 7))) == (3.5, 1, 6)  # 1 - 2/64 = 96.9%
+    assert compose.median_interval(list(range(1, 21))) == (10.5, 6, 15)  # the sign-test table's n = 20
+    assert compose.median_interval(list(range(100, 0, -1)))[1:] == (40, 61)  # sorted first
+
+
+def test_rounds_stop_only_when_the_interval_is_within_the_width():
+    compose = load_compose()
+    assert compose.converged((1.0, 0.991, 1.009), 0.01)
+    assert not compose.converged((1.0, 0.985, 1.005), 0.01)
+    assert not compose.converged(None, 0.01)

@@ -214,7 +214,7 @@ def test_gqa_rejects_n_kv_head_that_does_not_divide_n_head(registry):
     ({"kind": "gqa", "n_kv_head": 0}, "$.model.attention.n_kv_head: must be a positive integer, got 0"),
     ({"kind": "gqa", "n_kv_head": "2"}, '$.model.attention.n_kv_head: expected int, got "2"'),
     ({"kind": "sliding_window", "window": -1}, "$.model.attention.window: must be a positive integer, got -1"),
-    ({"kind": "mha", "backend": "flash"}, '$.model.attention.backend: must be one of "sdpa", "math", got "flash"'),
+    ({"kind": "mha", "backend": "flash"}, '$.model.attention.backend: must be one of "sdpa", "flex", "math", got "flash"'),
     ({"kind": "mqa", "qk_norm": 3}, "$.model.attention.qk_norm: expected string, got 3"),
 ])
 def test_bad_attention_options_are_one_line_errors_at_their_path(registry, table, line):

@@ -24,10 +24,13 @@ hooks of the :class:`Position` it is given, and the ones a position kind does no
 1. ``embed(tok_emb, pos)`` adds to the token embeddings (learned, sinusoidal), called once by the model;
 2. ``rotate(q, k, pos)`` rotates queries and keys per head (RoPE), called by attention before caching k;
 3. ``score_bias(q_pos, k_pos)`` returns an additive (nh, Tq, Tk) bias for the attention scores (ALiBi),
-   or None.
+   or None. A position with such a bias may also give it in closed form, ``score_mod(q_pos, k_pos)``,
+   a FlexAttention score_mod ``(score, b, h, q_idx, kv_idx) -> score``, so that a fused kernel never
+   builds the dense tensor; without one, attention falls back to ``score_bias``.
 
-:func:`attend` does the causal attention arithmetic (masking, bias, cache-aware positions, an SDPA
-fast path and an explicit math path) so an attention plugin mostly projects q, k, v and calls it.
+:func:`attend` does the causal attention arithmetic (masking, bias, cache-aware positions, fused
+SDPA and FlexAttention paths and an explicit math path) so an attention plugin mostly projects q, k, v
+and calls it.
 
 **KV cache.** ``cache`` is a per-layer dict owned by the attention module (the model creates one
 empty dict per block and passes it on every decoding call); store whatever you need in it,
@@ -66,7 +69,9 @@ they need from the last forward (detached) rather than computing in every step.
 """
 from __future__ import annotations
 
+import functools
 import math
+from typing import Callable
 
 import attrs
 import torch
@@ -124,6 +129,14 @@ class Position(nn.Module):
         """Additive attention-score bias (nh, Tq, Tk) for the given positions, or None."""
         return None
 
+    def score_mod(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> Callable | None:
+        """score_bias as a FlexAttention score_mod, or None (then attend uses the dense score_bias).
+
+        The function maps (score, b, h, q_idx, kv_idx) -> score + bias, where q_idx and kv_idx index
+        q_pos (Tq,) and k_pos (Tk,); it must add exactly what score_bias returns.
+        """
+        return None
+
     def flops_per_token(self, seq_len: int) -> int:
         return 0
 
@@ -159,6 +172,10 @@ def update_cache(cache: dict | None, k: torch.Tensor, v: torch.Tensor, pos: torc
     return k, v, pos
 
 
+#: the values of an attention's ``backend`` option (see :func:`attend`)
+BACKENDS = ("sdpa", "flex", "math")
+
+
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -175,15 +192,38 @@ def attend(
 
     A query at position p sees keys at positions in (p - window, p]. ``nkv`` may divide ``nh``
     (grouped-query attention, Ainslie et al. 2023): each group of nh/nkv query heads shares one
-    key/value head. ``backend="sdpa"`` uses ``F.scaled_dot_product_attention`` (flash or
-    memory-efficient kernels where the inputs allow), ``"math"`` spells out
-    softmax(QK^T / sqrt(d) + bias + mask) V (Vaswani et al. 2017, eq. 1) for reading and checking.
+    key/value head. Backends, all with the same outputs up to float rounding:
+
+    ``"sdpa"``  the fused kernel that fits: ``F.scaled_dot_product_attention`` with ``is_causal``
+                (flash-eligible) for plain causal attention; FlexAttention where SDPA would need an
+                explicit mask or bias and :func:`prefer_flex` says flex is faster here; else SDPA
+                with an explicit (Tq, Tk) mask.
+    ``"flex"``  FlexAttention (Dong et al. 2024) always, where it can run (:func:`flex_runs`: no
+                dropout, no backward on CPU), else as "sdpa".
+    ``"math"``  softmax(QK^T / sqrt(d) + bias + mask) V spelled out (Vaswani et al. 2017, eq. 1),
+                for reading and checking.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r} (expected one of {', '.join(BACKENDS)})")
     n_head, n_kv = q.size(1), k.size(1)
-    bias = position.score_bias(q_pos, k_pos) if position is not None else None
+    # k_pos is q_pos exactly when nothing is cached (update_cache hands the same tensor back): a
+    # fresh sequence, so the mask depends on indices only (as is_causal assumes)
+    fresh = k_pos is q_pos
+    bias, biased = None, False
+    if (backend == "flex" or (backend == "sdpa" and prefer_flex(q, fresh))) and flex_runs(q, k, v, dropout):
+        mod = position.score_mod(q_pos, k_pos) if position is not None else None
+        if mod is None and position is not None:
+            bias, biased = position.score_bias(q_pos, k_pos), True
+        # by choice, flex with whatever is asked; automatically only where SDPA cannot fuse and a
+        # bias (if any) comes in closed form: a dense bias is paid for already, SDPA takes it as well
+        if backend == "flex" or (bias is None and (mod is not None or window is not None)):
+            if bias is not None:
+                mod = dense_score_mod(bias)
+            return flex_attend(q, k, v, q_pos, k_pos, mod, window=window, fresh=fresh)
+    if not biased and position is not None:
+        bias = position.score_bias(q_pos, k_pos)
     # Plain causal self-attention over a fresh sequence: let SDPA build the mask (flash-eligible).
-    # (k_pos is q_pos exactly when nothing is cached: update_cache hands the same tensor back.)
-    if backend == "sdpa" and bias is None and window is None and k_pos is q_pos:
+    if backend != "math" and bias is None and window is None and fresh:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=n_kv != n_head)
     visible = k_pos[None, :] <= q_pos[:, None]  # (Tq, Tk) causal
     if window is not None:
@@ -191,10 +231,8 @@ def attend(
     mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill(~visible, float("-inf"))
     if bias is not None:
         mask = mask + bias.to(q.dtype)  # (nh, Tq, Tk)
-    if backend == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=n_kv != n_head)
     if backend != "math":
-        raise ValueError(f"unknown attention backend {backend!r} (expected 'sdpa' or 'math')")
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=n_kv != n_head)
     if n_kv != n_head:
         k = k.repeat_interleave(n_head // n_kv, dim=1)  # (B, nh, Tk, hs)
         v = v.repeat_interleave(n_head // n_kv, dim=1)
@@ -202,3 +240,103 @@ def attend(
     att = torch.softmax(att + mask, dim=-1)
     att = F.dropout(att, p=dropout, training=dropout > 0)
     return att @ v  # (B, nh, Tq, hs)
+
+
+# -- FlexAttention ------------------------------------------------------------------------------
+# FlexAttention (torch.nn.attention.flex_attention; Dong et al. 2024, "Flex Attention: A Programming
+# Model for Generating Optimized Attention Kernels") compiles a mask (mask_mod, made block-sparse by
+# create_block_mask, so fully masked blocks are skipped) and a score modification (score_mod) into one
+# fused kernel: a sliding window or ALiBi costs no (Tq, Tk) tensor in memory.
+
+#: compile flex_attention when the model itself runs eagerly (uncompiled, flex materialises the full
+#: score matrix through a reference implementation); tests that only check the arithmetic turn it off
+FLEX_COMPILE = True
+
+
+def flex_runs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> bool:
+    """Whether FlexAttention can run this call: it has no dropout, and (torch 2.13) no backward on CPU or MPS."""
+    if dropout > 0:
+        return False
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    return not (needs_grad and q.device.type in ("cpu", "mps"))
+
+
+def prefer_flex(q: torch.Tensor, fresh: bool) -> bool:
+    """For backend "sdpa": run FlexAttention where SDPA would need an explicit mask or bias?
+
+    On CUDA, for fresh sequences (training, prefill): flex skips masked blocks and never builds the
+    (Tq, Tk) mask or bias, where SDPA's flash kernel cannot take a mask at all. Decoding steps (a few
+    queries over a cache) keep SDPA: their mask is tiny, and a block mask per layer per token costs
+    more than it saves. On CPU, never: measured in bench/RESULTS.md ("FlexAttention on CPU").
+    """
+    return fresh and q.device.type == "cuda"
+
+
+def dense_score_mod(bias: torch.Tensor) -> Callable:
+    """A score_mod adding a dense (nh or 1, Tq, Tk) bias, for positions without a closed-form score_mod."""
+    if bias.size(0) == 1:
+        shared = bias[0]  # (Tq, Tk), the same for every head
+
+        def add_shared(score, b, h, q_idx, kv_idx):
+            return score + shared[q_idx, kv_idx].to(score.dtype)
+
+        return add_shared
+
+    def add_per_head(score, b, h, q_idx, kv_idx):
+        return score + bias[h, q_idx, kv_idx].to(score.dtype)
+
+    return add_per_head
+
+
+def _window_mask_mod(window: int | None) -> Callable:
+    """Causal (and banded) mask over indices: query i sees keys j with i - window < j <= i."""
+
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    def banded(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
+
+    return causal if window is None else banded
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_block_mask(T: int, window: int | None, device: torch.device):
+    """The block mask of a fresh sequence of T tokens: the same for every layer and step, so built once."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(_window_mask_mod(window), None, None, T, T, device=device)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex() -> Callable:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # Static shapes: training's never change. With dynamic ones, inductor's CPU flex kernel fails to
+    # build (torch 2.13: "cur_kvSplitSize5 was not declared"). So decoding with backend "flex" compiles
+    # once per cache length, up to Dynamo's recompile limit, then runs flex's reference implementation.
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
+                score_mod: Callable | None = None, *, window: int | None = None, fresh: bool = False) -> torch.Tensor:
+    """Causal (banded if ``window``) FlexAttention of q (B, nh, Tq, hs) over k, v (B, nkv, Tk, hs), no dropout."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    Tq, Tk = q.size(2), k.size(2)
+    compiling = torch.compiler.is_compiling()
+    if fresh:  # indices are positions up to an offset
+        if compiling:  # traced into the graph; the cache would be a Python side effect
+            block_mask = create_block_mask(_window_mask_mod(window), None, None, Tq, Tk, device=q.device)
+        else:
+            block_mask = _cached_block_mask(Tq, window, q.device)
+    else:  # queries at an offset over cached keys (a rolling window's cache is not even contiguous)
+
+        def visible(b, h, q_idx, kv_idx):
+            qp, kp = q_pos[q_idx], k_pos[kv_idx]
+            seen = kp <= qp
+            return seen if window is None else seen & (kp > qp - window)
+
+        block_mask = create_block_mask(visible, None, None, Tq, Tk, device=q.device)
+    flex = flex_attention if compiling or not FLEX_COMPILE else _compiled_flex()
+    return flex(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=q.size(1) != k.size(1))
