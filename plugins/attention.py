@@ -41,6 +41,11 @@ class AttentionOptions:
     # name of a registered norm applied per head to queries and keys over head_dim, before any rotation
     # (QK-norm: Henry et al. 2020; Dehghani et al. 2023 use it to keep attention logits from blowing up)
     qk_norm: str | None = attrs.field(default=None, validator=v.optional(v.instance_of(str)))
+    # cap the scaled logits smoothly at +-softcap: softcap * tanh(logits / softcap) (Gemma 2 uses 50);
+    # SDPA cannot, so FlexAttention runs where it can and the math path elsewhere
+    softcap: float | None = attrs.field(default=None, validator=v.optional(v.gt(0.0)))
+    # qk_norm over each head (Qwen 3, Gemma 3) or over all heads' queries and keys at once (OLMo 2)
+    qk_norm_scope: str = attrs.field(default="head", validator=v.in_(("head", "all")))
 
 
 @attrs.frozen
@@ -68,13 +73,15 @@ class GroupedQueryAttention(nn.Module):
         if nh % nkv:
             raise ConfigError([f"model.attention.n_kv_head ({nkv}) must divide model.n_head ({nh})"])
         self.n_head, self.n_kv_head, self.head_dim, self.backend = nh, nkv, hs, opts.backend
+        self.softcap = opts.softcap
         # rows: [q for nh heads; k for nkv heads; v for nkv heads], one matmul for all three
         self.c_attn = nn.Linear(C, (nh + 2 * nkv) * hs, bias=dims.bias)
         self.c_proj = nn.Linear(nh * hs, C, bias=dims.bias)
         self.q_norm = self.k_norm = None
+        self.qk_norm_all = opts.qk_norm_scope == "all"
         if opts.qk_norm is not None:  # separate weights for queries and keys (as OLMo 2 and Qwen 3 do)
-            self.q_norm = _build_norm(dims, opts.qk_norm, hs)
-            self.k_norm = _build_norm(dims, opts.qk_norm, hs)
+            self.q_norm = _build_norm(dims, opts.qk_norm, nh * hs if self.qk_norm_all else hs)
+            self.k_norm = _build_norm(dims, opts.qk_norm, nkv * hs if self.qk_norm_all else hs)
         self.dropout = dims.dropout
         self.resid_dropout = nn.Dropout(dims.dropout)
 
@@ -82,16 +89,18 @@ class GroupedQueryAttention(nn.Module):
         B, T, C = x.shape
         nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.c_attn(x).split([nh * hs, nkv * hs, nkv * hs], dim=2)  # (B, T, nh*hs), 2 x (B, T, nkv*hs)
+        if self.q_norm is not None and self.qk_norm_all:  # over every head's numbers at once (OLMo 2)
+            q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
         v = v.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
-        if self.q_norm is not None:
+        if self.q_norm is not None and not self.qk_norm_all:
             q, k = self.q_norm(q), self.k_norm(k)  # normalised over hs, per head and token
         q, k = position.rotate(q, k, pos)
         k, v, k_pos = self.update_cache(cache, k, v, pos)  # (B, nkv, T_past + T, hs), positions (T_past + T,)
         y = attend(q, k, v, pos, k_pos, position, dropout=self.dropout if self.training else 0.0,
-                   window=self.window, backend=self.backend)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, nh * hs)  # (B, T, C): heads side by side again
+                   window=self.window, softcap=self.softcap, backend=self.backend)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, nh * hs)  # (B, T, nh*hs): heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
     def update_cache(self, cache, k, v, pos):
@@ -105,7 +114,9 @@ class GroupedQueryAttention(nn.Module):
         # projections, plus QK^T and AV: 2 * 2 * context * hs for each query head (PaLM's 12*L*H*Q*T / 3)
         proj = 2 * (self.c_attn.weight.numel() + self.c_proj.weight.numel())
         norms = 0
-        if self.q_norm is not None:  # applied to nh query vectors and nkv key vectors per token
+        if self.q_norm is not None and self.qk_norm_all:
+            norms = flops_per_token(self.q_norm, seq_len) + flops_per_token(self.k_norm, seq_len)
+        elif self.q_norm is not None:  # applied to nh query vectors and nkv key vectors per token
             norms = self.n_head * flops_per_token(self.q_norm, seq_len) + self.n_kv_head * flops_per_token(self.k_norm, seq_len)
         return proj + norms + 4 * self.context(seq_len) * self.n_head * self.head_dim
 

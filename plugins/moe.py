@@ -64,8 +64,7 @@ class MoE(nn.Module):
                 out[: chosen.numel() // len(self.experts)] += expert(flat[: chosen.numel() // len(self.experts)])
                 continue
             token, slot = (chosen == e).nonzero(as_tuple=True)  # the tokens that chose e, and in which slot
-            if token.numel():
-                out.index_add_(0, token, weights[token, slot, None] * expert(flat[token]))
+            out.index_add_(0, token, weights[token, slot, None] * expert(flat[token]))  # (none: adds nothing)
         E = len(self.experts)
         share = (torch.full((E,), 1.0 / E, device=x.device) if flat.is_meta
                  else torch.bincount(chosen.flatten(), minlength=E).float() / chosen.numel())  # f_e

@@ -41,6 +41,8 @@ class LayerNorm(nn.Module):
 class RMSNormOptions:
     # 1e-5 as in Llama 2/3's released configs (rms_norm_eps); HF's class default is 1e-6
     eps: float = attrs.field(default=1e-5, validator=v.gt(0.0))
+    # the scale is offset + weight: Gemma stores weight around 0 and adds 1 (its weights load as they are)
+    offset: float = 0.0
 
 
 class RMSNorm(nn.Module):
@@ -50,13 +52,15 @@ class RMSNorm(nn.Module):
 
     def __init__(self, opts: RMSNormOptions, dims: Dims, dim: int):
         super().__init__()
-        self.eps = opts.eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.offset = opts.eps, opts.offset
+        self.weight = nn.Parameter(torch.full((dim,), 1.0 - opts.offset))  # a scale of 1 at the start
 
     def forward(self, x):
         # as HF Llama: normalise in fp32 (bf16 squares lose too much), cast back, then scale
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:  # Gemma scales in fp32, then casts
+            return (h * (self.offset + self.weight.float())).to(x.dtype)
         return self.weight * h.to(x.dtype)
 
     def flops_per_token(self, seq_len: int) -> int:

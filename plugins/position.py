@@ -75,6 +75,9 @@ class SinusoidalPosition(Position):
 class RopeOptions:
     # base of the rotation frequencies; Llama 1/2 use 10000, Llama 3 500000
     theta: float = attrs.field(default=10000.0, validator=v.gt(1.0))
+    # the share of each head's dimensions that rotates, the rest passing through (partial rotary:
+    # GPT-NeoX/Pythia rotate 0.25, Phi-2 0.4); the frequencies are over the rotated dimensions
+    fraction: float = attrs.field(default=1.0, validator=[v.gt(0.0), v.le(1.0)])
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -90,24 +93,37 @@ class RotaryPosition(Position):
 
     def __init__(self, opts: RopeOptions, dims: Dims):
         super().__init__()
-        if dims.head_dim % 2:
+        if opts.fraction == 1.0 and dims.head_dim % 2:
             raise ConfigError([f"position rope needs an even head dim, got n_embd/n_head = {dims.head_dim}"])
-        self.theta, self.head_dim = opts.theta, dims.head_dim
+        if self.rotary_dims(dims.head_dim, opts.fraction) < 2:
+            raise ConfigError([f"position rope: fraction {opts.fraction} of head dim {dims.head_dim} rotates no pair"])
+        self.theta, self.fraction = opts.theta, opts.fraction
 
-    def cos_sin(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """fp32 cos and sin tables (T, hs) for positions pos (T,), laid out as HF Llama's rotary embedding."""
-        hs = self.head_dim
-        inv_freq = 1.0 / (self.theta ** (torch.arange(0, hs, 2, dtype=torch.int64, device=pos.device).float() / hs))  # (hs/2,)
-        freqs = pos.float()[:, None] * inv_freq[None, :]  # (T, hs/2): angle of pair i at each position
-        emb = torch.cat((freqs, freqs), dim=-1)  # (T, hs): pair i occupies dims i and i + hs/2
+    @staticmethod
+    def rotary_dims(head_dim: int, fraction: float) -> int:
+        """How many of a head's dimensions rotate: an even number (pairs), as GPT-NeoX rounds."""
+        return int(head_dim * fraction) // 2 * 2
+
+    def cos_sin(self, pos: torch.Tensor, rd: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 cos and sin tables (T, rd) for positions pos (T,), laid out as HF Llama's rotary embedding."""
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, rd, 2, dtype=torch.int64, device=pos.device).float() / rd))  # (rd/2,)
+        freqs = pos.float()[:, None] * inv_freq[None, :]  # (T, rd/2): angle of pair i at each position
+        emb = torch.cat((freqs, freqs), dim=-1)  # (T, rd): pair i occupies dims i and i + rd/2
         return emb.cos(), emb.sin()
 
     def rotate(self, q, k, pos):
-        cos, sin = self.cos_sin(pos)  # (T, hs), broadcast over (B, heads, T, hs)
-        # in fp32, cast back after: bf16 rotations of large angles lose the relative-position property
-        q_rot = (q.float() * cos + rotate_half(q.float()) * sin).to(q.dtype)
-        k_rot = (k.float() * cos + rotate_half(k.float()) * sin).to(k.dtype)
-        return q_rot, k_rot
+        # sized by what attention hands over: a whole head, or only the rotary part of one (MLA)
+        rd = self.rotary_dims(q.size(-1), self.fraction)
+        if rd % 2 or rd == 0:
+            raise ValueError(f"rope cannot rotate {q.size(-1)} dimensions (fraction {self.fraction}): no even part")
+        cos, sin = self.cos_sin(pos, rd)  # (T, rd), broadcast over (B, heads, T, rd)
+
+        def turn(x):  # in fp32, cast back after: bf16 rotations of large angles lose the relative-position property
+            x_rot, x_pass = x[..., :rd].float(), x[..., rd:]
+            turned = (x_rot * cos + rotate_half(x_rot) * sin).to(x.dtype)
+            return turned if x_pass.size(-1) == 0 else torch.cat((turned, x_pass), dim=-1)
+
+        return turn(q), turn(k)
 
 
 def alibi_slopes(n_head: int) -> list[float]:
@@ -132,14 +148,21 @@ class ALiBiPosition(Position):
 
     def __init__(self, opts: NoOptions, dims: Dims):
         super().__init__()
+        self.n_head = dims.n_head
         self.register_buffer("slopes", torch.tensor(alibi_slopes(dims.n_head)), persistent=False)  # (nh,)
 
-    def score_bias(self, q_pos, k_pos):
-        distance = (q_pos[:, None] - k_pos[None, :]).float()  # (Tq, Tk); negative ones are masked anyway
-        return -self.slopes.float()[:, None, None] * distance  # (nh, Tq, Tk)
+    def slopes_for(self, n_head: int | None, device) -> torch.Tensor:
+        """The slopes of ``n_head`` heads (the count the attention asks for; the model's by default)."""
+        if n_head is None or n_head == self.n_head:
+            return self.slopes.float()
+        return torch.tensor(alibi_slopes(n_head), device=device)
 
-    def score_mod(self, q_pos, k_pos):
-        slopes = self.slopes.float()  # (nh,)
+    def score_bias(self, q_pos, k_pos, n_head=None):
+        distance = (q_pos[:, None] - k_pos[None, :]).float()  # (Tq, Tk); negative ones are masked anyway
+        return -self.slopes_for(n_head, q_pos.device)[:, None, None] * distance  # (nh, Tq, Tk)
+
+    def score_mod(self, q_pos, k_pos, n_head=None):
+        slopes = self.slopes_for(n_head, q_pos.device)  # (nh,)
 
         def alibi(score, b, h, q_idx, kv_idx):  # the same bias, one score at a time (for FlexAttention)
             return score - slopes[h] * (q_pos[q_idx] - k_pos[kv_idx]).float()

@@ -121,3 +121,27 @@ def test_a_graph_break_in_a_component_fails_the_check():
     model.transformer.wpe = HostPosition()
     with pytest.raises(torch._dynamo.exc.Unsupported):
         assert_one_graph_in_training(model)
+
+
+def research(**changes):
+    torch.manual_seed(0)
+    fields = dict(vocab_size=V, block_size=T, n_layer=2, n_head=4, n_embd=32, position="rope")
+    return Transformer(ModelConfig(**{**fields, **changes}), BUILTINS)
+
+
+RESEARCH = {
+    "diff-alibi": dict(attention="diff", position="alibi"),
+    "mla-rope": dict(attention={"kind": "mla", "q_rank": 16}),
+    "softcap-rope": dict(attention={"kind": "gqa", "n_kv_head": 2, "softcap": 20.0}),
+    "partial-rope": dict(position={"kind": "rope", "fraction": 0.5}),
+    "parallel-dyt": dict(block="parallel", norm="dyt"),
+    "sandwich-moe": dict(block="sandwich", mlp={"kind": "moe", "experts": 4, "top_k": 2}),
+    "local-global": dict(attention={"kind": "sliding_window", "window": 5}, layers={"g": {"at": "1::2", "attention": "mha"}}),
+}
+
+
+@pytest.mark.parametrize("changes", list(RESEARCH.values()), ids=list(RESEARCH))
+def test_the_research_components_compile_without_graph_breaks(changes):
+    model = research(**changes)
+    assert_one_graph_in_training(model)
+    assert_one_graph_in_decoding(model)

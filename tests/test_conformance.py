@@ -16,7 +16,10 @@ BUILTINS = PluginManager(entry_points=False).registry
 
 # options worth checking beyond the defaults (sliding_window's default window is wider than the tiny model)
 VARIANTS = {
-    ("attention", "gqa"): [{"n_kv_head": 2}, {"n_kv_head": 1, "qk_norm": "rmsnorm", "backend": "math"}],
+    ("attention", "gqa"): [{"n_kv_head": 2}, {"n_kv_head": 1, "qk_norm": "rmsnorm", "backend": "math"},
+                           {"n_kv_head": 2, "softcap": 0.05}],
+    ("attention", "mla"): [None, {"q_rank": 16, "rope_dim": 2, "v_dim": 12}],
+    ("attention", "diff"): [None, {"lambda_init": 0.5, "backend": "math"}],
     ("attention", "mha"): [None, {"qk_norm": "layernorm"}],
     ("attention", "sliding_window"): [{"window": 4}, {"window": 3, "n_kv_head": 2, "qk_norm": "rmsnorm"}],
     ("norm", "rmsnorm"): [None, {"eps": 1e-6}],

@@ -191,3 +191,30 @@ def test_the_compiled_flex_kernel_equals_the_math_path(monkeypatch):
         want = math_(idx)[0]
         torch.testing.assert_close(flex(idx)[0], want, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(decode(flex, idx, [20, 1, 1, 2]), want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("position", ["rope", "alibi"])
+@pytest.mark.parametrize("attention", ["gqa", "sliding_window"])
+def test_soft_capped_logits_are_the_same_through_flex_and_the_math_path(attention, position, monkeypatch):
+    # a cap near the logits of a freshly initialised model (about 0.01), so that it bends them
+    flex, math, sdpa = (tiny(attention, position, backend, softcap=0.005) for backend in ("flex", "math", "sdpa"))
+    counting = Counting(monkeypatch)
+    idx = tokens()
+    with torch.no_grad():
+        # SDPA cannot cap: on a CPU the "sdpa" backend takes the math path, which flex must equal
+        torch.testing.assert_close(sdpa(idx)[0], math(idx)[0], atol=1e-6, rtol=1e-5)
+        assert counting.calls == 0
+        torch.testing.assert_close(flex(idx)[0], math(idx)[0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(decode(flex, idx, [5, 1, 1, 17]), math(idx)[0], atol=1e-5, rtol=1e-4)
+    assert counting.calls > 0
+    uncapped = tiny(attention, position, "math")
+    with torch.no_grad():
+        assert not torch.allclose(uncapped(idx)[0], math(idx)[0], atol=1e-3)  # the cap does something
+
+
+def test_alibi_gives_the_head_count_an_attention_asks_for():
+    alibi = BUILTINS.build_in("position", "alibi", ModelConfig(vocab_size=V, block_size=T, n_head=8, n_embd=32).dims())
+    pos = torch.arange(6)
+    assert alibi.score_bias(pos, pos).shape == (8, 6, 6)
+    half = alibi.score_bias(pos, pos, n_head=4)  # differential attention: half as many heads
+    assert half.shape == (4, 6, 6) and torch.allclose(half[0, 5, 0], torch.tensor(-5 * 2 ** -2.0))

@@ -22,9 +22,11 @@ cache).
 hooks of the :class:`Position` it is given, and the ones a position kind does not use are identities.
 
 1. ``embed(tok_emb, pos)`` adds to the token embeddings (learned, sinusoidal), called once by the model;
-2. ``rotate(q, k, pos)`` rotates queries and keys per head (RoPE), called by attention before caching k;
-3. ``score_bias(q_pos, k_pos)`` returns an additive (nh, Tq, Tk) bias for the attention scores (ALiBi),
-   or None. A position with such a bias may also give it in closed form, ``score_mod(q_pos, k_pos)``,
+2. ``rotate(q, k, pos)`` rotates queries and keys per head (RoPE), called by attention before caching k,
+   over the dimensions it is handed: all of each head, or only a rotary part (decoupled RoPE in MLA);
+3. ``score_bias(q_pos, k_pos, n_head)`` returns an additive (n_head, Tq, Tk) bias for the attention
+   scores (ALiBi), or None, for the number of heads the attention asks for (attend asks for as many
+   as its queries have). A position with such a bias may also give it in closed form, ``score_mod``,
    a FlexAttention score_mod ``(score, b, h, q_idx, kv_idx) -> score``, so that a fused kernel never
    builds the dense tensor; without one, attention falls back to ``score_bias``.
 
@@ -70,6 +72,7 @@ they need from the last forward (detached) rather than computing in every step.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from typing import Callable
 
@@ -92,6 +95,7 @@ class Dims:
     bias: bool = True
     # build(family, spec_or_kind, dims, *args) builds another registered component (e.g. a qk-norm)
     build: object = attrs.field(default=None, eq=False, repr=False)
+    head_size: int | None = None  # the width of one attention head when it is not n_embd / n_head (Gemma)
     layer: int | None = None  # the layer a per-layer component is built for; None for the final norm
     role: str | None = None  # where a norm sits: "attention", "mlp", "final", "qk"
     # this layer's choice (a Spec) in each per-layer family, and how the model records what it built
@@ -108,7 +112,7 @@ class Dims:
 
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        return self.head_size or self.n_embd // self.n_head
 
 
 class Position(nn.Module):
@@ -125,11 +129,12 @@ class Position(nn.Module):
         """q (B, nh, T, hs), k (B, nkv, T, hs) at positions pos (T,) -> rotated q, k; default: unchanged."""
         return q, k
 
-    def score_bias(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor | None:
-        """Additive attention-score bias (nh, Tq, Tk) for the given positions, or None."""
+    def score_bias(self, q_pos: torch.Tensor, k_pos: torch.Tensor, n_head: int | None = None) -> torch.Tensor | None:
+        """Additive attention-score bias (n_head, Tq, Tk) for the given positions, or None; ``n_head`` is
+        the head count the attention asks for (None: the model's)."""
         return None
 
-    def score_mod(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> Callable | None:
+    def score_mod(self, q_pos: torch.Tensor, k_pos: torch.Tensor, n_head: int | None = None) -> Callable | None:
         """score_bias as a FlexAttention score_mod, or None (then attend uses the dense score_bias).
 
         The function maps (score, b, h, q_idx, kv_idx) -> score + bias, where q_idx and kv_idx index
@@ -176,6 +181,12 @@ def update_cache(cache: dict | None, k: torch.Tensor, v: torch.Tensor, pos: torc
 BACKENDS = ("sdpa", "flex", "math")
 
 
+@torch.compiler.assume_constant_result  # a fact about a class: Dynamo takes the answer, not the inspection
+def _takes_n_head(cls: type) -> bool:
+    """Whether a position's score_bias takes the head count (positions written before it was asked do not)."""
+    return "n_head" in inspect.signature(cls.score_bias).parameters
+
+
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -186,13 +197,18 @@ def attend(
     *,
     dropout: float = 0.0,
     window: int | None = None,
+    softcap: float | None = None,
     backend: str = "sdpa",
 ) -> torch.Tensor:
-    """Causal attention of q (B, nh, Tq, hs) over k, v (B, nkv, Tk, hs) -> (B, nh, Tq, hs).
+    """Causal attention of q (B, nh, Tq, hs) over k, v (B, nkv, Tk, hv) -> (B, nh, Tq, hv).
 
     A query at position p sees keys at positions in (p - window, p]. ``nkv`` may divide ``nh``
     (grouped-query attention, Ainslie et al. 2023): each group of nh/nkv query heads shares one
-    key/value head. Backends, all with the same outputs up to float rounding:
+    key/value head. The position's score bias is asked for these ``nh`` heads. ``softcap`` caps the
+    scaled logits smoothly at +-softcap, ``softcap * tanh(s / softcap)`` (Gemma 2; Bello et al.
+    2016), which no SDPA kernel can do: FlexAttention folds it into its score_mod where flex is
+    chosen and runs, else the math path spells it out. Backends, all with the same outputs up to
+    float rounding:
 
     ``"sdpa"``  the fused kernel that fits: ``F.scaled_dot_product_attention`` with ``is_causal``
                 (flash-eligible) for plain causal attention; FlexAttention where SDPA would need an
@@ -206,24 +222,26 @@ def attend(
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r} (expected one of {', '.join(BACKENDS)})")
     n_head, n_kv = q.size(1), k.size(1)
+    heads = {"n_head": n_head} if position is not None and _takes_n_head(type(position)) else {}
     # k_pos is q_pos exactly when nothing is cached (update_cache hands the same tensor back): a
     # fresh sequence, so the mask depends on indices only (as is_causal assumes)
     fresh = k_pos is q_pos
     bias, biased = None, False
-    if (backend == "flex" or (backend == "sdpa" and prefer_flex(q, fresh))) and flex_runs(q, k, v, dropout):
-        mod = position.score_mod(q_pos, k_pos) if position is not None else None
+    flex_chosen = backend == "flex" or (backend == "sdpa" and prefer_flex(q, fresh))
+    if flex_chosen and flex_runs(q, k, v, dropout):
+        mod = position.score_mod(q_pos, k_pos, **heads) if position is not None else None
         if mod is None and position is not None:
-            bias, biased = position.score_bias(q_pos, k_pos), True
+            bias, biased = position.score_bias(q_pos, k_pos, **heads), True
         # by choice, flex with whatever is asked; automatically only where SDPA cannot fuse and a
         # bias (if any) comes in closed form: a dense bias is paid for already, SDPA takes it as well
-        if backend == "flex" or (bias is None and (mod is not None or window is not None)):
+        if backend == "flex" or softcap is not None or (bias is None and (mod is not None or window is not None)):
             if bias is not None:
                 mod = dense_score_mod(bias)
-            return flex_attend(q, k, v, q_pos, k_pos, mod, window=window, fresh=fresh)
+            return flex_attend(q, k, v, q_pos, k_pos, capped_score_mod(mod, softcap), window=window, fresh=fresh)
     if not biased and position is not None:
-        bias = position.score_bias(q_pos, k_pos)
+        bias = position.score_bias(q_pos, k_pos, **heads)
     # Plain causal self-attention over a fresh sequence: let SDPA build the mask (flash-eligible).
-    if backend != "math" and bias is None and window is None and fresh:
+    if backend != "math" and softcap is None and bias is None and window is None and fresh:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=n_kv != n_head)
     visible = k_pos[None, :] <= q_pos[:, None]  # (Tq, Tk) causal
     if window is not None:
@@ -231,15 +249,29 @@ def attend(
     mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill(~visible, float("-inf"))
     if bias is not None:
         mask = mask + bias.to(q.dtype)  # (nh, Tq, Tk)
-    if backend != "math":
+    if backend != "math" and softcap is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=n_kv != n_head)
     if n_kv != n_head:
         k = k.repeat_interleave(n_head // n_kv, dim=1)  # (B, nh, Tk, hs)
         v = v.repeat_interleave(n_head // n_kv, dim=1)
     att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # (B, nh, Tq, Tk)
+    if softcap is not None:
+        att = softcap * torch.tanh(att / softcap)
     att = torch.softmax(att + mask, dim=-1)
     att = F.dropout(att, p=dropout, training=dropout > 0)
-    return att @ v  # (B, nh, Tq, hs)
+    return att @ v  # (B, nh, Tq, hv)
+
+
+def capped_score_mod(mod: Callable | None, softcap: float | None) -> Callable | None:
+    """``mod`` after capping the score at +-softcap (Gemma 2's attention logit soft-capping), for FlexAttention."""
+    if softcap is None:
+        return mod
+
+    def capped(score, b, h, q_idx, kv_idx):
+        score = softcap * torch.tanh(score / softcap)
+        return score if mod is None else mod(score, b, h, q_idx, kv_idx)
+
+    return capped
 
 
 # -- FlexAttention ------------------------------------------------------------------------------
@@ -248,6 +280,10 @@ def attend(
 # create_block_mask, so fully masked blocks are skipped) and a score modification (score_mod) into one
 # fused kernel: a sliding window or ALiBi costs no (Tq, Tk) tensor in memory.
 
+#: whether FlexAttention may run at all (the conformance kit turns it off to count FLOPs, which
+#: FlopCounterMode cannot see inside flex's higher-order op)
+FLEX_ENABLED = True
+
 #: compile flex_attention when the model itself runs eagerly (uncompiled, flex materialises the full
 #: score matrix through a reference implementation); tests that only check the arithmetic turn it off
 FLEX_COMPILE = True
@@ -255,7 +291,7 @@ FLEX_COMPILE = True
 
 def flex_runs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> bool:
     """Whether FlexAttention can run this call: it has no dropout, and (torch 2.13) no backward on CPU or MPS."""
-    if dropout > 0:
+    if dropout > 0 or q.device.type == "meta" or not FLEX_ENABLED:  # meta (inspect): flex cannot trace shapes only
         return False
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     return not (needs_grad and q.device.type in ("cpu", "mps"))

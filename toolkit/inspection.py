@@ -51,7 +51,7 @@ def flops_check(recipe: Recipe, model: Transformer, report: list[dict]) -> Flops
     if not cfg.tie_embeddings:
         lookups += model.transformer.wte.weight.numel()
     n = total["params"] - lookups
-    L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
+    L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.head_dim or cfg.n_embd // cfg.n_head, cfg.block_size
     return FlopsCheck(3 * total["flops_per_token"], 6 * n + 12 * L * H * Q * T, n)
 
 
@@ -217,7 +217,9 @@ def memory_per_gpu(recipe: Recipe, n_params: int, world_size: int = 1, activatio
 def _gib(n: float) -> str:
     if n >= 2**30:
         return f"{n / 2**30:.2f} GiB"
-    return f"{n / 2**20:.1f} MiB"
+    if n >= 2**20:
+        return f"{n / 2**20:.1f} MiB"
+    return f"{n / 2**10:.1f} KiB"
 
 
 def _count(n: float) -> str:
@@ -249,7 +251,7 @@ def inspect_recipe(recipe: Recipe, world_size: int = 1, path: str = "") -> str:
     total = report[-1]
     lines = [f"recipe {recipe.name}" + (f" ({path})" if path else "") + (f": {recipe.description}" if recipe.description else "")]
     lines.append(
-        f"model: {m.n_layer} layers x {m.n_head} heads (head dim {m.n_embd // m.n_head}), n_embd {m.n_embd}, "
+        f"model: {m.n_layer} layers x {m.n_head} heads (head dim {m.head_dim or m.n_embd // m.n_head}), n_embd {m.n_embd}, "
         f"block_size {m.block_size}, vocab {m.vocab_size}, {'tied' if m.tie_embeddings else 'untied'} embeddings, "
         f"{m.block.kind} blocks"
     )

@@ -89,14 +89,20 @@ class ModelConfig:
     dropout: float = attrs.field(default=0.0, converter=float, validator=[v.ge(0.0), v.lt(1.0)])
     bias: bool = attrs.field(default=True, validator=v.instance_of(bool))
     tie_embeddings: bool = attrs.field(default=True, validator=v.instance_of(bool))
+    # one attention head's width; None: n_embd / n_head (Gemma and Qwen 3 make heads wider or narrower)
+    head_dim: int | None = attrs.field(default=None, validator=v.optional([v.instance_of(int), _positive]))
+    # token embeddings times this before the first block (Gemma: sqrt(n_embd)); None: 1
+    embedding_multiplier: float | None = attrs.field(default=None, validator=v.optional(v.gt(0.0)))
+    # cap the output logits smoothly at +-logit_softcap (Gemma 2: 30); None: no cap
+    logit_softcap: float | None = attrs.field(default=None, validator=v.optional(v.gt(0.0)))
     # the older spelling of block: "post" is block = "post_norm" ("pre", the default block, changes nothing)
     layout: Literal["pre", "post"] | None = attrs.field(default=None, validator=v.optional(v.in_(("pre", "post"))))
     # layers with components of their own, applied in order (a later group wins where two name a layer)
     layers: dict[str, LayerGroup] = attrs.field(factory=dict, converter=_layer_groups)
 
     def __attrs_post_init__(self):
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.head_dim is None and self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}), or give head_dim")
         if self.layout is not None:  # fold the old spelling into block, so both spellings are one config
             if self.layout == "post" and self.block.kind not in ("pre_norm", "post_norm"):
                 raise ValueError(f"layout = \"post\" and block = \"{self.block.kind}\" disagree; give only block")
@@ -119,7 +125,7 @@ class ModelConfig:
     def dims(self, build: Callable | None = None, layer: int | None = None, record: Callable | None = None) -> Dims:
         parts = {f: self.spec_at(f, layer) for f in PER_LAYER}
         return Dims(self.n_embd, self.n_head, self.n_layer, self.block_size, self.vocab_size, self.dropout,
-                    self.bias, build, layer=layer, parts=parts, record=record)
+                    self.bias, build, head_size=self.head_dim, layer=layer, parts=parts, record=record)
 
 
 class Transformer(nn.Module):
@@ -194,6 +200,8 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {start_pos + T} tokens exceeds the positional limit {position.max_len}")
         pos = torch.arange(start_pos, start_pos + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.wte(idx)  # (B, T, C)
+        if self.config.embedding_multiplier is not None:  # Gemma: sqrt(n_embd), in the embeddings' dtype
+            x = x * torch.tensor(self.config.embedding_multiplier, dtype=x.dtype)
         x = self.transformer.drop(position.embed(x, pos))
         for i, block in enumerate(self.transformer.h):
             layer_cache = cache[i] if cache is not None else None
@@ -205,6 +213,9 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, [-1], :]  # (B, 1, C): generation needs only the next token's logits
         logits = self.lm_head(x)  # (B, T, V)
+        if self.config.logit_softcap is not None:  # Gemma 2: logits smoothly within +-cap
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)

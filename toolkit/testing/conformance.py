@@ -80,7 +80,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import cattrs
 
-from toolkit import families
+from toolkit import contracts, families
 from toolkit.config import format_errors, make_converter
 from toolkit.contracts import Position, flops_per_token
 from toolkit.engine import build_engine, engine_step
@@ -515,12 +515,16 @@ def check_flops(subject: Subject, *, rtol: float = 0.05, **_) -> None:
     model = subject.build().eval()
     idx = tokens(subject)
     T = idx.size(1)
-    cache = [{} for _ in model.transformer.h]
-    # the math backend spells attention out as matmuls, which the counter sees (fused SDPA it does not)
-    with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
-        model(idx[:, :-1], cache=cache)
-        with FlopCounterMode(display=False, depth=None) as counter:
-            model(idx[:, -1:], cache=cache, start_pos=T - 1)
+    counter, cache = FlopCounterMode(display=False, depth=None), [{} for _ in model.transformer.h]
+    # the math backend spells attention out as matmuls, which the counter sees (fused SDPA and flex it does not)
+    flex, contracts.FLEX_ENABLED = contracts.FLEX_ENABLED, False
+    try:
+        with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
+            model(idx[:, :-1], cache=cache)  # the prefill
+            with counter:
+                model(idx[:, -1:], cache=cache, start_pos=T - 1)  # one token at context T
+    finally:
+        contracts.FLEX_ENABLED = flex
     counted = {name.removeprefix(f"{type(model).__name__}."): sum(ops.values())
                for name, ops in counter.get_flop_counts().items()}
     for path, module in zip(subject.module_paths(model), subject.modules(model)):
@@ -561,6 +565,8 @@ def check_scale(subject: Subject, **_) -> None:
     """Attention scales q.k by 1/sqrt(head dim) (Vaswani et al. 2017, eq. 1)."""
     if subject.family != "attention":
         return
+    if getattr(subject.options, "softcap", None) is not None:  # the scale is what it is with the cap off
+        subject = attrs.evolve(subject, options=attrs.evolve(subject.options, softcap=None))
     model = subject.build().eval()
     attn = subject.modules(model)[0]
     T, C = model.config.block_size, model.config.n_embd
