@@ -16,6 +16,7 @@ import io
 import os
 import socket
 import sys
+import time
 import types
 from pathlib import Path
 from typing import Any, Callable
@@ -202,14 +203,39 @@ def _quiet_op_loading():
         sys.stdout.write("".join(line for line in lines if not line.endswith("built successfully\n")))
 
 
-def _shm_op_built() -> bool:
-    """Whether DeepSpeed's CPU shared-memory op is already compiled in torch's extension cache."""
+def _shm_op_dir() -> Path | None:
+    """Where torch builds DeepSpeed's CPU shared-memory op (its extension cache), or None if unknown."""
     try:
         from torch.utils.cpp_extension import _get_build_directory
 
-        return any(Path(_get_build_directory("deepspeed_shm_comm", verbose=False)).glob("*.so"))
+        return Path(_get_build_directory("deepspeed_shm_comm", verbose=False))
     except Exception:  # noqa: BLE001 - a private torch helper: if it moves, just say nothing
-        return True
+        return None
+
+
+def _shm_op_built() -> bool:
+    """Whether DeepSpeed's CPU shared-memory op is already compiled in torch's extension cache."""
+    where = _shm_op_dir()
+    return where is None or any(where.glob("*.so"))
+
+
+#: a build of the op takes about 30 s; a lock this much older was left by a process killed mid-build
+STALE_BUILD_LOCK_S = 600
+
+
+def clear_stale_build_lock(where: Path | None, now: float | None = None) -> bool:
+    """Remove the op build's lock file if a killed build left it (torch would wait on it for ever)."""
+    lock = where / "lock" if where is not None else None
+    try:
+        age = (now or time.time()) - lock.stat().st_mtime
+    except (OSError, AttributeError):
+        return False
+    if age < STALE_BUILD_LOCK_S:
+        return False
+    lock.unlink(missing_ok=True)
+    print(f"removed {lock}: a build of DeepSpeed's CPU op killed {age / 60:.0f} minutes ago left it, and torch "
+          "would wait on it for ever", file=sys.stderr, flush=True)
+    return True
 
 
 def init_distributed() -> tuple[int, int]:
@@ -230,6 +256,8 @@ def init_distributed() -> tuple[int, int]:
         os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
         if on_cuda():
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        if not on_cuda() and os.environ.get("LOCAL_RANK", "0") == "0":
+            clear_stale_build_lock(_shm_op_dir())
         if not on_cuda() and os.environ.get("LOCAL_RANK", "0") == "0" and not _shm_op_built():
             print("building DeepSpeed's CPU communication op (once per machine, about 30 s)...", file=sys.stderr,
                   flush=True)
