@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Callable
 
 import attrs
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from .data import TokenLoader
+from .data import TokenLoader, read_split
 from .recipe import Recipe
 from .registry import Registry
 
@@ -50,6 +51,18 @@ class EvalContext:
 
     def mean(self, value: torch.Tensor | float) -> torch.Tensor:
         return self.sum(value) / self.world_size
+
+    def max(self, value: torch.Tensor | float) -> torch.Tensor:
+        """The largest ``value`` of any rank (e.g. how many forwards the busiest rank runs: under ZeRO 3
+        every rank must take part in every forward)."""
+        t = torch.as_tensor(value, dtype=torch.float64, device=self.device).clone()
+        if self.world_size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t
+
+    def split(self, name: str, prepared: str | Path | None = None) -> list[np.ndarray]:
+        """The token shards of split ``name`` of ``prepared`` (default: the run's prepared data)."""
+        return read_split(self.prepared if prepared is None else prepared, name)
 
     def shard(self, items: list) -> list:
         """This rank's share of ``items`` (every world_size-th, starting at rank)."""

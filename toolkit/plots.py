@@ -59,11 +59,26 @@ def _log_axis(ax, values: list[float]) -> None:
         ax.yaxis.set_minor_formatter(plain)
 
 
+def evaluator_metrics(evals: list[dict]) -> list[str]:
+    """The evaluator metrics of eval lines (``<label>/<metric>``), in the order they first appear."""
+    return list(dict.fromkeys(k for row in evals for k in row if "/" in k))
+
+
 def plot_losses(metrics_path: str | Path, out_png: str | Path, title: str | None = None) -> Path:
-    """Train loss per step (raw and smoothed) and the evaluated train/val losses, vs step."""
+    """Train loss per step (raw and smoothed) and the evaluated train/val losses vs step, and below
+    them a panel for each evaluator metric (``hellaswag/acc_norm``...) vs step."""
     train, evals = read_metrics(metrics_path)
+    metrics = evaluator_metrics(evals)
+    rows = -(-len(metrics) // 2)  # two metric panels a row
     fig = _figure()
-    ax = fig.add_subplot()
+    if metrics:
+        fig.set_size_inches(9, 4.5 + 2.6 * rows)
+        grid = fig.add_gridspec(1 + rows, 2, height_ratios=[4.5] + [2.6] * rows)
+        ax = fig.add_subplot(grid[0, :])
+        for i, key in enumerate(metrics):
+            _plot_metric(fig.add_subplot(grid[1 + i // 2, i % 2]), evals, key)
+    else:
+        ax = fig.add_subplot()
     steps, loss = _finite([r["step"] for r in train], [r.get("loss") for r in train])
     shown = list(loss)
     window = min(100, len(loss) // 40)  # smooth over ~1/40 of the run: readable, and not lagging
@@ -92,6 +107,16 @@ def plot_losses(metrics_path: str | Path, out_png: str | Path, title: str | None
     out_png = Path(out_png)
     fig.savefig(out_png, dpi=110)
     return out_png
+
+
+def _plot_metric(ax, evals: list[dict], key: str) -> None:
+    """One evaluator metric vs step, its last value in the title."""
+    xs, ys = _finite([r["step"] for r in evals], [r.get(key) for r in evals])
+    if ys:
+        ax.plot(xs, ys, "o-", color="tab:green", markersize=3.5, linewidth=1.5)
+    ax.set_title(f"{key} ({ys[-1]:.4f})" if ys else key, fontsize=10)
+    ax.set_xlabel("optimizer step")
+    ax.grid(True, alpha=0.3)
 
 
 def plot_summary(metrics_path: str | Path, out_png: str | Path, title: str | None = None) -> Path:
