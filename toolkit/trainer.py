@@ -39,6 +39,7 @@ from .progress import Progress
 from .recipe import Recipe, registry_of
 from .runfolder import RunFolder, default_run_dir
 from .signals import StopSignals
+from .trackers import Trackers
 from .tokenizer import load_tokenizer
 
 #: the first steps are left out of the mean throughput (allocator warm-up, compilation)
@@ -177,7 +178,9 @@ class Trainer:
         self.t_start = time.perf_counter()
         self.display = Progress(enabled=self.progress and self.is_main, total=self.cfg.max_steps, initial=self.step,
                                 title=recipe.name, log_interval=self.cfg.log_interval)
-        self.folder = RunFolder(self.run_dir, recipe.name) if self.is_main else None
+        if self.is_main:  # the trackers drop what they logged after a resumed checkpoint's step
+            trackers = Trackers.open(recipe, self.run_dir, resume_step=self.step if self.resume else None)
+        self.folder = RunFolder(self.run_dir, recipe.name, trackers) if self.is_main else None
         if self.folder:
             self.folder.write_start(recipe, self.ds_config, self.registry, self.tokenizer)
             if self.resume:
