@@ -65,6 +65,13 @@ def evaluator_metrics(evals: list[dict]) -> list[str]:
 
 
 def plot_losses(metrics_path: str | Path, out_png: str | Path, title: str | None = None) -> Path:
+    """losses.png: :func:`losses_figure` of a metrics.jsonl."""
+    out_png = Path(out_png)
+    losses_figure(metrics_path, title).savefig(out_png, dpi=110)
+    return out_png
+
+
+def losses_figure(metrics_path: str | Path, title: str | None = None):
     """Train loss per step (raw and smoothed) and the evaluated train/val losses vs step, and below
     them a panel for each evaluator metric (``hellaswag/acc_norm``...) vs step."""
     train, evals = read_metrics(metrics_path)
@@ -104,9 +111,7 @@ def plot_losses(metrics_path: str | Path, out_png: str | Path, title: str | None
     ax.grid(True, which="both", alpha=0.3)
     if shown:
         ax.legend(loc="upper right")
-    out_png = Path(out_png)
-    fig.savefig(out_png, dpi=110)
-    return out_png
+    return fig
 
 
 def _plot_metric(ax, evals: list[dict], key: str) -> None:
