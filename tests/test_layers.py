@@ -16,7 +16,7 @@ LAYERS = {
     2: ["plugin_manager", "config", "tokenizer", "plugins"],
     3: ["model", "data", "recipe"],
     4: ["engine", "checkpoint", "hf", "inspection"],
-    5: ["trainer", "checkpointer", "runfolder", "trackers", "evaluate", "signals", "progress", "generate", "ablation", "ablate",
+    5: ["trainer", "checkpointer", "runfolder", "trackers", "evaluate", "lm_harness", "signals", "progress", "generate", "ablation", "ablate",
         "testing"],
     6: ["cli", "__main__"],
 }
