@@ -63,6 +63,7 @@ def tracked(tmp_path_factory, tiny_recipe):
     return summary["run_dir"], expected
 
 
+@pytest.mark.slow
 def test_tensorboard_gets_every_metric_at_the_steps_of_metrics_jsonl(tracked):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -73,6 +74,7 @@ def test_tensorboard_gets_every_metric_at_the_steps_of_metrics_jsonl(tracked):
     assert sorted(expected["train/loss"]) == [1, 2, 3, 4] and sorted(expected["eval/val_loss"]) == [0, 2, 4]
 
 
+@pytest.mark.slow
 def test_an_offline_wandb_run_gets_every_metric_at_the_steps_of_metrics_jsonl(tracked):
     run_dir, expected = tracked
     got: dict = {}
@@ -83,6 +85,7 @@ def test_an_offline_wandb_run_gets_every_metric_at_the_steps_of_metrics_jsonl(tr
     assert_same(got, expected)
 
 
+@pytest.mark.slow
 def test_metrics_csv_has_a_column_per_metric_and_a_row_per_line(tracked):
     run_dir, expected = tracked
     with open(f"{run_dir}/metrics.csv", newline="") as f:

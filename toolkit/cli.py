@@ -55,7 +55,7 @@ def render_plugins(registry: Registry, hooks: bool = False) -> str:
             lines.append(f"  {name:<16} {comp.doc}")
             lines.append(f"  {'':<16} from {comp.source}")
             for opt, typ, default in comp.option_fields():
-                lines.append(f"  {'':<16}   {opt}: {typ} = {default!r}")
+                lines.append(f"  {'':<16}   {opt}: {typ} " + ("(required)" if default is attrs.NOTHING else f"= {default!r}"))
         if not registry.names(fam.name):
             lines.append("  (none registered)")
         lines.append("")
