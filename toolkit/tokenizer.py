@@ -201,7 +201,6 @@ def gpt2_encoding():
     return _bpe_encoding(paths["encoder.json"], paths["vocab.bpe"])
 
 
-@functools.lru_cache(maxsize=None)
 def _bpe_encoding(encoder_json: str, vocab_bpe: str):
     """A GPT-2 BPE tiktoken encoding from its two files, read from disk and nowhere else."""
     import tiktoken
