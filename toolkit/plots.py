@@ -125,21 +125,35 @@ def _plot_metric(ax, evals: list[dict], key: str) -> None:
 
 
 def plot_summary(metrics_path: str | Path, out_png: str | Path, title: str | None = None) -> Path:
-    """Three panels vs step: learning rate, gradient norm (before clipping), tokens/s."""
+    """Panels vs step: learning rate, gradient norm (before clipping), tokens/s, and when the run has them
+    the auxiliary losses (``aux/*``, smoothed) and each component metric (``mlp/expert_load_max``...)."""
     train, _ = read_metrics(metrics_path)
-    fig = _figure(nrows=3, height=2.6)
-    axes = fig.subplots(3, 1, sharex=True)
-    panels = (("lr", "learning rate", "tab:green", False), ("grad_norm", "gradient norm", "tab:purple", True),
-              ("tokens_per_s", "tokens/s", "tab:blue", False))
+    keys = list(dict.fromkeys(k for r in train for k in r if "/" in k))
+    aux = [k for k in keys if k.startswith("aux/")]
+    metrics = [k for k in keys if not k.startswith("aux/")]
+    panels = [("lr", "learning rate", "tab:green", False), ("grad_norm", "gradient norm", "tab:purple", True),
+              ("tokens_per_s", "tokens/s", "tab:blue", False)] + [(k, k, "tab:brown", False) for k in metrics]
+    fig = _figure(nrows=len(panels) + bool(aux), height=2.6)
+    axes = list(fig.subplots(len(panels) + bool(aux), 1, sharex=True))
     for ax, (key, label, color, log) in zip(axes, panels):
-        xs, ys = _finite([r["step"] for r in train], [r.get(key) for r in train])
+        xs, ys = _finite([r["step"] for r in train if key in r], [r.get(key) for r in train if key in r])
         if ys:
-            ax.plot(xs, ys, color=color, linewidth=1.0)
+            ax.plot(xs, ys, color=color, linewidth=1.0, marker="." if len(ys) < 50 else None)
             if log:
                 _log_axis(ax, ys)
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].set_title(f"{title}: schedule and throughput" if title else "schedule and throughput")
+    if aux:  # the terms a component adds to the objective, each summed over layers
+        ax = axes[-1]
+        for key in aux:
+            xs, ys = _finite([r["step"] for r in train if key in r], [r.get(key) for r in train if key in r])
+            if ys:
+                ax.plot(xs, _ema(ys), linewidth=1.0, label=key)
+        ax.set_ylabel("auxiliary losses")
+        ax.legend(fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+    heading = "schedule, throughput and components" if len(axes) > 3 else "schedule and throughput"
+    axes[0].set_title(f"{title}: {heading}" if title else heading)
     axes[-1].set_xlabel("optimizer step")
     out_png = Path(out_png)
     fig.savefig(out_png, dpi=110)
