@@ -21,7 +21,7 @@ from .ablate import run_ablation
 from .ablation import dry_run_text, load_ablation
 from .checkpoint import check_resumable, find_run
 from .data import prepare
-from .errors import ConfigError, UsageError, UserError
+from .errors import ConfigError, UsageError, UserError, one_line
 from .generate import encode_prompt, load_run, resolve_run_dir, stream_samples
 from .inspection import inspect_recipe
 from .plugin_manager import PluginManager, default_registry, forget_loaded
@@ -370,6 +370,19 @@ def add_plugin_commands(sub, registry: Registry) -> None:
         p.set_defaults(func=comp.factory(p))
 
 
+#: the most problems printed for one command; the rest are counted ("... and N more")
+MAX_ERROR_LINES = 50
+
+
+def print_errors(lines: list[str]) -> None:
+    """``error: <line>`` on stderr for each problem, each on one line, at most MAX_ERROR_LINES of them."""
+    shown = lines[:MAX_ERROR_LINES]
+    for line in shown:
+        print(f"error: {one_line(line)}", file=sys.stderr)
+    if len(lines) > len(shown):
+        print(f"error: ... and {len(lines) - len(shown):,} more", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--trace" in argv[: argv.index("--") if "--" in argv else len(argv)]:
@@ -381,11 +394,10 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         return int(args.func(args) or 0)
     except ConfigError as exc:
-        for line in exc.lines:
-            print(f"error: {line}", file=sys.stderr)
+        print_errors(exc.lines)
         return 2
     except (UserError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_errors([str(exc)])
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

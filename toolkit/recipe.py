@@ -19,6 +19,7 @@ import copy
 import json
 import os
 import re
+import stat
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -30,7 +31,7 @@ from attrs import validators as v
 from cattrs.errors import ClassValidationError
 
 from . import families
-from .config import (ValueTypeError, _show, build, errors_to_lines, format_errors, make_converter,
+from .config import (ValueTypeError, _show, build, errors_to_lines, format_errors, make_converter, path_key,
                      structure_fields)
 from .errors import ConfigError, PluginLoadError
 from .families import components
@@ -132,11 +133,43 @@ class Recipe:
 
 
 # -- reading and composing ------------------------------------------------------------------------
+#: the largest recipe file read (a recipe is a few KiB; this refuses /dev/zero and generated junk early)
+MAX_RECIPE_BYTES = 1 << 20
+#: the deepest nesting of tables and arrays in a recipe or a --set value (a real recipe nests 5 deep)
+MAX_DEPTH = 32
+#: the longest chain of ``extends`` (a recipe, its base, the base's base, ...)
+MAX_EXTENDS = 32
+#: the most entries of a recipe's ``plugins`` array
+MAX_PLUGINS = 64
+
+
 def read_toml(path: str | Path) -> dict:
-    """Parse a TOML file; invalid TOML is a ConfigError naming file, line and column."""
+    """Parse a TOML file; invalid TOML is a ConfigError naming file, line and column.
+
+    Only a regular file of at most MAX_RECIPE_BYTES nesting at most MAX_DEPTH levels is read: a
+    FIFO would block forever, a device never end, and a deep nest overflow the parser's stack.
+    """
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; fstat then refuses it
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except IsADirectoryError:
+        raise ConfigError([f"{path}: is a folder, not a recipe file"]) from None
+    except (OSError, ValueError) as exc:  # ValueError: a null byte in the path
+        raise ConfigError([f"{path}: cannot read recipe file: {getattr(exc, 'strerror', None) or exc}"]) from None
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise ConfigError([f"{path}: is a folder, not a recipe file"])
+        if not stat.S_ISREG(mode):
+            raise ConfigError([f"{path}: not a regular file ({_file_kind(mode)}); a recipe is a TOML file"])
+        try:
+            raw = f.read(MAX_RECIPE_BYTES + 1)
+        except OSError as exc:
+            raise ConfigError([f"{path}: cannot read recipe file: {exc.strerror or exc}"]) from None
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise ConfigError([f"{path}: larger than {MAX_RECIPE_BYTES // 1024} KiB, the limit for a recipe file"])
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
     except tomllib.TOMLDecodeError as exc:
         text = str(exc)
         m = re.search(r"\(at line (\d+), column (\d+)\)", text)
@@ -145,10 +178,36 @@ def read_toml(path: str | Path) -> dict:
         raise ConfigError([f"{where}: invalid TOML: {reason[0].lower() + reason[1:]}"]) from None
     except UnicodeDecodeError as exc:
         raise ConfigError([f"{path}: invalid TOML: not UTF-8 text ({exc.reason} at byte {exc.start})"]) from None
-    except IsADirectoryError:
-        raise ConfigError([f"{path}: is a folder, not a recipe file"]) from None
-    except OSError as exc:
-        raise ConfigError([f"{path}: cannot read recipe file: {exc.strerror or exc}"]) from None
+    except RecursionError:  # the parser recurses once per level of an inline array or table
+        raise ConfigError([f"{path}: {_too_deep()}"]) from None
+    deep = too_deep(data)
+    if deep:
+        raise ConfigError([f"{path}: {deep}"])
+    return data
+
+
+def _file_kind(mode: int) -> str:
+    kinds = [(stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISSOCK, "a socket")]
+    return next((name for test, name in kinds if test(mode)), "not a plain file")
+
+
+def _too_deep(where: str = "$") -> str:
+    return f"{where}: nested more than {MAX_DEPTH} levels deep (tables and arrays), the limit for a recipe"
+
+
+def too_deep(value: Any, root: str = "$") -> str | None:
+    """A problem line if ``value`` nests tables and arrays more than MAX_DEPTH levels, else None (no recursion)."""
+    stack = [(value, root, 0)]
+    while stack:
+        item, where, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth >= MAX_DEPTH:
+                return _too_deep(where if len(where) <= 80 else where[:77] + "...")
+            pairs = item.items() if isinstance(item, dict) else enumerate(item)
+            for k, sub in pairs:
+                stack.append((sub, f"{where}[{k}]" if isinstance(item, list) else f"{where}.{path_key(k)}", depth + 1))
+    return None
 
 
 def recipe_file(path: str | Path) -> Path:
@@ -253,12 +312,15 @@ def _read_layers(path: Path, ctx: _Reading, chain: list[Path]) -> dict:
     if resolved in chain:
         cycle = " -> ".join(_display(p) for p in [*chain[chain.index(resolved):], resolved])
         raise ConfigError([f"{ctx.top}: extends cycle: {cycle}"])
+    if len(chain) >= MAX_EXTENDS:
+        raise ConfigError([f"{ctx.top}: extends chain longer than {MAX_EXTENDS} files, the limit "
+                           f"(at {_display(path)})"])
     data = read_toml(path)
     _normalise_components(data)
 
     plugins = data.get("plugins", [])
-    if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
-        ctx.errors.append(ctx.line(path, f"$.plugins: expected an array of strings, got {_show(plugins)}"))
+    if problem := _plugins_problem(plugins):
+        ctx.errors.append(ctx.line(path, problem))
         data.pop("plugins")
     elif plugins:  # relative to the file that names them, so a recipe works from any directory
         data["plugins"] = [str((path.parent / p).resolve()) if is_path_spec(p) else p for p in plugins]
@@ -282,16 +344,36 @@ def _read_layers(path: Path, ctx: _Reading, chain: list[Path]) -> dict:
     return merged
 
 
+def _plugins_problem(plugins: Any) -> str | None:
+    """What is wrong with a ``plugins`` value (``$.plugins...: problem``), or None."""
+    if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
+        return f"$.plugins: expected an array of strings, got {_show(plugins)}"
+    if len(plugins) > MAX_PLUGINS:
+        return f"$.plugins: {len(plugins)} plugins, more than the limit of {MAX_PLUGINS}"
+    for i, p in enumerate(plugins):
+        if "\0" in p or not p.strip():
+            return f"$.plugins[{i}]: not a plugin file or module name: {_show(p)}"
+    return None
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"train.lr=3e-4"`` -> (["train", "lr"], 0.0003). A value that is not TOML is a plain string."""
     key, sep, raw = text.partition("=")
     keys = [k.strip() for k in key.strip().split(".")]
+    shown = _show(text)[1:-1]  # escaped: a newline in a value stays on one line
     if not sep or not all(keys):
-        raise ConfigError([f"--set {text}: expected KEY.PATH=VALUE, e.g. --set train.lr=3e-4"])
+        raise ConfigError([f"--set {shown}: expected KEY.PATH=VALUE, e.g. --set train.lr=3e-4"])
+    if len(keys) > MAX_DEPTH:
+        raise ConfigError([f"--set {shown[:60]}...: {len(keys)} keys deep, more than the limit of {MAX_DEPTH}"])
     try:
         value = tomllib.loads(f"value = {raw.strip()}")["value"]
     except tomllib.TOMLDecodeError:
         value = raw.strip()  # --set model.attention.kind=gqa: a bare word means the string
+    except RecursionError:
+        raise ConfigError([f"--set {'.'.join(keys)}=...: {_too_deep('the value')}"]) from None
+    deep = too_deep(value, "the value")
+    if deep:
+        raise ConfigError([f"--set {'.'.join(keys)}=...: {deep}"])
     return keys, value
 
 
@@ -333,6 +415,8 @@ def resolve_data(path: str | Path, overrides=(), plugins=(), *, _sources: _Sourc
     if isinstance(named, list) and all(isinstance(p, str) for p in named):
         # file layers made theirs absolute already; --set and --plugin ones are relative to here
         specs = [*named, *plugins]
+        if problem := _plugins_problem(specs):
+            raise ConfigError([*ctx.errors, f"{top}: {problem}"])
         if specs:
             data["plugins"] = list(dict.fromkeys(str(Path(p).resolve()) if is_path_spec(p) else p for p in specs))
     if ctx.errors:
