@@ -8,6 +8,7 @@ lost and no traceback is shown.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import subprocess
@@ -250,6 +251,11 @@ def cmd_generate(args) -> int:
     model, tokenizer, recipe = load_run(args.run, device=args.device or ("cuda" if _cuda() else "cpu"))
     given = {"prompts": args.prompt, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
              "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
+    for name, value in given.items():  # the recipe's own values were checked when it loaded
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"--{name.replace('_', '-')}: must be a finite number, got {value}")
+        if isinstance(value, int) and not 0 <= value < 2**63:
+            raise UsageError(f"--{name.replace('_', '-')}: must be between 0 and 2**63 - 1, got {value}")
     try:
         cfg = attrs.evolve(recipe.generate, **{k: v for k, v in given.items() if v is not None})
     except ValueError as exc:  # attrs validators: "'temperature' must be >= 0.0: -1.0"

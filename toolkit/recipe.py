@@ -29,10 +29,12 @@ import tomli_w
 import torch
 from attrs import validators as v
 from cattrs.errors import ClassValidationError
+from torch import nn
 
 from . import families
 from .config import (ValueTypeError, _show, build, errors_to_lines, format_errors, make_converter, path_key,
                      structure_fields)
+from .contracts import Position
 from .errors import ConfigError, PluginLoadError
 from .families import components
 from .model import ModelConfig, select_layers
@@ -545,8 +547,11 @@ def _cross_checks(s: dict[str, dict], model: ModelConfig | None, registry: Regis
     def have(section: dict, *keys: str) -> bool:
         return all(k in section for k in keys)
 
-    if model is not None:
+    sizes = _size_checks(s)
+    out += sizes
+    if model is not None and not sizes:  # a model of a million layers is not built, not even on meta
         out += _model_component_checks(model, registry)
+    out += _deepspeed_config_checks(ds.get("config"))
 
     # batch arithmetic at world size 1 (`playattention inspect --world-size N` checks other sizes)
     if have(t, "micro_batch", "tokens_per_step", "grad_accum") and have(m, "block_size"):
@@ -568,6 +573,58 @@ def _cross_checks(s: dict[str, dict], model: ModelConfig | None, registry: Regis
     if have(ds, "offload", "zero_stage") and ds["offload"] == "cpu" and ds["zero_stage"] < 2:
         out.append(f"$.deepspeed.offload: \"cpu\" needs zero_stage 2 or 3, got zero_stage {ds['zero_stage']}")
     return out
+
+
+#: the largest value of each integer that sizes the model or a batch (GPT-3 175B: 96 layers of 12288)
+SIZE_LIMITS = {("model", "n_layer"): 1024, ("model", "n_head"): 1024, ("model", "n_embd"): 65536,
+               ("model", "block_size"): 1 << 20, ("model", "vocab_size"): 1 << 22, ("train", "micro_batch"): 1 << 16}
+
+
+def _size_checks(s: dict[str, dict]) -> list[str]:
+    out = []
+    for (section, key), limit in SIZE_LIMITS.items():
+        value = s.get(section, {}).get(key)
+        if isinstance(value, int) and value > limit:
+            out.append(f"$.{section}.{key}: must be <= {limit:,}, got {value:,} (the limit on a size)")
+    return out
+
+
+#: keys of [deepspeed.config] that the toolkit sets from the recipe: given there too, the two would
+#: disagree (DeepSpeed asserts at train time, or silently takes one), so they are refused at validation
+TOOLKIT_DS_KEYS = {
+    ("train_batch_size",): "train.micro_batch, train.grad_accum (or train.tokens_per_step) and the ranks",
+    ("train_micro_batch_size_per_gpu",): "train.micro_batch",
+    ("gradient_accumulation_steps",): "train.grad_accum (or train.tokens_per_step)",
+    ("gradient_clipping",): "train.grad_clip",
+    ("optimizer",): "train.optimizer",
+    ("scheduler",): "train.schedule",
+    ("zero_optimization", "stage"): "deepspeed.zero_stage",
+    ("zero_optimization", "offload_optimizer"): "deepspeed.offload",
+    ("bf16", "enabled"): "deepspeed.precision",
+    ("fp16", "enabled"): "deepspeed.precision",
+    ("torch_autocast", "enabled"): "deepspeed.precision",
+}
+
+
+def _deepspeed_config_checks(config: Any) -> list[str]:
+    """A line for each [deepspeed.config] key that the toolkit sets itself, naming the recipe key to use."""
+    if not isinstance(config, dict):
+        return []
+    out = []
+    for keys, recipe_key in TOOLKIT_DS_KEYS.items():
+        node: Any = config
+        for k in keys:
+            node = node.get(k, _MISSING) if isinstance(node, dict) else _MISSING
+        if node is not _MISSING:
+            out.append(f"$.deepspeed.config.{'.'.join(keys)}: set by the toolkit from {recipe_key}; "
+                       f"set that instead")
+    for key in ("bf16", "fp16", "torch_autocast", "zero_optimization"):
+        if key in config and not isinstance(config[key], dict):
+            out.append(f"$.deepspeed.config.{key}: expected a table, got {_show(config[key])}")
+    return out
+
+
+_MISSING = object()
 
 
 def _model_component_checks(model: ModelConfig, registry: Registry) -> list[str]:
@@ -594,13 +651,105 @@ def _model_component_checks(model: ModelConfig, registry: Registry) -> list[str]
         except ConfigError as exc:  # a block says again what its parts said: once is enough
             out += [f"{path}: {line}" for line in exc.lines if line not in said]
             said.update(exc.lines)
-        except Exception:  # noqa: BLE001 - not a recipe problem; building the model for real will say what
-            pass
+            continue
+        except Exception as exc:  # noqa: BLE001 - a factory that fails: the plugin's problem, said at its path
+            if _exc_line(exc) not in said:  # a block fails again for its failing part: once is enough
+                out.append(f"{path}: {_named(registry, family, spec.kind)} failed to build: {_exc_line(exc)}")
+                said.add(_exc_line(exc))
+            continue
+        wanted = Position if family == "position" else nn.Module
+        if not isinstance(built[path], wanted):
+            out.append(f"{path}: {_named(registry, family, spec.kind)} built {type(built[path]).__name__}, "
+                       f"not {'a toolkit.contracts.Position' if family == 'position' else 'a torch.nn.Module'}")
     limit = getattr(built.get("$.model.position"), "max_len", None)
     if isinstance(limit, int) and model.block_size > limit:
         out.append(f"$.model.block_size: position '{model.position.kind}' encodes at most {limit} positions, "
                    f"got block_size {model.block_size}")
+    if not out:
+        out += _probe_model(model, registry)
     return out
+
+
+def _named(registry: Registry, family: str, kind: str) -> str:
+    """``attention 'mine' (from my_attention.py)``: a component and the plugin that registered it."""
+    source = registry.get(family, kind).source
+    where = _display(Path(source.plugin)) if is_path_spec(source.plugin) else str(source)
+    return f"{family} '{kind}' (from {where})"
+
+
+def _exc_line(exc: BaseException) -> str:
+    text = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+#: the batch and sequence length of the shape probe (tiny: the shapes are what it checks)
+PROBE_B, PROBE_T = 2, 8
+
+
+def _probe_model(model: ModelConfig, registry: Registry) -> list[str]:
+    """Build the model's blocks on the meta device and run one forward of (PROBE_B, PROBE_T) tokens
+    through each: a component whose forward fails, or returns another shape than its contract says,
+    is reported at ``$.model.<family>`` naming its plugin.
+
+    Layers that choose the same components behave alike, so one layer of each choice is probed
+    (and the first and last). Data-dependent operations (a mixture of experts' routing) cannot run
+    on meta; such a probe is inconclusive and says nothing.
+    """
+    B, T, C = PROBE_B, min(PROBE_T, model.block_size), model.n_embd
+    build = registry.build_in
+    running: list[tuple[str, str, int | None]] = []  # the components whose forward is on the stack
+    bad: list[str] = []
+
+    def where(family, kind, layer):
+        return f"$.model.{family}: {_named(registry, family, kind)}" + ("" if layer is None else f" at layer {layer}")
+
+    def hooked(family, kind, module, layer):
+        part = (family, kind, layer)
+
+        def after(_, args, output):
+            running.pop()
+            want = tuple(args[0].shape) if args and isinstance(args[0], torch.Tensor) else None
+            got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+            if want is not None and got != want:
+                bad.append(f"{where(*part)}: forward returned {got if isinstance(got, str) else f'shape {got}'} "
+                           f"for input {want}; the contract is (B, T, C) -> (B, T, C)")
+                raise _ProbeFailed
+        module.register_forward_pre_hook(lambda *_: running.append(part))
+        module.register_forward_hook(after)
+
+    first: dict[str, int] = {}
+    for i in range(model.n_layer):
+        first.setdefault(repr([model.spec_at(f, i) for f in families.PER_LAYER]), i)
+    layers = sorted({*first.values(), 0, model.n_layer - 1})
+    pos = torch.arange(T, device="meta")  # (T,)
+    try:
+        with torch.device("meta"):
+            position = build("position", model.position, model.dims(build))
+            blocks = []
+            for layer in layers:
+                parts: list = []
+                block = build("block", model.spec_at("block", layer),
+                              model.dims(build, layer, lambda *part: parts.append(part)))
+                for part in [("block", model.spec_at("block", layer).kind, block, layer), *parts]:
+                    hooked(*part)
+                blocks.append(block)
+        x = position.embed(torch.zeros((B, T, C), device="meta"), pos)  # (B, T, C)
+        if tuple(x.shape) != (B, T, C):
+            return [f"{where('position', model.position.kind, None)}: embed returned shape {tuple(x.shape)} "
+                    f"for ({B}, {T}, {C}) token embeddings"]
+        for block in blocks:  # outside the device context: plain meta kernels, no mode overhead
+            block(x, position, pos, None)
+    except _ProbeFailed:
+        return bad
+    except Exception as exc:  # noqa: BLE001 - the innermost component running is the one that failed
+        if isinstance(exc, NotImplementedError) or "meta" in str(exc).lower() or not running:
+            return []  # an operation meta tensors cannot do (or not a component's): inconclusive
+        return [f"{where(*running[-1])}: forward failed: {_exc_line(exc)}"]
+    return []
+
+
+class _ProbeFailed(Exception):
+    """Raised by a probe hook to stop the forward at the first wrong shape."""
 
 
 def chosen_components(recipe: Recipe) -> list[tuple[str, families.Spec]]:
