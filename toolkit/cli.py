@@ -8,6 +8,7 @@ lost and no traceback is shown.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import signal
@@ -26,7 +27,7 @@ from .errors import ConfigError, UsageError, UserError, one_line
 from .generate import encode_prompt, load_run, resolve_run_dir, stream_samples
 from .inspection import inspect_recipe
 from .plugin_manager import PluginManager, default_registry, forget_loaded
-from .recipe import DataConfig, diff_recipes, dump_recipe, load_recipe, registry_of
+from .recipe import DataConfig, diff_recipes, dump_recipe, load_recipe, recipe_warnings, registry_of
 from .registry import Registry
 from .runfolder import default_run_dir
 from .trainer import train
@@ -121,8 +122,17 @@ def add_recipe_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_recipe_show(args) -> int:
-    print(dump_recipe(load_recipe(args.recipe, args.set, args.plugin)), end="")
+    recipe = load_recipe(args.recipe, args.set, args.plugin)
+    print_warnings(recipe, args.recipe)
+    print(dump_recipe(recipe), end="")
     return 0
+
+
+def print_warnings(recipe, path) -> None:
+    """``warning: <recipe>: <line>`` on stderr for each of :func:`recipe_warnings` (rank 0 only)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        for line in recipe_warnings(recipe):
+            print(f"warning: {path}: {one_line(line)}", file=sys.stderr)
 
 
 def cmd_inspect(args) -> int:
@@ -144,9 +154,12 @@ def cmd_diff(args) -> int:
 def cmd_train(args) -> int:
     if args.nproc < 1:
         raise UsageError(f"--nproc must be at least 1, got {args.nproc}")
+    if args.out:  # the folder the run folder goes in: train.out_dir, as ablate's --out
+        args.set = [*args.set, f"train.out_dir={json.dumps(args.out)}"]
     recipe, resume = train_target(args)
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return launch_ranks(args, recipe, resume)
+    print_warnings(recipe, args.recipe or resume)
     summary = train(recipe, run_dir=resume or args.run_dir, resume=resume is not None)
     code = train_exit_status(summary)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -328,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "ranks with --nproc N (or under `deepspeed`/`torchrun`), writing runs/<name>-<time>/.")
     p.add_argument("recipe", nargs="?", help="recipe TOML (with --resume RUN_DIR: default the run's recipe.toml)")
     add_recipe_options(p)
+    p.add_argument("--out", metavar="DIR", help="put the run folder under DIR (train.out_dir; default runs/)")
     p.add_argument("--run-dir", metavar="DIR", help="write the run here (default <train.out_dir>/<name>-<time>)")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue RUN_DIR from its newest complete checkpoint, in that folder; 'auto': the newest "
