@@ -26,6 +26,7 @@ from .data import prepare
 from .errors import ConfigError, UsageError, UserError, one_line
 from .generate import encode_prompt, load_run, resolve_run_dir, stream_samples
 from .inspection import inspect_recipe
+from .launch import LAUNCHER_PID, PARENT_PID, die_with_parent
 from .plugin_manager import PluginManager, default_registry, forget_loaded
 from .recipe import DataConfig, diff_recipes, dump_recipe, load_recipe, recipe_warnings, registry_of
 from .registry import Registry
@@ -154,6 +155,8 @@ def cmd_diff(args) -> int:
 def cmd_train(args) -> int:
     if args.nproc < 1:
         raise UsageError(f"--nproc must be at least 1, got {args.nproc}")
+    if "WORLD_SIZE" in os.environ and LAUNCHER_PID in os.environ:  # a rank of launch_ranks: die with torchrun
+        die_with_parent(int(os.environ[LAUNCHER_PID]) if os.environ[LAUNCHER_PID].isdigit() else None)
     if args.out:  # the folder the run folder goes in: train.out_dir, as ablate's --out
         args.set = [*args.set, f"train.out_dir={json.dumps(args.out)}"]
     recipe, resume = train_target(args)
@@ -206,10 +209,12 @@ def launch_ranks(args, recipe, resume: str | None = None) -> int:
 
     torchrun runs in its own session and gets each SIGINT/SIGTERM from here exactly once (a
     second one would make the ranks stop at once, unsaved); it passes it to every rank, which
-    finish the step and save a checkpoint within --shutdown_timeout.
+    finish the step and save a checkpoint within --shutdown_timeout. It runs as
+    :mod:`toolkit.launch`, which gets SIGTERM when this process dies (even by kill -9) and ends
+    without torchrun's traceback; each rank gets SIGTERM when torchrun dies.
     """
     run_dir = resume or args.run_dir or str(default_run_dir(recipe))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+    cmd = [sys.executable, "-m", "toolkit.launch", "--standalone", f"--nproc_per_node={args.nproc}",
            "--shutdown_timeout=300", "-m", "toolkit", "train", *([args.recipe] if args.recipe else []),
            "--run-dir", run_dir, *(["--resume", run_dir] if resume else [])]
     for s in args.set:
@@ -218,6 +223,7 @@ def launch_ranks(args, recipe, resume: str | None = None) -> int:
         cmd += ["--plugin", p]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+    env[PARENT_PID] = str(os.getpid())  # torchrun (toolkit.launch) dies with this process, the ranks with it
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     got = []
 

@@ -631,8 +631,8 @@ def recipe_warnings(recipe: Recipe) -> list[str]:
     out = []
     if t.warmup_steps >= t.max_steps:  # nanoGPT and transformers keep warming up; say so rather than refuse
         out.append(f"$.train.warmup_steps: {t.warmup_steps} is not below max_steps {t.max_steps}: the learning "
-                   f"rate warms up over the whole run and reaches {t.lr * t.max_steps / (t.warmup_steps + 1):.3g} "
-                   f"of lr {t.lr:.3g} at the last step")
+                   f"rate warms up over the whole run and reaches {t.max_steps / (t.warmup_steps + 1):.0%} of "
+                   f"lr at the last step")
     return out
 
 
