@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import base64
 import errno
+import gc
 import hashlib
 import json
 import math
@@ -40,6 +41,7 @@ import shutil
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -333,24 +335,34 @@ def save(engine, root: str | Path, step: int, state: dict, *, keep: int | None =
                 tokenizer.save(partial)
             _write_state(partial, state)
     except (OSError, RuntimeError) as exc:  # torch.save says a full disk with a RuntimeError
-        error = exc
+        error = _said(exc, root)
     failed = _any_rank(error is not None)
     if not failed and rank == 0:
         try:
             _commit(root, partial, tag)
         except OSError as exc:
-            error = exc
+            error = _said(exc, root)
     if failed or _any_rank(error is not None):
+        gc.collect()  # a writer that failed may still hold its file open: close it, or removing frees nothing
         if rank == 0:
             shutil.rmtree(partial, ignore_errors=True)
         before = latest(root)
         raise CheckpointError(
-            f"saving checkpoint {tag} failed ({describe_write_error(error, root) if error else 'on another rank'}); "
+            f"saving checkpoint {tag} failed ({error or 'on another rank'}); "
             f"the newest complete checkpoint is {before.name if before else 'none'}")
     if rank == 0:
         prune(root, step, keep)
     dist.barrier()
     return root / tag
+
+
+def _said(exc: BaseException, where: Path) -> str:
+    """The failure in one line, and the failing frames let go: torch.save's zip writer, torn down by
+    a full disk, keeps its file open in them (and the file's space in use) while they live."""
+    text = describe_write_error(exc, where)
+    traceback.clear_frames(exc.__traceback__)
+    exc.__traceback__ = None
+    return text
 
 
 def describe_write_error(exc: BaseException, where: str | Path) -> str:
