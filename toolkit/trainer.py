@@ -150,6 +150,10 @@ class Trainer:
     def setup(self) -> None:
         """Everything before the first step; raises on problems the user must fix."""
         warnings.filterwarnings("ignore", message=r".*is deprecated. Please use .*_single", category=FutureWarning)
+        # one fixed thread count for ATen's OpenMP and MKL alike: torch.set_num_threads also turns off
+        # MKL's dynamic choice of threads per GEMM (mkl_set_dynamic(0)), and a GEMM or reduction on
+        # another number of threads sums in another order (docs/checkpoints.md: reproducibility)
+        torch.set_num_threads(torch.get_num_threads())
         recipe = self.recipe
         self.rank, self.world_size = init_distributed()
         self.is_main = self.rank == 0
