@@ -16,8 +16,9 @@ BASE = {"name": "tiny", "model.block_size": 16, "model.n_layer": 1, "model.n_emb
         "train.max_steps": 100, "train.warmup_steps": 10, "train.decay_steps": 80, "train.eval_interval": 50,
         "train.eval_batches": 1, "train.log_interval": 1}
 
-# A component whose forward pass raises: it builds (so validation and the dry run pass) and fails
-# only once training calls it, as a buggy plugin would.
+# A component whose forward pass raises on real tensors: it builds and passes validation's shape
+# probe on the meta device (so validation and the dry run pass) and fails only once training
+# calls it, as a buggy plugin would.
 BOOM_PLUGIN = '''\
 from torch import nn
 from toolkit.hookspecs import hookimpl
@@ -34,6 +35,8 @@ class BoomMLP(nn.Module):
         self.c_fc = nn.Linear(dims.n_embd, dims.n_embd)
 
     def forward(self, x):
+        if x.device.type == "meta":  # validation's probe: shapes only
+            return x
         raise FloatingPointError("boom: this MLP cannot run")
 
 
@@ -357,7 +360,9 @@ def test_a_component_that_cannot_be_built_is_reported_before_anything_runs(tiny,
         set = {{ plugins = ["{plugin}"], "model.norm.kind" = "picky" }}
         """)
     lines = errors_of(path, capsys)
-    assert lines == [f"{path}: variant 'picky': $: cannot build the model: ValueError: width 16 is not divisible by 3"]
+    # recipe validation builds each component (on the meta device) and names the plugin
+    assert lines == [f"{path}: variant 'picky': {tmp_path / 'base.toml'}: $.model.norm: norm 'picky' (from {plugin}) "
+                     f"failed to build: ValueError: width 16 is not divisible by 3"]
 
 
 def test_plugin_files_in_an_ablation_file_are_relative_to_it_not_the_working_directory(tiny, tmp_path, capsys,

@@ -15,7 +15,8 @@ TINY = Path(__file__).resolve().parent / "recipes" / "bases" / "tiny.toml"
 
 
 @pytest.fixture(autouse=True)
-def fresh_registries():
+def fresh_registries(monkeypatch):
+    monkeypatch.setenv("PLAYATTENTION_TRACE", "0")  # error lines only, whatever ran before
     yield
     plugin_manager.forget_loaded()
 

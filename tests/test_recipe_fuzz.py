@@ -124,7 +124,8 @@ LINE = re.compile(r"^error: (\S.*?)(:\d+:\d+)?: ")
 
 
 @pytest.fixture(autouse=True)
-def fresh_registries():
+def fresh_registries(monkeypatch):
+    monkeypatch.setenv("PLAYATTENTION_TRACE", "0")  # error lines only, whatever ran before
     yield
     plugin_manager.forget_loaded()
 
