@@ -1,5 +1,6 @@
 """Seeded fuzzing of `playattention recipe show`: a few hundred generated recipes, valid and broken in
-every way issue 15 lists. A broken one exits 2 with only ``error:`` lines (one problem each, never
+every way issue 15 lists. Recipes name plugin files that exit or break their
+contract, and come with hostile ``--set`` values. A broken one exits 2 with only ``error:`` lines (one problem each, never
 split by a newline of its own, at most MAX_ERROR_LINES + 1) and no traceback; only a valid one exits 0.
 """
 import math
@@ -44,6 +45,39 @@ OPTION_FLOATS = [("model", "norm", "layernorm", "eps"), ("model", "mlp", "gelu",
 TOOLKIT_DS = [{"train_batch_size": 7}, {"train_micro_batch_size_per_gpu": 2}, {"gradient_accumulation_steps": 3},
               {"gradient_clipping": 0.5}, {"optimizer": {"type": "Bogus"}}, {"scheduler": {"type": "WarmupLR"}},
               {"zero_optimization": {"stage": 2}}, {"bf16": {"enabled": True}}, {"fp16": {"enabled": False}}]
+#: plugin files that break while loading or break their contract (written next to the recipes)
+PLUGIN_FILES = {
+    "exits0.py": "import sys\nsys.exit(0)\n",
+    "exits5.py": "import sys\nsys.exit(5)\n",
+    "interrupts.py": "raise KeyboardInterrupt\n",
+    "hook_exits.py": "import sys\nfrom toolkit.hookspecs import hookimpl\n\n@hookimpl\n"
+                     "def register_components(register):\n    sys.exit(0)\n",
+    "parts.py": """
+from torch import nn
+from toolkit.hookspecs import hookimpl
+
+
+class Raises(nn.Module):
+    def __init__(self, opts, dims):
+        raise RuntimeError("factory broke")
+
+
+class Wide(nn.Module):
+    def __init__(self, opts, dims):
+        super().__init__()
+        self.up = nn.Linear(dims.n_embd, 3 * dims.n_embd)
+
+    def forward(self, x):
+        return self.up(x)
+
+
+@hookimpl
+def register_components(register):
+    register("mlp", "fuzz_raises", Raises)
+    register("mlp", "fuzz_wide", Wide)
+    register("mlp", "fuzz_int", lambda opts, dims: 3)
+""",
+}
 WEIRD = ["a\nb", "tab\there", "nul\0", "\x1b[31mred", "ключ", "", " ", '"quoted"', "x" * 300]
 
 
@@ -55,10 +89,14 @@ def deep(r: random.Random, depth: int) -> str:
     return ("[" * depth + "]" * depth) if r.random() < 0.5 else ("{a = " * depth + "1" + "}" * depth)
 
 
+#: every way a recipe is broken here (issue 15's classes)
+KINDS = ["type", "nonfinite", "bigint", "deep", "deep_keys", "unknown", "ds_key", "option_nonfinite", "bad_kind",
+         "plugins", "extends", "toml_syntax", "too_many", "plugin_file", "contract", "set"]
+
+
 def mutate(r: random.Random, data: dict, extra: list[str]) -> str:
     """Break ``data`` (or ``extra``, raw TOML appended after it) one way; returns the class of the break."""
-    kind = r.choice(["type", "nonfinite", "bigint", "deep", "deep_keys", "unknown", "ds_key", "option_nonfinite",
-                     "bad_kind", "plugins", "extends", "toml_syntax", "too_many"])
+    kind = r.choice(KINDS)
     if kind == "type":
         section, key = r.choice(FLOATS + INTS)
         data.setdefault(section, {})[key] = r.choice(["twelve", True, [1, 2], {"a": 1}, weird_text(r)])
@@ -67,7 +105,8 @@ def mutate(r: random.Random, data: dict, extra: list[str]) -> str:
         data.setdefault(section, {})[key] = r.choice([math.inf, -math.inf, math.nan])
     elif kind == "bigint":
         section, key = r.choice(INTS)
-        sizes = [] if key == "seed" else [2**22 + r.randint(1, 10**9)]  # a seed may be large; a size may not
+        sizes = [2**22 + r.randint(1, 10**9)] if key in ("n_layer", "n_embd", "block_size", "vocab_size",
+                                                         "micro_batch") else []  # only a size has a sane bound
         data.setdefault(section, {})[key] = r.choice([2**63, 10**30, -2**70, *sizes])
     elif kind == "deep":
         extra.append(f"[fuzz_deep]\nv = {deep(r, r.randint(33, 700))}\n")
@@ -96,10 +135,21 @@ def mutate(r: random.Random, data: dict, extra: list[str]) -> str:
                                "[model]\nn_layer = 1\n[model]\n"]))
     elif kind == "too_many":
         data.setdefault("model", {}).update({f"junk_{i}": i for i in range(r.randint(60, 400))})
+    elif kind == "plugin_file":
+        data["plugins"] = [r.choice(["exits0.py", "exits5.py", "interrupts.py", "hook_exits.py"])]
+    elif kind == "contract":
+        data["plugins"] = ["parts.py"]
+        data.setdefault("model", {})["mlp"] = r.choice(["fuzz_raises", "fuzz_wide", "fuzz_int"])
+    elif kind == "set":
+        key = r.choice(["model.n_head", "train.lr", "generate.temperature", "model.position.theta", "train.seed"])
+        big = [str(2**70)] if key in ("model.n_head", "train.seed") else []  # a float that large is finite
+        data.setdefault("__set__", []).append(f"{key}=" + r.choice(
+            ["inf", "nan", "-inf", deep(r, r.randint(33, 1000)), *big, '"x\ny"', "[1, 2]"]))
     return kind
 
 
 def recipe_text(data: dict, extra: list[str]) -> str:
+    data.pop("__set__", None)
     extends = data.pop("__extends__", str(TINY))
     head = f"extends = {tomli_w.dumps({'x': extends})[4:]}" if not isinstance(extends, str) else \
         tomli_w.dumps({"extends": extends})
@@ -116,7 +166,8 @@ def cases():
             data.setdefault(section, {})[key] = make(r)
         extra: list[str] = []
         broken = [mutate(r, data, extra) for _ in range(r.choice([0, 0, 1, 1, 1, 2, 3]))]
-        out.append((recipe_text(data, extra), broken))
+        sets = [arg for s in data.get("__set__", []) for arg in ("--set", s)]
+        out.append((recipe_text(data, extra), sets, broken))
     return out
 
 
@@ -132,13 +183,17 @@ def fresh_registries(monkeypatch):
 
 def test_every_generated_recipe_is_accepted_or_refused_in_clean_lines(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    for name, source in PLUGIN_FILES.items():
+        (tmp_path / name).write_text(source)
     seen_valid = seen_broken = 0
-    for n, (text, broken) in enumerate(cases()):
+    generated = cases()
+    assert {kind for _, _, broken in generated for kind in broken} == set(KINDS)  # every class, several times
+    for n, (text, sets, broken) in enumerate(generated):
         path = tmp_path / f"fuzz{n}.toml"
         path.write_text(text, encoding="utf-8", errors="surrogateescape")
-        code = cli.main(["recipe", "show", path.name])
+        code = cli.main(["recipe", "show", path.name, *sets])
         out, err = capsys.readouterr()
-        where = f"case {n} {broken}:\n{text[:2000]}\n--- stderr:\n{err[:3000]}"
+        where = f"case {n} {broken} {sets}:\n{text[:2000]}\n--- stderr:\n{err[:3000]}"
         assert "Traceback" not in err + out, where
         lines = err.splitlines()
         errors = [ln for ln in lines if ln.startswith("error: ")]
