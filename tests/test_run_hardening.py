@@ -389,3 +389,22 @@ def test_model_toml_says_it_is_not_what_loads_the_run(finished):
     import tomllib
 
     assert tomllib.loads(text)["model"]["n_layer"] == 2
+
+
+def test_a_garbled_file_of_a_checkpoint_without_hashes_is_one_line(tmp_path):
+    """A checkpoint saved before the manifest had hashes (format 1) is checked by size only: DeepSpeed's
+    own failure to read a garbled file is then one line too."""
+    from test_checkpoint import tiny_recipe as tiny_ckpt_recipe
+    from toolkit.engine import build_engine
+    from toolkit.model import Transformer
+
+    recipe = tiny_ckpt_recipe()
+    engine = build_engine(Transformer(recipe.model), recipe).engine
+    checkpoint.save(engine, tmp_path, 1, {"tokens": 16})
+    folder = tmp_path / "step-0000001"
+    state = json.loads((folder / "toolkit_state.json").read_text())
+    sizes = {name: entry["size"] for name, entry in state["files"].items()}
+    (folder / "toolkit_state.json").write_text(json.dumps({**state, "format": 1, "files": sizes}))
+    (folder / STATES).write_bytes(b"\x80\x02garbage" + b"\0" * (sizes[STATES] - 9))
+    with pytest.raises(checkpoint.CheckpointError, match=r"step-0000001: DeepSpeed could not load it \("):
+        checkpoint.load(engine, tmp_path)

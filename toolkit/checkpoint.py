@@ -497,12 +497,18 @@ def load(engine, root: str | Path, tag: str | None = None) -> dict:
     if why := next((v for v in verdicts if v), None):
         raise CheckpointError(f"{path}: refused: {why}")
     state = read_state(path)
-    if state["world_size"] != dist.get_world_size() and state["zero_stage"] > 0:
-        _load_universal(engine, root, path.name)
-    else:
-        loaded, _ = engine.load_checkpoint(str(root), tag=path.name)
-        if loaded is None:
-            raise CheckpointError(f"{path}: DeepSpeed found no checkpoint to load")
+    try:
+        if state["world_size"] != dist.get_world_size() and state["zero_stage"] > 0:
+            _load_universal(engine, root, path.name)
+        else:
+            loaded, _ = engine.load_checkpoint(str(root), tag=path.name)
+            if loaded is None:
+                raise CheckpointError(f"{path}: DeepSpeed found no checkpoint to load")
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a damaged file of a checkpoint saved without hashes (format 1)
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{path}: DeepSpeed could not load it ({type(exc).__name__}: {first})") from None
     return state
 
 
