@@ -9,15 +9,16 @@ from toolkit import ablate, ablation
 from toolkit.cli import main
 from toolkit.errors import ConfigError
 from toolkit.model import Transformer
-from toolkit.recipe import load_recipe
+from toolkit.recipe import load_recipe, registry_of
 
 #: the base recipe of these ablations (changes to tests/recipes/bases/tiny.toml)
 BASE = {"name": "tiny", "model.block_size": 16, "model.n_layer": 1, "model.n_embd": 16, "train.micro_batch": 2,
         "train.max_steps": 100, "train.warmup_steps": 10, "train.decay_steps": 80, "train.eval_interval": 50,
         "train.eval_batches": 1, "train.log_interval": 1}
 
-# A component whose forward pass raises: it builds (so validation and the dry run pass) and fails
-# only once training calls it, as a buggy plugin would.
+# A component whose forward pass raises on real tensors: it builds and passes validation's shape
+# probe on the meta device (so validation and the dry run pass) and fails only once training
+# calls it, as a buggy plugin would.
 BOOM_PLUGIN = '''\
 from torch import nn
 from toolkit.hookspecs import hookimpl
@@ -34,6 +35,8 @@ class BoomMLP(nn.Module):
         self.c_fc = nn.Linear(dims.n_embd, dims.n_embd)
 
     def forward(self, x):
+        if x.device.type == "meta":  # validation's probe: shapes only
+            return x
         raise FloatingPointError("boom: this MLP cannot run")
 
 
@@ -357,7 +360,9 @@ def test_a_component_that_cannot_be_built_is_reported_before_anything_runs(tiny,
         set = {{ plugins = ["{plugin}"], "model.norm.kind" = "picky" }}
         """)
     lines = errors_of(path, capsys)
-    assert lines == [f"{path}: variant 'picky': $: cannot build the model: ValueError: width 16 is not divisible by 3"]
+    # recipe validation builds each component (on the meta device) and names the plugin
+    assert lines == [f"{path}: variant 'picky': {tmp_path / 'base.toml'}: $.model.norm: norm 'picky' (from {plugin}) "
+                     f"failed to build: ValueError: width 16 is not divisible by 3"]
 
 
 def test_plugin_files_in_an_ablation_file_are_relative_to_it_not_the_working_directory(tiny, tmp_path, capsys,
@@ -401,3 +406,84 @@ def test_an_ablation_file_reads_through_the_recipe_converter(tiny, capsys):
     assert "$.plugin: unknown key; did you mean 'plugins'?" in lines
     assert "$.variant[0].sett: unknown key; did you mean 'set'?" in lines
     assert '$.variant[0].name: expected a name of letters, digits and ._+=,- , got "a b"' in lines
+
+
+# A component with an options class of its own, in a plugin file the base recipe names: every
+# variant's options must be instances of the one class the file defined (it is imported once).
+DIFF_PLUGIN = '''\
+import attrs
+from torch import nn
+from toolkit.hookspecs import hookimpl
+
+
+@attrs.frozen
+class DiffOptions:
+    scale: float = 1.0
+
+
+class DiffMLP(nn.Module):
+    """An MLP with a scaled output."""
+
+    Options = DiffOptions
+
+    def __init__(self, opts, dims):
+        super().__init__()
+        self.scale = opts.scale
+        self.c_fc = nn.Linear(dims.n_embd, dims.n_embd)
+        self.c_proj = nn.Linear(dims.n_embd, dims.n_embd)
+
+    def forward(self, x):
+        return self.c_proj(self.c_fc(x).relu()) * self.scale
+
+
+@hookimpl
+def register_components(register):
+    register("mlp", "diff", DiffMLP)
+'''
+
+
+def _plugin_base_ablation(tmp_path, tiny_recipe, steps=6):
+    (tmp_path / "diff.py").write_text(DIFF_PLUGIN)
+    tiny_recipe(tmp_path, {**BASE, "plugins": [str(tmp_path / "diff.py")],
+                           "model.mlp": {"kind": "diff", "scale": 1.0}}, name="base")
+    path = tmp_path / "ablations" / "diff.toml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text('recipe = "../base.toml"\n' + textwrap.dedent(f"""\
+        name = "diff-scales"
+        steps = {steps}
+        evals = 1
+        [[variant]]
+        name = "half"
+        set = {{ "model.mlp.scale" = 0.5 }}
+        [[variant]]
+        name = "one"
+        [[variant]]
+        name = "two"
+        set = {{ "model.mlp.scale" = 2.0 }}
+        [[variant]]
+        name = "three"
+        set = {{ "model.mlp.scale" = 3.0 }}
+        """))
+    return path
+
+
+def test_variants_of_a_plugin_files_options_class_resolve_in_one_process(tmp_path, tiny_recipe, capsys):
+    """Regression: with 3+ variants the plugin file was imported again and the options of one import
+    were refused by the other ("options must be DiffOptions, got DiffOptions")."""
+    path = _plugin_base_ablation(tmp_path, tiny_recipe)
+    assert main(["ablate", str(path), "--dry-run"]) == 0, capsys.readouterr().err
+    ab, resolved = ablation.load_ablation(path)
+    classes = {type(r.recipe.model.mlp.options) for r in resolved}
+    assert len(classes) == 1 and [r.recipe.model.mlp.options.scale for r in resolved] == [0.5, 1.0, 2.0, 3.0]
+    for r in resolved:  # each variant builds through its own registry, with the same class
+        Transformer(r.recipe.model, registry_of(r.recipe))
+
+
+@pytest.mark.slow
+def test_an_ablation_of_a_plugin_files_options_trains_every_variant(tmp_path, tiny_recipe, capsys):
+    path = _plugin_base_ablation(tmp_path, tiny_recipe, steps=2)
+    out = tmp_path / "out"
+    assert main(["ablate", str(path), "--out", str(out), "--quiet"]) == 0, capsys.readouterr()
+    state = json.loads((out / "state.json").read_text())
+    assert sorted(state) == ["half-s1337", "one-s1337", "three-s1337", "two-s1337"]
+    assert {v["status"] for v in state.values()} == {"finished"}

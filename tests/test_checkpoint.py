@@ -61,7 +61,8 @@ def test_save_writes_into_a_partial_folder_then_renames_it_and_moves_latest(engi
     state = checkpoint.read_state(path)
     assert (state["step"], state["tokens"], state["note"], state["world_size"], state["zero_stage"]) == (1, 16, "ours", 1, 0)
     size = (path / "mp_rank_00_model_states.pt").stat().st_size
-    assert state["files"] == {"mp_rank_00_model_states.pt": size}
+    digest = checkpoint.sha256_of(path / "mp_rank_00_model_states.pt")
+    assert state["files"] == {"mp_rank_00_model_states.pt": {"size": size, "sha256": digest}}
     assert checkpoint.problem(path) is None and checkpoint.latest(tmp_path) == path
 
 

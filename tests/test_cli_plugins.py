@@ -11,7 +11,8 @@ from toolkit import cli, plugin_manager
 
 @pytest.fixture(autouse=True)
 def no_trace(monkeypatch):
-    monkeypatch.delenv("PLAYATTENTION_TRACE", raising=False)
+    # setenv, not delenv: `--trace` sets the variable, and only setenv restores its absence afterwards
+    monkeypatch.setenv("PLAYATTENTION_TRACE", "0")
     yield
     plugin_manager.forget_loaded()  # a traced load must not stay cached for the next test
 

@@ -306,3 +306,44 @@ def test_a_disk_that_fills_during_training_keeps_the_previous_checkpoint(long_re
     assert (run / "checkpoints" / "latest").read_text() == "step-0000003"
     resumed = train(load_recipe(run, ["train.max_steps=7"]), run_dir=run, resume=True, progress=False)
     assert resumed["status"] == "finished" and [r["step"] for r in rows(run, "train")] == list(range(1, 8))
+
+
+def _family(proc) -> list:
+    import psutil
+
+    try:
+        return psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_parent_under_nproc_2_leaves_no_rank_running(long_recipe, tmp_path):
+    import psutil
+
+    run = tmp_path / "run"
+    proc, log = start(long_recipe, run, "--nproc", "2")
+    wait_until(lambda: last_step(run) >= 2, proc, log)
+    family = _family(proc)
+    ranks = [p for p in family if "toolkit train" in " ".join(p.cmdline()) and "launch" not in " ".join(p.cmdline())]
+    assert len(ranks) == 2 and any("toolkit.launch" in " ".join(p.cmdline()) for p in family)
+    proc.kill()  # kill -9 of playattention itself: nothing of it runs to pass anything on
+    proc.wait()
+    gone, alive = psutil.wait_procs(family, timeout=60)
+    assert alive == [], f"still running after the parent's kill -9: {[p.cmdline() for p in alive]}"
+    out = log.read_text()
+    assert "Traceback" not in out and "SignalException" not in out
+    # the ranks got SIGTERM from torchrun (which got it when its parent died): they saved first
+    assert "interrupted: SIGTERM at step " in out, out[-3000:]
+
+
+@pytest.mark.slow
+def test_sigterm_under_nproc_2_is_the_toolkits_own_lines_without_torchruns_traceback(long_recipe, tmp_path):
+    run = tmp_path / "run"
+    proc, log = start(long_recipe, run, "--nproc", "2")
+    wait_until(lambda: last_step(run) >= 2, proc, log)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=180) == 143
+    out = log.read_text()
+    assert "Traceback" not in out and "SignalException" not in out and "death signal" not in out, out[-3000:]
+    assert "rank 0: SIGTERM: finishing this step" in out and "interrupted: SIGTERM at step " in out

@@ -1,4 +1,6 @@
 """Generation: the KV cache changes speed, never tokens; temperature, top-k and top-p do what they say."""
+import math
+
 import pytest
 import torch
 
@@ -130,3 +132,21 @@ def test_temperature_zero_is_argmax_per_row():
 def test_negative_temperature_is_refused():
     with pytest.raises(ValueError, match="temperature must be >= 0"):
         sample_next(torch.zeros(1, 4), temperature=-1.0)
+
+
+def test_top_p_keeps_exactly_the_float64_nucleus_on_a_50k_vocabulary(monkeypatch):
+    """The nucleus is the smallest set of most likely tokens whose probability reaches top_p: an fp32
+    running sum over 50k tokens drifts enough to keep ~20 tokens too few at top_p 0.999."""
+    torch.manual_seed(0)
+    logits = torch.randn(1, 50257) * 3
+    kept = []
+    real = torch.multinomial
+    monkeypatch.setattr(torch, "multinomial", lambda probs, **kw: kept.append(int((probs > 0).sum())) or
+                        real(probs, **kw))
+    sample_next(logits, temperature=1.0, top_p=0.999)
+    ranked = torch.softmax(logits.double(), -1)[0].sort(descending=True).values.tolist()
+    lo, hi = 1, len(ranked)  # the smallest k whose exact (fsum) mass reaches top_p
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if math.fsum(ranked[:mid]) >= 0.999 else (mid + 1, hi)
+    assert kept == [lo]

@@ -15,6 +15,12 @@ committed checkpoint is *complete* when ``toolkit_state.json`` reads and every f
 manifest has the size it had when written (:func:`problem`); loading skips anything else, so a
 kill -9 or a full disk mid-save leaves the previous checkpoint as the one that resumes.
 
+The manifest also records each file's sha256. :func:`load` checks every file against it before
+DeepSpeed unpickles anything (:func:`verify`), and refuses the checkpoint in one line if one
+differs: a flipped bit, another step's file copied over, a file replaced by one padded to the
+recorded size. (Whoever can write the folder can also rewrite the manifest: the hash catches
+damage and mix-ups, it does not make an untrusted checkpoint safe to load.)
+
 Resuming with another number of ranks goes through DeepSpeed's universal checkpoint for ZeRO
 stages 1-3 (``ds_to_universal``, then ``load_universal``); stage 0 checkpoints hold the whole
 model and optimizer and load as they are. The export (:func:`export_weights`) is one
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import base64
 import errno
+import gc
 import hashlib
 import json
 import math
@@ -34,6 +41,7 @@ import shutil
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +66,7 @@ LATEST = "latest"
 PARTIAL = ".partial-"  # a save in progress (or a crashed one)
 TRASH = ".trash-"  # a committed checkpoint being replaced
 UNIVERSAL = ".universal-"  # a conversion for another number of ranks
-FORMAT = 1
+FORMAT = 2  # 2: the manifest records each file's size and sha256 (1: sizes only)
 #: the recipe keys a resumed run may not change besides the model: the checkpoint's layout depends on them
 ENGINE_KEYS = ("deepspeed.zero_stage", "deepspeed.precision", "deepspeed.offload")
 RUN_NAME_RE = re.compile(r"-(\d{8}-\d{6})(?:-(\d+))?$")  # <name>-<YYYYmmdd-HHMMSS>[-n] (trainer.default_run_dir)
@@ -82,23 +90,83 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+#: what toolkit_state.json must hold for a checkpoint to load (key: accepted types); the trainer's
+#: own keys are checked by :func:`state_problem` with its schema
+STATE_SCHEMA = {"step": int, "world_size": int, "zero_stage": int, "files": dict}
+
+
+def state_problem(state, schema: dict = STATE_SCHEMA) -> str | None:
+    """What is wrong with a checkpoint's state (keys of ``schema`` with the wrong type), or None."""
+    if not isinstance(state, dict):
+        return f"{STATE_FILE} is not a JSON object"
+    for key, types in schema.items():
+        value = state.get(key)
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,))):
+            return f"{STATE_FILE}: {key} is {json.dumps(value)[:40] if key in state else 'missing'}"
+    return None
+
+
+def _state_problem(state) -> str | None:
+    if why := state_problem(state):
+        return why
+    if state["step"] < 0 or state["world_size"] < 1 or state["zero_stage"] not in (0, 1, 2, 3):
+        return f"{STATE_FILE}: step, world_size or zero_stage out of range"
+    for name, entry in state["files"].items():
+        size = entry.get("size") if isinstance(entry, dict) else entry
+        if not isinstance(name, str) or not isinstance(size, int) or ".." in Path(name).parts or name.startswith("/"):
+            return f"{STATE_FILE}: a bad manifest entry for {name!r}"
+    return None
+
+
 def problem(path: str | Path) -> str | None:
-    """Why the checkpoint at ``path`` is not complete, or None if it is."""
+    """Why the checkpoint at ``path`` is not complete, or None if it is (sizes only: see :func:`verify`)."""
     path = Path(path)
     try:
-        state = json.loads((path / STATE_FILE).read_text())
-        files = state["files"]
+        state = json.loads((path / STATE_FILE).read_bytes().decode("utf-8"))
     except FileNotFoundError:
         return f"no {STATE_FILE} (the save did not finish)"
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         return f"unreadable {STATE_FILE} ({type(exc).__name__})"
-    for name, size in files.items():
+    if why := _state_problem(state):
+        return why
+    for name, entry in state["files"].items():
+        size = entry["size"] if isinstance(entry, dict) else entry
         try:
             have = (path / name).stat().st_size
         except OSError:
             return f"{name} is missing"
         if have != size:
             return f"{name} has {have:,} bytes, {size:,} were written"
+    return None
+
+
+def sha256_of(path: Path) -> str:
+    """The file's sha256 (hex), read in 8 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify(path: str | Path, names: list[str] | None = None) -> str | None:
+    """Why the checkpoint at ``path`` must not be loaded (a file whose sha256 differs from the
+    manifest's), or None. ``names``: only these files of the manifest (a rank's share)."""
+    path = Path(path)
+    if why := problem(path):
+        return why
+    files = read_state(path)["files"]
+    for name in sorted(files) if names is None else names:
+        entry = files[name]
+        if not isinstance(entry, dict) or "sha256" not in entry:
+            continue  # a format 1 checkpoint recorded sizes only
+        try:
+            have = sha256_of(path / name)
+        except OSError as exc:
+            return f"{name} cannot be read ({exc.strerror or exc})"
+        if have != entry["sha256"]:
+            return (f"{name} does not match the sha256 recorded when it was saved (changed or damaged since); "
+                    f"nothing of it was loaded")
     return None
 
 
@@ -114,8 +182,14 @@ def latest(root: str | Path) -> Path | None:
 
 
 def read_state(path: str | Path) -> dict:
-    """The toolkit's state saved with the checkpoint at ``path``."""
-    return json.loads((Path(path) / STATE_FILE).read_text())
+    """The toolkit's state saved with the checkpoint at ``path``; CheckpointError (one line) if it is damaged."""
+    try:
+        state = json.loads((Path(path) / STATE_FILE).read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable {STATE_FILE} ({type(exc).__name__})") from None
+    if why := _state_problem(state):
+        raise CheckpointError(f"{path}: {why}")
+    return state
 
 
 def check_resumable(run_dir: str | Path) -> Path:
@@ -140,8 +214,8 @@ def find_run(out_dir: str | Path, recipe_name: str) -> Path:
         if not m or not (run / "recipe.toml").is_file() or latest(run / "checkpoints") is None:
             continue
         try:
-            name = tomllib.loads((run / "recipe.toml").read_text()).get("name")
-        except (OSError, ValueError):
+            name = tomllib.loads((run / "recipe.toml").read_bytes().decode("utf-8")).get("name")
+        except (OSError, ValueError, RecursionError):
             continue
         if name == recipe_name:
             found.append(((m.group(1), int(m.group(2) or 1)), run))
@@ -260,26 +334,49 @@ def save(engine, root: str | Path, step: int, state: dict, *, keep: int | None =
             if tokenizer is not None:
                 tokenizer.save(partial)
             _write_state(partial, state)
-    except OSError as exc:
-        error = exc
-    if _any_rank(error is not None):
+    except (OSError, RuntimeError) as exc:  # torch.save says a full disk with a RuntimeError
+        error = _said(exc, root)
+    failed = _any_rank(error is not None)
+    if not failed and rank == 0:
+        try:
+            _commit(root, partial, tag)
+        except OSError as exc:
+            error = _said(exc, root)
+    if failed or _any_rank(error is not None):
+        gc.collect()  # a writer that failed may still hold its file open: close it, or removing frees nothing
         if rank == 0:
             shutil.rmtree(partial, ignore_errors=True)
         before = latest(root)
         raise CheckpointError(
-            f"saving checkpoint {tag} failed ({_describe(error) if error else 'on another rank'}); "
+            f"saving checkpoint {tag} failed ({error or 'on another rank'}); "
             f"the newest complete checkpoint is {before.name if before else 'none'}")
     if rank == 0:
-        _commit(root, partial, tag)
         prune(root, step, keep)
     dist.barrier()
     return root / tag
 
 
-def _describe(exc: OSError) -> str:
-    if exc.errno == errno.ENOSPC:
-        return f"no space left on the device: {exc.filename or ''}".rstrip(": ")
-    return f"{type(exc).__name__}: {exc}"
+def _said(exc: BaseException, where: Path) -> str:
+    """The failure in one line, and the failing frames let go: torch.save's zip writer, torn down by
+    a full disk, keeps its file open in them (and the file's space in use) while they live."""
+    text = describe_write_error(exc, where)
+    traceback.clear_frames(exc.__traceback__)
+    exc.__traceback__ = None
+    return text
+
+
+def describe_write_error(exc: BaseException, where: str | Path) -> str:
+    """A failed write in one line: a full disk said so (torch.save raises RuntimeError, not OSError)."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return f"no space left on the device: {exc.filename or where}"
+    first = (str(exc).strip().splitlines() or [""])[0]
+    try:
+        full = shutil.disk_usage(where if Path(where).exists() else Path(where).parent).free < (1 << 20)
+    except OSError:
+        full = False
+    if full:
+        return f"no space left on the device: {where} ({type(exc).__name__}: {first})"
+    return f"{type(exc).__name__}: {first}"
 
 
 def _any_rank(flag: bool) -> bool:
@@ -296,7 +393,7 @@ def _write_state(folder: Path, state: dict) -> None:
     files = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         _fsync(path)
-        files[path.relative_to(folder).as_posix()] = path.stat().st_size
+        files[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size, "sha256": sha256_of(path)}
     state = {**state, "files": files}
     _write_text(folder / STATE_FILE, json.dumps(_finite(state), indent=1) + "\n")
 
@@ -321,7 +418,14 @@ def _commit(root: Path, partial: Path, tag: str) -> None:
         os.replace(final, trash)
     os.replace(partial, final)
     _fsync(root)
-    _write_text(root / LATEST, tag)
+    # `latest` is for DeepSpeed's own tools (we find checkpoints by their folders): a failure to
+    # update it leaves the committed checkpoint complete and loadable
+    try:
+        if (root / LATEST).is_dir() and not (root / LATEST).is_symlink():  # something in its place
+            shutil.rmtree(root / LATEST)
+        _write_text(root / LATEST, tag)
+    except OSError:
+        (root / f"{LATEST}.tmp").unlink(missing_ok=True)
 
 
 def prune(root: str | Path, step: int, keep: int | None) -> None:
@@ -337,13 +441,25 @@ def prune(root: str | Path, step: int, keep: int | None) -> None:
 
 
 def _write_text(path: Path, text: str) -> None:
+    _write_text_bytes(path, text.encode("utf-8"))
+
+
+def _write_text_bytes(path: Path, data: bytes) -> None:
+    """Write ``path`` atomically: a temporary file beside it, fsynced, renamed over it (removed on failure)."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync(path.parent)
+
+
+write_atomically = _write_text
 
 
 def _fsync(path: Path) -> None:
@@ -360,8 +476,9 @@ def load(engine, root: str | Path, tag: str | None = None) -> dict:
 
     With another number of ranks than wrote it, a ZeRO 1-3 checkpoint is converted to DeepSpeed's
     universal format first (rank 0, a subprocess) and loaded from that.
-    DeepSpeed unpickles its own files (``torch.load(weights_only=False)``): load only checkpoints
-    from sources you trust.
+    DeepSpeed unpickles its own files (``torch.load(weights_only=False)``): every file is checked
+    against the manifest's sha256 first (:func:`verify`), but load only checkpoints from sources
+    you trust.
     """
     root = Path(root)
     path = root / tag if tag else latest(root)
@@ -369,13 +486,29 @@ def load(engine, root: str | Path, tag: str | None = None) -> dict:
         raise CheckpointError(f"{root}: no complete checkpoint")
     if why := problem(path):
         raise CheckpointError(f"{path}: incomplete checkpoint: {why}")
+    # every file checked before any is unpickled, by DeepSpeed or by the universal conversion; the
+    # ranks share the hashing and every rank gets every rank's verdict
+    names = sorted(read_state(path)["files"])
+    rank, world = dist.get_rank(), dist.get_world_size()
+    found = verify(path, names[rank::world])
+    verdicts = [found] if world == 1 else [None] * world
+    if world > 1:
+        dist.all_gather_object(verdicts, found)
+    if why := next((v for v in verdicts if v), None):
+        raise CheckpointError(f"{path}: refused: {why}")
     state = read_state(path)
-    if state["world_size"] != dist.get_world_size() and state["zero_stage"] > 0:
-        _load_universal(engine, root, path.name)
-    else:
-        loaded, _ = engine.load_checkpoint(str(root), tag=path.name)
-        if loaded is None:
-            raise CheckpointError(f"{path}: DeepSpeed found no checkpoint to load")
+    try:
+        if state["world_size"] != dist.get_world_size() and state["zero_stage"] > 0:
+            _load_universal(engine, root, path.name)
+        else:
+            loaded, _ = engine.load_checkpoint(str(root), tag=path.name)
+            if loaded is None:
+                raise CheckpointError(f"{path}: DeepSpeed found no checkpoint to load")
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a damaged file of a checkpoint saved without hashes (format 1)
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{path}: DeepSpeed could not load it ({type(exc).__name__}: {first})") from None
     return state
 
 
@@ -476,40 +609,65 @@ def _size(n: float) -> str:
 
 
 def trim_metrics(path: str | Path, step: int) -> int:
-    """Drop metrics lines after ``step`` (and a torn last line); returns how many were dropped."""
+    """Drop metrics lines after ``step`` (and a torn last line); returns how many were dropped.
+    See :func:`repair_metrics` for a damaged file."""
+    return repair_metrics(path, step)[0]
+
+
+def repair_metrics(path: str | Path, step: int) -> tuple[int, str | None]:
+    """Keep metrics.jsonl's lines up to ``step``: (lines dropped, a note if the file was damaged).
+
+    A line that is not UTF-8 JSON of an object with an integer ``step`` ends the valid prefix:
+    it and everything after it go, and the note says where. A torn last line (a kill while
+    writing) is dropped without a note. A folder in the file's place is a CheckpointError.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: a folder where the run's metrics file belongs; move it away to resume")
     if not path.exists():
-        return 0
-    kept, dropped = [], 0
-    for line in path.read_text(encoding="utf-8").splitlines():
+        return 0, None
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read the run's metrics ({exc.strerror or exc})") from None
+    lines = raw.split(b"\n")
+    torn = lines.pop() if lines else b""  # the bytes after the last newline: a torn line, or nothing
+    kept, dropped, note = [], 0, None
+    for n, line in enumerate(lines, 1):
         try:
-            row = json.loads(line)
-        except ValueError:
-            dropped += 1
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] > step:
+            row = json.loads(line.decode("utf-8"))
+            ok = isinstance(row, dict) and isinstance(row.get("step"), int) and not isinstance(row["step"], bool)
+        except ValueError:  # UnicodeDecodeError, JSONDecodeError
+            ok = False
+        if not ok:
+            note = (f"{path.name} is damaged at line {n}: kept the {len(kept)} valid line(s) before it, "
+                    f"dropped {len(lines) - n + 1} from there on")
+            dropped += len(lines) - n + 1
+            break
+        if row["step"] > step:
             dropped += 1
         else:
             kept.append(line)
+    dropped += bool(torn)
     if dropped:
-        _write_text(path, "".join(ln + "\n" for ln in kept))
-    return dropped
+        _write_text_bytes(path, b"".join(ln + b"\n" for ln in kept))
+    return dropped, note
 
 
-SAMPLE_HEADER = re.compile(r"^=== step (\d+) \|", re.M)
+SAMPLE_HEADER = re.compile(rb"^=== step (\d+) \|", re.M)
 
 
 def trim_samples(path: str | Path, step: int) -> int:
     """Drop the samples drawn after ``step`` from samples.txt; returns how many were dropped."""
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         return 0
-    text = path.read_text(encoding="utf-8")
-    cut = next((m.start() for m in SAMPLE_HEADER.finditer(text) if int(m.group(1)) > step), None)
+    data = path.read_bytes()  # bytes: a damaged file is trimmed, not a UnicodeDecodeError
+    cut = next((m.start() for m in SAMPLE_HEADER.finditer(data) if int(m.group(1)) > step), None)
     if cut is None:
         return 0
-    dropped = len(SAMPLE_HEADER.findall(text[cut:]))
-    _write_text(path, text[:cut])
+    dropped = len(SAMPLE_HEADER.findall(data[cut:]))
+    _write_text_bytes(path, data[:cut])
     return dropped
 
 

@@ -8,6 +8,8 @@ lost and no traceback is shown.
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import signal
 import subprocess
@@ -21,12 +23,13 @@ from .ablate import run_ablation
 from .ablation import dry_run_text, load_ablation
 from .checkpoint import check_resumable, find_run
 from .data import prepare
-from .errors import ConfigError, UsageError, UserError
+from .errors import ConfigError, UsageError, UserError, one_line
 from .evaluate import evaluate_target, render_results, write_results
 from .generate import encode_prompt, load_run, resolve_run_dir, stream_samples
 from .inspection import inspect_recipe
+from .launch import LAUNCHER_PID, PARENT_PID, die_with_parent
 from .plugin_manager import PluginManager, default_registry, forget_loaded
-from .recipe import DataConfig, diff_recipes, dump_recipe, load_recipe, registry_of
+from .recipe import DataConfig, diff_recipes, dump_recipe, load_recipe, recipe_warnings, registry_of
 from .registry import Registry
 from .runfolder import default_run_dir
 from .trainer import train
@@ -121,8 +124,17 @@ def add_recipe_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_recipe_show(args) -> int:
-    print(dump_recipe(load_recipe(args.recipe, args.set, args.plugin)), end="")
+    recipe = load_recipe(args.recipe, args.set, args.plugin)
+    print_warnings(recipe, args.recipe)
+    print(dump_recipe(recipe), end="")
     return 0
+
+
+def print_warnings(recipe, path) -> None:
+    """``warning: <recipe>: <line>`` on stderr for each of :func:`recipe_warnings` (rank 0 only)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        for line in recipe_warnings(recipe):
+            print(f"warning: {path}: {one_line(line)}", file=sys.stderr)
 
 
 def cmd_inspect(args) -> int:
@@ -144,9 +156,14 @@ def cmd_diff(args) -> int:
 def cmd_train(args) -> int:
     if args.nproc < 1:
         raise UsageError(f"--nproc must be at least 1, got {args.nproc}")
+    if "WORLD_SIZE" in os.environ and LAUNCHER_PID in os.environ:  # a rank of launch_ranks: die with torchrun
+        die_with_parent(int(os.environ[LAUNCHER_PID]) if os.environ[LAUNCHER_PID].isdigit() else None)
+    if args.out:  # the folder the run folder goes in: train.out_dir, as ablate's --out
+        args.set = [*args.set, f"train.out_dir={json.dumps(args.out)}"]
     recipe, resume = train_target(args)
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return launch_ranks(args, recipe, resume)
+    print_warnings(recipe, args.recipe or resume)
     summary = train(recipe, run_dir=resume or args.run_dir, resume=resume is not None)
     code = train_exit_status(summary)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -193,10 +210,12 @@ def launch_ranks(args, recipe, resume: str | None = None) -> int:
 
     torchrun runs in its own session and gets each SIGINT/SIGTERM from here exactly once (a
     second one would make the ranks stop at once, unsaved); it passes it to every rank, which
-    finish the step and save a checkpoint within --shutdown_timeout.
+    finish the step and save a checkpoint within --shutdown_timeout. It runs as
+    :mod:`toolkit.launch`, which gets SIGTERM when this process dies (even by kill -9) and ends
+    without torchrun's traceback; each rank gets SIGTERM when torchrun dies.
     """
     run_dir = resume or args.run_dir or str(default_run_dir(recipe))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+    cmd = [sys.executable, "-m", "toolkit.launch", "--standalone", f"--nproc_per_node={args.nproc}",
            "--shutdown_timeout=300", "-m", "toolkit", "train", *([args.recipe] if args.recipe else []),
            "--run-dir", run_dir, *(["--resume", run_dir] if resume else [])]
     for s in args.set:
@@ -205,6 +224,7 @@ def launch_ranks(args, recipe, resume: str | None = None) -> int:
         cmd += ["--plugin", p]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+    env[PARENT_PID] = str(os.getpid())  # torchrun (toolkit.launch) dies with this process, the ranks with it
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     got = []
 
@@ -251,6 +271,11 @@ def cmd_generate(args) -> int:
     model, tokenizer, recipe = load_run(args.run, device=args.device or ("cuda" if _cuda() else "cpu"))
     given = {"prompts": args.prompt, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
              "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
+    for name, value in given.items():  # the recipe's own values were checked when it loaded
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"--{name.replace('_', '-')}: must be a finite number, got {value}")
+        if isinstance(value, int) and not 0 <= value < 2**63:
+            raise UsageError(f"--{name.replace('_', '-')}: must be between 0 and 2**63 - 1, got {value}")
     try:
         cfg = attrs.evolve(recipe.generate, **{k: v for k, v in given.items() if v is not None})
     except ValueError as exc:  # attrs validators: "'temperature' must be >= 0.0: -1.0"
@@ -337,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "ranks with --nproc N (or under `deepspeed`/`torchrun`), writing runs/<name>-<time>/.")
     p.add_argument("recipe", nargs="?", help="recipe TOML (with --resume RUN_DIR: default the run's recipe.toml)")
     add_recipe_options(p)
+    p.add_argument("--out", metavar="DIR", help="put the run folder under DIR (train.out_dir; default runs/)")
     p.add_argument("--run-dir", metavar="DIR", help="write the run here (default <train.out_dir>/<name>-<time>)")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue RUN_DIR from its newest complete checkpoint, in that folder; 'auto': the newest "
@@ -399,6 +425,19 @@ def add_plugin_commands(sub, registry: Registry) -> None:
         p.set_defaults(func=comp.factory(p))
 
 
+#: the most problems printed for one command; the rest are counted ("... and N more")
+MAX_ERROR_LINES = 50
+
+
+def print_errors(lines: list[str]) -> None:
+    """``error: <line>`` on stderr for each problem, each on one line, at most MAX_ERROR_LINES of them."""
+    shown = lines[:MAX_ERROR_LINES]
+    for line in shown:
+        print(f"error: {one_line(line)}", file=sys.stderr)
+    if len(lines) > len(shown):
+        print(f"error: ... and {len(lines) - len(shown):,} more", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--trace" in argv[: argv.index("--") if "--" in argv else len(argv)]:
@@ -410,11 +449,10 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         return int(args.func(args) or 0)
     except ConfigError as exc:
-        for line in exc.lines:
-            print(f"error: {line}", file=sys.stderr)
+        print_errors(exc.lines)
         return 2
     except (UserError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_errors([str(exc)])
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

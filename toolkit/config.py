@@ -13,6 +13,8 @@ attrs' raw ``("'lr' must be > 0: -1.0", Attribute(...), ...)`` escaping the path
 from __future__ import annotations
 
 import functools
+import json
+import math
 import re
 import typing
 from typing import Any, Literal
@@ -53,8 +55,9 @@ class UnknownOptionError(KeyError):
 
 def _show(value: Any) -> str:
     """A value as a TOML user would write it: strings in double quotes, true/false, a table."""
-    if isinstance(value, str):
-        return f'"{value}"'
+    if isinstance(value, str):  # escaped, so a newline in a value never breaks a message in two
+        return json.dumps(value if len(value) <= 80 else value[:60], ensure_ascii=False) + (
+            f" (... {len(value):,} characters)" if len(value) > 80 else "")
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, dict):
@@ -64,21 +67,41 @@ def _show(value: Any) -> str:
     return repr(value)
 
 
+def path_key(key: Any) -> str:
+    """A key as it goes in a ``$.a.b`` path: bare when TOML would write it bare, else quoted (escapes shown)."""
+    key = str(key)
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key, ensure_ascii=False)
+
+
 def _quote_names(names) -> str:
     return ", ".join(f"'{n}'" for n in names)
 
 
 # -- scalar hooks -------------------------------------------------------------------------------
+#: every integer of a recipe fits a signed 64-bit integer (torch, numpy and DeepSpeed take no more)
+INT_LIMIT = 2**63
+
+
 def _strict_int(value, _):
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueTypeError("int", value)
+    if not -INT_LIMIT <= value < INT_LIMIT:
+        raise InvalidValue(f"must be between -2**63 and 2**63 - 1, got {value:.3e}")
     return value
 
 
 def _strict_float(value, _):
+    """A finite float (an int is taken too): inf and nan are refused unless a field allows them
+    (``metadata={"finite": False}``, see :func:`structure_fields`)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueTypeError("float", value)
-    return float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond the float range
+        value = math.inf
+    if not math.isfinite(value):
+        raise InvalidValue(f"must be a finite number, got {_show(value)}")
+    return value
 
 
 def _strict_bool(value, _):
@@ -237,7 +260,11 @@ def structure_fields(converter: cattrs.Converter, data: Any, cls: type) -> tuple
                 errors.append(_note(KeyError("required key is missing"), f.name, f.type))
             continue
         try:
-            value = converter.structure(data[f.name], f.type)
+            raw = data[f.name]
+            if isinstance(raw, float) and not math.isfinite(raw) and f.metadata.get("finite") is False:
+                value = raw  # a field that gives inf a meaning (e.g. "no limit")
+            else:
+                value = converter.structure(raw, f.type)
         except Exception as exc:  # noqa: BLE001 - every problem is collected with its path
             errors.append(_note(exc, f.name, f.type))
             continue
@@ -362,7 +389,7 @@ def _describe(exc: BaseException, path: str) -> str:
         known = [f.name for f in attrs.fields(exc.cl) if f.init] if attrs.has(exc.cl) else []
         parts = []
         for key in sorted(exc.extra_fields):
-            msg = f"{path}.{key}: unknown key"
+            msg = f"{path}.{path_key(key)}: unknown key"
             hint = did_you_mean(key, known)
             if hint:
                 msg += f"; did you mean '{hint}'?"
@@ -393,7 +420,7 @@ def _walk(exc: BaseException, path: str) -> list[str]:
         with_notes, without = exc.group_exceptions()
         for inner, note in with_notes:
             if isinstance(note, AttributeValidationNote):
-                sub = f"{path}.{note.name}"
+                sub = f"{path}.{path_key(note.name)}"
             elif isinstance(note, IterableValidationNote):
                 sub = f"{path}[{note.index!r}]"
             else:

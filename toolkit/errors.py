@@ -6,6 +6,7 @@ plugin, raises them without importing anything above it.
 from __future__ import annotations
 
 import difflib
+import re
 
 
 class UserError(Exception):
@@ -73,3 +74,11 @@ def did_you_mean(word: str, candidates) -> str | None:
         return swapped[0]
     hint = difflib.get_close_matches(word, candidates, n=1)
     return hint[0] if hint else None
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def one_line(text: str) -> str:
+    """``text`` with control characters escaped (``\\n``, ``\\x00``): a message stays on its one line."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], str(text))

@@ -11,8 +11,8 @@ from typing import Callable, TextIO
 
 import torch
 
-from .checkpoint import WEIGHTS, load_weights
-from .errors import ConfigError
+from .checkpoint import WEIGHTS, latest, load_weights
+from .errors import CheckpointError, ConfigError
 from .model import Transformer
 from .recipe import GenerateConfig, load_recipe, registry_of
 from .tokenizer import load_tokenizer
@@ -29,21 +29,38 @@ def resolve_run_dir(path: str | Path) -> Path:
     run_dir = path.parent if path.is_file() else path
     missing = [name for name in (RECIPE_FILE, WEIGHTS, TOKENIZER_FILE) if not (run_dir / name).is_file()]
     if missing:
-        raise FileNotFoundError(
-            f"{run_dir}: not a finished run folder (missing {', '.join(missing)}; "
-            f"a run writes them when training ends)")
+        hint = "a run writes them when training ends"
+        if latest(run_dir / "checkpoints") is not None:  # stopped early, or killed before its export
+            hint = f"it has a checkpoint: finish it with playattention train --resume {run_dir}"
+        raise FileNotFoundError(f"{run_dir}: not a finished run folder (missing {', '.join(missing)}; {hint})")
     return run_dir
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
-    """(model in eval mode, tokenizer, recipe) of a finished run, built from its files alone."""
+    """(model in eval mode, tokenizer, recipe) of a finished run, built from its files alone.
+
+    ``recipe.toml`` is the authoritative description of the run (``model.toml`` is for reading
+    only); a damaged weights or tokenizer file is a CheckpointError naming it, in one line.
+    """
     run_dir = resolve_run_dir(run_dir)
     recipe = load_recipe(run_dir / RECIPE_FILE)
     registry = registry_of(recipe)
     model = Transformer(recipe.model, registry)
-    load_weights(model, run_dir / WEIGHTS)
-    tokenizer = load_tokenizer(run_dir / TOKENIZER_FILE, registry)
+    try:
+        load_weights(model, run_dir / WEIGHTS)
+    except Exception as exc:  # noqa: BLE001 - safetensors' own error type, a size mismatch, an unreadable file
+        raise CheckpointError(_damaged(run_dir / WEIGHTS, exc)) from None
+    try:
+        tokenizer = load_tokenizer(run_dir / TOKENIZER_FILE, registry)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(_damaged(run_dir / TOKENIZER_FILE, exc)) from None
     return model.to(device).eval(), tokenizer, recipe
+
+
+def _damaged(path: Path, exc: BaseException) -> str:
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    text = text.removeprefix(f"{path}: ")
+    return f"{path}: cannot be loaded ({text}); the run folder is damaged"
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:

@@ -332,8 +332,11 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     if top_p is not None and top_p < 1.0:
         # nucleus sampling (Holtzman et al. 2019): keep the smallest set whose probability reaches top_p
         sorted_logits, order = torch.sort(logits, descending=True)
-        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        drop = cum - torch.softmax(sorted_logits, dim=-1) >= top_p
+        # the mass of the tokens ranked above each one, in float64: an fp32 running sum over a 50k
+        # vocabulary drifts by ~1e-4, which at top_p 0.999 is dozens of tokens of the tail
+        probs = torch.softmax(sorted_logits.double(), dim=-1)
+        above = torch.cat([torch.zeros_like(probs[..., :1]), probs.cumsum(dim=-1)[..., :-1]], dim=-1)  # (B, V)
+        drop = above >= top_p
         drop[..., 0] = False  # the most likely token is always kept (top_p = 0 would otherwise drop all)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)

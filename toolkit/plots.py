@@ -13,10 +13,12 @@ from pathlib import Path
 def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
     """The ``train`` and ``eval`` lines of a metrics.jsonl file (a half-written last line is skipped)."""
     train, evals = [], []
-    for line in Path(path).read_text().splitlines():
+    for line in Path(path).read_bytes().decode("utf-8", errors="replace").splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
+            continue
+        if not isinstance(row, dict):  # a damaged line that happens to be JSON
             continue
         if row.get("type") == "train":
             train.append(row)

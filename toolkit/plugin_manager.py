@@ -22,6 +22,7 @@ import importlib.metadata as md
 import importlib.util
 import os
 import pkgutil
+import re
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -31,7 +32,7 @@ import pluggy
 
 from . import families, hookspecs
 from . import plugins as builtin_plugins
-from .errors import PluginLoadError
+from .errors import PluginLoadError, one_line
 from .registry import Registry, Source, make_component
 
 ENTRY_POINT_GROUP = "playattention"
@@ -52,7 +53,16 @@ class PluginFailure:
         return f"plugin {self.plugin!r}{pkg} failed: {self.reason}"
 
 
+#: what a plugin may raise while it loads and still be only its own failure: sys.exit() and a
+#: KeyboardInterrupt raised by its code must not end the command (or exit 0, saying nothing)
+PLUGIN_ERRORS = (Exception, SystemExit, KeyboardInterrupt)
+
+
 def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, SystemExit):
+        return f"SystemExit: called sys.exit({exc.code!r}) while loading"
+    if isinstance(exc, KeyboardInterrupt):
+        return "KeyboardInterrupt: raised while loading"
     text = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
     if isinstance(exc, pluggy.PluginValidationError):
         # pluggy's first line only names the hook; the reason (e.g. a misspelt argument) is on the last
@@ -97,6 +107,77 @@ def import_file(path: Path) -> ModuleType:
     return mod
 
 
+def entry_points(group: str = ENTRY_POINT_GROUP) -> tuple[list, list[PluginFailure]]:
+    """The installed entry points of ``group``, and a failure for each package whose
+    ``entry_points.txt`` names the group but cannot be read (importlib.metadata would skip it
+    silently, or fail for every package at once)."""
+    eps, failures, seen = [], [], set()
+    for dist in md.distributions():
+        name = dist.metadata["Name"] if dist.metadata is not None else None
+        key = (name or "").lower().replace("-", "_")
+        if key in seen:  # the first on sys.path wins, as importlib.metadata's own lookup
+            continue
+        seen.add(key)
+        try:
+            text = dist.read_text("entry_points.txt")
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raw = _raw_entry_points(dist)
+            if raw is not None and group.encode() in raw:
+                failures.append(PluginFailure(_entry_points_file(dist), name, dist.version,
+                                              f"cannot read entry_points.txt ({type(exc).__name__}: {exc})"))
+            continue
+        if not text or group not in text:
+            continue
+        problem = _entry_points_problem(text, group)
+        if problem is None:
+            try:
+                found = [ep for ep in dist.entry_points if ep.group == group]
+            except Exception as exc:  # noqa: BLE001 - importlib.metadata's parser failing on this file
+                problem = f"{type(exc).__name__}: {exc}"
+            else:
+                eps += found
+                continue
+        failures.append(PluginFailure(_entry_points_file(dist), name, dist.version,
+                                      f"malformed entry_points.txt: {one_line(problem)}"))
+    return eps, failures
+
+
+_EP_LINE = re.compile(r"^\s*[^=\s\[][^=]*=\s*[\w.]+\s*(:\s*[\w.]+\s*)?(\[.*\])?\s*$")
+
+
+def _entry_points_problem(text: str, group: str) -> str | None:
+    """What is wrong with the ``[group]`` section of an entry_points.txt, or None."""
+    section = None
+    for n, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith(("#", ";")):
+            continue
+        if stripped.startswith("["):
+            if not stripped.endswith("]"):
+                if group in stripped:
+                    return f"line {n}: a section header without its closing ']': {stripped!r}"
+                section = None
+                continue
+            section = stripped[1:-1].strip()
+            continue
+        if section == group and not _EP_LINE.match(line):
+            return f"line {n}: expected NAME = MODULE:OBJECT, got {stripped!r}"
+    return None
+
+
+def _entry_points_file(dist) -> str:
+    base = getattr(dist, "_path", None)
+    return str(Path(base) / "entry_points.txt") if base is not None else "entry_points.txt"
+
+
+def _raw_entry_points(dist) -> bytes | None:
+    base = getattr(dist, "_path", None)
+    try:
+        return (Path(base) / "entry_points.txt").read_bytes() if base is not None else None
+    except OSError:
+        return None
+
+
 class PluginManager:
     """A pluggy manager plus the registry it fills."""
 
@@ -114,13 +195,16 @@ class PluginManager:
 
     # -- loading ---------------------------------------------------------------------------
     def load_entry_points(self, group: str = ENTRY_POINT_GROUP) -> None:
-        for ep in md.entry_points(group=group):
+        eps, failures = entry_points(group)
+        for failure in failures:
+            self._fail(failure)
+        for ep in eps:
             dist = getattr(ep, "dist", None)
             package = dist.metadata["Name"] if dist is not None else None
             version = dist.version if dist is not None else None
             try:
                 obj = ep.load()
-            except Exception as exc:  # noqa: BLE001 - a broken plugin must not take the others down
+            except PLUGIN_ERRORS as exc:  # a broken plugin must not take the others down
                 self._fail(PluginFailure(ep.name, package, version, _one_line(exc)))
                 continue
             # keyed by package too: two packages may both call their entry point "attention"
@@ -130,14 +214,18 @@ class PluginManager:
         """Load a plugin module by import name."""
         try:
             mod = importlib.import_module(name)
-        except Exception as exc:  # noqa: BLE001
+        except PLUGIN_ERRORS as exc:
             self._fail(PluginFailure(name, None, None, _one_line(exc)), strict)
             return
         self._register_plugin(mod, f"module:{name}", source or Source(name), strict)
 
     def add_file(self, path: str | os.PathLike, *, strict: bool = True) -> None:
         """Load a plugin from a ``.py`` file (a recipe's ``plugins = [...]`` or ``--plugin``)."""
-        path = Path(path).resolve()
+        try:
+            path = Path(path).resolve()
+        except (ValueError, OSError) as exc:  # ValueError: a null byte in the name
+            self._fail(PluginFailure(one_line(str(path)), None, None, f"not a usable file name ({exc})"), strict)
+            return
         key = f"file:{path}"
         if self.pm.has_plugin(key):
             return
@@ -146,7 +234,7 @@ class PluginManager:
             return
         try:
             mod = import_file(path)
-        except Exception as exc:  # noqa: BLE001
+        except PLUGIN_ERRORS as exc:
             self._fail(PluginFailure(str(path), None, None, _one_line(exc)), strict)
             return
         self._register_plugin(mod, key, Source(str(path)), strict)
@@ -164,7 +252,7 @@ class PluginManager:
             return
         try:
             self.pm.register(obj, name=key)
-        except Exception as exc:  # noqa: BLE001 - e.g. a hook with the wrong signature
+        except PLUGIN_ERRORS as exc:  # e.g. a hook with the wrong signature
             self._fail(PluginFailure(source.plugin, source.package, source.version, _one_line(exc)), strict)
             return
         staged = []
@@ -175,7 +263,7 @@ class PluginManager:
                     impl.function(register=self._register_callback(hook, source, staged))
             for comp in staged:
                 self.registry.add(comp)
-        except Exception as exc:  # noqa: BLE001 - atomic: a plugin registers all its components or none
+        except PLUGIN_ERRORS as exc:  # atomic: a plugin registers all its components or none
             for comp in staged:
                 self.registry.remove(comp)
             self.pm.unregister(name=key)
@@ -227,7 +315,10 @@ def load_registry(plugins: list[str] | tuple[str, ...] = ()) -> Registry:
     The same plugins give the same (cached, unchanging) registry; PluginLoadError names a plugin
     that cannot be loaded.
     """
-    specs = tuple(str(Path(p).resolve()) if is_path_spec(p) else p for p in plugins)
+    try:
+        specs = tuple(str(Path(p).resolve()) if is_path_spec(p) else p for p in plugins)
+    except ValueError as exc:  # a null byte in a file name
+        raise PluginLoadError(f"plugin {one_line(next(p for p in plugins if chr(0) in p))!r} failed: {exc}") from None
     return _load(specs, trace_enabled())
 
 

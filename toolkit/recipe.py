@@ -20,6 +20,7 @@ import importlib.util
 import json
 import os
 import re
+import stat
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -29,10 +30,12 @@ import tomli_w
 import torch
 from attrs import validators as v
 from cattrs.errors import ClassValidationError
+from torch import nn
 
 from . import families
-from .config import (ValueTypeError, _show, build, errors_to_lines, format_errors, make_converter,
+from .config import (ValueTypeError, _show, build, errors_to_lines, format_errors, make_converter, path_key,
                      structure_fields)
+from .contracts import Position
 from .errors import ConfigError, PluginLoadError
 from .families import components
 from .model import ModelConfig, select_layers
@@ -169,11 +172,43 @@ class Recipe:
 
 
 # -- reading and composing ------------------------------------------------------------------------
+#: the largest recipe file read (a recipe is a few KiB; this refuses /dev/zero and generated junk early)
+MAX_RECIPE_BYTES = 1 << 20
+#: the deepest nesting of tables and arrays in a recipe or a --set value (a real recipe nests 5 deep)
+MAX_DEPTH = 32
+#: the longest chain of ``extends`` (a recipe, its base, the base's base, ...)
+MAX_EXTENDS = 32
+#: the most entries of a recipe's ``plugins`` array
+MAX_PLUGINS = 64
+
+
 def read_toml(path: str | Path) -> dict:
-    """Parse a TOML file; invalid TOML is a ConfigError naming file, line and column."""
+    """Parse a TOML file; invalid TOML is a ConfigError naming file, line and column.
+
+    Only a regular file of at most MAX_RECIPE_BYTES nesting at most MAX_DEPTH levels is read: a
+    FIFO would block forever, a device never end, and a deep nest overflow the parser's stack.
+    """
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; fstat then refuses it
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except IsADirectoryError:
+        raise ConfigError([f"{path}: is a folder, not a recipe file"]) from None
+    except (OSError, ValueError) as exc:  # ValueError: a null byte in the path
+        raise ConfigError([f"{path}: cannot read recipe file: {getattr(exc, 'strerror', None) or exc}"]) from None
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise ConfigError([f"{path}: is a folder, not a recipe file"])
+        if not stat.S_ISREG(mode):
+            raise ConfigError([f"{path}: not a regular file ({_file_kind(mode)}); a recipe is a TOML file"])
+        try:
+            raw = f.read(MAX_RECIPE_BYTES + 1)
+        except OSError as exc:
+            raise ConfigError([f"{path}: cannot read recipe file: {exc.strerror or exc}"]) from None
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise ConfigError([f"{path}: larger than {MAX_RECIPE_BYTES // 1024} KiB, the limit for a recipe file"])
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
     except tomllib.TOMLDecodeError as exc:
         text = str(exc)
         m = re.search(r"\(at line (\d+), column (\d+)\)", text)
@@ -182,10 +217,36 @@ def read_toml(path: str | Path) -> dict:
         raise ConfigError([f"{where}: invalid TOML: {reason[0].lower() + reason[1:]}"]) from None
     except UnicodeDecodeError as exc:
         raise ConfigError([f"{path}: invalid TOML: not UTF-8 text ({exc.reason} at byte {exc.start})"]) from None
-    except IsADirectoryError:
-        raise ConfigError([f"{path}: is a folder, not a recipe file"]) from None
-    except OSError as exc:
-        raise ConfigError([f"{path}: cannot read recipe file: {exc.strerror or exc}"]) from None
+    except RecursionError:  # the parser recurses once per level of an inline array or table
+        raise ConfigError([f"{path}: {_too_deep()}"]) from None
+    deep = too_deep(data)
+    if deep:
+        raise ConfigError([f"{path}: {deep}"])
+    return data
+
+
+def _file_kind(mode: int) -> str:
+    kinds = [(stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISSOCK, "a socket")]
+    return next((name for test, name in kinds if test(mode)), "not a plain file")
+
+
+def _too_deep(where: str = "$") -> str:
+    return f"{where}: nested more than {MAX_DEPTH} levels deep (tables and arrays), the limit for a recipe"
+
+
+def too_deep(value: Any, root: str = "$") -> str | None:
+    """A problem line if ``value`` nests tables and arrays more than MAX_DEPTH levels, else None (no recursion)."""
+    stack = [(value, root, 0)]
+    while stack:
+        item, where, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth >= MAX_DEPTH:
+                return _too_deep(where if len(where) <= 80 else where[:77] + "...")
+            pairs = item.items() if isinstance(item, dict) else enumerate(item)
+            for k, sub in pairs:
+                stack.append((sub, f"{where}[{k}]" if isinstance(item, list) else f"{where}.{path_key(k)}", depth + 1))
+    return None
 
 
 def recipe_file(path: str | Path) -> Path:
@@ -290,12 +351,15 @@ def _read_layers(path: Path, ctx: _Reading, chain: list[Path]) -> dict:
     if resolved in chain:
         cycle = " -> ".join(_display(p) for p in [*chain[chain.index(resolved):], resolved])
         raise ConfigError([f"{ctx.top}: extends cycle: {cycle}"])
+    if len(chain) >= MAX_EXTENDS:
+        raise ConfigError([f"{ctx.top}: extends chain longer than {MAX_EXTENDS} files, the limit "
+                           f"(at {_display(path)})"])
     data = read_toml(path)
     _normalise_components(data)
 
     plugins = data.get("plugins", [])
-    if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
-        ctx.errors.append(ctx.line(path, f"$.plugins: expected an array of strings, got {_show(plugins)}"))
+    if problem := _plugins_problem(plugins):
+        ctx.errors.append(ctx.line(path, problem))
         data.pop("plugins")
     elif plugins:  # relative to the file that names them, so a recipe works from any directory
         data["plugins"] = [str((path.parent / p).resolve()) if is_path_spec(p) else p for p in plugins]
@@ -319,16 +383,36 @@ def _read_layers(path: Path, ctx: _Reading, chain: list[Path]) -> dict:
     return merged
 
 
+def _plugins_problem(plugins: Any) -> str | None:
+    """What is wrong with a ``plugins`` value (``$.plugins...: problem``), or None."""
+    if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
+        return f"$.plugins: expected an array of strings, got {_show(plugins)}"
+    if len(plugins) > MAX_PLUGINS:
+        return f"$.plugins: {len(plugins)} plugins, more than the limit of {MAX_PLUGINS}"
+    for i, p in enumerate(plugins):
+        if "\0" in p or not p.strip():
+            return f"$.plugins[{i}]: not a plugin file or module name: {_show(p)}"
+    return None
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"train.lr=3e-4"`` -> (["train", "lr"], 0.0003). A value that is not TOML is a plain string."""
     key, sep, raw = text.partition("=")
     keys = [k.strip() for k in key.strip().split(".")]
+    shown = _show(text)[1:-1]  # escaped: a newline in a value stays on one line
     if not sep or not all(keys):
-        raise ConfigError([f"--set {text}: expected KEY.PATH=VALUE, e.g. --set train.lr=3e-4"])
+        raise ConfigError([f"--set {shown}: expected KEY.PATH=VALUE, e.g. --set train.lr=3e-4"])
+    if len(keys) > MAX_DEPTH:
+        raise ConfigError([f"--set {shown[:60]}...: {len(keys)} keys deep, more than the limit of {MAX_DEPTH}"])
     try:
         value = tomllib.loads(f"value = {raw.strip()}")["value"]
     except tomllib.TOMLDecodeError:
         value = raw.strip()  # --set model.attention.kind=gqa: a bare word means the string
+    except RecursionError:
+        raise ConfigError([f"--set {'.'.join(keys)}=...: {_too_deep('the value')}"]) from None
+    deep = too_deep(value, "the value")
+    if deep:
+        raise ConfigError([f"--set {'.'.join(keys)}=...: {deep}"])
     return keys, value
 
 
@@ -370,6 +454,8 @@ def resolve_data(path: str | Path, overrides=(), plugins=(), *, _sources: _Sourc
     if isinstance(named, list) and all(isinstance(p, str) for p in named):
         # file layers made theirs absolute already; --set and --plugin ones are relative to here
         specs = [*named, *plugins]
+        if problem := _plugins_problem(specs):
+            raise ConfigError([*ctx.errors, f"{top}: {problem}"])
         if specs:
             data["plugins"] = list(dict.fromkeys(str(Path(p).resolve()) if is_path_spec(p) else p for p in specs))
     if ctx.errors:
@@ -498,8 +584,11 @@ def _cross_checks(s: dict[str, dict], model: ModelConfig | None, registry: Regis
     def have(section: dict, *keys: str) -> bool:
         return all(k in section for k in keys)
 
-    if model is not None:
+    sizes = _size_checks(s)
+    out += sizes
+    if model is not None and not sizes:  # a model of a million layers is not built, not even on meta
         out += _model_component_checks(model, registry)
+    out += _deepspeed_config_checks(ds.get("config"))
 
     # batch arithmetic at world size 1 (`playattention inspect --world-size N` checks other sizes)
     if have(t, "micro_batch", "tokens_per_step", "grad_accum") and have(m, "block_size"):
@@ -514,13 +603,74 @@ def _cross_checks(s: dict[str, dict], model: ModelConfig | None, registry: Regis
                            f"= {tps} / ({mb} * {T}) = {tps // per}; give only one of them")
     if have(t, "lr", "min_lr") and t["min_lr"] > t["lr"]:
         out.append(f"$.train.min_lr: must be <= lr ({t['lr']!r}), got {t['min_lr']!r}")
-    if have(t, "warmup_steps", "max_steps") and t["warmup_steps"] >= t["max_steps"]:
-        out.append(f"$.train.warmup_steps: must be < max_steps ({t['max_steps']}), got {t['warmup_steps']}")
     if have(t, "warmup_steps", "decay_steps") and t["decay_steps"] is not None and t["decay_steps"] <= t["warmup_steps"]:
         out.append(f"$.train.decay_steps: must be > warmup_steps ({t['warmup_steps']}), got {t['decay_steps']}")
     out += _tracker_checks(t.get("trackers"))
     if have(ds, "offload", "zero_stage") and ds["offload"] == "cpu" and ds["zero_stage"] < 2:
         out.append(f"$.deepspeed.offload: \"cpu\" needs zero_stage 2 or 3, got zero_stage {ds['zero_stage']}")
+    return out
+
+
+#: the largest value of each integer that sizes the model or a batch (GPT-3 175B: 96 layers of 12288)
+SIZE_LIMITS = {("model", "n_layer"): 1024, ("model", "n_head"): 1024, ("model", "n_embd"): 65536,
+               ("model", "block_size"): 1 << 20, ("model", "vocab_size"): 1 << 22, ("train", "micro_batch"): 1 << 16}
+
+
+def _size_checks(s: dict[str, dict]) -> list[str]:
+    out = []
+    for (section, key), limit in SIZE_LIMITS.items():
+        value = s.get(section, {}).get(key)
+        if isinstance(value, int) and value > limit:
+            out.append(f"$.{section}.{key}: must be <= {limit:,}, got {value:,} (the limit on a size)")
+    return out
+
+
+#: keys of [deepspeed.config] that the toolkit sets from the recipe: given there too, the two would
+#: disagree (DeepSpeed asserts at train time, or silently takes one), so they are refused at validation
+TOOLKIT_DS_KEYS = {
+    ("train_batch_size",): "train.micro_batch, train.grad_accum (or train.tokens_per_step) and the ranks",
+    ("train_micro_batch_size_per_gpu",): "train.micro_batch",
+    ("gradient_accumulation_steps",): "train.grad_accum (or train.tokens_per_step)",
+    ("gradient_clipping",): "train.grad_clip",
+    ("optimizer",): "train.optimizer",
+    ("scheduler",): "train.schedule",
+    ("zero_optimization", "stage"): "deepspeed.zero_stage",
+    ("zero_optimization", "offload_optimizer"): "deepspeed.offload",
+    ("bf16", "enabled"): "deepspeed.precision",
+    ("fp16", "enabled"): "deepspeed.precision",
+    ("torch_autocast", "enabled"): "deepspeed.precision",
+}
+
+
+def _deepspeed_config_checks(config: Any) -> list[str]:
+    """A line for each [deepspeed.config] key that the toolkit sets itself, naming the recipe key to use."""
+    if not isinstance(config, dict):
+        return []
+    out = []
+    for keys, recipe_key in TOOLKIT_DS_KEYS.items():
+        node: Any = config
+        for k in keys:
+            node = node.get(k, _MISSING) if isinstance(node, dict) else _MISSING
+        if node is not _MISSING:
+            out.append(f"$.deepspeed.config.{'.'.join(keys)}: set by the toolkit from {recipe_key}; "
+                       f"set that instead")
+    for key in ("bf16", "fp16", "torch_autocast", "zero_optimization"):
+        if key in config and not isinstance(config[key], dict):
+            out.append(f"$.deepspeed.config.{key}: expected a table, got {_show(config[key])}")
+    return out
+
+
+_MISSING = object()
+
+
+def recipe_warnings(recipe: Recipe) -> list[str]:
+    """Things a recipe does that are allowed but likely not meant, one line each (``$.path: ...``)."""
+    t = recipe.train
+    out = []
+    if t.warmup_steps >= t.max_steps:  # nanoGPT and transformers keep warming up; say so rather than refuse
+        out.append(f"$.train.warmup_steps: {t.warmup_steps} is not below max_steps {t.max_steps}: the learning "
+                   f"rate warms up over the whole run and reaches {t.max_steps / (t.warmup_steps + 1):.0%} of "
+                   f"lr at the last step")
     return out
 
 
@@ -548,13 +698,105 @@ def _model_component_checks(model: ModelConfig, registry: Registry) -> list[str]
         except ConfigError as exc:  # a block says again what its parts said: once is enough
             out += [f"{path}: {line}" for line in exc.lines if line not in said]
             said.update(exc.lines)
-        except Exception:  # noqa: BLE001 - not a recipe problem; building the model for real will say what
-            pass
+            continue
+        except Exception as exc:  # noqa: BLE001 - a factory that fails: the plugin's problem, said at its path
+            if _exc_line(exc) not in said:  # a block fails again for its failing part: once is enough
+                out.append(f"{path}: {_named(registry, family, spec.kind)} failed to build: {_exc_line(exc)}")
+                said.add(_exc_line(exc))
+            continue
+        wanted = Position if family == "position" else nn.Module
+        if not isinstance(built[path], wanted):
+            out.append(f"{path}: {_named(registry, family, spec.kind)} built {type(built[path]).__name__}, "
+                       f"not {'a toolkit.contracts.Position' if family == 'position' else 'a torch.nn.Module'}")
     limit = getattr(built.get("$.model.position"), "max_len", None)
     if isinstance(limit, int) and model.block_size > limit:
         out.append(f"$.model.block_size: position '{model.position.kind}' encodes at most {limit} positions, "
                    f"got block_size {model.block_size}")
+    if not out:
+        out += _probe_model(model, registry)
     return out
+
+
+def _named(registry: Registry, family: str, kind: str) -> str:
+    """``attention 'mine' (from my_attention.py)``: a component and the plugin that registered it."""
+    source = registry.get(family, kind).source
+    where = _display(Path(source.plugin)) if is_path_spec(source.plugin) else str(source)
+    return f"{family} '{kind}' (from {where})"
+
+
+def _exc_line(exc: BaseException) -> str:
+    text = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+#: the batch and sequence length of the shape probe (tiny: the shapes are what it checks)
+PROBE_B, PROBE_T = 2, 8
+
+
+def _probe_model(model: ModelConfig, registry: Registry) -> list[str]:
+    """Build the model's blocks on the meta device and run one forward of (PROBE_B, PROBE_T) tokens
+    through each: a component whose forward fails, or returns another shape than its contract says,
+    is reported at ``$.model.<family>`` naming its plugin.
+
+    Layers that choose the same components behave alike, so one layer of each choice is probed
+    (and the first and last). Data-dependent operations (a mixture of experts' routing) cannot run
+    on meta; such a probe is inconclusive and says nothing.
+    """
+    B, T, C = PROBE_B, min(PROBE_T, model.block_size), model.n_embd
+    build = registry.build_in
+    running: list[tuple[str, str, int | None]] = []  # the components whose forward is on the stack
+    bad: list[str] = []
+
+    def where(family, kind, layer):
+        return f"$.model.{family}: {_named(registry, family, kind)}" + ("" if layer is None else f" at layer {layer}")
+
+    def hooked(family, kind, module, layer):
+        part = (family, kind, layer)
+
+        def after(_, args, output):
+            running.pop()
+            want = tuple(args[0].shape) if args and isinstance(args[0], torch.Tensor) else None
+            got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+            if want is not None and got != want:
+                bad.append(f"{where(*part)}: forward returned {got if isinstance(got, str) else f'shape {got}'} "
+                           f"for input {want}; the contract is (B, T, C) -> (B, T, C)")
+                raise _ProbeFailed
+        module.register_forward_pre_hook(lambda *_: running.append(part))
+        module.register_forward_hook(after)
+
+    first: dict[str, int] = {}
+    for i in range(model.n_layer):
+        first.setdefault(repr([model.spec_at(f, i) for f in families.PER_LAYER]), i)
+    layers = sorted({*first.values(), 0, model.n_layer - 1})
+    pos = torch.arange(T, device="meta")  # (T,)
+    try:
+        with torch.device("meta"):
+            position = build("position", model.position, model.dims(build))
+            blocks = []
+            for layer in layers:
+                parts: list = []
+                block = build("block", model.spec_at("block", layer),
+                              model.dims(build, layer, lambda *part: parts.append(part)))
+                for part in [("block", model.spec_at("block", layer).kind, block, layer), *parts]:
+                    hooked(*part)
+                blocks.append(block)
+        x = position.embed(torch.zeros((B, T, C), device="meta"), pos)  # (B, T, C)
+        if tuple(x.shape) != (B, T, C):
+            return [f"{where('position', model.position.kind, None)}: embed returned shape {tuple(x.shape)} "
+                    f"for ({B}, {T}, {C}) token embeddings"]
+        for block in blocks:  # outside the device context: plain meta kernels, no mode overhead
+            block(x, position, pos, None)
+    except _ProbeFailed:
+        return bad
+    except Exception as exc:  # noqa: BLE001 - the innermost component running is the one that failed
+        if isinstance(exc, NotImplementedError) or "meta" in str(exc).lower() or not running:
+            return []  # an operation meta tensors cannot do (or not a component's): inconclusive
+        return [f"{where(*running[-1])}: forward failed: {_exc_line(exc)}"]
+    return []
+
+
+class _ProbeFailed(Exception):
+    """Raised by a probe hook to stop the forward at the first wrong shape."""
 
 
 def chosen_components(recipe: Recipe) -> list[tuple[str, families.Spec]]:

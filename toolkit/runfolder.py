@@ -11,8 +11,9 @@
         samples.txt        generated text, each sample headed by the step it was drawn at
         checkpoints/       checkpoints, step-NNNNNNN, each committed whole (:mod:`toolkit.checkpoint`)
         resume.log         one entry per resume: from which checkpoint, what changed
-        model.safetensors  fp32 weights under GPT-2 names, with model.toml and tokenizer.json:
+        model.safetensors  fp32 weights under GPT-2 names, with tokenizer.json and recipe.toml:
                            the run without DeepSpeed (:func:`toolkit.generate.load_run`)
+        model.toml         the model table alone, for reading (never loaded: recipe.toml is authoritative)
         summary.json       the result
 """
 from __future__ import annotations
@@ -46,6 +47,11 @@ def default_run_dir(recipe: Recipe) -> Path:
     return path
 
 
+#: model.toml is for reading: nothing loads it (a run is rebuilt from recipe.toml, which is authoritative)
+MODEL_TOML_HEADER = ("# The model of this run, for reading. Nothing loads this file: recipe.toml is the run's\n"
+                     "# authoritative description (playattention generate rebuilds the model from it).\n")
+
+
 class RunFolder:
     """The files of one run. Only rank 0 makes one (other ranks hold ``None``)."""
 
@@ -62,15 +68,18 @@ class RunFolder:
         (self.path / "versions.json").write_text(json.dumps(versions(registry), indent=2) + "\n")
         tokenizer.save(self.path)
 
-    def record_resume(self, step: int, found: Path, world_size: int, saved_world_size: int, changes: list[str]) -> list[str]:
-        """Drop metrics and samples logged after ``step``; note the resume in resume.log and metrics.jsonl."""
-        checkpoint.trim_metrics(self.metrics_path, step)
+    def record_resume(self, step: int, found: Path, world_size: int, saved_world_size: int, changes: list[str],
+                      notes: list[str] = ()) -> list[str]:
+        """Drop metrics and samples logged after ``step`` (and a damaged metrics tail); note the resume
+        in resume.log and metrics.jsonl. ``notes``: more to say (checkpoints skipped as incomplete)."""
+        _, damaged = checkpoint.repair_metrics(self.metrics_path, step)
         checkpoint.trim_samples(self.path / "samples.txt", step)
         ranks = f"{world_size} rank(s)"
         if saved_world_size != world_size:
             ranks += f" (it was saved by {saved_world_size}: new optimizer partitions, data position kept)"
         lines = [f"{time.strftime('%Y-%m-%d %H:%M:%S')} resumed at step {step} from {found} on {ranks}",
-                 *(f"  changed {c}" for c in changes)]
+                 *(f"  changed {c}" for c in changes), *(f"  {n}" for n in notes),
+                 *([f"  {damaged}"] if damaged else [])]
         with open(self.path / "resume.log", "a", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")
         self.write_metrics({"type": "resume", "step": step, "checkpoint": found.name, "world_size": world_size,
@@ -107,12 +116,14 @@ class RunFolder:
         checkpoint.export_weights(state, path, tied=recipe.model.tie_embeddings,
                                   metadata={"format": "pt", "recipe": recipe.name, "step": step})
         d = recipe_to_dict(recipe)
-        (self.path / "model.toml").write_text(tomli_w.dumps({"plugins": d.get("plugins", []), "model": d["model"]}))
+        checkpoint.write_atomically(self.path / "model.toml", MODEL_TOML_HEADER + tomli_w.dumps(
+            {"plugins": d.get("plugins", []), "model": d["model"]}))
         return path
 
     def write_summary(self, summary: dict) -> None:
-        (self.path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        if self.metrics_path.exists():
+        """summary.json, written whole or not at all (a full disk leaves the previous one), then the plots."""
+        checkpoint.write_atomically(self.path / "summary.json", json.dumps(summary, indent=2) + "\n")
+        if self.metrics_path.is_file():
             self.plot(summary=True)
 
     def close(self) -> None:

@@ -15,10 +15,12 @@ never stopped (fp32, same ranks); a NaN/inf loss stops the run without saving th
 from __future__ import annotations
 
 import collections
+import errno
 import math
 import resource
-import statistics
 import signal
+import statistics
+import sys
 import time
 import traceback
 import warnings
@@ -120,8 +122,9 @@ class Trainer:
                 self.save_checkpoint()
             if not last and self.signals.stop_requested():  # SIGINT/SIGTERM on any rank: every rank stops here
                 self.stop()
-        self.sample()
-        self.save_checkpoint()
+        if self.saved_step != self.step:  # else a resume of a run stopped in its last moments: sampled and saved
+            self.sample()
+            self.save_checkpoint()
         self.export()
 
     def run(self) -> dict:
@@ -135,6 +138,11 @@ class Trainer:
             status, error = "interrupted", str(exc)
         except (Diverged, CheckpointError) as exc:  # said in one line; a traceback adds nothing
             status, error = "failed", str(exc)
+        except (OSError, RuntimeError) as exc:  # a full disk (torch.save and safetensors say it as RuntimeError)
+            status, error = "failed", self.disk_error(exc)
+            if error is None:
+                error = f"{type(exc).__name__}: {exc}"
+                traceback.print_exc()
         except Exception as exc:  # noqa: BLE001 - the run folder records the failure
             status, error = "failed", f"{type(exc).__name__}: {exc}"
             traceback.print_exc()
@@ -149,6 +157,10 @@ class Trainer:
     def setup(self) -> None:
         """Everything before the first step; raises on problems the user must fix."""
         warnings.filterwarnings("ignore", message=r".*is deprecated. Please use .*_single", category=FutureWarning)
+        # one fixed thread count for ATen's OpenMP and MKL alike: torch.set_num_threads also turns off
+        # MKL's dynamic choice of threads per GEMM (mkl_set_dynamic(0)), and a GEMM or reduction on
+        # another number of threads sums in another order (docs/checkpoints.md: reproducibility)
+        torch.set_num_threads(torch.get_num_threads())
         recipe = self.recipe
         self.rank, self.world_size = init_distributed()
         self.is_main = self.rank == 0
@@ -192,7 +204,7 @@ class Trainer:
             if self.resume:
                 found, saved = self.checkpointer.resume_from
                 lines = self.folder.record_resume(self.step, found, self.world_size, saved["world_size"],
-                                                  self.checkpointer.resume_changes)
+                                                  self.checkpointer.resume_changes, self.checkpointer.resume_notes)
                 self.display.say("\n".join(lines))
 
     def prepare_data(self):
@@ -257,6 +269,18 @@ class Trainer:
             good = self.checkpointer.latest()
             raise Diverged(f"loss is {loss} at step {self.step + 1}; stopped without saving, the last good "
                            f"checkpoint is {good or 'none (no checkpoint was saved yet)'}")
+
+    def disk_error(self, exc: BaseException) -> str | None:
+        """A write that failed for want of disk space, in one line naming the checkpoint to resume; else None."""
+        text = str(exc)
+        if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "No space left" in text or (
+                isinstance(exc, RuntimeError) and "write" in text.lower()):
+            good = self.checkpointer.latest()
+            return (f"writing the run folder failed at step {self.step} "
+                    f"({checkpoint.describe_write_error(exc, self.run_dir)}); the newest complete checkpoint is "
+                    f"{good.name if good else 'none'}: free space and resume with playattention train --resume "
+                    f"{self.run_dir}")
+        return None
 
     def stop(self) -> None:
         """Save a checkpoint of this step, then raise Interrupted saying how to resume."""
@@ -350,7 +374,10 @@ class Trainer:
         if getattr(self, "display", None) is not None:
             self.display.close()
         if getattr(self, "folder", None) is not None:
-            self.folder.close()
+            try:
+                self.folder.close()
+            except OSError:  # flushing the metrics onto a full disk: the run's error says so already
+                pass
 
     def finish(self, status: str, error: str | None = None) -> dict:
         """The run's summary; rank 0 writes summary.json and redraws the plots."""
@@ -381,7 +408,11 @@ class Trainer:
             summary[f"aux/{name}"] = statistics.fmean(row[name] for row in self.recent_aux if name in row)
         summary.update(self.component_metrics)
         if self.folder:
-            self.folder.write_summary(summary)
+            try:
+                self.folder.write_summary(summary)
+            except (OSError, RuntimeError, ValueError) as exc:  # a full disk: the summary is still returned
+                print(f"error: {self.run_dir / 'summary.json'} not written: "
+                      f"{checkpoint.describe_write_error(exc, self.run_dir)}", file=sys.stderr)
         if self.world_size > 1 and status != "failed":
             # no rank leaves before rank 0 has written: torchrun ends the others once one exits non-zero
             # (143 after a SIGTERM). A failed rank may be out of step with the rest, so it does not wait.

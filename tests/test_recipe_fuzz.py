@@ -1,0 +1,210 @@
+"""Seeded fuzzing of `playattention recipe show`: a few hundred generated recipes, valid and broken in
+every way issue 15 lists. Recipes name plugin files that exit or break their
+contract, and come with hostile ``--set`` values. A broken one exits 2 with only ``error:`` lines (one problem each, never
+split by a newline of its own, at most MAX_ERROR_LINES + 1) and no traceback; only a valid one exits 0.
+"""
+import math
+import random
+import re
+from pathlib import Path
+
+import pytest
+import tomli_w
+
+from toolkit import cli, plugin_manager
+
+TINY = Path(__file__).resolve().parent / "recipes" / "bases" / "tiny.toml"
+SEED, CASES = 15, 300
+
+#: (section, key): a generator of valid values, given a random.Random
+VALID = {
+    ("model", "n_head"): lambda r: r.choice([1, 2, 4]),  # n_embd is 32
+    ("model", "dropout"): lambda r: round(r.uniform(0, 0.5), 3),
+    ("model", "bias"): lambda r: r.choice([True, False]),
+    ("model", "attention"): lambda r: r.choice(["mha", "mqa", {"kind": "gqa", "n_kv_head": 1}, {"kind": "mha",
+                                                                                               "backend": "math"}]),
+    ("model", "norm"): lambda r: r.choice(["layernorm", "rmsnorm", {"kind": "rmsnorm", "eps": 1e-6}]),
+    ("model", "position"): lambda r: r.choice(["learned", "rope", "alibi", {"kind": "rope", "theta": 500.0}]),
+    ("model", "mlp"): lambda r: r.choice(["gelu", "relu", "swiglu", {"kind": "gelu", "multiplier": 2.0}]),
+    ("train", "lr"): lambda r: 10 ** r.uniform(-4, -1),  # not below min_lr (1e-4)
+    ("train", "weight_decay"): lambda r: r.uniform(0, 0.3),
+    ("train", "max_steps"): lambda r: r.randint(1, 10**6),  # below warmup: a warning, still valid
+    ("train", "seed"): lambda r: r.randint(0, 2**62),
+    ("train", "schedule"): lambda r: r.choice(["cosine", "linear", "constant", {"kind": "wsd", "decay_fraction": 0.3}]),
+    ("generate", "temperature"): lambda r: r.uniform(0, 2),
+    ("generate", "prompts"): lambda r: [r.choice(["\n", "ROMEO:", "a\tb\nc", "é"])],
+    ("deepspeed", "config"): lambda r: {"zero_optimization": {"overlap_comm": r.choice([True, False])}},
+}
+FLOATS = [("train", "lr"), ("train", "min_lr"), ("train", "weight_decay"), ("train", "grad_clip"),
+          ("generate", "temperature"), ("model", "dropout"), ("data", "val_fraction")]
+INTS = [("model", "n_layer"), ("model", "n_embd"), ("model", "block_size"), ("model", "vocab_size"),
+        ("train", "seed"), ("train", "micro_batch"), ("train", "max_steps"), ("generate", "seed")]
+OPTION_FLOATS = [("model", "norm", "layernorm", "eps"), ("model", "mlp", "gelu", "multiplier"),
+                 ("model", "position", "rope", "theta"), ("model", "position", "sinusoidal", "base"),
+                 ("train", "optimizer", "adamw", "eps")]
+TOOLKIT_DS = [{"train_batch_size": 7}, {"train_micro_batch_size_per_gpu": 2}, {"gradient_accumulation_steps": 3},
+              {"gradient_clipping": 0.5}, {"optimizer": {"type": "Bogus"}}, {"scheduler": {"type": "WarmupLR"}},
+              {"zero_optimization": {"stage": 2}}, {"bf16": {"enabled": True}}, {"fp16": {"enabled": False}}]
+#: plugin files that break while loading or break their contract (written next to the recipes)
+PLUGIN_FILES = {
+    "exits0.py": "import sys\nsys.exit(0)\n",
+    "exits5.py": "import sys\nsys.exit(5)\n",
+    "interrupts.py": "raise KeyboardInterrupt\n",
+    "hook_exits.py": "import sys\nfrom toolkit.hookspecs import hookimpl\n\n@hookimpl\n"
+                     "def register_components(register):\n    sys.exit(0)\n",
+    "parts.py": """
+from torch import nn
+from toolkit.hookspecs import hookimpl
+
+
+class Raises(nn.Module):
+    def __init__(self, opts, dims):
+        raise RuntimeError("factory broke")
+
+
+class Wide(nn.Module):
+    def __init__(self, opts, dims):
+        super().__init__()
+        self.up = nn.Linear(dims.n_embd, 3 * dims.n_embd)
+
+    def forward(self, x):
+        return self.up(x)
+
+
+@hookimpl
+def register_components(register):
+    register("mlp", "fuzz_raises", Raises)
+    register("mlp", "fuzz_wide", Wide)
+    register("mlp", "fuzz_int", lambda opts, dims: 3)
+""",
+}
+WEIRD = ["a\nb", "tab\there", "nul\0", "\x1b[31mred", "ключ", "", " ", '"quoted"', "x" * 300]
+
+
+def weird_text(r: random.Random) -> str:
+    return r.choice(WEIRD) + str(r.randint(0, 9))
+
+
+def deep(r: random.Random, depth: int) -> str:
+    return ("[" * depth + "]" * depth) if r.random() < 0.5 else ("{a = " * depth + "1" + "}" * depth)
+
+
+#: every way a recipe is broken here (issue 15's classes)
+KINDS = ["type", "nonfinite", "bigint", "deep", "deep_keys", "unknown", "ds_key", "option_nonfinite", "bad_kind",
+         "plugins", "extends", "toml_syntax", "too_many", "plugin_file", "contract", "set"]
+
+
+def mutate(r: random.Random, data: dict, extra: list[str]) -> str:
+    """Break ``data`` (or ``extra``, raw TOML appended after it) one way; returns the class of the break."""
+    kind = r.choice(KINDS)
+    if kind == "type":
+        section, key = r.choice(FLOATS + INTS)
+        data.setdefault(section, {})[key] = r.choice(["twelve", True, [1, 2], {"a": 1}, weird_text(r)])
+    elif kind == "nonfinite":
+        section, key = r.choice(FLOATS)
+        data.setdefault(section, {})[key] = r.choice([math.inf, -math.inf, math.nan])
+    elif kind == "bigint":
+        section, key = r.choice(INTS)
+        sizes = [2**22 + r.randint(1, 10**9)] if key in ("n_layer", "n_embd", "block_size", "vocab_size",
+                                                         "micro_batch") else []  # only a size has a sane bound
+        data.setdefault(section, {})[key] = r.choice([2**63, 10**30, -2**70, *sizes])
+    elif kind == "deep":
+        extra.append(f"[fuzz_deep]\nv = {deep(r, r.randint(33, 700))}\n")
+    elif kind == "deep_keys":
+        extra.append(".".join(["k"] * r.randint(33, 450)) + " = 1\n")
+    elif kind == "unknown":
+        section = r.choice(["model", "train", "data", "generate", "deepspeed"])
+        for _ in range(r.randint(1, 3)):
+            data.setdefault(section, {})[weird_text(r)] = r.choice([1, "x", [1]])
+    elif kind == "ds_key":
+        data.setdefault("deepspeed", {}).setdefault("config", {}).update(r.choice(TOOLKIT_DS))
+    elif kind == "option_nonfinite":
+        section, family, kind_name, option = r.choice(OPTION_FLOATS)
+        data.setdefault(section, {})[family] = {"kind": kind_name, option: r.choice([math.inf, math.nan])}
+    elif kind == "bad_kind":
+        family = r.choice(["attention", "norm", "position", "mlp", "block"])
+        data.setdefault("model", {})[family] = r.choice([weird_text(r), {"kind": 3}, {"nokind": "x"}, 7])
+    elif kind == "plugins":
+        data["plugins"] = r.choice([[weird_text(r) + ".py"], "not-an-array", [1, 2], ["no_such_module_" + str(r.random())],
+                                    ["m"] * 500])
+    elif kind == "extends":
+        extra.append("")  # replaces the whole extends line below
+        data["__extends__"] = r.choice(["no-such-base.toml", 3, ["a"], weird_text(r)])
+    elif kind == "toml_syntax":
+        extra.append(r.choice(["[model\n", "x = \n", "= 1\n", "a = [1,\n", '"unterminated\n', "\x00\n",
+                               "[model]\nn_layer = 1\n[model]\n"]))
+    elif kind == "too_many":
+        data.setdefault("model", {}).update({f"junk_{i}": i for i in range(r.randint(60, 400))})
+    elif kind == "plugin_file":
+        data["plugins"] = [r.choice(["exits0.py", "exits5.py", "interrupts.py", "hook_exits.py"])]
+    elif kind == "contract":
+        data["plugins"] = ["parts.py"]
+        data.setdefault("model", {})["mlp"] = r.choice(["fuzz_raises", "fuzz_wide", "fuzz_int"])
+    elif kind == "set":
+        key = r.choice(["model.n_head", "train.lr", "generate.temperature", "model.position.theta", "train.seed"])
+        big = [str(2**70)] if key in ("model.n_head", "train.seed") else []  # a float that large is finite
+        data.setdefault("__set__", []).append(f"{key}=" + r.choice(
+            ["inf", "nan", "-inf", deep(r, r.randint(33, 1000)), *big, '"x\ny"', "[1, 2]"]))
+    return kind
+
+
+def recipe_text(data: dict, extra: list[str]) -> str:
+    data.pop("__set__", None)
+    extends = data.pop("__extends__", str(TINY))
+    head = f"extends = {tomli_w.dumps({'x': extends})[4:]}" if not isinstance(extends, str) else \
+        tomli_w.dumps({"extends": extends})
+    return head + tomli_w.dumps(data) + "".join(extra)
+
+
+def cases():
+    r = random.Random(SEED)
+    out = []
+    for i in range(CASES):
+        data: dict = {"name": f"fuzz{i}"}
+        for _ in range(r.randint(0, 4)):  # valid changes first
+            (section, key), make = r.choice(list(VALID.items()))
+            data.setdefault(section, {})[key] = make(r)
+        extra: list[str] = []
+        broken = [mutate(r, data, extra) for _ in range(r.choice([0, 0, 1, 1, 1, 2, 3]))]
+        sets = [arg for s in data.get("__set__", []) for arg in ("--set", s)]
+        out.append((recipe_text(data, extra), sets, broken))
+    return out
+
+
+LINE = re.compile(r"^error: (\S.*?)(:\d+:\d+)?: ")
+
+
+@pytest.fixture(autouse=True)
+def fresh_registries(monkeypatch):
+    monkeypatch.setenv("PLAYATTENTION_TRACE", "0")  # error lines only, whatever ran before
+    yield
+    plugin_manager.forget_loaded()
+
+
+def test_every_generated_recipe_is_accepted_or_refused_in_clean_lines(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name, source in PLUGIN_FILES.items():
+        (tmp_path / name).write_text(source)
+    seen_valid = seen_broken = 0
+    generated = cases()
+    assert {kind for _, _, broken in generated for kind in broken} == set(KINDS)  # every class, several times
+    for n, (text, sets, broken) in enumerate(generated):
+        path = tmp_path / f"fuzz{n}.toml"
+        path.write_text(text, encoding="utf-8", errors="surrogateescape")
+        code = cli.main(["recipe", "show", path.name, *sets])
+        out, err = capsys.readouterr()
+        where = f"case {n} {broken} {sets}:\n{text[:2000]}\n--- stderr:\n{err[:3000]}"
+        assert "Traceback" not in err + out, where
+        lines = err.splitlines()
+        errors = [ln for ln in lines if ln.startswith("error: ")]
+        assert all(ln.startswith(("error: ", "warning: ")) for ln in lines), where
+        assert all(not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", ln) for ln in lines), where
+        if not broken:
+            assert code == 0 and not errors, where
+            seen_valid += 1
+            continue
+        seen_broken += 1
+        assert code == 2 and 1 <= len(errors) <= cli.MAX_ERROR_LINES + 1, where
+        assert all(LINE.match(ln) or ln.startswith(("error: ... and ", "error: --set ")) for ln in errors), where
+        assert out == "", where
+    assert seen_valid >= CASES // 5 and seen_broken >= CASES // 2
