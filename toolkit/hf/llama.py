@@ -27,7 +27,7 @@ from ..plugins.mlp import gated_hidden_dim
 from ..registry import Registry
 from .common import (ConfigReader, HFFormatError, check_architecture, load_into, read_config, read_state_dict, unwrap,
                      write_checkpoint)
-from .rope import rope_from_hf, rope_to_hf
+from .rope import block_size_from_hf, rope_from_hf, rope_to_hf
 
 
 @attrs.frozen
@@ -43,8 +43,9 @@ class Family:
 
 
 _COMMON = dict(num_key_value_heads=None, head_dim=None, hidden_act="silu", rms_norm_eps=1e-6,
-               tie_word_embeddings=False, rope_theta=10000.0, attention_bias=False)
-LLAMA = Family("llama", "LlamaForCausalLM", {**_COMMON, "mlp_bias": False, "max_position_embeddings": 2048})
+               tie_word_embeddings=False, rope_theta=10000.0)
+LLAMA = Family("llama", "LlamaForCausalLM",
+               {**_COMMON, "attention_bias": False, "mlp_bias": False, "max_position_embeddings": 2048})
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 # per-layer HF name -> ours (single tensors); q/k/v and gate/up are fused separately
@@ -107,7 +108,7 @@ def config_from_hf(fam: Family, hf: dict, *, dropout: float = 0.0, where: str = 
                "expert": mlp, "load_balance": r.need("router_aux_loss_coef", float), "router_z": 0.0}
     config = ModelConfig(
         vocab_size=vocab,
-        block_size=max_len,
+        block_size=block_size_from_hf(position, max_len),
         n_layer=n_layer,
         n_head=nh,
         n_embd=C,
@@ -127,11 +128,11 @@ def config_from_hf(fam: Family, hf: dict, *, dropout: float = 0.0, where: str = 
 
 def _qwen3_sliding_layers(r: ConfigReader, n_layer: int) -> list[int]:
     """The layers of a Qwen 3 config that attend through a sliding window (transformers' rule)."""
-    window = r.get("sliding_window") if r.get("use_sliding_window") else None
-    max_window_layers = r.get("max_window_layers")
+    window, use, max_window_layers = r.get("sliding_window"), r.get("use_sliding_window"), r.get("max_window_layers")
+    window = window if use else None  # transformers: no window at all unless use_sliding_window
     types = r.get("layer_types")
     if types is None:
-        return [i for i in range(n_layer) if window is not None and i >= max_window_layers] if window else []
+        return [i for i in range(n_layer) if i >= max_window_layers] if window is not None else []
     if len(types) != n_layer or not set(types) <= {"full_attention", "sliding_attention"}:
         raise HFFormatError(f"{r.where}: layer_types must list full_attention or sliding_attention for each of "
                             f"the {n_layer} layers")
@@ -240,7 +241,6 @@ def config_to_hf(fam: Family, model: Transformer) -> dict:
         "num_key_value_heads": attn.n_kv_head,
         "head_dim": attn.head_dim,
         "hidden_act": "silu",
-        "max_position_embeddings": cfg.block_size,
         "rms_norm_eps": cfg.norm.options.eps,
         "tie_word_embeddings": cfg.tie_embeddings,
         "attention_dropout": 0.0,

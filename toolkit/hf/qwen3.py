@@ -10,6 +10,6 @@ from .llama import _COMMON, Family
 
 # transformers' Qwen3Config defaults
 QWEN3 = Family("qwen3", "Qwen3ForCausalLM",
-               {**_COMMON, "num_key_value_heads": 32, "head_dim": 128, "max_position_embeddings": 32768,
+               {**_COMMON, "attention_bias": False, "num_key_value_heads": 32, "head_dim": 128, "max_position_embeddings": 32768,
                 "use_sliding_window": False, "sliding_window": 4096, "max_window_layers": 28, "layer_types": None},
                qk_norm=True)

@@ -84,20 +84,28 @@ def rope_from_hf(r: ConfigReader, max_len: int) -> dict:
     return out
 
 
-def rope_to_hf(opts, max_len: int) -> tuple[dict, str | None]:
-    """(config.json keys, or a reason it cannot) for the ``rope`` options ``opts`` of a model of block_size ``max_len``.
+def block_size_from_hf(position: dict, max_len: int) -> int:
+    """The model's context for a config.json's max_position_embeddings: dynamic NTK exists to run past it,
+    up to factor times it; every other scheme's max_position_embeddings is already the extended context."""
+    if position.get("scaling") == "dynamic":
+        return int(max_len * position["factor"])
+    return max_len
 
+
+def rope_to_hf(opts, block_size: int) -> tuple[dict, str | None]:
+    """(config.json keys, or why it cannot) for the ``rope`` options ``opts`` of a model of ``block_size``.
+
+    The keys include max_position_embeddings (dynamic NTK: the pretraining context it scales beyond).
     Written as transformers 4 did (``rope_theta``, ``rope_scaling``), which transformers 5 reads as well.
     """
     if opts.fraction != 1.0:
         return {}, f"rope fraction {opts.fraction} (partial rotary)"
-    out: dict = {"rope_theta": opts.theta}
+    out: dict = {"rope_theta": opts.theta, "max_position_embeddings": block_size}
     if opts.scaling == "none":
         return out, None
     scaling: dict = {"rope_type": opts.scaling, "factor": opts.factor}
-    if opts.scaling == "dynamic" and opts.original_max_len != max_len:
-        return {}, (f"dynamic rope with original_max_len {opts.original_max_len} != block_size {max_len} "
-                    f"(transformers grows the base beyond max_position_embeddings)")
+    if opts.scaling == "dynamic":
+        out["max_position_embeddings"] = opts.original_max_len
     if opts.scaling == "yarn":
         scaling.update(original_max_position_embeddings=opts.original_max_len, beta_fast=opts.beta_fast,
                        beta_slow=opts.beta_slow, truncate=opts.truncate)
