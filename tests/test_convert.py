@@ -211,3 +211,41 @@ def test_init_from_a_recipe_for_another_model_is_refused_before_anything_runs(hf
     assert err == [f"error: --init-from {folder}: the recipe's model differs from the one there (model.n_layer: 2 -> 3)",
                    f"error: --init-from {folder}: the recipe's model differs from the one there "
                    f"(model.mlp.hidden_dim: 40 -> 64)"]
+
+
+def _ablation_file(tmp_path, run, body: str):
+    (tmp_path / "text.txt").write_text(TEXT)
+    path = tmp_path / "ft.toml"
+    path.write_text(f'''recipe = "{run / 'recipe.toml'}"
+init_from = "{run}"
+steps = 2
+seeds = [1]
+set = ["model.block_size=32", "train.micro_batch=2", "train.warmup_steps=0", "train.eval_batches=1",
+       "generate.max_new_tokens=4", 'data.paths=["{tmp_path / 'text.txt'}"]', 'data.prepared_dir="{tmp_path / 'data'}"']
+{body}''')
+    return path
+
+
+def test_an_ablation_from_a_converted_folder_may_vary_training_but_not_the_model(hf_folder, tmp_path):
+    from toolkit.ablation import load_ablation
+
+    _, folder = hf_folder("qwen3")
+    assert main(["convert", str(folder), str(tmp_path / "run")]) == 0
+    good = _ablation_file(tmp_path, tmp_path / "run", '[grid]\n"train.lr" = [1e-4, 3e-4]\n')
+    ablation, resolved = load_ablation(good)
+    assert ablation.init_from == tmp_path / "run" and [r.variant.name for r in resolved] == ["lr=0.0001", "lr=0.0003"]
+    bad = _ablation_file(tmp_path, tmp_path / "run", '[grid]\n"model.n_layer" = [2, 3]\n')
+    with pytest.raises(ConfigError) as exc:
+        load_ablation(bad)
+    assert exc.value.lines == [f"{bad}: variant 'n_layer=3': --init-from {tmp_path / 'run'}: the recipe's model "
+                               f"differs from the one there (model.n_layer: 2 -> 3)"]
+
+
+@pytest.mark.slow
+def test_ablation_runs_start_from_the_converted_weights(hf_folder, tmp_path):
+    _, folder = hf_folder("mistral")
+    assert main(["convert", str(folder), str(tmp_path / "run")]) == 0
+    file = _ablation_file(tmp_path, tmp_path / "run", '[[variant]]\nname = "slow"\nset = ["train.lr=1e-5"]\n')
+    assert main(["ablate", str(file), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    summary = json.loads((tmp_path / "out" / "slow-s1" / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["init_from"] == str((tmp_path / "run").resolve())
