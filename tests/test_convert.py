@@ -249,3 +249,27 @@ def test_ablation_runs_start_from_the_converted_weights(hf_folder, tmp_path):
     assert main(["ablate", str(file), "--out", str(tmp_path / "out"), "--quiet"]) == 0
     summary = json.loads((tmp_path / "out" / "slow-s1" / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["init_from"] == str((tmp_path / "run").resolve())
+
+
+def test_a_gpt2_folder_converts_with_tiktokens_gpt2_and_exports_its_bpe_files(tmp_path, capsys):
+    import shutil
+
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=64)).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    shutil.copyfile(ASSETS / "gpt2" / "encoder.json", tmp_path / "hf" / "vocab.json")
+    shutil.copyfile(ASSETS / "gpt2" / "vocab.bpe", tmp_path / "hf" / "merges.txt")
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "run")]) == 0
+    assert load_recipe(tmp_path / "run").data.tokenizer.kind == "gpt2"
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "run"), "--prompt", "Hello, I'm", "--temperature", "0",
+                 "--max-new-tokens", "8"]) == 0
+    ours = capsys.readouterr().out.rstrip("\n")
+    tok = transformers.GPT2TokenizerFast(str(tmp_path / "hf" / "vocab.json"), str(tmp_path / "hf" / "merges.txt"))
+    ids = tok("Hello, I'm", return_tensors="pt").input_ids
+    hf.generation_config.eos_token_id = None
+    want = hf.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert ours == "Hello, I'm" + tok.decode(want[0, ids.size(1):])
+    assert main(["convert", str(tmp_path / "run"), str(tmp_path / "back"), "--to", "hf"]) == 0
+    back = transformers.AutoTokenizer.from_pretrained(tmp_path / "back")
+    assert back("Hello, I'm").input_ids == ids[0].tolist()
