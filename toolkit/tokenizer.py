@@ -208,8 +208,9 @@ class HFTokenizer(Tokenizer):
         path = Path(opts.path)
         if path.is_file() and path.name == "tokenizer.json":
             d = _read_json_file(path)
-            if isinstance(d, dict) and d.get("type") == "hf":  # a run's tokenizer.json
-                self.__dict__.update(HFTokenizer.from_dict(d).__dict__)
+            if isinstance(d, dict) and d.get("type") == "hf":  # a run's tokenizer.json: ids as recorded
+                self._setup(d.get("tokenizer"), eot=d.get("eot"))
+                self.bos = d.get("bos", self.bos)
                 if opts.eot:
                     self.eot = self._token_id(opts.eot, path)
                 return
