@@ -161,10 +161,14 @@ class SlidingWindowAttention(GroupedQueryAttention):
 
 
 def _build_norm(dims: Dims, kind: str, dim: int) -> nn.Module:
-    """A registered norm over `dim`, built through the model's registry (dims.build)."""
+    """A registered norm over `dim`, built through the model's registry (dims.build).
+
+    Of the layer's own norm kind, it takes that norm's options too (eps; Gemma's offset): OLMo 2,
+    Qwen 3 and Gemma 3 all build their q/k norms with the model's rms_norm_eps."""
     if dims.build is None:
         raise ValueError("qk_norm needs dims.build (the model passes it; build Dims through ModelConfig.dims)")
-    return dims.build("norm", kind, dims, dim)
+    layer_norm = dims.parts.get("norm")
+    return dims.build("norm", layer_norm if layer_norm is not None and layer_norm.kind == kind else kind, dims, dim)
 
 
 @hookimpl

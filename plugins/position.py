@@ -71,6 +71,10 @@ class SinusoidalPosition(Position):
         return tok_emb + (self.scale * pe).to(tok_emb.dtype)  # (B, T, C) + (T, C)
 
 
+#: RoPE context-extension schemes (``scaling``), computed as transformers' modeling_rope_utils does
+ROPE_SCALINGS = ("none", "linear", "dynamic", "yarn", "llama3")
+
+
 @attrs.frozen
 class RopeOptions:
     # base of the rotation frequencies; Llama 1/2 use 10000, Llama 3 500000
@@ -78,6 +82,74 @@ class RopeOptions:
     # the share of each head's dimensions that rotates, the rest passing through (partial rotary:
     # GPT-NeoX/Pythia rotate 0.25, Phi-2 0.4); the frequencies are over the rotated dimensions
     fraction: float = attrs.field(default=1.0, validator=[v.gt(0.0), v.le(1.0)])
+    # context extension, stretching the frequencies by `factor`: "linear" (position interpolation, Chen et
+    # al. 2023), "dynamic" (NTK-aware base growing with the sequence, bloc97/emozilla 2023), "yarn" (Peng et
+    # al. 2023), "llama3" (Llama 3.1: low frequencies / factor, high ones kept, a smooth ramp between)
+    scaling: str = attrs.field(default="none", validator=v.in_(ROPE_SCALINGS))
+    factor: float = attrs.field(default=1.0, validator=v.gt(0.0))
+    # the context the model was pretrained at (dynamic, yarn, llama3): dynamic grows the base only beyond it
+    original_max_len: int | None = attrs.field(default=None, validator=v.optional([v.instance_of(int), v.gt(0)]))
+    # llama3: wavelengths above original_max_len / low_freq_factor are divided by factor, those below
+    # original_max_len / high_freq_factor kept
+    low_freq_factor: float = attrs.field(default=1.0, validator=v.gt(0.0))
+    high_freq_factor: float = attrs.field(default=4.0, validator=v.gt(0.0))
+    # yarn: the ramp between interpolated and kept dimensions, in rotations over original_max_len (eq. 17-18)
+    beta_fast: float = attrs.field(default=32.0, validator=v.gt(0.0))
+    beta_slow: float = attrs.field(default=1.0, validator=v.gt(0.0))
+    # yarn: cos and sin times this (so attention logits times its square); None: 0.1 ln(factor) + 1 (eq. 22)
+    attention_factor: float | None = attrs.field(default=None, validator=v.optional(v.gt(0.0)))
+    # yarn: round the ramp's ends outwards to whole dimensions (transformers' default)
+    truncate: bool = True
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature term, 0.1 * mscale * ln(factor) + 1 (1 for factor <= 1; Peng et al. 2023, eq. 22)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def rope_inv_freq(opts: RopeOptions, rd: int, device=None, seq_len: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 inverse frequencies (rd/2,) of ``rd`` rotated dims, scaled as ``opts.scaling`` says.
+
+    ``seq_len`` (a 0-dim tensor) is the length the frequencies are for: only "dynamic" reads it.
+    Each formula is transformers' (modeling_rope_utils), so imported checkpoints match to rounding.
+    """
+    exponents = torch.arange(0, rd, 2, dtype=torch.int64, device=device).float() / rd  # (rd/2,): 2i/rd
+    kind, factor = opts.scaling, opts.factor
+    inv_freq = 1.0 / (opts.theta ** exponents)  # (rd/2,)
+    if kind == "dynamic":  # NTK-aware: beyond original_max_len, raise the base so the frequencies span seq_len
+        if seq_len is None:
+            return inv_freq
+        orig = opts.original_max_len
+        base = opts.theta * ((factor * seq_len / orig) - (factor - 1)) ** (rd / (rd - 2))  # 0-dim, fp32
+        return torch.where(seq_len > orig, 1.0 / (base ** exponents), inv_freq)  # no host sync for the test
+    if kind == "linear":  # position interpolation: positions / factor, i.e. frequencies / factor
+        return inv_freq / factor
+    if kind == "llama3":
+        orig = opts.original_max_len
+        low_wavelen, high_wavelen = orig / opts.low_freq_factor, orig / opts.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)  # long wavelengths: interpolate
+        smooth = (orig / wavelen - opts.low_freq_factor) / (opts.high_freq_factor - opts.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, scaled)
+    if kind == "yarn":  # NTK-by-parts: interpolate dims that rotate less than beta_slow times, keep those over beta_fast
+        orig = opts.original_max_len
+
+        def dim_of(rotations):  # the dimension that turns `rotations` times over orig positions
+            return (rd * math.log(orig / (rotations * 2 * math.pi))) / (2 * math.log(opts.theta))
+
+        low, high = dim_of(opts.beta_fast), dim_of(opts.beta_slow)
+        if opts.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, rd - 1)
+        if low == high:
+            high += 0.001  # transformers: no division by zero
+        ramp = torch.clamp((torch.arange(rd // 2, dtype=torch.float32, device=device) - low) / (high - low), 0, 1)
+        pos_freqs = opts.theta ** exponents
+        extrapolate = 1 - ramp  # 1: keep the frequency, 0: interpolate it
+        return (1.0 / (factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate
+    return inv_freq
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -97,7 +169,18 @@ class RotaryPosition(Position):
             raise ConfigError([f"position rope needs an even head dim, got n_embd/n_head = {dims.head_dim}"])
         if self.rotary_dims(dims.head_dim, opts.fraction) < 2:
             raise ConfigError([f"position rope: fraction {opts.fraction} of head dim {dims.head_dim} rotates no pair"])
+        needs_len = opts.scaling in ("dynamic", "yarn", "llama3")
+        if needs_len and opts.original_max_len is None:
+            raise ConfigError([f"position rope: scaling {opts.scaling!r} needs original_max_len (the pretraining context)"])
+        if opts.scaling == "llama3" and opts.high_freq_factor <= opts.low_freq_factor:
+            raise ConfigError([f"position rope: high_freq_factor ({opts.high_freq_factor}) must exceed "
+                               f"low_freq_factor ({opts.low_freq_factor})"])
+        self.opts = opts
         self.theta, self.fraction = opts.theta, opts.fraction
+        # yarn scales cos and sin (hence q.k by its square); the others leave them as they are
+        self.mscale = 1.0
+        if opts.scaling == "yarn":
+            self.mscale = opts.attention_factor if opts.attention_factor is not None else yarn_mscale(opts.factor)
 
     @staticmethod
     def rotary_dims(head_dim: int, fraction: float) -> int:
@@ -105,10 +188,18 @@ class RotaryPosition(Position):
         return int(head_dim * fraction) // 2 * 2
 
     def cos_sin(self, pos: torch.Tensor, rd: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """fp32 cos and sin tables (T, rd) for positions pos (T,), laid out as HF Llama's rotary embedding."""
-        inv_freq = 1.0 / (self.theta ** (torch.arange(0, rd, 2, dtype=torch.int64, device=pos.device).float() / rd))  # (rd/2,)
+        """fp32 cos and sin tables (T, rd) for positions pos (T,), laid out as HF Llama's rotary embedding.
+
+        Dynamic NTK sizes its base by the longest position in this call (floored at original_max_len),
+        as transformers does per forward: with a KV cache, keys keep the rotation of the step that
+        computed them, exactly as transformers' cached generation.
+        """
+        seq_len = pos.max() + 1 if self.opts.scaling == "dynamic" else None
+        inv_freq = rope_inv_freq(self.opts, rd, pos.device, seq_len)  # (rd/2,)
         freqs = pos.float()[:, None] * inv_freq[None, :]  # (T, rd/2): angle of pair i at each position
         emb = torch.cat((freqs, freqs), dim=-1)  # (T, rd): pair i occupies dims i and i + rd/2
+        if self.mscale != 1.0:
+            return emb.cos() * self.mscale, emb.sin() * self.mscale
         return emb.cos(), emb.sin()
 
     def rotate(self, q, k, pos):

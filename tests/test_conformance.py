@@ -23,6 +23,9 @@ VARIANTS = {
     ("attention", "mha"): [None, {"qk_norm": "layernorm"}],
     ("attention", "sliding_window"): [{"window": 4}, {"window": 3, "n_kv_head": 2, "qk_norm": "rmsnorm"}],
     ("norm", "rmsnorm"): [None, {"eps": 1e-6}],
+    # scaled RoPE (Llama 3.1, YaRN) rotates by fixed, rescaled frequencies: the same contract as plain rope
+    ("position", "rope"): [None, {"scaling": "llama3", "factor": 8.0, "original_max_len": 16},
+                           {"scaling": "yarn", "factor": 4.0, "original_max_len": 16}],
     ("mlp", "swiglu"): [None, {"hidden_dim": 40}],
     ("mlp", "geglu"): [None, {"approximate": "tanh", "multiple_of": 8}],
 }

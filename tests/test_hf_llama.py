@@ -64,10 +64,17 @@ def test_config_mapping_follows_hf_names():
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "rope_type 'llama3' (scaled RoPE) is not supported"),
-    (dict(attention_bias=True), "attention_bias / mlp_bias are not supported"),
-    (dict(hidden_act="gelu"), "hidden_act 'gelu' is not supported"),
-    (dict(head_dim=32), "head_dim 32 differs from hidden_size / num_attention_heads = 16"),
+    (dict(rope_scaling={"rope_type": "longrope", "factor": 8.0}), "rope_scaling.rope_type 'longrope' is not supported"),
+    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "rope_scaling.low_freq_factor is required"),
+    (dict(rope_scaling={"rope_type": "linear", "factor": 2.0, "beta_fast": 3}),
+     "rope_scaling.beta_fast is not supported with rope_type 'linear'"),
+    (dict(partial_rotary_factor=0.5), "partial_rotary_factor = 0.5 is not supported"),
+    (dict(attention_bias=True), "attention_bias = true is not supported"),
+    (dict(mlp_bias=True), "mlp_bias = true is not supported"),
+    (dict(hidden_act="gelu"), 'hidden_act = "gelu" is not supported'),
+    (dict(quantization_config={"quant_method": "gptq"}), "quantization_config = "),
+    (dict(sliding_window=8), "sliding_window = 8 is not supported by this importer"),
+    (dict(num_key_value_heads=3), "num_key_value_heads (3) must divide num_attention_heads (4)"),
     (dict(model_type="gpt2"), "model_type 'gpt2' is not 'llama'"),
 ])
 def test_llama_configs_we_cannot_represent_are_refused(tmp_path, change, message):

@@ -5,11 +5,14 @@ import socket
 import pytest
 
 from toolkit import tokenizer as tk
-from toolkit.errors import UnknownComponentError
+from toolkit.config import resolve_specs
+from toolkit.data import prepare
+from toolkit.errors import DataError, UnknownComponentError
 from toolkit.families import SPEC_TYPES
 from toolkit.plugin_manager import default_registry
+from toolkit.recipe import DataConfig
 from toolkit.registry import NoOptions
-from toolkit.tokenizer import ASSETS, CharTokenizer, GPT2Tokenizer, load_tokenizer
+from toolkit.tokenizer import ASSETS, CharTokenizer, GPT2Tokenizer, HFTokenizer, HFTokenizerOptions, load_tokenizer
 
 
 def build_tokenizer(name, corpus=None):
@@ -132,7 +135,7 @@ def test_char_refuses_characters_outside_its_vocabulary():
 def test_char_needs_a_corpus_and_unknown_names_are_refused():
     with pytest.raises(ValueError, match="needs the corpus"):
         CharTokenizer(NoOptions(), None)
-    with pytest.raises(UnknownComponentError, match="unknown tokenizer 'bpe' \\(registered: char, gpt2\\)"):
+    with pytest.raises(UnknownComponentError, match="unknown tokenizer 'bpe' \\(registered: char, gpt2, hf\\)"):
         build_tokenizer("bpe")
     assert GPT2Tokenizer.needs_corpus is False and CharTokenizer.needs_corpus is True
 
@@ -155,3 +158,41 @@ def test_load_tokenizer_names_the_file_on_bad_input(tmp_path):
     (tmp_path / "tokenizer.json").write_text('{"type": "sentencepiece"}')
     with pytest.raises(ValueError, match="tokenizer.json: unknown tokenizer type 'sentencepiece'"):
         load_tokenizer(tmp_path, default_registry())
+
+
+# -- Hugging Face tokenizer.json ("hf") ------------------------------------------------------------
+def _word_level(tmp_path, n: int, eos: str = "</s>"):
+    """A tokenizer.json with n whitespace-split words (and a tokenizer_config.json naming eos) in tmp_path."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, pre_tokenizers
+
+    vocab = {eos: 0, "[unk]": 1, **{f"w{i}": i + 2 for i in range(n - 2)}}
+    tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="[unk]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece()  # words back with spaces between
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": eos}))
+    return tmp_path
+
+
+def test_hf_tokenizer_reads_a_folder_and_reloads_from_its_own_json(tmp_path):
+    folder = _word_level(tmp_path, 10)
+    hf = HFTokenizer(HFTokenizerOptions(path=str(folder)))
+    assert (hf.vocab_size, hf.eot, hf.bos) == (10, 0, None)  # eos_token of tokenizer_config.json
+    assert hf.encode("w3 w1 nope") == [5, 3, 1] and hf.decode([5, 3]) == "w3 w1"
+    hf.save(tmp_path / "run")
+    again = load_tokenizer(tmp_path / "run", default_registry())
+    assert (again.encode("w3 w1 nope"), again.eot, again.vocab_size) == ([5, 3, 1], 0, 10)
+    named = HFTokenizer(HFTokenizerOptions(path=str(tmp_path / "run" / "tokenizer.json"), eot="w7"))
+    assert named.eot == 9  # a run's tokenizer.json works as the path too, with its eot renamed
+    with pytest.raises(ValueError, match="eot token 'w99' is not in the vocabulary"):
+        HFTokenizer(HFTokenizerOptions(path=str(folder), eot="w99"))
+
+
+def test_prepare_refuses_a_vocabulary_too_big_for_uint16_shards(tmp_path):
+    folder = _word_level(tmp_path, 70_000)
+    (tmp_path / "t.txt").write_text("w1 w2 w3\n" * 50)
+    config = DataConfig(paths=[str(tmp_path / "t.txt")], prepared_dir=str(tmp_path / "data"),
+                        tokenizer={"kind": "hf", "path": str(folder)})
+    with pytest.raises(DataError, match="the hf tokenizer has 70000 tokens; prepared shards hold uint16 ids"):
+        prepare(resolve_specs(default_registry(), config), progress=False)

@@ -53,8 +53,9 @@ def plan_jobs(ablation: Ablation, resolved: list[Resolved]) -> list[Job]:
     for r in resolved:
         for seed in ablation.seeds:
             text = dump_recipe(r.recipe_for(ablation, seed))  # plugin paths are absolute: it trains from anywhere
+            start = f"\n# init_from {ablation.init_from.resolve()}" if ablation.init_from is not None else ""
             jobs.append(Job(r.variant.name, seed, ablation.run_name(r.variant.name, seed), text,
-                            hashlib.sha256(text.encode()).hexdigest()[:16]))
+                            hashlib.sha256((text + start).encode()).hexdigest()[:16]))
     return jobs
 
 
@@ -187,7 +188,10 @@ def run_ablation(ablation: Ablation, resolved: list[Resolved], out: str | Path, 
                 shutil.rmtree(run_dir)  # a changed recipe, a failed run, or no way to resume: start over
         recipe_path = out / "recipes" / f"{job.name}.toml"
         recipe_path.write_text(job.recipe_text)
-        cmd = [sys.executable, "-m", "toolkit", "train", str(recipe_path), "--run-dir", str(run_dir), *(args or [])]
+        start = []  # a new run starts from the ablation's init_from folder, if it names one
+        if args is None and ablation.init_from is not None:
+            start = ["--init-from", str(ablation.init_from.resolve())]
+        cmd = [sys.executable, "-m", "toolkit", "train", str(recipe_path), "--run-dir", str(run_dir), *(args or start)]
         log = open(out / "logs" / f"{job.name}.log", "a" if args else "w")
         log.write(f"$ {' '.join(cmd)}\n")
         log.flush()

@@ -59,7 +59,8 @@ from attrs import validators as v
 from . import families, report
 from .config import _show as _got  # a value as the recipe errors show it
 from .config import errors_to_lines, make_converter, structure_fields
-from .errors import ConfigError, PluginLoadError
+from .convert import check_init
+from .errors import ConfigError, PluginLoadError, UserError
 from .families import Spec
 from .model import Transformer
 from .plugin_manager import default_registry, is_path_spec, load_registry
@@ -110,6 +111,9 @@ class AblationFile:
     baseline: str | None = None
     grid: dict[str, Any] = attrs.Factory(dict)
     variant: list[VariantTable] = attrs.Factory(list)
+    # a run or Hugging Face folder every run starts from (train --init-from; relative to this file):
+    # then the variants may change the training, not the model
+    init_from: str | None = None
 
 
 # -- what the file means ----------------------------------------------------------------------------
@@ -150,6 +154,7 @@ class Ablation:
     shared: tuple[Override, ...]
     variants: tuple[Variant, ...]
     baseline: str
+    init_from: Path | None = None  # the folder every run's weights start from
 
     def run_name(self, variant: str, seed: int) -> str:
         return f"{variant}-s{seed}"
@@ -375,6 +380,11 @@ def _parse(path: Path) -> tuple[Ablation | None, list[str]]:
         recipe_path = Path(os.path.normpath(path.parent / kwargs["recipe"]))
         if not recipe_path.is_file():
             errors.append(f"$.recipe: no such file: {recipe_path}")
+    init_from = None
+    if given["init_from"] is not None:
+        init_from = Path(os.path.normpath(path.parent / given["init_from"]))
+        if not init_from.is_dir():
+            errors.append(f"$.init_from: no such folder: {init_from}")
     if "steps" in data and "tokens" in data:
         errors.append("$.tokens: give either steps or tokens, not both")
     elif "steps" not in data and "tokens" not in data:
@@ -417,7 +427,7 @@ def _parse(path: Path) -> tuple[Ablation | None, list[str]]:
         return None, errors
     return Ablation(path, given["name"] or path.stem, given["description"], recipe_path, plugins, given["steps"],
                     given["tokens"], tuple(given["seeds"]), given["evals"], tuple(shared), tuple(variants),
-                    baseline), errors
+                    baseline, init_from), errors
 
 
 # -- resolving ---------------------------------------------------------------------------------
@@ -596,9 +606,24 @@ def load_ablation(path: str | Path) -> tuple[Ablation, list[Resolved]]:
             resolved = resolve(ablation)
         except ConfigError as exc:
             lines += exc.lines
+        else:
+            lines += _init_problems(ablation, resolved)
     if lines:
         raise ConfigError(lines)
     return ablation, resolved
+
+
+def _init_problems(ablation: Ablation, resolved: list[Resolved]) -> list[str]:
+    """With init_from, every variant must keep the model of the folder it starts from (one line per difference)."""
+    if ablation.init_from is None or not ablation.init_from.is_dir():
+        return []
+    lines = []
+    for r in resolved:
+        try:
+            check_init(ablation.init_from, r.recipe.model, r.recipe.plugins)
+        except (ConfigError, UserError) as exc:
+            lines += [f"{ablation.path}: variant {r.variant.name!r}: {line}" for line in str(exc).splitlines()]
+    return lines
 
 
 # -- dry run -----------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import attrs
@@ -22,10 +23,12 @@ from . import families
 from .ablate import run_ablation
 from .ablation import dry_run_text, load_ablation
 from .checkpoint import check_resumable, find_run
+from .convert import hf_to_run, recipe_for_init, run_to_hf
 from .data import prepare
 from .errors import ConfigError, UsageError, UserError, one_line
 from .evaluate import evaluate_target, render_results, write_results
 from .generate import encode_prompt, load_run, resolve_run_dir, stream_samples
+from .hf import ARCHITECTURES
 from .inspection import inspect_recipe
 from .launch import LAUNCHER_PID, PARENT_PID, die_with_parent
 from .plugin_manager import PluginManager, default_registry, forget_loaded
@@ -164,7 +167,7 @@ def cmd_train(args) -> int:
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return launch_ranks(args, recipe, resume)
     print_warnings(recipe, args.recipe or resume)
-    summary = train(recipe, run_dir=resume or args.run_dir, resume=resume is not None)
+    summary = train(recipe, run_dir=resume or args.run_dir, resume=resume is not None, init_from=args.init_from)
     code = train_exit_status(summary)
     if int(os.environ.get("RANK", "0")) == 0:
         print(render_train_summary(summary), file=sys.stdout if code == 0 else sys.stderr)
@@ -179,9 +182,16 @@ def cmd_train(args) -> int:
 
 def train_target(args):
     """(recipe, run folder to resume or None) for ``train``; UsageError/CheckpointError name what is wrong."""
+    if args.init_from and args.resume:
+        raise UsageError("--init-from starts a new run from other weights; --resume continues a run from its own")
     if not args.resume:
+        if not args.recipe and args.init_from:  # the folder's own recipe (a run), or one made for it (HF)
+            with tempfile.TemporaryDirectory() as tmp:
+                made = Path(tmp) / "recipe.toml"
+                made.write_text(dump_recipe(recipe_for_init(args.init_from)))
+                return load_recipe(made, args.set, args.plugin), None
         if not args.recipe:
-            raise UsageError("give a RECIPE to train, or --resume RUN_DIR to continue a run")
+            raise UsageError("give a RECIPE to train, --init-from a folder to start from, or --resume RUN_DIR")
         return load_recipe(args.recipe, args.set, args.plugin), None
     if args.resume == "auto":
         if not args.recipe:
@@ -217,7 +227,8 @@ def launch_ranks(args, recipe, resume: str | None = None) -> int:
     run_dir = resume or args.run_dir or str(default_run_dir(recipe))
     cmd = [sys.executable, "-m", "toolkit.launch", "--standalone", f"--nproc_per_node={args.nproc}",
            "--shutdown_timeout=300", "-m", "toolkit", "train", *([args.recipe] if args.recipe else []),
-           "--run-dir", run_dir, *(["--resume", run_dir] if resume else [])]
+           "--run-dir", run_dir, *(["--resume", run_dir] if resume else []),
+           *(["--init-from", args.init_from] if args.init_from else [])]
     for s in args.set:
         cmd += ["--set", s]
     for p in args.plugin:
@@ -262,6 +273,22 @@ def render_train_summary(s: dict) -> str:
         f"  generate: playattention generate {run} --prompt 'ROMEO:'",
     ]
     return "\n".join(lines)
+
+
+def cmd_convert(args) -> int:
+    if args.to == "run":
+        if args.arch:
+            raise UsageError("--arch chooses what --to hf writes; a Hugging Face folder says its own architecture")
+        s = hf_to_run(args.source, args.out)
+        tok = f"tokenizer {s['tokenizer']}" if s["tokenizer"] else "no tokenizer (train with a recipe that names one)"
+        print(f"converted {s['hf_class']} ({s['params']:,} parameters, {tok}) into {s['run_dir']}\n"
+              f"  generate: playattention generate {s['run_dir']} --prompt 'The' --temperature 0\n"
+              f"  train:    playattention train --init-from {s['run_dir']} --set model.block_size=256")
+        return 0
+    s = run_to_hf(args.source, args.out, model_type=args.arch)
+    print(f"wrote {s['hf_class']} into {s['out']} ({', '.join(s['files'])}); "
+          f"load it with transformers.AutoModelForCausalLM.from_pretrained({s['out']!r})")
+    return 0
 
 
 def cmd_generate(args) -> int:
@@ -367,9 +394,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue RUN_DIR from its newest complete checkpoint, in that folder; 'auto': the newest "
                    "run of RECIPE under train.out_dir that has one (see docs/checkpoints.md)")
+    p.add_argument("--init-from", metavar="RUN_OR_HF_DIR",
+                   help="start from the weights of a finished run or a Hugging Face folder (fine-tuning); the recipe "
+                   "must describe the same model (default recipe: the folder's own, or one made for it)")
     p.add_argument("--nproc", type=int, default=1, metavar="N", help="launch N local ranks through torchrun")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("convert", help="a Hugging Face folder into a run folder, or a run into a Hugging Face folder",
+                       description="Convert HF_DIR (config.json + weights + tokenizer) into a run folder that "
+                       "generate, train --init-from and ablations take; or with --to hf a finished run into a "
+                       "folder transformers' from_pretrained loads. Architectures: "
+                       + ", ".join(ARCHITECTURES) + ". See docs/hf.md.")
+    p.add_argument("source", metavar="HF_DIR_OR_RUN_DIR")
+    p.add_argument("out", metavar="OUT_DIR", help="a new or empty folder")
+    p.add_argument("--to", choices=("run", "hf"), default="run", help="run: HF_DIR -> run folder (default); "
+                   "hf: RUN_DIR -> Hugging Face folder")
+    p.add_argument("--arch", choices=list(ARCHITECTURES), help="with --to hf: the architecture to write "
+                   "(default: the first that can express the model)")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("generate", help="sample text from a finished run, streamed as it is produced")
     p.add_argument("run", metavar="RUN_DIR_OR_WEIGHTS", help="a run folder (or its model.safetensors)")

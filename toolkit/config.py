@@ -473,4 +473,6 @@ def resolve_specs(registry: Registry, obj):
             changes[f.name] = resolve_spec(registry, value)
         elif isinstance(value, list) and value and all(isinstance(v, Spec) for v in value):
             changes[f.name] = [resolve_spec(registry, v) for v in value]
+        elif isinstance(value, dict) and value and all(attrs.has(type(v)) for v in value.values()):
+            changes[f.name] = {k: resolve_specs(registry, v) for k, v in value.items()}  # a model's layer groups
     return attrs.evolve(obj, **changes) if changes else obj

@@ -766,6 +766,9 @@ def _prepare(data, registry, sources, inputs, folder, state, workers, shard_size
         tok = registry.build(data.tokenizer, None)
         limit = math.ceil(MIN_VAL_DOCS / f)
         mode = "documents" if _count_documents(sources, column, limit) >= limit else "tail"
+    if tok.vocab_size > 1 << 16:  # ids past 65535 would wrap around silently in the uint16 shards
+        raise DataError(f"the {tok.name} tokenizer has {tok.vocab_size} tokens; prepared shards hold uint16 ids, "
+                        f"at most 65536 different tokens")
     folder.claim("tokenizer.json")
     tok.save(out)
 

@@ -64,8 +64,15 @@ def _damaged(path: Path, exc: BaseException) -> str:
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    """Token ids of a prompt; an empty prompt starts from end-of-text where the tokenizer has one."""
+    """Token ids of a prompt; an empty prompt starts from end-of-text where the tokenizer has one.
+
+    A tokenizer with a ``bos`` (a Hugging Face one that puts Llama's ``<s>`` before every text) starts
+    the prompt with it, as transformers' tokenizer(prompt) does.
+    """
     ids = tokenizer.encode(prompt)
+    bos = getattr(tokenizer, "bos", None)
+    if bos is not None:
+        ids = [bos, *ids]
     if not ids and tokenizer.eot is not None:
         ids = [tokenizer.eot]
     if not ids:

@@ -22,6 +22,7 @@ import threading
 from pathlib import Path
 from typing import ClassVar
 
+import attrs
 import numpy as np
 
 from .errors import UnknownComponentError
@@ -183,6 +184,156 @@ class GPT2Tokenizer(Tokenizer):
 
     def to_dict(self) -> dict:
         return {"type": "gpt2"}
+
+
+@attrs.frozen
+class HFTokenizerOptions:
+    # a Hugging Face tokenizer.json (as the `tokenizers` library and save_pretrained write it), a folder
+    # holding one, or a run's tokenizer.json of type "hf"; relative to the working directory
+    path: str = attrs.field(default="", validator=attrs.validators.instance_of(str))
+    # the token that separates documents, by its text (e.g. "</s>", "<|endoftext|>"); "": the eos_token of
+    # a tokenizer_config.json beside the file, else none
+    eot: str = ""
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face tokenizer.json through the `tokenizers` library (pip install 'playattention[hf]')."""
+
+    Options = HFTokenizerOptions
+    name = "hf"
+
+    def __init__(self, opts: HFTokenizerOptions, corpus: str | None = None):
+        if not opts.path:
+            raise ValueError('the hf tokenizer needs a path (data.tokenizer = {kind = "hf", path = "tokenizer.json"})')
+        path = Path(opts.path)
+        if path.is_file() and path.name == "tokenizer.json":
+            d = _read_json_file(path)
+            if isinstance(d, dict) and d.get("type") == "hf":  # a run's tokenizer.json: ids as recorded
+                self._setup(d.get("tokenizer"), eot=d.get("eot"))
+                self.bos = d.get("bos", self.bos)
+                if opts.eot:
+                    self.eot = self._token_id(opts.eot, path)
+                return
+        d = read_hf_tokenizer(path)
+        if d is None:
+            raise FileNotFoundError(f"{path}: no tokenizer.json (nor vocab.json + merges.txt) there")
+        self._setup(d, eot=None)
+        eot = opts.eot or _eos_beside(path if path.is_dir() else path.parent)
+        if eot:
+            self.eot = self._token_id(eot, path)
+
+    def _setup(self, tokenizer_json, eot: int | None) -> None:
+        try:
+            from tokenizers import Tokenizer as Fast
+        except ImportError:
+            raise ValueError("the hf tokenizer needs the `tokenizers` package: pip install 'playattention[hf]'") from None
+        if not isinstance(tokenizer_json, dict):
+            raise ValueError("an hf tokenizer needs the tokenizer.json object of the `tokenizers` library")
+        self.json = tokenizer_json
+        try:
+            self.fast = Fast.from_str(json.dumps(tokenizer_json))
+        except Exception as exc:  # noqa: BLE001 - the tokenizers library's own parse errors
+            raise ValueError(f"not a tokenizers tokenizer.json ({str(exc).splitlines()[0]})") from None
+        self.vocab_size = self.fast.get_vocab_size(with_added_tokens=True)
+        self.eot = eot
+        # what the tokenizer puts before a text by itself (Llama's <s>): prompts start with it, as transformers'
+        self.bos = self._prefix()
+
+    def _prefix(self) -> int | None:
+        plain = self.fast.encode("a", add_special_tokens=False).ids
+        full = self.fast.encode("a", add_special_tokens=True).ids
+        for start in range(len(full) - len(plain) + 1):
+            if full[start:start + len(plain)] == plain:
+                return full[start - 1] if start >= 1 else None
+        return None
+
+    def _token_id(self, token: str, where) -> int:
+        found = self.fast.token_to_id(token)
+        if found is None:
+            raise ValueError(f"{where}: eot token {token!r} is not in the vocabulary")
+        return found
+
+    @classmethod
+    def from_dict(cls, d: dict) -> HFTokenizer:
+        tok = cls.__new__(cls)
+        tok._setup(d.get("tokenizer"), eot=d.get("eot"))
+        if "bos" in d:  # as recorded (null: none)
+            tok.bos = d["bos"]
+        return tok
+
+    @classmethod
+    def from_json(cls, tokenizer_json: dict, eot: int | None = None) -> HFTokenizer:
+        """The tokenizer of a tokenizer.json object, with the end-of-text id ``eot``."""
+        tok = cls.__new__(cls)
+        tok._setup(tokenizer_json, eot=eot)
+        return tok
+
+    def encode(self, text: str) -> list[int]:
+        # the text alone, no special tokens: documents are joined with eot, prompts get bos (generate)
+        return self.fast.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self.fast.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def to_dict(self) -> dict:
+        return {"type": "hf", "eot": self.eot, "bos": self.bos, "tokenizer": self.json}
+
+
+def read_hf_tokenizer(path: str | Path) -> dict | None:
+    """The tokenizer.json object of a Hugging Face folder (or that file), or None if there is none.
+
+    A folder with only GPT-2-style ``vocab.json`` + ``merges.txt`` gets the byte-level BPE that
+    transformers' GPT2TokenizerFast builds from them.
+    """
+    path = Path(path)
+    if path.is_file():
+        return _read_json_file(path)
+    if (path / "tokenizer.json").is_file():
+        return _read_json_file(path / "tokenizer.json")
+    if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+        try:
+            from tokenizers import ByteLevelBPETokenizer
+        except ImportError:
+            raise ValueError("reading vocab.json + merges.txt needs the `tokenizers` package: "
+                             "pip install 'playattention[hf]'") from None
+        bpe = ByteLevelBPETokenizer(str(path / "vocab.json"), str(path / "merges.txt"))
+        return json.loads(bpe._tokenizer.to_str())
+    return None
+
+
+def is_gpt2_bpe(folder: str | Path) -> bool:
+    """Whether a folder's vocab.json + merges.txt are GPT-2's own (then the tiktoken ``gpt2`` tokenizer reads it)."""
+    folder = Path(folder)
+    vocab, merges = folder / "vocab.json", folder / "merges.txt"
+    if not (vocab.is_file() and merges.is_file()):
+        return False
+    try:
+        same_vocab = json.loads(vocab.read_text(encoding="utf-8")) == json.loads(
+            (ASSETS / "gpt2" / "encoder.json").read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return False
+    ours = (ASSETS / "gpt2" / "vocab.bpe").read_text(encoding="utf-8").split("\n")
+    theirs = merges.read_text(encoding="utf-8").split("\n")
+    return same_vocab and [ln for ln in theirs if ln.strip()] == [ln for ln in ours if ln.strip()]
+
+
+def _read_json_file(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+def _eos_beside(folder: Path) -> str:
+    """The eos_token of a folder's tokenizer_config.json (save_pretrained's layout), or ""."""
+    config = folder / "tokenizer_config.json"
+    try:
+        eos = json.loads(config.read_text(encoding="utf-8")).get("eos_token") if config.is_file() else None
+    except (json.JSONDecodeError, AttributeError):
+        return ""
+    if isinstance(eos, dict):  # an AddedToken written out
+        eos = eos.get("content")
+    return eos if isinstance(eos, str) else ""
 
 
 _no_cache_lock = threading.Lock()

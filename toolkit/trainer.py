@@ -34,7 +34,8 @@ from . import checkpoint, data
 from .checkpointer import Checkpointer
 from .engine import (batch_plan, build_engine, deepspeed_config, device, engine_step, full_fp32_state_dict,
                      init_distributed, peak_flops, schedule)
-from .errors import CheckpointError, ConfigError
+from .convert import check_init, init_weights
+from .errors import CheckpointError, ConfigError, UsageError
 from .evaluate import EvalContext, LossEvaluator, build_evaluators, run_evaluators
 from .generate import check_generate_config, sample
 from .model import Transformer
@@ -53,16 +54,18 @@ AUX_WINDOW = 50
 
 
 def train(recipe: Recipe, *, run_dir: str | Path | None = None, progress: bool = True, plugins=(),
-          resume: bool = False) -> dict:
+          resume: bool = False, init_from: str | Path | None = None) -> dict:
     """Train ``recipe`` and return its summary (also written to ``run_dir/summary.json``).
 
     ``plugins`` are extra plugin files or modules, loaded as if the recipe listed them. Problems
     found before training starts (recipe, data, batch arithmetic) raise; a failure during
     training is reported as ``status: "failed"`` with an ``error`` line, a SIGINT/SIGTERM as
     ``status: "interrupted"`` with the ``signal``. ``resume`` continues ``run_dir`` from its
-    newest complete checkpoint.
+    newest complete checkpoint. ``init_from`` starts the weights from a run or Hugging Face folder
+    whose model the recipe must describe (:func:`toolkit.convert.init_weights`).
     """
-    return Trainer(recipe, run_dir=run_dir, progress=progress, plugins=plugins, resume=resume).run()
+    return Trainer(recipe, run_dir=run_dir, progress=progress, plugins=plugins, resume=resume,
+                   init_from=init_from).run()
 
 
 class Interrupted(Exception):
@@ -81,9 +84,11 @@ class Trainer:
     """Trains one recipe on this rank; every rank of a launch runs the same Trainer."""
 
     def __init__(self, recipe: Recipe, *, run_dir: str | Path | None = None, progress: bool = True, plugins=(),
-                 resume: bool = False):
+                 resume: bool = False, init_from: str | Path | None = None):
         if resume and run_dir is None:
             raise ValueError("resume needs the run_dir to continue")
+        if resume and init_from is not None:
+            raise UsageError("--init-from starts a new run from other weights; --resume continues this run's own")
         specs = list(dict.fromkeys(str(Path(p).resolve()) if is_path_spec(p) else p
                                    for p in [*recipe.plugins, *plugins]))
         self.recipe = attrs.evolve(recipe, plugins=specs)  # absolute plugin paths: the run loads anywhere
@@ -91,6 +96,7 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.progress = progress
         self.resume = resume  # continue run_dir from its newest complete checkpoint
+        self.init_from = init_from  # a run or Hugging Face folder the weights start from
         self.step = 0  # optimizer steps taken
         self.tokens = 0  # tokens trained on, all ranks together
         self.last_eval: dict = {}
@@ -169,6 +175,8 @@ class Trainer:
         self.plan = batch_plan(recipe, self.world_size)  # the batch arithmetic and the DeepSpeed config, once
         self.ds_config = deepspeed_config(recipe, self.plan)
         self.lr_of = schedule(self.cfg, self.registry)
+        if self.init_from is not None:  # refused before anything is prepared or written
+            check_init(self.init_from, recipe.model, recipe.plugins)
         if self.resume:  # refused before anything is prepared or written
             self.checkpointer = self.make_checkpointer()
             self.checkpointer.check_resume(self.cfg.max_steps)
@@ -180,6 +188,8 @@ class Trainer:
             self.checkpointer = self.make_checkpointer()
         torch.manual_seed(self.cfg.seed)  # the same initial weights on every rank
         model = Transformer(recipe.model, self.registry)
+        if self.init_from is not None:  # every rank loads them whole; DeepSpeed partitions them after (ZeRO 3)
+            init_weights(model, self.init_from, recipe.plugins)
         self.params = model.num_params()
         checkpoint.check_room(self.run_dir, self.params, recipe.deepspeed.precision, recipe.deepspeed.zero_stage,
                               self.cfg.keep_checkpoints)
@@ -403,6 +413,8 @@ class Trainer:
             "signal": self.signals.received if status == "interrupted" else None,  # SIGINT 2, SIGTERM 15
             "checkpoint": str(self.checkpointer.latest() or "") or None,  # the one to resume
         }
+        if self.init_from is not None:
+            summary["init_from"] = str(Path(self.init_from).resolve())
         summary.update({k: v for k, v in self.last_eval.items() if "/" in k})  # evaluator scores, final
         for name in dict.fromkeys(k for row in self.recent_aux for k in row):  # aux losses: the last steps' mean
             summary[f"aux/{name}"] = statistics.fmean(row[name] for row in self.recent_aux if name in row)

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import HFFormatError
+from ..model import Transformer
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -105,6 +106,15 @@ def write_checkpoint(folder: str | Path, config: dict, state_dict: dict[str, tor
     return folder
 
 
+def unwrap(model) -> Transformer:
+    """The toolkit Transformer inside a DeepSpeed/DDP wrapper or a torch.compile'd module."""
+    inner = getattr(model, "module", model)  # DeepSpeed / DDP wrappers
+    inner = getattr(inner, "_orig_mod", inner)  # torch.compile
+    if not isinstance(inner, Transformer):
+        raise TypeError(f"expected a toolkit Transformer, got {type(model).__name__}")
+    return inner
+
+
 def check_architecture(config: dict, model_type: str, architectures: Iterable[str], where: str) -> None:
     """Refuse a config.json whose ``model_type`` is not the one this loader reads."""
     got = config.get("model_type")
@@ -150,3 +160,80 @@ def _few(items: list[str], n: int = 4) -> str:
     more = f" and {len(items) - n} more" if len(items) > n else ""
     return ", ".join(items[:n]) + more
 
+
+
+#: config.json keys that never change what a model computes: bookkeeping, label maps, generation
+#: defaults (generation_config.json is their home now), and switches transformers reads only to return
+#: extra outputs. Any other key an importer does not read is refused (see :class:`ConfigReader`).
+HARMLESS_KEYS = frozenset({
+    "_name_or_path", "architectures", "model_type", "transformers_version", "dtype", "torch_dtype",
+    "use_bfloat16", "torchscript", "tf_legacy_loss", "_attn_implementation_autoset", "_commit_hash",
+    "output_hidden_states", "output_attentions", "return_dict", "use_return_dict", "use_cache",
+    "id2label", "label2id", "problem_type", "finetuning_task", "task_specific_params", "prefix", "tokenizer_class",
+    "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id",
+    "chunk_size_feed_forward",  # feed-forward in chunks: the same numbers, less memory
+    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty",
+    "temperature", "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences", "output_scores",
+    "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
+    "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
+})
+#: keys that are harmless only at these values (anything else describes a model this toolkit does not build)
+HARMLESS_AT = {"is_encoder_decoder": (False,), "is_decoder": (False, True), "add_cross_attention": (False,),
+               "tie_encoder_decoder": (False,), "pruned_heads": ({},), "cross_attention_hidden_size": (None,)}
+
+_MISSING = object()
+
+
+class ConfigReader:
+    """A config.json read key by key: :meth:`finish` refuses every key no one read, so no setting is ignored.
+
+    An absent key takes the architecture's default, which must be transformers' own (its config class's
+    field default: e.g. Mistral's sliding_window is 4096 when absent, and none when null).
+    """
+
+    def __init__(self, hf: dict, where: str, defaults: dict | None = None):
+        self.hf, self.where, self.defaults = hf, where, defaults or {}
+        self.read: set[str] = set()
+
+    def get(self, key: str, default=_MISSING):
+        """config.json's value of ``key`` (null included), else ``default``, else the architecture's (else None)."""
+        self.read.add(key)
+        if key in self.hf:
+            return self.hf[key]
+        return self.defaults.get(key) if default is _MISSING else default
+
+    def need(self, key: str, kind: type = int):
+        """A key that must be there (or have a default), of type ``kind``; HFFormatError otherwise."""
+        value = self.get(key)
+        if value is None:
+            raise HFFormatError(f"{self.where}: config.json lacks {key}")
+        if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise HFFormatError(f"{self.where}: {key} = {value!r}: expected an integer")
+        if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise HFFormatError(f"{self.where}: {key} = {value!r}: expected a number")
+        return kind(value)
+
+    def only(self, key: str, allowed: tuple, why: str):
+        """The value of ``key``, which must be one of ``allowed`` (absent counts as the default)."""
+        value = self.get(key)
+        if value not in allowed:
+            raise HFFormatError(f"{self.where}: {key} = {json.dumps(value)} is not supported ({why})")
+        return value
+
+    def finish(self) -> None:
+        """Refuse the first key no one read that is not known to be harmless."""
+        for key, value in self.hf.items():
+            if key in self.read or key in HARMLESS_KEYS:
+                continue
+            if key in HARMLESS_AT:
+                if value in HARMLESS_AT[key] or (value is None and None in HARMLESS_AT[key]):
+                    continue
+                raise HFFormatError(f"{self.where}: {key} = {json.dumps(value)} is not supported")
+            raise HFFormatError(f"{self.where}: {key} = {_short(value)} is not supported by this importer "
+                                f"(refused rather than risk wrong numbers)")
+
+
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."

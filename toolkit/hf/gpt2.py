@@ -20,6 +20,7 @@ from .common import (
     read_config,
     read_state_dict,
     require,
+    unwrap,
     write_checkpoint,
 )
 
@@ -93,17 +94,9 @@ def load_gpt2(path: str | Path, *, dropout: float = 0.0, dtype: torch.dtype | No
     return model.eval()
 
 
-def _unwrap(model) -> Transformer:
-    inner = getattr(model, "module", model)  # DeepSpeed / DDP wrappers
-    inner = getattr(inner, "_orig_mod", inner)  # torch.compile
-    if not isinstance(inner, Transformer):
-        raise TypeError(f"expected a toolkit Transformer, got {type(model).__name__}")
-    return inner
-
-
 def hf_config_from_gpt2(model: Transformer) -> dict:
     """The HF ``config.json`` dict for a model that GPT-2 can express; HFFormatError says why not otherwise."""
-    model = _unwrap(model)
+    model = unwrap(model)
     cfg = model.config  # its specs carry typed options (the model resolved them)
     wants = {"attention": ("mha",), "norm": ("layernorm",), "position": ("learned",), "mlp": ("gelu", "relu"),
              "block": ("pre_norm",)}
@@ -150,7 +143,7 @@ def hf_config_from_gpt2(model: Transformer) -> dict:
 
 def gpt2_state_dict_to_hf(model: Transformer) -> dict[str, torch.Tensor]:
     """This toolkit's tensors -> HF GPT-2 names (Conv1D weights transposed; absent biases written as zeros)."""
-    model = _unwrap(model)
+    model = unwrap(model)
     cfg = model.config
     sd = {k: t for k, t in model.state_dict().items()}
     if cfg.tie_embeddings:

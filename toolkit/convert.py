@@ -1,0 +1,258 @@
+"""Hugging Face folders <-> run folders, and a run's weights from either (``train --init-from``).
+
+``playattention convert HF_DIR OUT_DIR`` (:func:`hf_to_run`) writes a run folder, as training leaves
+one, from a Hugging Face folder of any architecture in :data:`toolkit.hf.ARCHITECTURES`::
+
+    OUT_DIR/
+        recipe.toml        the model as a recipe (data and training: a starting point for fine-tuning)
+        model.safetensors  fp32 weights under this toolkit's names, with model.toml
+        tokenizer.json     the folder's tokenizer (tokenizer.json, or GPT-2-style vocab.json + merges.txt)
+        versions.json      what converted it
+        summary.json       where it came from: folder, architecture, parameters
+
+so ``playattention generate OUT_DIR``, ``playattention train OUT_DIR --init-from OUT_DIR`` and
+ablation files (``recipe = "OUT_DIR"``) take it. ``convert RUN_DIR OUT_DIR --to hf``
+(:func:`run_to_hf`) writes config.json + model.safetensors in the first architecture that can
+express the model (or ``--arch``) with the tokenizer's files, for transformers' from_pretrained.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import attrs
+from safetensors.torch import load_file
+
+from . import checkpoint
+from .errors import CheckpointError, ConfigError, HFFormatError, UsageError
+from .generate import RECIPE_FILE, TOKENIZER_FILE, load_run, resolve_run_dir
+from .hf import architecture_of, export_architecture, hf_model_config, load_hf, read_config, read_state_dict
+from .hf.common import CONFIG, load_into, write_checkpoint
+from .model import ModelConfig, Transformer
+from .recipe import DataConfig, GenerateConfig, Recipe, TrainConfig, diff_recipes, dump_recipe, load_recipe, registry_of
+from .registry import Registry
+from .runfolder import RunFolder, versions
+from .tokenizer import (ASSETS, CharTokenizer, GPT2Tokenizer, HFTokenizer, Tokenizer, is_gpt2_bpe,
+                        read_hf_tokenizer)
+
+#: recipe keys a run may change from the model it starts from: neither changes a weight's shape or value
+FREE_MODEL_KEYS = ("model.dropout", "model.block_size")
+
+
+# -- what a folder is ---------------------------------------------------------------------------------
+def is_hf_folder(path: str | Path) -> bool:
+    """A folder with config.json (and no recipe.toml): a Hugging Face checkpoint."""
+    path = Path(path)
+    return path.is_dir() and (path / CONFIG).is_file() and not (path / RECIPE_FILE).is_file()
+
+
+def _empty_target(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"{out}: exists and is not an empty folder; give a new or empty OUT_DIR")
+
+
+# -- Hugging Face -> run folder ---------------------------------------------------------------------
+def hf_tokenizer(folder: str | Path) -> Tokenizer | None:
+    """The tokenizer of a Hugging Face folder (tiktoken's gpt2 for GPT-2's own files), or None if it has none.
+
+    The end-of-text id (which separates documents) is the model's eos_token_id, from config.json or
+    generation_config.json, else the tokenizer_config.json's eos_token.
+    """
+    folder = Path(folder)
+    if not (folder / "tokenizer.json").is_file() and is_gpt2_bpe(folder):
+        return GPT2Tokenizer()
+    d = read_hf_tokenizer(folder)
+    if d is None:
+        return None
+    tok = HFTokenizer.from_json(d)
+    tok.eot = _eos_id(folder, tok)
+    return tok
+
+
+def _eos_id(folder: Path, tok: HFTokenizer) -> int | None:
+    for name in (CONFIG, "generation_config.json"):
+        try:
+            eos = json.loads((folder / name).read_text()).get("eos_token_id") if (folder / name).is_file() else None
+        except json.JSONDecodeError:
+            eos = None
+        if isinstance(eos, list):  # Llama 3 instruct lists several; the first ends a document
+            eos = eos[0] if eos else None
+        if isinstance(eos, int) and 0 <= eos < tok.vocab_size:
+            return eos
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    eos = config.get("eos_token") if isinstance(config, dict) else None
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    return tok.fast.token_to_id(eos) if isinstance(eos, str) else None
+
+
+def recipe_for(config: ModelConfig, name: str, tokenizer: Tokenizer | None, tokenizer_path: Path | None,
+               description: str = "") -> Recipe:
+    """A recipe for an imported model: the model as it is; data and training a starting point for fine-tuning."""
+    data = DataConfig()
+    if isinstance(tokenizer, GPT2Tokenizer):
+        data = DataConfig(tokenizer="gpt2")
+    elif isinstance(tokenizer, HFTokenizer) and tokenizer_path is not None:
+        eot = tokenizer.fast.id_to_token(tokenizer.eot) if tokenizer.eot is not None else ""
+        data = DataConfig(tokenizer={"kind": "hf", "path": str(tokenizer_path.resolve()), "eot": eot})
+    train = TrainConfig(micro_batch=4, max_steps=100, lr=3e-5, min_lr=3e-6, warmup_steps=10, eval_interval=50,
+                        eval_batches=4)
+    gen = GenerateConfig(prompts=["The"] if tokenizer is not None else ["\n"], max_new_tokens=64, temperature=0.7,
+                         top_k=50)
+    return Recipe(name=name, description=description, model=attrs.evolve(config, dropout=0.0), data=data,
+                  train=train, generate=gen)
+
+
+def hf_to_run(hf_dir: str | Path, out_dir: str | Path, *, registry: Registry | None = None) -> dict:
+    """Convert a Hugging Face folder into a run folder; returns what summary.json says."""
+    hf_dir, out = Path(hf_dir), Path(out_dir)
+    if not is_hf_folder(hf_dir):
+        raise UsageError(f"{hf_dir}: not a Hugging Face folder (expected {CONFIG} and weights; a run folder "
+                         f"converts the other way: --to hf)")
+    arch = architecture_of(read_config(hf_dir), f"{hf_dir}/{CONFIG}")
+    model = load_hf(hf_dir, registry=registry)  # refused before OUT_DIR is touched
+    tokenizer = hf_tokenizer(hf_dir)
+    _empty_target(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok_path = out / TOKENIZER_FILE if tokenizer is not None else None
+    recipe = recipe_for(model.config, out.name or arch.model_type, tokenizer, tok_path,
+                        description=f"{arch.hf_class} converted from {hf_dir.resolve()}")
+    reg = registry or registry_of(recipe)
+    folder = RunFolder(out, recipe.name)
+    (out / RECIPE_FILE).write_text(dump_recipe(recipe))
+    folder.write_export(model.state_dict(), recipe, 0)
+    if tokenizer is not None:
+        tokenizer.save(out)
+    (out / "versions.json").write_text(json.dumps(versions(reg), indent=2) + "\n")
+    summary = {"run_dir": str(out), "status": "converted", "recipe": recipe.name, "source": str(hf_dir.resolve()),
+               "architecture": arch.model_type, "hf_class": arch.hf_class, "params": model.num_params(),
+               "tokenizer": tokenizer.name if tokenizer is not None else None,
+               "converted": time.strftime("%Y-%m-%d %H:%M:%S")}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+# -- run folder -> Hugging Face -----------------------------------------------------------------------
+def run_to_hf(run_dir: str | Path, out_dir: str | Path, *, model_type: str | None = None) -> dict:
+    """Write a finished run as a Hugging Face folder (config.json, model.safetensors, tokenizer files)."""
+    if is_hf_folder(run_dir):
+        raise UsageError(f"{run_dir}: a Hugging Face folder already; --to hf converts a run folder (leave it out "
+                         f"to make a run folder of this one)")
+    run, out = resolve_run_dir(run_dir), Path(out_dir)
+    model, tokenizer, recipe = load_run(run)
+    arch, config = export_architecture(model, model_type)  # refused before OUT_DIR is touched
+    _empty_target(out)
+    config.update(write_tokenizer_files(tokenizer, out, recipe.model.block_size))  # bos/eos ids
+    write_checkpoint(out, config, arch.state_dict_to_hf(model))
+    return {"run_dir": str(run), "out": str(out), "architecture": arch.model_type, "hf_class": arch.hf_class,
+            "files": sorted(p.name for p in out.iterdir())}
+
+
+def write_tokenizer_files(tokenizer: Tokenizer, out: Path, max_len: int) -> dict:
+    """Write the tokenizer as transformers reads it; returns the config.json keys it sets (bos/eos ids)."""
+    out.mkdir(parents=True, exist_ok=True)
+    if isinstance(tokenizer, GPT2Tokenizer):
+        shutil.copyfile(ASSETS / "gpt2" / "encoder.json", out / "vocab.json")
+        shutil.copyfile(ASSETS / "gpt2" / "vocab.bpe", out / "merges.txt")
+        eot = "<|endoftext|>"
+        _write_json(out / "tokenizer_config.json", {"tokenizer_class": "GPT2Tokenizer", "bos_token": eot,
+                                                    "eos_token": eot, "unk_token": eot, "model_max_length": max_len})
+        return {"bos_token_id": tokenizer.eot, "eos_token_id": tokenizer.eot}
+    if isinstance(tokenizer, CharTokenizer):
+        tokenizer = HFTokenizer.from_json(char_tokenizer_json(tokenizer))
+    if not isinstance(tokenizer, HFTokenizer):
+        print(f"note: the {tokenizer.name} tokenizer has no Hugging Face form; {out} has no tokenizer files")
+        return {}
+    (out / "tokenizer.json").write_text(json.dumps(tokenizer.json, ensure_ascii=False) + "\n", encoding="utf-8")
+    token = tokenizer.fast.id_to_token
+    _write_json(out / "tokenizer_config.json", {
+        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len, "clean_up_tokenization_spaces": False,
+        "bos_token": token(tokenizer.bos) if tokenizer.bos is not None else None,
+        "eos_token": token(tokenizer.eot) if tokenizer.eot is not None else None})
+    return {"bos_token_id": tokenizer.bos, "eos_token_id": tokenizer.eot}
+
+
+def char_tokenizer_json(tokenizer: CharTokenizer) -> dict:
+    """A character vocabulary as a `tokenizers` tokenizer.json: BPE with no merges (one token per character)."""
+    from tokenizers import Tokenizer as Fast
+    from tokenizers import decoders, models
+
+    fast = Fast(models.BPE(vocab={c: i for i, c in enumerate(tokenizer.chars)}, merges=[]))
+    fast.decoder = decoders.Fuse()  # characters back to back, not joined with spaces
+    return json.loads(fast.to_str())
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+# -- a run's weights from a run or Hugging Face folder (train --init-from) ----------------------------
+def init_source(source: str | Path) -> tuple[ModelConfig, str]:
+    """(model config, "run" or "hf") of an --init-from folder; UsageError when it is neither."""
+    path = Path(source)
+    if is_hf_folder(path):
+        return hf_model_config(path), "hf"
+    if path.is_dir() and (path / RECIPE_FILE).is_file():
+        if not (path / checkpoint.WEIGHTS).is_file():
+            raise UsageError(f"--init-from {path}: the run has no {checkpoint.WEIGHTS} yet (a run writes it when "
+                             f"training ends; to continue an unfinished run use --resume)")
+        return load_recipe(path / RECIPE_FILE).model, "run"
+    raise UsageError(f"--init-from {path}: not a run folder (recipe.toml + model.safetensors) nor a Hugging Face "
+                     f"folder (config.json + weights)")
+
+
+def recipe_for_init(source: str | Path) -> Recipe:
+    """The recipe a ``train --init-from SOURCE`` without a recipe trains: a run's own, or one made for a HF folder."""
+    path = Path(source)
+    config, kind = init_source(path)
+    if kind == "run":
+        return load_recipe(path / RECIPE_FILE)
+    tokenizer = hf_tokenizer(path)
+    tok_path = path if isinstance(tokenizer, HFTokenizer) else None
+    return recipe_for(config, path.resolve().name, tokenizer, tok_path, description=f"fine-tuned from {path.resolve()}")
+
+
+def model_differences(source: ModelConfig, ours: ModelConfig, plugins: list[str] | None = None) -> list[str]:
+    """``key: source -> recipe`` for every model setting in which the recipe differs from the source's model.
+
+    Dropout and block_size may differ (a fine-tune chooses them), except where block_size sizes a
+    weight (learned positions).
+    """
+    lines = diff_recipes(Recipe(plugins=list(plugins or []), model=source), Recipe(plugins=list(plugins or []), model=ours))
+    learned = ours.position.kind == "learned" or source.position.kind == "learned"
+    free = FREE_MODEL_KEYS if not learned else ("model.dropout",)
+    return [line for line in lines if line.startswith("model.") and not line.startswith(tuple(f + ":" for f in free))]
+
+
+def check_init(source: str | Path, config: ModelConfig, plugins: list[str] | None = None) -> str:
+    """Refuse (ConfigError, one line per difference) a recipe model that differs from the one in ``source``;
+    returns the source's kind, "run" or "hf"."""
+    path = Path(source)
+    theirs, kind = init_source(path)
+    lines = model_differences(theirs, config, plugins)
+    if lines:
+        raise ConfigError([f"--init-from {path}: the recipe's model differs from the one there ({line})"
+                           for line in lines])
+    return kind
+
+
+def init_weights(model: Transformer, source: str | Path, plugins: list[str] | None = None) -> None:
+    """Load the weights of a run or Hugging Face folder into ``model``, whose recipe must describe the same model."""
+    path = Path(source)
+    kind = check_init(path, model.config, plugins)
+    if kind == "hf":
+        hf = read_config(path)
+        arch = architecture_of(hf, f"{path}/{CONFIG}")
+        state = arch.state_dict_from_hf(read_state_dict(path), hf_model_config(path), str(path))
+    else:
+        state = load_file(str(path / checkpoint.WEIGHTS))
+        if model.config.tie_embeddings and "transformer.wte.weight" in state:
+            state["lm_head.weight"] = state["transformer.wte.weight"]  # written once (a tied head)
+    try:
+        load_into(model, state, f"--init-from {path}")
+    except HFFormatError as exc:
+        raise CheckpointError(str(exc)) from None
