@@ -1,6 +1,7 @@
 """Gemma 2 weights in and out of Hugging Face layout, checked against transformers' Gemma2ForCausalLM."""
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,8 +13,11 @@ transformers.utils.logging.disable_progress_bar()
 from hf_parity import compare_training_step, randomize, rel_err, tokens  # noqa: E402
 from toolkit.hf import HFFormatError, gemma2_config_from_hf, hf_config_from_gemma2, load_gemma2, save_gemma2  # noqa: E402
 from toolkit.hf.gemma2 import gemma2_tensors_to_hf  # noqa: E402
-from toolkit.model import ModelConfig, Transformer  # noqa: E402
+from toolkit.hf.parts import model_config  # noqa: E402
+from toolkit.model import Transformer  # noqa: E402
+from toolkit.recipe import load_recipe  # noqa: E402
 
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 V = 50
 # 6 query heads (not a power of two) of width 12 (not hidden / heads = 8), a window shorter than the text
 SMALL = dict(hidden_size=48, num_attention_heads=6, num_key_value_heads=3, head_dim=12, num_hidden_layers=4,
@@ -108,15 +112,11 @@ GEMMA2_2B = {
 
 
 def test_published_gemma2_2b_config_maps_to_the_recipes_model():
-    from pathlib import Path
-
-    from toolkit.recipe import load_recipe
-
     cfg = gemma2_config_from_hf(GEMMA2_2B)
     assert (cfg.n_embd, cfg.n_head, cfg.head_dim, cfg.n_layer, cfg.block_size) == (2304, 8, 256, 26, 8192)
     assert cfg.embedding_multiplier == 48.0 and cfg.logit_softcap == 30.0
     assert cfg.attention.options.scale is None  # query_pre_attn_scalar == head_dim: the plain 1/sqrt(256)
-    recipe = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "gemma2-2b.toml")
+    recipe = load_recipe(RECIPES / "gemma2-2b.toml")
     assert recipe.model == cfg
 
 
@@ -151,8 +151,6 @@ def test_gemma2_configs_we_cannot_represent_are_refused_naming_the_key(tmp_path,
     (dict(layers={"g": {"at": "1::2", "attention": {"kind": "gqa", "n_kv_head": 1}}}), "attention options differ"),
 ])
 def test_models_gemma2_cannot_express_are_refused_with_the_reason(tmp_path, change, reason):
-    from toolkit.hf.parts import model_config
-
     fields = dict(vocab_size=V, block_size=32, n_layer=2, n_head=4, n_embd=64, bias=False, block="sandwich",
                   norm={"kind": "rmsnorm", "offset": 1.0}, position="rope", mlp="geglu", embedding_multiplier=8.0,
                   attention={"kind": "gqa", "n_kv_head": 2})
@@ -163,8 +161,6 @@ def test_models_gemma2_cannot_express_are_refused_with_the_reason(tmp_path, chan
 
 
 def test_a_config_built_here_round_trips_through_hf_layout_exactly(tmp_path):
-    from toolkit.hf.parts import model_config
-
     torch.manual_seed(0)
     cfg = model_config(dict(vocab_size=V, block_size=32, n_layer=3, n_head=3, n_embd=24, head_dim=16, bias=False,
                             embedding_multiplier=24**0.5, logit_softcap=20.0, block="sandwich",

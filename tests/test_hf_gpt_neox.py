@@ -1,6 +1,7 @@
 """GPT-NeoX / Pythia weights in and out of Hugging Face layout, checked against transformers' GPTNeoXForCausalLM."""
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +16,9 @@ from toolkit.hf import HFFormatError, gpt_neox_config_from_hf, load_gpt_neox, sa
 from toolkit.hf.gpt_neox import gpt_neox_tensors_to_hf  # noqa: E402
 from toolkit.hf.parts import model_config  # noqa: E402
 from toolkit.model import Transformer  # noqa: E402
+from toolkit.recipe import load_recipe  # noqa: E402
 
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 V = 50
 # 6 heads (not a power of two) of 16 dimensions, a quarter of which rotate (Pythia's rotary_pct)
 SMALL = dict(hidden_size=96, num_attention_heads=6, num_hidden_layers=2, intermediate_size=80, vocab_size=V,
@@ -115,14 +118,10 @@ def test_an_original_pythia_checkpoint_loads_as_transformers_reads_it(tmp_path):
 
 
 def test_published_pythia_160m_config_maps_to_the_recipes_model():
-    from pathlib import Path
-
-    from toolkit.recipe import load_recipe
-
     cfg = gpt_neox_config_from_hf(PYTHIA_160M)
     assert (cfg.block.kind, cfg.block.options.shared_norm) == ("parallel", False)
     assert cfg.position.options.fraction == 0.25 and cfg.mlp.options.approximate == "none"
-    recipe = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "pythia-160m.toml")
+    recipe = load_recipe(RECIPES / "pythia-160m.toml")
     assert recipe.model == cfg
 
 

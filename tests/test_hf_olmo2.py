@@ -1,6 +1,7 @@
 """OLMo 2 weights in and out of Hugging Face layout, checked against transformers' Olmo2ForCausalLM."""
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,9 @@ from toolkit.hf import HFFormatError, load_olmo2, olmo2_config_from_hf, save_olm
 from toolkit.hf.olmo2 import olmo2_tensors_to_hf  # noqa: E402
 from toolkit.hf.parts import model_config  # noqa: E402
 from toolkit.model import Transformer  # noqa: E402
+from toolkit.recipe import load_recipe  # noqa: E402
 
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 V = 50
 # 6 query heads (not a power of two); eps 1e-6, not the norm's default, so a q/k norm without the model's eps shows
 SMALL = dict(hidden_size=48, num_attention_heads=6, num_key_value_heads=3, num_hidden_layers=3, intermediate_size=40,
@@ -79,15 +82,11 @@ OLMO2_7B = {
 
 
 def test_published_olmo2_7b_config_maps_to_the_recipes_model():
-    from pathlib import Path
-
-    from toolkit.recipe import load_recipe
-
     cfg = olmo2_config_from_hf(OLMO2_7B)
     assert (cfg.block.kind, cfg.block.options.pre, cfg.block.options.post) == ("sandwich", False, True)
     assert (cfg.attention.options.qk_norm, cfg.attention.options.qk_norm_scope) == ("rmsnorm", "all")
     assert cfg.position.options.theta == 500000.0 and not cfg.tie_embeddings and not cfg.bias
-    recipe = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "olmo2-7b.toml")
+    recipe = load_recipe(RECIPES / "olmo2-7b.toml")
     assert recipe.model == cfg
 
 
