@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+from test_evaluators import EXAMPLES, write_jsonl
 from toolkit.generate import load_run
 from toolkit.recipe import load_recipe
 from toolkit.trainer import train
@@ -21,8 +22,12 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_recipe):
     root = tmp_path_factory.mktemp("dist")
+    # 3 examples: the ranks get 2 and 1, so under ZeRO 3 the one with less to score must still join every forward
+    mc = write_jsonl(root / "mc.jsonl", EXAMPLES)
     path = tiny_recipe(root, {"name": "tiny2", "train.micro_batch": 8, "train.max_steps": 6, "train.lr": 3e-3,
-                              "train.eval_interval": 3}, name="tiny2")
+                              "train.eval_interval": 3, "eval": [{"kind": "hellaswag", "path": str(mc), "batch_size": 2},
+                                                                 {"kind": "perplexity", "batches": 2, "batch_size": 4}]},
+                       name="tiny2")
     reference = train(load_recipe(path), run_dir=root / "one-rank", progress=False)
     assert reference["status"] == "finished"
     return root, path
@@ -55,6 +60,11 @@ def test_two_ranks_follow_the_one_rank_curve(setup, stage):
     assert [r["loss"] for r in rows(two, "train")] == pytest.approx([r["loss"] for r in rows(one, "train")], rel=1e-4)
     assert [r["val_loss"] for r in rows(two, "eval")] == pytest.approx(
         [r["val_loss"] for r in rows(one, "eval")], rel=1e-4)
+    # the evaluators split their examples and windows between the ranks and add them up again
+    for key in ("hellaswag/acc", "hellaswag/acc_norm"):
+        assert [r[key] for r in rows(two, "eval")] == [r[key] for r in rows(one, "eval")]
+    assert [r["perplexity/loss"] for r in rows(two, "eval")] == pytest.approx(
+        [r["perplexity/loss"] for r in rows(one, "eval")], rel=1e-4)
     assert json.loads((two / "ds_config.json").read_text())["train_batch_size"] == 8
     summary = json.loads((two / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["status"] == "finished"

@@ -12,11 +12,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 #: each module's layer; a module imports only from its own layer or below
 LAYERS = {
-    1: ["errors", "families", "contracts", "hookspecs", "registry", "plots", "report"],
+    1: ["errors", "families", "contracts", "hookspecs", "registry", "plots", "report", "scoring"],
     2: ["plugin_manager", "config", "tokenizer", "plugins"],
     3: ["model", "data", "recipe"],
     4: ["engine", "checkpoint", "hf", "inspection"],
-    5: ["trainer", "checkpointer", "runfolder", "evaluate", "signals", "progress", "generate", "ablation", "ablate",
+    5: ["trainer", "checkpointer", "runfolder", "trackers", "evaluate", "lm_harness", "signals", "progress", "generate", "ablation", "ablate",
         "testing"],
     6: ["cli", "__main__"],
 }

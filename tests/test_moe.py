@@ -2,6 +2,7 @@
 (so accumulation and DeepSpeed apply), component metrics, active parameters."""
 import copy
 import json
+import statistics
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ import torch
 from toolkit.config import structure
 from toolkit.engine import build_engine, engine_step
 from toolkit.model import ModelConfig, Transformer
+from toolkit.plots import plot_summary
 from toolkit.plugin_manager import default_registry
 from toolkit.recipe import DeepSpeedConfig, Recipe, TrainConfig, load_recipe
 from toolkit.trainer import train
@@ -87,3 +89,8 @@ def test_training_logs_each_aux_loss_the_total_and_the_experts_metrics(tmp_path,
     assert all(r["loss"] > 3.0 for r in steps)  # the cross-entropy alone, not the objective
     logged = [r for r in steps if "mlp/expert_load_max" in r]
     assert [r["step"] for r in logged] == [2, 4] and all(1.0 <= r["mlp/expert_load_max"] <= 4.0 for r in logged)
+    # the summary (and so an ablation's report) carries the last steps' aux losses and the last metrics
+    assert summary["aux/load_balance"] == pytest.approx(statistics.fmean(r["aux/load_balance"] for r in steps))
+    assert summary["mlp/expert_load_max"] == logged[-1]["mlp/expert_load_max"]
+    summary_png = plot_summary(tmp_path / "run" / "metrics.jsonl", tmp_path / "summary.png")
+    assert summary_png.stat().st_size > 0

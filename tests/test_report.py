@@ -264,3 +264,25 @@ def test_seeds_that_agree_exactly_give_a_point_interval():
     assert better["welch_df"] is None
     assert same["verdict"] == "within noise" and same["ci_low"] == same["ci_high"] == 0.0
     assert same["seeds_to_resolve"] is None
+
+
+def test_report_has_a_column_per_evaluator_metric_with_mean_and_std_over_seeds(tmp_path):
+    acc = {"base": [0.30, 0.32], "rope": [0.34, 0.36]}
+    variants = [VariantInfo(name) for name in acc]
+    runs = [RunResult(name, seed, f"{name}-s{seed}", "finished",
+                      summary={"final_val_loss": 2.0, "hellaswag/acc_norm": x, "perplexity/ppl": 10.0 + seed})
+            for name, xs in acc.items() for seed, x in enumerate(xs, 1)]
+    rows = {r["variant"]: r for r in report.summarize(variants, runs, baseline="base")}
+    mean, std = rows["rope"]["evals"]["hellaswag/acc_norm"]
+    assert mean == pytest.approx(0.35) and std == pytest.approx(statistics.stdev([0.34, 0.36]))
+    md = report.render_markdown(list(rows.values()), runs, title="t")
+    header = next(line for line in md.splitlines() if line.startswith("| rank"))
+    assert "| hellaswag/acc_norm |" in header and "| perplexity/ppl |" in header
+    rope = next(line for line in md.splitlines() if line.startswith("| ") and "rope" in line)
+    assert f"0.3500 ± {statistics.stdev([0.34, 0.36]):.4f}" in rope
+    report.write_csv(list(rows.values()), tmp_path / "results.csv")
+    report.write_runs_csv(runs, tmp_path / "runs.csv")
+    results = {r["variant"]: r for r in csv.DictReader(open(tmp_path / "results.csv"))}
+    assert float(results["base"]["hellaswag/acc_norm"]) == pytest.approx(0.31)
+    assert float(results["base"]["perplexity/ppl_std"]) == pytest.approx(statistics.stdev([11.0, 12.0]))
+    assert [r["hellaswag/acc_norm"] for r in csv.DictReader(open(tmp_path / "runs.csv"))] == ["0.3", "0.32", "0.34", "0.36"]

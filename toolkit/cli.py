@@ -22,6 +22,7 @@ from .ablation import dry_run_text, load_ablation
 from .checkpoint import check_resumable, find_run
 from .data import prepare
 from .errors import ConfigError, UsageError, UserError
+from .evaluate import evaluate_target, render_results, write_results
 from .generate import encode_prompt, load_run, resolve_run_dir, stream_samples
 from .inspection import inspect_recipe
 from .plugin_manager import PluginManager, default_registry, forget_loaded
@@ -54,7 +55,7 @@ def render_plugins(registry: Registry, hooks: bool = False) -> str:
             lines.append(f"  {name:<16} {comp.doc}")
             lines.append(f"  {'':<16} from {comp.source}")
             for opt, typ, default in comp.option_fields():
-                lines.append(f"  {'':<16}   {opt}: {typ} = {default!r}")
+                lines.append(f"  {'':<16}   {opt}: {typ} " + ("(required)" if default is attrs.NOTHING else f"= {default!r}"))
         if not registry.names(fam.name):
             lines.append("  (none registered)")
         lines.append("")
@@ -263,6 +264,20 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    if not Path(args.target).is_dir():
+        raise UsageError(f"{args.target}: no such run folder or Hugging Face GPT-2 folder")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    results = evaluate_target(args.target, args.task, device=args.device or ("cuda" if _cuda() else "cpu"),
+                              batch_size=args.batch_size)
+    if args.json != "-":
+        print(render_results(results))
+    if args.json:
+        write_results(results, args.target, args.json)
+    return 0
+
+
 def _cuda() -> bool:
     import torch
 
@@ -342,6 +357,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="samples per prompt (seeds seed, seed+1, ...)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default cuda if available)")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="run evaluators (hellaswag, perplexity, ...) on a finished run or a GPT-2 folder",
+                       description="Run evaluators on a finished run folder, or on a Hugging Face GPT-2 folder "
+                       "(config.json + weights; its vocab.json/merges.txt if present, else the shipped GPT-2 BPE). "
+                       "Each --task is KIND:KEY=VALUE,KEY=VALUE (values as in --set), e.g. "
+                       "--task hellaswag:path=hellaswag_val.jsonl,limit=1000 --task perplexity:split=val. "
+                       "Without --task: the run's own [[eval]] evaluators.")
+    p.add_argument("target", metavar="RUN_OR_HF_FOLDER", help="a finished run folder or a Hugging Face GPT-2 folder")
+    p.add_argument("--task", action="append", default=[], metavar="KIND:KEY=VALUE,...",
+                   help="an evaluator and its options; repeatable (`playattention plugins` lists them)")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE ('-': only JSON, to stdout)")
+    p.add_argument("--batch-size", type=int, metavar="N", help="rows per forward (default the run's train.micro_batch)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default cuda if available)")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("ablate", help="train a grid of component swaps and write a comparison report",
                        description="Train every variant of an ablation file (a base recipe plus component swaps) "

@@ -909,6 +909,19 @@ def tokens_in(prepared: str | Path, split: str) -> int:
     return int(meta["splits"][split]["tokens"])
 
 
+def read_split(prepared: str | Path, split: str) -> list[np.ndarray]:
+    """The token shards of one split of a prepared dataset, memory-mapped, in order."""
+    meta = read_meta(prepared)
+    if split not in meta["splits"]:
+        raise DataError(f"{prepared}: no split {split!r} (have: {', '.join(meta['splits'])})")
+    entries = meta["splits"][split]["shards"]
+    if err := _shards_ok(Path(prepared), split, [e["tokens"] for e in entries]):
+        raise DataError(f"{prepared}: {err}; prepare it again")
+    # plain ndarray views of the maps: slicing a np.memmap costs ~10x more per window
+    return [np.asarray(np.memmap(Path(prepared) / e["file"], dtype="<u2", mode="r")) if e["tokens"]
+            else np.zeros(0, dtype="<u2") for e in entries]  # numpy cannot map an empty file
+
+
 class TokenLoader:
     """Batches of (x, y) token windows for one rank, read through np.memmap.
 
@@ -931,17 +944,10 @@ class TokenLoader:
         self.prepared, self.split = Path(prepared), split
         self.batch_size, self.block_size = batch_size, block_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        meta = read_meta(self.prepared)
-        if split not in meta["splits"]:
-            raise DataError(f"{prepared}: no split {split!r} (have: {', '.join(meta['splits'])})")
-        entries = meta["splits"][split]["shards"]
-        if err := _shards_ok(self.prepared, split, [e["tokens"] for e in entries]):
-            raise DataError(f"{prepared}: {err}; prepare it again")
-        self.tokens = int(meta["splits"][split]["tokens"])
+        shards = read_split(self.prepared, split)
+        self.tokens = sum(len(s) for s in shards)
         T = block_size
-        # plain ndarray views of the maps: slicing a np.memmap costs ~10x more per window
-        self._shards = [np.asarray(np.memmap(self.prepared / e["file"], dtype="<u2", mode="r"))
-                        for e in entries if e["tokens"] // T - 1 > 0]
+        self._shards = [s for s in shards if len(s) // T - 1 > 0]
         counts = np.array([len(s) // T - 1 for s in self._shards], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(counts)])  # first window index of each shard
         self.n_windows = int(self._starts[-1])

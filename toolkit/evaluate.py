@@ -1,4 +1,5 @@
-"""Evaluation during training: the train/val loss on fixed batches, and the recipe's evaluators.
+"""Evaluation: the train/val loss on fixed batches, the recipe's evaluators, and evaluators run
+after the fact on a finished run or a Hugging Face GPT-2 folder (``playattention eval``).
 
 Evaluators are a registered family (``register_evaluators``); a recipe lists them as ``[[eval]]``
 tables (``kind`` plus the evaluator's options). Each is built once per run as
@@ -9,16 +10,25 @@ metrics.jsonl as ``<label>/<metric>`` (the label is the kind, numbered when a ki
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable
 
 import attrs
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from .data import TokenLoader
-from .recipe import Recipe
+from . import hf
+from .config import structure
+from .data import TokenLoader, prepared_dir, read_split
+from .errors import DataError, UsageError
+from .families import SPEC_TYPES, Spec
+from .generate import RECIPE_FILE, load_run
+from .plugin_manager import default_registry
+from .recipe import Recipe, parse_override, registry_of
 from .registry import Registry
+from .tokenizer import GPT2Tokenizer
 
 
 @attrs.frozen
@@ -28,7 +38,7 @@ class EvalContext:
     recipe: Recipe
     registry: Registry
     tokenizer: object
-    prepared: Path  # the prepared training data
+    prepared: Path | None  # the prepared training data (None: a model that came without any)
     device: torch.device
     rank: int = 0
     world_size: int = 1
@@ -50,6 +60,20 @@ class EvalContext:
 
     def mean(self, value: torch.Tensor | float) -> torch.Tensor:
         return self.sum(value) / self.world_size
+
+    def max(self, value: torch.Tensor | float) -> torch.Tensor:
+        """The largest ``value`` of any rank (e.g. how many forwards the busiest rank runs: under ZeRO 3
+        every rank must take part in every forward)."""
+        t = torch.as_tensor(value, dtype=torch.float64, device=self.device).clone()
+        if self.world_size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t
+
+    def split(self, name: str, prepared: str | Path | None = None) -> list[np.ndarray]:
+        """The token shards of split ``name`` of ``prepared`` (default: the run's prepared data)."""
+        if prepared is None and self.prepared is None:
+            raise DataError(f"no prepared data to read split {name!r} from: give prepared = DIR or path = FILE")
+        return read_split(self.prepared if prepared is None else prepared, name)
 
     def shard(self, items: list) -> list:
         """This rank's share of ``items`` (every world_size-th, starting at rank)."""
@@ -95,7 +119,73 @@ def build_evaluators(ctx: EvalContext) -> dict[str, Callable]:
 def run_evaluators(evaluators: dict[str, Callable], model) -> dict[str, float]:
     """Every evaluator's metrics as ``label/metric``."""
     row = {}
-    for label, evaluator in evaluators.items():
-        for metric, value in evaluator(model).items():
-            row[f"{label}/{metric}"] = float(value)
+    # their batches vary in length: with train.compile, compiling every new shape would cost more than it saves
+    with torch.compiler.set_stance("force_eager"):
+        for label, evaluator in evaluators.items():
+            for metric, value in evaluator(model).items():
+                row[f"{label}/{metric}"] = float(value)
     return row
+
+
+# -- after the fact: `playattention eval` -----------------------------------------------------------
+def parse_task(text: str, registry: Registry) -> Spec:
+    """``"hellaswag:path=val.jsonl,limit=100"`` -> the evaluator's spec, options typed and validated
+    (values in TOML syntax, a bare word being a string, as ``--set``); ConfigError naming what is wrong."""
+    kind, _, rest = text.partition(":")
+    options: dict = {}
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        keys, value = parse_override(item) if "=" in item else ([], None)
+        if len(keys) != 1:
+            raise UsageError(f"--task {text}: expected KIND:KEY=VALUE,KEY=VALUE..., e.g. hellaswag:path=val.jsonl,limit=100")
+        options[keys[0]] = value
+    return structure(registry, {"kind": kind.strip(), **options}, SPEC_TYPES["evaluator"], root=f"--task {kind.strip()}")
+
+
+def load_target(path: str | Path, device: str | torch.device = "cpu"):
+    """(model in eval mode, tokenizer, recipe, prepared data dir or None) of a finished run folder, or of a
+    Hugging Face GPT-2 folder (config.json + weights) with its own BPE files or else the shipped GPT-2 ones."""
+    folder = Path(path)
+    if not (folder / RECIPE_FILE).is_file() and (folder / "config.json").is_file():
+        registry = default_registry()
+        model = hf.load_gpt2(folder, registry=registry)
+        vocab, merges = folder / "vocab.json", folder / "merges.txt"
+        tokenizer = GPT2Tokenizer.from_files(vocab, merges) if vocab.is_file() and merges.is_file() else GPT2Tokenizer()
+        recipe = Recipe(name=folder.name, model=model.config)
+        return model.to(device).eval(), tokenizer, recipe, None
+    model, tokenizer, recipe = load_run(folder, device=device)
+    return model, tokenizer, recipe, prepared_dir(recipe.data)
+
+
+def evaluate_target(path: str | Path, tasks: list[str], *, device: str | torch.device = "cpu",
+                    batch_size: int | None = None) -> dict[str, float]:
+    """Run evaluators (``--task`` texts, or the run's own ``[[eval]]`` when none) on a run or GPT-2 folder;
+    their metrics as ``label/metric``."""
+    model, tokenizer, recipe, prepared = load_target(path, device)
+    registry = registry_of(recipe)
+    specs = [parse_task(t, registry) for t in tasks] if tasks else list(recipe.eval)
+    if not specs:
+        raise UsageError(f"{path}: its recipe lists no [[eval]]; name evaluators with --task KIND:KEY=VALUE,...")
+    train = attrs.evolve(recipe.train, micro_batch=batch_size) if batch_size else recipe.train
+    recipe = attrs.evolve(recipe, train=train, eval=specs)
+    ctx = EvalContext(recipe, registry, tokenizer, prepared, torch.device(device))
+    with torch.no_grad():
+        return run_evaluators(build_evaluators(ctx), model)
+
+
+def render_results(results: dict[str, float]) -> str:
+    """A table of ``label/metric`` results: evaluator, metric, value."""
+    rows = [key.split("/", 1) for key in results]
+    w = max([len("evaluator"), *(len(r[0]) for r in rows)])
+    m = max([len("metric"), *(len(r[1]) for r in rows)])
+    lines = [f"{'evaluator':<{w}}  {'metric':<{m}}  value"]
+    lines += [f"{label:<{w}}  {metric:<{m}}  {value:.4f}" for (label, metric), value in zip(rows, results.values())]
+    return "\n".join(lines)
+
+
+def write_results(results: dict[str, float], target: str | Path, out: str | Path) -> None:
+    """``{"target": ..., "results": {...}}`` as JSON to ``out`` ("-": stdout)."""
+    text = json.dumps({"target": str(target), "results": results}, indent=2) + "\n"
+    if str(out) == "-":
+        print(text, end="")
+    else:
+        Path(out).write_text(text)

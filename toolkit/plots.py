@@ -59,11 +59,33 @@ def _log_axis(ax, values: list[float]) -> None:
         ax.yaxis.set_minor_formatter(plain)
 
 
+def evaluator_metrics(evals: list[dict]) -> list[str]:
+    """The evaluator metrics of eval lines (``<label>/<metric>``), in the order they first appear."""
+    return list(dict.fromkeys(k for row in evals for k in row if "/" in k))
+
+
 def plot_losses(metrics_path: str | Path, out_png: str | Path, title: str | None = None) -> Path:
-    """Train loss per step (raw and smoothed) and the evaluated train/val losses, vs step."""
+    """losses.png: :func:`losses_figure` of a metrics.jsonl."""
+    out_png = Path(out_png)
+    losses_figure(metrics_path, title).savefig(out_png, dpi=110)
+    return out_png
+
+
+def losses_figure(metrics_path: str | Path, title: str | None = None):
+    """Train loss per step (raw and smoothed) and the evaluated train/val losses vs step, and below
+    them a panel for each evaluator metric (``hellaswag/acc_norm``...) vs step."""
     train, evals = read_metrics(metrics_path)
+    metrics = evaluator_metrics(evals)
+    rows = -(-len(metrics) // 2)  # two metric panels a row
     fig = _figure()
-    ax = fig.add_subplot()
+    if metrics:
+        fig.set_size_inches(9, 4.5 + 2.6 * rows)
+        grid = fig.add_gridspec(1 + rows, 2, height_ratios=[4.5] + [2.6] * rows)
+        ax = fig.add_subplot(grid[0, :])
+        for i, key in enumerate(metrics):
+            _plot_metric(fig.add_subplot(grid[1 + i // 2, i % 2]), evals, key)
+    else:
+        ax = fig.add_subplot()
     steps, loss = _finite([r["step"] for r in train], [r.get("loss") for r in train])
     shown = list(loss)
     window = min(100, len(loss) // 40)  # smooth over ~1/40 of the run: readable, and not lagging
@@ -89,27 +111,49 @@ def plot_losses(metrics_path: str | Path, out_png: str | Path, title: str | None
     ax.grid(True, which="both", alpha=0.3)
     if shown:
         ax.legend(loc="upper right")
-    out_png = Path(out_png)
-    fig.savefig(out_png, dpi=110)
-    return out_png
+    return fig
+
+
+def _plot_metric(ax, evals: list[dict], key: str) -> None:
+    """One evaluator metric vs step, its last value in the title."""
+    xs, ys = _finite([r["step"] for r in evals], [r.get(key) for r in evals])
+    if ys:
+        ax.plot(xs, ys, "o-", color="tab:green", markersize=3.5, linewidth=1.5)
+    ax.set_title(f"{key} ({ys[-1]:.4f})" if ys else key, fontsize=10)
+    ax.set_xlabel("optimizer step")
+    ax.grid(True, alpha=0.3)
 
 
 def plot_summary(metrics_path: str | Path, out_png: str | Path, title: str | None = None) -> Path:
-    """Three panels vs step: learning rate, gradient norm (before clipping), tokens/s."""
+    """Panels vs step: learning rate, gradient norm (before clipping), tokens/s, and when the run has them
+    the auxiliary losses (``aux/*``, smoothed) and each component metric (``mlp/expert_load_max``...)."""
     train, _ = read_metrics(metrics_path)
-    fig = _figure(nrows=3, height=2.6)
-    axes = fig.subplots(3, 1, sharex=True)
-    panels = (("lr", "learning rate", "tab:green", False), ("grad_norm", "gradient norm", "tab:purple", True),
-              ("tokens_per_s", "tokens/s", "tab:blue", False))
+    keys = list(dict.fromkeys(k for r in train for k in r if "/" in k))
+    aux = [k for k in keys if k.startswith("aux/")]
+    metrics = [k for k in keys if not k.startswith("aux/")]
+    panels = [("lr", "learning rate", "tab:green", False), ("grad_norm", "gradient norm", "tab:purple", True),
+              ("tokens_per_s", "tokens/s", "tab:blue", False)] + [(k, k, "tab:brown", False) for k in metrics]
+    fig = _figure(nrows=len(panels) + bool(aux), height=2.6)
+    axes = list(fig.subplots(len(panels) + bool(aux), 1, sharex=True))
     for ax, (key, label, color, log) in zip(axes, panels):
-        xs, ys = _finite([r["step"] for r in train], [r.get(key) for r in train])
+        xs, ys = _finite([r["step"] for r in train if key in r], [r.get(key) for r in train if key in r])
         if ys:
-            ax.plot(xs, ys, color=color, linewidth=1.0)
+            ax.plot(xs, ys, color=color, linewidth=1.0, marker="." if len(ys) < 50 else None)
             if log:
                 _log_axis(ax, ys)
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].set_title(f"{title}: schedule and throughput" if title else "schedule and throughput")
+    if aux:  # the terms a component adds to the objective, each summed over layers
+        ax = axes[-1]
+        for key in aux:
+            xs, ys = _finite([r["step"] for r in train if key in r], [r.get(key) for r in train if key in r])
+            if ys:
+                ax.plot(xs, _ema(ys), linewidth=1.0, label=key)
+        ax.set_ylabel("auxiliary losses")
+        ax.legend(fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+    heading = "schedule, throughput and components" if len(axes) > 3 else "schedule and throughput"
+    axes[0].set_title(f"{title}: {heading}" if title else heading)
     axes[-1].set_xlabel("optimizer step")
     out_png = Path(out_png)
     fig.savefig(out_png, dpi=110)

@@ -16,6 +16,7 @@ into the frozen attrs classes below. :func:`load_recipe` resolves it in this ord
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import os
 import re
@@ -66,6 +67,41 @@ class DataConfig:
 
 
 @attrs.frozen
+class WandbConfig:
+    """A Weights & Biases run of the training run (the run folder's name, under ``project``)."""
+
+    project: str = "playattention"
+    # "offline" writes the run under <run folder>/wandb and needs no network (`wandb sync` uploads it later)
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    entity: str | None = None
+    tags: list[str] = attrs.Factory(list)
+
+
+@attrs.frozen
+class TrackersConfig:
+    """Experiment trackers that get every metrics.jsonl line too (rank 0; toolkit/trackers.py)."""
+
+    tensorboard: bool = False  # event files in <run folder>/tensorboard (pip install 'playattention[tensorboard]')
+    wandb: WandbConfig | None = None  # a table turns it on (pip install 'playattention[wandb]')
+    csv: bool = False  # <run folder>/metrics.csv, one column per metric
+
+
+#: the package each tracker needs, and the extra that installs it
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}
+
+
+def _tracker_checks(trackers: TrackersConfig | None) -> list[str]:
+    """A tracker that is on but whose package is not installed: one line naming the extra to install."""
+    out = []
+    for name, (module, extra) in TRACKER_PACKAGES.items():
+        on = getattr(trackers, name, None)
+        if on and importlib.util.find_spec(module) is None:
+            out.append(f"$.train.trackers.{name}: needs the {module} package, which is not installed: "
+                       f"pip install 'playattention[{extra}]'")
+    return out
+
+
+@attrs.frozen
 @components("train")  # the families toolkit/families.py places in [train]: a field each
 class TrainConfig:
     """The optimisation: batch arithmetic, schedule, evaluation, sampling, checkpoints."""
@@ -93,6 +129,7 @@ class TrainConfig:
     compile: bool = False
     activation_checkpointing: bool = False
     out_dir: str = "runs"
+    trackers: TrackersConfig = attrs.Factory(TrackersConfig)  # [train.trackers]: TensorBoard, W&B, CSV
 
 
 @attrs.frozen
@@ -481,6 +518,7 @@ def _cross_checks(s: dict[str, dict], model: ModelConfig | None, registry: Regis
         out.append(f"$.train.warmup_steps: must be < max_steps ({t['max_steps']}), got {t['warmup_steps']}")
     if have(t, "warmup_steps", "decay_steps") and t["decay_steps"] is not None and t["decay_steps"] <= t["warmup_steps"]:
         out.append(f"$.train.decay_steps: must be > warmup_steps ({t['warmup_steps']}), got {t['decay_steps']}")
+    out += _tracker_checks(t.get("trackers"))
     if have(ds, "offload", "zero_stage") and ds["offload"] == "cpu" and ds["zero_stage"] < 2:
         out.append(f"$.deepspeed.offload: \"cpu\" needs zero_stage 2 or 3, got zero_stage {ds['zero_stage']}")
     return out

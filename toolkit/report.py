@@ -167,11 +167,18 @@ def compare(values: Sequence[float], base_values: Sequence[float]) -> Comparison
     return Comparison(diff, "within noise", lo, hi, df, seeds_to_resolve(diff, s_a, s_b))
 
 
+def evaluator_metrics(runs: Sequence[RunResult]) -> list[str]:
+    """The evaluator metrics (``hellaswag/acc_norm``...) any finished run's summary reports, in first-seen order."""
+    return list(dict.fromkeys(k for r in runs if r.status == "finished"
+                              for k, v in r.summary.items() if "/" in k and _is_number(v)))
+
+
 def summarize(variants: Sequence[VariantInfo], runs: Sequence[RunResult], baseline: str | None) -> list[dict]:
-    """One row per variant (in the order given): losses as mean and std over its finished seeds,
-    delta of the mean final val loss against the baseline's with its Welch interval, verdict and seeds
-    to resolve, and rank by mean final val loss (1 = best)."""
+    """One row per variant (in the order given): losses and evaluator metrics as mean and std over its
+    finished seeds, delta of the mean final val loss against the baseline's with its Welch interval,
+    verdict and seeds to resolve, and rank by mean final val loss (1 = best)."""
     rows = []
+    metrics = evaluator_metrics(runs)
     finals: dict[str, list[float]] = {}  # each variant's final val losses over its finished seeds
     for v in variants:
         mine = [r for r in runs if r.variant == v.name]
@@ -215,6 +222,7 @@ def summarize(variants: Sequence[VariantInfo], runs: Sequence[RunResult], baseli
             wall_s=_mean(r.summary.get("wall_s") for r in done),
             rank=None,
             error=" | ".join(errors),
+            evals={k: _mean_std([r.summary.get(k) for r in done]) for k in metrics},  # final values: (mean, std)
         ))
     base = next((r for r in rows if r["baseline"]), None)
     if base is not None and base["final_val_loss"] is not None:
@@ -302,10 +310,12 @@ def render_markdown(rows: list[dict], runs: Sequence[RunResult], *, title: str, 
     lines += [f"- {h}" for h in header]
     if header:
         lines.append("")
+    metrics = list(rows[0].get("evals", {})) if rows else []
     lines += [
         "| rank | variant | differs from baseline | params | FLOPs/token | final val loss | best val loss "
-        "| Δ final vs baseline | 95% CI of Δ | verdict | seeds to resolve | tokens/s | peak mem | wall |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
+        + "".join(f"| {_md(k)} " for k in metrics)
+        + "| Δ final vs baseline | 95% CI of Δ | verdict | seeds to resolve | tokens/s | peak mem | wall |",
+        "|---:|---|---|---:|---:|---:|---:" + "|---:" * len(metrics) + "|---:|---:|---|---:|---:|---:|---:|",
     ]
     for r in _ordered(rows):
         name = f"**{r['variant']}** (baseline)" if r["baseline"] else r["variant"]
@@ -318,14 +328,15 @@ def render_markdown(rows: list[dict], runs: Sequence[RunResult], *, title: str, 
         lines.append("| " + " | ".join([
             str(r["rank"] or "–"), _md(name), _md(diff), si(r["params"]), si(r["flops_per_token"]),
             _loss(r["final_val_loss"], r["final_val_loss_std"]), _loss(r["best_val_loss"], r["best_val_loss_std"]),
-            delta or "–", _interval(r["ci_low"], r["ci_high"]), r["verdict"] or "–", _seeds(r),
+            *(_loss(*r["evals"][k]) for k in metrics), delta or "–", _interval(r["ci_low"], r["ci_high"]), r["verdict"] or "–", _seeds(r),
             si(r["tokens_per_s"]), _bytes(r["peak_mem_bytes"]), _duration(r["wall_s"]),
         ]) + " |")
     lines.append("")
     seeds_note = f"mean ± std over {n_seeds} seeds (sample std)" if n_seeds > 1 else "from one seed"
     lines.append(f"Losses are {seeds_note}; rank and Δ use the mean final val loss (lower is better). "
                  "Parameters count every weight once (tied embeddings once); FLOPs/token are forward FLOPs "
-                 "at the full context.")
+                 "at the full context." + (" Evaluator columns (`label/metric`) are the final evaluation's values, "
+                                           "mean ± std over the same seeds." if metrics else ""))
     if any(r["ci_low"] is not None for r in rows):
         lines.append("")
         lines.append(f"95% CI of Δ: Welch's t interval of the difference of mean final val loss over seeds "
@@ -357,20 +368,24 @@ RUN_FIELDS = ["variant", "seed", "status", "run_dir", "steps", "tokens", "final_
 
 def write_csv(rows: list[dict], path: str | Path) -> None:
     """results.csv: one row per variant, best first; empty cells where there is no number."""
+    metrics = list(rows[0].get("evals", {})) if rows else []
+    fields = CSV_FIELDS[:-1] + [f for k in metrics for f in (k, f"{k}_std")] + CSV_FIELDS[-1:]
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, CSV_FIELDS, extrasaction="ignore")
+        w = csv.DictWriter(f, fields, extrasaction="ignore")
         w.writeheader()
         for r in _ordered(rows):
-            w.writerow({k: "" if r.get(k) is None else r[k] for k in CSV_FIELDS})
+            evals = {f: v for k, (m, sd) in r.get("evals", {}).items() for f, v in ((k, m), (f"{k}_std", sd))}
+            w.writerow({k: "" if v is None else v for k, v in {**r, **evals}.items() if k in fields})
 
 
 def write_runs_csv(runs: Sequence[RunResult], path: str | Path) -> None:
     """runs.csv: one row per (variant, seed) run, straight from its summary."""
+    fields = RUN_FIELDS[:-1] + evaluator_metrics(runs) + RUN_FIELDS[-1:]
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, RUN_FIELDS)
+        w = csv.DictWriter(f, fields)
         w.writeheader()
         for r in runs:
-            row = {k: r.summary.get(k, "") for k in RUN_FIELDS}
+            row = {k: r.summary.get(k, "") for k in fields}
             row.update(variant=r.variant, seed=r.seed, status=r.status, run_dir=r.run_dir, error=r.error or "")
             w.writerow({k: "" if v is None else v for k, v in row.items()})
 

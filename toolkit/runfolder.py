@@ -5,6 +5,7 @@
         ds_config.json     the DeepSpeed config it ran with
         versions.json      python, torch, deepspeed, playattention and plugin versions
         metrics.jsonl      one "train" line per optimizer step, one "eval" line per evaluation
+        tensorboard/ wandb/ metrics.csv   the same metrics for the trackers [train.trackers] turns on
         losses.png         train and val loss (and evaluator scores) vs step, redrawn at each evaluation
         summary.png        learning rate, gradient norm and tokens/s vs step
         samples.txt        generated text, each sample headed by the step it was drawn at
@@ -31,6 +32,7 @@ from . import checkpoint
 from .plots import plot_losses, plot_summary
 from .recipe import Recipe, dump_recipe, recipe_to_dict
 from .registry import Registry
+from .trackers import Trackers
 
 
 def default_run_dir(recipe: Recipe) -> Path:
@@ -47,10 +49,11 @@ def default_run_dir(recipe: Recipe) -> Path:
 class RunFolder:
     """The files of one run. Only rank 0 makes one (other ranks hold ``None``)."""
 
-    def __init__(self, path: Path, title: str):
+    def __init__(self, path: Path, title: str, trackers: Trackers | None = None):
         self.path, self.title = Path(path), title
         self.metrics_path = self.path / "metrics.jsonl"
         self._metrics = None
+        self.trackers = trackers  # TensorBoard, W&B, CSV: they get every metrics line too
 
     # -- at the start -------------------------------------------------------------------------
     def write_start(self, recipe: Recipe, ds_config: dict, registry: Registry, tokenizer) -> None:
@@ -82,6 +85,8 @@ class RunFolder:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
         self._metrics.write(json.dumps(clean) + "\n")
         self._metrics.flush()
+        if self.trackers is not None:
+            self.trackers.log(clean)
 
     def plot(self, summary: bool = False) -> None:
         """Redraw losses.png (at every evaluation) and, at the end, summary.png."""
@@ -114,6 +119,8 @@ class RunFolder:
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None
+        if self.trackers is not None:
+            self.trackers.close()
 
 
 def versions(registry: Registry) -> dict:

@@ -166,6 +166,14 @@ class GPT2Tokenizer(Tokenizer):
     def from_dict(cls, d: dict) -> GPT2Tokenizer:
         return cls()
 
+    @classmethod
+    def from_files(cls, encoder_json: str | Path, vocab_bpe: str | Path) -> GPT2Tokenizer:
+        """GPT-2's BPE from a pair of files of its format: OpenAI's encoder.json and vocab.bpe, or a
+        Hugging Face GPT-2 folder's vocab.json and merges.txt (ValueError if they are not GPT-2 BPE)."""
+        tok = cls.__new__(cls)
+        tok.encoding = _bpe_encoding(str(encoder_json), str(vocab_bpe))
+        return tok
+
     def encode(self, text: str) -> list[int]:
         # ordinary: a literal "<|endoftext|>" in user text is text, not the document separator
         return self.encoding.encode_ordinary(text)
@@ -183,10 +191,6 @@ _no_cache_lock = threading.Lock()
 @functools.lru_cache(maxsize=None)
 def gpt2_encoding():
     """tiktoken's GPT-2 encoding, built from the shipped BPE files after checking their hashes."""
-    import tiktoken
-    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-    from tiktoken_ext.openai_public import r50k_pat_str  # a constant; importing fetches nothing
-
     paths = {}
     for name, expected in GPT2_FILES.items():
         path = ASSETS / "gpt2" / name
@@ -194,15 +198,25 @@ def gpt2_encoding():
         if digest != expected:
             raise ValueError(f"{path}: sha256 {digest}, expected {expected} (a damaged install?)")
         paths[name] = str(path)
+    return _bpe_encoding(paths["encoder.json"], paths["vocab.bpe"])
+
+
+def _bpe_encoding(encoder_json: str, vocab_bpe: str):
+    """A GPT-2 BPE tiktoken encoding from its two files, read from disk and nowhere else."""
+    import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tiktoken_ext.openai_public import r50k_pat_str  # a constant; importing fetches nothing
+
     # tiktoken copies even local files into a temp-dir cache keyed by path unless its cache dir is
-    # "" (then it just reads them); the hashes were checked above, so switch the cache off
+    # "" (then it just reads them): they are local files, so switch the cache off
     with _no_cache_lock:
         saved = os.environ.get("TIKTOKEN_CACHE_DIR")
         os.environ["TIKTOKEN_CACHE_DIR"] = ""
         try:
-            ranks = data_gym_to_mergeable_bpe_ranks(
-                vocab_bpe_file=paths["vocab.bpe"], encoder_json_file=paths["encoder.json"]
-            )
+            ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=vocab_bpe, encoder_json_file=encoder_json)
+        except (AssertionError, ValueError, KeyError, OSError) as exc:
+            raise ValueError(f"{encoder_json}, {vocab_bpe}: not a GPT-2 BPE vocabulary and merges pair "
+                             f"({type(exc).__name__}: {exc})") from None
         finally:
             if saved is None:
                 del os.environ["TIKTOKEN_CACHE_DIR"]

@@ -14,8 +14,10 @@ never stopped (fp32, same ranks); a NaN/inf loss stops the run without saving th
 """
 from __future__ import annotations
 
+import collections
 import math
 import resource
+import statistics
 import signal
 import time
 import traceback
@@ -39,10 +41,13 @@ from .progress import Progress
 from .recipe import Recipe, registry_of
 from .runfolder import RunFolder, default_run_dir
 from .signals import StopSignals
+from .trackers import Trackers
 from .tokenizer import load_tokenizer
 
 #: the first steps are left out of the mean throughput (allocator warm-up, compilation)
 TIMING_SKIP = 3
+#: the summary's auxiliary losses are their mean over this many last steps (one step's are noisy)
+AUX_WINDOW = 50
 
 
 def train(recipe: Recipe, *, run_dir: str | Path | None = None, progress: bool = True, plugins=(),
@@ -89,6 +94,8 @@ class Trainer:
         self.last_eval: dict = {}
         self.best_val_loss = math.inf
         self.elapsed_before = 0.0  # wall time of earlier sessions of this run (resume)
+        self.recent_aux: collections.deque = collections.deque(maxlen=AUX_WINDOW)  # the last steps' aux losses
+        self.component_metrics: dict = {}  # the components' metrics, as last logged
 
     # -- the loop --------------------------------------------------------------------------
     def fit(self) -> None:
@@ -177,7 +184,9 @@ class Trainer:
         self.t_start = time.perf_counter()
         self.display = Progress(enabled=self.progress and self.is_main, total=self.cfg.max_steps, initial=self.step,
                                 title=recipe.name, log_interval=self.cfg.log_interval)
-        self.folder = RunFolder(self.run_dir, recipe.name) if self.is_main else None
+        if self.is_main:  # the trackers drop what they logged after a resumed checkpoint's step
+            trackers = Trackers.open(recipe, self.run_dir, resume_step=self.step if self.resume else None)
+        self.folder = RunFolder(self.run_dir, recipe.name, trackers) if self.is_main else None
         if self.folder:
             self.folder.write_start(recipe, self.ds_config, self.registry, self.tokenizer)
             if self.resume:
@@ -291,6 +300,8 @@ class Trainer:
         """Record one step: a metrics line (with the auxiliary losses, and every log_interval the
         components' own metrics), the throughput, the progress display."""
         tokens_per_s = self.plan.tokens_per_step / dt
+        if aux:
+            self.recent_aux.append(aux)
         mfu = None
         if self.peak is not None:  # training ~ 3x forward FLOPs (forward + backward)
             mfu = 3 * self.flops_per_token * tokens_per_s / (self.peak * self.world_size)
@@ -301,7 +312,8 @@ class Trainer:
                 row.update({f"aux/{name}": value for name, value in aux.items()}, **{"aux/total": sum(aux.values())})
             # ZeRO 3 keeps only a shard of each weight on a rank: metrics read from weights would be wrong
             if self.step % self.cfg.log_interval == 0 and self.recipe.deepspeed.zero_stage < 3:
-                row.update(self.engine.module.component_metrics())
+                self.component_metrics = self.engine.module.component_metrics()
+                row.update(self.component_metrics)
             self.folder.write_metrics(row)
         self.display.step(self.step, loss, lr, tokens_per_s, mfu, dt)  # shows nothing on other ranks
 
@@ -365,6 +377,9 @@ class Trainer:
             "checkpoint": str(self.checkpointer.latest() or "") or None,  # the one to resume
         }
         summary.update({k: v for k, v in self.last_eval.items() if "/" in k})  # evaluator scores, final
+        for name in dict.fromkeys(k for row in self.recent_aux for k in row):  # aux losses: the last steps' mean
+            summary[f"aux/{name}"] = statistics.fmean(row[name] for row in self.recent_aux if name in row)
+        summary.update(self.component_metrics)
         if self.folder:
             self.folder.write_summary(summary)
         if self.world_size > 1 and status != "failed":

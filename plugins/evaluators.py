@@ -1,0 +1,221 @@
+"""Built-in evaluators. Contract: factory(opts, ctx) -> callable: model -> {metric: float} (toolkit.evaluate).
+
+    hellaswag   multiple-choice accuracy from a local JSONL in HellaSwag's format (Zellers et al. 2019):
+                each ending scored as a completion of the context, as build-nanogpt's hellaswag.py does
+    perplexity  token-weighted mean loss and perplexity on a prepared split or a text file
+
+Both score with :func:`toolkit.scoring.score_continuations`, the scorer the lm-evaluation-harness
+adapter uses too, and nothing is downloaded: the files are yours. A recipe lists them as
+``[[eval]]`` tables; they run at every evaluation and ``playattention eval`` runs them on a
+finished run. Work is split across ranks (``ctx.shard``) and summed (``ctx.sum``).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import attrs
+import numpy as np
+import torch
+from attrs import validators as v
+
+from toolkit.errors import DataError
+from toolkit.hookspecs import hookimpl
+from toolkit.scoring import Scored, batches_needed, score_continuations
+
+
+def _where(opts, recipe) -> str:
+    """``$.eval[i]`` of the evaluator whose options are ``opts`` in the recipe."""
+    index = next((i for i, spec in enumerate(recipe.eval) if spec.options is opts), None)
+    return f"$.eval[{index}]" if index is not None else "$.eval"
+
+
+def _missing(path: str | None, where: str, key: str = "path") -> list[str]:
+    if path is not None and not Path(path).expanduser().is_file():
+        return [f"{where}.{key}: no such file: {path}"]
+    return []
+
+
+# -- multiple choice (HellaSwag) ------------------------------------------------------------------
+@attrs.frozen
+class Example:
+    """One multiple-choice question: a context, its candidate endings and the index of the right one."""
+
+    context: str
+    endings: tuple[str, ...]
+    label: int
+
+
+def read_examples(path: str | Path, limit: int | None = None) -> list[Example]:
+    """The examples of a JSONL file of ``{"ctx": str, "endings": [str, ...], "label": int}`` lines
+    (HellaSwag's own files; other keys are ignored); DataError naming the line of a bad one."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"{path}: no such multiple-choice file")
+    out: list[Example] = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if limit is not None and len(out) >= limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
+            ctx, endings, label = (row.get(k) if isinstance(row, dict) else None for k in ("ctx", "endings", "label"))
+            if not isinstance(ctx, str):
+                raise DataError(f"{path}:{n}: expected a string \"ctx\", got {json.dumps(ctx)}")
+            if not (isinstance(endings, list) and len(endings) >= 2 and all(isinstance(e, str) and e for e in endings)):
+                raise DataError(f"{path}:{n}: expected \"endings\" to be a list of 2 or more non-empty strings")
+            if isinstance(label, str) and label.isdigit():  # the Hugging Face copy stores it as "3"
+                label = int(label)
+            if not (isinstance(label, int) and not isinstance(label, bool) and 0 <= label < len(endings)):
+                raise DataError(f"{path}:{n}: expected \"label\" to be an index into the {len(endings)} endings, "
+                                f"got {json.dumps(label)}")
+            out.append(Example(ctx, tuple(endings), label))
+    if not out:
+        raise DataError(f"{path}: no examples")
+    return out
+
+
+def choose(scores: list[Scored]) -> tuple[int, int]:
+    """(the ending with the lowest summed loss, the one with the lowest loss per token); ties go to the first."""
+    pick = min(range(len(scores)), key=lambda j: scores[j].loss)
+    pick_norm = min(range(len(scores)), key=lambda j: scores[j].mean_loss)
+    return pick, pick_norm
+
+
+@attrs.frozen
+class MultipleChoiceOptions:
+    # a JSONL file of {"ctx", "endings", "label"} lines, e.g. HellaSwag's hellaswag_val.jsonl (relative
+    # paths are relative to the working directory, as data.paths)
+    path: str = attrs.field(validator=v.instance_of(str))
+    limit: int | None = attrs.field(default=None, validator=v.optional(v.gt(0)))  # the first N examples only
+    # rows (one per ending) per forward; default train.micro_batch
+    batch_size: int | None = attrs.field(default=None, validator=v.optional(v.gt(0)))
+
+
+class MultipleChoice:
+    """Multiple-choice accuracy (HellaSwag's JSONL): acc by summed ending loss, acc_norm by loss per token."""
+
+    Options = MultipleChoiceOptions
+
+    def __init__(self, opts: MultipleChoiceOptions, ctx):
+        self.ctx = ctx
+        self.batch_size = opts.batch_size or ctx.micro_batch
+        self.examples = ctx.shard(read_examples(opts.path, opts.limit))  # this rank's share
+        tok, self.requests = ctx.tokenizer, []
+        for i, ex in enumerate(self.examples):
+            try:
+                # the ending follows the context after a space, as build-nanogpt and lm-eval render it
+                context = tok.encode(ex.context) or ([tok.eot] if tok.eot is not None else [])
+                self.requests += [(context, tok.encode(" " + ending)) for ending in ex.endings]
+            except ValueError as exc:  # a character the char tokenizer never saw
+                raise DataError(f"{opts.path}: example {i * ctx.world_size + ctx.rank + 1}: {exc}") from None
+            if not context:
+                raise DataError(f"{opts.path}: example {i * ctx.world_size + ctx.rank + 1}: empty ctx and "
+                                f"the {tok.name} tokenizer has no end-of-text token to start from")
+        self.batches = int(ctx.max(batches_needed(len(self.requests), self.batch_size)).item())
+
+    @classmethod
+    def check_recipe(cls, opts: MultipleChoiceOptions, recipe) -> list[str]:
+        return _missing(opts.path, _where(opts, recipe))
+
+    def __call__(self, model) -> dict[str, float]:
+        scores = score_continuations(model, self.requests, block_size=self.ctx.block_size,
+                                     batch_size=self.batch_size, device=self.ctx.device, batches=self.batches)
+        correct = correct_norm = start = 0
+        for ex in self.examples:
+            pick, pick_norm = choose(scores[start:start + len(ex.endings)])
+            start += len(ex.endings)
+            correct += pick == ex.label
+            correct_norm += pick_norm == ex.label
+        right, right_norm, total = self.ctx.sum(torch.tensor([correct, correct_norm, len(self.examples)])).tolist()
+        return {"acc": right / total, "acc_norm": right_norm / total}
+
+
+# -- perplexity -------------------------------------------------------------------------------------
+@attrs.frozen
+class PerplexityOptions:
+    split: str = "val"  # the split of the prepared data
+    # a prepared dataset folder (`playattention prepare`); default the run's own prepared data
+    prepared: str | None = None
+    path: str | None = None  # a text file instead, read whole and tokenized with the run's tokenizer
+    # at most this many batches of batch_size windows of block_size tokens; default the whole split or file
+    batches: int | None = attrs.field(default=None, validator=v.optional(v.gt(0)))
+    batch_size: int | None = attrs.field(default=None, validator=v.optional(v.gt(0)))  # default train.micro_batch
+
+
+class Windows:
+    """The (context, continuation) requests that score every token of some token arrays after the first:
+    windows of block_size + 1 tokens that overlap by one, made as they are asked for."""
+
+    def __init__(self, arrays: list[np.ndarray], block_size: int, limit: int | None = None):
+        self.arrays, self.T = arrays, block_size
+        self.starts = [(a, s) for a, arr in enumerate(arrays) for s in range(0, len(arr) - 1, block_size)][:limit]
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i: int) -> tuple[list[int], list[int]]:
+        a, s = self.starts[i]
+        window = self.arrays[a][s:s + self.T + 1].tolist()
+        return window[:1], window[1:]
+
+
+class Perplexity:
+    """Token-weighted mean loss and perplexity over a prepared split or a text file."""
+
+    Options = PerplexityOptions
+
+    def __init__(self, opts: PerplexityOptions, ctx):
+        self.ctx = ctx
+        self.batch_size = opts.batch_size or ctx.micro_batch
+        if opts.path is not None:
+            arrays = [self._encode_file(opts.path, ctx.tokenizer)]
+        else:
+            arrays = ctx.split(opts.split, opts.prepared)
+        limit = opts.batches * self.batch_size if opts.batches else None
+        windows = Windows(arrays, ctx.block_size, limit)
+        if not len(windows):
+            raise DataError(f"perplexity: {opts.path or opts.split} has fewer than 2 tokens")
+        windows.starts = ctx.shard(windows.starts)  # this rank's share
+        self.windows = windows
+        self.batches = int(ctx.max(batches_needed(len(windows), self.batch_size)).item())
+
+    @staticmethod
+    def _encode_file(path: str, tok) -> np.ndarray:
+        file = Path(path).expanduser()
+        if not file.is_file():
+            raise DataError(f"{path}: no such text file")
+        try:
+            ids = tok.encode(file.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise DataError(f"{path}: {exc}") from None
+        # a document starts with end-of-text, as `prepare` writes it, so its first token is scored too
+        return np.array(([tok.eot] if tok.eot is not None else []) + ids, dtype=np.int64)
+
+    @classmethod
+    def check_recipe(cls, opts: PerplexityOptions, recipe) -> list[str]:
+        where = _where(opts, recipe)
+        if opts.path is not None and opts.prepared is not None:
+            return [f"{where}: give path (a text file) or prepared (a prepared dataset), not both"]
+        if opts.prepared is not None and not Path(opts.prepared).expanduser().is_dir():
+            return [f"{where}.prepared: no such prepared dataset folder: {opts.prepared}"]
+        return _missing(opts.path, where)
+
+    def __call__(self, model) -> dict[str, float]:
+        scores = score_continuations(model, self.windows, block_size=self.ctx.block_size,
+                                     batch_size=self.batch_size, device=self.ctx.device, batches=self.batches)
+        logprob, tokens = self.ctx.sum(torch.tensor([sum(s.logprob for s in scores),
+                                                     sum(s.tokens for s in scores)], dtype=torch.float64)).tolist()
+        loss = -logprob / tokens
+        return {"loss": loss, "ppl": math.exp(loss)}
+
+
+@hookimpl
+def register_evaluators(register):
+    register("hellaswag", MultipleChoice)
+    register("perplexity", Perplexity)

@@ -1,0 +1,121 @@
+"""The lm-evaluation-harness adapter, offline: a local multiple-choice task (a YAML file over a local
+JSONL) through lm_eval gives the log-likelihoods of the toolkit's own scorer, and the rolling
+log-likelihood is the perplexity evaluator's."""
+import importlib.metadata as md
+import json
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+lm_eval = pytest.importorskip("lm_eval")
+
+from lm_eval.tasks import TaskManager  # noqa: E402
+
+from toolkit.evaluate import EvalContext, evaluate_target, load_target  # noqa: E402
+from toolkit.hf import save_gpt2  # noqa: E402
+from toolkit.lm_harness import PlayAttentionLM  # noqa: E402
+from toolkit.model import ModelConfig, Transformer  # noqa: E402
+from toolkit.plugins.evaluators import MultipleChoice  # noqa: E402
+from toolkit.scoring import score_continuations  # noqa: E402
+
+EXAMPLES = [
+    {"ctx": "The cat sat on the", "endings": ["mat.", "moon of Jupiter", "dog"], "label": 0},
+    {"ctx": "Paris is the capital of", "endings": ["France.", "bananas"], "label": 1},
+    {"ctx": "One, two, three,", "endings": ["four", "seven hundred", "blue"], "label": 2},
+]
+TASK = """task: tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    validation: {data}
+validation_split: validation
+output_type: multiple_choice
+doc_to_text: "{{{{ctx}}}}"
+doc_to_choice: "{{{{endings}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A small random GPT-2 folder (shipped BPE), the examples as JSONL and a task YAML over them."""
+    root = tmp_path_factory.mktemp("lm_eval")
+    torch.manual_seed(0)
+    folder = save_gpt2(Transformer(ModelConfig(vocab_size=50257, block_size=16, n_layer=1, n_head=2, n_embd=16),
+                                   None), root / "gpt2")
+    data = root / "mc.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in EXAMPLES))
+    tasks = root / "tasks"
+    tasks.mkdir()
+    (tasks / "tiny_mc.yaml").write_text(TASK.format(data=data))
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # the json builder is local; never ask the Hub
+    return folder, data, tasks
+
+
+@pytest.mark.slow
+def test_loglikelihood_through_lm_eval_matches_the_toolkit_scorer_and_the_hellaswag_evaluator(setup, monkeypatch,
+                                                                                              tmp_path):
+    folder, data, tasks = setup
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # the datasets cache, not the user's
+    out = lm_eval.simple_evaluate(model="playattention", model_args=f"run={folder}", tasks=["tiny_mc"],
+                                  task_manager=TaskManager(include_path=str(tasks)), batch_size=2, device="cpu",
+                                  log_samples=True)
+    model, tok, recipe, _ = load_target(folder)
+    for sample in out["samples"]["tiny_mc"]:
+        ex = sample["doc"]
+        ours = score_continuations(model, [(tok.encode(ex["ctx"]), tok.encode(" " + e)) for e in ex["endings"]],
+                                   block_size=16, batch_size=8)
+        theirs = [float(ll) for (ll, _greedy), in sample["resps"]]
+        assert theirs == pytest.approx([s.logprob for s in ours], abs=1e-4)
+    ctx = EvalContext(recipe, None, tok, None, torch.device("cpu"))
+    ours = MultipleChoice(MultipleChoice.Options(path=str(data)), ctx)(model)
+    assert out["results"]["tiny_mc"]["acc,none"] == pytest.approx(ours["acc"])
+
+
+def test_rolling_loglikelihood_of_a_text_in_one_window_is_the_perplexity_evaluators(setup, tmp_path):
+    # (over several windows lm-eval gives its last window more context than the perplexity windows do)
+    folder, _, _ = setup
+    text = tmp_path / "t.txt"
+    text.write_text("It was the best of times, it was the worst of times.")
+    lm = PlayAttentionLM(run=str(folder), device="cpu", batch_size=4)
+    (rolling,) = lm.loglikelihood_rolling([types.SimpleNamespace(args=(text.read_text(),))])
+    n = len(lm.tokenizer.encode(text.read_text()))
+    assert 1 < n <= 16
+    loss = evaluate_target(folder, [f"perplexity:path={text}"])["perplexity/loss"]
+    assert rolling == pytest.approx(-loss * n, rel=1e-5)
+
+
+def test_generate_until_is_greedy_and_stops_at_the_first_stop_string(setup):
+    folder, _, _ = setup
+    lm = PlayAttentionLM(run=str(folder), device="cpu")
+    ids = torch.tensor([lm.tokenizer.encode("Once upon a time")])  # (1, T)
+    full = lm.tokenizer.decode(lm.model.generate(ids, 8, temperature=0.0)[0, ids.size(1):].tolist())
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    (got,) = lm.generate_until([types.SimpleNamespace(args=("Once upon a time", {"until": [stop], "max_gen_toks": 8}))])
+    assert len(full) >= 4 and got == full[:full.find(stop)]
+
+
+def test_the_package_declares_the_lm_eval_models_entry_point():
+    (entry,) = [e for e in md.entry_points(group="lm_eval.models") if e.name == "playattention"]
+    assert entry.load() is PlayAttentionLM
+
+
+@pytest.mark.slow
+def test_python_m_toolkit_lm_harness_is_lm_evals_command_line_with_the_model_registered(setup, tmp_path):
+    folder, _, tasks = setup
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "toolkit.lm_harness", "run", "--model_args", f"run={folder}",
+                           "--tasks", "tiny_mc", "--include_path", str(tasks), "--device", "cpu",
+                           "--output_path", str(tmp_path / "out")], capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "tiny_mc" in proc.stdout and "acc" in proc.stdout
+    assert list((tmp_path / "out").rglob("results_*.json"))
