@@ -21,7 +21,8 @@ RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 V = 50
 # 6 query heads (not a power of two) of width 12 (not hidden / heads = 8), a window shorter than the text
 SMALL = dict(hidden_size=48, num_attention_heads=6, num_key_value_heads=3, head_dim=12, num_hidden_layers=4,
-             intermediate_size=40, vocab_size=V, max_position_embeddings=64, sliding_window=8)
+             intermediate_size=40, vocab_size=V, max_position_embeddings=64, sliding_window=8,
+             rope_theta=5000.0)
 VARIANTS = {
     # GQA ratio 2; caps low enough to bite; q.k scaled by 10**-0.5, not head_dim**-0.5; tied head
     "gqa2-capped-scaled": dict(attn_logit_softcapping=1.0, final_logit_softcapping=2.0, query_pre_attn_scalar=10),
@@ -90,6 +91,7 @@ def test_exported_gemma2_loads_in_transformers_with_the_same_logits(tmp_path, va
     ours = load_gemma2(tmp_path / "in")
     save_gemma2(ours, tmp_path / "out")
     back = transformers.Gemma2ForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert back.config.rope_parameters["rope_theta"] == 5000.0
     for key in ("layer_types", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
                 "hidden_activation", "head_dim", "num_key_value_heads", "tie_word_embeddings"):
         assert getattr(back.config, key) == getattr(hf.config, key), key

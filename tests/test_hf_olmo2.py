@@ -64,6 +64,7 @@ def test_exported_olmo2_loads_in_transformers_with_the_same_logits(tmp_path, var
     save_olmo2(ours, tmp_path / "out")
     back = transformers.Olmo2ForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert back.config.tie_word_embeddings == hf.config.tie_word_embeddings
+    assert back.config.rope_parameters["rope_theta"] == 5000.0
     assert back.model.layers[0].self_attn.head_dim == hf.model.layers[0].self_attn.head_dim
     with torch.no_grad():
         assert rel_err(back(IDX).logits, ours(IDX)[0]) < 1e-5

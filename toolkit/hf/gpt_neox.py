@@ -178,9 +178,7 @@ def hf_config_from_gpt_neox(model: Transformer) -> dict:
         "tie_word_embeddings": cfg.tie_embeddings,
         "use_parallel_residual": cfg.block.kind == "parallel",
         "attention_bias": True,
-        # transformers >= 5 reads rope_parameters, earlier versions rotary_pct / rotary_emb_base
-        "rope_parameters": {"rope_type": "default", "rope_theta": rope.theta, "partial_rotary_factor": rope.fraction},
-        "rotary_pct": rope.fraction,
+        "rotary_pct": rope.fraction,  # as Pythia's files and transformers 4 spell them; transformers 5 reads them too
         "rotary_emb_base": rope.theta,
         "attention_dropout": 0.0,
         "hidden_dropout": 0.0,

@@ -122,7 +122,7 @@ def hf_config_from_olmo2(model: Transformer) -> dict:
         "max_position_embeddings": cfg.block_size,
         "rms_norm_eps": cfg.norm.options.eps,
         "tie_word_embeddings": cfg.tie_embeddings,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.position.options.theta},
+        "rope_theta": cfg.position.options.theta,  # as transformers 4 wrote it; transformers 5 reads it too
         "attention_bias": False,
         "attention_dropout": 0.0,
         "initializer_range": 0.02,
