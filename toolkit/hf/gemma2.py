@@ -124,13 +124,13 @@ def gemma2_config_from_hf(hf: dict, *, dropout: float = 0.0, where: str = "Gemma
 
 
 def gemma2_state_dict_from_hf(hf_sd: dict[str, torch.Tensor], config: ModelConfig,
-                             where: str = "Gemma 2 weights") -> dict[str, torch.Tensor]:
+                              where: str = "Gemma 2 weights") -> dict[str, torch.Tensor]:
     """HF Gemma 2 tensors -> this toolkit's names, q/k/v and gate/up stacked into the fused weights."""
     return fused_from_hf(hf_sd, config, _RENAME, where)
 
 
 def load_gemma2(path: str | Path, *, dropout: float = 0.0, dtype: torch.dtype | None = None,
-                  registry: Registry | None = None) -> Transformer:
+                registry: Registry | None = None) -> Transformer:
     """A :class:`Transformer` with the weights of a local HF Gemma 2 folder (config.json + safetensors)."""
     return load_checkpoint(path, gemma2_config_from_hf, gemma2_state_dict_from_hf, dropout=dropout, dtype=dtype,
                            registry=registry)

@@ -71,7 +71,7 @@ def olmo2_state_dict_from_hf(hf_sd: dict[str, torch.Tensor], config: ModelConfig
 
 
 def load_olmo2(path: str | Path, *, dropout: float = 0.0, dtype: torch.dtype | None = None,
-                 registry: Registry | None = None) -> Transformer:
+               registry: Registry | None = None) -> Transformer:
     """A :class:`Transformer` with the weights of a local HF OLMo 2 folder (config.json + safetensors)."""
     return load_checkpoint(path, olmo2_config_from_hf, olmo2_state_dict_from_hf, dropout=dropout, dtype=dtype,
                            registry=registry)
