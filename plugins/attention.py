@@ -46,6 +46,9 @@ class AttentionOptions:
     softcap: float | None = attrs.field(default=None, validator=v.optional(v.gt(0.0)))
     # qk_norm over each head (Qwen 3, Gemma 3) or over all heads' queries and keys at once (OLMo 2)
     qk_norm_scope: str = attrs.field(default="head", validator=v.in_(("head", "all")))
+    # the factor on q.k before the softmax; None: 1/sqrt(head_dim) (Vaswani et al. 2017). Gemma 2 27B
+    # scales by query_pre_attn_scalar**-0.5 = 144**-0.5 with heads 128 wide
+    scale: float | None = attrs.field(default=None, validator=v.optional(v.gt(0.0)))
 
 
 @attrs.frozen
@@ -73,7 +76,7 @@ class GroupedQueryAttention(nn.Module):
         if nh % nkv:
             raise ConfigError([f"model.attention.n_kv_head ({nkv}) must divide model.n_head ({nh})"])
         self.n_head, self.n_kv_head, self.head_dim, self.backend = nh, nkv, hs, opts.backend
-        self.softcap = opts.softcap
+        self.softcap, self.scale = opts.softcap, opts.scale
         # rows: [q for nh heads; k for nkv heads; v for nkv heads], one matmul for all three
         self.c_attn = nn.Linear(C, (nh + 2 * nkv) * hs, bias=dims.bias)
         self.c_proj = nn.Linear(nh * hs, C, bias=dims.bias)
@@ -99,7 +102,7 @@ class GroupedQueryAttention(nn.Module):
         q, k = position.rotate(q, k, pos)
         k, v, k_pos = self.update_cache(cache, k, v, pos)  # (B, nkv, T_past + T, hs), positions (T_past + T,)
         y = attend(q, k, v, pos, k_pos, position, dropout=self.dropout if self.training else 0.0,
-                   window=self.window, softcap=self.softcap, backend=self.backend)  # (B, nh, T, hs)
+                   window=self.window, softcap=self.softcap, scale=self.scale, backend=self.backend)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, nh * hs)  # (B, T, nh*hs): heads side by side again
         return self.resid_dropout(self.c_proj(y))
 

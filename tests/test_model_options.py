@@ -2,8 +2,10 @@
 norm and QK-norm variants (each checked against a direct computation)."""
 import math
 
+import pytest
 import torch
 
+from toolkit import contracts
 from toolkit.model import ModelConfig, Transformer
 
 
@@ -53,3 +55,32 @@ def test_qk_norm_over_all_heads_normalises_the_whole_projection():
     per_head = small(attention={"kind": "gqa", "n_kv_head": 2, "qk_norm": "rmsnorm"}).transformer.h[0].attn
     assert per_head.q_norm.weight.shape == (8,)
     assert math.isclose(attn.flops_per_token(16), per_head.flops_per_token(16))  # norms are elementwise
+
+
+@pytest.mark.parametrize("softcap", [None, 0.5], ids=["plain", "softcapped"])
+@pytest.mark.parametrize("backend", ["sdpa", "math", "flex"])
+@pytest.mark.parametrize("kind", ["gqa", "sliding_window"])
+def test_attention_scale_replaces_one_over_sqrt_head_dim(backend, kind, softcap, monkeypatch):
+    # scaling q.k by s is the default attention with every query multiplied by s * sqrt(head_dim)
+    monkeypatch.setattr(contracts, "FLEX_COMPILE", False)  # the arithmetic, not the kernel (no_grad: flex runs)
+    opts = {"kind": kind, "n_kv_head": 2, "backend": backend, "softcap": softcap,
+            **({"window": 5} if kind == "sliding_window" else {})}
+    scaled, plain = small(attention={**opts, "scale": 3.0}), small(attention=opts)
+    plain.load_state_dict(scaled.state_dict())
+    with torch.no_grad():
+        for block in plain.transformer.h:
+            block.attn.c_attn.weight[: 4 * 8] *= 3.0 * math.sqrt(8)  # the query rows
+            block.attn.c_attn.bias[: 4 * 8] *= 3.0 * math.sqrt(8)
+    idx = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(scaled(idx)[0], plain(idx)[0], atol=1e-5, rtol=1e-4)
+        assert (scaled(idx)[0] - small(attention=opts)(idx)[0]).abs().max() > 1e-3  # and the scale mattered
+
+
+def test_qk_norm_of_the_models_norm_kind_takes_its_eps_and_offset():
+    model = small(norm={"kind": "rmsnorm", "eps": 1e-6, "offset": 1.0},
+                  attention={"kind": "gqa", "n_kv_head": 2, "qk_norm": "rmsnorm", "qk_norm_scope": "all"})
+    attn = model.transformer.h[0].attn
+    assert (attn.q_norm.eps, attn.q_norm.offset, attn.k_norm.eps) == (1e-6, 1.0, 1e-6)
+    other = small(norm={"kind": "layernorm", "eps": 1e-6}, attention={"kind": "mha", "qk_norm": "rmsnorm"})
+    assert other.transformer.h[0].attn.q_norm.eps == 1e-5  # another kind: its own defaults

@@ -198,6 +198,7 @@ def attend(
     dropout: float = 0.0,
     window: int | None = None,
     softcap: float | None = None,
+    scale: float | None = None,
     backend: str = "sdpa",
 ) -> torch.Tensor:
     """Causal attention of q (B, nh, Tq, hs) over k, v (B, nkv, Tk, hv) -> (B, nh, Tq, hv).
@@ -207,8 +208,9 @@ def attend(
     key/value head. The position's score bias is asked for these ``nh`` heads. ``softcap`` caps the
     scaled logits smoothly at +-softcap, ``softcap * tanh(s / softcap)`` (Gemma 2; Bello et al.
     2016), which no SDPA kernel can do: FlexAttention folds it into its score_mod where flex is
-    chosen and runs, else the math path spells it out. Backends, all with the same outputs up to
-    float rounding:
+    chosen and runs, else the math path spells it out. ``scale`` multiplies q.k instead of
+    1/sqrt(hs) (Gemma 2 27B: query_pre_attn_scalar**-0.5 with hs 128 and a scalar of 144).
+    Backends, all with the same outputs up to float rounding:
 
     ``"sdpa"``  the fused kernel that fits: ``F.scaled_dot_product_attention`` with ``is_causal``
                 (flash-eligible) for plain causal attention; FlexAttention where SDPA would need an
@@ -237,12 +239,14 @@ def attend(
         if backend == "flex" or softcap is not None or (bias is None and (mod is not None or window is not None)):
             if bias is not None:
                 mod = dense_score_mod(bias)
-            return flex_attend(q, k, v, q_pos, k_pos, capped_score_mod(mod, softcap), window=window, fresh=fresh)
+            return flex_attend(q, k, v, q_pos, k_pos, capped_score_mod(mod, softcap), window=window, fresh=fresh,
+                               scale=scale)
     if not biased and position is not None:
         bias = position.score_bias(q_pos, k_pos, **heads)
     # Plain causal self-attention over a fresh sequence: let SDPA build the mask (flash-eligible).
     if backend != "math" and softcap is None and bias is None and window is None and fresh:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=n_kv != n_head)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scale,
+                                              enable_gqa=n_kv != n_head)
     visible = k_pos[None, :] <= q_pos[:, None]  # (Tq, Tk) causal
     if window is not None:
         visible = visible & (k_pos[None, :] > q_pos[:, None] - window)
@@ -250,11 +254,12 @@ def attend(
     if bias is not None:
         mask = mask + bias.to(q.dtype)  # (nh, Tq, Tk)
     if backend != "math" and softcap is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=n_kv != n_head)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale,
+                                              enable_gqa=n_kv != n_head)
     if n_kv != n_head:
         k = k.repeat_interleave(n_head // n_kv, dim=1)  # (B, nh, Tk, hs)
         v = v.repeat_interleave(n_head // n_kv, dim=1)
-    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # (B, nh, Tq, Tk)
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)) if scale is None else scale)  # (B, nh, Tq, Tk)
     if softcap is not None:
         att = softcap * torch.tanh(att / softcap)
     att = torch.softmax(att + mask, dim=-1)
@@ -355,7 +360,8 @@ def _compiled_flex() -> Callable:
 
 
 def flex_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
-                score_mod: Callable | None = None, *, window: int | None = None, fresh: bool = False) -> torch.Tensor:
+                score_mod: Callable | None = None, *, window: int | None = None, fresh: bool = False,
+                scale: float | None = None) -> torch.Tensor:
     """Causal (banded if ``window``) FlexAttention of q (B, nh, Tq, hs) over k, v (B, nkv, Tk, hs), no dropout."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -375,4 +381,4 @@ def flex_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.
 
         block_mask = create_block_mask(visible, None, None, Tq, Tk, device=q.device)
     flex = flex_attention if compiling or not FLEX_COMPILE else _compiled_flex()
-    return flex(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=q.size(1) != k.size(1))
+    return flex(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=q.size(1) != k.size(1))

@@ -17,12 +17,16 @@ import torch
 
 from ..model import ModelConfig, Transformer
 from ..registry import Registry
-from . import gpt2, llama
-from .common import HFFormatError, load_into, read_config, read_state_dict, unwrap, write_checkpoint
+from . import gemma2, gpt2, gpt_neox, llama, olmo2
+from .common import HFFormatError, read_config, read_state_dict, unwrap, write_checkpoint
+from .gemma2 import gemma2_config_from_hf, hf_config_from_gemma2, load_gemma2, save_gemma2
 from .gpt2 import gpt2_config_from_hf, hf_config_from_gpt2, load_gpt2, save_gpt2
+from .gpt_neox import gpt_neox_config_from_hf, hf_config_from_gpt_neox, load_gpt_neox, save_gpt_neox
 from .llama import Family, llama_config_from_hf, load_llama, save_llama
 from .mistral import MISTRAL
 from .mixtral import MIXTRAL
+from .olmo2 import hf_config_from_olmo2, load_olmo2, olmo2_config_from_hf, save_olmo2
+from .parts import load_checkpoint
 from .qwen3 import QWEN3
 
 
@@ -46,6 +50,14 @@ class Architecture:
         return self.config_to_hf is not None and self.state_dict_to_hf is not None
 
 
+def _named(tensors_to_hf: Callable[[dict, ModelConfig], dict]) -> Callable[[Transformer], dict]:
+    """A model's HF tensors from a function that renames tensors (Gemma 2, OLMo 2, GPT-NeoX map name by name)."""
+    def state_dict_to_hf(model: Transformer) -> dict:
+        model = unwrap(model)
+        return tensors_to_hf(model.state_dict(), model.config)
+    return state_dict_to_hf
+
+
 def _llama_like(fam: Family) -> Architecture:
     """The table entry of a Llama-like architecture (toolkit/hf/llama.py does the work for all of them)."""
     return Architecture(fam.model_type, fam.hf_class, partial(llama.config_from_hf, fam), llama.state_dict_from_hf,
@@ -61,6 +73,13 @@ ARCHITECTURES: dict[str, Architecture] = {
     "mistral": _llama_like(MISTRAL),
     "mixtral": _llama_like(MIXTRAL),
     "qwen3": _llama_like(QWEN3),
+    "gemma2": Architecture("gemma2", "Gemma2ForCausalLM", gemma2_config_from_hf, gemma2.gemma2_state_dict_from_hf,
+                           hf_config_from_gemma2, _named(gemma2.gemma2_tensors_to_hf)),
+    "olmo2": Architecture("olmo2", "Olmo2ForCausalLM", olmo2_config_from_hf, olmo2.olmo2_state_dict_from_hf,
+                          hf_config_from_olmo2, _named(olmo2.olmo2_tensors_to_hf)),
+    "gpt_neox": Architecture("gpt_neox", "GPTNeoXForCausalLM", gpt_neox_config_from_hf,
+                             gpt_neox.gpt_neox_state_dict_from_hf, hf_config_from_gpt_neox,
+                             _named(gpt_neox.gpt_neox_tensors_to_hf)),
 }
 
 
@@ -83,15 +102,10 @@ def hf_model_config(path: str | Path, *, dropout: float = 0.0) -> ModelConfig:
 def load_hf(path: str | Path, *, dropout: float = 0.0, dtype: torch.dtype | None = None,
             registry: Registry | None = None) -> Transformer:
     """A :class:`Transformer` (eval mode) with the weights of a local HF folder of any architecture in the table."""
-    where = str(path)
     hf = read_config(path)
-    arch = architecture_of(hf, f"{where}/config.json")
-    config = arch.config_from_hf(hf, dropout=dropout, where=f"{where}/config.json")
-    model = Transformer(config, registry)
-    load_into(model, arch.state_dict_from_hf(read_state_dict(path), config, where), where)
-    if dtype is not None:
-        model.to(dtype)
-    return model.eval()
+    arch = architecture_of(hf, f"{path}/config.json")
+    return load_checkpoint(path, arch.config_from_hf, arch.state_dict_from_hf, dropout=dropout, dtype=dtype,
+                           registry=registry)
 
 
 def export_architecture(model: Transformer, model_type: str | None = None) -> tuple[Architecture, dict]:
@@ -124,6 +138,9 @@ def save_hf(model: Transformer, path: str | Path, model_type: str | None = None)
 
 __all__ = [
     "ARCHITECTURES", "Architecture", "HFFormatError", "architecture_of", "export_architecture",
-    "gpt2_config_from_hf", "hf_config_from_gpt2", "hf_model_config", "llama_config_from_hf", "load_gpt2", "load_hf",
-    "load_llama", "read_config", "read_state_dict", "save_gpt2", "save_hf", "save_llama",
+    "gemma2_config_from_hf", "gpt2_config_from_hf", "gpt_neox_config_from_hf", "hf_config_from_gemma2",
+    "hf_config_from_gpt2", "hf_config_from_gpt_neox", "hf_config_from_olmo2", "hf_model_config",
+    "llama_config_from_hf", "load_gemma2", "load_gpt2", "load_gpt_neox", "load_hf", "load_llama", "load_olmo2",
+    "olmo2_config_from_hf", "read_config", "read_state_dict", "save_gemma2", "save_gpt2", "save_gpt_neox", "save_hf",
+    "save_llama", "save_olmo2",
 ]
