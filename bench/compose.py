@@ -20,7 +20,8 @@ spell it out). Every round runs a block of steps of each path, in a rotating ord
 on the machine slows them alike, and gives one ratio per pair; rounds repeat until the 95%
 interval of each ratio's median (distribution-free: order statistics of the rounds' ratios) lies
 within +-1% of it, or ``--budget`` seconds of timed rounds are spent. The load is measured too:
-the CPU time other processes took while the rounds ran (from /proc/stat), in cores.
+the CPU time other processes took while the rounds ran (from /proc/stat), in cores. ``--profile N``
+then runs N steps of each path under torch.profiler and prints where each spends its time.
 """
 from __future__ import annotations
 
@@ -199,8 +200,19 @@ def build_paths(recipe, attention: str, compile_: bool) -> tuple[list[Path_], ob
     return paths, plan
 
 
+def profile_steps(path: Path_, steps: int) -> str:
+    """torch.profiler's table of the ops that took the most CPU time over ``steps`` steps of one path."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        path.run(steps, record=False)
+    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=15)
+
+
 def bench(recipe, attention: str = "sdpa", budget: float = 600.0, warmup: int = 3, block: int | None = None,
-          width: float = 0.01, min_rounds: int = 6, max_rounds: int = 10_000, log=None) -> dict:
+          width: float = 0.01, min_rounds: int = 6, max_rounds: int = 10_000, log=None, profile: int = 0) -> dict:
     """Warm up, then rounds of one block per path until every ratio's interval is within +-width or the budget ends."""
     compile_ = recipe.train.compile
     paths, plan = build_paths(recipe, attention, compile_)
@@ -237,6 +249,7 @@ def bench(recipe, attention: str = "sdpa", budget: float = 600.0, warmup: int = 
             break
     timed_s = time.perf_counter() - started
     other = load.cores()
+    profiles = {p.name: profile_steps(p, profile) for p in paths} if profile else {}
 
     out = {"recipe": recipe.name, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
            "threads": torch.get_num_threads(), "compile": compile_, "attention": attention,
@@ -248,7 +261,7 @@ def bench(recipe, attention: str = "sdpa", budget: float = 600.0, warmup: int = 
            "block_steps": block, "rounds": rounds, "timed_s": timed_s, "budget_s": budget, "width": width,
            "converged": all(converged(median_interval(r), width) for r in ratios.values()),
            "other_load_cores": other, "loadavg_before": loadavg[0], "loadavg_after": os.getloadavg()[0],
-           "cpu_count": os.cpu_count(), "paths": {}, "ratios": {}}
+           "cpu_count": os.cpu_count(), "paths": {}, "ratios": {}, "profiles": profiles}
     for p in paths:
         step_s = statistics.median(p.wall)
         out["paths"][p.name] = {"tokens_per_s": plan.tokens_per_step / step_s, "step_ms": 1000 * step_s,
@@ -304,10 +317,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value")
     p.add_argument("--plugin", action="append", default=[], help="also load this plugin file or module")
     p.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="afterwards, run STEPS steps of each path under torch.profiler and print the top ops")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = p.parse_args(argv)
-    if args.warmup < 1 or args.min_rounds < 1 or (args.block is not None and args.block < 1) or args.budget <= 0:
-        p.error("--warmup, --min-rounds and --block must be >= 1, --budget > 0")
+    if args.warmup < 1 or args.min_rounds < 1 or (args.block is not None and args.block < 1) or args.budget <= 0 \
+            or args.profile < 0:
+        p.error("--warmup, --min-rounds and --block must be >= 1, --budget > 0, --profile >= 0")
     ensure_accelerator()
     from toolkit.config import ConfigError
     from toolkit.recipe import load_recipe
@@ -327,9 +343,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     log = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     result = bench(recipe, args.attention, args.budget, args.warmup, args.block, args.width,
-                   args.min_rounds, args.max_rounds, log)
+                   args.min_rounds, args.max_rounds, log, args.profile)
     result["command"] = " ".join(["python", "bench/compose.py", *(argv if argv is not None else sys.argv[1:])])
     print(render(result))
+    for name, table in result["profiles"].items():
+        print(f"\n{name}: the ops that took the most time over {args.profile} steps\n{table}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     sys.stdout.flush()

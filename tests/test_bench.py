@@ -71,7 +71,7 @@ def test_compose_times_composed_against_oracle_and_engine_against_plain_loop(tmp
     recipe.write_text(TINY)
     out = tmp_path / "compose.json"
     cmd = [sys.executable, str(ROOT / "bench" / "compose.py"), str(recipe), "--warmup", "1", "--block", "1",
-           "--min-rounds", "6", "--max-rounds", "6", "--json", str(out), "--quiet"]
+           "--min-rounds", "6", "--max-rounds", "6", "--json", str(out), "--quiet", "--profile", "1"]
     proc = subprocess.run(cmd, env=compose_env(), capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "composed / oracle" in proc.stdout and "engine / plain" in proc.stdout and "6 rounds" in proc.stdout
@@ -81,6 +81,8 @@ def test_compose_times_composed_against_oracle_and_engine_against_plain_loop(tmp
     for ratio in result["ratios"].values():
         assert len(ratio["rounds"]) == 6 and ratio["low"] <= ratio["median"] <= ratio["high"]
     assert result["tokens_per_step"] == 2 * 2 * 16 and result["shape"]["grad_accum"] == 2
+    assert "engine: the ops that took the most time over 1 steps" in proc.stdout  # --profile
+    assert "aten::mm" in result["profiles"]["oracle"] and "aten::mm" in result["profiles"]["engine"]
 
 
 def test_compose_refuses_a_recipe_the_gpt2_oracle_cannot_express_in_one_line(tmp_path):

@@ -218,3 +218,21 @@ def test_alibi_gives_the_head_count_an_attention_asks_for():
     assert alibi.score_bias(pos, pos).shape == (8, 6, 6)
     half = alibi.score_bias(pos, pos, n_head=4)  # differential attention: half as many heads
     assert half.shape == (4, 6, 6) and torch.allclose(half[0, 5, 0], torch.tensor(-5 * 2 ** -2.0))
+
+
+@pytest.mark.slow
+def test_a_compiled_model_decodes_with_flex_over_a_long_cache():
+    """Inductor's own flex kernels inside a compiled model, prefill and a step over 256 cached keys (where
+    building a block mask for the step failed to compile on CPU)."""
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=V, block_size=260, n_layer=1, n_head=4, n_embd=32, position="alibi")
+    flex = Transformer(ModelConfig(**cfg, attention={"kind": "gqa", "n_kv_head": 2, "backend": "flex"}), BUILTINS).eval()
+    math_ = Transformer(ModelConfig(**cfg, attention={"kind": "gqa", "n_kv_head": 2, "backend": "math"}), BUILTINS).eval()
+    math_.load_state_dict(flex.state_dict())
+    torch._dynamo.reset()
+    compiled = torch.compile(flex)
+    idx = tokens(258)
+    cache = [{}]
+    with torch.no_grad():
+        out = [compiled(idx[:, :256], cache=cache)[0], compiled(idx[:, 256:257], cache=cache, start_pos=256)[0]]
+        torch.testing.assert_close(torch.cat(out, dim=1), math_(idx[:, :257])[0], atol=1e-5, rtol=1e-4)

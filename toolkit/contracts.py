@@ -359,6 +359,22 @@ def _compiled_flex() -> Callable:
     return torch.compile(flex_attention, dynamic=False)
 
 
+def _masked_score_mod(score_mod: Callable | None, q_pos: torch.Tensor, k_pos: torch.Tensor,
+                      window: int | None) -> Callable:
+    """score_mod, then -inf where a key is not visible: after the query, or ``window`` or more before it."""
+
+    def masked(score, b, h, q_idx, kv_idx):
+        qp, kp = q_pos[q_idx], k_pos[kv_idx]
+        seen = kp <= qp
+        if window is not None:
+            seen = seen & (kp > qp - window)
+        if score_mod is not None:
+            score = score_mod(score, b, h, q_idx, kv_idx)
+        return torch.where(seen, score, -float("inf"))
+
+    return masked
+
+
 def flex_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
                 score_mod: Callable | None = None, *, window: int | None = None, fresh: bool = False,
                 scale: float | None = None) -> torch.Tensor:
@@ -373,12 +389,9 @@ def flex_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.
         else:
             block_mask = _cached_block_mask(Tq, window, q.device)
     else:  # queries at an offset over cached keys (a rolling window's cache is not even contiguous)
-
-        def visible(b, h, q_idx, kv_idx):
-            qp, kp = q_pos[q_idx], k_pos[kv_idx]
-            seen = kp <= qp
-            return seen if window is None else seen & (kp > qp - window)
-
-        block_mask = create_block_mask(visible, None, None, Tq, Tk, device=q.device)
+        # Decoding: a few queries over the cache have few blocks to skip, so the mask goes into the
+        # score_mod and no block mask is built (eagerly, building one per layer per token costs more
+        # than the attention; compiled, inductor's CPU code for it fails to build in torch 2.13).
+        score_mod, block_mask = _masked_score_mod(score_mod, q_pos, k_pos, window), None
     flex = flex_attention if compiling or not FLEX_COMPILE else _compiled_flex()
     return flex(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=q.size(1) != k.size(1))
