@@ -42,7 +42,13 @@ if __package__ in (None, ""):  # run as a script from anywhere
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import attrs  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from toolkit.config import ConfigError, resolve_spec  # noqa: E402
 from toolkit.engine import batch_plan, build_engine, device, engine_step, ensure_accelerator  # noqa: E402
+from toolkit.model import Transformer  # noqa: E402
+from toolkit.recipe import load_recipe, registry_of  # noqa: E402
 
 
 def _load(name: str, path: Path):
@@ -128,21 +134,27 @@ class FlashOracle(oracle_gpt2.CausalSelfAttention):
 
 def oracle_for(recipe, attention: str):
     """The hand-written GPT-2 with the recipe's shape; a ValueError names what it cannot express."""
-    from toolkit.model import resolve_options
-    from toolkit.plugin_manager import get_registry
-
-    m, registry = recipe.model, get_registry(recipe.plugins)
+    m, registry = recipe.model, registry_of(recipe)
     kinds = {"attention": (m.attention.kind, "mha"), "norm": (m.norm.kind, "layernorm"),
              "position": (m.position.kind, "learned"), "mlp": (m.mlp.kind, "gelu")}
     for family, (got, want) in kinds.items():
         if got != want:
             raise ValueError(f"model.{family}: the oracle is GPT-2 ({want}), got {got!r}")
-    if resolve_options(registry, m.attention).qk_norm is not None or resolve_options(registry, m.norm).eps != 1e-5:
-        raise ValueError("model: the oracle has no qk_norm, and LayerNorm eps 1e-5")
+    if m.block.kind not in ("pre_norm", "post_norm") or m.layers:
+        raise ValueError(f"model.block: the oracle has pre_norm or post_norm blocks alike in every layer, "
+                         f"got {m.block.kind!r}{' and layer groups' if m.layers else ''}")
+    attn, norm, mlp = (resolve_spec(registry, spec).options for spec in (m.attention, m.norm, m.mlp))
+    extras = {"attention.qk_norm": attn.qk_norm, "attention.softcap": attn.softcap, "attention.scale": attn.scale,
+              "head_dim": m.head_dim, "embedding_multiplier": m.embedding_multiplier, "logit_softcap": m.logit_softcap}
+    for key, value in extras.items():
+        if value is not None:
+            raise ValueError(f"model.{key}: the oracle is GPT-2, which has none; got {value!r}")
+    if norm.eps != 1e-5:
+        raise ValueError(f"model.norm.eps: the oracle's LayerNorm has 1e-5, got {norm.eps!r}")
     cfg = oracle_gpt2.GPTConfig(block_size=m.block_size, vocab_size=m.vocab_size, n_layer=m.n_layer,
                                 n_head=m.n_head, n_embd=m.n_embd, dropout=m.dropout, bias=m.bias,
-                                tie_weights=m.tie_embeddings, post_norm=m.layout == "post",
-                                gelu_approximate=resolve_options(registry, m.mlp).approximate)
+                                tie_weights=m.tie_embeddings, post_norm=m.block.kind == "post_norm",
+                                gelu_approximate=mlp.approximate)
     model = oracle_gpt2.GPT(cfg)
     if attention == "sdpa":
         for block in model.transformer.h:
@@ -168,12 +180,7 @@ class Path_:
 
 
 def build_paths(recipe, attention: str, compile_: bool) -> tuple[list[Path_], object]:
-    import attrs
-
-    from toolkit.model import Transformer
-    from toolkit.plugin_manager import get_registry
-
-    registry = get_registry(recipe.plugins)
+    registry = registry_of(recipe)
     dev = device()
     plan = batch_plan(recipe, 1)
     T, mb = recipe.model.block_size, recipe.train.micro_batch
@@ -202,8 +209,6 @@ def build_paths(recipe, attention: str, compile_: bool) -> tuple[list[Path_], ob
 
 def profile_steps(path: Path_, steps: int) -> str:
     """torch.profiler's table of the ops that took the most CPU time over ``steps`` steps of one path."""
-    from torch.profiler import ProfilerActivity, profile
-
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities) as prof:
         path.run(steps, record=False)
@@ -325,8 +330,6 @@ def main(argv: list[str] | None = None) -> int:
             or args.profile < 0:
         p.error("--warmup, --min-rounds and --block must be >= 1, --budget > 0, --profile >= 0")
     ensure_accelerator()
-    from toolkit.config import ConfigError
-    from toolkit.recipe import load_recipe
 
     overrides = [*args.set, f"train.compile={'true' if args.compile else 'false'}"]
     if args.attention == "math":

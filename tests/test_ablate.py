@@ -2,6 +2,7 @@
 import json
 import textwrap
 
+import attrs
 import pytest
 import torch
 
@@ -9,6 +10,7 @@ from toolkit import ablate, ablation
 from toolkit.cli import main
 from toolkit.errors import ConfigError
 from toolkit.model import Transformer
+from toolkit.plugin_manager import default_registry
 from toolkit.recipe import load_recipe, registry_of
 
 #: the base recipe of these ablations (changes to tests/recipes/bases/tiny.toml)
@@ -169,8 +171,9 @@ def test_an_option_of_another_component_and_a_bad_grid_value_name_the_variant(ti
         "model.attention.n_kv_head" = [1]
         """)
     lines = errors_of(path, capsys)
+    mha_options = ", ".join(f.name for f in attrs.fields(default_registry().get("attention", "mha").options))
     assert lines[0].endswith("all variants: $.grid.\"model.attention.n_kv_head\": unknown key: attention 'mha' has "
-                             "no option 'n_kv_head' (options: backend, qk_norm)")
+                             f"no option 'n_kv_head' (options: {mha_options})")
     assert lines[1].endswith("variant 'rop-n_kv_head=1': $.grid.\"model.position.kind\"[1]: unknown position 'rop'; "
                              "did you mean 'rope'? (registered: alibi, learned, none, rope, sinusoidal)")
     assert len(lines) == 2

@@ -221,9 +221,9 @@ def test_alibi_gives_the_head_count_an_attention_asks_for():
 
 
 @pytest.mark.slow
-def test_a_compiled_model_decodes_with_flex_over_a_long_cache():
-    """Inductor's own flex kernels inside a compiled model, prefill and a step over 256 cached keys (where
-    building a block mask for the step failed to compile on CPU)."""
+def test_a_compiled_model_with_backend_flex_decodes_over_a_long_cache():
+    """A compiled model asked for flex: its prefill in inductor's flex kernel, and a step over 256
+    cached keys, which on CPU inductor cannot lower in flex and so takes the masked SDPA path."""
     torch.manual_seed(0)
     cfg = dict(vocab_size=V, block_size=260, n_layer=1, n_head=4, n_embd=32, position="alibi")
     flex = Transformer(ModelConfig(**cfg, attention={"kind": "gqa", "n_kv_head": 2, "backend": "flex"}), BUILTINS).eval()

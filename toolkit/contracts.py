@@ -230,7 +230,7 @@ def attend(
     fresh = k_pos is q_pos
     bias, biased = None, False
     flex_chosen = backend == "flex" or (backend == "sdpa" and prefer_flex(q, fresh))
-    if flex_chosen and flex_runs(q, k, v, dropout):
+    if flex_chosen and flex_runs(q, k, v, dropout, fresh=fresh):
         mod = position.score_mod(q_pos, k_pos, **heads) if position is not None else None
         if mod is None and position is not None:
             bias, biased = position.score_bias(q_pos, k_pos, **heads), True
@@ -294,9 +294,13 @@ FLEX_ENABLED = True
 FLEX_COMPILE = True
 
 
-def flex_runs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> bool:
-    """Whether FlexAttention can run this call: it has no dropout, and (torch 2.13) no backward on CPU or MPS."""
+def flex_runs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float, *, fresh: bool = True) -> bool:
+    """Whether FlexAttention can run this call: it has no dropout, and (torch 2.13) no backward on CPU
+    or MPS, and inside a compiled model on CPU no step over a KV cache (inductor fails to lower flex
+    with the cache's positions in its score_mod: a C++ compile error, or a LoweringException with ALiBi)."""
     if dropout > 0 or q.device.type == "meta" or not FLEX_ENABLED:  # meta (inspect): flex cannot trace shapes only
+        return False
+    if not fresh and q.device.type == "cpu" and torch.compiler.is_compiling():
         return False
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     return not (needs_grad and q.device.type in ("cpu", "mps"))
