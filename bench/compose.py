@@ -42,7 +42,6 @@ if __package__ in (None, ""):  # run as a script from anywhere
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import attrs  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from toolkit.config import ConfigError, resolve_spec  # noqa: E402

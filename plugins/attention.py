@@ -15,7 +15,6 @@ separate q/k/v projections load by stacking them in that order.
 from __future__ import annotations
 
 import attrs
-import torch
 from attrs import validators as v
 from torch import nn
 

@@ -135,8 +135,8 @@ def test_gemma2_27b_scale_comes_from_query_pre_attn_scalar():
     (dict(use_bidirectional_attention=True), "use_bidirectional_attention is not supported"),
     (dict(sliding_window=None), "sliding_window must be a positive integer for the sliding layers"),
     (dict(layer_types=["sliding_attention"] * 3), "layer_types must list 26 of"),
-    (dict(quantization_config={"quant_method": "gptq"}), "'quantization_config' is not a setting this loader implements"),
-    (dict(alt_up_dim=4), "'alt_up_dim' is not a setting this loader implements"),
+    (dict(quantization_config={"quant_method": "gptq"}), 'quantization_config = {"quant_method": "gptq"} is not supported'),
+    (dict(alt_up_dim=4), "alt_up_dim = 4 is not supported by this importer"),
     (dict(model_type="gemma3_text"), "model_type 'gemma3_text' is not 'gemma2'"),
 ])
 def test_gemma2_configs_we_cannot_represent_are_refused_naming_the_key(tmp_path, change, message):

@@ -130,7 +130,7 @@ def test_published_pythia_160m_config_maps_to_the_recipes_model():
     (dict(attention_bias=False), "attention_bias = false is not supported"),
     (dict(hidden_act="silu"), "hidden_act 'silu' is not supported"),
     (dict(rotary_pct=0.3), "rotary_pct 0.3 rotates 19 of 64 head dimensions"),
-    (dict(use_flash_attn=True, multiple_of=256), "'multiple_of', 'use_flash_attn' are not settings this loader implements"),
+    (dict(use_flash_attn=True, multiple_of=256), "use_flash_attn = true is not supported by this importer"),
     (dict(model_type="gptj"), "model_type 'gptj' is not 'gpt_neox'"),
 ])
 def test_gpt_neox_configs_we_cannot_represent_are_refused_naming_the_key(tmp_path, change, message):

@@ -95,7 +95,7 @@ def test_published_olmo2_7b_config_maps_to_the_recipes_model():
     (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_type 'yarn' (scaled RoPE) is not supported"),
     (dict(attention_bias=True), "attention_bias is not supported"),
     (dict(hidden_act="gelu"), "hidden_act 'gelu' is not supported"),
-    (dict(clip_qkv=8.0), "'clip_qkv' is not a setting this loader implements"),
+    (dict(clip_qkv=8.0), "clip_qkv = 8.0 is not supported by this importer"),
     (dict(model_type="olmo"), "model_type 'olmo' is not 'olmo2'"),
 ])
 def test_olmo2_configs_we_cannot_represent_are_refused_naming_the_key(tmp_path, change, message):

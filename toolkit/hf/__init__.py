@@ -18,7 +18,7 @@ import torch
 from ..model import ModelConfig, Transformer
 from ..registry import Registry
 from . import gemma2, gpt2, gpt_neox, llama, olmo2
-from .common import HFFormatError, read_config, read_state_dict, unwrap, write_checkpoint
+from .common import HFFormatError, load_checkpoint, read_config, read_state_dict, unwrap, write_checkpoint
 from .gemma2 import gemma2_config_from_hf, hf_config_from_gemma2, load_gemma2, save_gemma2
 from .gpt2 import gpt2_config_from_hf, hf_config_from_gpt2, load_gpt2, save_gpt2
 from .gpt_neox import gpt_neox_config_from_hf, hf_config_from_gpt_neox, load_gpt_neox, save_gpt_neox
@@ -26,7 +26,6 @@ from .llama import Family, llama_config_from_hf, load_llama, save_llama
 from .mistral import MISTRAL
 from .mixtral import MIXTRAL
 from .olmo2 import hf_config_from_olmo2, load_olmo2, olmo2_config_from_hf, save_olmo2
-from .parts import load_checkpoint
 from .qwen3 import QWEN3
 
 

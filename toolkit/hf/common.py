@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -16,6 +16,7 @@ from torch import nn
 
 from ..errors import HFFormatError
 from ..model import Transformer
+from ..registry import Registry
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -162,6 +163,28 @@ def _few(items: list[str], n: int = 4) -> str:
 
 
 
+def load_checkpoint(path: str | Path, config_from_hf: Callable, state_dict_from_hf: Callable, *, dropout: float,
+                    dtype: torch.dtype | None, registry: Registry | None) -> Transformer:
+    """A Transformer from a local HF folder: its config through ``config_from_hf``, its tensors renamed by
+    ``state_dict_from_hf``, every mismatch reported at once (load_into), in eval mode."""
+    where = str(path)
+    config = config_from_hf(read_config(path), dropout=dropout, where=f"{where}/config.json")
+    sd = state_dict_from_hf(read_state_dict(path), config, where)
+    model = Transformer(config, registry)
+    load_into(model, sd, where)
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()
+
+
+def save_checkpoint(model, path: str | Path, config_to_hf: Callable, tensors_to_hf: Callable) -> Path:
+    """Write ``model`` as a HF folder: config.json from ``config_to_hf`` (which refuses what the layout
+    cannot say, before anything is written), model.safetensors from ``tensors_to_hf``."""
+    config = config_to_hf(model)
+    inner = unwrap(model)
+    return write_checkpoint(path, config, tensors_to_hf(inner.state_dict(), inner.config))
+
+
 #: config.json keys that never change what a model computes: bookkeeping, label maps, generation
 #: defaults (generation_config.json is their home now), and switches transformers reads only to return
 #: extra outputs. Any other key an importer does not read is refused (see :class:`ConfigReader`).
@@ -177,6 +200,9 @@ HARMLESS_KEYS = frozenset({
     "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences", "output_scores",
     "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
     "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
+    "_attn_implementation", "cache_implementation", "gradient_checkpointing",  # how, not what, it computes
+    # dropout is training only and never inherited (the recipe's model.dropout decides, as nanoGPT's from_pretrained)
+    "attention_dropout", "hidden_dropout", "classifier_dropout", "embd_pdrop", "resid_pdrop", "attn_pdrop",
 })
 #: keys that are harmless only at these values (anything else describes a model this toolkit does not build)
 HARMLESS_AT = {"is_encoder_decoder": (False,), "is_decoder": (False, True), "add_cross_attention": (False,),

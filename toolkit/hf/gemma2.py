@@ -21,9 +21,9 @@ import torch
 
 from ..model import ModelConfig, Transformer, select_layers
 from ..registry import Registry
-from .common import HFFormatError, check_architecture, require, unwrap
-from .parts import (fused_from_hf, fused_to_hf, head_dtype, int_key, load_checkpoint, model_config, refuse_unread,
-                    rope_settings, save_checkpoint)
+from .common import HFFormatError, check_architecture, load_checkpoint, require, save_checkpoint, unwrap
+from .parts import (fused_from_hf, fused_to_hf, head_dtype, int_key, model_config, refuse_unread,
+                    rope_settings)
 
 # HF hidden_activation -> our geglu's `approximate`
 _GELU_APPROX = {"gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu": "none"}

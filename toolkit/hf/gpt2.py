@@ -16,9 +16,7 @@ from ..registry import Registry
 from .common import (
     HFFormatError,
     check_architecture,
-    load_into,
-    read_config,
-    read_state_dict,
+    load_checkpoint,
     require,
     unwrap,
     write_checkpoint,
@@ -84,14 +82,9 @@ def gpt2_state_dict_from_hf(hf_sd: dict[str, torch.Tensor], tied: bool) -> dict[
 def load_gpt2(path: str | Path, *, dropout: float = 0.0, dtype: torch.dtype | None = None,
               registry: Registry | None = None) -> Transformer:
     """A :class:`Transformer` with the weights of a local HF GPT-2 folder (config.json + model.safetensors)."""
-    where = str(path)
-    config = gpt2_config_from_hf(read_config(path), dropout=dropout, where=f"{where}/config.json")
-    sd = gpt2_state_dict_from_hf(read_state_dict(path), config.tie_embeddings)
-    model = Transformer(config, registry)
-    load_into(model, sd, where)
-    if dtype is not None:
-        model.to(dtype)
-    return model.eval()
+    return load_checkpoint(path, gpt2_config_from_hf,
+                           lambda sd, config, where: gpt2_state_dict_from_hf(sd, config.tie_embeddings),
+                           dropout=dropout, dtype=dtype, registry=registry)
 
 
 def hf_config_from_gpt2(model: Transformer) -> dict:

@@ -19,9 +19,8 @@ import torch
 
 from ..model import ModelConfig, Transformer
 from ..registry import Registry
-from .common import HFFormatError, check_architecture, require, unwrap
-from .parts import head_dtype, int_key, layer_tensors, load_checkpoint, model_config, refuse_unread, rope_settings, \
-    save_checkpoint
+from .common import HFFormatError, check_architecture, load_checkpoint, require, save_checkpoint, unwrap
+from .parts import head_dtype, int_key, layer_tensors, model_config, refuse_unread, rope_settings
 
 # HF hidden_act -> our gelu MLP's `approximate`
 _GELU_APPROX = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}

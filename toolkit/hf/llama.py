@@ -16,6 +16,7 @@ permutation is needed. Every config.json key is read or refused (:class:`~toolki
 """
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -25,8 +26,8 @@ import torch
 from ..model import ModelConfig, Transformer
 from ..plugins.mlp import gated_hidden_dim
 from ..registry import Registry
-from .common import (ConfigReader, HFFormatError, check_architecture, load_into, read_config, read_state_dict, unwrap,
-                     write_checkpoint)
+from .common import ConfigReader, HFFormatError, check_architecture, load_checkpoint, unwrap, write_checkpoint
+from .parts import GATE_UP, QKV, fuse
 from .rope import block_size_from_hf, rope_from_hf, rope_to_hf
 
 
@@ -59,8 +60,6 @@ _RENAME = {
     "mlp.gate.weight": "mlp.router.weight",  # Mixtral, transformers 5 names
     "block_sparse_moe.gate.weight": "mlp.router.weight",  # Mixtral as published
 }
-_QKV = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")
-_GATE_UP = ("mlp.gate_proj.weight", "mlp.up_proj.weight")
 _EXPERT = re.compile(r"^block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")  # w1 gate, w3 up, w2 down
 _IGNORED = re.compile(r"rotary_emb\.inv_freq$")  # a buffer some older checkpoints saved
 
@@ -162,22 +161,15 @@ def state_dict_from_hf(hf_sd: dict[str, torch.Tensor], config: ModelConfig,
         for theirs, ours in _RENAME.items():
             if theirs in parts:
                 out[prefix + ours] = parts.pop(theirs)
-        out[prefix + "attn.c_attn.weight"] = _stack(parts, _QKV, i, where)  # rows [q; k; v]
+        out[prefix + "attn.c_attn.weight"] = fuse(parts, QKV, i, where)  # rows [q; k; v]
         if config.mlp.kind == "moe":
             out.update(_experts_from_hf(parts, prefix, i, where))
         else:
-            out[prefix + "mlp.c_fc.weight"] = _stack(parts, _GATE_UP, i, where)  # rows [gate; up]
+            out[prefix + "mlp.c_fc.weight"] = fuse(parts, GATE_UP, i, where)  # rows [gate; up]
         out.update({f"model.layers.{i}.{rest}": t for rest, t in parts.items()})  # leftovers: reported as unexpected
     if config.tie_embeddings and "transformer.wte.weight" in out:
         out["lm_head.weight"] = out["transformer.wte.weight"]
     return out
-
-
-def _stack(parts: dict, pieces: tuple[str, ...], layer: int, where: str) -> torch.Tensor:
-    missing = [p for p in pieces if p not in parts]
-    if missing:
-        raise HFFormatError(f"{where}: layer {layer} lacks {', '.join(missing)}")
-    return torch.cat([parts.pop(p) for p in pieces], dim=0)  # rows stacked in this order
 
 
 def _experts_from_hf(parts: dict, prefix: str, layer: int, where: str) -> dict[str, torch.Tensor]:
@@ -209,13 +201,8 @@ def _experts_from_hf(parts: dict, prefix: str, layer: int, where: str) -> dict[s
 def load(fam: Family, path: str | Path, *, dropout: float = 0.0, dtype: torch.dtype | None = None,
          registry: Registry | None = None) -> Transformer:
     """A :class:`Transformer` with the weights of a local HF folder of architecture ``fam``."""
-    where = str(path)
-    config = config_from_hf(fam, read_config(path), dropout=dropout, where=f"{where}/config.json")
-    model = Transformer(config, registry)
-    load_into(model, state_dict_from_hf(read_state_dict(path), config, where), where)
-    if dtype is not None:
-        model.to(dtype)
-    return model.eval()
+    return load_checkpoint(path, functools.partial(config_from_hf, fam), state_dict_from_hf, dropout=dropout,
+                           dtype=dtype, registry=registry)
 
 
 # -- ModelConfig -> config.json ------------------------------------------------------------------------
@@ -313,7 +300,7 @@ def state_dict_to_hf(fam: Family, model: Transformer) -> dict[str, torch.Tensor]
                 out[theirs + hf_name] = sd[ours + name]
         attn = block.attn
         sizes = [attn.n_head * attn.head_dim, attn.n_kv_head * attn.head_dim, attn.n_kv_head * attn.head_dim]
-        for hf_name, t in zip(_QKV, sd[ours + "attn.c_attn.weight"].split(sizes, dim=0)):
+        for hf_name, t in zip(QKV, sd[ours + "attn.c_attn.weight"].split(sizes, dim=0)):
             out[theirs + hf_name] = t
         if cfg.mlp.kind == "moe":
             out[theirs + "block_sparse_moe.gate.weight"] = sd[ours + "mlp.router.weight"]
@@ -323,7 +310,7 @@ def state_dict_to_hf(fam: Family, model: Transformer) -> dict[str, torch.Tensor]
                 out[f"{theirs}block_sparse_moe.experts.{e}.w3.weight"] = up
                 out[f"{theirs}block_sparse_moe.experts.{e}.w2.weight"] = sd[f"{ours}mlp.experts.{e}.c_proj.weight"]
         else:
-            for hf_name, t in zip(_GATE_UP, sd[ours + "mlp.c_fc.weight"].split(block.mlp.hidden, dim=0)):
+            for hf_name, t in zip(GATE_UP, sd[ours + "mlp.c_fc.weight"].split(block.mlp.hidden, dim=0)):
                 out[theirs + hf_name] = t
     return out
 

@@ -14,9 +14,9 @@ import torch
 
 from ..model import ModelConfig, Transformer
 from ..registry import Registry
-from .common import HFFormatError, check_architecture, require, unwrap
-from .parts import (fused_from_hf, fused_to_hf, head_dtype, int_key, load_checkpoint, model_config, refuse_unread,
-                    rope_settings, save_checkpoint)
+from .common import HFFormatError, check_architecture, load_checkpoint, require, save_checkpoint, unwrap
+from .parts import (fused_from_hf, fused_to_hf, head_dtype, int_key, model_config, refuse_unread,
+                    rope_settings)
 
 _RENAME = {  # per-layer HF name -> ours (single tensors)
     "post_attention_layernorm.weight": "post_ln_1.weight",
