@@ -28,6 +28,9 @@ ARCHS = {
     "mistral": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=5)),
     "mixtral": ("MixtralConfig", dict(num_key_value_heads=2, num_local_experts=3, num_experts_per_tok=2)),
     "qwen3": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=10, tie_word_embeddings=True)),
+    "gemma2": ("Gemma2Config", dict(num_key_value_heads=3, head_dim=12, sliding_window=5, query_pre_attn_scalar=10)),
+    "olmo2": ("Olmo2Config", dict(num_key_value_heads=2)),
+    "pythia": ("GPTNeoXConfig", dict(rotary_pct=0.5, use_parallel_residual=True)),
 }
 
 
@@ -102,7 +105,7 @@ def test_the_folders_tokenizer_comes_along_with_its_bos_and_eos(hf_folder):
     assert [tok.bos, *tok.encode("Good morrow, cousin")] == theirs("Good morrow, cousin").input_ids
 
 
-@pytest.mark.parametrize("arch", ["llama3", "mixtral", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama3", "mixtral", "qwen3", "gemma2", "olmo2", "pythia"])
 def test_a_converted_run_exports_back_to_a_folder_transformers_loads(hf_folder, tmp_path, arch):
     model, folder = hf_folder(arch)
     assert main(["convert", str(folder), str(tmp_path / "run")]) == 0
