@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
 
+# DeepSpeed's op builds and inductor's kernels cached in this checkout's venv: never a lock or a
+# half-written kernel left in a shared cache by another checkout's killed run
+test: export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch-extensions
+test: export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/$(VENV)/inductor-cache
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
