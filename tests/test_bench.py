@@ -51,6 +51,22 @@ def test_bench_reports_a_bad_recipe_in_one_line(tmp_path):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "missing.toml" in proc.stderr
 
 
+def test_adamw_bench_times_fused_against_foreach_per_tensor_and_flat(tmp_path):
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(TINY)
+    out = tmp_path / "adamw.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "adamw.py"), str(recipe), "--rounds", "2",
+                           "--steps", "1", "--json", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())
+    assert [r["layout"] for r in rows] == ["per tensor", "one flat tensor"]
+    assert rows[0]["params"] == rows[1]["params"] > 0 and all(r["fused_ms"] > 0 and r["foreach_ms"] > 0 for r in rows)
+    assert "| bench-tiny |" in proc.stdout and "speedup" in proc.stdout
+    bad = subprocess.run([sys.executable, str(ROOT / "bench" / "adamw.py"), str(tmp_path / "missing.toml")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "missing.toml" in bad.stderr
+
+
 def load_compose():
     spec = importlib.util.spec_from_file_location("bench_compose", ROOT / "bench" / "compose.py")
     module = importlib.util.module_from_spec(spec)

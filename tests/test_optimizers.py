@@ -41,7 +41,7 @@ def test_muon_is_torchs_muon_on_block_matrices_and_adamw_on_everything_else():
     blocks = [p for n, p in twin.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2]
     rest = [p for p in twin.parameters() if all(p is not b for b in blocks)]
     by_hand = [torch.optim.Muon(blocks, lr=0.02, weight_decay=0.0, momentum=0.95, nesterov=True),
-               torch.optim.AdamW(decay_groups(rest, 0.1), lr=3e-3, betas=(0.9, 0.95))]
+               torch.optim.AdamW(decay_groups(rest, 0.1), lr=3e-3, betas=(0.9, 0.95), fused=True)]
     for seed in range(3):
         loss_step(model, opt, seed)
         g = torch.Generator().manual_seed(seed)
