@@ -120,6 +120,14 @@ class Position(nn.Module):
 
     #: the longest sequence this scheme can encode, or None for no limit
     max_len: int | None = None
+    #: whether this class's score_bias (and score_mod) take ``n_head``: positions written before the
+    #: head count was asked do not. Found once per class, when it is defined, so that compiled code
+    #: reads a constant instead of tracing inspect.signature.
+    score_takes_n_head: bool = True
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.score_takes_n_head = "n_head" in inspect.signature(cls.score_bias).parameters
 
     def embed(self, tok_emb: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """(B, T, C) token embeddings -> (B, T, C); default: unchanged."""
@@ -181,12 +189,6 @@ def update_cache(cache: dict | None, k: torch.Tensor, v: torch.Tensor, pos: torc
 BACKENDS = ("sdpa", "flex", "math")
 
 
-@torch.compiler.assume_constant_result  # a fact about a class: Dynamo takes the answer, not the inspection
-def _takes_n_head(cls: type) -> bool:
-    """Whether a position's score_bias takes the head count (positions written before it was asked do not)."""
-    return "n_head" in inspect.signature(cls.score_bias).parameters
-
-
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -224,7 +226,7 @@ def attend(
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r} (expected one of {', '.join(BACKENDS)})")
     n_head, n_kv = q.size(1), k.size(1)
-    heads = {"n_head": n_head} if position is not None and _takes_n_head(type(position)) else {}
+    heads = {"n_head": n_head} if position is not None and position.score_takes_n_head else {}
     # k_pos is q_pos exactly when nothing is cached (update_cache hands the same tensor back): a
     # fresh sequence, so the mask depends on indices only (as is_causal assumes)
     fresh = k_pos is q_pos
