@@ -31,9 +31,9 @@ from .generate import RECIPE_FILE, TOKENIZER_FILE, load_run, resolve_run_dir
 from .hf import architecture_of, export_architecture, hf_model_config, load_hf, read_config, read_state_dict
 from .hf.common import CONFIG, load_into, write_checkpoint
 from .model import ModelConfig, Transformer
-from .recipe import DataConfig, GenerateConfig, Recipe, TrainConfig, diff_recipes, dump_recipe, load_recipe, registry_of
+from .recipe import DataConfig, GenerateConfig, Recipe, TrainConfig, diff_recipes, load_recipe, registry_of
 from .registry import Registry
-from .runfolder import RunFolder, versions
+from .runfolder import RunFolder
 from .tokenizer import (ASSETS, CharTokenizer, GPT2Tokenizer, HFTokenizer, Tokenizer, is_gpt2_bpe,
                         read_hf_tokenizer)
 
@@ -123,16 +123,13 @@ def hf_to_run(hf_dir: str | Path, out_dir: str | Path, *, registry: Registry | N
                         description=f"{arch.hf_class} converted from {hf_dir.resolve()}")
     reg = registry or registry_of(recipe)
     folder = RunFolder(out, recipe.name)
-    (out / RECIPE_FILE).write_text(dump_recipe(recipe))
+    folder.write_identity(recipe, reg, tokenizer)
     folder.write_export(model.state_dict(), recipe, 0)
-    if tokenizer is not None:
-        tokenizer.save(out)
-    (out / "versions.json").write_text(json.dumps(versions(reg), indent=2) + "\n")
     summary = {"run_dir": str(out), "status": "converted", "recipe": recipe.name, "source": str(hf_dir.resolve()),
                "architecture": arch.model_type, "hf_class": arch.hf_class, "params": model.num_params(),
                "tokenizer": tokenizer.name if tokenizer is not None else None,
                "converted": time.strftime("%Y-%m-%d %H:%M:%S")}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    folder.write_summary(summary)  # no metrics.jsonl here, so no plots
     return summary
 
 

@@ -63,10 +63,16 @@ class RunFolder:
 
     # -- at the start -------------------------------------------------------------------------
     def write_start(self, recipe: Recipe, ds_config: dict, registry: Registry, tokenizer) -> None:
-        (self.path / "recipe.toml").write_text(dump_recipe(recipe))
+        self.write_identity(recipe, registry, tokenizer)
         (self.path / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+
+    def write_identity(self, recipe: Recipe, registry: Registry, tokenizer) -> None:
+        """recipe.toml, versions.json and the tokenizer (if any): what a run folder's weights come from,
+        whether it was trained or converted (toolkit.convert)."""
+        (self.path / "recipe.toml").write_text(dump_recipe(recipe))
         (self.path / "versions.json").write_text(json.dumps(versions(registry), indent=2) + "\n")
-        tokenizer.save(self.path)
+        if tokenizer is not None:
+            tokenizer.save(self.path)
 
     def record_resume(self, step: int, found: Path, world_size: int, saved_world_size: int, changes: list[str],
                       notes: list[str] = ()) -> list[str]:
