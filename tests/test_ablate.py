@@ -292,7 +292,7 @@ def test_a_tiny_grid_runs_end_to_end_records_a_failure_and_skips_finished_runs_o
     capsys.readouterr()
     assert main(["ablate", str(path), "--out", str(out)]) == 1
     captured = capsys.readouterr()
-    assert "1 of 2 runs already finished with the same recipe; skipping them" in captured.out
+    assert "1 of 2 runs already finished with the same recipe and plugin code; skipping them: learned-s1337" in captured.out
     assert "start boom-s1337" in captured.out and "start learned" not in captured.out
     assert (out / "learned-s1337" / "summary.json").stat().st_mtime_ns == mtime
     assert "FAILED boom-s1337: FloatingPointError: boom: this MLP cannot run" in captured.out
@@ -490,3 +490,36 @@ def test_an_ablation_of_a_plugin_files_options_trains_every_variant(tmp_path, ti
     state = json.loads((out / "state.json").read_text())
     assert sorted(state) == ["half-s1337", "one-s1337", "three-s1337", "two-s1337"]
     assert {v["status"] for v in state.values()} == {"finished"}
+
+    # one line of the plugin edited: every run trained with the old code is trained again, and said why
+    plugin = tmp_path / "diff.py"
+    plugin.write_text(plugin.read_text().replace("* self.scale", "* self.scale * 1.0"))
+    capsys.readouterr()
+    assert main(["ablate", str(path), "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "skipping" not in said and said.count("plugin code changed since it ran") == 4
+    assert f"training again half-s1337: plugin code changed since it ran: {plugin}" in said
+    assert "trained again, half-s1337: plugin code changed" in (out / "report.md").read_text()
+    capsys.readouterr()
+    assert main(["ablate", str(path), "--out", str(out)]) == 0  # nothing changed now: all four reused
+    assert "4 of 4 runs already finished with the same recipe and plugin code" in capsys.readouterr().out
+
+
+def test_editing_a_plugin_file_changes_the_fingerprint_of_the_runs_that_load_it(tmp_path, tiny_recipe):
+    path = _plugin_base_ablation(tmp_path, tiny_recipe)
+    ab, resolved = ablation.load_ablation(path)
+    before = ablate.plan_jobs(ab, resolved)
+    plugin = tmp_path / "diff.py"
+    plugin.write_text(plugin.read_text() + "# one more line\n")
+    after = ablate.plan_jobs(ab, resolved)
+    assert [a.fingerprint != b.fingerprint for a, b in zip(before, after)] == [True] * 4
+    seen = {"fingerprint": before[0].fingerprint, "code": before[0].code}
+    assert ablate.why_rerun(seen, after[0]).startswith(f"plugin code changed since it ran: {plugin} (")
+    assert ablate.why_rerun({"fingerprint": after[0].fingerprint}, after[0]) is None
+    assert ablate.why_rerun({"fingerprint": "0" * 16, "code": after[0].code}, after[0]) == "its recipe changed since it ran"
+
+
+def test_built_in_plugins_count_by_their_module_code_not_only_the_version():
+    code = default_registry().code()
+    assert code["toolkit.plugins.attention"].startswith("playattention ")
+    assert "toolkit.plugins.attention sha256 " in code["toolkit.plugins.attention"]

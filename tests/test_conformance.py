@@ -258,9 +258,8 @@ class ZeroDim(nn.Module):
 
 
 class VectorAux(Upcast):
-    """MLP whose auxiliary loss is a vector, not a scalar, and holds no gradient for it."""
-
-    aux_losses: dict = {}
+    """MLP whose auxiliary loss is a vector, not a scalar, and holds no gradient for it (and, as
+    the contract allows, does not declare ``aux_losses`` in its class)."""
 
     def forward(self, x):
         self.aux_losses = {"spread": x.detach().std(dim=-1).flatten()}

@@ -11,7 +11,7 @@ from toolkit.config import structure
 from toolkit.engine import build_engine, engine_step
 from toolkit.model import ModelConfig, Transformer
 from toolkit.plots import plot_summary
-from toolkit.plugin_manager import default_registry
+from toolkit.plugin_manager import PluginManager, default_registry
 from toolkit.recipe import DeepSpeedConfig, Recipe, TrainConfig, load_recipe
 from toolkit.trainer import train
 
@@ -94,3 +94,34 @@ def test_training_logs_each_aux_loss_the_total_and_the_experts_metrics(tmp_path,
     assert summary["mlp/expert_load_max"] == logged[-1]["mlp/expert_load_max"]
     summary_png = plot_summary(tmp_path / "run" / "metrics.jsonl", tmp_path / "summary.png")
     assert summary_png.stat().st_size > 0
+
+
+class UndeclaredAux(torch.nn.Module):
+    """An MLP adding an auxiliary loss without declaring ``aux_losses`` in its class."""
+
+    def __init__(self, opts, dims):
+        super().__init__()
+        self.c_fc = torch.nn.Linear(dims.n_embd, dims.n_embd)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        y = self.c_fc(x)
+        # only every other forward: a stale value must not be counted again
+        self.aux_losses = {"l2": 0.5 * y.pow(2).mean()} if self.calls % 2 else {}
+        return y
+
+
+def test_an_aux_loss_set_without_a_class_declaration_is_added_and_never_reused():
+    registry = PluginManager(entry_points=False).registry
+    registry.register("mlp", "undeclared", UndeclaredAux)
+    cfg = structure(registry, {"vocab_size": 50, "block_size": 12, "n_layer": 2, "n_head": 2, "n_embd": 16,
+                               "mlp": {"kind": "undeclared"}}, ModelConfig)
+    model = Transformer(cfg, registry)
+    idx = torch.randint(0, 50, (2, 6))
+    _, _, aux = model(idx, idx, return_aux=True)
+    assert set(aux) == {"l2"} and aux["l2"].item() > 0 and aux["l2"].requires_grad
+    aux["l2"].backward()
+    assert model.transformer.h[0].mlp.c_fc.weight.grad.abs().sum() > 0
+    _, _, aux = model(idx, idx, return_aux=True)  # this forward sets none: nothing from the last one
+    assert aux == {}

@@ -34,7 +34,7 @@ from .ablation import Ablation, Resolved, budget_line
 from .checkpoint import check_resumable
 from .engine import free_port
 from .errors import CheckpointError, UsageError
-from .recipe import dump_recipe
+from .recipe import dump_recipe, registry_of
 
 
 # -- running -----------------------------------------------------------------------------------
@@ -45,18 +45,37 @@ class Job:
     name: str
     recipe_text: str
     fingerprint: str
+    code: dict = attrs.field(factory=dict, eq=False)  # each plugin source and the code it stands for
 
 
 def plan_jobs(ablation: Ablation, resolved: list[Resolved]) -> list[Job]:
-    """One job per (variant, seed), variants outermost; the fingerprint is a hash of the resolved recipe."""
+    """One job per (variant, seed), variants outermost. The fingerprint hashes the resolved recipe and
+    the code of every plugin it loads (a file's content, a package's version and module), so a run is
+    reused only if neither changed."""
     jobs = []
     for r in resolved:
+        code = registry_of(r.recipe).code()
         for seed in ablation.seeds:
             text = dump_recipe(r.recipe_for(ablation, seed))  # plugin paths are absolute: it trains from anywhere
             start = f"\n# init_from {ablation.init_from.resolve()}" if ablation.init_from is not None else ""
-            jobs.append(Job(r.variant.name, seed, ablation.run_name(r.variant.name, seed), text,
-                            hashlib.sha256((text + start).encode()).hexdigest()[:16]))
+            digest = hashlib.sha256((text + start + json.dumps(code, sort_keys=True)).encode()).hexdigest()[:16]
+            jobs.append(Job(r.variant.name, seed, ablation.run_name(r.variant.name, seed), text, digest, code))
     return jobs
+
+
+def why_rerun(seen: dict, job: Job) -> str | None:
+    """Why a finished run cannot be reused for ``job`` (its plugin code or its recipe changed), or None."""
+    if seen.get("fingerprint") == job.fingerprint:
+        return None
+    before = seen.get("code")
+    if isinstance(before, dict):
+        changed = sorted(k for k in {*before, *job.code} if before.get(k) != job.code.get(k))
+        if changed:
+            return "plugin code changed since it ran: " + ", ".join(
+                f"{k} ({before.get(k, 'absent')} -> {job.code.get(k, 'absent')})" for k in changed[:3])
+    elif "code" not in seen and seen.get("fingerprint"):
+        return "it ran before plugin code was fingerprinted"
+    return "its recipe changed since it ran"
 
 
 def resume_args(run_dir: Path) -> list[str] | None:
@@ -150,28 +169,38 @@ def run_ablation(ablation: Ablation, resolved: list[Resolved], out: str | Path, 
     jobs = plan_jobs(ablation, resolved)
     infos = [r.info for r in resolved]
     results: dict[str, report.RunResult] = {}
-    todo = []
+    todo, reruns = [], []
     for job in jobs:
         run_dir = out / job.name
         seen = state.get(job.name)
         res = report.read_run(job.variant, job.seed, run_dir, status=seen.get("status", "pending"), error=seen.get("error"))
-        if res.status == "finished" and seen.get("fingerprint") == job.fingerprint:
-            results[job.name] = res
-            continue
+        if res.status == "finished":
+            why = why_rerun(seen, job)
+            if why is None:
+                results[job.name] = res
+                continue
+            reruns.append(f"{job.name}: {why}")
         results[job.name] = report.RunResult(job.variant, job.seed, str(run_dir), "pending")
         todo.append(job)
+    reused = [j.name for j in jobs if j not in todo]
 
     def refresh() -> None:
         runs = [results[j.name] for j in jobs]
-        report.write_report(out, infos, runs, baseline=ablation.baseline, title=ablation.name,
-                            header=_header(ablation, resolved))
+        header = _header(ablation, resolved)
+        if reused:
+            header.append(f"reused from an earlier run of this ablation (same recipe and plugin code): {', '.join(reused)}")
+        header += [f"trained again, {why}" for why in reruns]
+        report.write_report(out, infos, runs, baseline=ablation.baseline, title=ablation.name, header=header)
 
     refresh()
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=ablation.name, unit="run", disable=not progress,
                dynamic_ncols=True)
     say = bar.write if progress else (lambda s: None)
-    if len(todo) < len(jobs):
-        say(f"{len(jobs) - len(todo)} of {len(jobs)} runs already finished with the same recipe; skipping them")
+    if reused:
+        say(f"{len(reused)} of {len(jobs)} runs already finished with the same recipe and plugin code; "
+            f"skipping them: {', '.join(reused)}")
+    for why in reruns:
+        say(f"training again {why}")
     active: dict[int, tuple[Job, subprocess.Popen, Any, float]] = {}
     queue = list(todo)
     started = 0
@@ -200,7 +229,7 @@ def run_ablation(ablation: Ablation, resolved: list[Resolved], out: str | Path, 
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(slot, parallel, gpus),
                                 start_new_session=True)
         started += 1
-        state.set(job.name, fingerprint=job.fingerprint, status="running", error=None, started=time.time())
+        state.set(job.name, fingerprint=job.fingerprint, code=job.code, status="running", error=None, started=time.time())
         results[job.name] = report.RunResult(job.variant, job.seed, str(run_dir), "running")
         where = f" on GPU {gpus[slot]}" if gpus else ""
         say(f"start {job.name}{' (resuming)' if args else ''}{where}: run {started} of {len(todo)}, "

@@ -53,6 +53,7 @@ from . import families
 from .engine import device
 from .errors import CheckpointError
 from .recipe import flatten, recipe_to_dict, toml_inline
+from .registry import code_of
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -266,19 +267,10 @@ def identity(recipe, registry) -> dict:
     components = {}
     for family in families.MODEL_FAMILIES:
         kind = getattr(recipe.model, family).kind
-        components[f"{family}:{kind}"] = _source_version(registry.get(family, kind).source)
+        components[f"{family}:{kind}"] = code_of(registry.get(family, kind).source, modules=False)
     fixed = {"model": _fixed_keys(d), "components": components}
     digest = hashlib.sha256(json.dumps(fixed, sort_keys=True, default=str).encode()).hexdigest()
     return {"recipe": d, "components": components, "fingerprint": digest}
-
-
-def _source_version(source) -> str:
-    if source.package:
-        return f"{source.package} {source.version or '?'}"
-    path = Path(source.plugin)
-    if path.suffix == ".py" and path.is_file():  # a plugin file has no version: its content stands in
-        return f"{path} (sha256 {hashlib.sha256(path.read_bytes()).hexdigest()[:12]})"
-    return source.plugin
 
 
 def _fixed_keys(recipe_dict: dict) -> dict:

@@ -59,8 +59,9 @@ rate; the built-in optimizers honour both. Without a hint, parameters of two or 
 decay and the rest do not (nanoGPT).
 
 **Auxiliary losses.** A component that adds to the training objective (a mixture of experts'
-load-balancing loss) declares ``aux_losses: dict = {}`` in its class and, in every forward, sets
-``self.aux_losses = {name: scalar tensor}``, already weighted (empty when there is nothing to add).
+load-balancing loss) sets ``self.aux_losses = {name: scalar tensor}`` in every forward, already
+weighted (empty when there is nothing to add); declaring ``aux_losses: dict = {}`` in the class is
+optional (the model gives every component an empty dict before each forward).
 The model sums each name over layers and returns the terms; the training step adds them to the
 cross-entropy before backward, so gradient accumulation, loss scaling and ZeRO apply, and
 metrics.jsonl logs each as ``aux/<name>``. The logged ``loss`` stays the cross-entropy.

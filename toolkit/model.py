@@ -171,7 +171,13 @@ class Transformer(nn.Module):
             reset = getattr(type(module), "reset_parameters", None)
             if reset is not None and not reset.__module__.startswith("torch."):
                 module.reset_parameters()
-        self._loss_sources = [m for m in self.modules() if isinstance(getattr(type(m), "aux_losses", None), dict)]
+        # every component may add auxiliary losses by setting ``self.aux_losses`` in forward, with or
+        # without declaring it in its class: each gets an empty dict now, so an undeclared one is
+        # collected too (and never keeps a stale value from an earlier forward)
+        self._loss_sources = [m for m in self.modules() if m is not self and not type(m).__module__.startswith("torch.")]
+        for m in self._loss_sources:
+            if not isinstance(getattr(m, "aux_losses", None), dict):
+                m.aux_losses = {}
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

@@ -9,6 +9,9 @@ registry of its own plugins.
 """
 from __future__ import annotations
 
+import hashlib
+import sys
+from pathlib import Path
 from typing import Callable
 
 import attrs
@@ -35,6 +38,22 @@ class Source:
         if self.package:
             return f"{self.package} {self.version or '?'} ({self.plugin})"
         return self.plugin
+
+
+def code_of(source: Source, modules: bool = True) -> str:
+    """The code a source stands for: a plugin file's content hash, a package's version and, with
+    ``modules``, the content hash of the module that registered (an edited checkout keeps its version)."""
+    path = Path(source.plugin)
+    if path.suffix == ".py" and path.is_file():  # a plugin file has no version: its content stands in
+        return f"{path} (sha256 {hashlib.sha256(path.read_bytes()).hexdigest()[:12]})"
+    if not source.package:
+        return source.plugin
+    said = f"{source.package} {source.version or '?'}"
+    module = sys.modules.get(source.plugin)
+    file = Path(getattr(module, "__file__", None) or "")
+    if modules and file.suffix == ".py" and file.is_file():
+        said += f" ({source.plugin} sha256 {hashlib.sha256(file.read_bytes()).hexdigest()[:12]})"
+    return said
 
 
 @attrs.frozen
@@ -118,6 +137,10 @@ class Registry:
     def __iter__(self):
         for family in families.NAMES:
             yield from (self._components[family][n] for n in sorted(self._components[family]))
+
+    def code(self) -> dict[str, str]:
+        """Every source that registered here and the code it stands for (:func:`code_of`)."""
+        return {str(c.source.plugin): code_of(c.source) for c in sorted(self, key=lambda c: c.source.plugin)}
 
     def __contains__(self, key: tuple[str, str]) -> bool:
         family, name = key
