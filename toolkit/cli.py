@@ -109,10 +109,11 @@ def cmd_prepare(args) -> int:
             if not os.path.exists(given):
                 raise UsageError(f"--input {given}: no such file or folder")
         registry = default_registry()
+        tokenizer = input_tokenizer(args, registry)
         try:
             data = DataConfig(
                 dataset=os.path.splitext(os.path.basename(os.path.normpath(args.input[0])))[0],
-                tokenizer=input_tokenizer(args, registry), paths=list(args.input), prepared_dir=args.out,
+                tokenizer=tokenizer, paths=list(args.input), prepared_dir=args.out,
                 val_fraction=0.1 if args.val_fraction is None else args.val_fraction,
                 text_column=args.text_column or "text",
             )
@@ -211,7 +212,9 @@ def cmd_runs(args) -> int:
 
 
 def cmd_completion(args) -> int:
-    print(completion.script(args.shell, build_parser(), default_registry()), end="")
+    parser, registry = build_parser(), default_registry()
+    add_plugin_commands(parser._subparsers._group_actions[0], registry)  # installed plugins' commands too
+    print(completion.script(args.shell, parser, registry), end="")
     return 0
 
 
@@ -471,20 +474,6 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("dest", metavar="DEST", help="the new file, or a folder to copy it into")
     q.set_defaults(func=cmd_recipe_copy)
 
-    p = sub.add_parser("runs", help="a table of run folders: recipe, steps, best val loss, state, age",
-                       description="One line per run folder under DIR: its recipe, steps done of its total, "
-                       "best validation loss, state (finished, converted, resumable: has a complete checkpoint, "
-                       "broken: neither, with the reason) and age. Reads the folders as data only: no plugin "
-                       "code runs.")
-    p.add_argument("dir", nargs="?", metavar="DIR", help=f"a folder of run folders (default {DEFAULT_DIR}/)")
-    p.set_defaults(func=cmd_runs)
-
-    p = sub.add_parser("completion", help="print a shell completion script (bash or zsh)",
-                       description="Print a completion script for commands, recipe files and --set keys. "
-                       "Load it with `source <(playattention completion bash)` (or zsh) in your shell's rc file.")
-    p.add_argument("shell", choices=completion.SHELLS)
-    p.set_defaults(func=cmd_completion)
-
     p = sub.add_parser("inspect", help="parameters, FLOPs, batch arithmetic, DeepSpeed config and memory of a recipe")
     p.add_argument("recipe", help="recipe TOML file or run folder")
     p.add_argument("--world-size", type=int, default=1, metavar="N", help="number of GPUs (default 1)")
@@ -590,6 +579,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a recipe value for every variant, as train --set (after the file's own set); "
                    "steps, tokens, seeds and evals change the ablation's budget (e.g. --set steps=50); repeatable")
     p.set_defaults(func=cmd_ablate)
+
+    p = sub.add_parser("runs", help="a table of run folders: recipe, steps, best val loss, state, age",
+                       description="One line per run folder under DIR: its recipe, steps done of its total, "
+                       "best validation loss, state (finished, converted, resumable: has a complete checkpoint, "
+                       "broken: neither, with the reason) and age. Reads the folders as data only: no plugin "
+                       "code runs.")
+    p.add_argument("dir", nargs="?", metavar="DIR", help=f"a folder of run folders (default {DEFAULT_DIR}/)")
+    p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("completion", help="print a shell completion script (bash or zsh)",
+                       description="Print a completion script for commands, recipe files and --set keys. "
+                       "Load it with `source <(playattention completion bash)` (or zsh) in your shell's rc file.")
+    p.add_argument("shell", choices=completion.SHELLS)
+    p.set_defaults(func=cmd_completion)
     return parser
 
 

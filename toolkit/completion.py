@@ -73,7 +73,7 @@ def bash_script(parser: argparse.ArgumentParser, registry: Registry) -> str:
         opts, valued, choices = _options(p)
         inner = next((a for a in p._actions if isinstance(a, argparse._SubParsersAction)), None)
         if inner is not None:  # recipe ACTION: each action's options
-            for action_name, q in inner.choices.items():
+            for q in inner.choices.values():
                 o, va, ch = _options(q)
                 opts, valued = opts + o, valued + va
                 choices.update(ch)
