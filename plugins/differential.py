@@ -28,6 +28,7 @@ from toolkit.hookspecs import hookimpl
 
 @attrs.frozen
 class DiffOptions:
+    # fused SDPA or spelled out: same outputs
     backend: str = attrs.field(default="sdpa", validator=v.in_(("sdpa", "math")))
     # the same lambda_init in every layer instead of the paper's schedule over depth
     lambda_init: float | None = attrs.field(default=None, validator=v.optional([v.ge(0.0), v.lt(1.0)]))

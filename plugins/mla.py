@@ -35,6 +35,7 @@ class MLAOptions:
     nope_dim: int | None = attrs.field(default=None, validator=_optional_positive)  # default head_dim
     v_dim: int | None = attrs.field(default=None, validator=_optional_positive)  # default head_dim
     latent_norm: str = "rmsnorm"  # a registered norm over the latents (DeepSeek-V2: RMSNorm)
+    # fused SDPA or spelled out: same outputs
     backend: str = attrs.field(default="sdpa", validator=v.in_(("sdpa", "math")))
 
 

@@ -16,6 +16,7 @@ from toolkit.hookspecs import hookimpl
 class MLPOptions:
     # hidden width = multiplier * n_embd (4 in GPT-2), unless hidden_dim is given
     multiplier: float = attrs.field(default=4.0, validator=v.gt(0.0))
+    # the width itself
     hidden_dim: int | None = attrs.field(default=None, validator=v.optional([v.instance_of(int), v.gt(0)]))
 
 
@@ -72,7 +73,7 @@ class GatedOptions:
     # 8/3 keeps the parameter count of a 4x ungated MLP with three matrices instead of two (Shazeer 2020).
     multiplier: float = attrs.field(default=8 / 3, validator=v.gt(0.0))
     multiple_of: int = attrs.field(default=64, validator=_positive_int)  # for tensor-core friendly shapes (Llama)
-    hidden_dim: int | None = attrs.field(default=None, validator=v.optional(_positive_int))
+    hidden_dim: int | None = attrs.field(default=None, validator=v.optional(_positive_int))  # the width itself
 
 
 @attrs.frozen

@@ -26,8 +26,8 @@ from toolkit.hookspecs import hookimpl
 
 @attrs.frozen
 class MoEOptions:
-    experts: int = attrs.field(default=8, validator=v.ge(2))
-    top_k: int = attrs.field(default=2, validator=v.ge(1))
+    experts: int = attrs.field(default=8, validator=v.ge(2))  # experts per layer
+    top_k: int = attrs.field(default=2, validator=v.ge(1))  # experts the router picks per token
     # each expert: a registered MLP, kind and options (GPT-2's by default: give multiplier = 2.0 to make
     # top-2 routing cost what one dense MLP does)
     expert: SPEC_TYPES["mlp"] = attrs.field(factory=lambda: SPEC_TYPES["mlp"]("gelu"))

@@ -13,7 +13,7 @@ from toolkit.hookspecs import hookimpl
 
 @attrs.frozen
 class LayerNormOptions:
-    eps: float = attrs.field(default=1e-5, validator=v.gt(0.0))
+    eps: float = attrs.field(default=1e-5, validator=v.gt(0.0))  # added to the variance before its square root
     # None: follow the model's `bias` setting; true/false: force it
     bias: bool | None = attrs.field(default=None, validator=v.optional(v.instance_of(bool)))
 
@@ -72,7 +72,9 @@ class DyTOptions:
     # the initial alpha (0.5 in the paper for most models); for LLMs the paper starts the norms in
     # front of attention higher than the others (e.g. LLaMA 7B: 0.8 and 0.2, Table 10)
     alpha: float = attrs.field(default=0.5, validator=v.gt(0.0))
+    # norms before attention; None: alpha
     alpha_attention: float | None = attrs.field(default=None, validator=v.optional(v.gt(0.0)))
+    # every other norm; None: alpha
     alpha_other: float | None = attrs.field(default=None, validator=v.optional(v.gt(0.0)))
 
 

@@ -45,7 +45,7 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None)
 
 @attrs.frozen
 class AdamWOptions:
-    eps: float = attrs.field(default=1e-8, validator=v.gt(0.0))
+    eps: float = attrs.field(default=1e-8, validator=v.gt(0.0))  # added to the update's denominator
 
 
 def adamw(opts: AdamWOptions, model: nn.Module, recipe) -> torch.optim.Optimizer:
@@ -67,8 +67,8 @@ def adamw(opts: AdamWOptions, model: nn.Module, recipe) -> torch.optim.Optimizer
 class MuonOptions:
     # peak learning rate of the block matrices (the AdamW part uses train.lr); the schedule scales both
     lr: float = attrs.field(default=0.02, validator=v.gt(0.0))
-    momentum: float = attrs.field(default=0.95, validator=[v.ge(0.0), v.lt(1.0)])
-    nesterov: bool = True
+    momentum: float = attrs.field(default=0.95, validator=[v.ge(0.0), v.lt(1.0)])  # of the block matrices' updates
+    nesterov: bool = True  # Nesterov momentum, as Jordan's reference
     ns_steps: int = attrs.field(default=5, validator=v.gt(0))  # Newton-Schulz iterations
     # decoupled weight decay of the block matrices (train.weight_decay is the AdamW part's)
     weight_decay: float = attrs.field(default=0.0, validator=v.ge(0.0))

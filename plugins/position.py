@@ -86,16 +86,16 @@ class RopeOptions:
     # al. 2023), "dynamic" (NTK-aware base growing with the sequence, bloc97/emozilla 2023), "yarn" (Peng et
     # al. 2023), "llama3" (Llama 3.1: low frequencies / factor, high ones kept, a smooth ramp between)
     scaling: str = attrs.field(default="none", validator=v.in_(ROPE_SCALINGS))
-    factor: float = attrs.field(default=1.0, validator=v.gt(0.0))
+    factor: float = attrs.field(default=1.0, validator=v.gt(0.0))  # how many times longer a context than pretrained
     # the context the model was pretrained at (dynamic, yarn, llama3): dynamic grows the base only beyond it
     original_max_len: int | None = attrs.field(default=None, validator=v.optional([v.instance_of(int), v.gt(0)]))
     # llama3: wavelengths above original_max_len / low_freq_factor are divided by factor, those below
     # original_max_len / high_freq_factor kept
     low_freq_factor: float = attrs.field(default=1.0, validator=v.gt(0.0))
-    high_freq_factor: float = attrs.field(default=4.0, validator=v.gt(0.0))
+    high_freq_factor: float = attrs.field(default=4.0, validator=v.gt(0.0))  # llama3: see low_freq_factor
     # yarn: the ramp between interpolated and kept dimensions, in rotations over original_max_len (eq. 17-18)
     beta_fast: float = attrs.field(default=32.0, validator=v.gt(0.0))
-    beta_slow: float = attrs.field(default=1.0, validator=v.gt(0.0))
+    beta_slow: float = attrs.field(default=1.0, validator=v.gt(0.0))  # yarn: the ramp's other end (see beta_fast)
     # yarn: cos and sin times this (so attention logits times its square); None: 0.1 ln(factor) + 1 (eq. 22)
     attention_factor: float | None = attrs.field(default=None, validator=v.optional(v.gt(0.0)))
     # yarn: round the ramp's ends outwards to whole dimensions (transformers' default)

@@ -523,3 +523,43 @@ def test_built_in_plugins_count_by_their_module_code_not_only_the_version():
     code = default_registry().code()
     assert code["toolkit.plugins.attention"].startswith("playattention ")
     assert "toolkit.plugins.attention sha256 " in code["toolkit.plugins.attention"]
+
+
+def test_ablate_set_applies_to_every_variant_and_can_shrink_the_budget(tiny, capsys):
+    path = tiny("""\
+        steps = 50
+        evals = 5
+        set = ["train.lr=2e-3"]
+        [grid]
+        "model.position.kind" = ["learned", "rope"]
+        """)
+    ab, resolved = ablation.load_ablation(path, ["train.lr=5e-3", "steps=20", "seeds=[7]"])
+    assert ab.steps == 20 and ab.seeds == (7,)
+    assert [(r.recipe.train.lr, r.recipe.train.max_steps, r.recipe.train.eval_interval) for r in resolved] == \
+        [(5e-3, 20, 4), (5e-3, 20, 4)]  # after the file's own set; the schedule scaled to the new budget
+    assert main(["ablate", str(path), "--dry-run", "--set", "train.lr=-1"]) == 2
+    err = capsys.readouterr().err
+    assert "--set train.lr=-1" in err and err.count("\n") == 1
+
+
+def test_ablate_writes_plain_lines_not_progress_bar_frames_off_a_terminal(tiny, tmp_path, capsys, monkeypatch):
+    """`playattention ablate ... > ablate.log 2>&1`: lines a log can hold, no tqdm frames (carriage returns)."""
+    path = tiny("""\
+        steps = 2
+        [[variant]]
+        name = "a"
+        """)
+
+    class Exited:  # a training that ends at once, failed: no training happens here
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def poll(self):
+            return 1
+
+    monkeypatch.setattr(ablate.subprocess, "Popen", Exited)
+    ab, resolved = ablation.load_ablation(path)
+    ablate.run_ablation(ab, resolved, tmp_path / "out", progress=True)
+    captured = capsys.readouterr()
+    assert "start a-s1337" in captured.out and "FAILED a-s1337" in captured.out
+    assert "\r" not in captured.err + captured.out

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 TINY = """
@@ -124,3 +126,14 @@ def test_rounds_stop_only_when_the_interval_is_within_the_width():
     assert compose.converged((1.0, 0.991, 1.009), 0.01)
     assert not compose.converged((1.0, 0.985, 1.005), 0.01)
     assert not compose.converged(None, 0.01)
+
+
+@pytest.mark.slow
+def test_startup_bench_prints_import_time_and_each_light_commands_times(tmp_path):
+    out = tmp_path / "startup.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "startup.py"), "--rounds", "1", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "s of imports in all" in proc.stdout and "| playattention recipe show |" in proc.stdout
+    numbers = json.loads(out.read_text())
+    assert numbers["import_total_s"] > 0 and set(numbers["commands"]) == {"--help", "recipe show", "plugins", "diff"}

@@ -143,3 +143,37 @@ def test_a_plugin_package_adds_a_command(tmp_path, monkeypatch, capsys):
     captured = capsys.readouterr()
     assert captured.out == "hello you\n"
     assert "warning: command 'train' from playattention 0.1.0 (pa_cmd) is not added: a built-in command has that name" in captured.err
+
+
+def test_a_family_argument_lists_only_that_family_and_a_name_only_that_component(capsys):
+    assert cli.main(["plugins", "norm"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("norm:\n") and "rmsnorm" in out and "\nattention:" not in out
+    assert cli.main(["plugins", "norm", "rmsnorm"]) == 0
+    out = capsys.readouterr().out
+    assert "  rmsnorm " in out and "layernorm" not in out and "dyt" not in out
+
+
+def test_an_unknown_family_or_name_is_one_line_with_a_suggestion(capsys):
+    assert cli.main(["plugins", "attenton"]) == 2
+    assert "did you mean 'attention'" in capsys.readouterr().err
+    assert cli.main(["plugins", "norm", "rmsnrom"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "rmsnorm" in err
+
+
+def test_each_option_is_listed_with_its_one_line_description(capsys):
+    assert cli.main(["plugins", "attention", "gqa"]) == 0
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if "n_kv_head:" in ln)
+    assert "key/value heads, each shared by n_head / n_kv_head query heads" in line
+    scale = next(ln for ln in out.splitlines() if "scale:" in ln)
+    assert scale.endswith("(Vaswani et al. 2017).")  # "al. 2017" does not end the sentence; "Gemma 2 27B" does
+
+
+def test_every_built_in_option_has_a_description():
+    """The house convention (CONTRIBUTING.md): a comment above each options field, or at the end of its line."""
+    registry = plugin_manager.default_registry()
+    missing = [f"{c.family} {c.name}: {opt}" for c in registry if c.source.plugin.startswith("toolkit.plugins")
+               for opt, _, _ in c.option_fields() if opt not in c.option_docs()]
+    assert not missing, f"describe these options with a comment above the field: {missing}"

@@ -503,3 +503,36 @@ def test_prepare_cli_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, cap
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.strip() == message
+
+
+def test_prepare_input_takes_a_text_column_and_an_hf_tokenizer_file(tmp_path, monkeypatch, capsys):
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers
+
+    monkeypatch.chdir(tmp_path)
+    words = [f"w{i}" for i in range(20)]
+    tok = tokenizers.Tokenizer(models.WordLevel({"</s>": 0, "[unk]": 1, **{w: i + 2 for i, w in enumerate(words)}},
+                                                unk_token="[unk]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save("tok.json")
+    with open("docs.jsonl", "w") as f:
+        for i in range(40):
+            f.write(json.dumps({"body": " ".join(words[i % 20:] + words[:i % 20])}) + "\n")
+    assert main(["prepare", "--input", "docs.jsonl", "--text-column", "body", "--tokenizer", "hf",
+                 "--tokenizer-file", "tok.json", "--out", "p", "--quiet"]) == 0
+    assert read_meta(tmp_path / "p")["tokenizer_name"] == "hf"  # the "body" field read: no [unk] among the tokens
+    assert tokens_in("p", "train") > 0 and 1 not in D.read_split("p", "train")[0]
+    capsys.readouterr()
+    assert main(["prepare", "--input", "docs.jsonl", "--tokenizer", "hf", "--out", "q", "--quiet"]) == 2
+    assert capsys.readouterr().err == ("error: --tokenizer hf needs --tokenizer-file FILE (a Hugging Face "
+                                       "tokenizer.json or a folder holding one)\n")
+    assert main(["prepare", "--input", "docs.jsonl", "--tokenizer", "gtp2", "--quiet"]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown tokenizer 'gtp2'; did you mean 'gpt2'?")
+
+
+def test_preparing_off_a_terminal_writes_no_progress_bar_frames(tmp_path, capsys):
+    """A training under `ablate` prepares with its stderr in a log file: no tqdm frames (carriage returns) there."""
+    (tmp_path / "t.txt").write_text("hello world\n" * 2000)
+    prepare(DataConfig(dataset="t", tokenizer="char", paths=[str(tmp_path / "t.txt")],
+                       prepared_dir=str(tmp_path / "p")), progress=True)
+    assert "\r" not in capsys.readouterr().err

@@ -26,6 +26,7 @@ def site(tmp_path_factory):
                            "--no-index", "--disable-pip-version-check", "--target", str(target), str(source)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    (work / "pip.log").write_text(proc.stdout + proc.stderr)
     return target
 
 
@@ -33,6 +34,13 @@ def run(site, code: str, cwd):
     # -I would drop PYTHONPATH; -P keeps the current folder off sys.path, so only the install is seen
     return subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=120, cwd=cwd,
                           env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"})
+
+
+def test_installing_prints_no_warning_about_the_projects_own_configuration(site):
+    """setuptools warned ~90 lines per install: a license table (deprecated), toolkit.assets "would be ignored"."""
+    log = (site.parent / "pip.log").read_text()
+    assert "arning" not in log and "deprecated" not in log, log
+    assert (site / "toolkit" / "assets" / "gpt2" / "encoder.json").is_file()  # the data still ships
 
 
 def test_the_install_has_no_top_level_plugins_package(site, tmp_path):

@@ -11,6 +11,7 @@ from toolkit.registry import (
     RegistryError,
     Source,
     UnknownComponentError,
+    field_docs,
 )
 
 
@@ -143,3 +144,24 @@ def test_source_string_shows_package_version_and_plugin():
     assert str(Source("toolkit.plugins.attention", "playattention", "0.1.0")) == "playattention 0.1.0 (toolkit.plugins.attention)"
     assert str(Source("/tmp/x.py")) == "/tmp/x.py"
     assert str(Source("ep", "pkg", None)) == "pkg ? (ep)"
+
+
+def test_field_docs_read_the_comment_above_a_field_or_at_the_end_of_its_line_and_from_base_classes():
+    assert field_docs(Documented) == {"width": "how wide; more than one line", "depth": "how deep",
+                                      "extra": "only in the subclass"}
+    assert field_docs(attrs.make_class("Made", {"x": attrs.field(default=1)})) == {}  # no source: no docs
+
+
+@attrs.frozen
+class _DocumentedBase:
+    # how wide;
+    # more than one line
+    width: int = 4
+    depth: int = 2  # how deep
+    bare: int = 0
+
+
+@attrs.frozen
+class Documented(_DocumentedBase):
+    # only in the subclass
+    extra: str = ""

@@ -5,10 +5,11 @@ import math
 import pytest
 import torch
 
-from toolkit.cli import main
+from toolkit.cli import main, prompt_hint, render_train_summary
 from toolkit.errors import ConfigError, DataError
 from toolkit.generate import load_run
 from toolkit.recipe import load_recipe
+from toolkit.tokenizer import GPT2Tokenizer
 from toolkit.trainer import Trainer, train
 
 RUN_FILES = ["recipe.toml", "ds_config.json", "versions.json", "metrics.jsonl", "losses.png", "summary.png",
@@ -150,6 +151,17 @@ def test_train_command_says_where_the_plot_samples_and_weights_are(tiny_file, tm
     assert f"finished 2 steps ({2 * 8 * 32:,} tokens)" in out
     for name in ("losses.png", "samples.txt", "model.safetensors"):
         assert f"{run / name}" in out and (run / name).is_file()
+    # a char-level model can only continue its own characters: the hint's prompt is its validation text's first line
+    assert f"  generate: playattention generate {run} --prompt GREMIO:\n" in out
+
+
+def test_the_end_of_run_hint_gives_a_subword_model_no_char_level_prompt(tiny_recipe, tmp_path):
+    recipe = load_recipe(tiny_recipe(tmp_path, {"data.tokenizer": "gpt2", "model.vocab_size": 50304}))
+    GPT2Tokenizer().save(tmp_path / "run")
+    summary = {"run_dir": str(tmp_path / "run"), "status": "finished", "steps": 1, "tokens": 1, "wall_s": 1.0,
+               "final_val_loss": 1.0, "best_val_loss": 1.0}
+    text = render_train_summary(summary, prompt_hint(recipe, tmp_path / "run"))
+    assert f"  generate: playattention generate {tmp_path / 'run'}\n" in text + "\n"
 
 
 def test_output_that_is_not_a_terminal_gets_a_plain_line_every_log_interval_not_bar_frames(tiny_file, tmp_path,

@@ -193,8 +193,9 @@ def run_ablation(ablation: Ablation, resolved: list[Resolved], out: str | Path, 
         report.write_report(out, infos, runs, baseline=ablation.baseline, title=ablation.name, header=header)
 
     refresh()
-    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=ablation.name, unit="run", disable=not progress,
-               dynamic_ncols=True)
+    # disable=None: a bar on a terminal only; a log file gets the plain lines of `say` alone
+    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=ablation.name, unit="run",
+               disable=None if progress else True, dynamic_ncols=True)
     say = bar.write if progress else (lambda s: None)
     if reused:
         say(f"{len(reused)} of {len(jobs)} runs already finished with the same recipe and plugin code; "

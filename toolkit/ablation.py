@@ -364,14 +364,40 @@ def _flatten_grid(data: dict) -> None:
         data["grid"] = flat
 
 
-def _parse(path: Path) -> tuple[Ablation | None, list[str]]:
-    """The ablation and the problems with its structure; None where it is too broken to resolve."""
+#: the keys of an ablation file that ``ablate --set`` changes (the budget); any other key is a recipe's
+BUDGET_KEYS = ("steps", "tokens", "seeds", "evals")
+
+
+def _cli_overrides(data: dict, sets: list[str] | tuple[str, ...], errors: list[str]) -> list[Override]:
+    """``ablate --set``: a budget key replaces the file's (``steps=50``; steps and tokens exclude each
+    other); any other key is a recipe override for every variant, after the file's ``set``."""
+    out = []
+    for item in sets:
+        if "=" not in item or not all(k.strip() for k in item.split("=", 1)[0].split(".")):
+            errors.append(f'--set {item}: expected "dotted.key=value"')
+            continue
+        keys, parsed = parse_override(item)
+        key = ".".join(keys)
+        if key in BUDGET_KEYS:
+            data.pop({"steps": "tokens", "tokens": "steps"}.get(key, ""), None)
+            data[key] = parsed
+        else:
+            loc = f"--set {item}"
+            out.append(_absolute_plugins(Override(key, item.split("=", 1)[1].strip(), parsed, loc, loc), Path.cwd()))
+    return out
+
+
+def _parse(path: Path, sets: list[str] | tuple[str, ...] = ()) -> tuple[Ablation | None, list[str]]:
+    """The ablation and the problems with its structure; None where it is too broken to resolve.
+    ``sets``: ``ablate --set`` strings (:func:`_cli_overrides`)."""
     if not path.is_file():
         raise ConfigError([f"{path}: no such ablation file"])
     data = read_toml(path)
     _flatten_grid(data)
+    cli_errors: list[str] = []
+    cli = _cli_overrides(data, sets, cli_errors)
     kwargs, errs = structure_fields(make_converter(default_registry()), data, AblationFile)
-    errors = errors_to_lines(errs)
+    errors = cli_errors + errors_to_lines(errs)
     given = {k: kwargs.get(k, getattr(attrs.fields(AblationFile), k).default) for k in attrs.fields_dict(AblationFile)}
     given = {k: (val.factory() if isinstance(val, attrs.Factory) else val) for k, val in given.items()}
 
@@ -391,7 +417,7 @@ def _parse(path: Path) -> tuple[Ablation | None, list[str]]:
         errors.append("$: no budget: add steps = N or tokens = N (every variant trains for the same budget)")
     plugins = tuple(str((path.parent / p).resolve()) if is_path_spec(p) else p for p in given["plugins"])
 
-    shared = parse_overrides(given["set"], "$.set", errors, path.parent)
+    shared = parse_overrides(given["set"], "$.set", errors, path.parent) + cli
     variants: list[Variant] = []
     axes = []
     for key, values in given["grid"].items():
@@ -595,9 +621,10 @@ def resolve(ablation: Ablation) -> list[Resolved]:
     return out
 
 
-def load_ablation(path: str | Path) -> tuple[Ablation, list[Resolved]]:
-    """Parse and resolve an ablation file; raises ConfigError with every problem of the file and of every variant."""
-    ablation, errors = _parse(Path(path))
+def load_ablation(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> tuple[Ablation, list[Resolved]]:
+    """Parse and resolve an ablation file (with ``ablate --set`` strings); raises ConfigError with every
+    problem of the file and of every variant."""
+    ablation, errors = _parse(Path(path), sets)
     lines = [f"{path}: {e}" for e in errors]
     if ablation is not None:
         if not (ablation.steps or ablation.tokens):  # a broken budget: resolve with a stand-in, report the rest

@@ -11,6 +11,8 @@ import argparse
 import json
 import math
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -19,12 +21,12 @@ from pathlib import Path
 
 import attrs
 
-from . import families
+from . import catalog, completion, families
 from .ablate import run_ablation
 from .ablation import dry_run_text, load_ablation
 from .checkpoint import check_resumable, find_run
 from .convert import hf_to_run, recipe_for_init, run_to_hf
-from .data import prepare
+from .data import prepare, prepared_dir, read_split
 from .errors import ConfigError, UsageError, UserError, one_line
 from .evaluate import evaluate_target, render_results, write_results
 from .generate import encode_prompt, load_run, resolve_run_dir, stream_samples
@@ -35,6 +37,8 @@ from .plugin_manager import PluginManager, default_registry, forget_loaded
 from .recipe import DataConfig, diff_recipes, dump_recipe, load_recipe, recipe_warnings, registry_of
 from .registry import Registry
 from .runfolder import default_run_dir
+from .runs import DEFAULT_DIR, find_runs, render_runs
+from .tokenizer import load_tokenizer
 from .trainer import train
 
 
@@ -42,26 +46,38 @@ def cmd_plugins(args) -> int:
     pm = PluginManager()
     for spec in args.plugin:
         pm.add(spec)
-    print(render_plugins(pm.registry, hooks=args.hooks))
+    if args.family is not None:
+        families.family(args.family)  # RegistryError: one line with "did you mean"
+        if args.name is not None:
+            pm.registry.get(args.family, args.name)  # UnknownComponentError: the registered names
+    print(render_plugins(pm.registry, hooks=args.hooks, family=args.family, name=args.name))
     return 1 if pm.failures and args.strict else 0
 
 
-def render_plugins(registry: Registry, hooks: bool = False) -> str:
-    """Every family with its registered parts: one-line doc, source, options (name: type = default)."""
+def render_plugins(registry: Registry, hooks: bool = False, family: str | None = None, name: str | None = None) -> str:
+    """Every family (or one) with its registered parts (or one): one-line doc, source, and each option
+    as ``name: type = default  description``."""
     lines = []
     if hooks:
         lines.append("hooks (implement any with @hookimpl; see toolkit/families.py):")
         lines += [f"  {hook}(register)  {doc}" for hook, doc in families.HOOKS.items()]
         lines.append("")
     for fam in families.FAMILIES:
+        if family is not None and fam.name != family:
+            continue
         where = f"recipe: {fam.where}" + ("[]" if fam.many else "") if fam.where else "not in recipes"
         lines.append(f"{fam.name}:" if not hooks else f"{fam.name}:  ({fam.hook}; {where}; {fam.contract})")
-        for name in registry.names(fam.name):
-            comp = registry.get(fam.name, name)
-            lines.append(f"  {name:<16} {comp.doc}")
+        for part in registry.names(fam.name):
+            if name is not None and part != name:
+                continue
+            comp = registry.get(fam.name, part)
+            lines.append(f"  {part:<16} {comp.doc}")
             lines.append(f"  {'':<16} from {comp.source}")
+            docs = comp.option_docs()
             for opt, typ, default in comp.option_fields():
-                lines.append(f"  {'':<16}   {opt}: {typ} " + ("(required)" if default is attrs.NOTHING else f"= {default!r}"))
+                head = f"{opt}: {typ} " + ("(required)" if default is attrs.NOTHING else f"= {default!r}")
+                doc = short_doc(docs.get(opt, ""))
+                lines.append(f"  {'':<16}   {head:<36}  {doc}".rstrip() if doc else f"  {'':<16}   {head}")
         if not registry.names(fam.name):
             lines.append("  (none registered)")
         lines.append("")
@@ -71,12 +87,19 @@ def render_plugins(registry: Registry, hooks: bool = False) -> str:
     return "\n".join(lines).rstrip()
 
 
+def short_doc(text: str, width: int = 100) -> str:
+    """The first sentence of an option's description, cut at a word before ``width`` characters."""
+    first = re.split(r"(?<=[.!?])\s+(?=[A-Z])", text, maxsplit=1)[0]  # "et al. 2023" does not end one
+    return first if len(first) <= width else first[:width].rsplit(" ", 1)[0] + " ..."
+
+
 def cmd_prepare(args) -> int:
     if args.recipe and args.input:
         raise UsageError("give a RECIPE or --input files, not both")
     if args.recipe:
-        if args.tokenizer or args.out or args.val_fraction is not None:
-            raise UsageError("--tokenizer, --out and --val-fraction go with --input; with a recipe use --set data.KEY=VALUE")
+        if args.tokenizer or args.tokenizer_file or args.text_column or args.out or args.val_fraction is not None:
+            raise UsageError("--tokenizer, --tokenizer-file, --text-column, --out and --val-fraction go with --input; "
+                             "with a recipe use --set data.KEY=VALUE")
         recipe = load_recipe(args.recipe, args.set, args.plugin)
         data, registry = recipe.data, registry_of(recipe)
     elif args.input:
@@ -85,16 +108,17 @@ def cmd_prepare(args) -> int:
         for given in args.input:
             if not os.path.exists(given):
                 raise UsageError(f"--input {given}: no such file or folder")
-        tokenizer = args.tokenizer or "gpt2"
+        registry = default_registry()
+        tokenizer = input_tokenizer(args, registry)
         try:
             data = DataConfig(
                 dataset=os.path.splitext(os.path.basename(os.path.normpath(args.input[0])))[0],
                 tokenizer=tokenizer, paths=list(args.input), prepared_dir=args.out,
                 val_fraction=0.1 if args.val_fraction is None else args.val_fraction,
+                text_column=args.text_column or "text",
             )
         except ValueError as exc:
             raise UsageError(f"--val-fraction: {exc}") from None
-        registry = default_registry()
     else:
         raise UsageError("give a RECIPE to prepare its [data], or --input FILE_OR_DIR... (see --help)")
     out = prepare(data, registry=registry, workers=args.workers, shard_size=args.shard_size, progress=not args.quiet)
@@ -102,11 +126,26 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def input_tokenizer(args, registry: Registry):
+    """``prepare --input``'s tokenizer: a registered kind (default gpt2); ``hf`` reads --tokenizer-file."""
+    kind = args.tokenizer or "gpt2"
+    comp = registry.get("tokenizer", kind)  # UnknownComponentError: the registered kinds, a did-you-mean
+    if kind == "hf":
+        if not args.tokenizer_file:
+            raise UsageError("--tokenizer hf needs --tokenizer-file FILE (a Hugging Face tokenizer.json or a folder holding one)")
+        if not os.path.exists(args.tokenizer_file):
+            raise UsageError(f"--tokenizer-file {args.tokenizer_file}: no such file or folder")
+        return families.SPEC_TYPES["tokenizer"]("hf", comp.options(path=args.tokenizer_file))
+    if args.tokenizer_file:
+        raise UsageError(f"--tokenizer-file goes with --tokenizer hf, not with {kind}")
+    return kind
+
+
 def cmd_ablate(args) -> int:
     """Validate, then print the plan or run it: 0 when every run finished, 1 otherwise."""
     if args.parallel < 1:
         raise UsageError(f"--parallel must be at least 1, got {args.parallel}")
-    ablation, resolved = load_ablation(args.file)
+    ablation, resolved = load_ablation(args.file, args.set)
     if args.dry_run:
         print(dry_run_text(ablation, resolved))
         return 0
@@ -130,6 +169,52 @@ def cmd_recipe_show(args) -> int:
     recipe = load_recipe(args.recipe, args.set, args.plugin)
     print_warnings(recipe, args.recipe)
     print(dump_recipe(recipe), end="")
+    return 0
+
+
+def cmd_recipe_list(args) -> int:
+    print(catalog.render_list())
+    return 0
+
+
+def cmd_recipe_validate(args) -> int:
+    """Every file resolved and checked: ``FILE: ok`` on stdout, each problem on stderr; 2 if any."""
+    bad = 0
+    for path in args.files:
+        try:
+            recipe = load_recipe(path, args.set, args.plugin)
+        except ConfigError as exc:
+            print_errors(exc.lines)
+            bad += 1
+        except (UserError, FileNotFoundError) as exc:
+            print_errors([f"{path}: {exc}" if path not in str(exc) else str(exc)])
+            bad += 1
+        else:
+            print_warnings(recipe, path)
+            print(f"{path}: ok")
+    return 2 if bad else 0
+
+
+def cmd_recipe_copy(args) -> int:
+    written = catalog.copy_recipe(args.name, args.dest)
+    bases = f" (with {', '.join(str(p) for p in written[1:])}, which it extends)" if written[1:] else ""
+    print(f"wrote {written[0]}{bases}; train it with: playattention train {written[0]}")
+    return 0
+
+
+def cmd_runs(args) -> int:
+    root = Path(args.dir or DEFAULT_DIR)
+    if not root.is_dir():
+        raise UsageError(f"{root}: no such folder of runs" + ("" if args.dir else " (train puts runs here; give DIR)"))
+    rows = find_runs(root)
+    print(render_runs(rows) if rows else f"no run folders in {root}")
+    return 0
+
+
+def cmd_completion(args) -> int:
+    parser, registry = build_parser(), default_registry()
+    add_plugin_commands(parser._subparsers._group_actions[0], registry)  # installed plugins' commands too
+    print(completion.script(args.shell, parser, registry), end="")
     return 0
 
 
@@ -170,7 +255,8 @@ def cmd_train(args) -> int:
     summary = train(recipe, run_dir=resume or args.run_dir, resume=resume is not None, init_from=args.init_from)
     code = train_exit_status(summary)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(render_train_summary(summary), file=sys.stdout if code == 0 else sys.stderr)
+        print(render_train_summary(summary, prompt_hint(recipe, summary["run_dir"]) if code == 0 else ""),
+              file=sys.stdout if code == 0 else sys.stderr)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # gloo's threads can abort the interpreter's shutdown ("terminate called without an
         # active exception"); everything is written and flushed, so leave without it
@@ -252,7 +338,22 @@ def launch_ranks(args, recipe, resume: str | None = None) -> int:
     return 128 + got[0] if got else code
 
 
-def render_train_summary(s: dict) -> str:
+def prompt_hint(recipe, run_dir: str | Path) -> str:
+    """The prompt the end-of-run hint suggests. A char-level model knows only its corpus's characters, so
+    the first whole line of its validation text; other tokenizers take any text, so none (generate then
+    uses the run's own prompts)."""
+    try:
+        tokenizer = load_tokenizer(run_dir, registry_of(recipe))
+        if tokenizer.name != "char":
+            return ""
+        text = tokenizer.decode(read_split(prepared_dir(recipe.data), "val")[0][:400])
+    except (OSError, ValueError, IndexError, UserError):
+        return ""
+    lines = text.splitlines()[1:]  # the split may start mid-line
+    return next((ln.strip()[:40] for ln in lines if ln.strip()), "")
+
+
+def render_train_summary(s: dict, prompt: str = "") -> str:
     run = Path(s["run_dir"])
     if s["status"] == "interrupted":
         return f"interrupted: {s.get('error')}"
@@ -270,7 +371,7 @@ def render_train_summary(s: dict) -> str:
         f"  losses:   {run / 'losses.png'}",
         f"  samples:  {run / 'samples.txt'}",
         f"  weights:  {run / 'model.safetensors'}",
-        f"  generate: playattention generate {run} --prompt 'ROMEO:'",
+        f"  generate: playattention generate {run}" + (f" --prompt {shlex.quote(prompt)}" if prompt else ""),
     ]
     return "\n".join(lines)
 
@@ -343,7 +444,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("plugins", help="list every registered component with its options and source")
+    p = sub.add_parser("plugins", help="list every registered component with its options and source",
+                       description="List registered components: each with its one-line description, who "
+                       "registered it, and its options (type, default, description). Give a FAMILY, or a "
+                       "FAMILY and a NAME, to list only those.")
+    p.add_argument("family", nargs="?", metavar="FAMILY", help="only this family: " + ", ".join(families.NAMES))
+    p.add_argument("name", nargs="?", metavar="NAME", help="only this component of FAMILY")
     p.add_argument("--plugin", action="append", default=[], help="also load this plugin file or module")
     p.add_argument("--strict", action="store_true", help="exit 1 if any plugin failed to load")
     p.add_argument("--hooks", action="store_true", help="also list the hooks, and each family's place and contract")
@@ -355,6 +461,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("recipe", help="recipe TOML file or run folder")
     add_recipe_options(q)
     q.set_defaults(func=cmd_recipe_show)
+    q = recipe_sub.add_parser("list", help="the shipped recipes with their one-line descriptions")
+    q.set_defaults(func=cmd_recipe_list)
+    q = recipe_sub.add_parser("validate", help="check recipe files: exit 0 if all are valid, 2 otherwise",
+                              description="Resolve and check each FILE as train would: `FILE: ok`, or one line "
+                              "per problem. Exit status 0 if every file is valid, 2 otherwise.")
+    q.add_argument("files", nargs="+", metavar="FILE", help="recipe TOML files or run folders")
+    add_recipe_options(q)
+    q.set_defaults(func=cmd_recipe_validate)
+    q = recipe_sub.add_parser("copy", help="copy a shipped recipe to start from (never overwrites)")
+    q.add_argument("name", metavar="NAME", help="a shipped recipe (`playattention recipe list`), e.g. gpt-cpu")
+    q.add_argument("dest", metavar="DEST", help="the new file, or a folder to copy it into")
+    q.set_defaults(func=cmd_recipe_copy)
 
     p = sub.add_parser("inspect", help="parameters, FLOPs, batch arithmetic, DeepSpeed config and memory of a recipe")
     p.add_argument("recipe", help="recipe TOML file or run folder")
@@ -376,7 +494,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", nargs="?", help="recipe TOML whose [data] to prepare")
     add_recipe_options(p)
     p.add_argument("--input", nargs="+", metavar="FILE_OR_DIR", help=".txt/.jsonl files or folders, without a recipe")
-    p.add_argument("--tokenizer", choices=("char", "gpt2"), help="with --input (default gpt2)")
+    p.add_argument("--tokenizer", metavar="KIND", help="with --input: a registered tokenizer, char, gpt2 (default) "
+                   "or hf (with --tokenizer-file)")
+    p.add_argument("--tokenizer-file", metavar="FILE", help="with --tokenizer hf: a Hugging Face tokenizer.json "
+                   "(or a folder holding one)")
+    p.add_argument("--text-column", metavar="NAME", help="with --input: the JSONL field or parquet/datasets column "
+                   "that holds the text (default text)")
     p.add_argument("--out", metavar="DIR", help="with --input: where the shards go (default data/<name>-<tokenizer>)")
     p.add_argument("--val-fraction", type=float, help="with --input: share of tokens for validation (default 0.1)")
     p.add_argument("--shard-size", type=int, default=100_000_000, metavar="TOKENS", help="tokens per shard")
@@ -452,7 +575,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run N variants side by side (one GPU each, or the CPU cores divided between them)")
     p.add_argument("--out", metavar="DIR", help="the ablation folder (default ablations-out/<name>/)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-run lines")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value for every variant, as train --set (after the file's own set); "
+                   "steps, tokens, seeds and evals change the ablation's budget (e.g. --set steps=50); repeatable")
     p.set_defaults(func=cmd_ablate)
+
+    p = sub.add_parser("runs", help="a table of run folders: recipe, steps, best val loss, state, age",
+                       description="One line per run folder under DIR: its recipe, steps done of its total, "
+                       "best validation loss, state (finished, converted, resumable: has a complete checkpoint, "
+                       "broken: neither, with the reason) and age. Reads the folders as data only: no plugin "
+                       "code runs.")
+    p.add_argument("dir", nargs="?", metavar="DIR", help=f"a folder of run folders (default {DEFAULT_DIR}/)")
+    p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("completion", help="print a shell completion script (bash or zsh)",
+                       description="Print a completion script for commands, recipe files and --set keys. "
+                       "Load it with `source <(playattention completion bash)` (or zsh) in your shell's rc file.")
+    p.add_argument("shell", choices=completion.SHELLS)
+    p.set_defaults(func=cmd_completion)
     return parser
 
 

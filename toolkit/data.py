@@ -734,8 +734,9 @@ def _prepare(data, registry, sources, inputs, folder, state, workers, shard_size
 
     out, f, column = folder.out, data.val_fraction, data.text_column
     total_bytes = sum(s["size"] for s in inputs["sources"])
+    # disable=None: bar frames on a terminal only, never into a log file (a training's under ablate)
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"tokenizing ({data.tokenizer.kind})",
-               disable=not progress, leave=False, file=sys.stderr)
+               disable=None if progress else True, leave=False, file=sys.stderr)
 
     writers = {
         s: _ShardWriter(out, s, shard_size,

@@ -9,8 +9,14 @@ registry of its own plugins.
 """
 from __future__ import annotations
 
+import ast
+import functools
 import hashlib
+import inspect
+import io
 import sys
+import textwrap
+import tokenize
 from pathlib import Path
 from typing import Callable
 
@@ -75,6 +81,45 @@ class Component:
                 default = default.factory()
             out.append((f.name, str(typ).replace("typing.", ""), default))
         return out
+
+    def option_docs(self) -> dict[str, str]:
+        """Each option's description (:func:`field_docs`), for listings."""
+        return field_docs(self.options)
+
+
+def field_docs(options: type) -> dict[str, str]:
+    """Each field's description, by the house convention (CONTRIBUTING.md): the comment lines right above
+    the field in its class's source, or else the comment at the end of its line. A field inherited from
+    a base class is described in the base's source. Fields without such a comment are left out."""
+    docs: dict[str, str] = {}
+    for klass in reversed(options.__mro__):
+        if attrs.has(klass):
+            docs.update(_class_comments(klass))
+    return {f.name: docs[f.name] for f in attrs.fields(options) if docs.get(f.name)}
+
+
+@functools.lru_cache(maxsize=None)
+def _class_comments(klass: type) -> dict[str, str]:
+    try:
+        src = textwrap.dedent(inspect.getsource(klass))
+        tree = ast.parse(src)
+        comments = {t.start[0]: t.string.lstrip("#").strip()
+                    for t in tokenize.generate_tokens(io.StringIO(src).readline) if t.type == tokenize.COMMENT}
+    except (OSError, TypeError, SyntaxError, tokenize.TokenError):  # no source (made at run time, a zip)
+        return {}
+    lines = src.splitlines()
+    cls = next((n for n in tree.body if isinstance(n, ast.ClassDef)), None)
+    out = {}
+    for node in cls.body if cls else []:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            above, n = [], node.lineno - 1
+            while n in comments and lines[n - 1].lstrip().startswith("#"):  # whole-line comments only
+                above.insert(0, comments[n])
+                n -= 1
+            text = " ".join(above) or comments.get(node.end_lineno, "")
+            if text:
+                out[node.target.id] = text
+    return out
 
 
 class Registry:
