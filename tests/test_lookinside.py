@@ -228,3 +228,20 @@ def test_the_attention_stats_evaluator_on_uniform_attention():
     assert scores["distance"] == pytest.approx(np.mean(i / 2), abs=1e-6)
     assert set(scores) == {"sink_mass", "entropy", "distance"} | {f"L{n}/{s}" for n in (0, 1)
                                                                   for s in ("sink_mass", "entropy", "distance")}
+
+
+def test_an_attention_without_attend_offers_its_maps_through_record_attention():
+    """The example plugin (talking heads) computes its own softmax and calls record_attention."""
+    from pathlib import Path
+
+    from toolkit.plugin_manager import load_registry
+
+    module = Path(__file__).resolve().parents[1] / "examples/playattention-talking-heads/src/playattention_talking_heads/__init__.py"
+    registry = load_registry([str(module)])
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(vocab_size=50, block_size=16, n_layer=2, n_head=4, n_embd=32,
+                                attention={"kind": "talking_heads", "mix": "logits"}), registry).eval()
+    with m.observe_attention() as maps:
+        m(torch.randint(0, 50, (1, 6)))
+    assert sorted(maps.layers()) == [0, 1]
+    torch.testing.assert_close(maps.layer(1).sum(-1), torch.ones(1, 4, 6))
