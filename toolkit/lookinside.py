@@ -35,7 +35,7 @@ LABEL_TOKENS = 24
 
 
 # -- loading ----------------------------------------------------------------------------------------
-def load_target(folder: str | Path, device: str = "cpu"):
+def load_folder(folder: str | Path, device: str = "cpu"):
     """(model in eval mode, tokenizer or None, prepared data folder or None) of a run or Hugging Face folder."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -278,7 +278,9 @@ def look_inside(folder: str | Path, *, prompt: str | None = None, ids: str | Non
                 importance: bool = False, text: str | None = None, windows: int = 4, length: int = 256,
                 device: str = "cpu") -> dict:
     """Write attention.png / attention.html (and head_importance.png) into ``out``; returns what it printed."""
-    model, tokenizer, prepared = load_target(folder, device)
+    if importance and (windows < 1 or length < 2):
+        raise UsageError("--windows must be >= 1 and --length >= 2")
+    model, tokenizer, prepared = load_folder(folder, device)
     tokens = prompt_ids(tokenizer, prompt, ids)
     if len(tokens) < 2:
         raise UsageError("the prompt must be 2 tokens or more: one token attends only to itself")
@@ -294,8 +296,6 @@ def look_inside(folder: str | Path, *, prompt: str | None = None, ids: str | Non
     write_html(maps, missing, labels, rows, out / "attention.html", title=f"{name}: attention")
     result = dict(out=str(out), table=table, rows=rows, files=["attention.png", "attention.html"])
     if importance:
-        if windows < 1 or length < 2:
-            raise UsageError("--windows must be >= 1 and --length >= 2")
         val, where = importance_tokens(tokenizer, prepared, text)
         x, y = validation_windows(val, min(length, model.config.block_size), windows)
         base, delta = head_importance(model, x, y, {layer: m.size(0) for layer, m in maps.items()})

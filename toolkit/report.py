@@ -530,6 +530,7 @@ def plot_layer_metrics(rows: list[dict], runs: Sequence[RunResult], path: str | 
             layers = sorted(by_layer)
             ax.plot(layers, [statistics.fmean(by_layer[i]) for i in layers], marker="o", label=variant,
                     color=color_of.get(variant))
+        ax.set_xticks(sorted({i for by_layer in values[(label, stat)].values() for i in by_layer}))
         ax.set_xlabel("layer")
         ax.set_title(f"{label}/{stat}", fontsize=9)
         ax.grid(alpha=0.3)
