@@ -245,3 +245,19 @@ def test_an_attention_without_attend_offers_its_maps_through_record_attention():
         m(torch.randint(0, 50, (1, 6)))
     assert sorted(maps.layers()) == [0, 1]
     torch.testing.assert_close(maps.layer(1).sum(-1), torch.ones(1, 4, 6))
+
+
+def test_head_importance_leaves_out_heads_it_cannot_zero():
+    """Talking heads offers maps with record_attention but does not go through attend: no delta, not a false 0."""
+    from pathlib import Path
+
+    from toolkit.plugin_manager import load_registry
+
+    module = Path(__file__).resolve().parents[1] / "examples/playattention-talking-heads/src/playattention_talking_heads/__init__.py"
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(vocab_size=50, block_size=16, n_layer=2, n_head=4, n_embd=32, attention="mha",
+                                layers={"th": {"at": "1", "attention": "talking_heads"}}),
+                    load_registry([str(module)])).eval()
+    x, y = torch.randint(0, 50, (2, 8)), torch.randint(0, 50, (2, 8))
+    _, delta = head_importance(m, x, y, {0: 4, 1: 4})
+    assert np.isfinite(delta[0]).all() and np.isnan(delta[1]).all()

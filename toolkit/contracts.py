@@ -204,6 +204,7 @@ class AttentionObserver:
         self.record_maps, self.masked = record, set(masked or ())
         self.layer: int | None = None  # the layer running now (the model's block hooks set it)
         self.maps: dict[int | None, list[torch.Tensor]] = {}  # layer -> its last forward's maps, in call order
+        self.attended: set[int | None] = set()  # layers whose heads went through attend (so can be masked)
 
     def enter_layer(self, layer: int | None) -> None:
         self.layer = layer
@@ -215,6 +216,7 @@ class AttentionObserver:
 
     def mask_heads(self, y: torch.Tensor) -> torch.Tensor:
         """y (B, nh, Tq, hv) with the masked heads of the running layer zeroed."""
+        self.attended.add(self.layer)
         heads = [h for layer, h in self.masked if layer == self.layer and h < y.size(1)]
         if not heads:
             return y

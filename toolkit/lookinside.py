@@ -240,17 +240,23 @@ def validation_windows(tokens: np.ndarray, length: int, n: int) -> tuple[torch.T
 def head_importance(model, x: torch.Tensor, y: torch.Tensor, heads: dict[int, int]) -> tuple[float, np.ndarray]:
     """(baseline loss, delta (L, H)): the loss on (x, y) with head h of layer l zeroed, minus the loss
     with none zeroed, one forward per head; NaN where a layer has no maskable head. Both run attend's
-    math path, so a head that adds nothing has a delta of exactly 0."""
+    math path, so a head that adds nothing has a delta of exactly 0. Only heads that go through
+    attend can be zeroed: a layer whose attention does not (it offers maps another way) stays NaN."""
     device = next(model.parameters()).device
     x, y = x.to(device), y.to(device)
+    attended: set = set()
 
     def loss(masked=None) -> float:
-        with model.observe_attention(masked=masked, record=False):
-            return float(model(x, y)[1])
+        with model.observe_attention(masked=masked, record=False) as maps:
+            out = float(model(x, y)[1])
+        attended.update(maps.observer.attended)
+        return out
 
     base = loss()
     delta = np.full((model.config.n_layer, max(heads.values(), default=1)), np.nan)
     for layer, n in heads.items():
+        if layer not in attended:
+            continue
         for h in range(n):
             delta[layer, h] = loss({(layer, h)}) - base
     return base, delta
@@ -302,8 +308,8 @@ def look_inside(folder: str | Path, *, prompt: str | None = None, ids: str | Non
         plot_importance(delta, out / "head_importance.png",
                         title=f"{name}: val loss change when a head is zeroed (base {base:.4f})")
         lines = [f"head importance: loss on {x.numel()} tokens of {where} is {base:.4f}; the change when one "
-                 f"head's attention output is zeroed (one forward per head):"]
-        lines += [f"  layer {layer}: " + " ".join("   –   " if math.isnan(d) else f"{d:+.4f}" for d in delta[layer])
+                 f"head's attention output is zeroed (one forward per head; -: not through attend(), not maskable):"]
+        lines += [f"  layer {layer}: " + " ".join("   -   " if math.isnan(d) else f"{d:+.4f}" for d in delta[layer])
                   for layer in range(delta.shape[0])]
         result.update(base_loss=base, importance=delta, importance_table="\n".join(lines))
         result["files"].append("head_importance.png")
