@@ -88,6 +88,10 @@ class GroupedQueryAttention(nn.Module):
         self.resid_dropout = nn.Dropout(dims.dropout)
 
     def forward(self, x, position, pos, cache=None):
+        return self.resid_dropout(self.c_proj(self.heads(x, position, pos, cache)))
+
+    def heads(self, x, position, pos, cache=None):
+        """The heads' outputs side by side, (B, T, nh*hs): what c_proj mixes back into the residual stream."""
         B, T, C = x.shape
         nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.c_attn(x).split([nh * hs, nkv * hs, nkv * hs], dim=2)  # (B, T, nh*hs), 2 x (B, T, nkv*hs)
@@ -102,8 +106,7 @@ class GroupedQueryAttention(nn.Module):
         k, v, k_pos = self.update_cache(cache, k, v, pos)  # (B, nkv, T_past + T, hs), positions (T_past + T,)
         y = attend(q, k, v, pos, k_pos, position, dropout=self.dropout if self.training else 0.0,
                    window=self.window, softcap=self.softcap, scale=self.scale, backend=self.backend)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, nh * hs)  # (B, T, nh*hs): heads side by side again
-        return self.resid_dropout(self.c_proj(y))
+        return y.transpose(1, 2).contiguous().view(B, T, nh * hs)  # (B, T, nh*hs): heads side by side again
 
     def update_cache(self, cache, k, v, pos):
         return update_cache(cache, k, v, pos)

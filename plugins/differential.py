@@ -82,6 +82,11 @@ class DifferentialAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, self.width)  # (B, T, 2 nh d)
         return self.resid_dropout(self.c_proj(y))
 
+    def attention_map(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        """What eq. 1 applies to V: softmax1 - lambda softmax2, (B, n_head/2, Tq, Tk); rows sum to 1 - lambda."""
+        s1, s2 = maps  # attend's two calls per forward, in order
+        return s1 - self.lam().detach().to(s1.dtype) * s2
+
     def metrics(self) -> dict[str, torch.Tensor]:
         return {"lambda": self.lam().detach()}
 

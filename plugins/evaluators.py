@@ -3,6 +3,8 @@
     hellaswag   multiple-choice accuracy from a local JSONL in HellaSwag's format (Zellers et al. 2019):
                 each ending scored as a completion of the context, as build-nanogpt's hellaswag.py does
     perplexity  token-weighted mean loss and perplexity on a prepared split or a text file
+    attention_stats  per-layer sink mass, entropy and mean distance of the attention maps on fixed
+                validation windows (toolkit.headstats), through the model's observe_attention()
 
 Both score with :func:`toolkit.scoring.score_continuations`, the scorer the lm-evaluation-harness
 adapter uses too, and nothing is downloaded: the files are yours. A recipe lists them as
@@ -21,6 +23,7 @@ import torch
 from attrs import validators as v
 
 from toolkit.errors import DataError
+from toolkit.headstats import STATS, layer_stats
 from toolkit.hookspecs import hookimpl
 from toolkit.scoring import Scored, batches_needed, score_continuations
 
@@ -215,7 +218,48 @@ class Perplexity:
         return {"loss": loss, "ppl": math.exp(loss)}
 
 
+# -- attention statistics ----------------------------------------------------------------------------
+@attrs.frozen
+class AttentionStatsOptions:
+    split: str = "val"  # the split of the prepared data
+    prepared: str | None = None  # a prepared dataset folder; default the run's own prepared data
+    windows: int = attrs.field(default=4, validator=v.gt(0))  # fixed windows, spread evenly over the split
+    length: int | None = attrs.field(default=None, validator=v.optional(v.gt(1)))  # tokens each; default block_size
+
+
+class AttentionStats:
+    """Per-layer attention sink mass, entropy and mean distance on fixed validation windows."""
+
+    Options = AttentionStatsOptions
+
+    def __init__(self, opts: AttentionStatsOptions, ctx):
+        self.ctx = ctx
+        tokens = np.concatenate(ctx.split(opts.split, opts.prepared))
+        T = min(opts.length or ctx.block_size, ctx.block_size, len(tokens))
+        if T < 2:
+            raise DataError(f"attention_stats: split {opts.split!r} has fewer than 2 tokens")
+        # the same windows at every evaluation, on every rank (each takes part in every forward, as ZeRO 3 needs)
+        starts = np.linspace(0, len(tokens) - T, opts.windows).astype(np.int64)
+        self.windows = [torch.from_numpy(tokens[s:s + T].astype(np.int64))[None] for s in starts]  # each (1, T)
+
+    @torch.no_grad()
+    def __call__(self, model) -> dict[str, float]:
+        module = getattr(model, "module", model)  # the Transformer inside a DeepSpeed engine
+        sums: dict[str, float] = {}
+        for window in self.windows:  # one at a time: the maps are (H, T, T) per layer
+            with module.observe_attention() as maps:
+                model(window.to(self.ctx.device))
+                for layer, m in maps.layers().items():
+                    for name, value in layer_stats(m).items():
+                        key = f"L{layer}/{name}"
+                        sums[key] = sums.get(key, 0.0) + value / len(self.windows)
+        layers = sorted({k.split("/")[0] for k in sums}, key=lambda s: int(s[1:]))
+        means = {name: sum(sums[f"{L}/{name}"] for L in layers) / len(layers) for name in STATS} if layers else {}
+        return {**means, **sums}
+
+
 @hookimpl
 def register_evaluators(register):
     register("hellaswag", MultipleChoice)
     register("perplexity", Perplexity)
+    register("attention_stats", AttentionStats)

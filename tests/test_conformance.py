@@ -21,6 +21,7 @@ VARIANTS = {
     ("attention", "mla"): [None, {"q_rank": 16, "rope_dim": 2, "v_dim": 12}],
     ("attention", "diff"): [None, {"lambda_init": 0.5, "backend": "math"}],
     ("attention", "mha"): [None, {"qk_norm": "layernorm"}],
+    ("attention", "gated"): [None, {"gate": "headwise", "n_kv_head": 2}],
     ("attention", "sliding_window"): [{"window": 4}, {"window": 3, "n_kv_head": 2, "qk_norm": "rmsnorm"}],
     ("norm", "rmsnorm"): [None, {"eps": 1e-6}],
     # scaled RoPE (Llama 3.1, YaRN) rotates by fixed, rescaled frequencies: the same contract as plain rope

@@ -12,12 +12,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 #: each module's layer; a module imports only from its own layer or below
 LAYERS = {
-    1: ["errors", "families", "contracts", "hookspecs", "registry", "plots", "report", "scoring"],
+    1: ["errors", "families", "contracts", "hookspecs", "registry", "plots", "report", "scoring", "headstats"],
     2: ["plugin_manager", "config", "tokenizer", "plugins"],
     3: ["model", "data", "recipe", "catalog"],
     4: ["engine", "checkpoint", "hf", "inspection"],
     5: ["trainer", "checkpointer", "runfolder", "trackers", "evaluate", "lm_harness", "signals", "progress", "generate",
-        "ablation", "ablate", "testing", "launch", "losscompare", "convert", "runs", "completion"],
+        "ablation", "ablate", "testing", "launch", "losscompare", "convert", "runs", "completion", "lookinside"],
     6: ["cli", "__main__"],
 }
 #: may import toolkit modules inside functions: the pytest plugin loads in every pytest run and must stay cheap

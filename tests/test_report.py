@@ -286,3 +286,18 @@ def test_report_has_a_column_per_evaluator_metric_with_mean_and_std_over_seeds(t
     assert float(results["base"]["hellaswag/acc_norm"]) == pytest.approx(0.31)
     assert float(results["base"]["perplexity/ppl_std"]) == pytest.approx(statistics.stdev([11.0, 12.0]))
     assert [r["hellaswag/acc_norm"] for r in csv.DictReader(open(tmp_path / "runs.csv"))] == ["0.3", "0.32", "0.34", "0.36"]
+
+
+def test_attention_stats_get_mean_columns_and_a_per_layer_plot_not_a_column_per_layer(tmp_path):
+    sinks = {"mha": (0.6, 0.4), "gated": (0.1, 0.05)}  # (layer 0, layer 1)
+    runs = [RunResult(name, 1, f"{name}-s1", "finished", summary={
+        "final_val_loss": 2.0, "attention_stats/sink_mass": sum(s) / 2,
+        **{f"attention_stats/L{i}/sink_mass": x for i, x in enumerate(s)},
+        **{f"attention_stats/L{i}/entropy": 1.0 + i for i in range(2)}}) for name, s in sinks.items()]
+    rows = report.summarize([VariantInfo(n) for n in sinks], runs, baseline="mha")
+    assert list(rows[0]["evals"]) == ["attention_stats/sink_mass"]
+    assert rows[1]["evals"]["attention_stats/sink_mass"][0] == pytest.approx(0.075)
+    assert report.plot_layer_metrics(rows, runs, tmp_path / "attention.png")
+    assert (tmp_path / "attention.png").stat().st_size > 1000
+    assert not report.plot_layer_metrics(rows, [RunResult("mha", 1, "x", "finished", summary={"final_val_loss": 2.0})],
+                                         tmp_path / "none.png")

@@ -33,6 +33,7 @@ from .generate import encode_prompt, load_run, resolve_run_dir, stream_samples
 from .hf import ARCHITECTURES
 from .inspection import inspect_recipe
 from .launch import LAUNCHER_PID, PARENT_PID, die_with_parent
+from .lookinside import look_inside
 from .plugin_manager import PluginManager, default_registry, forget_loaded
 from .recipe import DataConfig, diff_recipes, dump_recipe, load_recipe, recipe_warnings, registry_of
 from .registry import Registry
@@ -431,6 +432,16 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_attention(args) -> int:
+    r = look_inside(args.folder, prompt=args.prompt, ids=args.ids, out=args.out, importance=args.head_importance,
+                    text=args.text, windows=args.windows, length=args.length, device=args.device or "cpu")
+    print(r["table"])
+    if "importance_table" in r:
+        print(r["importance_table"])
+    print(f"wrote {', '.join(r['files'])} into {r['out']}")
+    return 0
+
+
 def _cuda() -> bool:
     import torch
 
@@ -563,6 +574,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, metavar="N", help="rows per forward (default the run's train.micro_batch)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default cuda if available)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("attention", help="what each attention head attends to: heatmaps, a page to explore, statistics",
+                       description="Draw every layer's and head's attention over a prompt (attention.png, and "
+                       "attention.html to pick a head and hover a query token) and print each head's entropy, sink "
+                       "mass, mean distance and most attended earlier token. --head-importance: the validation loss "
+                       "change when each head is zeroed. See docs/look-inside.md.")
+    p.add_argument("folder", metavar="RUN_OR_HF_FOLDER", help="a finished run folder or a Hugging Face folder")
+    p.add_argument("--prompt", help="the text to look at")
+    p.add_argument("--ids", metavar="I,J,...", help="token ids instead of a prompt (a folder without a tokenizer)")
+    p.add_argument("--out", metavar="DIR", help="where the files go (default attention-out/<folder name>/)")
+    p.add_argument("--head-importance", action="store_true",
+                   help="also the val loss change when each head's output is zeroed (one forward per head)")
+    p.add_argument("--text", metavar="FILE", help="validation text for --head-importance (default the run's val split)")
+    p.add_argument("--windows", type=int, default=4, metavar="N", help="--head-importance: windows of text (default 4)")
+    p.add_argument("--length", type=int, default=256, metavar="T",
+                   help="--head-importance: tokens per window (default 256, at most block_size)")
+    p.add_argument("--device", help="cpu (default), cuda, cuda:1")
+    p.set_defaults(func=cmd_attention)
 
     p = sub.add_parser("ablate", help="train a grid of component swaps and write a comparison report",
                        description="Train every variant of an ablation file (a base recipe plus component swaps) "

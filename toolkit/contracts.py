@@ -66,12 +66,23 @@ The model sums each name over layers and returns the terms; the training step ad
 cross-entropy before backward, so gradient accumulation, loss scaling and ZeRO apply, and
 metrics.jsonl logs each as ``aux/<name>``. The logged ``loss`` stays the cross-entropy.
 
+**Looking inside.** Inside :func:`observing_attention` (the model's ``observe_attention()``),
+:func:`attend` takes its explicit math path and records each call's probabilities
+softmax(QK^T * scale + mask + bias), (B, nh, Tq, Tk), for the layer running; outside, it runs as
+ever (one test of a module global, nothing else). An attention that computes its probabilities
+itself, without attend, offers them by calling :func:`record_attention` when :func:`observing` is
+true. An attention whose output is not one softmax map times V (differential attention: two maps)
+defines ``attention_map(maps) -> (B, h, Tq, Tk)``, combining what it recorded in one forward, in call
+order, into the map it really applies to its values. While observing, a head may also be masked
+(its attend output zeroed), which is how head importance is measured.
+
 **Metrics.** A component may define ``metrics() -> {name: float or 0-dim tensor}`` (an expert's
 load, a learned lambda, ...): the trainer asks for them every ``log_interval`` steps, so keep what
 they need from the last forward (detached) rather than computing in every step.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
@@ -186,6 +197,61 @@ def update_cache(cache: dict | None, k: torch.Tensor, v: torch.Tensor, pos: torc
     return k, v, pos
 
 
+# -- looking inside ---------------------------------------------------------------------------
+class AttentionObserver:
+    """What attend() does while observing: records probabilities per layer, zeroes masked heads' outputs."""
+
+    def __init__(self, record: bool = True, masked: set[tuple[int, int]] | None = None):
+        self.record_maps, self.masked = record, set(masked or ())
+        self.layer: int | None = None  # the layer running now (the model's block hooks set it)
+        self.maps: dict[int | None, list[torch.Tensor]] = {}  # layer -> its last forward's maps, in call order
+        self.attended: set[int | None] = set()  # layers whose heads went through attend (so can be masked)
+
+    def enter_layer(self, layer: int | None) -> None:
+        self.layer = layer
+        self.maps[layer] = []  # a new forward through this layer replaces the last one's maps
+
+    def record(self, probs: torch.Tensor) -> None:
+        if self.record_maps:
+            self.maps.setdefault(self.layer, []).append(probs.detach())
+
+    def mask_heads(self, y: torch.Tensor) -> torch.Tensor:
+        """y (B, nh, Tq, hv) with the masked heads of the running layer zeroed."""
+        self.attended.add(self.layer)
+        heads = [h for layer, h in self.masked if layer == self.layer and h < y.size(1)]
+        if not heads:
+            return y
+        keep = torch.ones(y.size(1), dtype=y.dtype, device=y.device)
+        keep[heads] = 0
+        return y * keep[:, None, None]
+
+
+#: the observer while observing_attention() is active; None (the training path) otherwise
+_observer: AttentionObserver | None = None
+
+
+@contextlib.contextmanager
+def observing_attention(observer: AttentionObserver | None = None):
+    """While inside, attend() runs its math path through ``observer`` (a new one by default)."""
+    global _observer
+    previous, _observer = _observer, observer or AttentionObserver()
+    try:
+        yield _observer
+    finally:
+        _observer = previous
+
+
+def observing() -> bool:
+    """Whether attention probabilities are being recorded: an attention not using attend() then calls record_attention."""
+    return _observer is not None and _observer.record_maps
+
+
+def record_attention(probs: torch.Tensor) -> None:
+    """Offer this layer's attention probabilities (B, nh, Tq, Tk), for an attention that does not use attend()."""
+    if _observer is not None:
+        _observer.record(probs)
+
+
 #: the values of an attention's ``backend`` option (see :func:`attend`)
 BACKENDS = ("sdpa", "flex", "math")
 
@@ -226,6 +292,8 @@ def attend(
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r} (expected one of {', '.join(BACKENDS)})")
+    if _observer is not None:  # looking inside: only the math path has the probabilities to show
+        backend = "math"
     n_head, n_kv = q.size(1), k.size(1)
     heads = {"n_head": n_head} if position is not None and position.score_takes_n_head else {}
     # k_pos is q_pos exactly when nothing is cached (update_cache hands the same tensor back): a
@@ -266,7 +334,11 @@ def attend(
     if softcap is not None:
         att = softcap * torch.tanh(att / softcap)
     att = torch.softmax(att + mask, dim=-1)
+    if _observer is not None:
+        _observer.record(att)  # the probabilities, before any dropout
     att = F.dropout(att, p=dropout, training=dropout > 0)
+    if _observer is not None:
+        return _observer.mask_heads(att @ v)
     return att @ v  # (B, nh, Tq, hv)
 
 

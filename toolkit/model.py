@@ -9,6 +9,7 @@ References: GPT-2 (Radford et al. 2019), nanoGPT (Karpathy), Attention Is All Yo
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable, Literal
 
@@ -20,7 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import resolve_specs
-from .contracts import Dims, Position, flops_per_token
+from .contracts import AttentionObserver, Dims, Position, flops_per_token, observing_attention
 from .families import PER_LAYER, SPEC_TYPES, components, layer_components
 from .plugin_manager import default_registry
 from .registry import Registry
@@ -242,6 +243,23 @@ class Transformer(nn.Module):
                     sums.setdefault(f"{family}/{name}", []).append(float(value))
         return {name: sum(vals) / len(vals) for name, vals in sums.items()}
 
+    # -- looking inside --------------------------------------------------------------------
+    @contextlib.contextmanager
+    def observe_attention(self, *, masked: set[tuple[int, int]] | None = None, record: bool = True):
+        """Inside, every forward records each layer's attention probabilities through attend's math
+        path (fused kernels do not expose them); yields :class:`AttentionMaps`. ``masked`` (layer,
+        head) pairs get their attention output zeroed. Outside, nothing of this runs."""
+        observer = AttentionObserver(record, masked)
+        hooks = [block.register_forward_pre_hook(lambda _m, _a, i=i: observer.enter_layer(i))
+                 for i, block in enumerate(self.transformer.h)]
+        attention = {layer: (kind, module) for family, kind, module, layer in self.parts if family == "attention"}
+        try:
+            with observing_attention(observer):
+                yield AttentionMaps(observer, attention, self.config.n_layer)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
     # -- generation ------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
@@ -322,6 +340,42 @@ class Transformer(nn.Module):
     def flops_per_token(self, seq_len: int | None = None) -> int:
         """Forward FLOPs per token; training costs about three times this (forward + backward)."""
         return self.component_report(seq_len)[-1]["flops_per_token"]
+
+
+class AttentionMaps:
+    """Each layer's attention map from the last forward inside ``Transformer.observe_attention()``."""
+
+    def __init__(self, observer: AttentionObserver, attention: dict, n_layer: int):
+        self.observer, self.attention, self.n_layer = observer, attention, n_layer
+
+    def kind(self, layer: int) -> str:
+        return self.attention.get(layer, ("?", None))[0]
+
+    def calls(self, layer: int) -> list[torch.Tensor]:
+        """What attend (or record_attention) recorded in this layer, in call order (differential: two maps)."""
+        return self.observer.maps.get(layer, [])
+
+    def layer(self, layer: int) -> torch.Tensor | None:
+        """(B, h, Tq, Tk): the map the layer's attention applies to its values, or None (see :meth:`missing`)."""
+        calls = self.calls(layer)
+        module = self.attention.get(layer, (None, None))[1]
+        if calls and callable(getattr(module, "attention_map", None)):
+            return module.attention_map(calls)
+        return calls[0] if len(calls) == 1 else None
+
+    def missing(self, layer: int) -> str | None:
+        """Why a layer has no map, or None when it has one."""
+        n = len(self.calls(layer))
+        if n == 0:
+            return "no maps: does not use attend() nor record_attention()"
+        if n > 1 and not callable(getattr(self.attention.get(layer, (None, None))[1], "attention_map", None)):
+            return f"no map: {n} attention maps per forward and no attention_map() to combine them"
+        return None
+
+    def layers(self) -> dict[int, torch.Tensor]:
+        """Every layer that has a map: layer -> (B, h, Tq, Tk)."""
+        out = {i: self.layer(i) for i in range(self.n_layer)}
+        return {i: m for i, m in out.items() if m is not None}
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,

@@ -7,7 +7,9 @@ baseline, parameters and FLOPs per token, and why a run failed). Output, in the 
 - ``report.md``: one row per variant, ranked by mean final validation loss;
 - ``results.csv``: the same rows as numbers; ``runs.csv``: one row per (variant, seed) run;
 - ``curves.png``: validation loss against tokens seen (mean over seeds, band from min to max);
-- ``tradeoff.png``: final validation loss against FLOPs per token (or parameters when FLOPs are equal).
+- ``tradeoff.png``: final validation loss against FLOPs per token (or parameters when FLOPs are equal);
+- ``attention.png``: when runs log ``attention_stats``, its sink mass, entropy and mean distance per
+  layer, one line per variant (the means over layers are columns of the table).
 
 Statistics over seeds are the mean and the sample standard deviation (n - 1); a variant counts as
 finished when at least one of its seeds finished, and failed seeds are named in the report. Each
@@ -19,6 +21,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import statistics
 from pathlib import Path
 from typing import Any, Sequence
@@ -167,10 +170,15 @@ def compare(values: Sequence[float], base_values: Sequence[float]) -> Comparison
     return Comparison(diff, "within noise", lo, hi, df, seeds_to_resolve(diff, s_a, s_b))
 
 
+#: a per-layer evaluator metric, ``attention_stats/L3/sink_mass``: plotted by layer, not a column
+PER_LAYER = re.compile(r"^(?P<label>[^/]+)/L(?P<layer>\d+)/(?P<stat>[^/]+)$")
+
+
 def evaluator_metrics(runs: Sequence[RunResult]) -> list[str]:
-    """The evaluator metrics (``hellaswag/acc_norm``...) any finished run's summary reports, in first-seen order."""
+    """The evaluator metrics (``hellaswag/acc_norm``...) any finished run's summary reports, in first-seen
+    order; per-layer ones (``label/L3/stat``) are left to :func:`plot_layer_metrics`."""
     return list(dict.fromkeys(k for r in runs if r.status == "finished"
-                              for k, v in r.summary.items() if "/" in k and _is_number(v)))
+                              for k, v in r.summary.items() if "/" in k and _is_number(v) and not PER_LAYER.match(k)))
 
 
 def summarize(variants: Sequence[VariantInfo], runs: Sequence[RunResult], baseline: str | None) -> list[dict]:
@@ -498,6 +506,42 @@ def plot_tradeoff(rows: list[dict], path: str | Path, title: str = "") -> bool:
     return True
 
 
+def plot_layer_metrics(rows: list[dict], runs: Sequence[RunResult], path: str | Path, title: str = "") -> bool:
+    """attention.png: each per-layer evaluator statistic (sink mass, entropy, distance) against the layer,
+    one line per variant (mean over its finished seeds); False when no run logged any."""
+    values: dict[tuple[str, str], dict[str, dict[int, list[float]]]] = {}  # (label, stat) -> variant -> layer -> values
+    for r in runs:
+        if r.status != "finished":
+            continue
+        for key, v in r.summary.items():
+            m = PER_LAYER.match(key)
+            if m and _is_number(v):
+                values.setdefault((m["label"], m["stat"]), {}).setdefault(r.variant, {}).setdefault(
+                    int(m["layer"]), []).append(float(v))
+    if not values:
+        return False
+    plt = _pyplot()
+    panels = sorted(values)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), dpi=100, squeeze=False)
+    colors = _colors(len(rows))
+    color_of = {r["variant"]: colors[i] for i, r in enumerate(rows)}
+    for ax, (label, stat) in zip(axes[0], panels):
+        for variant, by_layer in values[(label, stat)].items():
+            layers = sorted(by_layer)
+            ax.plot(layers, [statistics.fmean(by_layer[i]) for i in layers], marker="o", label=variant,
+                    color=color_of.get(variant))
+        ax.set_xticks(sorted({i for by_layer in values[(label, stat)].values() for i in by_layer}))
+        ax.set_xlabel("layer")
+        ax.set_title(f"{label}/{stat}", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title or "attention statistics per layer", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
 def write_report(out_dir: str | Path, variants: Sequence[VariantInfo], runs: Sequence[RunResult], *,
                  baseline: str | None, title: str, header: Sequence[str] = ()) -> list[dict]:
     """Write report.md, results.csv, runs.csv, curves.png and tradeoff.png into ``out_dir``; return the rows."""
@@ -509,6 +553,8 @@ def write_report(out_dir: str | Path, variants: Sequence[VariantInfo], runs: Seq
         plots.append("curves.png")
     if plot_tradeoff(rows, out / "tradeoff.png", title=f"{title}: loss vs cost"):
         plots.append("tradeoff.png")
+    if plot_layer_metrics(rows, runs, out / "attention.png", title=f"{title}: attention statistics per layer"):
+        plots.append("attention.png")
     write_csv(rows, out / "results.csv")
     write_runs_csv(runs, out / "runs.csv")
     (out / "report.md").write_text(render_markdown(rows, runs, title=title, header=header, plots=plots))

@@ -9,7 +9,7 @@ import torch
 from attrs import validators as v
 from torch import nn
 
-from toolkit.contracts import Dims, hint, update_cache
+from toolkit.contracts import Dims, hint, observing, record_attention, update_cache
 from toolkit.hookspecs import hookimpl
 
 __version__ = "0.1.0"
@@ -60,6 +60,8 @@ class TalkingHeadsAttention(nn.Module):
         weights = torch.softmax(logits.float(), dim=-1).to(q.dtype)  # in fp32 for bf16 stability
         if self.mix_weights is not None:  # and again after the softmax; masked weights stay 0
             weights = torch.einsum("bhqk,hg->bgqk", weights, self.mix_weights)
+        if observing():  # no attend() here: offer the maps `playattention attention` draws (after mixing)
+            record_attention(weights)
         y = self.attn_dropout(weights) @ v  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
