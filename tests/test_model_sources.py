@@ -112,3 +112,18 @@ def test_pruning_never_deletes_the_best_checkpoint_with_keep_best(tmp_path):
     assert checkpoint.best_checkpoint(tmp_path) == early
     checkpoint.prune(tmp_path, 6, keep=1)  # without keep_best: only the newest
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-0000006"]
+
+
+@pytest.mark.slow
+def test_a_zero2_bf16_checkpoint_gives_the_fp32_master_weights_the_run_exported(tmp_path, tiny_recipe):
+    """ZeRO 1-3 keep fp32 master weights in the optimizer partitions (the module holds bf16 copies):
+    joined on the CPU, read weights-only, they are bitwise the export's."""
+    from safetensors.torch import load_file
+
+    path = tiny_recipe(tmp_path, {"model.block_size": 16, "model.n_layer": 1, "model.n_embd": 16, "train.max_steps": 2,
+                                  "train.warmup_steps": 1, "train.eval_batches": 1, "deepspeed.zero_stage": 2,
+                                  "deepspeed.precision": "bf16", "generate.max_new_tokens": 2}, name="z2")
+    assert train(load_recipe(path), run_dir=tmp_path / "run", progress=False)["status"] == "finished"
+    weights = checkpoint.checkpoint_weights(checkpoint.latest(tmp_path / "run" / "checkpoints"))
+    exported = load_file(str(tmp_path / "run" / checkpoint.WEIGHTS))
+    assert exported and all(torch.equal(weights[k], v) for k, v in exported.items())
