@@ -189,20 +189,3 @@ def test_grad_accumulation_matches_one_big_micro_batch():
     accumulated, _ = run_engine(0, "fp32", micro_batch=4, grad_accum=2)
     single, _ = run_engine(0, "fp32", micro_batch=8, grad_accum=1)
     assert accumulated == pytest.approx(single, rel=1e-5)
-
-
-
-def test_a_lock_left_by_a_killed_op_build_is_removed_and_a_fresh_one_is_left_alone(tmp_path, capsys):
-    import os
-    import time
-
-    from toolkit.engine import STALE_BUILD_LOCK_S, clear_stale_build_lock
-
-    lock = tmp_path / "lock"
-    lock.touch()
-    assert not clear_stale_build_lock(tmp_path) and lock.exists()  # a build may be running right now
-    old = time.time() - STALE_BUILD_LOCK_S - 5
-    os.utime(lock, (old, old))
-    assert clear_stale_build_lock(tmp_path) and not lock.exists()
-    assert "killed 10 minutes ago left it" in capsys.readouterr().err
-    assert not clear_stale_build_lock(tmp_path / "nowhere") and not clear_stale_build_lock(None)

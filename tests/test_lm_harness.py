@@ -4,9 +4,11 @@ log-likelihood is the perplexity evaluator's."""
 import importlib.metadata as md
 import json
 import os
+import shlex
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,3 +121,52 @@ def test_python_m_toolkit_lm_harness_is_lm_evals_command_line_with_the_model_reg
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "tiny_mc" in proc.stdout and "acc" in proc.stdout
     assert list((tmp_path / "out").rglob("results_*.json"))
+
+
+def docs_block(text: str, start: str, end: str) -> str:
+    """The text from the line that begins with ``start`` up to the line that begins with ``end``."""
+    lines = text.splitlines()
+    first = next(i for i, ln in enumerate(lines) if ln.startswith(start))
+    last = next(i for i in range(first + 1, len(lines)) if lines[i].startswith(end))
+    return "\n".join(lines[first:last])
+
+
+@pytest.mark.slow
+def test_the_documented_lm_eval_command_runs_as_written_on_a_cpu_machine(setup, tmp_path):
+    """docs/training.md's command and task file, on a tiny run folder, with no --device: lm-eval's
+    default device is cuda:0, which used to fail with "Torch not compiled with CUDA enabled"."""
+    import shutil
+
+    from toolkit.convert import hf_to_run, write_tokenizer_files
+    from toolkit.tokenizer import GPT2Tokenizer
+
+    folder, _, _ = setup
+    folder = shutil.copytree(folder, tmp_path / "gpt2-hf")
+    write_tokenizer_files(GPT2Tokenizer(), folder, 16)  # the run gets GPT-2 BPE, as recipes/gpt2.toml's does
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "training.md").read_text()
+    command = docs_block(docs, "python -m toolkit.lm_harness", "```").replace("\\\n", " ")
+    assert "runs/gpt2-<time>" in command and "--device" not in command
+    hf_to_run(folder, tmp_path / "runs" / "gpt2-tiny")
+    command = command.replace("runs/gpt2-<time>", "runs/gpt2-tiny")
+    task = docs_block(docs, "task: hellaswag_local", "```")
+    (tmp_path / "lm-tasks").mkdir()
+    (tmp_path / "lm-tasks" / "hellaswag_local.yaml").write_text(task + "\n")
+    (tmp_path / "hellaswag").mkdir()
+    (tmp_path / "hellaswag" / "hellaswag_val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in EXAMPLES))
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+           "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    args = shlex.split(command)
+    assert args[:3] == ["python", "-m", "toolkit.lm_harness"]
+    proc = subprocess.run([sys.executable, *args[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "hellaswag_local" in proc.stdout and "acc_norm" in proc.stdout
+
+
+def test_a_cuda_device_on_a_machine_without_cuda_runs_on_the_cpu_and_says_so(monkeypatch, capsys):
+    from toolkit.lm_harness import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("cuda:0") == torch.device("cpu")
+    assert "no CUDA on this machine" in capsys.readouterr().err
+    assert pick_device(None) == torch.device("cpu") and pick_device("cpu") == torch.device("cpu")

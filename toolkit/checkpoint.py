@@ -29,6 +29,7 @@ model and optimizer and load as they are. The export (:func:`export_weights`) is
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import gc
 import hashlib
@@ -302,7 +303,8 @@ def identity_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
 
 
 # -- saving ------------------------------------------------------------------------------------
-def save(engine, root: str | Path, step: int, state: dict, *, keep: int | None = None, tokenizer=None) -> Path:
+def save(engine, root: str | Path, step: int, state: dict, *, keep: int | None = None, tokenizer=None,
+         keep_best: bool = False) -> Path:
     """Save a checkpoint of ``step`` atomically (every rank calls); rank 0 then keeps the newest ``keep``.
 
     ``state`` is the toolkit's own (JSON-serialisable) state. An OSError on any rank (a full disk)
@@ -343,7 +345,7 @@ def save(engine, root: str | Path, step: int, state: dict, *, keep: int | None =
             f"saving checkpoint {tag} failed ({error or 'on another rank'}); "
             f"the newest complete checkpoint is {before.name if before else 'none'}")
     if rank == 0:
-        prune(root, step, keep)
+        prune(root, step, keep, keep_best)
     dist.barrier()
     return root / tag
 
@@ -420,16 +422,19 @@ def _commit(root: Path, partial: Path, tag: str) -> None:
         (root / f"{LATEST}.tmp").unlink(missing_ok=True)
 
 
-def prune(root: str | Path, step: int, keep: int | None) -> None:
-    """Remove leftovers, checkpoints after ``step`` (a resumed run's lost future), and all but the newest ``keep``."""
+def prune(root: str | Path, step: int, keep: int | None, keep_best: bool = False) -> None:
+    """Remove leftovers, checkpoints after ``step`` (a resumed run's lost future), and all but the newest
+    ``keep`` and, with ``keep_best``, the one with the lowest val loss (:func:`best_checkpoint`)."""
     root = Path(root)
     for p in root.iterdir():
         if p.is_dir() and p.name.startswith((PARTIAL, TRASH)):
             shutil.rmtree(p, ignore_errors=True)
     found = list_checkpoints(root)
     done = [p for p in found if step_of(p) <= step]
+    best = best_checkpoint(root, step) if keep_best else None
     for p in [p for p in found if step_of(p) > step] + (done[:-keep] if keep else []):
-        shutil.rmtree(p, ignore_errors=True)
+        if p != best:
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -683,7 +688,11 @@ def export_weights(state: dict[str, torch.Tensor], path: str | Path, tied: bool,
 
 def load_weights(model: torch.nn.Module, path: str | Path) -> None:
     """Load an exported ``model.safetensors`` into ``model``; a tied head may be absent, nothing else."""
-    state = load_file(str(path))
+    load_state(model, load_file(str(path)), path)
+
+
+def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Load weights into ``model``; ValueError naming ``path`` unless they match it (a tied head may be absent)."""
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches: keep the first line that names a tensor
@@ -698,3 +707,107 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
         if unexpected:
             parts.append(f"unexpected {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
         raise ValueError(f"{path}: weights do not match the model ({'; '.join(parts)})")
+
+
+# -- any checkpoint of a run, for inference (generate, eval, convert --to hf) ------------------------
+CHECKPOINT_SELECTORS = ("latest", "best", "step-N")
+
+
+def evaluated_loss(path: str | Path) -> float | None:
+    """The val loss measured at the checkpoint's own step (its state's last evaluation), or None."""
+    state = read_state(path)
+    ev = state.get("last_eval")
+    loss = ev.get("val_loss") if isinstance(ev, dict) and ev.get("step") == state["step"] else None
+    return float(loss) if isinstance(loss, (int, float)) and math.isfinite(loss) else None
+
+
+def best_checkpoint(root: str | Path, up_to: int | None = None) -> Path | None:
+    """The complete checkpoint (at or before step ``up_to``) with the lowest val loss measured at its
+    own step, the earliest of equals; None if none was evaluated."""
+    scored = []
+    for p in complete_checkpoints(root):
+        if up_to is None or step_of(p) <= up_to:
+            try:
+                loss = evaluated_loss(p)
+            except CheckpointError:
+                continue
+            if loss is not None:
+                scored.append((loss, step_of(p), p))
+    return min(scored)[2] if scored else None
+
+
+def resolve_checkpoint(source: str | Path) -> tuple[Path, Path | None]:
+    """(run folder, checkpoint folder or None) of ``RUN``, ``RUN@latest``, ``RUN@best``, ``RUN@step-N``
+    or ``RUN/checkpoints/step-NNNNNNN``; CheckpointError (one line) for a checkpoint that is not there."""
+    text = str(source)
+    path = Path(text)
+    if path.is_dir() and TAG_RE.match(path.name) and path.parent.name == "checkpoints":
+        run, found, given = path.parent.parent, path, text
+    elif "@" in text and not path.exists():
+        run_text, _, which = text.rpartition("@")
+        run, given = Path(run_text), text
+        root = run / "checkpoints"
+        if not run.is_dir():
+            raise FileNotFoundError(f"{run}: no such run folder")
+        m = re.fullmatch(r"step-0*(\d+)", which)
+        if which == "latest":
+            found = latest(root)
+        elif which == "best":
+            found = best_checkpoint(root)
+        elif m:
+            found = root / tag_for(int(m.group(1)))
+        else:
+            raise CheckpointError(f"{text}: after @ give latest, best or step-N (e.g. {run_text}@step-100)")
+        if found is None or not found.is_dir():
+            have = ", ".join(p.name for p in complete_checkpoints(root)) or "none"
+            what = "evaluated " if which == "best" else ""
+            raise CheckpointError(f"{text}: no such {what}checkpoint in {root} (complete ones: {have})")
+    else:
+        return path, None
+    if why := problem(found):
+        raise CheckpointError(f"{given}: incomplete checkpoint: {why}")
+    return run, found
+
+
+def checkpoint_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The fp32 weights of the complete checkpoint at ``path``, consolidated on the CPU, for inference.
+
+    Every file is checked against the manifest first, and read with torch's weights-only unpickler,
+    which runs no code: stage 0 holds the module's weights whole; ZeRO 1-3 keep fp32 master weights
+    in their optimizer partitions, which DeepSpeed's zero_to_fp32 joins (its reads made weights-only,
+    with the three DeepSpeed classes those files name allowed).
+    """
+    path = Path(path)
+    if why := verify(path):
+        raise CheckpointError(f"{path}: refused: {why}")
+    state = read_state(path)
+    try:
+        if state["zero_stage"] == 0:
+            module = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
+        else:
+            module = _zero_fp32_weights(path)
+    except Exception as exc:  # noqa: BLE001 - an unpickling refusal, a missing key, a damaged file
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{path}: its weights cannot be read ({type(exc).__name__}: {first})") from None
+    return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
+
+
+def _zero_fp32_weights(path: Path) -> dict[str, torch.Tensor]:
+    """zero_to_fp32's consolidation of a ZeRO 1-3 checkpoint, every torch.load in it weights-only."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils import zero_to_fp32
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    real = torch.load
+
+    def weights_only(*args, **kwargs):
+        return real(*args, **{**kwargs, "weights_only": True})
+
+    torch.load = weights_only  # zero_to_fp32 asks for weights_only=False; it only reads tensors and plain data
+    try:
+        with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]), \
+                open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+            return zero_to_fp32._get_fp32_state_dict_from_zero_checkpoint(str(path), False)
+    finally:
+        torch.load = real

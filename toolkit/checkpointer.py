@@ -103,7 +103,7 @@ class Checkpointer:
             self.resume_notes.append(f"step {max_steps} is the last: writing the export and summary it was stopped before")
         self.resume_from = found, saved
 
-    def save(self, engine, progress: dict, loader_state: dict, tokenizer, keep: int) -> Path:
+    def save(self, engine, progress: dict, loader_state: dict, tokenizer, keep: int, keep_best: bool = False) -> Path:
         """A checkpoint of ``progress["step"]``, committed whole (a collective)."""
         step = progress["step"]
         path = self.root / checkpoint.tag_for(step)
@@ -111,7 +111,7 @@ class Checkpointer:
             return path
         state = {**progress, "loaders": gather_objects(loader_state, self.world_size),
                  "rng": gather_objects(checkpoint.rng_state(), self.world_size), **self.identity}
-        checkpoint.save(engine, self.root, step, state, keep=keep, tokenizer=tokenizer)
+        checkpoint.save(engine, self.root, step, state, keep=keep, tokenizer=tokenizer, keep_best=keep_best)
         self.saved_step = step
         return path
 

@@ -24,12 +24,12 @@ import attrs
 from . import catalog, completion, families
 from .ablate import run_ablation
 from .ablation import dry_run_text, load_ablation
-from .checkpoint import check_resumable, find_run
-from .convert import hf_to_run, recipe_for_init, run_to_hf
+from .checkpoint import CHECKPOINT_SELECTORS, check_resumable, find_run
+from .convert import hf_to_run, load_model, recipe_for_init, run_to_hf
 from .data import prepare, prepared_dir, read_split
 from .errors import ConfigError, UsageError, UserError, one_line
 from .evaluate import evaluate_target, render_results, write_results
-from .generate import encode_prompt, load_run, resolve_run_dir, stream_samples
+from .generate import encode_prompt, stream_samples
 from .hf import ARCHITECTURES
 from .inspection import inspect_recipe
 from .launch import LAUNCHER_PID, PARENT_PID, die_with_parent
@@ -394,10 +394,9 @@ def cmd_convert(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    resolve_run_dir(args.run)  # FileNotFoundError (one line, exit 2) before anything loads
     if args.num_samples < 1:
         raise UsageError(f"--num-samples must be at least 1, got {args.num_samples}")
-    model, tokenizer, recipe = load_run(args.run, device=args.device or ("cuda" if _cuda() else "cpu"))
+    model, tokenizer, recipe, _ = load_model(args.run, device=args.device or ("cuda" if _cuda() else "cpu"))
     given = {"prompts": args.prompt, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
              "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
     for name, value in given.items():  # the recipe's own values were checked when it loaded
@@ -419,8 +418,6 @@ def cmd_generate(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    if not Path(args.target).is_dir():
-        raise UsageError(f"{args.target}: no such run folder or Hugging Face GPT-2 folder")
     if args.batch_size is not None and args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
     results = evaluate_target(args.target, args.task, device=args.device or ("cuda" if _cuda() else "cpu"),
@@ -540,7 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "generate, train --init-from and ablations take; or with --to hf a finished run into a "
                        "folder transformers' from_pretrained loads. Architectures: "
                        + ", ".join(ARCHITECTURES) + ". See docs/hf.md.")
-    p.add_argument("source", metavar="HF_DIR_OR_RUN_DIR")
+    p.add_argument("source", metavar="HF_DIR_OR_RUN_DIR", help="with --to hf also a checkpoint of a run "
+                   "(RUN@best, RUN@latest, RUN@step-N or its folder)")
     p.add_argument("out", metavar="OUT_DIR", help="a new or empty folder")
     p.add_argument("--to", choices=("run", "hf"), default="run", help="run: HF_DIR -> run folder (default); "
                    "hf: RUN_DIR -> Hugging Face folder")
@@ -548,8 +546,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the first that can express the model)")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("generate", help="sample text from a finished run, streamed as it is produced")
-    p.add_argument("run", metavar="RUN_DIR_OR_WEIGHTS", help="a run folder (or its model.safetensors)")
+    p = sub.add_parser("generate", help="sample text from a run, a checkpoint or a Hugging Face folder, streamed")
+    p.add_argument("run", metavar="RUN_OR_HF_FOLDER", help=f"a finished run folder (or its model.safetensors), "
+                   f"a checkpoint of a run (RUN@{'/RUN@'.join(CHECKPOINT_SELECTORS)}, or RUN/checkpoints/step-NNNNNNN), "
+                   f"or a Hugging Face folder")
     p.add_argument("--prompt", action="append", help="text to continue (repeatable; default the run's prompts)")
     p.add_argument("--max-new-tokens", type=int, metavar="N")
     p.add_argument("--temperature", type=float, help="0 is greedy")
@@ -561,13 +561,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default cuda if available)")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("eval", help="run evaluators (hellaswag, perplexity, ...) on a finished run or a GPT-2 folder",
-                       description="Run evaluators on a finished run folder, or on a Hugging Face GPT-2 folder "
-                       "(config.json + weights; its vocab.json/merges.txt if present, else the shipped GPT-2 BPE). "
+    p = sub.add_parser("eval", help="run evaluators (hellaswag, perplexity, ...) on a run, a checkpoint or a HF folder",
+                       description="Run evaluators on a finished run folder, a checkpoint of a run (RUN@best, "
+                       "RUN@latest, RUN@step-N or its folder), or a Hugging Face folder of any architecture "
+                       "convert reads, with the folder's own tokenizer (a GPT-2 folder without one: GPT-2 BPE). "
                        "Each --task is KIND:KEY=VALUE,KEY=VALUE (values as in --set), e.g. "
                        "--task hellaswag:path=hellaswag_val.jsonl,limit=1000 --task perplexity:split=val. "
                        "Without --task: the run's own [[eval]] evaluators.")
-    p.add_argument("target", metavar="RUN_OR_HF_FOLDER", help="a finished run folder or a Hugging Face GPT-2 folder")
+    p.add_argument("target", metavar="RUN_OR_HF_FOLDER", help="a finished run folder, RUN@best (any checkpoint), "
+                   "or a Hugging Face folder")
     p.add_argument("--task", action="append", default=[], metavar="KIND:KEY=VALUE,...",
                    help="an evaluator and its options; repeatable (`playattention plugins` lists them)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE ('-': only JSON, to stdout)")

@@ -23,18 +23,20 @@ import time
 from pathlib import Path
 
 import attrs
+import torch
 from safetensors.torch import load_file
 
 from . import checkpoint
-from .errors import CheckpointError, ConfigError, HFFormatError, UsageError
-from .generate import RECIPE_FILE, TOKENIZER_FILE, load_run, resolve_run_dir
+from .errors import CheckpointError, ConfigError, HFFormatError, UsageError, one_line
+from .data import prepared_dir
+from .generate import RECIPE_FILE, TOKENIZER_FILE, load_run
 from .hf import architecture_of, export_architecture, hf_model_config, load_hf, read_config, read_state_dict
 from .hf.common import CONFIG, load_into, write_checkpoint
 from .model import ModelConfig, Transformer
 from .recipe import DataConfig, GenerateConfig, Recipe, TrainConfig, diff_recipes, load_recipe, registry_of
 from .registry import Registry
 from .runfolder import RunFolder
-from .tokenizer import (ASSETS, CharTokenizer, GPT2Tokenizer, HFTokenizer, Tokenizer, is_gpt2_bpe,
+from .tokenizer import (ASSETS, CharTokenizer, GPT2Tokenizer, HFTokenizer, Tokenizer, is_gpt2_bpe, load_tokenizer,
                         read_hf_tokenizer)
 
 #: recipe keys a run may change from the model it starts from: neither changes a weight's shape or value
@@ -133,14 +135,66 @@ def hf_to_run(hf_dir: str | Path, out_dir: str | Path, *, registry: Registry | N
     return summary
 
 
+# -- a model to use: a run, any of its checkpoints, or a Hugging Face folder ------------------------------
+def load_model(source: str | Path, device: str | torch.device = "cpu"):
+    """(model in eval mode, tokenizer, recipe, prepared data dir or None) of what generate, eval and
+    convert --to hf take: a finished run folder (or its model.safetensors), a checkpoint of a run
+    (``RUN@latest``, ``RUN@best``, ``RUN@step-N``, ``RUN/checkpoints/step-NNNNNNN``: its own
+    tokenizer and weights), or a Hugging Face folder of any architecture convert reads, with its own
+    tokenizer. Problems are one line (FileNotFoundError, UsageError, CheckpointError)."""
+    run, found = checkpoint.resolve_checkpoint(source)
+    if found is not None:
+        model, tokenizer, recipe = load_checkpoint_model(run, found)
+    elif is_hf_folder(run):
+        model, tokenizer, recipe = load_hf_model(run)
+        return model.to(device).eval(), tokenizer, recipe, None
+    else:
+        model, tokenizer, recipe = load_run(run)
+    return model.to(device).eval(), tokenizer, recipe, prepared_dir(recipe.data)
+
+
+def load_checkpoint_model(run: Path, found: Path):
+    """(model, tokenizer, recipe) of checkpoint ``found`` of ``run``: the run's recipe (a resume may not
+    change its model), the tokenizer saved with the checkpoint, its weights consolidated."""
+    if not (run / RECIPE_FILE).is_file():
+        raise FileNotFoundError(f"{run}: not a run folder (no {RECIPE_FILE})")
+    recipe = load_recipe(run / RECIPE_FILE)
+    registry = registry_of(recipe)
+    model = Transformer(recipe.model, registry)
+    try:
+        checkpoint.load_state(model, checkpoint.checkpoint_weights(found), found)
+        tokenizer = load_tokenizer(found / TOKENIZER_FILE, registry)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{found}: cannot be loaded ({one_line(str(exc))})") from None
+    return model, tokenizer, recipe
+
+
+def load_hf_model(folder: Path):
+    """(model, tokenizer, recipe) of a Hugging Face folder: its own tokenizer (the shipped GPT-2 BPE for a
+    GPT-2 folder that has none); UsageError for another architecture without one."""
+    try:
+        model = load_hf(folder)
+    except HFFormatError as exc:
+        raise UsageError(f"{folder}: {exc}") from None
+    tokenizer = hf_tokenizer(folder)
+    if tokenizer is None:
+        if model.config.vocab_size < GPT2Tokenizer().vocab_size:
+            raise UsageError(f"{folder}: no tokenizer (tokenizer.json, or vocab.json + merges.txt) for its "
+                             f"{model.config.vocab_size}-token vocabulary")
+        tokenizer = GPT2Tokenizer()  # OpenAI's GPT-2 folders are often saved without one
+    tok_path = folder if isinstance(tokenizer, HFTokenizer) else None
+    return model, tokenizer, recipe_for(model.config, folder.resolve().name, tokenizer, tok_path)
+
+
 # -- run folder -> Hugging Face -----------------------------------------------------------------------
 def run_to_hf(run_dir: str | Path, out_dir: str | Path, *, model_type: str | None = None) -> dict:
     """Write a finished run as a Hugging Face folder (config.json, model.safetensors, tokenizer files)."""
     if is_hf_folder(run_dir):
         raise UsageError(f"{run_dir}: a Hugging Face folder already; --to hf converts a run folder (leave it out "
                          f"to make a run folder of this one)")
-    run, out = resolve_run_dir(run_dir), Path(out_dir)
-    model, tokenizer, recipe = load_run(run)
+    out = Path(out_dir)
+    model, tokenizer, recipe, _ = load_model(run_dir)  # a finished run or any checkpoint of one
+    run = str(run_dir)
     arch, config = export_architecture(model, model_type)  # refused before OUT_DIR is touched
     _empty_target(out)
     config.update(write_tokenizer_files(tokenizer, out, recipe.model.block_size))  # bos/eos ids

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 import io
 import os
 import socket
@@ -39,9 +40,11 @@ def on_cuda() -> bool:
 
 
 def ensure_accelerator() -> None:
-    """Tell DeepSpeed to use its CPU accelerator where there is no CUDA (must run before it picks one)."""
+    """Tell DeepSpeed to use its CPU accelerator where there is no CUDA (must run before it picks one),
+    and give its op builds this install's own cache."""
     if not on_cuda():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    isolate_op_cache()
 
 
 def device() -> torch.device:
@@ -160,7 +163,9 @@ def deepspeed_config(recipe: Recipe, plan: BatchPlan | int = 1) -> dict:
 # -- optimizer and schedule ------------------------------------------------------------------
 def make_optimizer(model: nn.Module, recipe: Recipe, registry: Registry | None = None) -> torch.optim.Optimizer:
     """The recipe's optimizer (a registered ``optimizer``, ``train.optimizer``) over ``model``'s parameters."""
-    return (registry or registry_of(recipe)).build(recipe.train.optimizer, model, recipe)
+    # optimizer offload is DeepSpeedCPUAdam, whose op is JIT-built (~40 s) on first use
+    with guarded_op_build("cpu_adam") if recipe.deepspeed.offload == "cpu" else contextlib.nullcontext():
+        return (registry or registry_of(recipe)).build(recipe.train.optimizer, model, recipe)
 
 
 def schedule(train: TrainConfig, registry: Registry):
@@ -203,39 +208,109 @@ def _quiet_op_loading():
         sys.stdout.write("".join(line for line in lines if not line.endswith("built successfully\n")))
 
 
-def _shm_op_dir() -> Path | None:
-    """Where torch builds DeepSpeed's CPU shared-memory op (its extension cache), or None if unknown."""
+def op_build_dir(name: str) -> Path | None:
+    """Where torch builds the JIT op ``name`` (its extension cache), or None if unknown."""
     try:
         from torch.utils.cpp_extension import _get_build_directory
 
-        return Path(_get_build_directory("deepspeed_shm_comm", verbose=False))
+        return Path(_get_build_directory(name, verbose=False))
     except Exception:  # noqa: BLE001 - a private torch helper: if it moves, just say nothing
         return None
 
 
-def _shm_op_built() -> bool:
-    """Whether DeepSpeed's CPU shared-memory op is already compiled in torch's extension cache."""
-    where = _shm_op_dir()
-    return where is None or any(where.glob("*.so"))
-
-
-#: a build of the op takes about 30 s; a lock this much older was left by a process killed mid-build
-STALE_BUILD_LOCK_S = 600
-
-
-def clear_stale_build_lock(where: Path | None, now: float | None = None) -> bool:
-    """Remove the op build's lock file if a killed build left it (torch would wait on it for ever)."""
-    lock = where / "lock" if where is not None else None
+def isolate_op_cache() -> None:
+    """Build DeepSpeed's ops into this install's own cache (``sys.prefix/torch-extensions``) unless
+    TORCH_EXTENSIONS_DIR names one: two installs sharing ``~/.cache/torch_extensions`` rebuild each
+    op for their own include paths, and wait on each other's ``lock`` while they do."""
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return
+    mine = Path(sys.prefix) / "torch-extensions"
     try:
-        age = (now or time.time()) - lock.stat().st_mtime
-    except (OSError, AttributeError):
-        return False
-    if age < STALE_BUILD_LOCK_S:
-        return False
-    lock.unlink(missing_ok=True)
-    print(f"removed {lock}: a build of DeepSpeed's CPU op killed {age / 60:.0f} minutes ago left it, and torch "
-          "would wait on it for ever", file=sys.stderr, flush=True)
-    return True
+        mine.mkdir(parents=True, exist_ok=True)
+    except OSError:  # a read-only system install: torch's shared cache it is
+        return
+    if os.access(mine, os.W_OK):
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(mine)
+
+
+def op_build_holders(where: Path) -> list[str]:
+    """The other processes building in ``where``: ``"pid (name)"`` of each that has its ``lock`` open
+    (torch's FileBaton keeps the fd open while it builds) or works in it (ninja and g++ run there,
+    and outlive a builder killed alone). Reads /proc: empty elsewhere than Linux."""
+    where = where.resolve()
+    lock = str(where / "lock")
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        if proc.name == str(os.getpid()):
+            continue
+        try:
+            busy = Path(os.readlink(proc / "cwd")) == where
+            if not busy:
+                busy = any(os.readlink(fd) == lock for fd in (proc / "fd").iterdir())
+            if busy:
+                found.append(f"{proc.name} ({(proc / 'comm').read_text().strip()})")
+        except OSError:  # gone meanwhile, or another user's
+            continue
+    return found
+
+
+#: how often a wait on another process's op build says so
+WAIT_SAY_S = 5.0
+
+
+def wait_for_op_build(where: Path | None, poll: float = 0.5, say_every: float = WAIT_SAY_S) -> None:
+    """Return once no other process builds in ``where``; a ``lock`` whose builder is gone is removed.
+
+    torch waits on that lock for ever and says nothing (a build killed mid-way leaves it); here
+    every few seconds says what is awaited, where, and for how long. A lock nobody holds twice in a
+    row, a second apart, is stale whatever its age (a builder releases it within microseconds).
+    """
+    if where is None or not sys.platform.startswith("linux"):
+        return
+    lock, t0, said, unheld = where / "lock", time.monotonic(), None, 0
+    while lock.exists():
+        holders = op_build_holders(where)
+        unheld = 0 if holders else unheld + 1
+        if unheld >= 2:
+            lock.unlink(missing_ok=True)
+            print(f"removed {lock}: the build of DeepSpeed's {where.name} op that left it is gone (no process "
+                  f"holds it or builds in {where}); building it again", file=sys.stderr, flush=True)
+            return
+        waited = time.monotonic() - t0
+        if holders and (said is None or waited - said >= say_every):
+            print(f"waiting for DeepSpeed's {where.name} op being built by {', '.join(holders)} "
+                  f"(lock {lock}): {waited:.0f} s so far", file=sys.stderr, flush=True)
+            said = waited
+        time.sleep(poll if holders else 1.0)
+
+
+@contextlib.contextmanager
+def guarded_op_build(name: str):
+    """Around code that may JIT-build DeepSpeed's op ``name``: wait (saying so) for another process's
+    build first, or clear the lock of one that died; say when this process builds it."""
+    where = op_build_dir(name)
+    wait_for_op_build(where)
+    if where is not None and not any(where.glob("*.so")):
+        print(f"building DeepSpeed's {name} op (once per install, about 30-60 s)...", file=sys.stderr, flush=True)
+    yield
+
+
+@contextlib.contextmanager
+def _without_shm_op():
+    """DeepSpeed's CPU backend without its shared-memory op: no 30 s g++ build, no lock to wait on.
+
+    The op serves only ``inference_all_reduce`` (DeepSpeed-Inference's tensor-parallel layers),
+    which falls back to torch.distributed's all_reduce without it; training (ZeRO's collectives,
+    gradient all-reduce) always goes through torch.distributed, on one rank or many.
+    """
+    ds_torch = importlib.import_module("deepspeed.comm.torch")  # `import ... as` finds deepspeed.comm's `torch`
+
+    build = ds_torch.build_shm_op
+    ds_torch.build_shm_op = lambda: None
+    try:
+        yield
+    finally:
+        ds_torch.build_shm_op = build
 
 
 def init_distributed() -> tuple[int, int]:
@@ -256,13 +331,8 @@ def init_distributed() -> tuple[int, int]:
         os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
         if on_cuda():
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        if not on_cuda() and os.environ.get("LOCAL_RANK", "0") == "0":
-            clear_stale_build_lock(_shm_op_dir())
-        if not on_cuda() and os.environ.get("LOCAL_RANK", "0") == "0" and not _shm_op_built():
-            print("building DeepSpeed's CPU communication op (once per machine, about 30 s)...", file=sys.stderr,
-                  flush=True)
         try:
-            with _quiet_op_loading():  # the CPU backend loads (or first builds) its shared-memory op here
+            with _quiet_op_loading(), (contextlib.nullcontext() if on_cuda() else _without_shm_op()):
                 deepspeed.init_distributed(dist_backend="nccl" if on_cuda() else "gloo", auto_mpi_discovery=False)
         finally:
             # a lone process's rendezvous must not leak into processes it starts (they would try

@@ -1,5 +1,5 @@
 """Evaluation: the train/val loss on fixed batches, the recipe's evaluators, and evaluators run
-after the fact on a finished run or a Hugging Face GPT-2 folder (``playattention eval``).
+after the fact on a finished run, a checkpoint of one or a Hugging Face folder (``playattention eval``).
 
 Evaluators are a registered family (``register_evaluators``); a recipe lists them as ``[[eval]]``
 tables (``kind`` plus the evaluator's options). Each is built once per run as
@@ -19,16 +19,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import hf
 from .config import structure
-from .data import TokenLoader, prepared_dir, read_split
+from .convert import load_model
+from .data import TokenLoader, read_split
 from .errors import DataError, UsageError
 from .families import SPEC_TYPES, Spec
-from .generate import RECIPE_FILE, load_run
-from .plugin_manager import default_registry
 from .recipe import Recipe, parse_override, registry_of
 from .registry import Registry
-from .tokenizer import GPT2Tokenizer
 
 
 @attrs.frozen
@@ -142,23 +139,15 @@ def parse_task(text: str, registry: Registry) -> Spec:
 
 
 def load_target(path: str | Path, device: str | torch.device = "cpu"):
-    """(model in eval mode, tokenizer, recipe, prepared data dir or None) of a finished run folder, or of a
-    Hugging Face GPT-2 folder (config.json + weights) with its own BPE files or else the shipped GPT-2 ones."""
-    folder = Path(path)
-    if not (folder / RECIPE_FILE).is_file() and (folder / "config.json").is_file():
-        registry = default_registry()
-        model = hf.load_gpt2(folder, registry=registry)
-        vocab, merges = folder / "vocab.json", folder / "merges.txt"
-        tokenizer = GPT2Tokenizer.from_files(vocab, merges) if vocab.is_file() and merges.is_file() else GPT2Tokenizer()
-        recipe = Recipe(name=folder.name, model=model.config)
-        return model.to(device).eval(), tokenizer, recipe, None
-    model, tokenizer, recipe = load_run(folder, device=device)
-    return model, tokenizer, recipe, prepared_dir(recipe.data)
+    """(model in eval mode, tokenizer, recipe, prepared data dir or None) of a finished run, any checkpoint
+    of one (``RUN@best``...), or a Hugging Face folder of any architecture convert reads, with its own
+    tokenizer (:func:`toolkit.convert.load_model`)."""
+    return load_model(path, device)
 
 
 def evaluate_target(path: str | Path, tasks: list[str], *, device: str | torch.device = "cpu",
                     batch_size: int | None = None) -> dict[str, float]:
-    """Run evaluators (``--task`` texts, or the run's own ``[[eval]]`` when none) on a run or GPT-2 folder;
+    """Run evaluators (``--task`` texts, or the run's own ``[[eval]]`` when none) on what :func:`load_target` reads;
     their metrics as ``label/metric``."""
     model, tokenizer, recipe, prepared = load_target(path, device)
     registry = registry_of(recipe)

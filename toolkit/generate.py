@@ -31,7 +31,8 @@ def resolve_run_dir(path: str | Path) -> Path:
     if missing:
         hint = "a run writes them when training ends"
         if latest(run_dir / "checkpoints") is not None:  # stopped early, or killed before its export
-            hint = f"it has a checkpoint: finish it with playattention train --resume {run_dir}"
+            hint = (f"it has a checkpoint: use it as {run_dir}@latest, or finish the run with playattention "
+                    f"train --resume {run_dir}")
         raise FileNotFoundError(f"{run_dir}: not a finished run folder (missing {', '.join(missing)}; {hint})")
     return run_dir
 

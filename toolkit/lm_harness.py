@@ -1,7 +1,8 @@
 """An lm-evaluation-harness model: ``lm_eval --model playattention --model_args run=RUN_DIR --tasks ...``.
 
 ``PlayAttentionLM`` is an ``lm_eval.api.model.LM`` registered as ``playattention``; ``run`` is a
-finished run folder or a Hugging Face GPT-2 folder (:func:`toolkit.evaluate.load_target`).
+finished run folder, a checkpoint of one (``RUN@best``) or a Hugging Face folder (:func:`toolkit.evaluate.load_target`);
+``device`` is CUDA where there is one, else the CPU, unless told.
 Log-likelihoods come from :func:`toolkit.scoring.score_continuations`, the scorer of the built-in
 evaluators, with the context and the continuation encoded apart as the ``hellaswag`` evaluator
 encodes them, so both give the same numbers on the same inputs.
@@ -29,13 +30,22 @@ from .evaluate import load_target
 from .scoring import score_continuations
 
 
+def pick_device(device: str | None) -> torch.device:
+    """The device asked for, else CUDA where there is one, else the CPU. lm-eval asks for cuda:0 unless told
+    otherwise, so a CUDA device on a machine without CUDA means nobody chose it: the CPU, said once."""
+    if device and str(device).startswith("cuda") and not torch.cuda.is_available():
+        print(f"note: no CUDA on this machine: running on the CPU, not {device}", file=sys.stderr)
+        device = "cpu"
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 @register_model("playattention")
 class PlayAttentionLM(LM):
     """A playattention run (or Hugging Face GPT-2 folder) as an lm-evaluation-harness model."""
 
     def __init__(self, run: str, device: str | None = None, batch_size: int | str = 16, **_ignored):
         super().__init__()
-        self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self._device = pick_device(device)
         self.model, self.tokenizer, self.recipe, _ = load_target(run, self._device)
         self.block_size = self.recipe.model.block_size
         # "auto" (lm-eval's batch-size search) is not supported: a fixed size, or 16
@@ -111,6 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if "--model" not in args and not any(a.startswith("--model=") for a in args):
         args = [*args, "--model", "playattention"]
+    if "--device" not in args and not any(a.startswith("--device=") for a in args):  # lm-eval's default is cuda:0
+        args = [*args, "--device", str(pick_device(None))]
     sys.argv = ["lm_eval", *args]
     cli_evaluate()
 

@@ -127,6 +127,8 @@ class TrainConfig:
     sample_interval: int = attrs.field(default=0, validator=v.ge(0))  # 0: sample at the end only
     checkpoint_interval: int = attrs.field(default=0, validator=v.ge(0))  # 0: at the end only
     keep_checkpoints: int = attrs.field(default=3, validator=v.gt(0))
+    # also keep the checkpoint with the lowest val loss (RUN@best), saved at each evaluation that improves it
+    keep_best: bool = False
     log_interval: int = attrs.field(default=10, validator=v.gt(0))
     seed: int = 1337
     compile: bool = False

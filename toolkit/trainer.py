@@ -122,6 +122,7 @@ class Trainer:
             last = self.step == cfg.max_steps
             if self.step % cfg.eval_interval == 0 or last:
                 self.evaluate()
+                self.keep_if_best(last)
             if cfg.sample_interval and self.step % cfg.sample_interval == 0 and not last:
                 self.sample()
             if cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0 and not last:
@@ -192,7 +193,7 @@ class Trainer:
             init_weights(model, self.init_from, recipe.plugins)
         self.params = model.num_params()
         checkpoint.check_room(self.run_dir, self.params, recipe.deepspeed.precision, recipe.deepspeed.zero_stage,
-                              self.cfg.keep_checkpoints)
+                              self.cfg.keep_checkpoints + self.cfg.keep_best)
         # forward FLOPs; counted (like params) before ZeRO 3 partitions the weights
         self.flops_per_token = model.flops_per_token(recipe.model.block_size)
         self.engine = build_engine(model, recipe, registry=self.registry, plan=self.plan, config=self.ds_config).engine
@@ -364,7 +365,12 @@ class Trainer:
         progress = {"step": self.step, "tokens": self.tokens, "best_val_loss": self.best_val_loss,
                     "last_eval": self.last_eval, "elapsed": self.elapsed()}
         return self.checkpointer.save(self.engine, progress, self.train_loader.state_dict(), self.tokenizer,
-                                      keep=self.cfg.keep_checkpoints)
+                                      keep=self.cfg.keep_checkpoints, keep_best=self.cfg.keep_best)
+
+    def keep_if_best(self, last: bool) -> None:
+        """With train.keep_best, a checkpoint of every evaluation that lowers the best val loss (pruning keeps it)."""
+        if self.cfg.keep_best and not last and self.last_eval.get("val_loss") == self.best_val_loss:
+            self.save_checkpoint()
 
     def load_checkpoint(self) -> None:
         """Restore the engine, step, tokens, data position and RNG states of the newest complete checkpoint."""
@@ -415,6 +421,8 @@ class Trainer:
         }
         if self.init_from is not None:
             summary["init_from"] = str(Path(self.init_from).resolve())
+        if self.cfg.keep_best:  # the checkpoint RUN@best loads
+            summary["best_checkpoint"] = str(checkpoint.best_checkpoint(self.checkpointer.root) or "") or None
         summary.update({k: v for k, v in self.last_eval.items() if "/" in k})  # evaluator scores, final
         for name in dict.fromkeys(k for row in self.recent_aux for k in row):  # aux losses: the last steps' mean
             summary[f"aux/{name}"] = statistics.fmean(row[name] for row in self.recent_aux if name in row)
