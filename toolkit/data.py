@@ -39,6 +39,9 @@ unchanged returns at once; changed inputs are reported and prepared again.
 Users' files. ``prepare`` removes or replaces only files it recorded as its own: before it writes a
 file it adds the name to ``progress.json`` (``files``; ``meta.json`` lists them at the end), and
 only names of its own kind (shards, ``tokenizer.json``, ``meta.json``, ``progress.json``) count.
+A name is not proof (a ``meta.json`` can be copied): each file's size and sha256 are recorded as it
+is written (``hashes``) and checked again before the file is removed or replaced; a file that does
+not match is refused in one line, and nothing is removed.
 It writes into a new or empty folder or one it prepared before, refuses any other (and a file
 there with a name it would write) in one line, and refuses a filesystem root, the home folder
 and the working directory (or a folder above them) outright.
