@@ -510,12 +510,12 @@ def weights_only_loads():
         torch.load = original
 
 
-def refused_pickle(message: str) -> str:
-    """torch's weights-only refusal (many lines) in one: what the pickle asked for, and that it did not run."""
-    m = re.search(r"GLOBAL ([\w.]+)", message)
-    what = f"it asks for {m.group(1)}" if m else (message.strip().splitlines() or ["?"])[0]
-    return (f"a file holds a pickle of something other than tensors and DeepSpeed's state ({what}); "
-            f"nothing of it was run")
+def refused_pickle(message: str) -> str | None:
+    """torch's weights-only refusal of a global (many lines) in one: what the pickle asked for, and
+    that it did not run; None if ``message`` is not one (a garbled file fails otherwise)."""
+    m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
+    return (f"a file holds a pickle of something other than tensors and DeepSpeed's state (it asks for "
+            f"{m.group(1)}); nothing of it was run") if m else None
 
 
 def unlisted(path: str | Path) -> str | None:
@@ -570,9 +570,9 @@ def load(engine, root: str | Path, tag: str | None = None) -> dict:
                 raise CheckpointError(f"{path}: DeepSpeed found no checkpoint to load")
     except CheckpointError:
         raise
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(f"{path}: refused: {refused_pickle(str(exc))}") from None
     except Exception as exc:  # noqa: BLE001 - a damaged file of a checkpoint saved without hashes (format 1)
+        if isinstance(exc, pickle.UnpicklingError) and (why := refused_pickle(str(exc))):
+            raise CheckpointError(f"{path}: refused: {why}") from None
         first = (str(exc).strip().splitlines() or [""])[0]
         raise CheckpointError(f"{path}: DeepSpeed could not load it ({type(exc).__name__}: {first})") from None
     return state
@@ -602,8 +602,7 @@ def _load_universal(engine, root: Path, tag: str) -> None:
         if proc.returncode != 0:
             lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
             failure = lines[-1] if lines else f"exit status {proc.returncode}"
-            if "Weights only load failed" in proc.stderr:
-                failure = refused_pickle(proc.stderr)
+            failure = refused_pickle(proc.stderr) or failure
     if _any_rank(bool(failure)):
         raise CheckpointError(f"{root / tag}: converting to a universal checkpoint for "
                               f"{dist.get_world_size()} rank(s) failed: {failure or 'on rank 0'}")
