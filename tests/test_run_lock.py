@@ -133,6 +133,21 @@ def test_ablate_into_a_folder_another_ablate_writes_is_refused(tmp_path, tiny_re
     assert [p.name for p in out.iterdir()] == [runfolder.LOCK_FILE]
 
 
+def test_convert_into_a_folder_another_process_writes_is_refused(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    hf = tmp_path / "hf"
+    config = transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, n_positions=16, vocab_size=64, bos_token_id=0,
+                                     eos_token_id=0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(hf)
+    capsys.readouterr()
+    out = tmp_path / "run"
+    with held(out) as holder:
+        assert main(["convert", str(hf), str(out)]) == 2
+        assert capsys.readouterr().err == busy(out, holder.pid)
+    assert [p.name for p in out.iterdir()] == [runfolder.LOCK_FILE]
+    assert main(["convert", str(hf), str(out)]) == 0  # the holder gone, its lock went with it
+
+
 @pytest.mark.slow
 def test_two_trainings_started_together_into_one_folder_one_refused_each_step_logged_once(recipe, tmp_path):
     run = tmp_path / "run"
