@@ -185,8 +185,8 @@ class Trainer:
         self.lr_of = schedule(self.cfg, self.registry)
         if self.init_from is not None:  # refused before anything is prepared or written
             check_init(self.init_from, recipe.model, recipe.plugins)
-        if self.run_dir is not None and self.run_dir.is_dir():  # one writer: refused before anything is prepared
-            self.lock_run_dir(str(self.run_dir))
+        if self.run_dir is not None:  # one writer: refused before anything is prepared
+            self.lock_run_dir(str(self.run_dir), create=False)
         if self.resume:  # refused before anything is prepared or written
             self.checkpointer = self.make_checkpointer()
             self.checkpointer.check_resume(self.cfg.max_steps)
@@ -257,21 +257,24 @@ class Trainer:
         self.lock_run_dir(chosen[0])
         dist.barrier()
 
-    def lock_run_dir(self, run_dir: str) -> None:
-        """Rank 0 locks the run folder for this process's lifetime (once); every rank raises if another
-        writer holds it. Under ``train --nproc`` the launching process holds it already."""
+    def lock_run_dir(self, run_dir: str, create: bool = True) -> None:
+        """Rank 0 locks the run folder until the run ends (``create``: making it if missing, else only
+        if it exists); every rank raises if another writer holds it (a collective). Under
+        ``train --nproc`` the launching process holds it already."""
         if self.locked:
             return
-        error = [None]
-        if self.is_main and not locked_by_launcher(run_dir):
+        said = [None, False]  # why not, locked
+        if self.is_main and locked_by_launcher(run_dir):
+            said[1] = True
+        elif self.is_main and (create or Path(run_dir).is_dir()):
             try:
-                self.run_lock = lock_folder(run_dir)
+                self.run_lock, said[1] = lock_folder(run_dir), True
             except CheckpointError as exc:
-                error[0] = str(exc)
-        dist.broadcast_object_list(error, src=0)
-        if error[0]:
-            raise CheckpointError(error[0])
-        self.locked = True
+                said[0] = str(exc)
+        dist.broadcast_object_list(said, src=0)
+        if said[0]:
+            raise CheckpointError(said[0])
+        self.locked = said[1]
 
     # -- one step --------------------------------------------------------------------------
     def train_step(self) -> tuple[torch.Tensor, dict]:
