@@ -20,7 +20,18 @@ from toolkit.errors import CheckpointError
 from toolkit.recipe import load_recipe
 from toolkit.trainer import train
 
-HOLD = "import sys, time\nfrom toolkit.runfolder import lock_folder\nlock_folder(sys.argv[1])\nprint('locked', flush=True)\ntime.sleep(600)\n"
+#: another process's lock, as lock_folder takes it (an flock, then its pid), without importing torch
+HOLD = f"""
+import fcntl, os, sys, time
+os.makedirs(sys.argv[1], exist_ok=True)
+f = open(os.path.join(sys.argv[1], {runfolder.LOCK_FILE!r}), "a+")
+fcntl.flock(f, fcntl.LOCK_EX)
+f.truncate(0)
+f.write(f"{{os.getpid()}}\\n")
+f.flush()
+print("locked", flush=True)
+time.sleep(600)
+"""
 
 
 @contextlib.contextmanager
