@@ -106,6 +106,18 @@ def test_the_ranks_of_a_launch_recognise_their_launchers_lock(tmp_path, monkeypa
     assert not runfolder.locked_by_launcher(tmp_path)  # the launcher died: its lock went with it
 
 
+def test_two_runs_of_a_recipe_started_in_the_same_second_get_a_folder_each(recipe, tmp_path, monkeypatch):
+    r = load_recipe(recipe, [f"train.out_dir={json.dumps(str(tmp_path))}"])
+    monkeypatch.setattr(runfolder.time, "strftime", lambda fmt: "20260101-000000")
+    real = runfolder.default_run_dir
+    seen = real(r)
+    first = runfolder.new_run_dir(r)
+    looks = iter([seen])  # the second run looked before the first made it
+    monkeypatch.setattr(runfolder, "default_run_dir", lambda recipe: next(looks, None) or real(recipe))
+    second = runfolder.new_run_dir(r)
+    assert first == seen and second == seen.with_name(seen.name + "-2") and first.is_dir() and second.is_dir()
+
+
 def test_a_lock_whose_holder_was_killed_does_not_block(tmp_path):
     with held(tmp_path) as holder:
         with pytest.raises(CheckpointError, match=f"pid {holder.pid}"):

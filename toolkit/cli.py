@@ -34,7 +34,7 @@ from .launch import LAUNCHER_PID, PARENT_PID, die_with_parent
 from .plugin_manager import PluginManager, default_registry, forget_loaded
 from .recipe import DataConfig, diff_recipes, dump_recipe, load_recipe, recipe_warnings, registry_of
 from .registry import Registry
-from .runfolder import LOCK_HOLDER_ENV, default_run_dir, lock_folder
+from .runfolder import LOCK_HOLDER_ENV, lock_folder, new_run_dir
 from .trainer import train
 
 
@@ -224,7 +224,7 @@ def launch_ranks(args, recipe, resume: str | None = None) -> int:
     :mod:`toolkit.launch`, which gets SIGTERM when this process dies (even by kill -9) and ends
     without torchrun's traceback; each rank gets SIGTERM when torchrun dies.
     """
-    run_dir = resume or args.run_dir or str(default_run_dir(recipe))
+    run_dir = resume or args.run_dir or str(new_run_dir(recipe))
     # this process holds the run folder's lock while the ranks run: a second launcher is refused here,
     # before it starts any rank; rank 0 finds the lock held by its launcher (LOCK_HOLDER_ENV)
     lock = lock_folder(run_dir)

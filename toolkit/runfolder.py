@@ -52,6 +52,21 @@ def default_run_dir(recipe: Recipe) -> Path:
     return path
 
 
+def new_run_dir(recipe: Recipe) -> Path:
+    """A :func:`default_run_dir` made here and now (``mkdir`` fails if it exists): two runs of one recipe
+    started in the same second get a folder each, not one folder with two writers."""
+    for _ in range(100):
+        path = default_run_dir(recipe)
+        try:
+            path.mkdir(parents=True)
+        except FileExistsError:
+            continue  # taken since default_run_dir looked: the next call picks the next suffix
+        except OSError:
+            pass  # unwritable: said in one line where the folder is first written (checkpoint.unwritable)
+        return path
+    return path  # something odd in the way (a dangling symlink): the first write says what
+
+
 #: model.toml is for reading: nothing loads it (a run is rebuilt from recipe.toml, which is authoritative)
 MODEL_TOML_HEADER = ("# The model of this run, for reading. Nothing loads this file: recipe.toml is the run's\n"
                      "# authoritative description (playattention generate rebuilds the model from it).\n")

@@ -42,7 +42,7 @@ from .model import Transformer
 from .plugin_manager import is_path_spec
 from .progress import Progress
 from .recipe import Recipe, registry_of
-from .runfolder import RunFolder, default_run_dir, locked_by_launcher, lock_folder
+from .runfolder import RunFolder, locked_by_launcher, lock_folder, new_run_dir
 from .signals import StopSignals
 from .trackers import Trackers
 from .tokenizer import load_tokenizer
@@ -247,7 +247,7 @@ class Trainer:
 
     def make_run_dir(self) -> None:
         """Rank 0 picks the folder (the others may start a second later) and tells every rank."""
-        chosen = [str(self.run_dir or default_run_dir(self.recipe)) if self.is_main else None, None]
+        chosen = [str(self.run_dir or new_run_dir(self.recipe)) if self.is_main else None, None]
         if self.is_main:
             chosen[1] = checkpoint.unwritable(chosen[0])  # creates it; None, or why it cannot be written
         dist.broadcast_object_list(chosen, src=0)
