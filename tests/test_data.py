@@ -338,9 +338,31 @@ def test_a_state_file_naming_other_files_cannot_make_prepare_remove_them(tmp_pat
         "files": ["notes.txt", "../outside.txt", "/etc/hostname", "train_000000.bin"],
     }))
     data = DataConfig(dataset="w", tokenizer="gpt2", paths=[str(small_web(tmp_path))], prepared_dir=str(folder))
-    prepare(data, progress=False)
-    assert (folder / "notes.txt").read_text() == "mine" and (tmp_path / "outside.txt").read_text() == "outside"
-    assert read_meta(folder)["documents"] == 40
+    before = contents(folder)
+    with pytest.raises(DataError, match=r"train_000000.bin: prepare cannot show it wrote this file"):
+        prepare(data, progress=False)  # train_000000.bin is of prepare's kind, but not what prepare wrote
+    assert contents(folder) == {**before, ".lock": b""} and (tmp_path / "outside.txt").read_text() == "outside"
+
+
+def test_a_copied_meta_json_cannot_make_prepare_remove_or_replace_what_it_lists(tmp_path, capsys, monkeypatch):
+    """A finished preparation's meta.json copied into a folder of the user's own files: prepare removes
+    nothing it cannot show it wrote (same name, size and sha256 as recorded), and says so in one line."""
+    data = DataConfig(dataset="w", tokenizer="gpt2", paths=[str(small_web(tmp_path))], prepared_dir=str(tmp_path / "x"))
+    meta = read_meta(prepare(data, progress=False, shard_size=300))
+    assert set(meta["hashes"]) == set(meta["files"]) - {"meta.json"}
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (tmp_path / "outside").write_text("outside")
+    for name in ("tokenizer.json", "train_000000.bin", "val_000000.bin"):  # the user's, under prepare's names
+        (folder / name).write_text(f"my own {name}")
+    meta["files"] += ["../outside", "/etc/hostname"]
+    (folder / "meta.json").write_text(json.dumps(meta))
+    before = contents(folder)
+    monkeypatch.chdir(tmp_path)
+    assert main(["prepare", "--input", str(small_web(tmp_path, 20, seed=1)), "--out", "mine", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: mine/") and "prepare cannot show it wrote this file" in err
+    assert contents(folder) == {**before, ".lock": b""} and (tmp_path / "outside").read_text() == "outside"
 
 
 def test_a_folder_prepared_before_files_were_listed_is_still_prepares_own(tmp_path, capsys):

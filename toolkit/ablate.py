@@ -35,6 +35,7 @@ from .checkpoint import check_resumable
 from .engine import free_port
 from .errors import CheckpointError, UsageError
 from .recipe import dump_recipe, registry_of
+from .runfolder import lock_folder
 
 
 # -- running -----------------------------------------------------------------------------------
@@ -157,8 +158,18 @@ def _header(ablation: Ablation, resolved: list[Resolved]) -> list[str]:
 
 def run_ablation(ablation: Ablation, resolved: list[Resolved], out: str | Path, *, parallel: int = 1,
                  progress: bool = True) -> list[report.RunResult]:
-    """Train every (variant, seed) not already finished, refreshing the report after each; return all runs."""
-    out = Path(out)
+    """Train every (variant, seed) not already finished, refreshing the report after each; return all runs.
+
+    ``out`` is locked while this runs (a second ``ablate`` into it is refused, naming this pid)."""
+    lock = lock_folder(out, "ablation folder")
+    try:
+        return _run_ablation(ablation, resolved, Path(out), parallel=parallel, progress=progress)
+    finally:
+        lock.release()
+
+
+def _run_ablation(ablation: Ablation, resolved: list[Resolved], out: Path, *, parallel: int,
+                  progress: bool) -> list[report.RunResult]:
     for sub in ("recipes", "logs"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     shutil.copyfile(ablation.path, out / "ablation.toml")

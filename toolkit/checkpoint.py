@@ -2,7 +2,7 @@
 
     run_dir/checkpoints/
         step-0000100/              one complete checkpoint
-            mp_rank_00_model_states.pt, ...   DeepSpeed's engine state (pickles: load only trusted ones)
+            mp_rank_00_model_states.pt, ...   DeepSpeed's engine state (pickles, loaded weights-only)
             tokenizer.json
             toolkit_state.json     ours: step, tokens, each rank's loader position and RNG states,
                                    best val loss, the recipe and plugin fingerprint, a file manifest
@@ -18,8 +18,10 @@ kill -9 or a full disk mid-save leaves the previous checkpoint as the one that r
 The manifest also records each file's sha256. :func:`load` checks every file against it before
 DeepSpeed unpickles anything (:func:`verify`), and refuses the checkpoint in one line if one
 differs: a flipped bit, another step's file copied over, a file replaced by one padded to the
-recorded size. (Whoever can write the folder can also rewrite the manifest: the hash catches
-damage and mix-ups, it does not make an untrusted checkpoint safe to load.)
+recorded size. Whoever can write the folder can also rewrite the manifest: the hash catches
+damage and mix-ups; what makes a checkpoint from elsewhere safe to load is that every file must be
+in the manifest and every ``torch.load`` DeepSpeed makes runs weights-only, with the few DeepSpeed
+classes its files hold allowed by name (:func:`weights_only_loads`), so loading never runs code.
 
 Resuming with another number of ranks goes through DeepSpeed's universal checkpoint for ZeRO
 stages 1-3 (``ds_to_universal``, then ``load_universal``); stage 0 checkpoints hold the whole
@@ -36,6 +38,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -468,14 +471,71 @@ def _fsync(path: Path) -> None:
 
 
 # -- loading -----------------------------------------------------------------------------------
+def safe_globals() -> list:
+    """What DeepSpeed's checkpoint files pickle besides tensors and plain containers, found by saving
+    ZeRO 0-3 checkpoints in fp32 and bf16 (and their universal conversions) and loading each file with
+    weights_only=True (tests/test_checkpoint.py does it again): only these classes may be rebuilt.
+    (Imported here: DeepSpeed loads only when a checkpoint does.)"""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler  # ZeRO 1-2's optimizer state, fp32
+    from deepspeed.runtime.zero.config import ZeroStageEnum  # every ZeRO optimizer state
+    from deepspeed.utils.tensor_fragment import fragment_address  # ZeRO 1-2's partition map
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Every ``torch.load`` inside runs with ``weights_only=True`` and :func:`safe_globals` allowed.
+
+    DeepSpeed calls ``torch.load(..., weights_only=False)`` from its checkpoint engine, its ZeRO 3
+    and universal loaders and ``ds_to_universal``, a dozen places in all; replacing ``torch.load``
+    here, for the duration of one load, covers them all (a custom checkpoint engine would miss the
+    optimizer's own loads). A pickle that names anything else is refused by torch's weights-only
+    unpickler instead of run.
+    """
+    original = torch.load
+
+    def load(f, map_location=None, pickle_module=None, *, weights_only=None, **kwargs):
+        return original(f, map_location=map_location, weights_only=True, **kwargs)
+
+    torch.load = load
+    try:
+        with torch.serialization.safe_globals(safe_globals()):
+            yield
+    finally:
+        torch.load = original
+
+
+def refused_pickle(message: str) -> str | None:
+    """torch's weights-only refusal of a global (many lines) in one: what the pickle asked for, and
+    that it did not run; None if ``message`` is not one (a garbled file fails otherwise)."""
+    m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
+    return (f"a file holds a pickle of something other than tensors and DeepSpeed's state (it asks for "
+            f"{m.group(1)}); nothing of it was run") if m else None
+
+
+def unlisted(path: str | Path) -> str | None:
+    """A file or folder in the checkpoint at ``path`` that its manifest does not list, or None.
+    DeepSpeed finds a checkpoint's files by globbing its folder: anything there would be loaded."""
+    path = Path(path)
+    files = read_state(path)["files"]
+    parents = {p.as_posix() for name in files for p in Path(name).parents}
+    for p in sorted(path.rglob("*")):
+        rel = p.relative_to(path).as_posix()
+        if rel in files or rel == STATE_FILE or (rel in parents and p.is_dir() and not p.is_symlink()):
+            continue
+        return f"{rel} is not in the manifest of {STATE_FILE} (this save did not write it); nothing was loaded"
+    return None
+
+
 def load(engine, root: str | Path, tag: str | None = None) -> dict:
     """Load a complete checkpoint (default: the newest) into ``engine``; returns the toolkit's state.
 
     With another number of ranks than wrote it, a ZeRO 1-3 checkpoint is converted to DeepSpeed's
     universal format first (rank 0, a subprocess) and loaded from that.
-    DeepSpeed unpickles its own files (``torch.load(weights_only=False)``): every file is checked
-    against the manifest's sha256 first (:func:`verify`), but load only checkpoints from sources
-    you trust.
+    Every file is checked against the manifest's sha256 first (:func:`verify`), a file the manifest
+    does not list is refused (:func:`unlisted`), and DeepSpeed's unpickling runs weights-only
+    (:func:`weights_only_loads`): a pickle that would run code is refused, not run.
     """
     root = Path(root)
     path = root / tag if tag else latest(root)
@@ -483,6 +543,8 @@ def load(engine, root: str | Path, tag: str | None = None) -> dict:
         raise CheckpointError(f"{root}: no complete checkpoint")
     if why := problem(path):
         raise CheckpointError(f"{path}: incomplete checkpoint: {why}")
+    if why := unlisted(path):
+        raise CheckpointError(f"{path}: refused: {why}")
     # every file checked before any is unpickled, by DeepSpeed or by the universal conversion; the
     # ranks share the hashing and every rank gets every rank's verdict
     names = sorted(read_state(path)["files"])
@@ -498,15 +560,27 @@ def load(engine, root: str | Path, tag: str | None = None) -> dict:
         if state["world_size"] != dist.get_world_size() and state["zero_stage"] > 0:
             _load_universal(engine, root, path.name)
         else:
-            loaded, _ = engine.load_checkpoint(str(root), tag=path.name)
+            with weights_only_loads():
+                loaded, _ = engine.load_checkpoint(str(root), tag=path.name)
             if loaded is None:
                 raise CheckpointError(f"{path}: DeepSpeed found no checkpoint to load")
     except CheckpointError:
         raise
     except Exception as exc:  # noqa: BLE001 - a damaged file of a checkpoint saved without hashes (format 1)
+        if isinstance(exc, pickle.UnpicklingError) and (why := refused_pickle(str(exc))):
+            raise CheckpointError(f"{path}: refused: {why}") from None
         first = (str(exc).strip().splitlines() or [""])[0]
         raise CheckpointError(f"{path}: DeepSpeed could not load it ({type(exc).__name__}: {first})") from None
     return state
+
+
+#: ``python -c`` program: DeepSpeed's ds_to_universal with every torch.load weights-only (argv: its arguments)
+UNIVERSAL_MAIN = ("import sys\n"
+                  "from deepspeed.checkpoint import ds_to_universal as c\n"
+                  "from toolkit.checkpoint import weights_only_loads\n"
+                  "sys.argv[0] = c.__file__\n"
+                  "with weights_only_loads():\n"
+                  "    c.main(c.parse_arguments())\n")
 
 
 def _load_universal(engine, root: Path, tag: str) -> None:
@@ -515,13 +589,16 @@ def _load_universal(engine, root: Path, tag: str) -> None:
     failure = ""
     if dist.get_rank() == 0:
         shutil.rmtree(out, ignore_errors=True)
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(root / tag),
+        # ds_to_universal unpickles every file of the checkpoint: run it under weights_only_loads too
+        # (one worker each: the conversion stays in this one process, where the patch holds)
+        cmd = [sys.executable, "-c", UNIVERSAL_MAIN, "--input_folder", str(root / tag),
                "--output_folder", str(out), "--inject_missing_state",
                "--num_extract_workers", "1", "--num_merge_workers", "1"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
             failure = lines[-1] if lines else f"exit status {proc.returncode}"
+            failure = refused_pickle(proc.stderr) or failure
     if _any_rank(bool(failure)):
         raise CheckpointError(f"{root / tag}: converting to a universal checkpoint for "
                               f"{dist.get_world_size()} rank(s) failed: {failure or 'on rank 0'}")
@@ -530,7 +607,8 @@ def _load_universal(engine, root: Path, tag: str) -> None:
     # DeepSpeed reads this flag only when loading; set it for this one load
     engine._config.load_universal_checkpoint = True
     try:
-        loaded, _ = engine.load_checkpoint(str(root), tag=out.name)
+        with weights_only_loads():
+            loaded, _ = engine.load_checkpoint(str(root), tag=out.name)
     finally:
         engine._config.load_universal_checkpoint = False
     if loaded is None:
@@ -774,11 +852,11 @@ def checkpoint_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
     Every file is checked against the manifest first, and read with torch's weights-only unpickler,
     which runs no code: stage 0 holds the module's weights whole; ZeRO 1-3 keep fp32 master weights
-    in their optimizer partitions, which DeepSpeed's zero_to_fp32 joins (its reads made weights-only,
-    with the three DeepSpeed classes those files name allowed).
+    in their optimizer partitions, which DeepSpeed's zero_to_fp32 joins (under :func:`weights_only_loads`).
+    A file the manifest does not list is refused.
     """
     path = Path(path)
-    if why := verify(path):
+    if why := unlisted(path) or verify(path):
         raise CheckpointError(f"{path}: refused: {why}")
     state = read_state(path)
     try:
@@ -794,20 +872,8 @@ def checkpoint_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 def _zero_fp32_weights(path: Path) -> dict[str, torch.Tensor]:
     """zero_to_fp32's consolidation of a ZeRO 1-3 checkpoint, every torch.load in it weights-only."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils import zero_to_fp32
-    from deepspeed.utils.tensor_fragment import fragment_address
 
-    real = torch.load
-
-    def weights_only(*args, **kwargs):
-        return real(*args, **{**kwargs, "weights_only": True})
-
-    torch.load = weights_only  # zero_to_fp32 asks for weights_only=False; it only reads tensors and plain data
-    try:
-        with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]), \
-                open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
-            return zero_to_fp32._get_fp32_state_dict_from_zero_checkpoint(str(path), False)
-    finally:
-        torch.load = real
+    with weights_only_loads(), open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), \
+            contextlib.redirect_stderr(quiet):
+        return zero_to_fp32._get_fp32_state_dict_from_zero_checkpoint(str(path), False)

@@ -37,7 +37,7 @@ from .lookinside import look_inside
 from .plugin_manager import PluginManager, default_registry, forget_loaded
 from .recipe import DataConfig, diff_recipes, dump_recipe, load_recipe, recipe_warnings, registry_of
 from .registry import Registry
-from .runfolder import default_run_dir
+from .runfolder import LOCK_HOLDER_ENV, lock_folder, new_run_dir
 from .runs import DEFAULT_DIR, find_runs, render_runs
 from .tokenizer import load_tokenizer
 from .trainer import train
@@ -311,7 +311,10 @@ def launch_ranks(args, recipe, resume: str | None = None) -> int:
     :mod:`toolkit.launch`, which gets SIGTERM when this process dies (even by kill -9) and ends
     without torchrun's traceback; each rank gets SIGTERM when torchrun dies.
     """
-    run_dir = resume or args.run_dir or str(default_run_dir(recipe))
+    run_dir = resume or args.run_dir or str(new_run_dir(recipe))
+    # this process holds the run folder's lock while the ranks run: a second launcher is refused here,
+    # before it starts any rank; rank 0 finds the lock held by its launcher (LOCK_HOLDER_ENV)
+    lock = lock_folder(run_dir)
     cmd = [sys.executable, "-m", "toolkit.launch", "--standalone", f"--nproc_per_node={args.nproc}",
            "--shutdown_timeout=300", "-m", "toolkit", "train", *([args.recipe] if args.recipe else []),
            "--run-dir", run_dir, *(["--resume", run_dir] if resume else []),
@@ -323,6 +326,7 @@ def launch_ranks(args, recipe, resume: str | None = None) -> int:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
     env[PARENT_PID] = str(os.getpid())  # torchrun (toolkit.launch) dies with this process, the ranks with it
+    env[LOCK_HOLDER_ENV] = str(os.getpid())
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     got = []
 
@@ -336,6 +340,7 @@ def launch_ranks(args, recipe, resume: str | None = None) -> int:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+        lock.release()
     return 128 + got[0] if got else code
 
 

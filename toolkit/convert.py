@@ -35,7 +35,7 @@ from .hf.common import CONFIG, load_into, write_checkpoint
 from .model import ModelConfig, Transformer
 from .recipe import DataConfig, GenerateConfig, Recipe, TrainConfig, diff_recipes, load_recipe, registry_of
 from .registry import Registry
-from .runfolder import RunFolder
+from .runfolder import LOCK_FILE, RunFolder, lock_folder
 from .tokenizer import (ASSETS, CharTokenizer, GPT2Tokenizer, HFTokenizer, Tokenizer, is_gpt2_bpe, load_tokenizer,
                         read_hf_tokenizer)
 
@@ -51,7 +51,7 @@ def is_hf_folder(path: str | Path) -> bool:
 
 
 def _empty_target(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and (not out.is_dir() or any(p.name != LOCK_FILE for p in out.iterdir())):
         raise UsageError(f"{out}: exists and is not an empty folder; give a new or empty OUT_DIR")
 
 
@@ -119,7 +119,15 @@ def hf_to_run(hf_dir: str | Path, out_dir: str | Path, *, registry: Registry | N
     model = load_hf(hf_dir, registry=registry)  # refused before OUT_DIR is touched
     tokenizer = hf_tokenizer(hf_dir)
     _empty_target(out)
-    out.mkdir(parents=True, exist_ok=True)
+    lock = lock_folder(out)  # creates it; one writer: a second convert into it (or a training there) is refused
+    try:
+        _empty_target(out)  # again under the lock: another writer may have filled it meanwhile
+        return _write_converted(hf_dir, out, arch, model, tokenizer, registry)
+    finally:
+        lock.release()
+
+
+def _write_converted(hf_dir: Path, out: Path, arch, model, tokenizer, registry) -> dict:
     tok_path = out / TOKENIZER_FILE if tokenizer is not None else None
     recipe = recipe_for(model.config, out.name or arch.model_type, tokenizer, tok_path,
                         description=f"{arch.hf_class} converted from {hf_dir.resolve()}")

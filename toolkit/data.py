@@ -39,6 +39,9 @@ unchanged returns at once; changed inputs are reported and prepared again.
 Users' files. ``prepare`` removes or replaces only files it recorded as its own: before it writes a
 file it adds the name to ``progress.json`` (``files``; ``meta.json`` lists them at the end), and
 only names of its own kind (shards, ``tokenizer.json``, ``meta.json``, ``progress.json``) count.
+A name is not proof (a ``meta.json`` can be copied): each file's size and sha256 are recorded as it
+is written (``hashes``) and checked again before the file is removed or replaced; a file that does
+not match is refused in one line, and nothing is removed.
 It writes into a new or empty folder or one it prepared before, refuses any other (and a file
 there with a name it would write) in one line, and refuses a filesystem root, the home folder
 and the working directory (or a folder above them) outright.
@@ -46,10 +49,12 @@ and the working directory (or a folder above them) outright.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
 import re
+import stat
 import sys
 import time
 from pathlib import Path
@@ -464,13 +469,14 @@ class _ShardWriter:
     a finished shard records the position of the next token, which is where a resumed run goes on.
     """
 
-    def __init__(self, out: Path, split: str, shard_size: int, shards: list[int], next_pos, on_shard, claim):
+    def __init__(self, out: Path, split: str, shard_size: int, shards: list[int], next_pos, on_shard, claim,
+                 record=lambda name, data: None):
         self.out, self.split, self.shard_size = out, split, shard_size
         self.shards = list(shards)  # token counts of the finished shards
         self.resume = tuple(next_pos)  # tokens before this (doc, offset) are already written
         self.done = tuple(next_pos)  # where the token after the last finished shard is
         self.end = tuple(next_pos)  # where the token after the last one received is
-        self.on_shard, self.claim = on_shard, claim
+        self.on_shard, self.claim, self.record = on_shard, claim, record
         self.buf: list[np.ndarray] = []
         self.n = 0
 
@@ -502,7 +508,9 @@ class _ShardWriter:
         self.claim(name)  # recorded as prepare's own before the file exists
         path = self.out / name
         tmp = path.with_name(path.name + ".tmp")
-        ids.astype("<u2", copy=False).tofile(tmp)
+        data = ids.astype("<u2", copy=False).tobytes()
+        tmp.write_bytes(data)
+        self.record(name, data)  # its size and sha256 recorded before it exists under its name
         os.replace(tmp, path)  # a shard exists under its name only when complete
         self.shards.append(len(ids))
         self.done = tuple(next_pos)
@@ -531,6 +539,14 @@ def _shards_ok(out: Path, split: str, sizes: list[int]) -> str | None:
         if path.stat().st_size != 2 * n:
             return f"{path.name} has {path.stat().st_size} bytes, expected {2 * n}"
     return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 @contextlib.contextmanager
@@ -606,13 +622,44 @@ def _own_files(out: Path) -> tuple[set[str], set[str]]:
     return done | writing, writing
 
 
+def _recorded_hashes(path: Path) -> dict[str, dict]:
+    """The size and sha256 of each file a state file of prepare's recorded when prepare wrote it."""
+    state = _read_json(path)
+    hashes = state.get("hashes") if isinstance(state, dict) else None
+    return {n: h for n, h in hashes.items() if isinstance(h, dict)} if isinstance(hashes, dict) else {}
+
+
 class _Folder:
-    """The prepared folder and the names prepare recorded in it: the only files it removes or replaces."""
+    """The prepared folder and the names prepare recorded in it: the only files it removes or replaces,
+    and only while each still has the size and sha256 recorded when prepare wrote it (a state file
+    copied from elsewhere names files, but cannot make someone else's content prepare's)."""
 
     def __init__(self, out: Path):
         self.out = out
         self.owned, self.writing = _own_files(out)
+        # an unfinished preparation's record is newer than a finished one's
+        self.hashes = {**_recorded_hashes(out / "meta.json"), **_recorded_hashes(out / "progress.json")}
         self.state = lambda: {}  # the rest of progress.json (inputs, splits), set by _prepare
+
+    def record(self, name: str, data: bytes) -> None:
+        """Record the size and sha256 of what prepare writes as ``name`` (before it is renamed into place)."""
+        self.hashes[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        self.save()
+
+    def check_mine(self, name: str) -> None:
+        """DataError unless ``out/name`` is missing, or a regular file with the size and sha256 recorded for it."""
+        if name in STATE_FILES:  # the records themselves (what makes them prepare's: see _recorded)
+            return
+        path = self.out / name
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return
+        entry = self.hashes.get(name, {})
+        if not (stat.S_ISREG(st.st_mode) and st.st_size == entry.get("size") and _sha256(path) == entry.get("sha256")):
+            raise DataError(f"{path}: prepare cannot show it wrote this file (not the size and sha256 it recorded "
+                            f"when writing it), so it neither removes nor replaces it; move it away or set "
+                            f"data.prepared_dir to another folder")
 
     def refuse_strays(self) -> None:
         """Refuse a file prepare did not record but would write under its name (or NAME.tmp)."""
@@ -625,6 +672,7 @@ class _Folder:
     def claim(self, name: str) -> None:
         """Record ``name`` as prepare's own in progress.json before the file is written."""
         if name in self.owned:
+            self.check_mine(name)  # it is about to be replaced
             return
         for p in (self.out / name, self.out / (name + ".tmp")):
             if p.exists() or p.is_symlink():
@@ -638,22 +686,29 @@ class _Folder:
         """Write progress.json: the state and every file prepare may have written."""
         self.owned.add("progress.json")
         self.writing.add("progress.json")
-        _write_json(self.out / "progress.json", {**self.state(), "files": sorted(self.owned)})
+        _write_json(self.out / "progress.json", {**self.state(), "files": sorted(self.owned), "hashes": self.hashes})
 
     def finish(self, meta: dict) -> None:
         """Write meta.json (the preparation is complete) listing prepare's files, then drop progress.json."""
         self.claim("meta.json")
         self.owned.discard("progress.json")
-        _write_json(self.out / "meta.json", {**meta, "files": sorted(self.owned)})
+        hashes = {n: h for n, h in self.hashes.items() if n in self.owned}
+        _write_json(self.out / "meta.json", {**meta, "files": sorted(self.owned), "hashes": hashes})
         (self.out / "progress.json").unlink(missing_ok=True)
 
     def clear(self) -> None:
-        """Remove the files prepare recorded (and their temporaries), the state files last."""
+        """Remove the files prepare recorded (and their temporaries), the state files last; each one
+        checked first (:meth:`check_mine`), so that a refusal leaves every file in place."""
+        for name in self.owned:
+            self.check_mine(name)
+            tmp = self.out / (name + ".tmp")
+            if name in self.writing and tmp.is_symlink():
+                raise DataError(f"{tmp}: a symbolic link where prepare writes a temporary file; move it away")
         for name in sorted(self.owned, key=lambda n: n in STATE_FILES):
             (self.out / name).unlink(missing_ok=True)
             if name in self.writing:
                 (self.out / (name + ".tmp")).unlink(missing_ok=True)
-        self.owned, self.writing = set(), set()
+        self.owned, self.writing, self.hashes = set(), set(), {}
 
 
 # ----------------------------------------------------------------------------- prepare
@@ -742,7 +797,7 @@ def _prepare(data, registry, sources, inputs, folder, state, workers, shard_size
         s: _ShardWriter(out, s, shard_size,
                         state["splits"][s]["shards"] if state else [],
                         state["splits"][s]["next"] if state else (0, 0),
-                        lambda _writer: folder.save(), folder.claim)
+                        lambda _writer: folder.save(), folder.claim, folder.record)
         for s in SPLITS
     }
     folder.state = lambda: {
@@ -771,7 +826,7 @@ def _prepare(data, registry, sources, inputs, folder, state, workers, shard_size
         raise DataError(f"the {tok.name} tokenizer has {tok.vocab_size} tokens; prepared shards hold uint16 ids, "
                         f"at most 65536 different tokens")
     folder.claim("tokenizer.json")
-    tok.save(out)
+    folder.record("tokenizer.json", tok.save(out).read_bytes())
 
     if whole:
         try:

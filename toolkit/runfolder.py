@@ -18,11 +18,15 @@
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import importlib.metadata as md
 import json
 import math
+import os
 import platform
 import re
+import stat
 import time
 from pathlib import Path
 
@@ -30,6 +34,7 @@ import tomli_w
 import torch
 
 from . import checkpoint
+from .errors import CheckpointError
 from .plots import plot_losses, plot_summary
 from .recipe import Recipe, dump_recipe, recipe_to_dict
 from .registry import Registry
@@ -45,6 +50,21 @@ def default_run_dir(recipe: Recipe) -> Path:
         n += 1
         path = base.with_name(f"{base.name}-{n}")
     return path
+
+
+def new_run_dir(recipe: Recipe) -> Path:
+    """A :func:`default_run_dir` made here and now (``mkdir`` fails if it exists): two runs of one recipe
+    started in the same second get a folder each, not one folder with two writers."""
+    for _ in range(100):
+        path = default_run_dir(recipe)
+        try:
+            path.mkdir(parents=True)
+        except FileExistsError:
+            continue  # taken since default_run_dir looked: the next call picks the next suffix
+        except OSError:
+            pass  # unwritable: said in one line where the folder is first written (checkpoint.unwritable)
+        return path
+    return path  # something odd in the way (a dangling symlink): the first write says what
 
 
 #: model.toml is for reading: nothing loads it (a run is rebuilt from recipe.toml, which is authoritative)
@@ -166,3 +186,84 @@ def versions(registry: Registry) -> dict:
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
         "plugins": list(plugins.values()),
     }
+
+
+# -- one writer per run folder ---------------------------------------------------------------------
+#: the lock file inside a run folder (or an ablation's output folder): its writer holds an flock on it
+LOCK_FILE = ".writer.lock"
+#: set by ``train --nproc`` for its ranks: the pid of the launching process that holds the run folder's lock
+LOCK_HOLDER_ENV = "PLAYATTENTION_RUN_LOCK_PID"
+
+
+class RunLock:
+    """The lock of one folder's writer: an OS file lock (``flock``) on ``<folder>/.writer.lock``.
+
+    The kernel releases it when the process ends, however it ends (kill -9 included), so a crash
+    never leaves a folder locked; the file only records the holder's pid for the message.
+    """
+
+    def __init__(self, fd: int, path: Path):
+        self.fd, self.path = fd, path
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the last descriptor drops the flock
+            self.fd = None
+
+
+def lock_folder(folder: str | Path, what: str = "run folder") -> RunLock:
+    """Lock ``folder`` (created if missing) for this process, or CheckpointError naming the holder's pid.
+
+    Non-blocking: a second writer is refused at once instead of waiting for the first to finish.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        # O_NOFOLLOW: a symlink planted in the lock's place is refused, never followed and truncated
+        fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise CheckpointError(f"{folder / LOCK_FILE}: a symbolic link; remove it to use this {what}") from None
+        raise CheckpointError(f"{folder}: cannot write to the {what} ({exc.strerror or exc})") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CheckpointError(f"{folder / LOCK_FILE}: not a regular file; remove it to use this {what}")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CheckpointError(f"{folder}: another playattention process{holder(fd)} is writing this {what}; "
+                                  f"wait for it to finish or stop it") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return RunLock(fd, folder / LOCK_FILE)
+
+
+def holder(fd: int) -> str:
+    """`` (pid N)`` from a held lock file, or nothing if it has no pid yet (its holder is writing it)."""
+    for _ in range(20):  # the holder writes its pid just after taking the lock
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        if text.isdigit():
+            return f" (pid {text})"
+        time.sleep(0.01)
+    return ""
+
+
+def locked_by_launcher(folder: str | Path) -> bool:
+    """Whether ``folder``'s lock is held by the ``train --nproc`` process that launched this rank
+    (it took the lock before starting the ranks, and holds it while they run)."""
+    pid = os.environ.get(LOCK_HOLDER_ENV, "")
+    try:
+        fd = os.open(Path(folder) / LOCK_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:  # held: by the launcher if the file names it
+        return pid.isdigit() and holder(fd) == f" (pid {pid})"
+    else:
+        return False  # nobody holds it: the launcher is gone
+    finally:
+        os.close(fd)

@@ -42,7 +42,7 @@ from .model import Transformer
 from .plugin_manager import is_path_spec
 from .progress import Progress
 from .recipe import Recipe, registry_of
-from .runfolder import RunFolder, default_run_dir
+from .runfolder import RunFolder, locked_by_launcher, lock_folder, new_run_dir
 from .signals import StopSignals
 from .trackers import Trackers
 from .tokenizer import load_tokenizer
@@ -104,6 +104,7 @@ class Trainer:
         self.elapsed_before = 0.0  # wall time of earlier sessions of this run (resume)
         self.recent_aux: collections.deque = collections.deque(maxlen=AUX_WINDOW)  # the last steps' aux losses
         self.component_metrics: dict = {}  # the components' metrics, as last logged
+        self.locked, self.run_lock = False, None  # the run folder's writer lock (rank 0 holds it)
 
     # -- the loop --------------------------------------------------------------------------
     def fit(self) -> None:
@@ -135,7 +136,14 @@ class Trainer:
         self.export()
 
     def run(self) -> dict:
-        """Set up, fit, and write the summary; returns the summary."""
+        """Set up, fit, and write the summary; returns the summary. The run folder stays locked until then."""
+        try:
+            return self._run()
+        finally:
+            if self.run_lock is not None:
+                self.run_lock.release()
+
+    def _run(self) -> dict:
         self.setup()
         status, error = "finished", None
         try:
@@ -178,6 +186,8 @@ class Trainer:
         self.lr_of = schedule(self.cfg, self.registry)
         if self.init_from is not None:  # refused before anything is prepared or written
             check_init(self.init_from, recipe.model, recipe.plugins)
+        if self.run_dir is not None:  # one writer: refused before anything is prepared
+            self.lock_run_dir(str(self.run_dir), create=False)
         if self.resume:  # refused before anything is prepared or written
             self.checkpointer = self.make_checkpointer()
             self.checkpointer.check_resume(self.cfg.max_steps)
@@ -238,14 +248,34 @@ class Trainer:
 
     def make_run_dir(self) -> None:
         """Rank 0 picks the folder (the others may start a second later) and tells every rank."""
-        chosen = [str(self.run_dir or default_run_dir(self.recipe)) if self.is_main else None, None]
+        chosen = [str(self.run_dir or new_run_dir(self.recipe)) if self.is_main else None, None]
         if self.is_main:
             chosen[1] = checkpoint.unwritable(chosen[0])  # creates it; None, or why it cannot be written
         dist.broadcast_object_list(chosen, src=0)
         if chosen[1]:
             raise CheckpointError(chosen[1])
         self.run_dir = Path(chosen[0])
+        self.lock_run_dir(chosen[0])
         dist.barrier()
+
+    def lock_run_dir(self, run_dir: str, create: bool = True) -> None:
+        """Rank 0 locks the run folder until the run ends (``create``: making it if missing, else only
+        if it exists); every rank raises if another writer holds it (a collective). Under
+        ``train --nproc`` the launching process holds it already."""
+        if self.locked:
+            return
+        said = [None, False]  # why not, locked
+        if self.is_main and locked_by_launcher(run_dir):
+            said[1] = True
+        elif self.is_main and (create or Path(run_dir).is_dir()):
+            try:
+                self.run_lock, said[1] = lock_folder(run_dir), True
+            except CheckpointError as exc:
+                said[0] = str(exc)
+        dist.broadcast_object_list(said, src=0)
+        if said[0]:
+            raise CheckpointError(said[0])
+        self.locked = said[1]
 
     # -- one step --------------------------------------------------------------------------
     def train_step(self) -> tuple[torch.Tensor, dict]:
