@@ -209,8 +209,8 @@ def test_a_resume_with_new_schedule_values_trains_with_them(finished, tmp_path, 
 
 
 # -- damaged run-folder files ----------------------------------------------------------------------------
-def resume(run, capsys, steps=8) -> tuple[int, list[str]]:
-    code = main(["train", "--resume", str(run), "--set", f"train.max_steps={steps}"])
+def resume(run, capsys, more=2) -> tuple[int, list[str]]:
+    code = main(["train", "--resume", str(run), "--extend", str(more)])
     return code, errors(capsys)
 
 
@@ -359,8 +359,8 @@ def test_a_folder_in_place_of_the_metrics_file_is_one_line(finished, tmp_path, c
     (run / "metrics.jsonl").unlink()
     (run / "metrics.jsonl").mkdir()
     code, lines = resume(run, capsys)
-    assert code == 2 and lines == [f"error: {run / 'metrics.jsonl'}: a folder where the run's metrics file belongs; "
-                                   f"move it away to resume"]
+    assert code == 2 and lines == [f"error: {run / 'metrics.jsonl'}: is a folder, not a regular file; a run folder's "
+                                   f"metrics.jsonl must be a regular file: move it away to go on"]
 
 
 @pytest.mark.parametrize("damage", ["weights-truncated", "weights-not-safetensors", "tokenizer-truncated",

@@ -60,6 +60,7 @@ import torch
 
 import attrs
 
+from . import safeio
 from .errors import DataError, UnknownComponentError
 from .plugin_manager import default_registry
 from .registry import Registry
@@ -517,8 +518,8 @@ def _write_json(path: Path, obj) -> None:
 
 def _read_json(path: Path):
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return safeio.read_json(path)  # a FIFO, /dev/zero, garbage or a deep nest: None, as a missing file
+    except (OSError, ValueError):
         return None
 
 
@@ -693,6 +694,7 @@ def prepare(data, *, registry: Registry | None = None, progress: bool = True, wo
             except (KeyError, TypeError):
                 why = "meta.json is incomplete"
             if why is None:
+                _refuse_empty(out, meta)
                 say(f"{out}: already prepared ({_summary(meta)})")
                 return out
         folder.refuse_strays()  # before anything is removed
@@ -718,8 +720,15 @@ def prepare(data, *, registry: Registry | None = None, progress: bool = True, wo
             workers = (os.cpu_count() or 1) if total > SMALL_INPUT_BYTES else 1
         t0 = time.time()
         meta = _prepare(data, registry, sources, inputs, folder, state, workers, shard_size, progress)
+        _refuse_empty(out, meta)
         say(f"{out}: {_summary(meta)} in {time.time() - t0:.1f}s")
     return out
+
+
+def _refuse_empty(out: Path, meta: dict) -> None:
+    """DataError if the inputs gave no training tokens: training on them would fail later, less clearly."""
+    if not meta["splits"]["train"]["tokens"]:
+        raise DataError(f"{out}: the inputs hold no text ({_summary(meta)}); nothing to train on")
 
 
 def _summary(meta: dict) -> str:

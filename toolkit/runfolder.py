@@ -29,7 +29,7 @@ from pathlib import Path
 import tomli_w
 import torch
 
-from . import checkpoint
+from . import checkpoint, safeio
 from .plots import plot_losses, plot_summary
 from .recipe import Recipe, dump_recipe, recipe_to_dict
 from .registry import Registry
@@ -50,6 +50,35 @@ def default_run_dir(recipe: Recipe) -> Path:
 #: model.toml is for reading: nothing loads it (a run is rebuilt from recipe.toml, which is authoritative)
 MODEL_TOML_HEADER = ("# The model of this run, for reading. Nothing loads this file: recipe.toml is the run's\n"
                      "# authoritative description (playattention generate rebuilds the model from it).\n")
+
+
+#: the files a run folder holds besides checkpoints/ (tensorboard/ and wandb/ are the trackers' own)
+RUN_FILES = ("recipe.toml", "ds_config.json", "versions.json", "metrics.jsonl", "metrics.csv", "losses.png",
+             "summary.png", "samples.txt", "resume.log", checkpoint.WEIGHTS, "model.toml", checkpoint.EXPORT_RECORD,
+             "summary.json", "tokenizer.json")
+
+
+def files_problem(run_dir: str | Path) -> str | None:
+    """The first file of the run folder that is not a regular file inside it, in one line, or None
+    (a FIFO would block a read or a write for ever, a folder or a dangling symlink fail mid-run)."""
+    for name in RUN_FILES:
+        if why := safeio.problem(Path(run_dir) / name, inside=run_dir):
+            return f"{why}; a run folder's {name} must be a regular file: move it away to go on"
+    return None
+
+
+def summary_damage(path: Path) -> str | None:
+    """One line if a resumed run's summary.json is damaged (it is written again when the session ends), else None."""
+    if not path.exists():
+        return None
+    try:
+        summary = safeio.read_json(path, inside=path.parent)
+        if isinstance(summary, dict):
+            return None
+        why = "not a JSON object"
+    except (OSError, ValueError) as exc:
+        why = str(exc).removeprefix(f"{path}: ")
+    return f"{path.name} is damaged ({why}): lost the previous session's summary, written again when this one ends"
 
 
 class RunFolder:
@@ -80,12 +109,14 @@ class RunFolder:
         in resume.log and metrics.jsonl. ``notes``: more to say (checkpoints skipped as incomplete)."""
         _, damaged = checkpoint.repair_metrics(self.metrics_path, step)
         checkpoint.trim_samples(self.path / "samples.txt", step)
+        damaged = [d for d in (damaged, summary_damage(self.path / "summary.json"),
+                               checkpoint.samples_damage(self.path / "samples.txt")) if d]
         ranks = f"{world_size} rank(s)"
         if saved_world_size != world_size:
             ranks += f" (it was saved by {saved_world_size}: new optimizer partitions, data position kept)"
         lines = [f"{time.strftime('%Y-%m-%d %H:%M:%S')} resumed at step {step} from {found} on {ranks}",
                  *(f"  changed {c}" for c in changes), *(f"  {n}" for n in notes),
-                 *([f"  {damaged}"] if damaged else [])]
+                 *(f"  {d}" for d in damaged)]
         with open(self.path / "resume.log", "a", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")
         self.write_metrics({"type": "resume", "step": step, "checkpoint": found.name, "world_size": world_size,
@@ -124,6 +155,7 @@ class RunFolder:
         d = recipe_to_dict(recipe)
         checkpoint.write_atomically(self.path / "model.toml", MODEL_TOML_HEADER + tomli_w.dumps(
             {"plugins": d.get("plugins", []), "model": d["model"]}))
+        checkpoint.write_export_record(self.path)  # last: generate, eval, convert check the files against it
         return path
 
     def write_summary(self, summary: dict) -> None:

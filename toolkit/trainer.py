@@ -42,7 +42,7 @@ from .model import Transformer
 from .plugin_manager import is_path_spec
 from .progress import Progress
 from .recipe import Recipe, registry_of
-from .runfolder import RunFolder, default_run_dir
+from .runfolder import RunFolder, default_run_dir, files_problem
 from .signals import StopSignals
 from .trackers import Trackers
 from .tokenizer import load_tokenizer
@@ -104,6 +104,7 @@ class Trainer:
         self.elapsed_before = 0.0  # wall time of earlier sessions of this run (resume)
         self.recent_aux: collections.deque = collections.deque(maxlen=AUX_WINDOW)  # the last steps' aux losses
         self.component_metrics: dict = {}  # the components' metrics, as last logged
+        self.end_errors: list[str] = []  # what failed after the last step was saved and exported
 
     # -- the loop --------------------------------------------------------------------------
     def fit(self) -> None:
@@ -120,7 +121,7 @@ class Trainer:
             self.tokens += self.plan.tokens_per_step
             self.log(loss, lr, grad_norm, aux, time.perf_counter() - t0)
             last = self.step == cfg.max_steps
-            if self.step % cfg.eval_interval == 0 or last:
+            if self.step % cfg.eval_interval == 0 and not last:
                 self.evaluate()
             if cfg.sample_interval and self.step % cfg.sample_interval == 0 and not last:
                 self.sample()
@@ -128,10 +129,25 @@ class Trainer:
                 self.save_checkpoint()
             if not last and self.signals.stop_requested():  # SIGINT/SIGTERM on any rank: every rank stops here
                 self.stop()
-        if self.saved_step != self.step:  # else a resume of a run stopped in its last moments: sampled and saved
-            self.sample()
+        # the end: nothing after the last optimizer step may lose it, so the final checkpoint and the
+        # export come before the sample, and a failing evaluation or sample is one line of a finished run
+        if self.saved_step != self.step:  # else a resume of a run stopped in its last moments: evaluated and saved
+            self.after_last_step("the final evaluation", self.evaluate)
             self.save_checkpoint()
-        self.export()
+            self.export()
+            self.after_last_step("the final sample", self.sample)
+        else:
+            self.export()
+
+    def after_last_step(self, what: str, work) -> None:
+        """Run ``work``; an exception is kept as one line of the summary (``end_errors``), not a failed run."""
+        try:
+            work()
+        except Exception as exc:  # noqa: BLE001 - a plugin evaluator, the sampler, a plot: the run is trained
+            first = (str(exc).strip().splitlines() or [""])[0]
+            self.end_errors.append(f"{what} failed after step {self.step} ({type(exc).__name__}: {first}); "
+                                   f"the run is finished and usable: its checkpoint and {checkpoint.WEIGHTS} "
+                                   f"are written")
 
     def run(self) -> dict:
         """Set up, fit, and write the summary; returns the summary."""
@@ -239,7 +255,8 @@ class Trainer:
         """Rank 0 picks the folder (the others may start a second later) and tells every rank."""
         chosen = [str(self.run_dir or default_run_dir(self.recipe)) if self.is_main else None, None]
         if self.is_main:
-            chosen[1] = checkpoint.unwritable(chosen[0])  # creates it; None, or why it cannot be written
+            # creates it; None, or why it cannot be written or a file of it (a FIFO, a folder) cannot be used
+            chosen[1] = checkpoint.unwritable(chosen[0]) or files_problem(chosen[0])
         dist.broadcast_object_list(chosen, src=0)
         if chosen[1]:
             raise CheckpointError(chosen[1])
@@ -413,6 +430,8 @@ class Trainer:
             "signal": self.signals.received if status == "interrupted" else None,  # SIGINT 2, SIGTERM 15
             "checkpoint": str(self.checkpointer.latest() or "") or None,  # the one to resume
         }
+        if self.end_errors:
+            summary["end_errors"] = self.end_errors
         if self.init_from is not None:
             summary["init_from"] = str(Path(self.init_from).resolve())
         summary.update({k: v for k, v in self.last_eval.items() if "/" in k})  # evaluator scores, final
