@@ -225,29 +225,33 @@ def test_a_run_file_that_is_not_regular_is_one_line_on_resume(finished, tmp_path
     assert f"{run / name}" in line
 
 
-FIFO_RESUME = """
-import sys
+#: resumes each copy given on the command line in this one process (a hang fails the whole test by its timeout)
+FIFO_RESUMES = """
+import json, sys
 from toolkit import cli
-sys.exit(cli.main(sys.argv[1:]))
+codes = [cli.main(["train", "--resume", run, "--extend", "1"]) for run in sys.argv[1:]]
+print(json.dumps(codes))
 """
+FIFO_FILES = ["checkpoints/step-0000006/toolkit_state.json", "ds_config.json", "metrics.jsonl", "samples.txt",
+              "summary.json", "versions.json"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["checkpoints/step-0000006/toolkit_state.json", "ds_config.json", "metrics.jsonl",
-                                  "samples.txt", "summary.json", "versions.json"])
-def test_a_fifo_in_a_run_folder_never_blocks_a_resume(finished, tmp_path, name):
-    run = copy_run(finished, tmp_path)
-    replace(run / name, "fifo")
-    proc = subprocess.run([sys.executable, "-c", FIFO_RESUME, "train", "--resume", str(run), "--extend", "1"],
-                          env=child_env(), capture_output=True, text=True, timeout=120)
-    assert "Traceback" not in proc.stderr
-    if name.startswith("checkpoints"):  # that checkpoint is skipped, the one before resumes
-        assert proc.returncode == 0 and "skipped step-0000006: unreadable toolkit_state.json" in proc.stderr
-    else:
-        lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
-        assert proc.returncode == 2 and lines == [
-            f"error: {run / name}: is a FIFO, not a regular file; a run folder's {name} must be a regular file: "
-            f"move it away to go on"]
+def test_a_fifo_in_a_run_folder_never_blocks_a_resume(finished, tmp_path):
+    runs = []
+    for n, name in enumerate(FIFO_FILES):
+        runs.append(copy_run(finished, tmp_path / str(n)))
+        replace(runs[-1] / name, "fifo")
+    proc = subprocess.run([sys.executable, "-c", FIFO_RESUMES, *map(str, runs)], env=child_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert "Traceback" not in proc.stderr and proc.returncode == 0, proc.stderr[-2000:]
+    codes = json.loads(proc.stdout.strip().splitlines()[-1])
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    # the checkpoint whose state is a FIFO is skipped and the one before resumes; the others are refused by name
+    assert codes == [0] + [2] * (len(FIFO_FILES) - 1)
+    assert "skipped step-0000006: unreadable toolkit_state.json" in (runs[0] / "resume.log").read_text()
+    assert lines == [f"error: {run / name}: is a FIFO, not a regular file; a run folder's {name} must be a regular "
+                     f"file: move it away to go on" for run, name in zip(runs[1:], FIFO_FILES[1:])]
 
 
 # -- a Hugging Face folder, eval files, prepared data ------------------------------------------------------------------
@@ -326,3 +330,68 @@ def test_a_nul_byte_in_a_folder_path_is_one_line(short_recipe, tmp_path, capsys,
     assert main(["train", str(short_recipe), "--set", f"{key}={json.dumps(str(tmp_path / 'a') + chr(0) + 'b')}"]) == 2
     (line,) = errors(capsys)
     assert "NUL" in line or "null" in line
+
+
+# -- the corruption matrix ------------------------------------------------------------------------------------------
+DAMAGES = ["truncated", "garbage", "folder", "dangling", "devzero"]
+
+
+def damage(path: Path, how: str) -> None:
+    if how == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif how == "garbage":
+        path.write_bytes(b"\xff\xfe\x00garbage[{" * 64)
+    else:
+        replace(path, how)
+
+
+def outcome(argv: list[str], capsys) -> int:
+    """The exit status of ``argv``; a traceback fails, and a refusal must be one error line."""
+    code = main(argv)
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err, (argv, captured.err[-2000:])
+    lines = [ln for ln in captured.err.splitlines() if ln.startswith("error:")]
+    assert code in (0, 2) and (code == 0 or len(lines) == 1), (argv, code, captured.err[-2000:])
+    return code
+
+
+#: the files of a finished run that generate, eval, convert and --init-from read
+EXPORT_FILES = ["model.safetensors", "model.toml", "tokenizer.json", "recipe.toml", "export.json"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", DAMAGES)
+def test_every_export_file_damaged_is_refused_in_one_line_by_every_reader(finished, tmp_path, capsys, how):
+    for name in EXPORT_FILES:
+        run = copy_run(finished, tmp_path / name)
+        damage(run / name, how)
+        for argv in (["generate", str(run), "--max-new-tokens", "2"],
+                     ["eval", str(run), "--task", "perplexity:split=val", "--batch-size", "2"],
+                     ["convert", str(run), str(tmp_path / name / "hf"), "--to", "hf"],
+                     ["train", "--init-from", str(run), "--run-dir", str(tmp_path / name / "new"),
+                      "--set", "train.max_steps=1"]):
+            assert outcome(argv, capsys) == 2, (name, how, argv)  # every one of them is hashed or needed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", DAMAGES)
+def test_every_hf_file_damaged_is_one_line_or_a_clean_convert(hf_folder, tmp_path, capsys, how):
+    for file in sorted(p for p in hf_folder.iterdir() if p.is_file()):
+        folder = tmp_path / file.name / "hf"
+        shutil.copytree(hf_folder, folder)
+        damage(folder / file.name, how)
+        outcome(["convert", str(folder), str(tmp_path / file.name / "run")], capsys)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["folder", "dangling", "devzero"])
+def test_every_run_file_not_regular_is_one_line_or_a_clean_resume(finished, tmp_path, capsys, how):
+    """Every file of the run folder, checkpoints included: refused by name, or its checkpoint skipped."""
+    # a checkpoint's pickles are its sha256's (test_run_hardening); step 3's files are as step 6's
+    names = sorted(p.relative_to(finished).as_posix() for p in finished.rglob("*") if p.is_file()
+                   and not p.name.startswith("mp_rank") and "step-0000003" not in p.as_posix())
+    for name in names:
+        run = copy_run(finished, tmp_path / name.replace("/", "_"))
+        damage(run / name, how)
+        if outcome(["train", "--resume", str(run), "--extend", "1"], capsys) == 0:
+            assert name.startswith("checkpoints/"), name  # a damaged checkpoint is skipped; run files are refused
