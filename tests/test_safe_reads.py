@@ -195,6 +195,26 @@ def test_extend_continues_at_the_final_learning_rate_without_a_jump(finished, tm
     assert main(["train", "--resume", str(run), "--extend", "1"]) == 0  # an extended run extends again
 
 
+def test_decay_after_a_schedule_that_already_decayed_is_refused(finished, tmp_path, capsys):
+    run = copy_run(finished, tmp_path)
+    assert main(["train", "--resume", str(run), "--extend", "4", "--decay", "0.5"]) == 2
+    (line,) = errors(capsys)
+    assert "already decayed from its peak" in line
+
+
+@pytest.mark.slow
+def test_extend_with_decay_holds_the_peak_rate_then_cools_down(short_recipe, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", str(short_recipe), "--run-dir", str(run), "--set", "train.schedule=constant",
+                 "--set", "train.max_steps=3", "--set", "train.warmup_steps=1"]) == 0
+    assert main(["train", "--resume", str(run), "--extend", "4", "--decay", "0.5"]) == 0
+    peak = load_recipe(run).train.lr
+    assert (f"the learning rate stays at {peak:.3g} for 2 steps, then decays to 0.0001 over the last 2 (wsd, 1-sqrt)"
+            in capsys.readouterr().err)
+    lrs = [r["lr"] for r in rows(run, "train")]
+    assert lrs[1:5] == [peak] * 4 and peak > lrs[5] > lrs[6] == pytest.approx(1e-4)  # the last step at min_lr
+
+
 # -- damage found on resume ------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_damaged_summary_and_samples_are_announced_on_resume(finished, tmp_path, capsys):

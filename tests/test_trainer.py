@@ -12,7 +12,7 @@ from toolkit.recipe import load_recipe
 from toolkit.trainer import Trainer, train
 
 RUN_FILES = ["recipe.toml", "ds_config.json", "versions.json", "metrics.jsonl", "losses.png", "summary.png",
-             "samples.txt", "model.safetensors", "model.toml", "tokenizer.json", "summary.json"]
+             "samples.txt", "model.safetensors", "model.toml", "export.json", "tokenizer.json", "summary.json"]
 TRAIN_KEYS = {"type", "step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "elapsed"}
 EVAL_KEYS = {"type", "step", "tokens", "train_loss", "val_loss", "elapsed"}
 SUMMARY_KEYS = {"run_dir", "status", "steps", "tokens", "final_train_loss", "final_val_loss", "best_val_loss",

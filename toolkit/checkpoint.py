@@ -693,8 +693,9 @@ def samples_damage(path: str | Path) -> str | None:
     starts = [m.start() for m in SAMPLE_HEADER.finditer(data) if m.start() <= bad]
     cut = starts[-1] if starts else 0
     _write_text_bytes(path, data[:cut])
-    return (f"{path.name} is damaged at byte {bad:,} (not UTF-8): kept the {len(starts[:-1]) if starts else 0} "
-            f"sample(s) before it, dropped {len(SAMPLE_HEADER.findall(data[cut:])) or 'what followed'}")
+    kept, dropped = max(0, len(starts) - 1), len(SAMPLE_HEADER.findall(data[cut:]))
+    return (f"{path.name} is damaged at byte {bad:,} (not UTF-8): kept the {kept} sample(s) before it, "
+            f"dropped {dropped} from there on")
 
 
 # -- exported weights ------------------------------------------------------------------------------

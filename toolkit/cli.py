@@ -193,8 +193,8 @@ def cmd_train(args) -> int:
         args.set = [*args.set, f"train.out_dir={json.dumps(args.out)}"]
     if args.init_from:
         check_export(args.init_from, args.no_verify)
-    if (args.extend is not None or args.reshape) and not args.resume:
-        raise UsageError("--extend and --reshape go with --resume RUN_DIR (or --resume auto)")
+    if (args.extend is not None or args.decay is not None or args.reshape) and not args.resume:
+        raise UsageError("--extend, --decay and --reshape go with --resume RUN_DIR (or --resume auto)")
     recipe, resume = train_target(args)
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return launch_ranks(args, recipe, resume)
@@ -271,33 +271,58 @@ def resumed_recipe(run_dir: Path, args):
         diff = ", ".join(_first_differences(flatten(json.loads(json.dumps(saved))), _plain(own)))
         raise CheckpointError(f"{run_dir / 'recipe.toml'} differs from the recipe {found.name} recorded ({diff}); "
                               f"restore it, or give the changes you mean as --set")
-    sets = list(args.set)
-    if args.extend is not None:
-        if args.extend < 1:
-            raise UsageError(f"--extend must be at least 1 step, got {args.extend}")
-        t = own.train
-        # the schedule keeps its own decay (decay_steps pinned): the steps after it run at its final rate
-        sets = [f"train.max_steps={t.max_steps + args.extend}", f"train.decay_steps={t.decay_steps or t.max_steps}",
-                *sets]
-    recipe = load_recipe(run_dir, sets, args.plugin)
+    extend, said = extension(run_dir, own, args)
+    recipe = load_recipe(run_dir, [*extend, *args.set], args.plugin)
     if args.recipe:
-        other = _plain(load_recipe(args.recipe, sets, args.plugin))
+        other = _plain(load_recipe(args.recipe, [*extend, *args.set], args.plugin))
         if diff := _first_differences(_plain(recipe), other):
             raise UsageError(f"{args.recipe} differs from the recipe of {run_dir} ({', '.join(diff)}); a resume keeps "
                              f"the run's own recipe: leave RECIPE out, or give the changes you mean as --set")
-    before, after = _plain(own), _plain(recipe)
-    if args.extend is None and (diff := _first_differences(before, after, HORIZON_KEYS)):
+    before, after = _plain(load_recipe(run_dir, extend)), _plain(recipe)  # what --extend and --decay change is meant
+    if diff := _first_differences(before, after, HORIZON_KEYS):
         raise UsageError(f"--set {diff[0]}: a resumed run keeps its horizon (a longer cosine would re-stretch and the "
                          f"learning rate jump); to train N more steps at the schedule's final rate use --extend N")
     if not args.reshape and (diff := _first_differences(before, after, CURVE_KEYS)):
         raise UsageError(f"--set {', '.join(diff)}: changes the learning-rate curve or the batch of a run mid-way; "
                          f"pass --reshape to resume with it anyway")
-    if args.extend is not None and int(os.environ.get("RANK", "0")) == 0:
-        t, lr = own.train, lr_at(own.train.max_steps, recipe.train, registry_of(recipe))
-        print(f"extending {run_dir} by {args.extend} steps, to {recipe.train.max_steps}: the learning rate stays at "
-              f"{lr:.3g}, the final rate of its {recipe.train.schedule.kind} schedule (which ends at step "
-              f"{t.decay_steps or t.max_steps})", file=sys.stderr)
+    if said and int(os.environ.get("RANK", "0")) == 0:
+        print(said, file=sys.stderr)
     return recipe
+
+
+def extension(run_dir: Path, own, args) -> tuple[list[str], str | None]:
+    """The --set values of ``--extend N [--decay F]`` and the line saying what the learning rate will do.
+
+    The finished schedule keeps its own decay (``decay_steps`` pinned where it ended), so the N new
+    steps run at its final rate; with ``--decay F`` a run that ended at its peak rate (a constant
+    schedule) holds it, then cools down to ``min_lr`` over the last F of the N steps (WSD's 1-sqrt,
+    Hägele et al. 2024) instead.
+    """
+    if args.extend is None:
+        if args.decay is not None:
+            raise UsageError("--decay F goes with --extend N: it decays over the last F of the N new steps")
+        return [], None
+    if args.extend < 1:
+        raise UsageError(f"--extend must be at least 1 step, got {args.extend}")
+    t = own.train
+    end, steps = t.decay_steps or t.max_steps, t.max_steps + args.extend
+    sets = [f"train.max_steps={steps}", f"train.decay_steps={end}"]
+    final = lr_at(t.max_steps, load_recipe(run_dir, sets).train, registry_of(own))
+    if args.decay is None:
+        return sets, (f"extending {run_dir} by {args.extend} steps, to {steps}: the learning rate stays at "
+                      f"{final:.3g}, the final rate of its {t.schedule.kind} schedule (which ends at step {end})")
+    if not 0 < args.decay <= 1:
+        raise UsageError(f"--decay must be a fraction of the new steps in (0, 1], got {args.decay}")
+    if not math.isclose(final, t.lr):
+        raise UsageError(f"--decay: {run_dir} ends at a learning rate of {final:.3g}, already decayed from its peak "
+                         f"{t.lr:.3g}; --decay cools down from a run that ended at its peak (a constant schedule)")
+    # the cooldown ends on the last step (decay_steps is the 0-based step that reaches min_lr): `cool` steps below the peak
+    cool = max(1, round(args.decay * args.extend))
+    fraction = cool / (steps - 1 - min(t.warmup_steps, t.max_steps))
+    sets = [f"train.max_steps={steps}", f"train.decay_steps={steps - 1}",
+            f'train.schedule={{kind = "wsd", decay_fraction = {fraction!r}}}']
+    return sets, (f"extending {run_dir} by {args.extend} steps, to {steps}: the learning rate stays at {final:.3g} "
+                  f"for {args.extend - cool} steps, then decays to {t.min_lr:.3g} over the last {cool} (wsd, 1-sqrt)")
 
 
 def train_exit_status(summary: dict) -> int:
@@ -499,6 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "must describe the same model (default recipe: the folder's own, or one made for it)")
     p.add_argument("--extend", type=int, metavar="N", help="with --resume: train N more steps than the run's "
                    "max_steps, at the final learning rate of its schedule (the decay is not re-stretched)")
+    p.add_argument("--decay", type=float, metavar="F", help="with --extend N: hold the final rate, then decay to "
+                   "train.min_lr over the last F of the N steps (WSD; for a run that ended at its peak rate)")
     p.add_argument("--reshape", action="store_true", help="with --resume: confirm --set changes to the learning-rate "
                    "curve or the batch (lr, min_lr, warmup_steps, schedule, micro_batch, grad_accum, tokens_per_step)")
     add_no_verify(p)
