@@ -83,7 +83,8 @@ def test_a_symlink_out_of_its_folder_is_refused(tmp_path):
     assert safeio.read_json(tmp_path / "run" / "summary.json") == {}  # an HF cache's symlinks are fine
 
 
-@pytest.mark.parametrize("text,said", [(b"\xff\xfe{}", "not UTF-8"), (b"[" * 100_000 + b"]" * 100_000, "nested too deep"),
+@pytest.mark.parametrize("text,said", [(b"\xff\xfe{}", "not UTF-8"),
+                                       (b"[" * 100_000 + b"]" * 100_000, "nested too deep"),
                                        (b'{"n": ' + b"9" * 5000 + b"}", "not valid JSON"),
                                        (b'{"n": 1,', "not valid JSON")])
 def test_bad_json_content_is_one_line(tmp_path, text, said):

@@ -267,8 +267,10 @@ def resumed_recipe(run_dir: Path, args):
     found = latest(run_dir / "checkpoints")
     saved = read_state(found).get("recipe")
     own = load_recipe(run_dir)
-    if isinstance(saved, dict) and flatten(json.loads(json.dumps(saved))) != _plain(own):
-        diff = ", ".join(_first_differences(flatten(json.loads(json.dumps(saved))), _plain(own)))
+    # keys both know: a key one toolkit version has and the other not is not a change of this run's recipe
+    recorded = flatten(json.loads(json.dumps(saved))) if isinstance(saved, dict) else {}
+    mine = {k: v for k, v in _plain(own).items() if k in recorded}
+    if diff := ", ".join(_first_differences({k: v for k, v in recorded.items() if k in mine}, mine)):
         raise CheckpointError(f"{run_dir / 'recipe.toml'} differs from the recipe {found.name} recorded ({diff}); "
                               f"restore it, or give the changes you mean as --set")
     extend, said = extension(run_dir, own, args)
@@ -316,7 +318,7 @@ def extension(run_dir: Path, own, args) -> tuple[list[str], str | None]:
     if not math.isclose(final, t.lr):
         raise UsageError(f"--decay: {run_dir} ends at a learning rate of {final:.3g}, already decayed from its peak "
                          f"{t.lr:.3g}; --decay cools down from a run that ended at its peak (a constant schedule)")
-    # the cooldown ends on the last step (decay_steps is the 0-based step that reaches min_lr): `cool` steps below the peak
+    # the cooldown reaches min_lr on the last step (decay_steps is 0-based): `cool` steps below the peak
     cool = max(1, round(args.decay * args.extend))
     fraction = cool / (steps - 1 - min(t.warmup_steps, t.max_steps))
     sets = [f"train.max_steps={steps}", f"train.decay_steps={steps - 1}",

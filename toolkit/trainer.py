@@ -35,7 +35,7 @@ from .checkpointer import Checkpointer
 from .engine import (batch_plan, build_engine, deepspeed_config, device, engine_step, full_fp32_state_dict,
                      init_distributed, peak_flops, schedule)
 from .convert import check_init, init_weights
-from .errors import CheckpointError, ConfigError, UsageError
+from .errors import CheckpointError, ConfigError, UsageError, UserError
 from .evaluate import EvalContext, LossEvaluator, build_evaluators, run_evaluators
 from .generate import check_generate_config, sample
 from .model import Transformer
@@ -158,7 +158,7 @@ class Trainer:
                 self.fit()
         except Interrupted as exc:
             status, error = "interrupted", str(exc)
-        except (Diverged, CheckpointError) as exc:  # said in one line; a traceback adds nothing
+        except (Diverged, UserError) as exc:  # a checkpoint, a refused file: one line; a traceback adds nothing
             status, error = "failed", str(exc)
         except (OSError, RuntimeError) as exc:  # a full disk (torch.save and safetensors say it as RuntimeError)
             status, error = "failed", self.disk_error(exc)
