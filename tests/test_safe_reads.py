@@ -408,9 +408,11 @@ def test_every_hf_file_damaged_is_one_line_or_a_clean_convert(hf_folder, tmp_pat
 @pytest.mark.parametrize("how", ["folder", "dangling", "devzero"])
 def test_every_run_file_not_regular_is_one_line_or_a_clean_resume(finished, tmp_path, capsys, how):
     """Every file of the run folder, checkpoints included: refused by name, or its checkpoint skipped."""
-    # a checkpoint's pickles are its sha256's (test_run_hardening); step 3's files are as step 6's
+    # a checkpoint's pickles are its sha256's (test_run_hardening); step 3's files are as step 6's; a damaged
+    # checkpoint file means training from the one before, so once (devzero) is enough to keep this under a minute
     names = sorted(p.relative_to(finished).as_posix() for p in finished.rglob("*") if p.is_file()
-                   and not p.name.startswith("mp_rank") and "step-0000003" not in p.as_posix())
+                   and not p.name.startswith("mp_rank") and "step-0000003" not in p.as_posix()
+                   and (how == "devzero" or p.parent == finished))
     for name in names:
         run = copy_run(finished, tmp_path / name.replace("/", "_"))
         damage(run / name, how)

@@ -24,7 +24,8 @@ damage and mix-ups, it does not make an untrusted checkpoint safe to load.)
 Resuming with another number of ranks goes through DeepSpeed's universal checkpoint for ZeRO
 stages 1-3 (``ds_to_universal``, then ``load_universal``); stage 0 checkpoints hold the whole
 model and optimizer and load as they are. The export (:func:`export_weights`) is one
-``model.safetensors`` of fp32 weights under GPT-2 names, readable without DeepSpeed.
+``model.safetensors`` of fp32 weights under GPT-2 names, readable without DeepSpeed; ``export.json``
+beside it records its sha256 (:func:`write_export_record`, checked by :func:`export_problem`).
 """
 from __future__ import annotations
 

@@ -319,11 +319,10 @@ def _jsonl_text(raw: bytes, where: str, column: str = "text") -> str:
 
 
 def _read_text(path: Path) -> str:
-    raw = path.read_bytes()
     try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        return safeio.read_text(path, limit=None)  # a FIFO put there since it was listed: refused, not waited on
+    except safeio.BadContent as exc:
+        raise DataError(str(exc)) from None
 
 
 def _raw_documents(sources: list[Path], column: str) -> Iterator[tuple[Path, str, bytes | str | None, int]]:

@@ -14,6 +14,8 @@
         model.safetensors  fp32 weights under GPT-2 names, with tokenizer.json and recipe.toml:
                            the run without DeepSpeed (:func:`toolkit.generate.load_run`)
         model.toml         the model table alone, for reading (never loaded: recipe.toml is authoritative)
+        export.json        the size and sha256 of model.safetensors, model.toml and tokenizer.json, checked
+                           by generate, eval, convert, inspect and --init-from (--no-verify skips it)
         summary.json       the result
 """
 from __future__ import annotations
