@@ -216,6 +216,24 @@ def test_extend_with_decay_holds_the_peak_rate_then_cools_down(short_recipe, tmp
     assert lrs[1:5] == [peak] * 4 and peak > lrs[5] > lrs[6] == pytest.approx(1e-4)  # the last step at min_lr
 
 
+def test_extend_on_several_local_ranks_reaches_every_rank(finished, tmp_path, monkeypatch):
+    launched = []
+
+    class FakePopen:
+        def __init__(self, cmd, **kwargs):
+            launched.append(cmd)
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", FakePopen)
+    run = copy_run(finished, tmp_path)
+    assert main(["train", "--resume", str(run), "--extend", "2", "--nproc", "2"]) == 0
+    ((cmd),) = launched
+    assert cmd[cmd.index("toolkit"):] == ["toolkit", "train", "--run-dir", str(run), "--resume", str(run),
+                                          "--extend", "2"]
+
+
 # -- damage found on resume ------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_damaged_summary_and_samples_are_announced_on_resume(finished, tmp_path, capsys):

@@ -350,7 +350,10 @@ def launch_ranks(args, recipe, resume: str | None = None) -> int:
     cmd = [sys.executable, "-m", "toolkit.launch", "--standalone", f"--nproc_per_node={args.nproc}",
            "--shutdown_timeout=300", "-m", "toolkit", "train", *([args.recipe] if args.recipe else []),
            "--run-dir", run_dir, *(["--resume", run_dir] if resume else []),
-           *(["--init-from", args.init_from] if args.init_from else [])]
+           *(["--init-from", args.init_from] if args.init_from else []),
+           *(["--extend", str(args.extend)] if args.extend is not None else []),
+           *(["--decay", str(args.decay)] if args.decay is not None else []),
+           *(["--reshape"] if args.reshape else []), *(["--no-verify"] if args.no_verify else [])]
     for s in args.set:
         cmd += ["--set", s]
     for p in args.plugin:
