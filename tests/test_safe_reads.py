@@ -142,6 +142,15 @@ def test_a_flipped_bit_in_the_export_is_refused_by_every_command_that_reads_it(f
     assert main(["generate", str(run), "--max-new-tokens", "2", "--no-verify"]) == 0
 
 
+def test_init_from_a_truncated_export_past_no_verify_is_one_line(finished, tmp_path, capsys):
+    run = copy_run(finished, tmp_path)
+    weights = run / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert main(["train", "--init-from", str(run), "--run-dir", str(tmp_path / "new"), "--no-verify"]) == 2
+    (line,) = errors(capsys)
+    assert line.startswith(f"error: --init-from {weights}: cannot be loaded (")
+
+
 def test_a_run_exported_before_exports_were_hashed_is_used_with_a_warning(finished, tmp_path, capsys):
     run = copy_run(finished, tmp_path)
     (run / "export.json").unlink()
