@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from attrs import validators as v
 
+from toolkit import safeio
 from toolkit.errors import DataError
 from toolkit.headstats import STATS, layer_stats
 from toolkit.hookspecs import hookimpl
@@ -54,30 +55,30 @@ def read_examples(path: str | Path, limit: int | None = None) -> list[Example]:
     """The examples of a JSONL file of ``{"ctx": str, "endings": [str, ...], "label": int}`` lines
     (HellaSwag's own files; other keys are ignored); DataError naming the line of a bad one."""
     path = Path(path).expanduser()
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise DataError(f"{path}: no such multiple-choice file")
     out: list[Example] = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if limit is not None and len(out) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
-            ctx, endings, label = (row.get(k) if isinstance(row, dict) else None for k in ("ctx", "endings", "label"))
-            if not isinstance(ctx, str):
-                raise DataError(f"{path}:{n}: expected a string \"ctx\", got {json.dumps(ctx)}")
-            if not (isinstance(endings, list) and len(endings) >= 2 and all(isinstance(e, str) and e for e in endings)):
-                raise DataError(f"{path}:{n}: expected \"endings\" to be a list of 2 or more non-empty strings")
-            if isinstance(label, str) and label.isdigit():  # the Hugging Face copy stores it as "3"
-                label = int(label)
-            if not (isinstance(label, int) and not isinstance(label, bool) and 0 <= label < len(endings)):
-                raise DataError(f"{path}:{n}: expected \"label\" to be an index into the {len(endings)} endings, "
-                                f"got {json.dumps(label)}")
-            out.append(Example(ctx, tuple(endings), label))
+    # a FIFO or a device is refused by name; each line is checked on its own (UTF-8, depth, digits)
+    for n, line in enumerate(safeio.read_bytes(path).split(b"\n"), start=1):
+        if limit is not None and len(out) >= limit:
+            break
+        if not line.strip():
+            continue
+        try:
+            row = safeio.loads_json(line, f"{path}:{n}")
+        except safeio.BadContent as exc:
+            raise DataError(str(exc)) from None
+        ctx, endings, label = (row.get(k) if isinstance(row, dict) else None for k in ("ctx", "endings", "label"))
+        if not isinstance(ctx, str):
+            raise DataError(f"{path}:{n}: expected a string \"ctx\", got {json.dumps(ctx)}")
+        if not (isinstance(endings, list) and len(endings) >= 2 and all(isinstance(e, str) and e for e in endings)):
+            raise DataError(f"{path}:{n}: expected \"endings\" to be a list of 2 or more non-empty strings")
+        if isinstance(label, str) and label.isdigit() and len(label) < 10:  # the Hugging Face copy stores it as "3"
+            label = int(label)
+        if not (isinstance(label, int) and not isinstance(label, bool) and 0 <= label < len(endings)):
+            raise DataError(f"{path}:{n}: expected \"label\" to be an index into the {len(endings)} endings, "
+                            f"got {json.dumps(label)}")
+        out.append(Example(ctx, tuple(endings), label))
     if not out:
         raise DataError(f"{path}: no examples")
     return out
@@ -191,11 +192,13 @@ class Perplexity:
     @staticmethod
     def _encode_file(path: str, tok) -> np.ndarray:
         file = Path(path).expanduser()
-        if not file.is_file():
+        if not file.exists() and not file.is_symlink():
             raise DataError(f"{path}: no such text file")
         try:
-            ids = tok.encode(file.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as exc:
+            ids = tok.encode(safeio.read_text(file, limit=None))
+        except safeio.BadContent as exc:
+            raise DataError(str(exc)) from None
+        except ValueError as exc:
             raise DataError(f"{path}: {exc}") from None
         # a document starts with end-of-text, as `prepare` writes it, so its first token is scored too
         return np.array(([tok.eot] if tok.eot is not None else []) + ids, dtype=np.int64)

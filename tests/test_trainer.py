@@ -13,7 +13,7 @@ from toolkit.tokenizer import GPT2Tokenizer
 from toolkit.trainer import Trainer, train
 
 RUN_FILES = ["recipe.toml", "ds_config.json", "versions.json", "metrics.jsonl", "losses.png", "summary.png",
-             "samples.txt", "model.safetensors", "model.toml", "tokenizer.json", "summary.json",
+             "samples.txt", "model.safetensors", "model.toml", "export.json", "tokenizer.json", "summary.json",
              ".writer.lock"]  # the writer's lock (toolkit.runfolder.lock_folder)
 TRAIN_KEYS = {"type", "step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "elapsed"}
 EVAL_KEYS = {"type", "step", "tokens", "train_loss", "val_loss", "elapsed"}

@@ -26,7 +26,8 @@ classes its files hold allowed by name (:func:`weights_only_loads`), so loading 
 Resuming with another number of ranks goes through DeepSpeed's universal checkpoint for ZeRO
 stages 1-3 (``ds_to_universal``, then ``load_universal``); stage 0 checkpoints hold the whole
 model and optimizer and load as they are. The export (:func:`export_weights`) is one
-``model.safetensors`` of fp32 weights under GPT-2 names, readable without DeepSpeed.
+``model.safetensors`` of fp32 weights under GPT-2 names, readable without DeepSpeed; ``export.json``
+beside it records its sha256 (:func:`write_export_record`, checked by :func:`export_problem`).
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from . import families
+from . import families, safeio
 from .engine import device
 from .errors import CheckpointError
 from .recipe import flatten, recipe_to_dict, toml_inline
@@ -127,10 +128,12 @@ def problem(path: str | Path) -> str | None:
     """Why the checkpoint at ``path`` is not complete, or None if it is (sizes only: see :func:`verify`)."""
     path = Path(path)
     try:
-        state = json.loads((path / STATE_FILE).read_bytes().decode("utf-8"))
-    except FileNotFoundError:
-        return f"no {STATE_FILE} (the save did not finish)"
-    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        state = safeio.read_json(path / STATE_FILE, inside=path)
+    except safeio.UnsafeFile as exc:
+        if exc.errno == errno.ENOENT and not (path / STATE_FILE).is_symlink():
+            return f"no {STATE_FILE} (the save did not finish)"
+        return f"unreadable {STATE_FILE} ({exc})"
+    except ValueError as exc:  # not UTF-8, not JSON, too deep
         return f"unreadable {STATE_FILE} ({type(exc).__name__})"
     if why := _state_problem(state):
         return why
@@ -145,10 +148,10 @@ def problem(path: str | Path) -> str | None:
     return None
 
 
-def sha256_of(path: Path) -> str:
-    """The file's sha256 (hex), read in 8 MiB chunks."""
+def sha256_of(path: Path, inside: str | Path | None = None) -> str:
+    """The file's sha256 (hex), read in 8 MiB chunks; only a regular file (:func:`toolkit.safeio.open_regular`)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with safeio.open_regular(path, inside) as f:
         while chunk := f.read(8 << 20):
             digest.update(chunk)
     return digest.hexdigest()
@@ -166,7 +169,7 @@ def verify(path: str | Path, names: list[str] | None = None) -> str | None:
         if not isinstance(entry, dict) or "sha256" not in entry:
             continue  # a format 1 checkpoint recorded sizes only
         try:
-            have = sha256_of(path / name)
+            have = sha256_of(path / name, inside=path)
         except OSError as exc:
             return f"{name} cannot be read ({exc.strerror or exc})"
         if have != entry["sha256"]:
@@ -189,7 +192,7 @@ def latest(root: str | Path) -> Path | None:
 def read_state(path: str | Path) -> dict:
     """The toolkit's state saved with the checkpoint at ``path``; CheckpointError (one line) if it is damaged."""
     try:
-        state = json.loads((Path(path) / STATE_FILE).read_bytes().decode("utf-8"))
+        state = safeio.read_json(Path(path) / STATE_FILE, inside=path)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: unreadable {STATE_FILE} ({type(exc).__name__})") from None
     if why := _state_problem(state):
@@ -202,8 +205,11 @@ def check_resumable(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.exists():
         raise CheckpointError(f"--resume {run_dir}: no such run folder")
-    if not run_dir.is_dir() or not (run_dir / "recipe.toml").is_file():
+    recipe = run_dir / "recipe.toml"
+    if not run_dir.is_dir() or not (recipe.exists() or recipe.is_symlink()):
         raise CheckpointError(f"--resume {run_dir}: not a run folder (no recipe.toml)")
+    if why := safeio.problem(recipe, inside=run_dir):
+        raise CheckpointError(f"--resume {run_dir}: {why}")
     if latest(run_dir / "checkpoints") is None:
         broken = [f"{p.name} ({problem(p)})" for p in list_checkpoints(run_dir / "checkpoints")]
         detail = f"; incomplete: {', '.join(broken)}" if broken else ""
@@ -219,7 +225,7 @@ def find_run(out_dir: str | Path, recipe_name: str) -> Path:
         if not m or not (run / "recipe.toml").is_file() or latest(run / "checkpoints") is None:
             continue
         try:
-            name = tomllib.loads((run / "recipe.toml").read_bytes().decode("utf-8")).get("name")
+            name = tomllib.loads(safeio.read_text(run / "recipe.toml", inside=run)).get("name")
         except (OSError, ValueError, RecursionError):
             continue
         if name == recipe_name:
@@ -699,12 +705,12 @@ def repair_metrics(path: str | Path, step: int) -> tuple[int, str | None]:
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"{path}: a folder where the run's metrics file belongs; move it away to resume")
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return 0, None
     try:
-        raw = path.read_bytes()
+        raw = safeio.read_bytes(path, inside=path.parent)
     except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read the run's metrics ({exc.strerror or exc})") from None
+        raise CheckpointError(f"cannot read the run's metrics: {exc}; move it away to resume") from None
     lines = raw.split(b"\n")
     torn = lines.pop() if lines else b""  # the bytes after the last newline: a torn line, or nothing
     kept, dropped, note = [], 0, None
@@ -735,15 +741,37 @@ SAMPLE_HEADER = re.compile(rb"^=== step (\d+) \|", re.M)
 def trim_samples(path: str | Path, step: int) -> int:
     """Drop the samples drawn after ``step`` from samples.txt; returns how many were dropped."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         return 0
-    data = path.read_bytes()  # bytes: a damaged file is trimmed, not a UnicodeDecodeError
+    try:  # bytes: a damaged file is trimmed, not a UnicodeDecodeError
+        data = safeio.read_bytes(path, inside=path.parent)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read the run's samples: {exc}; move it away to resume") from None
     cut = next((m.start() for m in SAMPLE_HEADER.finditer(data) if int(m.group(1)) > step), None)
     if cut is None:
         return 0
     dropped = len(SAMPLE_HEADER.findall(data[cut:]))
     _write_text_bytes(path, data[:cut])
     return dropped
+
+
+def samples_damage(path: str | Path) -> str | None:
+    """Cut samples.txt at the sample holding its first byte that is not UTF-8; one line saying so, or None."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    data = safeio.read_bytes(path, inside=path.parent)
+    try:
+        data.decode("utf-8")
+        return None
+    except UnicodeDecodeError as exc:
+        bad = exc.start
+    starts = [m.start() for m in SAMPLE_HEADER.finditer(data) if m.start() <= bad]
+    cut = starts[-1] if starts else 0
+    _write_text_bytes(path, data[:cut])
+    kept, dropped = max(0, len(starts) - 1), len(SAMPLE_HEADER.findall(data[cut:]))
+    return (f"{path.name} is damaged at byte {bad:,} (not UTF-8): kept the {kept} sample(s) before it, "
+            f"dropped {dropped} from there on")
 
 
 # -- exported weights ------------------------------------------------------------------------------
@@ -762,6 +790,45 @@ def export_weights(state: dict[str, torch.Tensor], path: str | Path, tied: bool,
     save_file(exportable(state, tied), str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
     tmp.replace(path)
     return path
+
+
+#: the export's record, beside model.safetensors: each exported file's size and sha256
+EXPORT_RECORD = "export.json"
+#: the files of an export the record covers (those present): the weights, and what gives them meaning
+EXPORTED = (WEIGHTS, "model.toml", "tokenizer.json")
+
+
+def write_export_record(folder: str | Path) -> None:
+    """export.json: the size and sha256 of each file of EXPORTED in ``folder``, written atomically, last."""
+    folder = Path(folder)
+    files = {name: {"size": (folder / name).stat().st_size, "sha256": sha256_of(folder / name)}
+             for name in EXPORTED if (folder / name).is_file()}
+    _write_text(folder / EXPORT_RECORD, json.dumps({"files": files}, indent=1) + "\n")
+
+
+def export_problem(folder: str | Path) -> str | None:
+    """Why the export in ``folder`` must not be used (a file that differs from export.json), or None.
+
+    A folder without export.json (exported before exports were hashed) is None: nothing to check against.
+    """
+    folder = Path(folder)
+    if not (folder / EXPORT_RECORD).exists() and not (folder / EXPORT_RECORD).is_symlink():
+        return None
+    try:
+        record = safeio.read_json(folder / EXPORT_RECORD, inside=folder)
+        files = record["files"]
+        entries = [(name, files[name]["sha256"]) for name in files if name in EXPORTED]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        why = exc if isinstance(exc, (safeio.UnsafeFile, safeio.BadContent)) else type(exc).__name__
+        return f"{folder / EXPORT_RECORD} is damaged ({why})"
+    for name, digest in entries:
+        try:
+            have = sha256_of(folder / name, inside=folder)
+        except OSError as exc:
+            return str(exc)
+        if have != digest:
+            return f"{folder / name} changed since it was written (its sha256 differs from {EXPORT_RECORD})"
+    return None
 
 
 def load_weights(model: torch.nn.Module, path: str | Path) -> None:

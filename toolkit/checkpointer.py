@@ -6,14 +6,13 @@ plugin versions that built it). :mod:`toolkit.checkpoint` does the writing and r
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from . import checkpoint
+from . import checkpoint, safeio
 from .errors import CheckpointError, ConfigError
 from .recipe import Recipe
 from .registry import Registry
@@ -34,7 +33,7 @@ STATE_SCHEMA = {"tokens": int, "loaders": list, "rng": list, "recipe": dict, "co
 def finished(run_dir: Path, steps: int) -> bool:
     """Whether the run in ``run_dir`` finished ``steps`` steps: its summary says so and its weights are there."""
     try:
-        summary = json.loads((Path(run_dir) / "summary.json").read_bytes().decode("utf-8"))
+        summary = safeio.read_json(Path(run_dir) / "summary.json", inside=run_dir)
     except (OSError, ValueError):
         return False
     return (isinstance(summary, dict) and summary.get("status") == "finished" and summary.get("steps") == steps
@@ -95,7 +94,7 @@ class Checkpointer:
                                f"engine layout differ from the checkpoint's:", *refused])
         if saved["step"] > max_steps or (saved["step"] == max_steps and finished(self.root.parent, max_steps)):
             raise ConfigError([f"train.max_steps: {self.root.parent} is at step {saved['step']} already, max_steps is "
-                               f"{max_steps}; raise it to train on (--set train.max_steps=N)"])
+                               f"{max_steps}; to train on: playattention train --resume {self.root.parent} --extend N"])
         self.resume_notes = [f"skipped {p.name}: {checkpoint.problem(p)}"
                              for p in checkpoint.list_checkpoints(self.root)
                              if checkpoint.step_of(p) > saved["step"]]

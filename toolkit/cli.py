@@ -8,6 +8,7 @@ lost and no traceback is shown.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -24,18 +25,21 @@ import attrs
 from . import catalog, completion, families
 from .ablate import run_ablation
 from .ablation import dry_run_text, load_ablation
-from .checkpoint import CHECKPOINT_SELECTORS, check_resumable, find_run
+from .checkpoint import (CHECKPOINT_SELECTORS, EXPORT_RECORD, WEIGHTS, check_resumable, export_problem, find_run, latest,
+                         read_state)
 from .convert import hf_to_run, load_model, recipe_for_init, run_to_hf
 from .data import prepare, prepared_dir, read_split
-from .errors import ConfigError, UsageError, UserError, one_line
+from .errors import CheckpointError, ConfigError, UsageError, UserError, one_line
+from .engine import lr_at
 from .evaluate import evaluate_target, render_results, write_results
 from .generate import encode_prompt, stream_samples
 from .hf import ARCHITECTURES
 from .inspection import inspect_recipe
 from .launch import LAUNCHER_PID, PARENT_PID, die_with_parent
 from .lookinside import look_inside
-from .plugin_manager import PluginManager, default_registry, forget_loaded
-from .recipe import DataConfig, diff_recipes, dump_recipe, load_recipe, recipe_warnings, registry_of
+from .plugin_manager import PluginManager, default_registry, forget_loaded, is_path_spec
+from .recipe import (DataConfig, diff_recipes, dump_recipe, flatten, load_recipe, recipe_to_dict, recipe_warnings,
+                     registry_of, toml_inline)
 from .registry import Registry
 from .runfolder import LOCK_HOLDER_ENV, lock_folder, new_run_dir
 from .runs import DEFAULT_DIR, find_runs, render_runs
@@ -166,6 +170,30 @@ def add_recipe_options(p: argparse.ArgumentParser) -> None:
                    help="also load this plugin file or module; repeatable")
 
 
+def add_no_verify(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-verify", action="store_true",
+                   help=f"use a run folder's exported files even if they differ from its {EXPORT_RECORD}")
+
+
+def check_export(target, no_verify: bool = False) -> None:
+    """Refuse a run folder whose exported files changed since export (their sha256 is in export.json).
+
+    A folder exported before exports were hashed has no export.json: used, with a warning.
+    """
+    folder = Path(target)
+    folder = folder.parent if folder.is_file() else folder
+    if no_verify or not (folder / "recipe.toml").is_file() or not (folder / WEIGHTS).exists():
+        return  # not a run folder: an HF folder, a recipe, or a run that has not exported yet
+    if not (folder / EXPORT_RECORD).exists() and not (folder / EXPORT_RECORD).is_symlink():
+        print(f"warning: {folder}: no {EXPORT_RECORD} (exported before exports were hashed): {WEIGHTS} is used "
+              f"unchecked", file=sys.stderr)
+        return
+    if why := export_problem(folder):
+        how = (f"remove it and run playattention train --resume {folder}" if latest(folder / "checkpoints")
+               else "convert it again from its source")
+        raise CheckpointError(f"{why}; re-export it ({how}) or pass --no-verify")
+
+
 def cmd_recipe_show(args) -> int:
     recipe = load_recipe(args.recipe, args.set, args.plugin)
     print_warnings(recipe, args.recipe)
@@ -229,6 +257,7 @@ def print_warnings(recipe, path) -> None:
 def cmd_inspect(args) -> int:
     if args.world_size < 1:
         raise UsageError(f"--world-size must be >= 1, got {args.world_size}")
+    check_export(args.recipe, args.no_verify)
     print(inspect_recipe(load_recipe(args.recipe, args.set, args.plugin), args.world_size, args.recipe))
     return 0
 
@@ -249,6 +278,10 @@ def cmd_train(args) -> int:
         die_with_parent(int(os.environ[LAUNCHER_PID]) if os.environ[LAUNCHER_PID].isdigit() else None)
     if args.out:  # the folder the run folder goes in: train.out_dir, as ablate's --out
         args.set = [*args.set, f"train.out_dir={json.dumps(args.out)}"]
+    if args.init_from:
+        check_export(args.init_from, args.no_verify)
+    if (args.extend is not None or args.decay is not None or args.reshape) and not args.resume:
+        raise UsageError("--extend, --decay and --reshape go with --resume RUN_DIR (or --resume auto)")
     recipe, resume = train_target(args)
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return launch_ranks(args, recipe, resume)
@@ -287,16 +320,106 @@ def train_target(args):
         run_dir = find_run(recipe.train.out_dir, recipe.name)
     else:
         run_dir = check_resumable(args.resume)
-        recipe = load_recipe(args.recipe or run_dir, args.set, args.plugin)  # default: the run's own recipe
     if args.run_dir and Path(args.run_dir).resolve() != run_dir.resolve():
         raise UsageError(f"--run-dir {args.run_dir} and --resume {run_dir} differ; a resumed run continues in its own folder")
-    return recipe, str(run_dir)
+    return resumed_recipe(run_dir, args), str(run_dir)
+
+
+#: what shapes a resumed run's learning-rate curve or its batch: a --set of these is confirmed (--reshape)
+CURVE_KEYS = ("train.warmup_steps", "train.lr", "train.min_lr", "train.schedule", "train.micro_batch",
+              "train.grad_accum", "train.tokens_per_step")
+#: the horizon: changed only by --extend, which keeps the schedule's own decay (no re-stretched cosine)
+HORIZON_KEYS = ("train.max_steps", "train.decay_steps")
+
+
+def _plain(recipe) -> dict:
+    """A recipe as flat JSON values, plugin paths absolute (as a run records them), for comparing."""
+    d = json.loads(json.dumps(recipe_to_dict(recipe), default=str))
+    d["plugins"] = [str(Path(p).resolve()) if is_path_spec(p) else p for p in d.get("plugins", [])]
+    return flatten(d)
+
+
+def _first_differences(a: dict, b: dict, keys=None, n: int = 3) -> list[str]:
+    found = [f"{k}: {toml_inline(a.get(k))} -> {toml_inline(b.get(k))}" for k in dict.fromkeys([*a, *b])
+             if a.get(k) != b.get(k) and (keys is None or k.startswith(keys))]
+    return found[:n] + ([f"and {len(found) - n} more"] if len(found) > n else [])
+
+
+def resumed_recipe(run_dir: Path, args):
+    """The recipe a resume trains with: the one the newest checkpoint recorded, plus --set (and --extend).
+
+    Refused in one line: a recipe.toml that differs from the checkpoint's record, a RECIPE file that
+    differs from the run's (unless the differences are given as --set), a --set of the horizon
+    (use --extend) or of the learning-rate curve or batch without --reshape.
+    """
+    found = latest(run_dir / "checkpoints")
+    saved = read_state(found).get("recipe")
+    own = load_recipe(run_dir)
+    # keys both know: a key one toolkit version has and the other not is not a change of this run's recipe
+    recorded = flatten(json.loads(json.dumps(saved))) if isinstance(saved, dict) else {}
+    mine = {k: v for k, v in _plain(own).items() if k in recorded}
+    if diff := ", ".join(_first_differences({k: v for k, v in recorded.items() if k in mine}, mine)):
+        raise CheckpointError(f"{run_dir / 'recipe.toml'} differs from the recipe {found.name} recorded ({diff}); "
+                              f"restore it, or give the changes you mean as --set")
+    extend, said = extension(run_dir, own, args)
+    recipe = load_recipe(run_dir, [*extend, *args.set], args.plugin)
+    if args.recipe:
+        other = _plain(load_recipe(args.recipe, [*extend, *args.set], args.plugin))
+        if diff := _first_differences(_plain(recipe), other):
+            raise UsageError(f"{args.recipe} differs from the recipe of {run_dir} ({', '.join(diff)}); a resume keeps "
+                             f"the run's own recipe: leave RECIPE out, or give the changes you mean as --set")
+    before, after = _plain(load_recipe(run_dir, extend)), _plain(recipe)  # what --extend and --decay change is meant
+    if diff := _first_differences(before, after, HORIZON_KEYS):
+        raise UsageError(f"--set {diff[0]}: a resumed run keeps its horizon (a longer cosine would re-stretch and the "
+                         f"learning rate jump); to train N more steps at the schedule's final rate use --extend N")
+    if not args.reshape and (diff := _first_differences(before, after, CURVE_KEYS)):
+        raise UsageError(f"--set {', '.join(diff)}: changes the learning-rate curve or the batch of a run mid-way; "
+                         f"pass --reshape to resume with it anyway")
+    if said and int(os.environ.get("RANK", "0")) == 0:
+        print(said, file=sys.stderr)
+    return recipe
+
+
+def extension(run_dir: Path, own, args) -> tuple[list[str], str | None]:
+    """The --set values of ``--extend N [--decay F]`` and the line saying what the learning rate will do.
+
+    The finished schedule keeps its own decay (``decay_steps`` pinned where it ended), so the N new
+    steps run at its final rate; with ``--decay F`` a run that ended at its peak rate (a constant
+    schedule) holds it, then cools down to ``min_lr`` over the last F of the N steps (WSD's 1-sqrt,
+    Hägele et al. 2024) instead.
+    """
+    if args.extend is None:
+        if args.decay is not None:
+            raise UsageError("--decay F goes with --extend N: it decays over the last F of the N new steps")
+        return [], None
+    if args.extend < 1:
+        raise UsageError(f"--extend must be at least 1 step, got {args.extend}")
+    t = own.train
+    end, steps = t.decay_steps or t.max_steps, t.max_steps + args.extend
+    sets = [f"train.max_steps={steps}", f"train.decay_steps={end}"]
+    final = lr_at(t.max_steps, load_recipe(run_dir, sets).train, registry_of(own))
+    if args.decay is None:
+        return sets, (f"extending {run_dir} by {args.extend} steps, to {steps}: the learning rate stays at "
+                      f"{final:.3g}, the final rate of its {t.schedule.kind} schedule (which ends at step {end})")
+    if not 0 < args.decay <= 1:
+        raise UsageError(f"--decay must be a fraction of the new steps in (0, 1], got {args.decay}")
+    if not math.isclose(final, t.lr):
+        raise UsageError(f"--decay: {run_dir} ends at a learning rate of {final:.3g}, already decayed from its peak "
+                         f"{t.lr:.3g}; --decay cools down from a run that ended at its peak (a constant schedule)")
+    # the cooldown reaches min_lr on the last step (decay_steps is 0-based): `cool` steps below the peak
+    cool = max(1, round(args.decay * args.extend))
+    fraction = cool / (steps - 1 - min(t.warmup_steps, t.max_steps))
+    sets = [f"train.max_steps={steps}", f"train.decay_steps={steps - 1}",
+            f'train.schedule={{kind = "wsd", decay_fraction = {fraction!r}}}']
+    return sets, (f"extending {run_dir} by {args.extend} steps, to {steps}: the learning rate stays at {final:.3g} "
+                  f"for {args.extend - cool} steps, then decays to {t.min_lr:.3g} over the last {cool} (wsd, 1-sqrt)")
 
 
 def train_exit_status(summary: dict) -> int:
-    """0 finished; 128 + the signal when stopped by one (130 SIGINT, 143 SIGTERM); 1 failed."""
+    """0 finished; 128 + the signal when stopped by one (130 SIGINT, 143 SIGTERM); 1 failed, or finished
+    with the final evaluation or sample failing (``end_errors``: the checkpoint and export are written)."""
     if summary["status"] == "finished":
-        return 0
+        return 1 if summary.get("end_errors") else 0
     if summary["status"] == "interrupted":
         return 128 + summary["signal"]
     return 1
@@ -318,7 +441,10 @@ def launch_ranks(args, recipe, resume: str | None = None) -> int:
     cmd = [sys.executable, "-m", "toolkit.launch", "--standalone", f"--nproc_per_node={args.nproc}",
            "--shutdown_timeout=300", "-m", "toolkit", "train", *([args.recipe] if args.recipe else []),
            "--run-dir", run_dir, *(["--resume", run_dir] if resume else []),
-           *(["--init-from", args.init_from] if args.init_from else [])]
+           *(["--init-from", args.init_from] if args.init_from else []),
+           *(["--extend", str(args.extend)] if args.extend is not None else []),
+           *(["--decay", str(args.decay)] if args.decay is not None else []),
+           *(["--reshape"] if args.reshape else []), *(["--no-verify"] if args.no_verify else [])]
     for s in args.set:
         cmd += ["--set", s]
     for p in args.plugin:
@@ -378,6 +504,7 @@ def render_train_summary(s: dict, prompt: str = "") -> str:
         f"  samples:  {run / 'samples.txt'}",
         f"  weights:  {run / 'model.safetensors'}",
         f"  generate: playattention generate {run}" + (f" --prompt {shlex.quote(prompt)}" if prompt else ""),
+        *(f"error: {one_line(e)}" for e in s.get("end_errors", [])),
     ]
     return "\n".join(lines)
 
@@ -392,6 +519,7 @@ def cmd_convert(args) -> int:
               f"  generate: playattention generate {s['run_dir']} --prompt 'The' --temperature 0\n"
               f"  train:    playattention train --init-from {s['run_dir']} --set model.block_size=256")
         return 0
+    check_export(args.source, args.no_verify)
     s = run_to_hf(args.source, args.out, model_type=args.arch)
     print(f"wrote {s['hf_class']} into {s['out']} ({', '.join(s['files'])}); "
           f"load it with transformers.AutoModelForCausalLM.from_pretrained({s['out']!r})")
@@ -399,6 +527,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    check_export(args.run, args.no_verify)
     if args.num_samples < 1:
         raise UsageError(f"--num-samples must be at least 1, got {args.num_samples}")
     model, tokenizer, recipe, _ = load_model(args.run, device=args.device or ("cuda" if _cuda() else "cpu"))
@@ -425,6 +554,7 @@ def cmd_generate(args) -> int:
 def cmd_eval(args) -> int:
     if args.batch_size is not None and args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_export(args.target, args.no_verify)
     results = evaluate_target(args.target, args.task, device=args.device or ("cuda" if _cuda() else "cpu"),
                               batch_size=args.batch_size)
     if args.json != "-":
@@ -491,6 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="recipe TOML file or run folder")
     p.add_argument("--world-size", type=int, default=1, metavar="N", help="number of GPUs (default 1)")
     add_recipe_options(p)
+    add_no_verify(p)
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("diff", help="key-by-key differences of two resolved recipes or run folders",
@@ -533,6 +664,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from", metavar="RUN_OR_HF_DIR",
                    help="start from the weights of a finished run or a Hugging Face folder (fine-tuning); the recipe "
                    "must describe the same model (default recipe: the folder's own, or one made for it)")
+    p.add_argument("--extend", type=int, metavar="N", help="with --resume: train N more steps than the run's "
+                   "max_steps, at the final learning rate of its schedule (the decay is not re-stretched)")
+    p.add_argument("--decay", type=float, metavar="F", help="with --extend N: hold the final rate, then decay to "
+                   "train.min_lr over the last F of the N steps (WSD; for a run that ended at its peak rate)")
+    p.add_argument("--reshape", action="store_true", help="with --resume: confirm --set changes to the learning-rate "
+                   "curve or the batch (lr, min_lr, warmup_steps, schedule, micro_batch, grad_accum, tokens_per_step)")
+    add_no_verify(p)
     p.add_argument("--nproc", type=int, default=1, metavar="N", help="launch N local ranks through torchrun")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_train)
@@ -549,6 +687,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "hf: RUN_DIR -> Hugging Face folder")
     p.add_argument("--arch", choices=list(ARCHITECTURES), help="with --to hf: the architecture to write "
                    "(default: the first that can express the model)")
+    add_no_verify(p)
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("generate", help="sample text from a run, a checkpoint or a Hugging Face folder, streamed")
@@ -564,6 +703,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=1, metavar="N",
                    help="samples per prompt (seeds seed, seed+1, ...)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default cuda if available)")
+    add_no_verify(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="run evaluators (hellaswag, perplexity, ...) on a run, a checkpoint or a HF folder",
@@ -580,6 +720,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE ('-': only JSON, to stdout)")
     p.add_argument("--batch-size", type=int, metavar="N", help="rows per forward (default the run's train.micro_batch)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default cuda if available)")
+    add_no_verify(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("attention", help="what each attention head attends to: heatmaps, a page to explore, statistics",
@@ -644,6 +785,8 @@ def add_plugin_commands(sub, registry: Registry) -> None:
         p.set_defaults(func=comp.factory(p))
 
 
+NAME_MAX = 255  # Linux and macOS
+
 #: the most problems printed for one command; the rest are counted ("... and N more")
 MAX_ERROR_LINES = 50
 
@@ -672,6 +815,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (UserError, FileNotFoundError) as exc:
         print_errors([str(exc)])
+        return 2
+    except OSError as exc:  # a path the OS refuses whole: a name too long; anything else is a bug to see
+        if exc.errno != errno.ENAMETOOLONG:
+            raise
+        name = os.fsdecode(exc.filename or "")
+        print_errors([f"{name[:60]}{'...' if len(name) > 60 else ''}: {exc.strerror} ({len(name):,} characters; "
+                      f"each name in a path may have {NAME_MAX} bytes at most)"])
+        return 2
+    except ValueError as exc:  # os functions on a path with a NUL byte
+        if "null byte" not in str(exc):
+            raise
+        print_errors([f"a path contains a NUL byte, which no file name can ({exc})"])
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -26,7 +26,7 @@ import attrs
 import torch
 from safetensors.torch import load_file
 
-from . import checkpoint
+from . import checkpoint, safeio
 from .errors import CheckpointError, ConfigError, HFFormatError, UsageError, one_line
 from .data import prepared_dir
 from .generate import RECIPE_FILE, TOKENIZER_FILE, load_run
@@ -76,16 +76,18 @@ def hf_tokenizer(folder: str | Path) -> Tokenizer | None:
 def _eos_id(folder: Path, tok: HFTokenizer) -> int | None:
     for name in (CONFIG, "generation_config.json"):
         try:
-            eos = json.loads((folder / name).read_text()).get("eos_token_id") if (folder / name).is_file() else None
-        except json.JSONDecodeError:
+            eos = safeio.read_json(folder / name).get("eos_token_id") if (folder / name).exists() else None
+        except (safeio.BadContent, AttributeError):
             eos = None
         if isinstance(eos, list):  # Llama 3 instruct lists several; the first ends a document
             eos = eos[0] if eos else None
         if isinstance(eos, int) and 0 <= eos < tok.vocab_size:
             return eos
+    if not (folder / "tokenizer_config.json").exists():
+        return None
     try:
-        config = json.loads((folder / "tokenizer_config.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        config = safeio.read_json(folder / "tokenizer_config.json")
+    except safeio.BadContent:
         return None
     eos = config.get("eos_token") if isinstance(config, dict) else None
     eos = eos.get("content") if isinstance(eos, dict) else eos
@@ -308,7 +310,12 @@ def init_weights(model: Transformer, source: str | Path, plugins: list[str] | No
         arch = architecture_of(hf, f"{path}/{CONFIG}")
         state = arch.state_dict_from_hf(read_state_dict(path), hf_model_config(path), str(path))
     else:
-        state = load_file(str(path / checkpoint.WEIGHTS))
+        try:
+            state = load_file(str(path / checkpoint.WEIGHTS))
+        except Exception as exc:  # noqa: BLE001 - safetensors' own error type: a truncated or garbled file
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise CheckpointError(f"--init-from {path / checkpoint.WEIGHTS}: cannot be loaded "
+                                  f"({type(exc).__name__}: {first})") from None
         if model.config.tie_embeddings and "transformer.wte.weight" in state:
             state["lm_head.weight"] = state["transformer.wte.weight"]  # written once (a tied head)
     try:

@@ -65,6 +65,7 @@ import torch
 
 import attrs
 
+from . import safeio
 from .errors import DataError, UnknownComponentError
 from .plugin_manager import default_registry
 from .registry import Registry
@@ -323,11 +324,10 @@ def _jsonl_text(raw: bytes, where: str, column: str = "text") -> str:
 
 
 def _read_text(path: Path) -> str:
-    raw = path.read_bytes()
     try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        return safeio.read_text(path, limit=None)  # a FIFO put there since it was listed: refused, not waited on
+    except safeio.BadContent as exc:
+        raise DataError(str(exc)) from None
 
 
 def _raw_documents(sources: list[Path], column: str) -> Iterator[tuple[Path, str, bytes | str | None, int]]:
@@ -525,8 +525,8 @@ def _write_json(path: Path, obj) -> None:
 
 def _read_json(path: Path):
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return safeio.read_json(path)  # a FIFO, /dev/zero, garbage or a deep nest: None, as a missing file
+    except (OSError, ValueError):
         return None
 
 
@@ -748,6 +748,7 @@ def prepare(data, *, registry: Registry | None = None, progress: bool = True, wo
             except (KeyError, TypeError):
                 why = "meta.json is incomplete"
             if why is None:
+                _refuse_empty(out, meta)
                 say(f"{out}: already prepared ({_summary(meta)})")
                 return out
         folder.refuse_strays()  # before anything is removed
@@ -773,8 +774,15 @@ def prepare(data, *, registry: Registry | None = None, progress: bool = True, wo
             workers = (os.cpu_count() or 1) if total > SMALL_INPUT_BYTES else 1
         t0 = time.time()
         meta = _prepare(data, registry, sources, inputs, folder, state, workers, shard_size, progress)
+        _refuse_empty(out, meta)
         say(f"{out}: {_summary(meta)} in {time.time() - t0:.1f}s")
     return out
+
+
+def _refuse_empty(out: Path, meta: dict) -> None:
+    """DataError if the inputs gave no training tokens: training on them would fail later, less clearly."""
+    if not meta["splits"]["train"]["tokens"]:
+        raise DataError(f"{out}: the inputs hold no text ({_summary(meta)}); nothing to train on")
 
 
 def _summary(meta: dict) -> str:

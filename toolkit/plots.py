@@ -9,14 +9,16 @@ import json
 import math
 from pathlib import Path
 
+from . import safeio
+
 
 def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
     """The ``train`` and ``eval`` lines of a metrics.jsonl file (a half-written last line is skipped)."""
     train, evals = [], []
-    for line in Path(path).read_bytes().decode("utf-8", errors="replace").splitlines():
+    for line in safeio.read_bytes(path).decode("utf-8", errors="replace").splitlines():
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # a damaged line: not JSON, nested deep, an integer too long
             continue
         if not isinstance(row, dict):  # a damaged line that happens to be JSON
             continue

@@ -29,6 +29,8 @@ from typing import Any, Sequence
 import attrs
 import numpy as np
 
+from . import safeio
+
 STATUS_ORDER = ("finished", "partial", "running", "pending", "interrupted", "failed")
 CONFIDENCE = 0.95
 MAX_SEEDS = 1000  # seeds_to_resolve looks no further: a gap that needs more is not one to chase with seeds
@@ -63,10 +65,14 @@ def read_evals(metrics_path: str | Path) -> tuple[tuple[int, float], ...]:
     if not path.is_file():
         return ()
     out = []
-    for line in path.read_text().splitlines():
+    try:
+        text = safeio.read_bytes(path).decode("utf-8", errors="replace")
+    except OSError:
+        return ()
+    for line in text.splitlines():
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             continue
         if isinstance(rec, dict) and rec.get("type") == "eval" and _is_number(rec.get("val_loss")):
             out.append((int(rec["tokens"]), float(rec["val_loss"])))
@@ -79,9 +85,10 @@ def read_run(variant: str, seed: int, run_dir: str | Path, status: str = "pendin
     run_dir = Path(run_dir)
     summary: dict = {}
     try:
-        summary = json.loads((run_dir / "summary.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        summary = safeio.read_json(run_dir / "summary.json")
+    except (OSError, ValueError):
         pass
+    summary = summary if isinstance(summary, dict) else {}
     if summary.get("status"):
         status = str(summary["status"])
     if status != "finished" and error is None and summary.get("error"):

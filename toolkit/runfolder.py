@@ -14,6 +14,8 @@
         model.safetensors  fp32 weights under GPT-2 names, with tokenizer.json and recipe.toml:
                            the run without DeepSpeed (:func:`toolkit.generate.load_run`)
         model.toml         the model table alone, for reading (never loaded: recipe.toml is authoritative)
+        export.json        the size and sha256 of model.safetensors, model.toml and tokenizer.json, checked
+                           by generate, eval, convert, inspect and --init-from (--no-verify skips it)
         summary.json       the result
 """
 from __future__ import annotations
@@ -33,7 +35,7 @@ from pathlib import Path
 import tomli_w
 import torch
 
-from . import checkpoint
+from . import checkpoint, safeio
 from .errors import CheckpointError
 from .plots import plot_losses, plot_summary
 from .recipe import Recipe, dump_recipe, recipe_to_dict
@@ -72,6 +74,35 @@ MODEL_TOML_HEADER = ("# The model of this run, for reading. Nothing loads this f
                      "# authoritative description (playattention generate rebuilds the model from it).\n")
 
 
+#: the files a run folder holds besides checkpoints/ (tensorboard/ and wandb/ are the trackers' own)
+RUN_FILES = ("recipe.toml", "ds_config.json", "versions.json", "metrics.jsonl", "metrics.csv", "losses.png",
+             "summary.png", "samples.txt", "resume.log", checkpoint.WEIGHTS, "model.toml", checkpoint.EXPORT_RECORD,
+             "summary.json", "tokenizer.json")
+
+
+def files_problem(run_dir: str | Path) -> str | None:
+    """The first file of the run folder that is not a regular file inside it, in one line, or None
+    (a FIFO would block a read or a write for ever, a folder or a dangling symlink fail mid-run)."""
+    for name in RUN_FILES:
+        if why := safeio.problem(Path(run_dir) / name, inside=run_dir):
+            return f"{why}; a run folder's {name} must be a regular file: move it away to go on"
+    return None
+
+
+def summary_damage(path: Path) -> str | None:
+    """One line if a resumed run's summary.json is damaged (it is written again when the session ends), else None."""
+    if not path.exists():
+        return None
+    try:
+        summary = safeio.read_json(path, inside=path.parent)
+        if isinstance(summary, dict):
+            return None
+        why = "not a JSON object"
+    except (OSError, ValueError) as exc:
+        why = str(exc).removeprefix(f"{path}: ")
+    return f"{path.name} is damaged ({why}): lost the previous session's summary, written again when this one ends"
+
+
 class RunFolder:
     """The files of one run. Only rank 0 makes one (other ranks hold ``None``)."""
 
@@ -100,12 +131,14 @@ class RunFolder:
         in resume.log and metrics.jsonl. ``notes``: more to say (checkpoints skipped as incomplete)."""
         _, damaged = checkpoint.repair_metrics(self.metrics_path, step)
         checkpoint.trim_samples(self.path / "samples.txt", step)
+        damaged = [d for d in (damaged, summary_damage(self.path / "summary.json"),
+                               checkpoint.samples_damage(self.path / "samples.txt")) if d]
         ranks = f"{world_size} rank(s)"
         if saved_world_size != world_size:
             ranks += f" (it was saved by {saved_world_size}: new optimizer partitions, data position kept)"
         lines = [f"{time.strftime('%Y-%m-%d %H:%M:%S')} resumed at step {step} from {found} on {ranks}",
                  *(f"  changed {c}" for c in changes), *(f"  {n}" for n in notes),
-                 *([f"  {damaged}"] if damaged else [])]
+                 *(f"  {d}" for d in damaged)]
         with open(self.path / "resume.log", "a", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")
         self.write_metrics({"type": "resume", "step": step, "checkpoint": found.name, "world_size": world_size,
@@ -144,6 +177,7 @@ class RunFolder:
         d = recipe_to_dict(recipe)
         checkpoint.write_atomically(self.path / "model.toml", MODEL_TOML_HEADER + tomli_w.dumps(
             {"plugins": d.get("plugins", []), "model": d["model"]}))
+        checkpoint.write_export_record(self.path)  # last: generate, eval, convert check the files against it
         return path
 
     def write_summary(self, summary: dict) -> None:

@@ -25,6 +25,7 @@ from typing import ClassVar
 import attrs
 import numpy as np
 
+from . import safeio
 from .errors import UnknownComponentError
 from .registry import NoOptions
 
@@ -288,9 +289,11 @@ def read_hf_tokenizer(path: str | Path) -> dict | None:
     path = Path(path)
     if path.is_file():
         return _read_json_file(path)
-    if (path / "tokenizer.json").is_file():
+    if (path / "tokenizer.json").exists() or (path / "tokenizer.json").is_symlink():  # a FIFO too: refused by name
         return _read_json_file(path / "tokenizer.json")
     if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+        for name in ("vocab.json", "merges.txt"):  # read by the tokenizers library: regular files only
+            safeio.open_regular(path / name).close()
         try:
             from tokenizers import ByteLevelBPETokenizer
         except ImportError:
@@ -308,28 +311,25 @@ def is_gpt2_bpe(folder: str | Path) -> bool:
     if not (vocab.is_file() and merges.is_file()):
         return False
     try:
-        same_vocab = json.loads(vocab.read_text(encoding="utf-8")) == json.loads(
+        same_vocab = safeio.read_json(vocab, limit=None) == json.loads(
             (ASSETS / "gpt2" / "encoder.json").read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
+        theirs = safeio.read_text(merges, limit=None).split("\n")
+    except safeio.BadContent:
         return False
     ours = (ASSETS / "gpt2" / "vocab.bpe").read_text(encoding="utf-8").split("\n")
-    theirs = merges.read_text(encoding="utf-8").split("\n")
     return same_vocab and [ln for ln in theirs if ln.strip()] == [ln for ln in ours if ln.strip()]
 
 
 def _read_json_file(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    return safeio.read_json(path, limit=None)  # a tokenizer has no natural bound (Gemma's is 33 MB)
 
 
 def _eos_beside(folder: Path) -> str:
     """The eos_token of a folder's tokenizer_config.json (save_pretrained's layout), or ""."""
     config = folder / "tokenizer_config.json"
     try:
-        eos = json.loads(config.read_text(encoding="utf-8")).get("eos_token") if config.is_file() else None
-    except (json.JSONDecodeError, AttributeError):
+        eos = safeio.read_json(config).get("eos_token") if config.exists() else None
+    except (safeio.BadContent, AttributeError):
         return ""
     if isinstance(eos, dict):  # an AddedToken written out
         eos = eos.get("content")
@@ -397,10 +397,10 @@ def load_tokenizer(path: str | Path, registry) -> Tokenizer:
     path = Path(path)
     if path.is_dir():
         path = path / "tokenizer.json"
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise FileNotFoundError(f"{path}: no such tokenizer file")
+    d = safeio.read_json(path, limit=None)
     try:
-        d = json.loads(path.read_text(encoding="utf-8"))
         return tokenizer_from_dict(d, registry)
-    except (json.JSONDecodeError, ValueError) as exc:
+    except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None

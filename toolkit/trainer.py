@@ -35,14 +35,14 @@ from .checkpointer import Checkpointer
 from .engine import (batch_plan, build_engine, deepspeed_config, device, engine_step, full_fp32_state_dict,
                      init_distributed, peak_flops, schedule)
 from .convert import check_init, init_weights
-from .errors import CheckpointError, ConfigError, UsageError
+from .errors import CheckpointError, ConfigError, UsageError, UserError
 from .evaluate import EvalContext, LossEvaluator, build_evaluators, run_evaluators
 from .generate import check_generate_config, sample
 from .model import Transformer
 from .plugin_manager import is_path_spec
 from .progress import Progress
 from .recipe import Recipe, registry_of
-from .runfolder import RunFolder, locked_by_launcher, lock_folder, new_run_dir
+from .runfolder import RunFolder, files_problem, locked_by_launcher, lock_folder, new_run_dir
 from .signals import StopSignals
 from .trackers import Trackers
 from .tokenizer import load_tokenizer
@@ -105,6 +105,7 @@ class Trainer:
         self.recent_aux: collections.deque = collections.deque(maxlen=AUX_WINDOW)  # the last steps' aux losses
         self.component_metrics: dict = {}  # the components' metrics, as last logged
         self.locked, self.run_lock = False, None  # the run folder's writer lock (rank 0 holds it)
+        self.end_errors: list[str] = []  # what failed after the last step was saved and exported
 
     # -- the loop --------------------------------------------------------------------------
     def fit(self) -> None:
@@ -121,19 +122,34 @@ class Trainer:
             self.tokens += self.plan.tokens_per_step
             self.log(loss, lr, grad_norm, aux, time.perf_counter() - t0)
             last = self.step == cfg.max_steps
-            if self.step % cfg.eval_interval == 0 or last:
+            if self.step % cfg.eval_interval == 0 and not last:
                 self.evaluate()
-                self.keep_if_best(last)
+                self.keep_if_best()
             if cfg.sample_interval and self.step % cfg.sample_interval == 0 and not last:
                 self.sample()
             if cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0 and not last:
                 self.save_checkpoint()
             if not last and self.signals.stop_requested():  # SIGINT/SIGTERM on any rank: every rank stops here
                 self.stop()
-        if self.saved_step != self.step:  # else a resume of a run stopped in its last moments: sampled and saved
-            self.sample()
+        # the end: nothing after the last optimizer step may lose it, so the final checkpoint and the
+        # export come before the sample, and a failing evaluation or sample is one line of a finished run
+        if self.saved_step != self.step:  # else a resume of a run stopped in its last moments: evaluated and saved
+            self.after_last_step("the final evaluation", self.evaluate)
             self.save_checkpoint()
-        self.export()
+            self.export()
+            self.after_last_step("the final sample", self.sample)
+        else:
+            self.export()
+
+    def after_last_step(self, what: str, work) -> None:
+        """Run ``work``; an exception is kept as one line of the summary (``end_errors``), not a failed run."""
+        try:
+            work()
+        except Exception as exc:  # noqa: BLE001 - a plugin evaluator, the sampler, a plot: the run is trained
+            first = (str(exc).strip().splitlines() or [""])[0]
+            self.end_errors.append(f"{what} failed after step {self.step} ({type(exc).__name__}: {first}); "
+                                   f"the run is finished and usable: its checkpoint and {checkpoint.WEIGHTS} "
+                                   f"are written")
 
     def run(self) -> dict:
         """Set up, fit, and write the summary; returns the summary. The run folder stays locked until then."""
@@ -151,7 +167,7 @@ class Trainer:
                 self.fit()
         except Interrupted as exc:
             status, error = "interrupted", str(exc)
-        except (Diverged, CheckpointError) as exc:  # said in one line; a traceback adds nothing
+        except (Diverged, UserError) as exc:  # a checkpoint, a refused file: one line; a traceback adds nothing
             status, error = "failed", str(exc)
         except (OSError, RuntimeError) as exc:  # a full disk (torch.save and safetensors say it as RuntimeError)
             status, error = "failed", self.disk_error(exc)
@@ -250,7 +266,8 @@ class Trainer:
         """Rank 0 picks the folder (the others may start a second later) and tells every rank."""
         chosen = [str(self.run_dir or new_run_dir(self.recipe)) if self.is_main else None, None]
         if self.is_main:
-            chosen[1] = checkpoint.unwritable(chosen[0])  # creates it; None, or why it cannot be written
+            # creates it; None, or why it cannot be written or a file of it (a FIFO, a folder) cannot be used
+            chosen[1] = checkpoint.unwritable(chosen[0]) or files_problem(chosen[0])
         dist.broadcast_object_list(chosen, src=0)
         if chosen[1]:
             raise CheckpointError(chosen[1])
@@ -397,9 +414,10 @@ class Trainer:
         return self.checkpointer.save(self.engine, progress, self.train_loader.state_dict(), self.tokenizer,
                                       keep=self.cfg.keep_checkpoints, keep_best=self.cfg.keep_best)
 
-    def keep_if_best(self, last: bool) -> None:
-        """With train.keep_best, a checkpoint of every evaluation that lowers the best val loss (pruning keeps it)."""
-        if self.cfg.keep_best and not last and self.last_eval.get("val_loss") == self.best_val_loss:
+    def keep_if_best(self) -> None:
+        """With train.keep_best, a checkpoint of every evaluation before the last step that lowers the best
+        val loss (pruning keeps it; the last step's is the final checkpoint)."""
+        if self.cfg.keep_best and self.last_eval.get("val_loss") == self.best_val_loss:
             self.save_checkpoint()
 
     def load_checkpoint(self) -> None:
@@ -449,6 +467,8 @@ class Trainer:
             "signal": self.signals.received if status == "interrupted" else None,  # SIGINT 2, SIGTERM 15
             "checkpoint": str(self.checkpointer.latest() or "") or None,  # the one to resume
         }
+        if self.end_errors:
+            summary["end_errors"] = self.end_errors
         if self.init_from is not None:
             summary["init_from"] = str(Path(self.init_from).resolve())
         if self.cfg.keep_best:  # the checkpoint RUN@best loads

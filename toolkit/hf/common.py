@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .. import safeio
 from ..errors import HFFormatError
 from ..model import Transformer
 from ..registry import Registry
@@ -38,12 +39,12 @@ def checkpoint_dir(path: str | Path) -> Path:
 def read_config(path: str | Path) -> dict:
     """The parsed ``config.json`` of a checkpoint folder."""
     file = checkpoint_dir(path) / CONFIG
-    if not file.is_file():
+    if not file.exists() and not file.is_symlink():
         raise FileNotFoundError(f"{file}: no such file (a Hugging Face checkpoint folder needs {CONFIG})")
     try:
-        data = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise HFFormatError(f"{file}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        data = safeio.read_json(file)  # a FIFO, /dev/zero, not UTF-8, nested deep: one line
+    except (safeio.UnsafeFile, safeio.BadContent) as exc:
+        raise HFFormatError(str(exc)) from None
     if not isinstance(data, dict):
         raise HFFormatError(f"{file}: expected a JSON object, got {type(data).__name__}")
     return data
@@ -53,11 +54,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint folder, by their Hugging Face names, on the CPU."""
     folder = checkpoint_dir(path)
     if (folder / SAFETENSORS).is_file():
-        return load_file(folder / SAFETENSORS)
+        return _safetensors_load(folder / SAFETENSORS)
     if (folder / SAFETENSORS_INDEX).is_file():
         out: dict[str, torch.Tensor] = {}
         for shard in _shards(folder / SAFETENSORS_INDEX):
-            out.update(load_file(shard))
+            out.update(_safetensors_load(shard))
         return out
     if (folder / TORCH_BIN).is_file():
         return _torch_load(folder / TORCH_BIN)
@@ -73,17 +74,29 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 def _shards(index_file: Path) -> list[Path]:
     try:
-        weight_map = json.loads(index_file.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError):
+        weight_map = safeio.read_json(index_file)["weight_map"]
+        names = list(dict.fromkeys(weight_map.values()))
+    except (safeio.UnsafeFile, safeio.BadContent, KeyError, TypeError, AttributeError):
         raise HFFormatError(f"{index_file}: not a weight index (expected a JSON object with a 'weight_map')") from None
-    shards = [index_file.parent / name for name in dict.fromkeys(weight_map.values())]
+    shards = [index_file.parent / name for name in names if isinstance(name, str)]
     for shard in shards:
         if not shard.is_file():
             raise FileNotFoundError(f"{shard}: no such file (named by {index_file.name})")
+        safeio.open_regular(shard).close()
     return shards
 
 
+def _safetensors_load(file: Path) -> dict[str, torch.Tensor]:
+    safeio.open_regular(file).close()  # a FIFO or /dev/zero behind a symlink: refused by name
+    try:
+        return load_file(file)
+    except Exception as exc:  # noqa: BLE001 - safetensors' own error type: a truncated or garbled file
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise HFFormatError(f"{file}: cannot load weights ({type(exc).__name__}: {first})") from None
+
+
 def _torch_load(file: Path) -> dict[str, torch.Tensor]:
+    safeio.open_regular(file).close()
     try:
         sd = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - a corrupt or code-carrying pickle; say which file
