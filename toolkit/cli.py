@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 import attrs
+import tomli_w
 
 from . import families
 from .ablate import run_ablation
@@ -31,8 +32,9 @@ from .generate import encode_prompt, load_run, resolve_run_dir, stream_samples
 from .hf import ARCHITECTURES
 from .inspection import inspect_recipe
 from .launch import LAUNCHER_PID, PARENT_PID, die_with_parent
-from .plugin_manager import PluginManager, default_registry, forget_loaded
-from .recipe import DataConfig, diff_recipes, dump_recipe, load_recipe, recipe_warnings, registry_of
+from .plugin_manager import PluginManager, default_registry, forget_loaded, trust
+from .recipe import (DataConfig, diff_data, dump_recipe, load_for_reading, load_recipe, recipe_warnings,
+                     registry_of)
 from .registry import Registry
 from .runfolder import default_run_dir
 from .trainer import train
@@ -124,12 +126,22 @@ def add_recipe_options(p: argparse.ArgumentParser) -> None:
                    "(e.g. --set train.lr=3e-4 --set model.attention.kind=gqa); repeatable")
     p.add_argument("--plugin", action="append", default=[], metavar="FILE",
                    help="also load this plugin file or module; repeatable")
+    add_trust_option(p)
+
+
+def add_trust_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-plugins", action="store_true",
+                   help="run plugin files that a recipe or run folder names from outside the current project "
+                   "(they are code; see docs/recipes.md)")
 
 
 def cmd_recipe_show(args) -> int:
-    recipe = load_recipe(args.recipe, args.set, args.plugin)
-    print_warnings(recipe, args.recipe)
-    print(dump_recipe(recipe), end="")
+    recipe, data, held = load_for_reading(args.recipe, args.set, args.plugin)
+    for line in held:
+        print(f"warning: {args.recipe}: {one_line(line)}", file=sys.stderr)
+    if recipe is not None:
+        print_warnings(recipe, args.recipe)
+    print(tomli_w.dumps(data), end="")
     return 0
 
 
@@ -148,9 +160,10 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_diff(args) -> int:
-    a = load_recipe(args.a, args.set, args.plugin)
-    b = load_recipe(args.b, args.set, args.plugin)
-    lines = diff_recipes(a, b)
+    (_, a, held_a), (_, b, held_b) = (load_for_reading(r, args.set, args.plugin) for r in (args.a, args.b))
+    for path, line in [*((args.a, ln) for ln in held_a), *((args.b, ln) for ln in held_b)]:
+        print(f"warning: {path}: {one_line(line)}", file=sys.stderr)
+    lines = diff_data(a, b)
     if lines:
         print("\n".join(lines))
     return 1 if lines else 0
@@ -233,6 +246,8 @@ def launch_ranks(args, recipe, resume: str | None = None) -> int:
         cmd += ["--set", s]
     for p in args.plugin:
         cmd += ["--plugin", p]
+    if args.trust_plugins:
+        cmd.append("--trust-plugins")
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
     env[PARENT_PID] = str(os.getpid())  # torchrun (toolkit.launch) dies with this process, the ranks with it
@@ -412,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "hf: RUN_DIR -> Hugging Face folder")
     p.add_argument("--arch", choices=list(ARCHITECTURES), help="with --to hf: the architecture to write "
                    "(default: the first that can express the model)")
+    add_trust_option(p)
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("generate", help="sample text from a finished run, streamed as it is produced")
@@ -425,6 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=1, metavar="N",
                    help="samples per prompt (seeds seed, seed+1, ...)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default cuda if available)")
+    add_trust_option(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="run evaluators (hellaswag, perplexity, ...) on a finished run or a GPT-2 folder",
@@ -439,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE ('-': only JSON, to stdout)")
     p.add_argument("--batch-size", type=int, metavar="N", help="rows per forward (default the run's train.micro_batch)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default cuda if available)")
+    add_trust_option(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("ablate", help="train a grid of component swaps and write a comparison report",
@@ -452,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run N variants side by side (one GPU each, or the CPU cores divided between them)")
     p.add_argument("--out", metavar="DIR", help="the ablation folder (default ablations-out/<name>/)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-run lines")
+    add_trust_option(p)
     p.set_defaults(func=cmd_ablate)
     return parser
 
@@ -490,6 +509,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         add_plugin_commands(parser._subparsers._group_actions[0], default_registry())
         args = parser.parse_args(argv)
+        # plugin files run only with consent: those the user names on this command line, or all with --trust-plugins
+        trust(everything=getattr(args, "trust_plugins", False), files=getattr(args, "plugin", None) or ())
         return int(args.func(args) or 0)
     except ConfigError as exc:
         print_errors(exc.lines)
