@@ -30,7 +30,8 @@ from .errors import ConfigError, UsageError, UserError, one_line
 from .evaluate import evaluate_target, render_results, write_results
 from .generate import encode_prompt, load_run, resolve_run_dir, stream_samples
 from .hf import ARCHITECTURES
-from .inspection import inspect_recipe
+from .engine import deepspeed_config
+from .inspection import check_fits, inspect_recipe
 from .launch import LAUNCHER_PID, PARENT_PID, die_with_parent
 from .plugin_manager import PluginManager, default_registry, forget_loaded, trust
 from .recipe import (DataConfig, diff_data, dump_recipe, load_for_reading, load_recipe, recipe_warnings,
@@ -177,6 +178,9 @@ def cmd_train(args) -> int:
     if args.out:  # the folder the run folder goes in: train.out_dir, as ablate's --out
         args.set = [*args.set, f"train.out_dir={json.dumps(args.out)}"]
     recipe, resume = train_target(args)
+    if "WORLD_SIZE" not in os.environ:  # before any rank starts: the DeepSpeed config, and that the model fits
+        deepspeed_config(recipe, args.nproc)
+        check_fits(recipe, args.nproc)
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return launch_ranks(args, recipe, resume)
     print_warnings(recipe, args.recipe or resume)
