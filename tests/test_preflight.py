@@ -94,3 +94,10 @@ def test_a_degenerate_model_is_one_line(tmp_path, capsys, body, said):
     code = cli.main(["recipe", "show", recipe(tmp_path, body)])
     err = capsys.readouterr().err.splitlines()
     assert code == 2 and len(err) == 1 and said in err[0], err
+
+
+@pytest.mark.parametrize("value", ["1e-308", "1e-40", "-1.0"])
+def test_a_temperature_whose_logits_overflow_is_refused_in_the_recipe(tmp_path, capsys, value):
+    code = cli.main(["recipe", "show", recipe(tmp_path, f"[generate]\ntemperature = {value}\n")])
+    err = capsys.readouterr().err.splitlines()
+    assert code == 2 and len(err) == 1 and "$.generate.temperature: must be 0 (greedy) or at least 0.0001" in err[0]

@@ -145,13 +145,25 @@ class DeepSpeedConfig:
     config: dict[str, Any] = attrs.Factory(dict)
 
 
+#: the lowest temperature above 0 (greedy). Sampling divides the fp32 logits by it: at 1e-4 logits
+#: up to 3e34 stay finite (1e-308 or 1e-40 turn any logit into inf, and the softmax into NaN), and two
+#: logits 0.01 apart already differ e^100-fold in probability, so a lower one could only be greedy
+MIN_TEMPERATURE = 1e-4
+
+
+def _temperature(_, attribute, value):
+    if not (value == 0 or value >= MIN_TEMPERATURE):
+        raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE} (logits / temperature must stay "
+                         f"finite in fp32), got {value!r}")
+
+
 @attrs.frozen
 class GenerateConfig:
     """Sampling for periodic and final samples (and the default of `playattention generate`)."""
 
     prompts: list[str] = attrs.Factory(lambda: ["\n"])
     max_new_tokens: int = attrs.field(default=500, validator=v.gt(0))
-    temperature: float = attrs.field(default=0.8, validator=v.ge(0.0))
+    temperature: float = attrs.field(default=0.8, validator=_temperature)
     # 0 disables top-k (TOML has no null to unset it)
     top_k: int | None = attrs.field(default=200, validator=v.optional(v.ge(0)))
     top_p: float | None = attrs.field(default=None, validator=v.optional([v.gt(0.0), v.le(1.0)]))
