@@ -121,3 +121,22 @@ def test_a_plugin_file_named_by_plugin_on_the_command_line_is_consented(tmp_path
     monkeypatch.chdir(tmp_path / "project")
     assert cli.main(["recipe", "show", str(TINY), "--plugin", str(tmp_path / "mine.py")]) == 0
     assert marker.exists()
+
+
+@pytest.mark.slow
+def test_resuming_a_run_whose_plugin_lies_elsewhere_needs_trust_plugins(tmp_path, capsys, monkeypatch):
+    mine, marker = tmp_path / "mine", tmp_path / "MARKER"
+    mine.mkdir()
+    (mine / "plug.py").write_text(evil_source(marker))
+    (mine / "r.toml").write_text(f'extends = "{TINY}"\nplugins = ["plug.py"]\n')
+    monkeypatch.chdir(mine)  # trained in its own project: the plugin runs
+    assert cli.main(["train", "r.toml", "--run-dir", str(tmp_path / "run"), "--set", "train.max_steps=2"]) == 0
+    marker.unlink()
+    (tmp_path / "other").mkdir()
+    monkeypatch.chdir(tmp_path / "other")  # resumed from elsewhere: the run folder's plugin is not this project's
+    capsys.readouterr()
+    resume = ["train", "--resume", str(tmp_path / "run"), "--set", "train.max_steps=3"]
+    assert cli.main(resume) == 2 and not marker.exists()
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and str(mine / "plug.py") in err[0] and "--trust-plugins" in err[0], err
+    assert cli.main([*resume, "--trust-plugins"]) == 0  # (imported once per process: no new marker here)
