@@ -27,11 +27,17 @@ def _optional_positive(_, attribute, value):
         raise ValueError(f"must be > 0, got {value!r}")
 
 
+def _optional_even(_, attribute, value):
+    # RoPE rotates pairs of dimensions: an odd rotary part would leave one dimension unrotated (or fail)
+    if value is not None and value % 2:
+        raise ValueError(f"must be even (RoPE rotates pairs of dimensions), got {value!r}")
+
+
 @attrs.frozen
 class MLAOptions:
     kv_rank: int | None = attrs.field(default=None, validator=_optional_positive)  # default n_embd / 4
     q_rank: int | None = attrs.field(default=None, validator=_optional_positive)  # None: queries straight from x
-    rope_dim: int | None = attrs.field(default=None, validator=_optional_positive)  # default head_dim / 2
+    rope_dim: int | None = attrs.field(default=None, validator=[_optional_positive, _optional_even])  # default head_dim / 2
     nope_dim: int | None = attrs.field(default=None, validator=_optional_positive)  # default head_dim
     v_dim: int | None = attrs.field(default=None, validator=_optional_positive)  # default head_dim
     latent_norm: str = "rmsnorm"  # a registered norm over the latents (DeepSeek-V2: RMSNorm)

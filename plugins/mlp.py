@@ -9,7 +9,16 @@ from attrs import validators as v
 from torch import nn
 
 from toolkit.contracts import Dims
+from toolkit.errors import ConfigError
 from toolkit.hookspecs import hookimpl
+
+
+def check_hidden(hidden: int, opts, n_embd: int) -> int:
+    """``hidden``, or ConfigError when a tiny multiplier leaves no hidden layer at all."""
+    if hidden < 1:
+        raise ConfigError([f"model.mlp.multiplier: {opts.multiplier!r} * n_embd {n_embd} leaves a hidden layer "
+                           f"{hidden} wide; it must be at least 1 (or give hidden_dim)"])
+    return hidden
 
 
 @attrs.frozen
@@ -33,7 +42,7 @@ class MLP(nn.Module):
 
     def __init__(self, opts: MLPOptions, dims: Dims):
         super().__init__()
-        hidden = opts.hidden_dim or int(opts.multiplier * dims.n_embd)
+        hidden = opts.hidden_dim or check_hidden(int(opts.multiplier * dims.n_embd), opts, dims.n_embd)
         self.c_fc = nn.Linear(dims.n_embd, hidden, bias=dims.bias)
         self.c_proj = nn.Linear(hidden, dims.n_embd, bias=dims.bias)
         self.dropout = nn.Dropout(dims.dropout)
@@ -87,7 +96,7 @@ def gated_hidden_dim(opts: GatedOptions, n_embd: int) -> int:
     if opts.hidden_dim is not None:
         return opts.hidden_dim
     width = round(opts.multiplier * n_embd, 6)  # 1.1 * 100 is 110.00000000000001 in floating point
-    return opts.multiple_of * math.ceil(width / opts.multiple_of)
+    return check_hidden(opts.multiple_of * math.ceil(width / opts.multiple_of), opts, n_embd)
 
 
 class GatedMLP(nn.Module):

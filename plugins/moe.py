@@ -24,9 +24,15 @@ from toolkit.families import SPEC_TYPES
 from toolkit.hookspecs import hookimpl
 
 
+#: the most experts of one MoE layer (DeepSeek-V3 has 256 routed experts; 100k would take minutes to
+#: build, even on the meta device recipe validation uses)
+MAX_EXPERTS = 512
+
+
 @attrs.frozen
 class MoEOptions:
-    experts: int = attrs.field(default=8, validator=v.ge(2))  # experts per layer
+    # experts per layer, at most MAX_EXPERTS: each expert is its own module, built and looped over one by one
+    experts: int = attrs.field(default=8, validator=[v.ge(2), v.le(MAX_EXPERTS)])
     top_k: int = attrs.field(default=2, validator=v.ge(1))  # experts the router picks per token
     # each expert: a registered MLP, kind and options (GPT-2's by default: give multiplier = 2.0 to make
     # top-2 routing cost what one dense MLP does)

@@ -260,7 +260,8 @@ def test_a_run_without_a_complete_checkpoint_starts_over_instead_of_resuming(tmp
 
 @pytest.mark.slow
 def test_a_tiny_grid_runs_end_to_end_records_a_failure_and_skips_finished_runs_on_rerun(tiny, tmp_path, capsys,
-):
+                                                                                         monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the plugin file is the project's: it runs without --trust-plugins
     plugin = tmp_path / "boom.py"
     plugin.write_text(BOOM_PLUGIN)
     path = tiny(f"""\
@@ -298,7 +299,8 @@ def test_a_tiny_grid_runs_end_to_end_records_a_failure_and_skips_finished_runs_o
     assert "FAILED boom-s1337: FloatingPointError: boom: this MLP cannot run" in captured.out
 
 
-def test_a_kind_from_one_variants_plugin_does_not_validate_another_variant(tiny, tmp_path, capsys):
+def test_a_kind_from_one_variants_plugin_does_not_validate_another_variant(tiny, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the plugin file is the project's: it runs without --trust-plugins
     plugin = tmp_path / "boom.py"
     plugin.write_text(BOOM_PLUGIN)
     path = tiny(f"""\
@@ -331,7 +333,8 @@ def test_shipped_ablations_resolve(capsys):
         assert all(r.recipe.train.max_steps <= 1000 for r in resolved)
 
 
-def test_a_component_that_cannot_be_built_is_reported_before_anything_runs(tiny, tmp_path, capsys):
+def test_a_component_that_cannot_be_built_is_reported_before_anything_runs(tiny, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the plugin file is the project's: it runs without --trust-plugins
     plugin = tmp_path / "picky.py"
     plugin.write_text(textwrap.dedent('''\
         from torch import nn
@@ -364,7 +367,7 @@ def test_a_component_that_cannot_be_built_is_reported_before_anything_runs(tiny,
         """)
     lines = errors_of(path, capsys)
     # recipe validation builds each component (on the meta device) and names the plugin
-    assert lines == [f"{path}: variant 'picky': {tmp_path / 'base.toml'}: $.model.norm: norm 'picky' (from {plugin}) "
+    assert lines == [f"{path}: variant 'picky': {tmp_path / 'base.toml'}: $.model.norm: norm 'picky' (from picky.py) "
                      f"failed to build: ValueError: width 16 is not divisible by 3"]
 
 
@@ -470,9 +473,10 @@ def _plugin_base_ablation(tmp_path, tiny_recipe, steps=6):
     return path
 
 
-def test_variants_of_a_plugin_files_options_class_resolve_in_one_process(tmp_path, tiny_recipe, capsys):
+def test_variants_of_a_plugin_files_options_class_resolve_in_one_process(tmp_path, tiny_recipe, capsys, monkeypatch):
     """Regression: with 3+ variants the plugin file was imported again and the options of one import
     were refused by the other ("options must be DiffOptions, got DiffOptions")."""
+    monkeypatch.chdir(tmp_path)  # the plugin file is the project's: it runs without --trust-plugins
     path = _plugin_base_ablation(tmp_path, tiny_recipe)
     assert main(["ablate", str(path), "--dry-run"]) == 0, capsys.readouterr().err
     ab, resolved = ablation.load_ablation(path)

@@ -64,10 +64,10 @@ def test_offload_below_stage_2_is_refused():
 
 
 def test_raw_deepspeed_table_is_merged_last_and_deeply():
-    extra = {"zero_optimization": {"reduce_bucket_size": 1000}, "gradient_clipping": 2.0, "new_key": [1]}
+    extra = {"zero_optimization": {"reduce_bucket_size": 1000}, "gradient_clipping": 2.0, "memory_breakdown": True}
     cfg = deepspeed_config(recipe(ds=DeepSpeedConfig(zero_stage=1, config=extra)))
     assert cfg["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 1000}
-    assert cfg["gradient_clipping"] == 2.0 and cfg["new_key"] == [1]
+    assert cfg["gradient_clipping"] == 2.0 and cfg["memory_breakdown"] is True
 
 
 def test_deep_merge_leaves_its_inputs_alone():

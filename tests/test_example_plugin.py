@@ -108,7 +108,8 @@ def builtins_only(monkeypatch):
     plugin_manager.forget_loaded()
 
 
-def test_the_same_module_loads_as_a_plugin_file_named_by_a_recipe(tmp_path, builtins_only):
+def test_the_same_module_loads_as_a_plugin_file_named_by_a_recipe(tmp_path, builtins_only, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a plugin file of the current project: it runs without asking
     from toolkit.model import Transformer
     from toolkit.recipe import load_recipe
 
@@ -138,7 +139,8 @@ def _code_blocks(lang: str) -> list[str]:
     return [block.split("\n", 1)[1] for block in text.split("```")[1::2] if block.startswith(lang + "\n")]
 
 
-def test_contributing_walkthrough_plugin_loads_from_its_recipe_and_conforms(tmp_path, builtins_only):
+def test_contributing_walkthrough_plugin_loads_from_its_recipe_and_conforms(tmp_path, builtins_only, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a plugin file of the current project: it runs without asking
     from toolkit.recipe import load_recipe
 
     plugin = next(b for b in _code_blocks("python") if "def register_components" in b)

@@ -236,7 +236,7 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkp
                                     "plugins": [str(tmp_path / "blowup.py")],
                                     "model.norm": {"kind": "blowup", "after": 5}}, name="faults")
     run = tmp_path / "run"
-    assert main(["train", str(recipe), "--run-dir", str(run)]) == 1
+    assert main(["train", str(recipe), "--run-dir", str(run), "--trust-plugins"]) == 1  # the test's own plugin
     err = capsys.readouterr().err
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["steps"] == 5
@@ -347,3 +347,22 @@ def test_sigterm_under_nproc_2_is_the_toolkits_own_lines_without_torchruns_trace
     out = log.read_text()
     assert "Traceback" not in out and "SignalException" not in out and "death signal" not in out, out[-3000:]
     assert "rank 0: SIGTERM: finishing this step" in out and "interrupted: SIGTERM at step " in out
+
+
+@pytest.mark.slow
+def test_kill_9_of_one_rank_is_one_line_naming_it_and_how_to_resume(tmp_path, tiny_recipe):
+    import psutil
+
+    recipe = tiny_recipe(tmp_path, {**LONG, "train.checkpoint_interval": 100000}, name="faults")
+    run = tmp_path / "run"
+    proc, log = start(recipe, run, "--nproc", "2")
+    wait_until(lambda: last_step(run) >= 2, proc, log)
+    ranks = {p.environ().get("RANK"): p for p in psutil.Process(proc.pid).children(recursive=True)
+             if "toolkit" in " ".join(p.cmdline()) and p.environ().get("RANK")}
+    ranks["1"].send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=180) != 0
+    out = log.read_text()
+    assert "Traceback" not in out, out[-3000:]
+    said = [ln for ln in out.splitlines() if ln.startswith("error: rank 1 ")]
+    assert said == [f"error: rank 1 (pid {ranks['1'].pid}) was killed by SIGKILL; the other ranks were stopped. "
+                    f"Resume it from its newest checkpoint: playattention train --resume {run} --nproc N"], out[-3000:]

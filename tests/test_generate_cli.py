@@ -68,6 +68,9 @@ def test_bad_sampling_options_are_one_line_and_exit_2(run_dir, capsys):
     assert main(["generate", str(run_dir), "--prompt", "€"]) == 2
     assert "is not in the char tokenizer's vocabulary" in capsys.readouterr().err
     assert main(["generate", str(run_dir), "--temperature", "-1"]) == 2
-    assert capsys.readouterr().err.startswith("error: bad sampling option: 'temperature' must be >= 0.0")
+    assert capsys.readouterr().err.startswith("error: bad sampling option: must be 0 (greedy) or at least 0.0001")
+    for tiny in ("1e-308", "1e-40"):  # logits / temperature would be inf, the softmax NaN
+        assert main(["generate", str(run_dir), "--temperature", tiny]) == 2
+        assert capsys.readouterr().err.startswith("error: bad sampling option: must be 0 (greedy) or at least 0.0001")
     assert main(["generate", str(run_dir), "--num-samples", "0"]) == 2
     assert capsys.readouterr().err == "error: --num-samples must be at least 1, got 0\n"

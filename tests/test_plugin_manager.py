@@ -145,7 +145,8 @@ def test_a_hook_with_the_wrong_signature_is_reported(plugin_dir):
         "Argument(s) {'registry'} are declared in the hookimpl but can not be found in the hookspec")
 
 
-def test_plugin_files_load_and_strict_failures_raise(plugin_dir):
+def test_plugin_files_load_and_strict_failures_raise(plugin_dir, monkeypatch):
+    monkeypatch.chdir(plugin_dir.path)  # plugin files of the current project run without asking
     good = plugin_dir("pa_file_good", GOOD, name="shift_file")
     bad = plugin_dir("pa_file_bad", RAISES_ON_IMPORT)
     pm = PluginManager(entry_points=False)
@@ -205,7 +206,8 @@ def test_each_set_of_plugins_gets_its_own_registry_and_the_defaults_stay_untouch
     assert ("norm", "shift_own") not in plugin_manager.load_registry()  # nothing leaked into the defaults
 
 
-def test_a_plugin_file_is_imported_once_however_many_registries_use_it(plugin_dir):
+def test_a_plugin_file_is_imported_once_however_many_registries_use_it(plugin_dir, monkeypatch):
+    monkeypatch.chdir(plugin_dir.path)  # plugin files of the current project run without asking
     name = plugin_dir("pa_once", GOOD, name="shift_once")
     path = str(plugin_dir.path / f"{name}.py")
     a = PluginManager(entry_points=False)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from toolkit import plugin_manager
 from toolkit.config import resolve_specs, structure
 from toolkit.errors import ConfigError
 from toolkit.model import ModelConfig
@@ -146,6 +147,7 @@ def test_changing_kind_in_a_child_drops_the_parents_options_for_that_component(t
 
 
 def test_plugins_resolve_relative_to_the_recipe_that_names_them_and_accumulate(tmp_path, monkeypatch):
+    monkeypatch.setitem(plugin_manager._consent, "all", True)  # files outside the working directory: consented
     plugin = ROOT / "tests" / "recipes" / "plugins" / "short_position.py"
     relative = Path(os.path.relpath(plugin, tmp_path / "deep")).as_posix()
     write(tmp_path / "deep" / "base.toml", f"""
@@ -167,6 +169,7 @@ def test_plugins_resolve_relative_to_the_recipe_that_names_them_and_accumulate(t
 
 
 def test_a_relative_plugin_path_is_taken_from_the_recipes_folder(tmp_path, monkeypatch):
+    monkeypatch.setitem(plugin_manager._consent, "all", True)  # files outside the working directory: consented
     source = (ROOT / "tests" / "recipes" / "plugins" / "short_position.py").read_text()
     write(tmp_path / "plugins" / "pos.py", source.replace('"short"', '"short_rel"'))
     recipe = write(tmp_path / "recipes" / "r.toml", f"""
@@ -269,8 +272,14 @@ def test_resolve_data_is_the_merged_table_before_structuring(tmp_path):
     assert data["name"] == "child" and "extends" not in data
 
 
-def test_an_empty_recipe_is_the_defaults_named_after_its_file(tmp_path):
-    r, default = load_recipe(write(tmp_path / "empty.toml", "")), Recipe()
+@pytest.mark.parametrize("text", ["", "# only a comment\n", 'name = "x"\n'])
+def test_an_empty_recipe_is_refused_instead_of_training_the_default_model(tmp_path, text):
+    with pytest.raises(ConfigError, match=r"empty.toml: \$: an empty recipe, no \[model\] table: nothing to train"):
+        load_recipe(write(tmp_path / "empty.toml", text))
+
+
+def test_a_recipe_of_empty_tables_is_the_defaults_named_after_its_file(tmp_path):
+    r, default = load_recipe(write(tmp_path / "empty.toml", "[train]\n")), Recipe()
     assert r.name == "empty"
     sections = (default.data, default.train, default.deepspeed, default.generate)
     assert (r.data, r.train, r.deepspeed, r.generate) == tuple(resolve_specs(get_registry(), s) for s in sections)

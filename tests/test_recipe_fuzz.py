@@ -5,6 +5,7 @@ split by a newline of its own, at most MAX_ERROR_LINES + 1) and no traceback; on
 """
 import math
 import random
+import sys
 import re
 from pathlib import Path
 
@@ -208,3 +209,114 @@ def test_every_generated_recipe_is_accepted_or_refused_in_clean_lines(tmp_path, 
         assert all(LINE.match(ln) or ln.startswith(("error: ... and ", "error: --set ")) for ln in errors), where
         assert out == "", where
     assert seen_valid >= CASES // 5 and seen_broken >= CASES // 2
+
+
+# -- issue 19's classes: DeepSpeed config values, sizes beyond the machine, degenerate widths,
+# plugins raising BaseException; each case is classified, so the counts say how far from clean it is
+DS_HOSTILE = [
+    {"zero_optimization": {"reduce_bucket_size": -5}}, {"zero_optimization": {"overlap_comm": "maybe"}},
+    {"communication_data_type": "fp8"}, {"steps_per_print": "often"},
+    {"elasticity": {"enabled": True, "max_train_batch_size": "lots"}}, {"elasticity": 3},
+    {"data_types": {"grad_accum_dtype": "int8"}}, {"aio": {"block_size": "big"}},
+    {"zero_optimizaton": {"overlap_comm": True}}, {"zero_optimization": {"allgather_bucket_size": -1}},
+    {"zero_optimization": {"reduce_scatter": "perhaps"}}, {"wall_clock_breakdown": "yes"},
+    {"zero_optimization": {"stage3_max_live_parameters": -1}}, {"activation_checkpointing": {"number_checkpoints": "x"}},
+    {"flops_profiler": {"profile_step": "x"}}, {"zero_optimization": {"overlap_comms": True}},
+]
+DS_VALID = [{"zero_optimization": {"overlap_comm": True, "reduce_bucket_size": 50_000_000}}, {"steps_per_print": 100},
+            {"communication_data_type": "fp32"}, {"data_types": {"grad_accum_dtype": "fp32"}},
+            {"zero_optimization": {"reduce_scatter": "yes"}}]  # DeepSpeed's pydantic models read "yes" as true
+SIZES = ["[model]\nn_layer = 1024\nn_embd = 65536\nn_head = 512\n",
+         "[model.mlp]\nkind = \"gelu\"\nhidden_dim = 2147483648\n",
+         "[model.mlp]\nkind = \"gelu\"\nhidden_dim = 1099511627776\n",
+         "[model]\nvocab_size = 4194304\nn_embd = 65536\nn_head = 512\n",
+         "[model]\nhead_dim = 1048576\nn_head = 64\n",
+         "[model.mlp]\nkind = \"moe\"\nexperts = 100000\n"]
+DEGENERATE = ["[model.mlp]\nkind = \"gelu\"\nmultiplier = 1e-9\n", "[model.mlp]\nkind = \"relu\"\nmultiplier = 0.01\n",
+              "[model.attention]\nkind = \"mla\"\nrope_dim = 3\n", None, "# only a comment\n"]
+BASE_EXC = {"genexit.py": "raise GeneratorExit\n",
+            "custom_base.py": "class Boom(BaseException):\n    pass\n\nraise Boom('at import')\n",
+            "hook_base.py": "from toolkit.hookspecs import hookimpl\n\nclass Boom(BaseException):\n    pass\n\n"
+                            "@hookimpl\ndef register_components(register):\n    raise Boom('in the hook')\n",
+            "latin1.py": "# caf\xe9\nNAME = 'caf\xe9'\n",
+            "latin1_cookie.py": "# -*- coding: latin-1 -*-\nNAME = 'caf\xe9'\n"}
+
+
+def hostile_cases():
+    """(id, recipe text, command, whether it must be refused: True, False, or None for either)."""
+    head = f'extends = "{TINY}"\n'
+    out = [(f"ds-{i}", head + tomli_w.dumps({"deepspeed": {"config": c}}), "inspect", True)
+           for i, c in enumerate(DS_HOSTILE)]
+    out += [(f"ds-valid-{i}", head + tomli_w.dumps({"deepspeed": {"config": c}}), "inspect", False)
+            for i, c in enumerate(DS_VALID)]
+    out += [(f"size-{i}", head + body, "train", True) for i, body in enumerate(SIZES)]
+    out += [(f"size-show-{i}", head + body, "recipe", None) for i, body in enumerate(SIZES)]  # fast, either way
+    out += [(f"degenerate-{i}", "" if body is None else (head + body if body.startswith("[") else body), "recipe", True)
+            for i, body in enumerate(DEGENERATE)]
+    out += [(f"plugin-{name}", head + tomli_w.dumps({"plugins": [name]}), "recipe", True) for name in BASE_EXC]
+    return out
+
+
+class _Hang(BaseException):
+    """Raised by the alarm when one case runs past its time."""
+
+
+def classify(tmp_path, case_id, text, command, refuse, capsys) -> str:
+    """clean / traceback / hang / wrongly accepted / wrongly refused for one case, run in this process."""
+    import resource
+    import signal
+
+    path = tmp_path / f"{case_id}.toml"
+    path.write_bytes(text.encode())
+    argv = {"inspect": ["inspect", path.name], "recipe": ["recipe", "show", path.name],
+            "train": ["train", path.name, "--run-dir", f"run-{case_id}", "--set", "train.max_steps=1"]}[command]
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    with open("/proc/self/status") as f:  # a size that slips through must fail to allocate, not fill the machine
+        vm = next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmSize:"))
+    old = signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(_Hang()))
+    signal.alarm(30 if command == "train" else 15)
+    try:
+        resource.setrlimit(resource.RLIMIT_AS, (vm + (8 << 30), hard))
+        code = cli.main(argv)
+    except _Hang:
+        code = "hang"
+    except BaseException as exc:  # noqa: BLE001 - escaping main at all is a traceback
+        code = f"raised {type(exc).__name__}"
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    out, err = capsys.readouterr()
+    print(f"{case_id}: exit {code}: {(err.strip().splitlines() or [''])[-1][:300]}", file=sys.__stderr__)
+    if code == "hang":
+        return "hang"
+    if isinstance(code, str) or "Traceback" in out + err:
+        return "traceback"
+    errors = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    if refuse is None:
+        refuse = code != 0
+    if refuse:
+        if code == 0:
+            return "wrongly accepted"
+        lines = [ln for ln in err.splitlines() if not ln.startswith("warning: ")]
+        return "clean" if code == 2 and lines == errors and 1 <= len(errors) <= 3 else "traceback"
+    return "clean" if code == 0 and not errors else "wrongly refused"
+
+
+def hostile_counts(tmp_path, capsys, monkeypatch) -> tuple[dict, dict]:
+    monkeypatch.chdir(tmp_path)
+    for name, source in BASE_EXC.items():  # latin-1 bytes, but the one whose coding line makes Python read them so
+        (tmp_path / name).write_bytes(source.encode("utf-8" if "cookie" in name else "latin-1"))
+    results = {case_id: classify(tmp_path, case_id, text, command, refuse, capsys)
+               for case_id, text, command, refuse in hostile_cases()}
+    counts: dict = {}
+    for outcome in results.values():
+        counts[outcome] = counts.get(outcome, 0) + 1
+    return counts, results
+
+
+@pytest.mark.slow
+def test_issue19_hostile_classes_are_each_accepted_or_refused_in_one_clean_line(tmp_path, capsys, monkeypatch):
+    counts, results = hostile_counts(tmp_path, capsys, monkeypatch)
+    print(counts)
+    assert {k: v for k, v in results.items() if v != "clean"} == {}

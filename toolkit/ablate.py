@@ -232,7 +232,9 @@ def _run_ablation(ablation: Ablation, resolved: list[Resolved], out: Path, *, pa
         start = []  # a new run starts from the ablation's init_from folder, if it names one
         if args is None and ablation.init_from is not None:
             start = ["--init-from", str(ablation.init_from.resolve())]
-        cmd = [sys.executable, "-m", "toolkit", "train", str(recipe_path), "--run-dir", str(run_dir), *(args or start)]
+        # --trust-plugins: the recipe's plugin files were allowed to run here already, when the ablation loaded
+        cmd = [sys.executable, "-m", "toolkit", "train", str(recipe_path), "--run-dir", str(run_dir), *(args or start),
+               "--trust-plugins"]
         log = open(out / "logs" / f"{job.name}.log", "a" if args else "w")
         log.write(f"$ {' '.join(cmd)}\n")
         log.flush()

@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 import attrs
+import tomli_w
 
 from . import catalog, completion, families
 from .ablate import run_ablation
@@ -34,12 +35,13 @@ from .engine import lr_at
 from .evaluate import evaluate_target, render_results, write_results
 from .generate import encode_prompt, stream_samples
 from .hf import ARCHITECTURES
-from .inspection import inspect_recipe
+from .engine import deepspeed_config
+from .inspection import check_fits, inspect_recipe
 from .launch import LAUNCHER_PID, PARENT_PID, die_with_parent
 from .lookinside import look_inside
-from .plugin_manager import PluginManager, default_registry, forget_loaded, is_path_spec
-from .recipe import (DataConfig, diff_recipes, dump_recipe, flatten, load_recipe, recipe_to_dict, recipe_warnings,
-                     registry_of, toml_inline)
+from .plugin_manager import PluginManager, default_registry, forget_loaded, is_path_spec, trust
+from .recipe import (DataConfig, diff_data, dump_recipe, flatten, load_for_reading, load_recipe,
+                     recipe_to_dict, recipe_warnings, registry_of, toml_inline)
 from .registry import Registry
 from .runfolder import LOCK_HOLDER_ENV, lock_folder, new_run_dir
 from .runs import DEFAULT_DIR, find_runs, render_runs
@@ -168,6 +170,13 @@ def add_recipe_options(p: argparse.ArgumentParser) -> None:
                    "(e.g. --set train.lr=3e-4 --set model.attention.kind=gqa); repeatable")
     p.add_argument("--plugin", action="append", default=[], metavar="FILE",
                    help="also load this plugin file or module; repeatable")
+    add_trust_option(p)
+
+
+def add_trust_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-plugins", action="store_true",
+                   help="run plugin files that a recipe or run folder names from outside the current project "
+                   "(they are code; see docs/recipes.md)")
 
 
 def add_no_verify(p: argparse.ArgumentParser) -> None:
@@ -195,9 +204,12 @@ def check_export(target, no_verify: bool = False) -> None:
 
 
 def cmd_recipe_show(args) -> int:
-    recipe = load_recipe(args.recipe, args.set, args.plugin)
-    print_warnings(recipe, args.recipe)
-    print(dump_recipe(recipe), end="")
+    recipe, data, held = load_for_reading(args.recipe, args.set, args.plugin)
+    for line in held:
+        print(f"warning: {args.recipe}: {one_line(line)}", file=sys.stderr)
+    if recipe is not None:
+        print_warnings(recipe, args.recipe)
+    print(tomli_w.dumps(data), end="")
     return 0
 
 
@@ -263,9 +275,10 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_diff(args) -> int:
-    a = load_recipe(args.a, args.set, args.plugin)
-    b = load_recipe(args.b, args.set, args.plugin)
-    lines = diff_recipes(a, b)
+    (_, a, held_a), (_, b, held_b) = (load_for_reading(r, args.set, args.plugin) for r in (args.a, args.b))
+    for path, line in [*((args.a, ln) for ln in held_a), *((args.b, ln) for ln in held_b)]:
+        print(f"warning: {path}: {one_line(line)}", file=sys.stderr)
+    lines = diff_data(a, b)
     if lines:
         print("\n".join(lines))
     return 1 if lines else 0
@@ -283,6 +296,9 @@ def cmd_train(args) -> int:
     if (args.extend is not None or args.decay is not None or args.reshape) and not args.resume:
         raise UsageError("--extend, --decay and --reshape go with --resume RUN_DIR (or --resume auto)")
     recipe, resume = train_target(args)
+    if "WORLD_SIZE" not in os.environ:  # before any rank starts: the DeepSpeed config, and that the model fits
+        deepspeed_config(recipe, args.nproc)
+        check_fits(recipe, args.nproc)
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return launch_ranks(args, recipe, resume)
     print_warnings(recipe, args.recipe or resume)
@@ -449,6 +465,8 @@ def launch_ranks(args, recipe, resume: str | None = None) -> int:
         cmd += ["--set", s]
     for p in args.plugin:
         cmd += ["--plugin", p]
+    if args.trust_plugins:
+        cmd.append("--trust-plugins")
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
     env[PARENT_PID] = str(os.getpid())  # torchrun (toolkit.launch) dies with this process, the ranks with it
@@ -688,6 +706,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", choices=list(ARCHITECTURES), help="with --to hf: the architecture to write "
                    "(default: the first that can express the model)")
     add_no_verify(p)
+    add_trust_option(p)
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("generate", help="sample text from a run, a checkpoint or a Hugging Face folder, streamed")
@@ -704,6 +723,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="samples per prompt (seeds seed, seed+1, ...)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default cuda if available)")
     add_no_verify(p)
+    add_trust_option(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="run evaluators (hellaswag, perplexity, ...) on a run, a checkpoint or a HF folder",
@@ -721,6 +741,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, metavar="N", help="rows per forward (default the run's train.micro_batch)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default cuda if available)")
     add_no_verify(p)
+    add_trust_option(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("attention", help="what each attention head attends to: heatmaps, a page to explore, statistics",
@@ -739,6 +760,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length", type=int, default=256, metavar="T",
                    help="--head-importance: tokens per window (default 256, at most block_size)")
     p.add_argument("--device", help="cpu (default), cuda, cuda:1")
+    add_trust_option(p)
     p.set_defaults(func=cmd_attention)
 
     p = sub.add_parser("ablate", help="train a grid of component swaps and write a comparison report",
@@ -755,6 +777,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value for every variant, as train --set (after the file's own set); "
                    "steps, tokens, seeds and evals change the ablation's budget (e.g. --set steps=50); repeatable")
+    add_trust_option(p)
     p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("runs", help="a table of run folders: recipe, steps, best val loss, state, age",
@@ -809,6 +832,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         add_plugin_commands(parser._subparsers._group_actions[0], default_registry())
         args = parser.parse_args(argv)
+        # plugin files run only with consent: those the user names on this command line, or all with --trust-plugins
+        trust(everything=getattr(args, "trust_plugins", False), files=getattr(args, "plugin", None) or ())
         return int(args.func(args) or 0)
     except ConfigError as exc:
         print_errors(exc.lines)

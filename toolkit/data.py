@@ -230,7 +230,7 @@ def _table_batches(path: Path, column: str) -> Iterator[tuple[list, int]]:
                 for i in range(f.num_row_groups):
                     values = f.read_row_group(i, columns=[column]).column(0).to_pylist()
                     done += len(values)
-                    upto = size * done // rows  # the file's bytes shared out by rows
+                    upto = size * done // rows if rows else size  # the file's bytes shared out by rows
                     yield values, upto - counted
                     counted = upto
             finally:
@@ -315,11 +315,21 @@ def _jsonl_text(raw: bytes, where: str, column: str = "text") -> str:
     """The ``column`` field of one JSONL line; ``where`` (file:line) names it in errors."""
     try:
         obj = json.loads(raw)
+    except RecursionError:
+        raise DataError(f"{where}: not a JSON line we can read (arrays or objects nested too deep)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{where}: not a JSON line ({exc})") from None
+    except ValueError:  # Python reads no integer of more than sys.get_int_max_str_digits() digits
+        raise DataError(f"{where}: not a JSON line we can read (a number of more than "
+                        f"{sys.get_int_max_str_digits()} digits)") from None
     text = obj.get(column) if isinstance(obj, dict) else None
     if not isinstance(text, str):
         raise DataError(f'{where}: expected a JSON object with a "{column}" string')
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a JSON escape like "\ud800" of half a surrogate pair: no character at all
+        raise DataError(f'{where}: the "{column}" string holds a lone surrogate {text[exc.start]!r} at '
+                        f"character {exc.start}, not a Unicode character") from None
     return text
 
 
@@ -509,7 +519,7 @@ class _ShardWriter:
         path = self.out / name
         tmp = path.with_name(path.name + ".tmp")
         data = ids.astype("<u2", copy=False).tobytes()
-        tmp.write_bytes(data)
+        _written(tmp, lambda: tmp.write_bytes(data))
         self.record(name, data)  # its size and sha256 recorded before it exists under its name
         os.replace(tmp, path)  # a shard exists under its name only when complete
         self.shards.append(len(ids))
@@ -517,9 +527,20 @@ class _ShardWriter:
         self.on_shard(self)
 
 
+def _written(tmp: Path, write) -> None:
+    """Run ``write`` (which writes ``tmp``); a full disk or another write error removes the partial
+    file and is one line (finished shards stay: prepare resumes from them)."""
+    try:
+        write()
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"{tmp.with_name(tmp.name.removesuffix('.tmp'))}: cannot write it "
+                        f"({exc.strerror or exc}); prepare resumes from the finished shards when run again") from None
+
+
 def _write_json(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
+    _written(tmp, lambda: tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8"))
     os.replace(tmp, path)
 
 
@@ -882,6 +903,9 @@ def _prepare(data, registry, sources, inputs, folder, state, workers, shard_size
     bar.close()
     for w in writers.values():
         w.finish()
+    if not any(sum(w.shards) for w in writers.values()):  # a zero-row table, empty files: would fail only in training
+        raise DataError(f"{', '.join(str(s) for s in sources)}: no text in {'it' if len(sources) == 1 else 'them'} "
+                        f"({n_docs} documents, 0 tokens); nothing to prepare")
 
     meta = {
         "format": FORMAT_VERSION,

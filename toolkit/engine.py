@@ -132,6 +132,16 @@ def check_precision(recipe: Recipe, cuda: bool | None = None) -> None:
 def deepspeed_config(recipe: Recipe, plan: BatchPlan | int = 1) -> dict:
     """The DeepSpeed config dict for ``recipe`` with a batch plan (or on that many ranks)."""
     check_precision(recipe)
+    cfg = merged_deepspeed_config(recipe, plan)
+    if recipe.deepspeed.config:  # the toolkit's own part is known good; what a recipe adds is checked before anything starts
+        problems = check_deepspeed_config(cfg)
+        if problems:
+            raise ConfigError(problems)
+    return cfg
+
+
+def merged_deepspeed_config(recipe: Recipe, plan: BatchPlan | int = 1) -> dict:
+    """:func:`deepspeed_config` unchecked: the toolkit's settings with ``[deepspeed.config]`` merged on top."""
     plan = plan if isinstance(plan, BatchPlan) else batch_plan(recipe, plan)
     ds, train = recipe.deepspeed, recipe.train
     zero: dict[str, Any] = {"stage": ds.zero_stage}
@@ -158,6 +168,192 @@ def deepspeed_config(recipe: Recipe, plan: BatchPlan | int = 1) -> dict:
     if autocast:
         cfg["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     return deep_merge(cfg, ds.config)
+
+
+# -- checking [deepspeed.config] with DeepSpeed's own config code -----------------------------
+_NO_DEFAULT = object()
+#: what data_types.* may be: DeepSpeed keeps the string and resolves it only when training starts
+#: (DtypeEnum also knows int8, in which no gradient accumulates)
+DATA_TYPES = ("fp32", "fp16", "bf16")
+#: keys DeepSpeed reads unchecked with a default of None, which cannot say what they must be
+KINDS_WITHOUT_DEFAULT = {("steps_per_print",): "an integer", ("activation_checkpointing", "number_checkpoints"): "an integer"}
+
+
+class _Looked(dict):
+    """A config table that records each key DeepSpeed looks up (with the default it would use),
+    and whether a pydantic model took the whole table (it forbids unknown keys itself)."""
+
+    def __init__(self, data: dict, path: tuple, log: dict, whole: set):
+        super().__init__({k: _Looked(v, (*path, k), log, whole) if isinstance(v, dict) else v for k, v in data.items()})
+        self._path, self._log, self._whole = path, log, whole
+
+    def get(self, key, default=None):
+        if self._log.get((*self._path, key), _NO_DEFAULT) is _NO_DEFAULT:  # a default says what the value must be
+            self._log[(*self._path, key)] = default
+        return super().get(key, default)
+
+    def __getitem__(self, key):
+        self._log.setdefault((*self._path, key), _NO_DEFAULT)
+        return super().__getitem__(key)
+
+    def __contains__(self, key):
+        self._log.setdefault((*self._path, key), _NO_DEFAULT)
+        return super().__contains__(key)
+
+    def __iter__(self):  # `Model(**table)` iterates it: the model validates every key
+        self._took_whole()
+        return super().__iter__()
+
+    def keys(self):
+        self._took_whole()
+        return super().keys()
+
+    def items(self):
+        self._took_whole()
+        return super().items()
+
+    def _took_whole(self):
+        if self._path:  # no model takes the top level (DeepSpeed copies it and scans it for removed keys)
+            self._whole.add(self._path)
+
+
+def _kind_of(default: Any) -> str | None:
+    """What a value must be, judged by DeepSpeed's default for it (None: it does not say)."""
+    if isinstance(default, bool):
+        return "true or false"
+    if isinstance(default, int):
+        return "an integer"
+    if isinstance(default, float):
+        return "a number"
+    if isinstance(default, str):
+        return "a string"
+    if isinstance(default, dict):
+        return "a table"
+    return None
+
+
+def _fits(value: Any, kind: str) -> bool:
+    return {"true or false": lambda x: isinstance(x, bool),
+            "an integer": lambda x: isinstance(x, int) and not isinstance(x, bool),
+            "a number": lambda x: isinstance(x, (int, float)) and not isinstance(x, bool),
+            "a string": lambda x: isinstance(x, str),
+            "a table": lambda x: isinstance(x, dict)}[kind](value)
+
+
+def _at(config: dict, path: tuple) -> Any:
+    node: Any = config
+    for k in path:
+        node = node.get(k, _NO_DEFAULT) if isinstance(node, dict) else _NO_DEFAULT
+    return node
+
+
+def _where(path) -> str:
+    return ".".join(["$.deepspeed.config", *(str(k) for k in path)])
+
+
+def check_deepspeed_config(config: dict) -> list[str]:
+    """Every problem DeepSpeed's own config code finds in ``config`` (the merged config the engine
+    would get), one line each at its recipe path: values its pydantic models refuse, values of
+    another type than DeepSpeed's default for them (it reads those unchecked and fails, or not,
+    mid-run), and keys it never reads, with the closest key it does read."""
+    import difflib
+    import logging
+
+    import pydantic
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.runtime.config_utils import DeepSpeedConfigModel
+    from deepspeed.utils import logger as ds_logger
+
+    config = copy.deepcopy(config)
+    # validated as one rank: the batch DeepSpeed derives must match whatever world size it sees
+    config["train_batch_size"] = config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"]
+    log: dict[tuple, Any] = {}
+    whole: set[tuple] = set()
+    out: list[str] = []
+    failure: BaseException | None = None
+    level = ds_logger.level
+    ds_logger.setLevel(logging.ERROR)  # its INFO lines (world size, ...) are not ours to print
+    try:
+        DeepSpeedConfig(_Looked(config, (), log, whole))
+    except pydantic.ValidationError as exc:
+        models = {m.__name__: m for m in _subclasses(DeepSpeedConfigModel)}
+        for err in exc.errors():
+            out.append(_pydantic_line(config, err, models.get(exc.title), difflib))
+        failure = exc
+    except Exception as exc:  # noqa: BLE001 - DeepSpeed's checks are asserts, ValueErrors and its own errors
+        failure = exc
+    finally:
+        ds_logger.setLevel(level)
+    for path, default in log.items():
+        value, kind = _at(config, path), KINDS_WITHOUT_DEFAULT.get(path) or _kind_of(default)
+        if value is not _NO_DEFAULT and kind is not None and not _fits(value, kind):
+            said = "" if default is None or default is _NO_DEFAULT else f" (DeepSpeed's default is {default!r})"
+            out.append(f"{_where(path)}: expected {kind}{said}, got {value!r}")
+    for key in DATA_TYPES_KEYS:
+        value = _at(config, ("data_types", key))
+        if value is not _NO_DEFAULT and value is not None and value not in DATA_TYPES:
+            out.append(f"{_where(('data_types', key))}: expected one of {', '.join(DATA_TYPES)}, got {value!r}")
+    if failure is None:  # else DeepSpeed stopped before it looked everything up
+        out += _unknown_keys(config, (), log, whole, difflib)
+    if failure is not None and not out:
+        text = [ln.strip() for ln in str(failure).splitlines() if ln.strip()]
+        out.append(f"$.deepspeed.config: DeepSpeed refuses it: {type(failure).__name__}"
+                   + (f": {text[0]}" if text else ""))
+    return list(dict.fromkeys(out))
+
+
+DATA_TYPES_KEYS = ("grad_accum_dtype", "param_dtype", "buffer_dtype")
+
+
+def _subclasses(cls) -> list:
+    out, stack = [], [cls]
+    while stack:
+        for sub in stack.pop().__subclasses__():
+            out.append(sub)
+            stack.append(sub)
+    return out
+
+
+def _pydantic_line(config: dict, err: dict, model, difflib) -> str:
+    """One pydantic error at its recipe path: the table holding the first key of its location."""
+    loc = tuple(err.get("loc", ()))
+    # the model was given one table of the config: the one that holds loc's first key
+    tables = [p for p in _tables(config) if loc and isinstance(_at(config, p), dict) and loc[0] in _at(config, p)]
+    path = (*tables[0], *loc) if tables else loc
+    msg = err.get("msg", "invalid")
+    msg = msg[0].lower() + msg[1:]
+    if err.get("type") == "extra_forbidden" and model is not None:
+        names = [n for n in model.model_fields] + [f.alias for f in model.model_fields.values() if f.alias]
+        close = difflib.get_close_matches(str(loc[-1]), names, n=1)
+        return f"{_where(path)}: not a DeepSpeed setting" + (f"; did you mean '{close[0]}'?" if close else "")
+    for words, sign in (("greater than or equal to", ">="), ("less than or equal to", "<="), ("greater than", ">"),
+                        ("less than", "<"), ("input should be", "must be")):
+        msg = msg.replace(words, sign)
+    return f"{_where(path)}: {msg}, got {err.get('input')!r}"
+
+
+def _tables(config: dict, path: tuple = ()) -> list[tuple]:
+    out = [path]
+    for k, v in config.items():
+        if isinstance(v, dict):
+            out += _tables(v, (*path, k))
+    return out
+
+
+def _unknown_keys(config: dict, path: tuple, log: dict, whole: set, difflib) -> list[str]:
+    """Keys DeepSpeed never looked up, in tables no model took whole."""
+    if path in whole:
+        return []
+    out = []
+    for key, value in config.items():
+        here = (*path, key)
+        if here not in log:
+            known = [p[-1] for p in log if p[:-1] == path and isinstance(p[-1], str)]
+            close = difflib.get_close_matches(str(key), known, n=1)
+            out.append(f"{_where(here)}: not a DeepSpeed setting" + (f"; did you mean '{close[0]}'?" if close else ""))
+        elif isinstance(value, dict):
+            out += _unknown_keys(value, here, log, whole, difflib)
+    return out
 
 
 # -- optimizer and schedule ------------------------------------------------------------------

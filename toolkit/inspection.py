@@ -15,9 +15,10 @@ from __future__ import annotations
 import json
 
 import attrs
+import psutil
 import torch
 
-from .engine import batch_plan, deepspeed_config
+from .engine import batch_plan, check_deepspeed_config, deepspeed_config, merged_deepspeed_config, on_cuda
 from .errors import ConfigError
 from .families import PER_LAYER
 from .model import Transformer, select_layers
@@ -158,6 +159,7 @@ def estimated_activation_bytes(recipe: Recipe) -> int:
     """
     m, t = recipe.model, recipe.train
     s, b, h, a, L, V = m.block_size, t.micro_batch, m.n_embd, m.n_head, m.n_layer, m.vocab_size
+    h = max(h, a * (m.head_dim or 0))  # heads wider than the model keep their own q, k, v and outputs
     width = 2 if recipe.deepspeed.precision in ("bf16", "fp16") else 4
     scale = width / 2
     layer = 34 * s * b * h * scale
@@ -213,6 +215,52 @@ def memory_per_gpu(recipe: Recipe, n_params: int, world_size: int = 1, activatio
     return rows
 
 
+# -- before training: does it fit? ---------------------------------------------------------------
+def estimated_params(recipe: Recipe) -> int:
+    """The model's parameters, counted on the meta device from one block of each distinct layer
+    choice (times its layers) plus embeddings, position and final norm: a model of a thousand wide
+    layers would take minutes to build whole, even on meta."""
+    m, registry = recipe.model, registry_of(recipe)
+    build = registry.build_in
+    layers: dict[str, list[int]] = {}  # one layer index and the count of each distinct choice
+    for i in range(m.n_layer):
+        layers.setdefault(repr([m.spec_at(f, i) for f in PER_LAYER]), [i, 0])[1] += 1
+    with torch.device("meta"):
+        total = sum(n * _numel(build("block", m.spec_at("block", i), m.dims(build, i))) for i, n in layers.values())
+        total += _numel(build("position", m.position, m.dims(build)))
+        total += _numel(m.dims(build).part("norm", m.n_embd, role="final"))
+    return total + m.vocab_size * m.n_embd * (1 if m.tie_embeddings else 2)
+
+
+def _numel(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def available_memory() -> tuple[int, str]:
+    """(bytes free for one rank's work, what they are): the GPU's free memory, or the host's available memory."""
+    if on_cuda():
+        free, _ = torch.cuda.mem_get_info()
+        return free, f"free on {torch.cuda.get_device_name()}"
+    return psutil.virtual_memory().available, "available in host memory"
+
+
+def check_fits(recipe: Recipe, world_size: int = 1, available: tuple[int, str] | None = None) -> None:
+    """ConfigError (one line, with the numbers) if weights, gradients, optimizer states and activations
+    per rank exceed the memory of the device, before anything is built or allocated. On a CPU the
+    ranks share the host, so all of them count; optimizer states offloaded to the host count there."""
+    n = estimated_params(recipe)
+    row = memory_per_gpu(recipe, n, world_size, estimated_activation_bytes(recipe))[recipe.deepspeed.zero_stage]
+    have, where = available or available_memory()
+    cpu = not on_cuda()
+    need = row["total"] * (world_size if cpu else 1) + (row["optimizer"] * world_size if row["optimizer_on_host"] and cpu else 0)
+    if need > have:
+        ranks = f" x {world_size} ranks on this host" if cpu and world_size > 1 else " per rank"
+        raise ConfigError([f"$.model: {_count(n)} parameters need about {_gib(need)} to train{ranks} (weights "
+                           f"{_gib(row['weights'])}, gradients {_gib(row['grads'])}, optimizer {_gib(row['optimizer'])}, "
+                           f"activations {_gib(row['activations'])} at ZeRO {recipe.deepspeed.zero_stage}), more than the "
+                           f"{_gib(have)} {where}; make the model or micro_batch smaller, or shard it over more devices"])
+
+
 # -- the report -----------------------------------------------------------------------------------
 def _gib(n: float) -> str:
     if n >= 2**30:
@@ -246,6 +294,8 @@ def inspect_recipe(recipe: Recipe, world_size: int = 1, path: str = "") -> str:
     except ConfigError as exc:
         where = f"{path}: " if path else ""
         raise ConfigError([f"{where}--world-size {world_size}: {line}" for line in exc.lines]) from None
+    if ds.config and (problems := check_deepspeed_config(merged_deepspeed_config(recipe, plan))):
+        raise ConfigError([f"{path}: {line}" if path else line for line in problems])
     model = build_meta_model(recipe)
     report = model.component_report(m.block_size)
     total = report[-1]

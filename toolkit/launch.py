@@ -67,9 +67,32 @@ def main(argv: list[str] | None = None) -> int:
     except SignalException as exc:
         return 128 + int(exc.sigval)
     except ChildFailedError as exc:  # the rank said why; its status is the launch's (2: a problem to fix)
+        # torchrun stops the others with SIGTERM once one dies: the one that died first is the news
+        killed = sorted((-f.exitcode == signal.SIGTERM, f.timestamp, rank, f.pid, -f.exitcode)
+                        for rank, f in exc.failures.items() if f.exitcode < 0)
+        if killed:  # a rank that died by a signal said nothing: say which, and how to go on
+            *_, rank, pid, signum = killed[0]
+            print(f"error: rank {rank} (pid {pid}) was killed by {_signal_name(signum)}; the other ranks were stopped. "
+                  f"{_resume_hint(argv or sys.argv[1:])}", file=sys.stderr)
+            return 128 + signum
         _, failure = exc.get_first_failure()
         return failure.exitcode if 0 < failure.exitcode < 256 else 1
     return 0
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def _resume_hint(argv: list[str]) -> str:
+    """How to continue the run ``playattention train`` started with these torchrun arguments."""
+    run_dir = argv[argv.index("--run-dir") + 1] if "--run-dir" in argv[:-1] else None
+    if run_dir is None:
+        return "Resume it from its newest checkpoint with playattention train --resume RUN_DIR"
+    return f"Resume it from its newest checkpoint: playattention train --resume {run_dir} --nproc N"
 
 
 if __name__ == "__main__":

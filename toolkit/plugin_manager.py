@@ -9,6 +9,10 @@ called with a ``register`` callback for that hook's families.
 after: a recipe's plugin file never leaks into another recipe's registry, and nothing process-wide
 has to be reset. A plugin file is imported once per process however many registries use it.
 
+A plugin file runs only with consent (:func:`trust`, :func:`refusal`): a file of the current project,
+one named by ``--plugin``, or any with ``--trust-plugins``; a run folder or recipe from elsewhere
+names code its author wrote, as a Hugging Face repository's ``trust_remote_code`` does.
+
 A plugin that fails to import or to register is recorded as a :class:`PluginFailure` and skipped;
 the others still load. ``PLAYATTENTION_TRACE=1`` (or ``playattention --trace``) shows who
 registered what.
@@ -20,10 +24,12 @@ import hashlib
 import importlib
 import importlib.metadata as md
 import importlib.util
+import io
 import os
 import pkgutil
 import re
 import sys
+import tokenize
 from pathlib import Path
 from types import ModuleType
 
@@ -53,9 +59,10 @@ class PluginFailure:
         return f"plugin {self.plugin!r}{pkg} failed: {self.reason}"
 
 
-#: what a plugin may raise while it loads and still be only its own failure: sys.exit() and a
-#: KeyboardInterrupt raised by its code must not end the command (or exit 0, saying nothing)
-PLUGIN_ERRORS = (Exception, SystemExit, KeyboardInterrupt)
+#: what a plugin may raise while it loads and still be only its own failure: sys.exit(), a
+#: KeyboardInterrupt, GeneratorExit or its own BaseException subclass raised by its code must not
+#: end the command (or exit 0, saying nothing)
+PLUGIN_ERRORS = (BaseException,)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -63,6 +70,8 @@ def _one_line(exc: BaseException) -> str:
         return f"SystemExit: called sys.exit({exc.code!r}) while loading"
     if isinstance(exc, KeyboardInterrupt):
         return "KeyboardInterrupt: raised while loading"
+    if not isinstance(exc, Exception) and not str(exc).strip():
+        return f"{type(exc).__name__}: raised while loading"
     text = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
     if isinstance(exc, pluggy.PluginValidationError):
         # pluggy's first line only names the hook; the reason (e.g. a misspelt argument) is on the last
@@ -84,6 +93,62 @@ def _own_version() -> str | None:
 def is_path_spec(spec: str) -> bool:
     """Whether a plugin spec names a file (``my_attention.py``, ``dir/plugin``) rather than a module."""
     return spec.endswith(".py") or "/" in spec or os.sep in spec
+
+
+# -- consent to run plugin files -----------------------------------------------------------------
+#: the plugin files the user consented to run wherever they lie: all (``--trust-plugins``) or these
+#: resolved paths (``--plugin FILE``, typed by the user)
+_consent: dict = {"all": False, "files": frozenset()}
+#: files that mark a folder as a run folder (the toolkit writes both into every run, and never a plugin)
+RUN_FOLDER_MARKS = ("recipe.toml", "versions.json")
+
+
+def trust(*, everything: bool = False, files=()) -> None:
+    """Consent to run plugin files outside the current project: all of them, or ``files``."""
+    _consent["all"] = everything
+    _consent["files"] = frozenset(Path(f).resolve() for f in files if is_path_spec(f))
+
+
+def refusal(path: Path) -> str | None:
+    """Why the plugin file ``path`` does not run without ``--trust-plugins``, or None when it may run.
+
+    It may when it lies under the current project: its real path (symlinks resolved, so a link
+    cannot lead out) is inside the working directory's real path, and no folder on the way
+    (the working directory included) is a run folder, whose files came with the run, not from you.
+    """
+    real = path.resolve()
+    if _consent["all"] or real in _consent["files"]:
+        return None
+    project = Path.cwd().resolve()
+    if not real.is_relative_to(project):
+        return f"it lies outside the current project ({project})"
+    for folder in real.parents:
+        if all((folder / mark).is_file() for mark in RUN_FOLDER_MARKS):
+            return f"it lies inside the run folder {folder}"
+        if folder == project:
+            break
+    return None
+
+
+def _source_problem(path: Path) -> str | None:
+    """Why a plugin file's text is refused, or None: it must be UTF-8 and declare no other encoding,
+    so that what Python runs is what an editor, a diff or a review showed (a latin-1 file, or a
+    ``coding:`` line, makes Python read other characters from the same bytes)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        return f"cannot read it: {exc.strerror or exc}"
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8"
+    try:
+        encoding, _ = tokenize.detect_encoding(io.BytesIO(raw).readline)
+    except SyntaxError as exc:
+        return f"SyntaxError: {exc.msg}"
+    if encoding not in ("utf-8", "utf-8-sig"):
+        return f"declares the source encoding {encoding!r}; a plugin file is UTF-8 (remove its coding line)"
+    return None
 
 
 _file_modules: dict[Path, ModuleType] = {}  # plugin files imported so far, by resolved path
@@ -232,6 +297,12 @@ class PluginManager:
         if not path.is_file():
             self._fail(PluginFailure(str(path), None, None, "no such file"), strict)
             return
+        if why := refusal(path):
+            self._fail(PluginFailure(str(path), None, None, f"not run: {why}; pass --trust-plugins to run it"), strict)
+            return
+        if why := _source_problem(path):
+            self._fail(PluginFailure(str(path), None, None, why), strict)
+            return
         try:
             mod = import_file(path)
         except PLUGIN_ERRORS as exc:
@@ -302,7 +373,7 @@ class PluginManager:
 
 
 @functools.lru_cache(maxsize=64)
-def _load(plugins: tuple[str, ...], trace: bool) -> Registry:
+def _load(plugins: tuple[str, ...], trace: bool, consent: tuple) -> Registry:  # noqa: ARG001 - consent keys the cache
     pm = PluginManager(trace=trace)
     for spec in plugins:
         pm.add(spec)
@@ -319,7 +390,8 @@ def load_registry(plugins: list[str] | tuple[str, ...] = ()) -> Registry:
         specs = tuple(str(Path(p).resolve()) if is_path_spec(p) else p for p in plugins)
     except ValueError as exc:  # a null byte in a file name
         raise PluginLoadError(f"plugin {one_line(next(p for p in plugins if chr(0) in p))!r} failed: {exc}") from None
-    return _load(specs, trace_enabled())
+    # what may run depends on the consent and the working directory: a registry made under other ones is not reused
+    return _load(specs, trace_enabled(), (_consent["all"], _consent["files"], os.getcwd()))
 
 
 def default_registry() -> Registry:

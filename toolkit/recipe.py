@@ -39,7 +39,7 @@ from .contracts import Position
 from .errors import ConfigError, PluginLoadError
 from .families import components
 from .model import ModelConfig, select_layers
-from .plugin_manager import is_path_spec, load_registry
+from .plugin_manager import is_path_spec, load_registry, refusal
 from .registry import Registry
 
 if sys.version_info >= (3, 11):
@@ -147,13 +147,25 @@ class DeepSpeedConfig:
     config: dict[str, Any] = attrs.Factory(dict)
 
 
+#: the lowest temperature above 0 (greedy). Sampling divides the fp32 logits by it: at 1e-4 logits
+#: up to 3e34 stay finite (1e-308 or 1e-40 turn any logit into inf, and the softmax into NaN), and two
+#: logits 0.01 apart already differ e^100-fold in probability, so a lower one could only be greedy
+MIN_TEMPERATURE = 1e-4
+
+
+def _temperature(_, attribute, value):
+    if not (value == 0 or value >= MIN_TEMPERATURE):
+        raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE} (logits / temperature must stay "
+                         f"finite in fp32), got {value!r}")
+
+
 @attrs.frozen
 class GenerateConfig:
     """Sampling for periodic and final samples (and the default of `playattention generate`)."""
 
     prompts: list[str] = attrs.Factory(lambda: ["\n"])
     max_new_tokens: int = attrs.field(default=500, validator=v.gt(0))
-    temperature: float = attrs.field(default=0.8, validator=v.ge(0.0))
+    temperature: float = attrs.field(default=0.8, validator=_temperature)
     # 0 disables top-k (TOML has no null to unset it)
     top_k: int | None = attrs.field(default=200, validator=v.optional(v.ge(0)))
     top_p: float | None = attrs.field(default=None, validator=v.optional([v.gt(0.0), v.le(1.0)]))
@@ -485,6 +497,23 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), p
     return recipe
 
 
+def load_for_reading(path: str | Path, overrides=(), plugins=()) -> tuple[Recipe | None, dict, list[str]]:
+    """(recipe, its plain data, a line per plugin file not loaded) for commands that only show a recipe.
+
+    A plugin file that may not run here (:func:`toolkit.plugin_manager.refusal`) is not imported:
+    the data is then the recipe as written (``extends`` and ``--set`` applied), unchecked, since
+    checking its components' options would run the plugin; the recipe is None.
+    """
+    data = resolve_data(path, overrides, plugins)
+    held = [(i, p, why) for i, p in enumerate(data.get("plugins", []))
+            if is_path_spec(p) and (why := refusal(Path(p)))]
+    if not held:
+        recipe = load_recipe(path, overrides, plugins)
+        return recipe, recipe_to_dict(recipe), []
+    return None, data, [f"$.plugins[{i}]: plugin \"{p}\" not loaded: {why}; the recipe is shown as written, unchecked "
+                        f"(--trust-plugins loads and checks it)" for i, p, why in held]
+
+
 _PATH_TOKEN = re.compile(r"\.([^.\[]+)")
 
 
@@ -503,6 +532,9 @@ def validate(data: dict) -> tuple[Recipe | None, list[str]]:
     Each section is structured on its own, so a section that fails still lends its valid fields
     to the checks that span sections (the batch arithmetic needs the model's block_size).
     """
+    if not set(data) - {"name", "description", "plugins"}:
+        # an empty file (or one of comments) would otherwise train the default GPT-2 124M: surely not what was meant
+        return None, ["$: an empty recipe, no [model] table: nothing to train (write one, or extend a recipe that has one)"]
     lines: list[str] = []
     data = _spell_out_default_components(dict(data))
     registry, plugin_lines = _registry_for(data.get("plugins", []))
@@ -887,7 +919,11 @@ def _key_order(a: dict, b: dict) -> dict:
 
 def diff_recipes(a: Recipe, b: Recipe) -> list[str]:
     """``key: a -> b`` for every resolved key whose value differs (``(unset)`` where one has none)."""
-    da, db = recipe_to_dict(a), recipe_to_dict(b)
+    return diff_data(recipe_to_dict(a), recipe_to_dict(b))
+
+
+def diff_data(da: dict, db: dict) -> list[str]:
+    """:func:`diff_recipes` of two recipes' plain data."""
     fa, fb = flatten(da), flatten(db)
     missing = object()
     lines = []

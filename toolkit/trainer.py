@@ -173,7 +173,10 @@ class Trainer:
             status, error = "failed", self.disk_error(exc)
             if error is None:
                 error = f"{type(exc).__name__}: {exc}"
-                traceback.print_exc()
+                # on several ranks it is mostly a peer that died mid-collective (gloo: "Connection closed
+                # by peer"): the launcher names the rank that died, and a traceback would bury that line
+                if self.world_size == 1:
+                    traceback.print_exc()
         except Exception as exc:  # noqa: BLE001 - the run folder records the failure
             status, error = "failed", f"{type(exc).__name__}: {exc}"
             traceback.print_exc()
