@@ -487,7 +487,8 @@ def test_variants_of_a_plugin_files_options_class_resolve_in_one_process(tmp_pat
 
 
 @pytest.mark.slow
-def test_an_ablation_of_a_plugin_files_options_trains_every_variant(tmp_path, tiny_recipe, capsys):
+def test_an_ablation_of_a_plugin_files_options_trains_every_variant(tmp_path, tiny_recipe, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the plugin file is the project's: it runs without --trust-plugins
     path = _plugin_base_ablation(tmp_path, tiny_recipe, steps=2)
     out = tmp_path / "out"
     assert main(["ablate", str(path), "--out", str(out), "--quiet"]) == 0, capsys.readouterr()
@@ -509,7 +510,8 @@ def test_an_ablation_of_a_plugin_files_options_trains_every_variant(tmp_path, ti
     assert "4 of 4 runs already finished with the same recipe and plugin code" in capsys.readouterr().out
 
 
-def test_editing_a_plugin_file_changes_the_fingerprint_of_the_runs_that_load_it(tmp_path, tiny_recipe):
+def test_editing_a_plugin_file_changes_the_fingerprint_of_the_runs_that_load_it(tmp_path, tiny_recipe, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the plugin file is the project's: it runs without --trust-plugins
     path = _plugin_base_ablation(tmp_path, tiny_recipe)
     ab, resolved = ablation.load_ablation(path)
     before = ablate.plan_jobs(ab, resolved)

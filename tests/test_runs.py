@@ -56,7 +56,7 @@ def test_runs_never_opens_a_fifo_and_never_runs_a_runs_plugins(tmp_path, capsys,
     assert main(["runs"]) == 0
     rows = table(capsys)
     assert rows["plugged"][4] == "finished" and not marker.exists()
-    assert rows["fifo-summary"][4] == "broken" and "summary.json is not a regular file" in " ".join(rows["fifo-summary"])
+    assert rows["fifo-summary"][4] == "broken" and "summary.json: is a FIFO, not a regular file" in " ".join(rows["fifo-summary"])
     assert rows["fifo-state"][4] == "broken" and rows["garbled"][4] == "broken"
 
 

@@ -7,7 +7,6 @@ that folder "broken" with the reason, and the others are still listed.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import stat
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import attrs
 
-from . import checkpoint
+from . import checkpoint, safeio
 from .recipe import TrainConfig
 
 if sys.version_info >= (3, 11):
@@ -27,8 +26,6 @@ else:  # pragma: no cover
 
 #: the folder `runs` lists by default: where `train` puts run folders (train.out_dir's default)
 DEFAULT_DIR = attrs.fields(TrainConfig).out_dir.default
-#: the most bytes read from one file (a recipe, a summary, a checkpoint's state); a larger one is "broken"
-MAX_BYTES = 64 << 20
 
 
 @attrs.frozen
@@ -44,27 +41,18 @@ class RunRow:
 
 
 def read_regular(path: Path) -> bytes | None:
-    """The bytes of ``path`` if it is a regular file of at most MAX_BYTES; None if it does not exist.
-    Anything else (a FIFO, a device, a folder, a huge file) raises OSError without being opened."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
+    """The bytes of ``path`` if it is a regular file of at most METADATA_LIMIT inside its run folder;
+    None if it does not exist. Anything else (a FIFO, a device, a folder) is refused without blocking."""
+    if not os.path.lexists(path):
         return None
-    if not stat.S_ISREG(st.st_mode):
-        raise OSError(f"{path.name} is not a regular file")
-    if st.st_size > MAX_BYTES:
-        raise OSError(f"{path.name} is {st.st_size:,} bytes (more than {MAX_BYTES:,})")
-    # O_NONBLOCK: if the file was swapped for a FIFO after the stat, the open still returns at once
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    with os.fdopen(fd, "rb") as f:
-        return f.read(MAX_BYTES + 1)[:MAX_BYTES]
+    return safeio.read_bytes(path, safeio.METADATA_LIMIT, inside=path.parent)
 
 
 def _json(path: Path) -> dict | None:
     raw = read_regular(path)
     if raw is None:
         return None
-    d = json.loads(raw.decode("utf-8"))
+    d = safeio.loads_json(raw, path.name)
     if not isinstance(d, dict):
         raise ValueError(f"{path.name} is not a JSON object")
     return d
@@ -78,7 +66,7 @@ def _newest_state(run: Path) -> dict | None:
     """toolkit_state.json of the newest complete checkpoint, or None (checkpoint.problem judges completeness)."""
     for ckpt in reversed(checkpoint.list_checkpoints(run / "checkpoints")):
         try:
-            if not stat.S_ISREG(os.stat(ckpt / checkpoint.STATE_FILE).st_mode):  # problem() would open it
+            if not stat.S_ISREG(os.stat(ckpt / checkpoint.STATE_FILE).st_mode):  # not even a file to judge
                 continue
         except FileNotFoundError:
             continue
@@ -96,7 +84,7 @@ def read_run(run: Path, now: float | None = None) -> RunRow:
         raw = read_regular(run / "recipe.toml")
         if raw is None:
             return attrs.evolve(row, note="no recipe.toml")
-        recipe = tomllib.loads(raw.decode("utf-8"))
+        recipe = tomllib.loads(safeio.decode(raw, "recipe.toml"))
         train = recipe.get("train") if isinstance(recipe.get("train"), dict) else {}
         row = attrs.evolve(row, recipe=str(recipe.get("name", "?")),
                            max_steps=train.get("max_steps") if isinstance(train.get("max_steps"), int) else None)
@@ -112,7 +100,8 @@ def read_run(run: Path, now: float | None = None) -> RunRow:
         return attrs.evolve(row, state="resumable", steps=state.get("step"), note=stopped,
                             best_val_loss=_number(state.get("best_val_loss")))
     except (OSError, ValueError, tomllib.TOMLDecodeError) as exc:  # UnicodeDecodeError, JSONDecodeError
-        return attrs.evolve(row, state="broken", note=str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__)
+        said = str(exc).replace(f"{run}{os.sep}", "")  # the file's name within the run, not its whole path
+        return attrs.evolve(row, state="broken", note=said.splitlines()[0][:120] if said else type(exc).__name__)
 
 
 def find_runs(root: str | Path) -> list[RunRow]:
