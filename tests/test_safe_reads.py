@@ -464,3 +464,8 @@ def test_an_atomic_write_flushes_the_file_and_its_folder_and_a_failed_one_leaves
         safeio.write_atomically(path, half_then_full)
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["state.json"]
 
+
+def test_the_jsonl_reader_skips_a_torn_last_line_and_lines_that_are_not_objects(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"step": 1}\n[1, 2]\n\xff\xfe\n' + b"[" * 100_000 + b'\n{"step": 2}\n{"step": 3, "lo')
+    assert safeio.read_jsonl(path) == [{"step": 1}, {"step": 2}]

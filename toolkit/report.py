@@ -19,7 +19,6 @@ variant's difference from the baseline gets a 95% Welch t interval (unequal vari
 from __future__ import annotations
 
 import csv
-import json
 import math
 import re
 import statistics
@@ -64,19 +63,12 @@ def read_evals(metrics_path: str | Path) -> tuple[tuple[int, float], ...]:
     path = Path(metrics_path)
     if not path.is_file():
         return ()
-    out = []
     try:
-        text = safeio.read_bytes(path).decode("utf-8", errors="replace")
+        rows = safeio.read_jsonl(path)
     except OSError:
         return ()
-    for line in text.splitlines():
-        try:
-            rec = json.loads(line)
-        except (ValueError, RecursionError):
-            continue
-        if isinstance(rec, dict) and rec.get("type") == "eval" and _is_number(rec.get("val_loss")):
-            out.append((int(rec["tokens"]), float(rec["val_loss"])))
-    return tuple(out)
+    return tuple((int(r["tokens"]), float(r["val_loss"])) for r in rows
+                 if r.get("type") == "eval" and _is_number(r.get("val_loss")))
 
 
 def read_run(variant: str, seed: int, run_dir: str | Path, status: str = "pending",

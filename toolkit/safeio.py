@@ -130,6 +130,20 @@ def read_json(path: str | Path, limit: int | None = METADATA_LIMIT, inside: str 
     return loads_json(read_bytes(path, limit, inside), path)
 
 
+def read_jsonl(path: str | Path, inside: str | Path | None = None) -> list[dict]:
+    """The objects of a JSON-lines file such as metrics.jsonl, in order; a damaged line (a torn last
+    line, not UTF-8 or not JSON, nested too deep, an integer too long, not an object) is skipped."""
+    rows = []
+    for line in read_bytes(path, inside=inside).decode("utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
 # -- writing ---------------------------------------------------------------------------------------
 def write_atomically(path: str | Path, data: bytes | str | Callable[[Path], object]) -> Path:
     """Write ``path`` whole or not at all: NAME.tmp beside it (``data``, or what ``data(tmp)`` writes
