@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import difflib
 import itertools
-import json
 import math
 import os
 import re
@@ -64,7 +63,7 @@ from .errors import ConfigError, PluginLoadError, UserError
 from .families import Spec
 from .model import Transformer
 from .plugin_manager import default_registry, is_path_spec, load_registry
-from .recipe import Recipe, load_recipe, parse_override, read_toml, recipe_to_dict, registry_of
+from .recipe import Recipe, load_recipe, parse_override, read_toml, recipe_to_dict, registry_of, toml_inline
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=,-]*$")
 # recipe keys the ablation sets itself
@@ -174,30 +173,9 @@ class Resolved:
 
 
 # -- TOML values -------------------------------------------------------------------------------
-def toml_value(value: Any) -> str:
-    """``value`` in TOML syntax (inline), so it can travel as ``--set key=<text>``."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)  # JSON string escapes are valid TOML basic-string escapes
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{json.dumps(str(k))} = {toml_value(v)}" for k, v in value.items()) + "}"
-    raise TypeError(f"cannot write {type(value).__name__} as a TOML value")
-
-
 def _show(value: Any) -> str:
     """A value for people: strings bare, the rest as TOML."""
-    return value if isinstance(value, str) else toml_value(value)
+    return value if isinstance(value, str) else toml_inline(value)
 
 
 # -- the recipe schema, for checking override keys ---------------------------------------------
@@ -313,7 +291,7 @@ def parse_overrides(value: Any, where: str, errors: list[str], base: Path) -> li
         for k, val in value.items():
             for key, item in _subkeys(k, val):
                 loc = f'{where}."{key}"'
-                out.append(Override(key, toml_value(item), item, loc, loc))
+                out.append(Override(key, toml_inline(item), item, loc, loc))
     elif isinstance(value, list):
         for i, item in enumerate(value):
             loc = f"{where}[{i}]"
@@ -331,7 +309,7 @@ def _absolute_plugins(ov: Override, base: Path) -> Override:
     if ov.key != "plugins" or not isinstance(ov.value, list):
         return ov
     value = [str((base / p).resolve()) if isinstance(p, str) and is_path_spec(p) else p for p in ov.value]
-    return attrs.evolve(ov, value=value, text=toml_value(value))
+    return attrs.evolve(ov, value=value, text=toml_inline(value))
 
 
 def _label(key: str, value: Any) -> str:
@@ -430,7 +408,7 @@ def _parse(path: Path, sets: list[str] | tuple[str, ...] = ()) -> tuple[Ablation
             ovs, labels = [], []
             for (key, values), i in zip(axes, combo):
                 ovs.append(_absolute_plugins(
-                    Override(key, toml_value(values[i]), values[i], f'$.grid."{key}"[{i}]', f'$.grid."{key}"'), path.parent))
+                    Override(key, toml_inline(values[i]), values[i], f'$.grid."{key}"[{i}]', f'$.grid."{key}"'), path.parent))
                 labels.append(_label(key, values[i]))
             variants.append(Variant("-".join(labels), tuple(ovs)))
     for i, item in enumerate(given["variant"]):

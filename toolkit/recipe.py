@@ -16,6 +16,7 @@ into the frozen attrs classes below. :func:`load_recipe` resolves it in this ord
 from __future__ import annotations
 
 import copy
+import datetime
 import importlib.util
 import json
 import os
@@ -889,8 +890,10 @@ def toml_inline(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(toml_inline(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {toml_inline(v)}" for k, v in value.items()) + "}"
-    return repr(value)
+        return "{" + ", ".join(f"{path_key(k)} = {toml_inline(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()  # TOML's own date, time and date-time syntax
+    return repr(value)  # numbers: repr spells nan, inf and -inf as TOML does
 
 
 def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
