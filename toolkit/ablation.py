@@ -63,7 +63,8 @@ from .errors import ConfigError, PluginLoadError, UserError
 from .families import Spec
 from .model import Transformer
 from .plugin_manager import default_registry, is_path_spec, load_registry
-from .recipe import Recipe, load_recipe, parse_override, read_toml, recipe_to_dict, registry_of, toml_inline
+from .recipe import (MISSING, Recipe, differences, load_recipe, parse_override, read_toml, recipe_to_dict,
+                     registry_of, toml_inline)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=,-]*$")
 # recipe keys the ablation sets itself
@@ -503,16 +504,17 @@ def recipe_diff(recipe: Recipe, baseline: Recipe) -> tuple[str, ...]:
         if kind != base.get(f"{where}.kind") and (name, kind) in registry:
             changed_kind[where] = _flat(converter.unstructure(registry.get(name, kind).options()))
     out = []
-    for key, value in mine.items():
-        if key in ("name", "description", "train.seed") or base.get(key, object()) == value:
+    for key, value, _ in differences(mine, base):
+        if key in ("name", "description", "train.seed"):
+            continue
+        if value is MISSING:
+            if not any(key.startswith(w + ".") for w in changed_kind):
+                out.append(f"{key}=(unset)")
             continue
         place = next((w for w in changed_kind if key.startswith(w + ".") and key != f"{w}.kind"), None)
-        if place is not None and changed_kind[place].get(key[len(place) + 1:], object()) == value:
+        if place is not None and changed_kind[place].get(key[len(place) + 1:], MISSING) == value:
             continue  # the new kind's default
         out.append(f"{key}={_show(value)}")
-    for key in base:
-        if key not in mine and not any(key.startswith(w + ".") for w in changed_kind):
-            out.append(f"{key}=(unset)")
     return tuple(out)
 
 

@@ -57,7 +57,7 @@ from safetensors.torch import load_file, save_file
 from . import families, safeio
 from .engine import device
 from .errors import CheckpointError
-from .recipe import flatten, recipe_to_dict, toml_inline
+from .recipe import diff_lines, flatten, recipe_to_dict
 from .registry import code_of
 from .safeio import fsync, write_atomically
 
@@ -295,19 +295,10 @@ def identity_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     Refused: the model, its plugins and their versions, and ENGINE_KEYS. Allowed: everything else
     (more steps, another eval interval, ...), which the run folder then records.
     """
-    def changes(a: dict, b: dict, prefix: str = "") -> list[str]:
-        missing, out = object(), []
-        for key in [*a, *(k for k in b if k not in a)]:
-            va, vb = a.get(key, missing), b.get(key, missing)
-            if va != vb or type(va) is not type(vb):
-                show = ["(unset)" if v is missing else toml_inline(v) for v in (va, vb)]
-                out.append(f"{prefix}{key}: {show[0]} -> {show[1]}")
-        return out
-
     old_fixed, new_fixed = _fixed_keys(saved["recipe"]), _fixed_keys(current["recipe"])
-    refused = changes(old_fixed, new_fixed) + changes(saved["components"], current["components"], "plugin ")
+    refused = diff_lines(old_fixed, new_fixed) + diff_lines(saved["components"], current["components"], prefix="plugin ")
     old_all, new_all = flatten(saved["recipe"]), flatten(current["recipe"])
-    allowed = changes({k: v for k, v in old_all.items() if k not in old_fixed},
+    allowed = diff_lines({k: v for k, v in old_all.items() if k not in old_fixed},
                       {k: v for k, v in new_all.items() if k not in new_fixed})
     return refused, allowed
 

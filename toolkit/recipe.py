@@ -927,13 +927,27 @@ def diff_recipes(a: Recipe, b: Recipe) -> list[str]:
 
 def diff_data(da: dict, db: dict) -> list[str]:
     """:func:`diff_recipes` of two recipes' plain data."""
-    fa, fb = flatten(da), flatten(db)
-    missing = object()
-    lines = []
-    for key in flatten(_key_order(da, db)):
-        va, vb = fa.get(key, missing), fb.get(key, missing)
-        if va != vb or type(va) is not type(vb):
-            show_a = "(unset)" if va is missing else toml_inline(va)
-            show_b = "(unset)" if vb is missing else toml_inline(vb)
-            lines.append(f"{key}: {show_a} -> {show_b}")
-    return lines
+    return diff_lines(flatten(da), flatten(db), keys=flatten(_key_order(da, db)))
+
+
+#: a key one side of :func:`differences` does not have
+MISSING: Any = object()
+
+
+def differences(a: dict, b: dict, keys=None) -> list[tuple[str, Any, Any]]:
+    """``(key, a's value, b's value)`` for each key of two flat dicts whose values differ (in value or
+    type: 1 is not true), MISSING where one has none; in the order of ``keys`` (a's keys, then b's)."""
+    keys = [*a, *(k for k in b if k not in a)] if keys is None else keys
+    out = []
+    for key in keys:
+        va, vb = a.get(key, MISSING), b.get(key, MISSING)
+        if va == vb and type(va) is type(vb):
+            continue
+        out.append((key, va, vb))
+    return out
+
+
+def diff_lines(a: dict, b: dict, keys=None, prefix: str = "") -> list[str]:
+    """``key: a -> b`` for each of :func:`differences` (``(unset)`` where one has none)."""
+    show = lambda v: "(unset)" if v is MISSING else toml_inline(v)  # noqa: E731
+    return [f"{prefix}{key}: {show(va)} -> {show(vb)}" for key, va, vb in differences(a, b, keys)]
