@@ -63,7 +63,7 @@ from .errors import ConfigError, PluginLoadError, UserError
 from .families import Spec
 from .model import Transformer
 from .plugin_manager import default_registry, is_path_spec, load_registry
-from .recipe import (MISSING, Recipe, differences, load_recipe, parse_override, read_toml, recipe_to_dict,
+from .recipe import (MISSING, Recipe, differences, flatten, load_recipe, parse_override, read_toml, recipe_to_dict,
                      registry_of, toml_inline)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=,-]*$")
@@ -480,20 +480,11 @@ def budget_overrides(ablation: Ablation, recipe: Recipe) -> list[Override]:
     return [Override(f"train.{k}", str(val), val, f"{at} (sets train.{k}={val})", at) for k, val in values.items()]
 
 
-def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict):
-        out: dict[str, Any] = {}
-        for k, val in data.items():
-            out.update(_flat(val, f"{prefix}.{k}" if prefix else k))
-        return out
-    return {prefix: data}
-
-
 def recipe_diff(recipe: Recipe, baseline: Recipe) -> tuple[str, ...]:
     """``key=value`` for each setting of ``recipe`` that differs from ``baseline`` (name, description
     and seed aside). Where a component's kind changed, its options are listed only where they differ
     from that kind's defaults."""
-    mine, base = _flat(recipe_to_dict(recipe)), _flat(recipe_to_dict(baseline))
+    mine, base = flatten(recipe_to_dict(recipe)), flatten(recipe_to_dict(baseline))
     registry = registry_of(recipe)
     converter = make_converter(registry)
     changed_kind = {}  # recipe place of a component whose kind changed -> that kind's default options
@@ -502,7 +493,7 @@ def recipe_diff(recipe: Recipe, baseline: Recipe) -> tuple[str, ...]:
     for where, name in places:
         kind = mine.get(f"{where}.kind")
         if kind != base.get(f"{where}.kind") and (name, kind) in registry:
-            changed_kind[where] = _flat(converter.unstructure(registry.get(name, kind).options()))
+            changed_kind[where] = flatten(converter.unstructure(registry.get(name, kind).options()))
     out = []
     for key, value, _ in differences(mine, base):
         if key in ("name", "description", "train.seed"):

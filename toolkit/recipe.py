@@ -897,7 +897,11 @@ def toml_inline(value: Any) -> str:
 
 
 def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
-    """``{"model": {"n_head": 6}}`` -> ``{"model.n_head": 6}`` (arrays stay whole)."""
+    """``{"model": {"n_head": 6}}`` -> ``{"model.n_head": 6}`` (arrays stay whole).
+
+    An empty table stays, as the value ``{}``: nothing of ``data`` is lost, and a table one recipe
+    lacks and the other has empty is a difference (against a full table, :func:`differences` lists
+    the keys that came or went instead)."""
     out: dict[str, Any] = {}
     for key, value in data.items():
         name = f"{prefix}{key}"
@@ -943,6 +947,8 @@ def differences(a: dict, b: dict, keys=None) -> list[tuple[str, Any, Any]]:
         va, vb = a.get(key, MISSING), b.get(key, MISSING)
         if va == vb and type(va) is type(vb):
             continue
+        if MISSING in (va, vb) and {} in (va, vb) and any(k.startswith(key + ".") for k in (b if va == {} else a)):
+            continue  # an empty table against the keys of a full one: those keys say what changed
         out.append((key, va, vb))
     return out
 
