@@ -299,7 +299,7 @@ def identity_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     refused = diff_lines(old_fixed, new_fixed) + diff_lines(saved["components"], current["components"], prefix="plugin ")
     old_all, new_all = flatten(saved["recipe"]), flatten(current["recipe"])
     allowed = diff_lines({k: v for k, v in old_all.items() if k not in old_fixed},
-                      {k: v for k, v in new_all.items() if k not in new_fixed})
+                         {k: v for k, v in new_all.items() if k not in new_fixed})
     return refused, allowed
 
 
