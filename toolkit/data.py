@@ -518,13 +518,13 @@ class _ShardWriter:
         self.claim(name)  # recorded as prepare's own before the file exists
         data = ids.astype("<u2", copy=False).tobytes()
         self.record(name, data)  # its size and sha256 recorded before it exists under its name
-        _write(self.out / name, data)  # a shard exists under its name only when complete
+        _write_file(self.out / name, data)  # a shard exists under its name only when complete
         self.shards.append(len(ids))
         self.done = tuple(next_pos)
         self.on_shard(self)
 
 
-def _write(path: Path, data: bytes | str) -> None:
+def _write_file(path: Path, data: bytes | str) -> None:
     """Write ``path`` atomically; a full disk or another write error (the partial file removed) is one
     line (finished shards stay: prepare resumes from them)."""
     try:
@@ -535,7 +535,7 @@ def _write(path: Path, data: bytes | str) -> None:
 
 
 def _write_json(path: Path, obj) -> None:
-    _write(path, json.dumps(obj, indent=1) + "\n")
+    _write_file(path, json.dumps(obj, indent=1) + "\n")
 
 
 def _read_json(path: Path):
