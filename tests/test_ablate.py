@@ -1,4 +1,5 @@
 """Ablation files: both variant forms, grid expansion, budget, validation, dry run, and a tiny grid end to end."""
+import datetime
 import json
 import textwrap
 
@@ -227,10 +228,12 @@ def test_dry_run_prints_each_variant_with_parameters_flops_and_differences(tiny,
 
 
 def test_values_from_tables_travel_through_set_syntax_unchanged():
-    from toolkit.recipe import parse_override
+    from toolkit.recipe import parse_override, toml_inline
 
-    for value in ["rope", 'a "quoted"\nline', 3, 2.5e-4, True, [1, 2], {"kind": "gqa", "n_kv_head": 2}, 1e300]:
-        assert parse_override("k=" + ablation.toml_value(value)) == (["k"], value)
+    for value in ["rope", 'a "quoted"\nline', 3, 2.5e-4, True, [1, 2], {"kind": "gqa", "n_kv_head": 2}, 1e300,
+                  float("inf"), {"a.b": 1, "x y": {"": "z"}}, datetime.date(2026, 12, 7),
+                  datetime.datetime(2026, 12, 7, 21, 5, tzinfo=datetime.timezone.utc)]:
+        assert parse_override("k=" + toml_inline(value)) == (["k"], value)
 
 
 def test_last_error_line_finds_the_exception_not_the_progress_bar():

@@ -4,7 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from toolkit.cli import main
-from toolkit.recipe import diff_recipes, dump_recipe, load_recipe, toml_inline
+from toolkit.ablation import recipe_diff
+from toolkit.recipe import diff_data, diff_recipes, dump_recipe, flatten, load_recipe, toml_inline
 
 ROOT = Path(__file__).resolve().parent.parent
 GPT, CPU = str(ROOT / "recipes" / "gpt.toml"), str(ROOT / "recipes" / "gpt-cpu.toml")
@@ -52,3 +53,21 @@ def test_diff_of_a_missing_or_broken_recipe_exits_2(tmp_path, capsys):
     bad.write_text("[model]\nn_head = 'x'\n")
     assert main(["diff", GPT, str(bad)]) == 2
     assert capsys.readouterr().err == f'error: {bad}: $.model.n_head: expected int, got "x"\n'
+
+
+def test_an_empty_table_is_a_value_in_a_flat_recipe_and_its_diff():
+    assert flatten({"a": {}, "b": {"c": 1, "d": {}}}) == {"a": {}, "b.c": 1, "b.d": {}}
+    assert diff_data({"deepspeed": {"config": {}}}, {}) == ["deepspeed.config: {} -> (unset)"]
+    # emptied or filled: the keys that came or went say it, not a line for the table as well
+    assert diff_data({"model": {"layers": {}}}, {"model": {"layers": {"first": {"at": "0"}}}}) == [
+        'model.layers.first.at: (unset) -> "0"']
+    assert diff_data({"model": {"layers": {"first": {"at": "0"}}}}, {"model": {"layers": {}}}) == [
+        'model.layers.first.at: "0" -> (unset)']
+
+
+def test_an_ablation_variant_lists_the_keys_it_adds_or_removes_from_a_table():
+    plain = load_recipe(CPU)
+    grouped = load_recipe(CPU, ['model.layers.first.at="0"', 'model.layers.first.mlp="relu"'])
+    assert recipe_diff(grouped, plain) == ("model.layers.first.at=0", "model.layers.first.mlp.kind=relu")
+    assert recipe_diff(plain, grouped) == ("model.layers.first.at=(unset)", "model.layers.first.mlp.kind=(unset)",
+                                           "model.layers.first.mlp.multiplier=(unset)")

@@ -445,3 +445,27 @@ def test_every_run_file_not_regular_is_one_line_or_a_clean_resume(finished, tmp_
         damage(run / name, how)
         if outcome(["train", "--resume", str(run), "--extend", "1"], capsys) == 0:
             assert name.startswith("checkpoints/"), name  # a damaged checkpoint is skipped; run files are refused
+
+
+# -- the one atomic write and the one JSON-lines reader ------------------------------------------------
+def test_an_atomic_write_flushes_the_file_and_its_folder_and_a_failed_one_leaves_the_old_file(tmp_path, monkeypatch):
+    flushed = []
+    real = safeio.fsync
+    monkeypatch.setattr(safeio, "fsync", lambda p: (flushed.append(Path(p).name), real(p)))
+    path = tmp_path / "state.json"
+    safeio.write_atomically(path, "old")
+    assert path.read_text() == "old" and flushed == ["state.json.tmp", tmp_path.name]
+
+    def half_then_full(tmp):
+        tmp.write_bytes(b"ne")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        safeio.write_atomically(path, half_then_full)
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["state.json"]
+
+
+def test_the_jsonl_reader_skips_a_torn_last_line_and_lines_that_are_not_objects(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"step": 1}\n[1, 2]\n\xff\xfe\n' + b"[" * 100_000 + b'\n{"step": 2}\n{"step": 3, "lo')
+    assert safeio.read_jsonl(path) == [{"step": 1}, {"step": 2}]

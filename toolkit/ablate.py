@@ -36,6 +36,7 @@ from .engine import free_port
 from .errors import CheckpointError, UsageError
 from .recipe import dump_recipe, registry_of
 from .runfolder import lock_folder
+from .safeio import write_atomically
 
 
 # -- running -----------------------------------------------------------------------------------
@@ -141,9 +142,7 @@ class _State:
 
     def set(self, name: str, **fields) -> None:
         self.runs[name] = {**self.runs.get(name, {}), **fields}
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.runs, indent=1, sort_keys=True))
-        tmp.replace(self.path)
+        write_atomically(self.path, json.dumps(self.runs, indent=1, sort_keys=True))
 
 
 def _header(ablation: Ablation, resolved: list[Resolved]) -> list[str]:

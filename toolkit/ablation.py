@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import difflib
 import itertools
-import json
 import math
 import os
 import re
@@ -64,7 +63,8 @@ from .errors import ConfigError, PluginLoadError, UserError
 from .families import Spec
 from .model import Transformer
 from .plugin_manager import default_registry, is_path_spec, load_registry
-from .recipe import Recipe, load_recipe, parse_override, read_toml, recipe_to_dict, registry_of
+from .recipe import (MISSING, Recipe, differences, flatten, load_recipe, parse_override, read_toml, recipe_to_dict,
+                     registry_of, toml_inline)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=,-]*$")
 # recipe keys the ablation sets itself
@@ -174,30 +174,9 @@ class Resolved:
 
 
 # -- TOML values -------------------------------------------------------------------------------
-def toml_value(value: Any) -> str:
-    """``value`` in TOML syntax (inline), so it can travel as ``--set key=<text>``."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)  # JSON string escapes are valid TOML basic-string escapes
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{json.dumps(str(k))} = {toml_value(v)}" for k, v in value.items()) + "}"
-    raise TypeError(f"cannot write {type(value).__name__} as a TOML value")
-
-
 def _show(value: Any) -> str:
     """A value for people: strings bare, the rest as TOML."""
-    return value if isinstance(value, str) else toml_value(value)
+    return value if isinstance(value, str) else toml_inline(value)
 
 
 # -- the recipe schema, for checking override keys ---------------------------------------------
@@ -313,7 +292,7 @@ def parse_overrides(value: Any, where: str, errors: list[str], base: Path) -> li
         for k, val in value.items():
             for key, item in _subkeys(k, val):
                 loc = f'{where}."{key}"'
-                out.append(Override(key, toml_value(item), item, loc, loc))
+                out.append(Override(key, toml_inline(item), item, loc, loc))
     elif isinstance(value, list):
         for i, item in enumerate(value):
             loc = f"{where}[{i}]"
@@ -331,7 +310,7 @@ def _absolute_plugins(ov: Override, base: Path) -> Override:
     if ov.key != "plugins" or not isinstance(ov.value, list):
         return ov
     value = [str((base / p).resolve()) if isinstance(p, str) and is_path_spec(p) else p for p in ov.value]
-    return attrs.evolve(ov, value=value, text=toml_value(value))
+    return attrs.evolve(ov, value=value, text=toml_inline(value))
 
 
 def _label(key: str, value: Any) -> str:
@@ -430,7 +409,7 @@ def _parse(path: Path, sets: list[str] | tuple[str, ...] = ()) -> tuple[Ablation
             ovs, labels = [], []
             for (key, values), i in zip(axes, combo):
                 ovs.append(_absolute_plugins(
-                    Override(key, toml_value(values[i]), values[i], f'$.grid."{key}"[{i}]', f'$.grid."{key}"'), path.parent))
+                    Override(key, toml_inline(values[i]), values[i], f'$.grid."{key}"[{i}]', f'$.grid."{key}"'), path.parent))
                 labels.append(_label(key, values[i]))
             variants.append(Variant("-".join(labels), tuple(ovs)))
     for i, item in enumerate(given["variant"]):
@@ -501,20 +480,11 @@ def budget_overrides(ablation: Ablation, recipe: Recipe) -> list[Override]:
     return [Override(f"train.{k}", str(val), val, f"{at} (sets train.{k}={val})", at) for k, val in values.items()]
 
 
-def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict):
-        out: dict[str, Any] = {}
-        for k, val in data.items():
-            out.update(_flat(val, f"{prefix}.{k}" if prefix else k))
-        return out
-    return {prefix: data}
-
-
 def recipe_diff(recipe: Recipe, baseline: Recipe) -> tuple[str, ...]:
     """``key=value`` for each setting of ``recipe`` that differs from ``baseline`` (name, description
     and seed aside). Where a component's kind changed, its options are listed only where they differ
     from that kind's defaults."""
-    mine, base = _flat(recipe_to_dict(recipe)), _flat(recipe_to_dict(baseline))
+    mine, base = flatten(recipe_to_dict(recipe)), flatten(recipe_to_dict(baseline))
     registry = registry_of(recipe)
     converter = make_converter(registry)
     changed_kind = {}  # recipe place of a component whose kind changed -> that kind's default options
@@ -523,18 +493,19 @@ def recipe_diff(recipe: Recipe, baseline: Recipe) -> tuple[str, ...]:
     for where, name in places:
         kind = mine.get(f"{where}.kind")
         if kind != base.get(f"{where}.kind") and (name, kind) in registry:
-            changed_kind[where] = _flat(converter.unstructure(registry.get(name, kind).options()))
+            changed_kind[where] = flatten(converter.unstructure(registry.get(name, kind).options()))
     out = []
-    for key, value in mine.items():
-        if key in ("name", "description", "train.seed") or base.get(key, object()) == value:
+    for key, value, _ in differences(mine, base):
+        if key in ("name", "description", "train.seed"):
+            continue
+        if value is MISSING:
+            if not any(key.startswith(w + ".") for w in changed_kind):
+                out.append(f"{key}=(unset)")
             continue
         place = next((w for w in changed_kind if key.startswith(w + ".") and key != f"{w}.kind"), None)
-        if place is not None and changed_kind[place].get(key[len(place) + 1:], object()) == value:
+        if place is not None and changed_kind[place].get(key[len(place) + 1:], MISSING) == value:
             continue  # the new kind's default
         out.append(f"{key}={_show(value)}")
-    for key in base:
-        if key not in mine and not any(key.startswith(w + ".") for w in changed_kind):
-            out.append(f"{key}=(unset)")
     return tuple(out)
 
 

@@ -57,8 +57,9 @@ from safetensors.torch import load_file, save_file
 from . import families, safeio
 from .engine import device
 from .errors import CheckpointError
-from .recipe import flatten, recipe_to_dict, toml_inline
+from .recipe import diff_lines, flatten, recipe_to_dict
 from .registry import code_of
+from .safeio import fsync, write_atomically
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -294,20 +295,11 @@ def identity_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     Refused: the model, its plugins and their versions, and ENGINE_KEYS. Allowed: everything else
     (more steps, another eval interval, ...), which the run folder then records.
     """
-    def changes(a: dict, b: dict, prefix: str = "") -> list[str]:
-        missing, out = object(), []
-        for key in [*a, *(k for k in b if k not in a)]:
-            va, vb = a.get(key, missing), b.get(key, missing)
-            if va != vb or type(va) is not type(vb):
-                show = ["(unset)" if v is missing else toml_inline(v) for v in (va, vb)]
-                out.append(f"{prefix}{key}: {show[0]} -> {show[1]}")
-        return out
-
     old_fixed, new_fixed = _fixed_keys(saved["recipe"]), _fixed_keys(current["recipe"])
-    refused = changes(old_fixed, new_fixed) + changes(saved["components"], current["components"], "plugin ")
+    refused = diff_lines(old_fixed, new_fixed) + diff_lines(saved["components"], current["components"], prefix="plugin ")
     old_all, new_all = flatten(saved["recipe"]), flatten(current["recipe"])
-    allowed = changes({k: v for k, v in old_all.items() if k not in old_fixed},
-                      {k: v for k, v in new_all.items() if k not in new_fixed})
+    allowed = diff_lines({k: v for k, v in old_all.items() if k not in old_fixed},
+                         {k: v for k, v in new_all.items() if k not in new_fixed})
     return refused, allowed
 
 
@@ -395,10 +387,10 @@ def _write_state(folder: Path, state: dict) -> None:
     """fsync everything in ``folder``, then write the state with the manifest of those files, last."""
     files = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        _fsync(path)
+        fsync(path)
         files[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size, "sha256": sha256_of(path)}
     state = {**state, "files": files}
-    _write_text(folder / STATE_FILE, json.dumps(_finite(state), indent=1) + "\n")
+    write_atomically(folder / STATE_FILE, json.dumps(_finite(state), indent=1) + "\n")
 
 
 def _finite(value):
@@ -420,13 +412,13 @@ def _commit(root: Path, partial: Path, tag: str) -> None:
         shutil.rmtree(trash, ignore_errors=True)
         os.replace(final, trash)
     os.replace(partial, final)
-    _fsync(root)
+    fsync(root)
     # `latest` is for DeepSpeed's own tools (we find checkpoints by their folders): a failure to
     # update it leaves the committed checkpoint complete and loadable
     try:
         if (root / LATEST).is_dir() and not (root / LATEST).is_symlink():  # something in its place
             shutil.rmtree(root / LATEST)
-        _write_text(root / LATEST, tag)
+        write_atomically(root / LATEST, tag)
     except OSError:
         (root / f"{LATEST}.tmp").unlink(missing_ok=True)
 
@@ -444,36 +436,6 @@ def prune(root: str | Path, step: int, keep: int | None, keep_best: bool = False
     for p in [p for p in found if step_of(p) > step] + (done[:-keep] if keep else []):
         if p != best:
             shutil.rmtree(p, ignore_errors=True)
-
-
-def _write_text(path: Path, text: str) -> None:
-    _write_text_bytes(path, text.encode("utf-8"))
-
-
-def _write_text_bytes(path: Path, data: bytes) -> None:
-    """Write ``path`` atomically: a temporary file beside it, fsynced, renamed over it (removed on failure)."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync(path.parent)
-
-
-write_atomically = _write_text
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -- loading -----------------------------------------------------------------------------------
@@ -731,7 +693,7 @@ def repair_metrics(path: str | Path, step: int) -> tuple[int, str | None]:
             kept.append(line)
     dropped += bool(torn)
     if dropped:
-        _write_text_bytes(path, b"".join(ln + b"\n" for ln in kept))
+        write_atomically(path, b"".join(ln + b"\n" for ln in kept))
     return dropped, note
 
 
@@ -751,7 +713,7 @@ def trim_samples(path: str | Path, step: int) -> int:
     if cut is None:
         return 0
     dropped = len(SAMPLE_HEADER.findall(data[cut:]))
-    _write_text_bytes(path, data[:cut])
+    write_atomically(path, data[:cut])
     return dropped
 
 
@@ -768,7 +730,7 @@ def samples_damage(path: str | Path) -> str | None:
         bad = exc.start
     starts = [m.start() for m in SAMPLE_HEADER.finditer(data) if m.start() <= bad]
     cut = starts[-1] if starts else 0
-    _write_text_bytes(path, data[:cut])
+    write_atomically(path, data[:cut])
     kept, dropped = max(0, len(starts) - 1), len(SAMPLE_HEADER.findall(data[cut:]))
     return (f"{path.name} is damaged at byte {bad:,} (not UTF-8): kept the {kept} sample(s) before it, "
             f"dropped {dropped} from there on")
@@ -784,12 +746,10 @@ def exportable(state: dict[str, torch.Tensor], tied: bool) -> dict[str, torch.Te
 
 
 def export_weights(state: dict[str, torch.Tensor], path: str | Path, tied: bool, metadata: dict | None = None) -> Path:
-    """Write fp32 weights to a safetensors file (written beside it, then renamed into place)."""
+    """Write fp32 weights to a safetensors file, atomically."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(exportable(state, tied), str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
-    tmp.replace(path)
-    return path
+    tensors, meta = exportable(state, tied), {k: str(v) for k, v in (metadata or {}).items()}
+    return write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 #: the export's record, beside model.safetensors: each exported file's size and sha256
@@ -803,7 +763,7 @@ def write_export_record(folder: str | Path) -> None:
     folder = Path(folder)
     files = {name: {"size": (folder / name).stat().st_size, "sha256": sha256_of(folder / name)}
              for name in EXPORTED if (folder / name).is_file()}
-    _write_text(folder / EXPORT_RECORD, json.dumps({"files": files}, indent=1) + "\n")
+    write_atomically(folder / EXPORT_RECORD, json.dumps({"files": files}, indent=1) + "\n")
 
 
 def export_problem(folder: str | Path) -> str | None:

@@ -40,8 +40,8 @@ from .inspection import check_fits, inspect_recipe
 from .launch import LAUNCHER_PID, PARENT_PID, die_with_parent
 from .lookinside import look_inside
 from .plugin_manager import PluginManager, default_registry, forget_loaded, is_path_spec, trust
-from .recipe import (DataConfig, diff_data, dump_recipe, flatten, load_for_reading, load_recipe,
-                     recipe_to_dict, recipe_warnings, registry_of, toml_inline)
+from .recipe import (DataConfig, diff_data, diff_lines, dump_recipe, flatten, load_for_reading, load_recipe,
+                     recipe_to_dict, recipe_warnings, registry_of)
 from .registry import Registry
 from .runfolder import LOCK_HOLDER_ENV, lock_folder, new_run_dir
 from .runs import DEFAULT_DIR, find_runs, render_runs
@@ -356,8 +356,7 @@ def _plain(recipe) -> dict:
 
 
 def _first_differences(a: dict, b: dict, keys=None, n: int = 3) -> list[str]:
-    found = [f"{k}: {toml_inline(a.get(k))} -> {toml_inline(b.get(k))}" for k in dict.fromkeys([*a, *b])
-             if a.get(k) != b.get(k) and (keys is None or k.startswith(keys))]
+    found = diff_lines(a, b, keys=[k for k in dict.fromkeys([*a, *b]) if keys is None or k.startswith(keys)])
     return found[:n] + ([f"and {len(found) - n} more"] if len(found) > n else [])
 
 

@@ -516,32 +516,26 @@ class _ShardWriter:
     def _write(self, ids: np.ndarray, next_pos) -> None:
         name = shard_name(self.split, len(self.shards))
         self.claim(name)  # recorded as prepare's own before the file exists
-        path = self.out / name
-        tmp = path.with_name(path.name + ".tmp")
         data = ids.astype("<u2", copy=False).tobytes()
-        _written(tmp, lambda: tmp.write_bytes(data))
         self.record(name, data)  # its size and sha256 recorded before it exists under its name
-        os.replace(tmp, path)  # a shard exists under its name only when complete
+        _write_file(self.out / name, data)  # a shard exists under its name only when complete
         self.shards.append(len(ids))
         self.done = tuple(next_pos)
         self.on_shard(self)
 
 
-def _written(tmp: Path, write) -> None:
-    """Run ``write`` (which writes ``tmp``); a full disk or another write error removes the partial
-    file and is one line (finished shards stay: prepare resumes from them)."""
+def _write_file(path: Path, data: bytes | str) -> None:
+    """Write ``path`` atomically; a full disk or another write error (the partial file removed) is one
+    line (finished shards stay: prepare resumes from them)."""
     try:
-        write()
+        safeio.write_atomically(path, data)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise DataError(f"{tmp.with_name(tmp.name.removesuffix('.tmp'))}: cannot write it "
-                        f"({exc.strerror or exc}); prepare resumes from the finished shards when run again") from None
+        raise DataError(f"{path}: cannot write it ({exc.strerror or exc}); prepare resumes from the "
+                        f"finished shards when run again") from None
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    _written(tmp, lambda: tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8"))
-    os.replace(tmp, path)
+    _write_file(path, json.dumps(obj, indent=1) + "\n")
 
 
 def _read_json(path: Path):

@@ -28,7 +28,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .plugin_manager import default_registry
-from .recipe import Recipe, TrainConfig, registry_of
+from .recipe import Recipe, TrainConfig, deep_merge, registry_of
 from .registry import Registry
 
 #: dense bf16 peak FLOP/s per device, by a substring of torch.cuda.get_device_name()
@@ -106,17 +106,6 @@ def batch_plan(recipe: Recipe, world_size: int = 1) -> BatchPlan:
 
 
 # -- the DeepSpeed config --------------------------------------------------------------------
-def deep_merge(base: dict, extra: dict) -> dict:
-    """``base`` updated by ``extra``, recursing into tables both have (a new dict; inputs untouched)."""
-    out = copy.deepcopy(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def check_precision(recipe: Recipe, cuda: bool | None = None) -> None:
     """Refuse what this machine or DeepSpeed cannot do, with the recipe key to change."""
     ds = recipe.deepspeed

@@ -12,10 +12,11 @@ docs/checkpoints.md for when CPU runs are reproducible). Steps only one run has 
 from __future__ import annotations
 
 import argparse
-import json
 import struct
 import sys
 from pathlib import Path
+
+from . import safeio
 
 #: what is compared: (row type, key)
 KEYS = (("train", "loss"), ("train", "grad_norm"), ("train", "lr"), ("eval", "train_loss"), ("eval", "val_loss"))
@@ -27,12 +28,8 @@ def read_curves(run: str | Path) -> dict[tuple[str, int], dict]:
     path = Path(run)
     path = path / "metrics.jsonl" if path.is_dir() else path
     out = {}
-    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and row.get("type") in ("train", "eval") and isinstance(row.get("step"), int):
+    for row in safeio.read_jsonl(path):
+        if row.get("type") in ("train", "eval") and isinstance(row.get("step"), int):
             out[(row["type"], row["step"])] = row
     return out
 

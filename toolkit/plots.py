@@ -5,7 +5,6 @@ switch), so importing this module or calling it from a training process has no s
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -15,13 +14,7 @@ from . import safeio
 def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
     """The ``train`` and ``eval`` lines of a metrics.jsonl file (a half-written last line is skipped)."""
     train, evals = [], []
-    for line in safeio.read_bytes(path).decode("utf-8", errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except (ValueError, RecursionError):  # a damaged line: not JSON, nested deep, an integer too long
-            continue
-        if not isinstance(row, dict):  # a damaged line that happens to be JSON
-            continue
+    for row in safeio.read_jsonl(path):
         if row.get("type") == "train":
             train.append(row)
         elif row.get("type") == "eval":

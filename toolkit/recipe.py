@@ -16,6 +16,7 @@ into the frozen attrs classes below. :func:`load_recipe` resolves it in this ord
 from __future__ import annotations
 
 import copy
+import datetime
 import importlib.util
 import json
 import os
@@ -889,12 +890,18 @@ def toml_inline(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(toml_inline(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {toml_inline(v)}" for k, v in value.items()) + "}"
-    return repr(value)
+        return "{" + ", ".join(f"{path_key(k)} = {toml_inline(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()  # TOML's own date, time and date-time syntax
+    return repr(value)  # numbers: repr spells nan, inf and -inf as TOML does
 
 
 def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
-    """``{"model": {"n_head": 6}}`` -> ``{"model.n_head": 6}`` (arrays stay whole)."""
+    """``{"model": {"n_head": 6}}`` -> ``{"model.n_head": 6}`` (arrays stay whole).
+
+    An empty table stays, as the value ``{}``: nothing of ``data`` is lost, and a table one recipe
+    lacks and the other has empty is a difference (against a full table, :func:`differences` lists
+    the keys that came or went instead)."""
     out: dict[str, Any] = {}
     for key, value in data.items():
         name = f"{prefix}{key}"
@@ -924,13 +931,29 @@ def diff_recipes(a: Recipe, b: Recipe) -> list[str]:
 
 def diff_data(da: dict, db: dict) -> list[str]:
     """:func:`diff_recipes` of two recipes' plain data."""
-    fa, fb = flatten(da), flatten(db)
-    missing = object()
-    lines = []
-    for key in flatten(_key_order(da, db)):
-        va, vb = fa.get(key, missing), fb.get(key, missing)
-        if va != vb or type(va) is not type(vb):
-            show_a = "(unset)" if va is missing else toml_inline(va)
-            show_b = "(unset)" if vb is missing else toml_inline(vb)
-            lines.append(f"{key}: {show_a} -> {show_b}")
-    return lines
+    return diff_lines(flatten(da), flatten(db), keys=flatten(_key_order(da, db)))
+
+
+#: a key one side of :func:`differences` does not have
+MISSING: Any = object()
+
+
+def differences(a: dict, b: dict, keys=None) -> list[tuple[str, Any, Any]]:
+    """``(key, a's value, b's value)`` for each key of two flat dicts whose values differ (in value or
+    type: 1 is not true), MISSING where one has none; in the order of ``keys`` (a's keys, then b's)."""
+    keys = [*a, *(k for k in b if k not in a)] if keys is None else keys
+    out = []
+    for key in keys:
+        va, vb = a.get(key, MISSING), b.get(key, MISSING)
+        if va == vb and type(va) is type(vb):
+            continue
+        if MISSING in (va, vb) and {} in (va, vb) and any(k.startswith(key + ".") for k in (b if va == {} else a)):
+            continue  # an empty table against the keys of a full one: those keys say what changed
+        out.append((key, va, vb))
+    return out
+
+
+def diff_lines(a: dict, b: dict, keys=None, prefix: str = "") -> list[str]:
+    """``key: a -> b`` for each of :func:`differences` (``(unset)`` where one has none)."""
+    show = lambda v: "(unset)" if v is MISSING else toml_inline(v)  # noqa: E731
+    return [f"{prefix}{key}: {show(va)} -> {show(vb)}" for key, va, vb in differences(a, b, keys)]

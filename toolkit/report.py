@@ -19,7 +19,6 @@ variant's difference from the baseline gets a 95% Welch t interval (unequal vari
 from __future__ import annotations
 
 import csv
-import json
 import math
 import re
 import statistics
@@ -64,19 +63,12 @@ def read_evals(metrics_path: str | Path) -> tuple[tuple[int, float], ...]:
     path = Path(metrics_path)
     if not path.is_file():
         return ()
-    out = []
     try:
-        text = safeio.read_bytes(path).decode("utf-8", errors="replace")
+        rows = safeio.read_jsonl(path)
     except OSError:
         return ()
-    for line in text.splitlines():
-        try:
-            rec = json.loads(line)
-        except (ValueError, RecursionError):
-            continue
-        if isinstance(rec, dict) and rec.get("type") == "eval" and _is_number(rec.get("val_loss")):
-            out.append((int(rec["tokens"]), float(rec["val_loss"])))
-    return tuple(out)
+    return tuple((int(r["tokens"]), float(r["val_loss"])) for r in rows
+                 if r.get("type") == "eval" and _is_number(r.get("val_loss")))
 
 
 def read_run(variant: str, seed: int, run_dir: str | Path, status: str = "pending",
@@ -126,18 +118,15 @@ class Comparison:
     seeds_to_resolve: int | None = None  # only for "within noise"; None when no n up to MAX_SEEDS does it
 
 
-def _t_quantile(df):
-    """Two-sided CONFIDENCE quantile of Student's t at ``df`` (a float or an array)."""
+def _stats():
     from scipy import stats  # imported here: scipy is slow to import and only reports need it
 
-    return stats.t.ppf(0.5 + CONFIDENCE / 2, df)
+    return stats
 
 
-def welch_df(var_a: float, n_a: int, var_b: float, n_b: int) -> float | None:
-    """Welch-Satterthwaite degrees of freedom of mean_a - mean_b; None when both spreads are 0."""
-    a, b = var_a / n_a, var_b / n_b
-    denom = a * a / (n_a - 1) + b * b / (n_b - 1)
-    return (a + b) ** 2 / denom if denom > 0 else None
+def _t_quantile(df):
+    """Two-sided CONFIDENCE quantile of Student's t at ``df`` (a float or an array)."""
+    return _stats().t.ppf(0.5 + CONFIDENCE / 2, df)
 
 
 def seeds_to_resolve(gap: float, std_a: float, std_b: float, cap: int = MAX_SEEDS) -> int | None:
@@ -166,10 +155,13 @@ def compare(values: Sequence[float], base_values: Sequence[float]) -> Comparison
     if n_a < 2 or n_b < 2:
         return Comparison(diff, "1 seed: no interval")
     s_a, s_b = statistics.stdev(values), statistics.stdev(base_values)
-    se = math.sqrt(s_a ** 2 / n_a + s_b ** 2 / n_b)
-    df = welch_df(s_a ** 2, n_a, s_b ** 2, n_b)
-    half = 0.0 if df is None else float(_t_quantile(df)) * se  # no spread: the interval is the point
-    lo, hi = diff - half, diff + half
+    if s_a == s_b == 0:  # no spread: the interval is the point (scipy's would be nan)
+        lo = hi = diff
+        df = None
+    else:
+        test = _stats().ttest_ind(values, base_values, equal_var=False)
+        ci = test.confidence_interval(CONFIDENCE)
+        lo, hi, df = float(ci.low), float(ci.high), float(test.df)
     if hi < 0:
         return Comparison(diff, "ahead", lo, hi, df)
     if lo > 0:

@@ -175,14 +175,14 @@ class RunFolder:
         checkpoint.export_weights(state, path, tied=recipe.model.tie_embeddings,
                                   metadata={"format": "pt", "recipe": recipe.name, "step": step})
         d = recipe_to_dict(recipe)
-        checkpoint.write_atomically(self.path / "model.toml", MODEL_TOML_HEADER + tomli_w.dumps(
+        safeio.write_atomically(self.path / "model.toml", MODEL_TOML_HEADER + tomli_w.dumps(
             {"plugins": d.get("plugins", []), "model": d["model"]}))
         checkpoint.write_export_record(self.path)  # last: generate, eval, convert check the files against it
         return path
 
     def write_summary(self, summary: dict) -> None:
         """summary.json, written whole or not at all (a full disk leaves the previous one), then the plots."""
-        checkpoint.write_atomically(self.path / "summary.json", json.dumps(summary, indent=2) + "\n")
+        safeio.write_atomically(self.path / "summary.json", json.dumps(summary, indent=2) + "\n")
         if self.metrics_path.is_file():
             self.plot(summary=True)
 

@@ -10,6 +10,8 @@ bytes; a deep JSON nest or a huge integer is one line, not a RecursionError.
 
 Problems are :class:`UnsafeFile` (an OSError, so existing ``except OSError`` handlers catch it) and
 :class:`BadContent` (a ValueError, as json's own errors are); both are UserErrors, one line each.
+
+It is also the one way a file is written whole or not at all: :func:`write_atomically`.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import json
 import os
 import stat
 from pathlib import Path
+from typing import Callable
 
 from .errors import UserError
 
@@ -125,3 +128,48 @@ def loads_json(text: str | bytes, where) -> object:
 def read_json(path: str | Path, limit: int | None = METADATA_LIMIT, inside: str | Path | None = None) -> object:
     """A regular file's JSON (at most ``limit`` bytes); UnsafeFile or BadContent."""
     return loads_json(read_bytes(path, limit, inside), path)
+
+
+def read_jsonl(path: str | Path, inside: str | Path | None = None) -> list[dict]:
+    """The objects of a JSON-lines file such as metrics.jsonl, in order; a damaged line (a torn last
+    line, not UTF-8 or not JSON, nested too deep, an integer too long, not an object) is skipped."""
+    rows = []
+    for line in read_bytes(path, inside=inside).decode("utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+# -- writing ---------------------------------------------------------------------------------------
+def write_atomically(path: str | Path, data: bytes | str | Callable[[Path], object]) -> Path:
+    """Write ``path`` whole or not at all: NAME.tmp beside it (``data``, or what ``data(tmp)`` writes
+    there), fsynced, renamed over it, the folder fsynced; on any failure the temporary is removed
+    and the error raised as it came (callers turn a full disk into their own one line)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        if callable(data):
+            data(tmp)
+        else:
+            with open(tmp, "wb") as f:
+                f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync(path.parent)  # the rename itself survives a power cut only once the folder is on disk
+    return path
+
+
+def fsync(path: str | Path) -> None:
+    """Flush a file or folder to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

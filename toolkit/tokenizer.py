@@ -83,10 +83,7 @@ class Tokenizer(abc.ABC):
         """Write ``tokenizer.json`` into ``directory`` (created if needed); returns its path."""
         path = Path(directory) / "tokenizer.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-        return path
+        return safeio.write_atomically(path, json.dumps(self.to_dict(), ensure_ascii=False) + "\n")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(vocab_size={self.vocab_size}, eot={self.eot})"

@@ -22,6 +22,7 @@ import uuid
 from pathlib import Path
 
 from .recipe import Recipe, TrackersConfig, recipe_to_dict
+from .safeio import write_atomically
 
 
 def numbers(row: dict) -> dict[str, float | int]:
@@ -99,12 +100,12 @@ class CSVFile:
             csv.DictWriter(f, self.columns).writerow(row)
 
     def _rewrite(self) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, self.columns)
-            w.writeheader()
-            w.writerows(self.rows)
-        tmp.replace(self.path)
+        def write(tmp: Path) -> None:
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, self.columns)
+                w.writeheader()
+                w.writerows(self.rows)
+        write_atomically(self.path, write)
 
     def close(self) -> None:
         pass
