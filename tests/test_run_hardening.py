@@ -93,7 +93,8 @@ def test_a_run_killed_after_its_last_checkpoint_resumes_to_write_its_export_and_
 
     assert main(["generate", str(run)]) == 2
     assert errors(capsys) == [f"error: {run}: not a finished run folder (missing model.safetensors; it has a "
-                              f"checkpoint: finish it with playattention train --resume {run})"]
+                              f"checkpoint: use it as {run}@latest, or finish the run with playattention train "
+                              f"--resume {run})"]
     assert main(["train", "--resume", str(run)]) == 0
     capsys.readouterr()
     summary = json.loads((run / "summary.json").read_text())

@@ -82,8 +82,9 @@ def test_a_training_into_a_locked_run_folder_is_refused_touching_nothing(recipe,
 def test_a_resume_of_a_run_another_process_writes_is_refused_touching_nothing(recipe, finished, tmp_path, capsys):
     with held(finished) as holder:
         before = contents(finished)
-        assert main(["train", "--resume", str(finished), "--set", "train.max_steps=3"]) == 2
-        assert capsys.readouterr().err == busy(finished, holder.pid)
+        assert main(["train", "--resume", str(finished), "--extend", "1"]) == 2
+        # what --extend would do is said first; then the refusal, and nothing is touched
+        assert capsys.readouterr().err.splitlines(keepends=True)[-1] == busy(finished, holder.pid)
         assert contents(finished) == before  # metrics.jsonl, resume.log, checkpoints: untouched
 
 
@@ -91,9 +92,9 @@ def test_a_second_launcher_is_refused_before_it_starts_any_rank(finished, monkey
     started = []
     with held(finished) as holder:
         monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: started.append(a))
-        assert main(["train", "--resume", str(finished), "--nproc", "2", "--set", "train.max_steps=3"]) == 2
+        assert main(["train", "--resume", str(finished), "--nproc", "2", "--extend", "1"]) == 2
         monkeypatch.undo()
-    assert started == [] and capsys.readouterr().err == busy(finished, holder.pid)
+    assert started == [] and capsys.readouterr().err.splitlines(keepends=True)[-1] == busy(finished, holder.pid)
 
 
 def test_the_ranks_of_a_launch_recognise_their_launchers_lock(tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ symlink or a symlink to /dev/zero in place of a file is one line naming it, neve
 traceback; the export is checked against its recorded sha256; a resume keeps the run's own recipe,
 and ``--extend`` continues the learning rate where the schedule ended.
 """
+import argparse
 import json
 import os
 import shutil
@@ -17,7 +18,8 @@ import pytest
 from test_resume import rows
 from test_run_hardening import SHORT, child_env, copy_run, errors
 from toolkit import checkpoint, safeio
-from toolkit.cli import main
+from toolkit.cli import extension, main
+from toolkit.errors import UsageError
 from toolkit.engine import lr_at
 from toolkit.recipe import load_recipe
 from toolkit.trainer import train
@@ -346,7 +348,7 @@ def test_prepare_of_an_empty_input_is_refused(tmp_path, capsys):
     assert main(["prepare", "--input", str(tmp_path / "empty.txt"), "--tokenizer", "char", "--out", str(out),
                  "--quiet"]) == 2
     (line,) = errors(capsys)
-    assert line.startswith(f"error: {out}: the inputs hold no text") and "nothing to train on" in line
+    assert line == f"error: {tmp_path / 'empty.txt'}: no text in it (1 documents, 0 tokens); nothing to prepare"
 
 
 # -- paths the OS refuses -------------------------------------------------------------------------------------------
@@ -469,3 +471,9 @@ def test_the_jsonl_reader_skips_a_torn_last_line_and_lines_that_are_not_objects(
     path = tmp_path / "metrics.jsonl"
     path.write_bytes(b'{"step": 1}\n[1, 2]\n\xff\xfe\n' + b"[" * 100_000 + b'\n{"step": 2}\n{"step": 3, "lo')
     assert safeio.read_jsonl(path) == [{"step": 1}, {"step": 2}]
+
+
+def test_extend_of_a_run_that_stopped_inside_its_warmup_is_one_line(tmp_path):
+    own = load_recipe(Path(__file__).resolve().parent / "recipes" / "bases" / "tiny.toml", ["train.max_steps=2", "train.warmup_steps=2"])
+    with pytest.raises(UsageError, match=r"--extend: .* ended at step 2, inside its warmup \(2 steps\)"):
+        extension(tmp_path, own, argparse.Namespace(extend=3, decay=None))

@@ -755,7 +755,9 @@ def export_weights(state: dict[str, torch.Tensor], path: str | Path, tied: bool,
 #: the export's record, beside model.safetensors: each exported file's size and sha256
 EXPORT_RECORD = "export.json"
 #: the files of an export the record covers (those present): the weights, and what gives them meaning
-EXPORTED = (WEIGHTS, "model.toml", "tokenizer.json")
+#: the files of a finished run that generate, eval and convert read, hashed at export: the weights, and
+#: the recipe that says how to build and sample them (a damaged one could still parse, into defaults)
+EXPORTED = (WEIGHTS, "model.toml", "tokenizer.json", "recipe.toml")
 
 
 def write_export_record(folder: str | Path) -> None:

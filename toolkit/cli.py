@@ -411,6 +411,9 @@ def extension(run_dir: Path, own, args) -> tuple[list[str], str | None]:
         raise UsageError(f"--extend must be at least 1 step, got {args.extend}")
     t = own.train
     end, steps = t.decay_steps or t.max_steps, t.max_steps + args.extend
+    if end <= t.warmup_steps:  # it stopped while warming up: no final rate of a schedule to hold
+        raise UsageError(f"--extend: {run_dir} ended at step {t.max_steps}, inside its warmup ({t.warmup_steps} "
+                         f"steps), so it has no final learning rate to continue at; train it again with more steps")
     sets = [f"train.max_steps={steps}", f"train.decay_steps={end}"]
     final = lr_at(t.max_steps, load_recipe(run_dir, sets).train, registry_of(own))
     if args.decay is None:
