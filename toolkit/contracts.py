@@ -472,5 +472,8 @@ def flex_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.
         # score_mod and no block mask is built (eagerly, building one per layer per token costs more
         # than the attention; compiled, inductor's CPU code for it fails to build in torch 2.13).
         score_mod, block_mask = _masked_score_mod(score_mod, q_pos, k_pos, window), None
-    flex = flex_attention if compiling or not FLEX_COMPILE else _compiled_flex()
+    # on a CPU, flex's reference implementation: inductor's standalone CPU flex kernel gave NaN and
+    # wrong values on an AVX2-only CPU (torch 2.13, every mask and bias; tests/test_flex.py), and
+    # backend "sdpa" never picks flex on a CPU anyway (prefer_flex)
+    flex = flex_attention if compiling or not FLEX_COMPILE or q.device.type == "cpu" else _compiled_flex()
     return flex(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=q.size(1) != k.size(1))
