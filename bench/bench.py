@@ -143,6 +143,7 @@ class Timed:
     def __init__(self, name, step):
         self.name, self.step, self.times, self.cpu_times, self.mem = name, step, [], [], None
         self.rounds: list[float] = []  # the median step time of each timed block
+        self.cpu_rounds: list[float] = []  # and its median CPU time
 
     def run(self, n: int, record: bool = True) -> None:
         for _ in range(n):
@@ -153,6 +154,7 @@ class Timed:
                 self.cpu_times.append(time.process_time() - c0)
         if record and n:
             self.rounds.append(statistics.median(self.times[-n:]))
+            self.cpu_rounds.append(statistics.median(self.cpu_times[-n:]))
 
 
 def cuda_mem() -> int:
@@ -265,11 +267,16 @@ def bench(recipe, steps: int, warmup: int, block: int = 5, stages: list[int] | N
         tps = plan.tokens_per_step / step_s
         per_round = [flops * plan.tokens_per_step / t / p for t, p in zip(path.rounds, peaks)]
         interval = compose.median_interval(per_round)
+        # by the process's CPU time per step: on a shared machine with one thread, the time it actually ran
+        per_round_cpu = [flops * plan.tokens_per_step / t / p for t, p in zip(path.cpu_rounds, peaks) if t > 0]
+        interval_cpu = compose.median_interval(per_round_cpu)
         out["paths"][path.name] = {"tokens_per_s": tps, "step_ms": 1000 * step_s,
                                    "cpu_ms": 1000 * statistics.median(path.cpu_times),
                                    "train_flops": flops * tps, "utilisation": statistics.median(per_round),
                                    "utilisation_interval": list(interval[1:]) if interval else None,
                                    "utilisation_rounds": per_round,
+                                   "utilisation_cpu": statistics.median(per_round_cpu) if per_round_cpu else None,
+                                   "utilisation_cpu_interval": list(interval_cpu[1:]) if interval_cpu else None,
                                    "mfu": flops * tps / peak if peak else None, "peak_mem_bytes": path.mem}
     out["profiles"] = {p.name: compose.profile_steps(p, profile) for p in paths} if profile else {}
     plain_p = out["paths"][plain_path.name]
@@ -303,15 +310,21 @@ def render(result: dict, recipe) -> str:
                 f"{result['peak'] / 1e9:.1f} GFLOP/s; the model's GEMM mix at its shapes' best rates "
                 f"{result['gemm_mix_flops'] / 1e9:.1f} GFLOP/s ({100 * result['gemm_mix_flops'] / result['peak']:.0f}% "
                 f"of the best)")
-    rows += ["", f"{'':<16}{'tokens/s':>12}{'GFLOP/s':>9}{'util [95% interval]':>24}{'MFU':>7}{'step ms':>10}"
-                 f"{'cpu ms':>10}{mem_label:>12}{'vs plain':>10}{'(cpu)':>8}"]
+    rows += ["", f"{'':<16}{'tokens/s':>12}{'GFLOP/s':>9}{'util [95% interval]':>24}{'by CPU time':>24}{'MFU':>7}"
+                 f"{'step ms':>10}{'cpu ms':>10}{mem_label:>12}{'vs plain':>10}{'(cpu)':>8}"]
+
+    def util(value, iv):
+        if value is None:
+            return "n/a"
+        return f"{100 * value:.1f}%" + (f" [{100 * iv[0]:.1f}, {100 * iv[1]:.1f}]" if iv else " [n<6]")
+
     for name, p in result["paths"].items():
         mfu = f"{100 * p['mfu']:.1f}%" if p["mfu"] is not None else "n/a"
         ratio = f"{result['ratios'][name]:.3f}x" if name in result["ratios"] else ""
         cpu = result["cpu_ratios"].get(name)
-        iv = p["utilisation_interval"]
-        util = f"{100 * p['utilisation']:.1f}%" + (f" [{100 * iv[0]:.1f}, {100 * iv[1]:.1f}]" if iv else " [n<6]")
-        rows.append(f"{name:<16}{p['tokens_per_s']:>12,.0f}{p['train_flops'] / 1e9:>9.1f}{util:>24}{mfu:>7}"
+        rows.append(f"{name:<16}{p['tokens_per_s']:>12,.0f}{p['train_flops'] / 1e9:>9.1f}"
+                    f"{util(p['utilisation'], p['utilisation_interval']):>24}"
+                    f"{util(p['utilisation_cpu'], p['utilisation_cpu_interval']):>24}{mfu:>7}"
                     f"{p['step_ms']:>10.2f}{p['cpu_ms']:>10.2f}"
                     f"{p['peak_mem_bytes'] / 2**20:>10,.0f}MB{ratio:>10}{f'{cpu:.3f}x' if cpu else '':>8}")
     rows.append(f"engine / plain (recipe's ZeRO {ds.zero_stage}): {result['ratio']:.3f}x; utilisation is training "
