@@ -572,13 +572,14 @@ def one_rank_zero_note(zero_stage: int, world_size: int) -> str | None:
     """What ZeRO 1/2 costs on one rank, where there is nothing to partition, and how to avoid it; else None.
 
     Kept as the recipe says (a multi-rank recipe tried on one rank runs the path it will run on many, with
-    the same checkpoints), but DeepSpeed's ZeRO 1/2 optimizer still copies every gradient into one flat fp32
-    tensor and the master weights back each step: 0.86x of stage 0 (bench/RESULTS.md, "One-rank ZeRO").
+    the same checkpoints and optimizer state), but DeepSpeed's ZeRO 1/2 optimizer still copies every gradient
+    into one flat fp32 tensor and the weights back each step, a cost per step: 0.54x to 0.86x of stage 0's
+    speed on the CPU benchmarks (bench/RESULTS.md, "One-rank ZeRO 1/2").
     """
     if world_size != 1 or zero_stage not in (1, 2):
         return None
-    return (f"note: deepspeed.zero_stage = {zero_stage} on one rank partitions nothing and trains about 14% slower "
-            f"than stage 0 (flat fp32 copies of every gradient and weight each step); "
+    return (f"note: deepspeed.zero_stage = {zero_stage} on one rank partitions nothing, yet copies every gradient "
+            f"and weight through flat fp32 buffers each step (0.54x-0.86x of stage 0's speed in bench/RESULTS.md); "
             f"--set deepspeed.zero_stage=0 avoids it")
 
 
