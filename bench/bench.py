@@ -16,7 +16,9 @@ measured in the same process: the matmul rate this machine reaches on the model'
 distinct ``nn.Linear`` at micro_batch x block_size rows, lm_head included), best of ``--reps``
 repetitions, in the recipe's dtype (fp32, or bf16 for bf16 and fp16). The peak is measured once per
 round, between the paths' blocks of steps, so that a shared machine slows both alike; the median
-of the rounds' ratios is given with a distribution-free 95% interval. MFU is the same FLOPs over
+of the rounds' ratios is given with a distribution-free 95% interval. "By CPU time" divides by the
+process's CPU time per step instead (one thread: the time it ran, not the time others ran) and by
+the best peak of all rounds. MFU is the same FLOPs over
 the device's datasheet dense bf16 peak (CUDA only). ``--profile N`` adds torch.profiler's top ops
 over N steps of each path.
 """
@@ -260,15 +262,16 @@ def bench(recipe, steps: int, warmup: int, block: int = 5, stages: list[int] | N
            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "tokens_per_step": plan.tokens_per_step,
            "steps": steps, "warmup": warmup, "block": block, "reps": reps, "rounds": len(peaks),
            "flops_per_token": flops, "dtype": dtype, "other_load_cores": other_load,
-           "peak": max(peaks), "peak_median": statistics.median(peaks), "gemm_mix_flops": mix,
+           "peak": max(peaks), "peak_median": statistics.median(peaks), "peaks": peaks, "gemm_mix_flops": mix,
            "gemms": gemms, "paths": {}, "ratios": {}, "cpu_ratios": {}}
     for path in paths:
         step_s = statistics.median(path.times)
         tps = plan.tokens_per_step / step_s
         per_round = [flops * plan.tokens_per_step / t / p for t, p in zip(path.rounds, peaks)]
         interval = compose.median_interval(per_round)
-        # by the process's CPU time per step: on a shared machine with one thread, the time it actually ran
-        per_round_cpu = [flops * plan.tokens_per_step / t / p for t, p in zip(path.cpu_rounds, peaks) if t > 0]
+        # by the process's CPU time per step, on a shared machine with one thread the time it actually ran,
+        # over the best peak of all rounds, the one least disturbed by other processes
+        per_round_cpu = [flops * plan.tokens_per_step / t / max(peaks) for t in path.cpu_rounds if t > 0]
         interval_cpu = compose.median_interval(per_round_cpu)
         out["paths"][path.name] = {"tokens_per_s": tps, "step_ms": 1000 * step_s,
                                    "cpu_ms": 1000 * statistics.median(path.cpu_times),
@@ -277,6 +280,7 @@ def bench(recipe, steps: int, warmup: int, block: int = 5, stages: list[int] | N
                                    "utilisation_rounds": per_round,
                                    "utilisation_cpu": statistics.median(per_round_cpu) if per_round_cpu else None,
                                    "utilisation_cpu_interval": list(interval_cpu[1:]) if interval_cpu else None,
+                                   "utilisation_cpu_rounds": per_round_cpu,
                                    "mfu": flops * tps / peak if peak else None, "peak_mem_bytes": path.mem}
     out["profiles"] = {p.name: compose.profile_steps(p, profile) for p in paths} if profile else {}
     plain_p = out["paths"][plain_path.name]
