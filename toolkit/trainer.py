@@ -173,7 +173,11 @@ class Trainer:
         begin = self.launched[0] if self.launched else self.mark - sum(self.startup.values())
         self.startup["total"] = self.mark - begin
         if self.verbose and self.is_main:
-            print("start-up: " + ", ".join(f"{k} {v:.2f} s" for k, v in self.startup.items()), file=sys.stderr)
+            line = "start-up: " + ", ".join(f"{k} {v:.2f} s" for k, v in self.startup.items())
+            if self.display.enabled:  # above the progress bar, not through it
+                self.display.say(line)
+            else:  # --quiet --verbose: asked for, so said
+                print(line, file=sys.stderr)
 
     def run(self) -> dict:
         """Set up, fit, and write the summary; returns the summary. The run folder stays locked until then."""
