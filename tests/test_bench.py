@@ -43,6 +43,14 @@ def test_bench_compares_the_engine_with_a_plain_loop(tmp_path):
     assert set(result["ratios"]) == {"engine ZeRO 1", "engine ZeRO 0", "engine ZeRO 2"}
     for path in result["paths"].values():
         assert path["tokens_per_s"] > 0 and path["step_ms"] > 0 and path["mfu"] is None
+        assert 0 < path["utilisation"] and 0 < path["utilisation_cpu"] and len(path["utilisation_rounds"]) == 1
+    # the peak is measured on the model's own matmuls at micro_batch x block_size rows, in both dtypes
+    assert [(g["name"], g["M"], g["K"], g["N"]) for g in result["gemms"]] == [
+        ("c_attn", 32, 16, 48), ("c_proj", 32, 16, 16), ("c_fc", 32, 16, 64), ("c_proj", 32, 64, 16),
+        ("lm_head", 32, 16, 65)]
+    assert all(g["fp32_flops"] > 0 and g["bf16_flops"] > 0 for g in result["gemms"])
+    assert result["dtype"] == "fp32" and result["peak"] == max(g["fp32_flops"] for g in result["gemms"])
+    assert "util [95% interval]" in proc.stdout
     assert result["tokens_per_step"] == 2 * 2 * 16
     assert result["ratio"] > 0
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from toolkit.engine import (batch_plan, build_engine, deep_merge, deepspeed_config, full_fp32_state_dict, lr_at,
-                            make_optimizer, make_scheduler)
+                            make_optimizer, make_scheduler, one_rank_zero_note)
 from toolkit.errors import ConfigError
 from toolkit.plugins.optimizers import param_groups
 from toolkit.model import ModelConfig, Transformer
@@ -189,3 +189,10 @@ def test_grad_accumulation_matches_one_big_micro_batch():
     accumulated, _ = run_engine(0, "fp32", micro_batch=4, grad_accum=2)
     single, _ = run_engine(0, "fp32", micro_batch=8, grad_accum=1)
     assert accumulated == pytest.approx(single, rel=1e-5)
+
+
+def test_one_rank_zero_note_only_for_stage_1_or_2_on_one_rank():
+    for stage in (1, 2):
+        note = one_rank_zero_note(stage, 1)
+        assert f"zero_stage = {stage}" in note and "deepspeed.zero_stage=0" in note and "\n" not in note
+    assert [one_rank_zero_note(s, w) for s, w in [(0, 1), (3, 1), (1, 2), (2, 4)]] == [None] * 4

@@ -180,3 +180,27 @@ def test_train_command_refuses_indivisible_batch_arithmetic_in_one_line(tiny_fil
     assert main(["train", str(tiny_file), "--set", "train.tokens_per_step=1000"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and "train.tokens_per_step" in err and "256" in err
+
+
+STARTUP_PHASES = ["set-up", "data", "model build", "engine init", "first eval", "first step", "total"]
+
+
+def test_summary_keeps_the_start_up_phases_up_to_the_first_step(trained):
+    _, summary = trained
+    startup = summary["startup"]
+    assert list(startup) == STARTUP_PHASES
+    assert all(v >= 0 for v in startup.values())
+    assert startup["total"] == pytest.approx(sum(v for k, v in startup.items() if k != "total"))
+
+
+def test_train_verbose_prints_the_start_up_and_one_rank_zero_1_says_its_cost_once(tiny_file, tmp_path, capsys):
+    run = tmp_path / "zero1"
+    assert main(["train", str(tiny_file), "--set", "train.max_steps=2", "--set", "deepspeed.zero_stage=1",
+                 "--set", "generate.max_new_tokens=2", "--run-dir", str(run), "--verbose"]) == 0
+    err = capsys.readouterr().err
+    notes = [ln for ln in err.splitlines() if "on one rank" in ln]
+    assert len(notes) == 1 and "zero_stage = 1" in notes[0] and "--set deepspeed.zero_stage=0" in notes[0]
+    shown = [ln for ln in err.splitlines() if ln.startswith("start-up: ")]
+    assert len(shown) == 1 and "imports" in shown[0] and "engine init" in shown[0] and "first step" in shown[0]
+    startup = json.loads((run / "summary.json").read_text())["startup"]
+    assert list(startup) == ["imports", "command", *STARTUP_PHASES]

@@ -7,6 +7,11 @@ lost and no traceback is shown.
 """
 from __future__ import annotations
 
+import time
+
+STARTED = time.perf_counter()  # before the imports below: `train --verbose` reports how long they take
+IMPORTED = None  # when main() first ran
+
 import argparse
 import errno
 import json
@@ -302,7 +307,8 @@ def cmd_train(args) -> int:
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return launch_ranks(args, recipe, resume)
     print_warnings(recipe, args.recipe or resume)
-    summary = train(recipe, run_dir=resume or args.run_dir, resume=resume is not None, init_from=args.init_from)
+    summary = train(recipe, run_dir=resume or args.run_dir, resume=resume is not None, init_from=args.init_from,
+                    verbose=args.verbose, launched=(STARTED, IMPORTED))
     code = train_exit_status(summary)
     if int(os.environ.get("RANK", "0")) == 0:
         print(render_train_summary(summary, prompt_hint(recipe, summary["run_dir"]) if code == 0 else ""),
@@ -462,7 +468,8 @@ def launch_ranks(args, recipe, resume: str | None = None) -> int:
            *(["--init-from", args.init_from] if args.init_from else []),
            *(["--extend", str(args.extend)] if args.extend is not None else []),
            *(["--decay", str(args.decay)] if args.decay is not None else []),
-           *(["--reshape"] if args.reshape else []), *(["--no-verify"] if args.no_verify else [])]
+           *(["--reshape"] if args.reshape else []), *(["--no-verify"] if args.no_verify else []),
+           *(["--verbose"] if args.verbose else [])]
     for s in args.set:
         cmd += ["--set", s]
     for p in args.plugin:
@@ -692,6 +699,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "curve or the batch (lr, min_lr, warmup_steps, schedule, micro_batch, grad_accum, tokens_per_step)")
     add_no_verify(p)
     p.add_argument("--nproc", type=int, default=1, metavar="N", help="launch N local ranks through torchrun")
+    p.add_argument("--verbose", action="store_true", help="print the start-up phases (imports, data, model build, "
+                   "engine init, first step) once the first step is done; summary.json keeps them either way")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_train)
 
@@ -826,6 +835,8 @@ def print_errors(lines: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global IMPORTED
+    IMPORTED = IMPORTED or time.perf_counter()  # the first call: the module's imports are done
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--trace" in argv[: argv.index("--") if "--" in argv else len(argv)]:
         os.environ["PLAYATTENTION_TRACE"] = "1"

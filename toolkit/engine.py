@@ -557,6 +557,21 @@ def _clip_fp32_gradients(engine) -> None:
     engine._global_grad_norm = torch.nn.utils.clip_grad_norm_(params, engine.gradient_clipping(), foreach=True)
 
 
+def one_rank_zero_note(zero_stage: int, world_size: int) -> str | None:
+    """What ZeRO 1/2 costs on one rank, where there is nothing to partition, and how to avoid it; else None.
+
+    Kept as the recipe says (a multi-rank recipe tried on one rank runs the path it will run on many, with
+    the same checkpoints and optimizer state), but DeepSpeed's ZeRO 1/2 optimizer still copies every gradient
+    into one flat fp32 tensor and the weights back each step, a cost per step: 0.54x to 0.86x of stage 0's
+    speed on the CPU benchmarks (bench/RESULTS.md, "One-rank ZeRO 1/2").
+    """
+    if world_size != 1 or zero_stage not in (1, 2):
+        return None
+    return (f"note: deepspeed.zero_stage = {zero_stage} on one rank partitions nothing, yet copies every gradient "
+            f"and weight through flat fp32 buffers each step (0.54x-0.86x of stage 0's speed in bench/RESULTS.md); "
+            f"--set deepspeed.zero_stage=0 avoids it")
+
+
 def build_engine(model: nn.Module, recipe: Recipe, *, registry: Registry | None = None,
                  plan: BatchPlan | None = None, config: dict | None = None) -> Engine:
     """Wrap ``model`` in a DeepSpeed engine as the recipe says (ZeRO stage, precision, optimizer, schedule).

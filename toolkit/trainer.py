@@ -33,7 +33,7 @@ import torch.distributed as dist
 from . import checkpoint, data
 from .checkpointer import Checkpointer
 from .engine import (batch_plan, build_engine, deepspeed_config, device, engine_step, full_fp32_state_dict,
-                     init_distributed, peak_flops, schedule)
+                     init_distributed, one_rank_zero_note, peak_flops, schedule)
 from .convert import check_init, init_weights
 from .errors import CheckpointError, ConfigError, UsageError, UserError
 from .evaluate import EvalContext, LossEvaluator, build_evaluators, run_evaluators
@@ -54,7 +54,8 @@ AUX_WINDOW = 50
 
 
 def train(recipe: Recipe, *, run_dir: str | Path | None = None, progress: bool = True, plugins=(),
-          resume: bool = False, init_from: str | Path | None = None) -> dict:
+          resume: bool = False, init_from: str | Path | None = None, verbose: bool = False,
+          launched: tuple[float, float] | None = None) -> dict:
     """Train ``recipe`` and return its summary (also written to ``run_dir/summary.json``).
 
     ``plugins`` are extra plugin files or modules, loaded as if the recipe listed them. Problems
@@ -62,10 +63,12 @@ def train(recipe: Recipe, *, run_dir: str | Path | None = None, progress: bool =
     training is reported as ``status: "failed"`` with an ``error`` line, a SIGINT/SIGTERM as
     ``status: "interrupted"`` with the ``signal``. ``resume`` continues ``run_dir`` from its
     newest complete checkpoint. ``init_from`` starts the weights from a run or Hugging Face folder
-    whose model the recipe must describe (:func:`toolkit.convert.init_weights`).
+    whose model the recipe must describe (:func:`toolkit.convert.init_weights`). The start-up phases
+    go into the summary (``startup``), and with ``verbose`` on stderr once the first step is done;
+    ``launched`` is (process start, imports done) on ``time.perf_counter``'s clock, from the command line.
     """
     return Trainer(recipe, run_dir=run_dir, progress=progress, plugins=plugins, resume=resume,
-                   init_from=init_from).run()
+                   init_from=init_from, verbose=verbose, launched=launched).run()
 
 
 class Interrupted(Exception):
@@ -84,7 +87,8 @@ class Trainer:
     """Trains one recipe on this rank; every rank of a launch runs the same Trainer."""
 
     def __init__(self, recipe: Recipe, *, run_dir: str | Path | None = None, progress: bool = True, plugins=(),
-                 resume: bool = False, init_from: str | Path | None = None):
+                 resume: bool = False, init_from: str | Path | None = None, verbose: bool = False,
+                 launched: tuple[float, float] | None = None):
         if resume and run_dir is None:
             raise ValueError("resume needs the run_dir to continue")
         if resume and init_from is not None:
@@ -106,6 +110,15 @@ class Trainer:
         self.component_metrics: dict = {}  # the components' metrics, as last logged
         self.locked, self.run_lock = False, None  # the run folder's writer lock (rank 0 holds it)
         self.end_errors: list[str] = []  # what failed after the last step was saved and exported
+        self.verbose, self.launched = verbose, launched
+        self.startup: dict[str, float] = {}  # seconds of each start-up phase, up to the end of the first step
+        self.mark = time.perf_counter()  # the end of the last timed phase
+
+    def phase(self, name: str) -> None:
+        """The time since the last phase ended counts to ``name``."""
+        now = time.perf_counter()
+        self.startup[name] = self.startup.get(name, 0.0) + now - self.mark
+        self.mark = now
 
     # -- the loop --------------------------------------------------------------------------
     def fit(self) -> None:
@@ -113,6 +126,7 @@ class Trainer:
         cfg = self.cfg
         if self.step == 0:
             self.evaluate()
+            self.phase("first eval")
         while self.step < cfg.max_steps:
             lr = self.lr_of(self.step)
             t0 = time.perf_counter()
@@ -121,6 +135,8 @@ class Trainer:
             self.step += 1
             self.tokens += self.plan.tokens_per_step
             self.log(loss, lr, grad_norm, aux, time.perf_counter() - t0)
+            if "first step" not in self.startup:
+                self.started()
             last = self.step == cfg.max_steps
             if self.step % cfg.eval_interval == 0 and not last:
                 self.evaluate()
@@ -150,6 +166,18 @@ class Trainer:
             self.end_errors.append(f"{what} failed after step {self.step} ({type(exc).__name__}: {first}); "
                                    f"the run is finished and usable: its checkpoint and {checkpoint.WEIGHTS} "
                                    f"are written")
+
+    def started(self) -> None:
+        """The first step is done: the start-up's total, and with --verbose its phases on stderr."""
+        self.phase("first step")
+        begin = self.launched[0] if self.launched else self.mark - sum(self.startup.values())
+        self.startup["total"] = self.mark - begin
+        if self.verbose and self.is_main:
+            line = "start-up: " + ", ".join(f"{k} {v:.2f} s" for k, v in self.startup.items())
+            if self.display.enabled:  # above the progress bar, not through it
+                self.display.say(line)
+            else:  # --quiet --verbose: asked for, so said
+                print(line, file=sys.stderr)
 
     def run(self) -> dict:
         """Set up, fit, and write the summary; returns the summary. The run folder stays locked until then."""
@@ -195,6 +223,10 @@ class Trainer:
         # MKL's dynamic choice of threads per GEMM (mkl_set_dynamic(0)), and a GEMM or reduction on
         # another number of threads sums in another order (docs/checkpoints.md: reproducibility)
         torch.set_num_threads(torch.get_num_threads())
+        if self.launched:  # the command line's imports, then its checks of the recipe before training
+            self.startup["imports"] = self.launched[1] - self.launched[0]
+            self.startup["command"] = self.mark - self.launched[1]
+        self.phase("set-up")
         recipe = self.recipe
         self.rank, self.world_size = init_distributed()
         self.is_main = self.rank == 0
@@ -210,22 +242,28 @@ class Trainer:
         if self.resume:  # refused before anything is prepared or written
             self.checkpointer = self.make_checkpointer()
             self.checkpointer.check_resume(self.cfg.max_steps)
+        self.phase("set-up")
         self.tokenizer, self.prepared = self.prepare_data()
         self.train_loader = data.TokenLoader(self.prepared, "train", self.cfg.micro_batch, recipe.model.block_size,
                                              seed=self.cfg.seed, rank=self.rank, world_size=self.world_size)
+        self.phase("data")
         self.make_run_dir()
         if not self.resume:
             self.checkpointer = self.make_checkpointer()
         torch.manual_seed(self.cfg.seed)  # the same initial weights on every rank
+        self.phase("set-up")
         model = Transformer(recipe.model, self.registry)
         if self.init_from is not None:  # every rank loads them whole; DeepSpeed partitions them after (ZeRO 3)
             init_weights(model, self.init_from, recipe.plugins)
+        self.phase("model build")
         self.params = model.num_params()
         checkpoint.check_room(self.run_dir, self.params, recipe.deepspeed.precision, recipe.deepspeed.zero_stage,
                               self.cfg.keep_checkpoints + self.cfg.keep_best)
         # forward FLOPs; counted (like params) before ZeRO 3 partitions the weights
         self.flops_per_token = model.flops_per_token(recipe.model.block_size)
+        self.phase("set-up")
         self.engine = build_engine(model, recipe, registry=self.registry, plan=self.plan, config=self.ds_config).engine
+        self.phase("engine init")
         ctx = EvalContext(recipe, self.registry, self.tokenizer, self.prepared, self.device, self.rank, self.world_size)
         self.loss_evaluator = LossEvaluator(ctx, self.cfg.eval_batches)
         self.evaluators = build_evaluators(ctx)
@@ -236,6 +274,9 @@ class Trainer:
         self.t_start = time.perf_counter()
         self.display = Progress(enabled=self.progress and self.is_main, total=self.cfg.max_steps, initial=self.step,
                                 title=recipe.name, log_interval=self.cfg.log_interval)
+        note = one_rank_zero_note(recipe.deepspeed.zero_stage, self.world_size)
+        if note:
+            self.display.say(note)
         if self.is_main:  # the trackers drop what they logged after a resumed checkpoint's step
             trackers = Trackers.open(recipe, self.run_dir, resume_step=self.step if self.resume else None)
         self.folder = RunFolder(self.run_dir, recipe.name, trackers) if self.is_main else None
@@ -246,6 +287,7 @@ class Trainer:
                 lines = self.folder.record_resume(self.step, found, self.world_size, saved["world_size"],
                                                   self.checkpointer.resume_changes, self.checkpointer.resume_notes)
                 self.display.say("\n".join(lines))
+        self.phase("set-up")
 
     def prepare_data(self):
         """Prepare the dataset (rank 0 first, the others then find it ready); the tokenizer and prepared dir."""
@@ -467,6 +509,7 @@ class Trainer:
             "flops_per_token": self.flops_per_token,
             "world_size": self.world_size,
             "tokens_per_step": self.plan.tokens_per_step,
+            "startup": self.startup,
             "signal": self.signals.received if status == "interrupted" else None,  # SIGINT 2, SIGTERM 15
             "checkpoint": str(self.checkpointer.latest() or "") or None,  # the one to resume
         }
