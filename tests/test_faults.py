@@ -154,7 +154,8 @@ def test_kill_9_loses_at_most_one_checkpoint_interval_and_resumes_exactly(long_r
     proc.kill()
     proc.wait()
     saved = checkpoint.step_of(checkpoint.latest(run / "checkpoints"))
-    assert 0 < last_step(run) - saved <= 3  # the checkpoint interval
+    # at most one checkpoint interval lost (0 when a checkpoint completed between the wait and the kill)
+    assert 0 <= last_step(run) - saved <= 3
 
     until = [f"train.max_steps={saved + 3}"]
     resumed = train(load_recipe(run, until), run_dir=run, resume=True, progress=False)
