@@ -16,26 +16,13 @@ from pathlib import Path
 import pytest
 
 from test_resume import rows
-from test_run_hardening import SHORT, child_env, copy_run, errors
+# the module-scoped fixtures of the hardening tests: one finished run per module, copied before damage
+from test_run_hardening import child_env, copy_run, errors, finished, short_recipe  # noqa: F401
 from toolkit import checkpoint, safeio
 from toolkit.cli import extension, main
 from toolkit.errors import UsageError
 from toolkit.engine import lr_at
 from toolkit.recipe import load_recipe
-from toolkit.trainer import train
-
-
-@pytest.fixture(scope="module")
-def short_recipe(tmp_path_factory, tiny_recipe):
-    return tiny_recipe(tmp_path_factory.mktemp("safe-reads"), SHORT, name="short")
-
-
-@pytest.fixture(scope="module")
-def finished(short_recipe, tmp_path_factory):
-    """A finished 6-step run with checkpoints at steps 3 and 6 (copy it before damaging it)."""
-    run = tmp_path_factory.mktemp("finished") / "run"
-    assert train(load_recipe(short_recipe), run_dir=run, progress=False)["status"] == "finished"
-    return run
 
 
 @pytest.fixture(scope="module")
