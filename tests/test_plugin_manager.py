@@ -127,14 +127,24 @@ def test_broken_entry_points_are_reported_by_name_package_version_and_reason(plu
 
 
 def test_a_plugin_is_registered_atomically_when_it_clashes_with_another(plugin_dir):
-    plugin_dir("pa_dup", DUPLICATES_A_BUILTIN, name="first_ok")
+    plugin_dir("pa_dup", DUPLICATES_A_BUILTIN.replace('"attention", "mha"', '"mlp", "{name}"'), name="first_ok")
     pm = PluginManager(entry_points=False)
     pm.add_module("pa_dup")
     reason = failure_for(pm, "pa_dup").reason
-    assert reason == ("RegistryError: attention 'mha' registered twice: "
-                      f"by {pm.registry.get('attention', 'mha').source} and by pa_dup")
+    assert reason.startswith("RegistryError: mlp 'first_ok' registered twice in namespace 'pa_dup': by pa_dup and by "
+                             "pa_dup; rename one of them")
     assert ("mlp", "first_ok") not in pm.registry  # registered before the clash, rolled back
-    assert pm.registry.get("attention", "mha").source.plugin == "toolkit.plugins.attention"
+
+
+def test_a_plugin_registering_a_builtin_name_loads_beside_it_and_says_how_to_choose_it(plugin_dir, capsys):
+    plugin_dir("pa_dup", DUPLICATES_A_BUILTIN, name="first_ok")
+    pm = PluginManager(entry_points=False)
+    pm.add_module("pa_dup")
+    assert not pm.failures and ("mlp", "first_ok") in pm.registry
+    assert pm.registry.get("attention", "mha").source.plugin == "toolkit.plugins.attention"  # bare: the built-in
+    assert pm.registry.get("attention", "pa_dup:mha").source.plugin == "pa_dup"
+    assert capsys.readouterr().err == ("[playattention] note: pa_dup registers attention 'mha' as a built-in does; "
+                                       "a recipe chooses it as 'pa_dup:mha' (a bare 'mha' means the built-in)\n")
 
 
 def test_a_hook_with_the_wrong_signature_is_reported(plugin_dir):

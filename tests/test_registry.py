@@ -62,14 +62,46 @@ def test_unknown_family_is_an_error_with_a_hint():
     assert set(NAMES) >= {*MODEL_FAMILIES, "schedule", "tokenizer", "dataset", "evaluator", "command"}
 
 
-def test_duplicate_registration_names_both_sources():
+def test_duplicate_registration_in_one_namespace_names_both_sources_and_what_to_do():
     reg = registry_with("mha")
     with pytest.raises(RegistryError) as info:
-        reg.register("attention", "mha", Widget, source=Source("other.plugin", "otherpkg", "2.5"))
+        reg.register("attention", "mha", Widget, source=Source("tests.other", "testpkg", "1.1"))
     assert str(info.value) == (
-        "attention 'mha' registered twice: by testpkg 1.0 (tests.plugin) and by otherpkg 2.5 (other.plugin)"
+        "attention 'mha' registered twice in namespace 'testpkg': by testpkg 1.0 (tests.plugin) and by testpkg 1.1 "
+        "(tests.other); rename one of them (a plugin file's namespace is its file name, so renaming the file also "
+        "lets both load)"
     )
-    assert reg.get("attention", "mha").source.package == "testpkg"  # the first one stays
+    assert reg.get("attention", "mha").source.version == "1.0"  # the first one stays
+
+
+def test_a_name_in_two_namespaces_is_chosen_by_namespace_and_a_bare_name_means_the_builtin():
+    reg = Registry()
+    builtin = reg.register("attention", "diff", Widget, source=Source("toolkit.plugins.differential", "playattention", "1"))
+    mine = reg.register("attention", "diff", Widget, source=Source("/somewhere/my_diff.py"))
+    assert reg.get("attention", "diff") is builtin and reg.get("attention", "playattention:diff") is builtin
+    assert reg.get("attention", "my_diff:diff") is mine and mine.qualified == "my_diff:diff"
+    assert reg.names("attention") == ["diff", "my_diff:diff"] and list(reg) == [builtin, mine]
+    assert ("attention", "my_diff:diff") in reg and ("attention", "other:diff") not in reg
+    msg = str(pytest.raises(UnknownComponentError, reg.get, "attention", "other:diff").value)
+    assert msg.startswith("unknown attention 'other:diff'") and "my_diff:diff" in msg
+
+
+def test_a_bare_name_two_plugins_share_without_a_builtin_asks_whose():
+    reg = Registry()
+    reg.register("norm", "dyt", Widget, source=Source("a/first.py"))
+    reg.register("norm", "dyt", Widget, source=Source("b/second.py"))
+    with pytest.raises(UnknownComponentError) as info:  # the recipe converter reports it at $.model.norm.kind
+        reg.get("norm", "dyt")
+    assert str(info.value) == "norm 'dyt' is registered by several plugins; choose one: 'first:dyt' or 'second:dyt'"
+    assert reg.names("norm") == ["first:dyt", "second:dyt"] and ("norm", "dyt") not in reg
+
+
+def test_a_failed_registration_taken_back_leaves_the_others_of_its_name():
+    reg = Registry()
+    keep = reg.register("mlp", "moe", Widget, source=Source("toolkit.plugins.moe", "playattention", "1"))
+    gone = reg.register("mlp", "moe", Widget, source=Source("x.py"))
+    reg.remove(gone)
+    assert reg.names("mlp") == ["moe"] and reg.get("mlp", "moe") is keep
 
 
 def test_same_name_in_different_families_is_fine():

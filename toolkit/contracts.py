@@ -93,6 +93,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import ConfigError
+
 
 @attrs.frozen
 class Dims:
@@ -304,7 +306,7 @@ def attend(
     if flex_chosen and flex_runs(q, k, v, dropout, fresh=fresh):
         mod = position.score_mod(q_pos, k_pos, **heads) if position is not None else None
         if mod is None and position is not None:
-            bias, biased = position.score_bias(q_pos, k_pos, **heads), True
+            bias, biased = _score_bias(position, q_pos, k_pos, n_head), True
         # by choice, flex with whatever is asked; automatically only where SDPA cannot fuse and a
         # bias (if any) comes in closed form: a dense bias is paid for already, SDPA takes it as well
         if backend == "flex" or softcap is not None or (bias is None and (mod is not None or window is not None)):
@@ -313,7 +315,7 @@ def attend(
             return flex_attend(q, k, v, q_pos, k_pos, capped_score_mod(mod, softcap), window=window, fresh=fresh,
                                scale=scale)
     if not biased and position is not None:
-        bias = position.score_bias(q_pos, k_pos, **heads)
+        bias = _score_bias(position, q_pos, k_pos, n_head)
     # Plain causal self-attention over a fresh sequence: let SDPA build the mask (flash-eligible).
     if backend != "math" and softcap is None and bias is None and window is None and fresh:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scale,
@@ -340,6 +342,20 @@ def attend(
     if _observer is not None:
         return _observer.mask_heads(att @ v)
     return att @ v  # (B, nh, Tq, hv)
+
+
+def _score_bias(position: Position, q_pos: torch.Tensor, k_pos: torch.Tensor, n_head: int) -> torch.Tensor | None:
+    """``position.score_bias`` for ``n_head`` heads; a position written before the head count was asked
+    (no ``n_head``) gives the model's heads, which would broadcast silently against fewer (differential
+    attention asks for n_head / 2), so a mismatch is refused in one line."""
+    if position.score_takes_n_head:
+        return position.score_bias(q_pos, k_pos, n_head=n_head)
+    bias = position.score_bias(q_pos, k_pos)
+    if bias is not None and bias.size(0) not in (1, n_head):
+        raise ConfigError(f"position {type(position).__name__!r}: score_bias gave a bias for {bias.size(0)} heads where "
+                          f"the attention asks for {n_head}; give score_bias an n_head argument and return that many "
+                          f"heads (toolkit.contracts.Position)")
+    return bias
 
 
 def capped_score_mod(mod: Callable | None, softcap: float | None) -> Callable | None:

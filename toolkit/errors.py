@@ -41,6 +41,15 @@ class UnknownComponentError(RegistryError, KeyError):
         return self.args[0]
 
 
+class AmbiguousComponentError(UnknownComponentError):
+    """A bare name that several plugins registered and no built-in has: the recipe must say whose."""
+
+    def __init__(self, family: str, name: str, qualified: list[str]):
+        self.family, self.name, self.known = family, name, qualified
+        choices = " or ".join(f"'{q}'" for q in qualified)
+        RegistryError.__init__(self, f"{family} {name!r} is registered by several plugins; choose one: {choices}")
+
+
 class PluginLoadError(UserError, RuntimeError):
     """A plugin the user asked for by name (recipe, ablation file or --plugin) could not be loaded."""
 

@@ -13,6 +13,9 @@ A plugin file runs only with consent (:func:`trust`, :func:`refusal`): a file of
 one named by ``--plugin``, or any with ``--trust-plugins``; a run folder or recipe from elsewhere
 names code its author wrote, as a Hugging Face repository's ``trust_remote_code`` does.
 
+A plugin may register a name that a built-in or another plugin has: each lives in its own
+namespace (:mod:`toolkit.registry`), and a recipe chooses it as ``namespace:name``.
+
 A plugin that fails to import or to register is recorded as a :class:`PluginFailure` and skipped;
 the others still load. ``PLAYATTENTION_TRACE=1`` (or ``playattention --trace``) shows who
 registered what.
@@ -39,7 +42,7 @@ import pluggy
 from . import families, hookspecs
 from . import plugins as builtin_plugins
 from .errors import PluginLoadError, one_line
-from .registry import Registry, Source, make_component
+from .registry import BUILTIN_NAMESPACE, Registry, Source, make_component
 
 ENTRY_POINT_GROUP = "playattention"
 #: the built-in plugin modules: every module of the toolkit.plugins package, registered like any other
@@ -343,6 +346,11 @@ class PluginManager:
         if self.trace:  # only once the whole plugin is in: a rolled-back one registered nothing
             for comp in staged:
                 print(f"[playattention] {source} registered {comp.family} {comp.name!r}", file=sys.stderr)
+        for comp in staged:  # beside a built-in of its name: say how to choose it, since a bare name will not
+            if source.namespace != BUILTIN_NAMESPACE and (comp.family, f"{BUILTIN_NAMESPACE}:{comp.name}") in self.registry:
+                print(f"[playattention] note: {source} registers {comp.family} {comp.name!r} as a built-in does; "
+                      f"a recipe chooses it as '{comp.qualified}' (a bare '{comp.name}' means the built-in)",
+                      file=sys.stderr)
 
     @staticmethod
     def _register_callback(hook: str, source: Source, staged: list):

@@ -6,6 +6,12 @@ class once, by the recipe converter, and the factory is called with that instanc
 :mod:`toolkit.contracts` describes. A registry is filled by a plugin manager
 (:func:`toolkit.plugin_manager.load_registry`) and not changed after: each recipe gets the
 registry of its own plugins.
+
+**Namespaces.** Every component also has a qualified name ``namespace:name``, its namespace being
+who registered it: ``playattention`` for the built-ins, a plugin file's stem (``my_diff.py`` ->
+``my_diff``), an installed package's name (``playattention_talking_heads``) or a module's top-level
+package. So a plugin may register a name a built-in has (``diff``): a recipe selects it as
+``my_diff:diff``, while a bare ``diff`` keeps meaning the built-in, or the only one of that name.
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ from typing import Callable
 import attrs
 
 from . import families
-from .errors import RegistryError, UnknownComponentError
+from .errors import AmbiguousComponentError, RegistryError, UnknownComponentError
 from .families import Spec
 
 
@@ -39,6 +45,14 @@ class Source:
     plugin: str
     package: str | None = None
     version: str | None = None
+
+    @property
+    def namespace(self) -> str:
+        """What a recipe writes before the colon to choose this source's components (``my_diff:diff``)."""
+        path = Path(self.plugin)
+        if path.suffix == ".py":
+            return path.stem
+        return (self.package or self.plugin).split(".")[0].strip("<>").replace("-", "_").lower()
 
     def __str__(self) -> str:
         if self.package:
@@ -70,6 +84,11 @@ class Component:
     options: type
     doc: str
     source: Source
+
+    @property
+    def qualified(self) -> str:
+        """``namespace:name``, which selects this component even where another has its name."""
+        return f"{self.source.namespace}:{self.name}"
 
     def option_fields(self) -> list[tuple[str, str, object]]:
         """(name, type, default) for each option, for listings and docs."""
@@ -122,26 +141,37 @@ def _class_comments(klass: type) -> dict[str, str]:
     return out
 
 
+#: the namespace of the built-in components: a bare name means the built-in where a plugin has it too
+BUILTIN_NAMESPACE = "playattention"
+
+
 class Registry:
-    """Maps (family, name) to a :class:`Component`."""
+    """Maps (family, name) to a :class:`Component`; a name is bare (``diff``) or qualified (``my_diff:diff``)."""
 
     def __init__(self) -> None:
-        self._components: dict[str, dict[str, Component]] = {f: {} for f in families.NAMES}
+        # family -> bare name -> the components of that name, one per namespace, in registration order
+        self._components: dict[str, dict[str, list[Component]]] = {f: {} for f in families.NAMES}
         self.failures: list = []  # PluginFailure records, filled by the plugin manager
 
     def add(self, component: Component) -> None:
         families.family(component.family)
-        existing = self._components[component.family].get(component.name)
+        same = self._components[component.family].setdefault(component.name, [])
+        existing = next((c for c in same if c.source.namespace == component.source.namespace), None)
         if existing is not None:
             raise RegistryError(
-                f"{component.family} {component.name!r} registered twice: by {existing.source} and by {component.source}"
+                f"{component.family} {component.name!r} registered twice in namespace {component.source.namespace!r}: "
+                f"by {existing.source} and by {component.source}; rename one of them (a plugin file's namespace is "
+                f"its file name, so renaming the file also lets both load)"
             )
-        self._components[component.family][component.name] = component
+        same.append(component)
 
     def remove(self, component: Component) -> None:
         """Take back a component (a plugin whose registration failed half way registers nothing)."""
-        if self._components[component.family].get(component.name) is component:
-            del self._components[component.family][component.name]
+        same = self._components[component.family].get(component.name, [])
+        if any(c is component for c in same):
+            same[:] = [c for c in same if c is not component]
+            if not same:
+                del self._components[component.family][component.name]
 
     def register(self, family, name, factory, options=None, doc=None, *, source=Source("<python>")) -> Component:
         """Register directly (tests, notebooks). Plugins use their hook's ``register`` callback instead."""
@@ -150,15 +180,39 @@ class Registry:
         return comp
 
     def get(self, family: str, name: str) -> Component:
+        """The component ``name`` selects: ``namespace:name`` exactly; a bare name the only component
+        of that name, or the built-in where plugins have it too (AmbiguousComponentError otherwise)."""
         families.family(family)
+        namespace, _, bare = name.rpartition(":") if isinstance(name, str) else ("", "", name)
         try:
-            return self._components[family][name]
+            same = self._components[family][bare]
         except (KeyError, TypeError):
-            raise UnknownComponentError(family, name, list(self._components[family])) from None
+            raise UnknownComponentError(family, name, self.names(family)) from None
+        if namespace:
+            found = next((c for c in same if c.source.namespace == namespace), None)
+            if found is None:
+                raise UnknownComponentError(family, name, self.names(family))
+            return found
+        if len(same) == 1:
+            return same[0]
+        builtin = next((c for c in same if c.source.namespace == BUILTIN_NAMESPACE), None)
+        if builtin is None:
+            raise AmbiguousComponentError(family, bare, [c.qualified for c in same])
+        return builtin
+
+    def name_of(self, component: Component) -> str:
+        """The shortest name that selects ``component``: bare where it means this one, else qualified."""
+        try:
+            if self.get(component.family, component.name) is component:
+                return component.name
+        except AmbiguousComponentError:
+            pass
+        return component.qualified
 
     def names(self, family: str) -> list[str]:
+        """Every component of ``family`` once, by the shortest name that selects it (:meth:`name_of`)."""
         families.family(family)
-        return sorted(self._components[family])
+        return sorted(self.name_of(c) for same in self._components[family].values() for c in same)
 
     def options(self, spec: Spec):
         """The typed options of ``spec``: its instance, or the component's defaults when it has none."""
@@ -181,7 +235,8 @@ class Registry:
 
     def __iter__(self):
         for family in families.NAMES:
-            yield from (self._components[family][n] for n in sorted(self._components[family]))
+            for name in sorted(self._components[family]):
+                yield from self._components[family][name]
 
     def code(self) -> dict[str, str]:
         """Every source that registered here and the code it stands for (:func:`code_of`)."""
@@ -189,7 +244,11 @@ class Registry:
 
     def __contains__(self, key: tuple[str, str]) -> bool:
         family, name = key
-        return name in self._components.get(family, {})
+        try:
+            self.get(family, name)
+        except RegistryError:
+            return False
+        return True
 
 
 def make_component(family, name, factory, options=None, doc=None, source=Source("<python>")) -> Component:
