@@ -92,10 +92,12 @@ class Muon(torch.optim.Optimizer):
         params = [p for p in model.parameters() if p.requires_grad]
         matrices = [p for p in params if id(p) in blocks]
         rest = [p for p in params if id(p) not in blocks]
-        scales: dict[float, list] = {}  # a hinted lr_scale: a Muon group of its own
+        hinted: dict[tuple[bool, float], list] = {}  # a hinted lr_scale or weight_decay: a Muon group of its own
         for p in matrices:
-            scales.setdefault(getattr(p, "optim_hints", {}).get("lr_scale", 1.0), []).append(p)
-        self.muon = torch.optim.Muon([{"params": ps, "lr": opts.lr * s} for s, ps in scales.items()], lr=opts.lr,
+            hints = getattr(p, "optim_hints", {})
+            hinted.setdefault((hints.get("weight_decay", True), hints.get("lr_scale", 1.0)), []).append(p)
+        self.muon = torch.optim.Muon([{"params": ps, "lr": opts.lr * s, "weight_decay": opts.weight_decay if decay else 0.0}
+                                      for (decay, s), ps in hinted.items()], lr=opts.lr,
                                      weight_decay=opts.weight_decay, momentum=opts.momentum, nesterov=opts.nesterov,
                                      ns_steps=opts.ns_steps, adjust_lr_fn=opts.adjust_lr)
         self.adamw = torch.optim.AdamW(decay_groups(rest, train.weight_decay, train.lr), lr=train.lr,

@@ -62,11 +62,17 @@ Tolerances are fp32's (atol 1e-5, rtol 1e-4) except where the text says "exactly
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
+import copy
 import io
 import os
 import re
+import shutil
+import tempfile
 import traceback
+import unittest.mock
+from pathlib import Path
 from typing import Callable
 
 import math
@@ -83,12 +89,15 @@ import cattrs
 from toolkit import contracts, families
 from toolkit.config import format_errors, make_converter
 from toolkit.contracts import Position, flops_per_token
-from toolkit.engine import build_engine, engine_step
+from toolkit.data import prepare
+from toolkit.engine import build_engine, engine_step, make_scheduler
+from toolkit.evaluate import EvalContext
 from toolkit.families import SPEC_TYPES
 from toolkit.model import ModelConfig, Transformer
 from toolkit.plugin_manager import load_registry
-from toolkit.recipe import DeepSpeedConfig, Recipe, TrainConfig
+from toolkit.recipe import DataConfig, DeepSpeedConfig, Recipe, TrainConfig
 from toolkit.registry import Registry
+from toolkit.tokenizer import ASSETS, load_tokenizer
 
 #: the tiny model every check builds the component into (ModelConfig fields): 48 positions, so a
 #: causal leak or a cache that forgets after 20 tokens shows, and past any sliding window the tests use
@@ -148,7 +157,8 @@ def make_subject(family: str, name: str, options=None, registry: Registry | None
                  plugins: list[str] | tuple[str, ...] = (), model: dict | None = None) -> Subject:
     """Look the component up and structure its options; a readable ConformanceError if either fails."""
     if family not in families.MODEL_FAMILIES:
-        raise ConformanceError(f"unknown component family {family!r} (families: {', '.join(families.MODEL_FAMILIES)})")
+        raise ConformanceError(f"unknown component family {family!r} (families: "
+                               f"{', '.join([*families.MODEL_FAMILIES, *PART_CHECKS])})")
     if registry is None:
         registry = load_registry(list(plugins))
     elif plugins:
@@ -695,6 +705,8 @@ def check_component(family: str, name: str, options=None, registry: Registry | N
     ``checks``: names from :data:`CHECKS` (default: all but ``compile``, which ``compile=True`` adds).
     Raises :class:`ConformanceError` listing every failed check.
     """
+    if family in PART_CHECKS:  # an optimizer, schedule or evaluator: its own checks (end of this file)
+        return check_part(family, name, options, registry, plugins=plugins, checks=checks)
     subject = make_subject(family, name, options, registry, plugins=plugins, model=model)
     names = list(checks) if checks is not None else [c for c in CHECKS if c != "compile" or compile]
     unknown = [c for c in names if c not in CHECKS]
@@ -717,4 +729,361 @@ def check_component(family: str, name: str, options=None, registry: Registry | N
         opts = f" ({subject.options})" if attrs.fields(type(subject.options)) else ""
         raise ConformanceError(f"{subject.label}{opts} failed {len(failures)} of {len(names)} "
                                f"conformance checks:\n" + "\n".join(failures))
+    return names
+
+
+# -- the parts outside the model: optimizers, schedules, evaluators ------------------------------
+# check_component("optimizer" | "schedule" | "evaluator", name, ...) runs these instead of the model
+# checks above: each part is built the way the trainer builds it, around the same tiny model.
+
+#: the train settings of every optimizer and schedule check (decay over 100 steps after 10 of warmup)
+KIT_TRAIN = dict(micro_batch=BATCH, max_steps=100, warmup_steps=10, lr=1e-3, min_lr=1e-4, weight_decay=0.1)
+
+
+@attrs.frozen
+class PartSubject:
+    """An optimizer, schedule or evaluator under test: its spec, the registry, and the tiny model's recipe."""
+
+    family: str
+    name: str
+    options: object
+    registry: Registry
+
+    @property
+    def label(self) -> str:
+        return f"{self.family} {self.name!r}"
+
+    @property
+    def spec(self):
+        return SPEC_TYPES[self.family](self.name, self.options)
+
+    def recipe(self, stage: int = 0, **train) -> Recipe:
+        """The tiny model's recipe with this part chosen (an optimizer or schedule; evaluators are built apart)."""
+        chosen = {self.family: self.spec} if self.family in ("optimizer", "schedule") else {}
+        fields = {**TINY_MODEL, **DEFAULT_PARTNERS}
+        return Recipe(model=ModelConfig(**fields), train=TrainConfig(**{**KIT_TRAIN, **chosen, **train}),
+                      deepspeed=DeepSpeedConfig(zero_stage=stage), plugins=[])
+
+    def model(self, seed: int = 0, vocab_size: int | None = None) -> Transformer:
+        torch.manual_seed(seed)
+        cfg = self.recipe().model
+        return Transformer(attrs.evolve(cfg, vocab_size=vocab_size) if vocab_size else cfg, self.registry)
+
+
+def make_part_subject(family: str, name: str, options=None, registry: Registry | None = None, *,
+                      plugins: list[str] | tuple[str, ...] = ()) -> PartSubject:
+    """make_subject for an optimizer, schedule or evaluator: the component and its structured options."""
+    if registry is None:
+        registry = load_registry(list(plugins))
+    elif plugins:
+        raise ConformanceError("pass either registry or plugins, not both (load the plugins into your registry first)")
+    comp = registry.get(family, name)
+    if options is None or isinstance(options, comp.options):
+        try:
+            opts = options if options is not None else comp.options()
+        except TypeError as exc:
+            raise ConformanceError(f"{family} {name!r}: its options have no defaults, pass options=...: {exc}") from None
+    elif isinstance(options, dict):
+        try:
+            opts = make_converter(registry).structure(options, comp.options)
+        except (cattrs.BaseValidationError, ValueError, TypeError) as exc:
+            lines = format_errors(exc, "options") if isinstance(exc, cattrs.BaseValidationError) else [str(exc)]
+            raise ConformanceError(f"{family} {name!r}: invalid options: " + "; ".join(lines)) from None
+    else:
+        raise ConformanceError(f"{family} {name!r}: options must be a dict or {comp.options.__name__}, "
+                               f"got {type(options).__name__}")
+    return PartSubject(family, name, opts, registry)
+
+
+def _nonzero(model: nn.Module) -> nn.Module:
+    """``model`` with every weight moved off zero (biases start at zero, where decay shows nothing)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)
+    return model
+
+
+def _optimizer(subject: PartSubject, model: nn.Module, **train) -> torch.optim.Optimizer:
+    return subject.registry.build(subject.spec, model, subject.recipe(**train))
+
+
+def _step_with(model: nn.Module, optimizer: torch.optim.Optimizer, grads: dict[str, torch.Tensor] | None) -> None:
+    """One optimizer step with the given gradient of every parameter (zeros where ``grads`` is None)."""
+    for name, p in model.named_parameters():
+        p.grad = torch.zeros_like(p) if grads is None else grads[name].clone()
+    optimizer.step()
+
+
+def _random_grads(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(p.shape, generator=g) for name, p in model.named_parameters()}
+
+
+def _moved(before: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach() - before[name] for name, p in model.named_parameters()}
+
+
+def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def check_optimizer_hints(subject: PartSubject, **_) -> None:
+    """hint(weight_decay=...) turns decay off and on, hint(lr_scale=s) scales the update by s.
+
+    Decay is seen in a step with zero gradients, where an Adam-like update is zero and only decoupled
+    decay moves a weight; the lr scale in a step with the same random gradients with and without the hint.
+    """
+    plain = _nonzero(subject.model())
+    before = _weights(plain)
+    _step_with(plain, _optimizer(subject, plain), None)
+    decayed = {n for n, d in _moved(before, plain).items() if d.abs().max() > 0}
+    names = [n for n, _ in plain.named_parameters()]
+    hinted = _nonzero(subject.model())
+    params = dict(hinted.named_parameters())
+    # every parameter it decays by default, hinted off; every vector it leaves alone (gains, biases:
+    # their rate is train.weight_decay, as for nanoGPT's matrices), hinted on
+    off = [n for n in names if n in decayed]
+    on = [n for n in names if n not in decayed and params[n].dim() == 1]
+    for n in off:
+        contracts.hint(params[n], weight_decay=False)
+    for n in on:
+        contracts.hint(params[n], weight_decay=True)
+    before = _weights(hinted)
+    _step_with(hinted, _optimizer(subject, hinted), None)
+    moved = _moved(before, hinted)
+    if still := [n for n in off if moved[n].abs().max() > 0]:
+        raise ConformanceError(f"{still[0]} has hint(weight_decay=False), but a step with zero gradients still "
+                               f"decayed it ({len(still)} such parameters)")
+    if unmoved := [n for n in on if not moved[n].abs().max() > 0]:
+        raise ConformanceError(f"{unmoved[0]} has hint(weight_decay=True), but a step with zero gradients left it "
+                               f"unchanged ({len(unmoved)} such parameters)")
+    # lr_scale: a matrix and a vector of the first block (the update is linear in the lr)
+    scale = 0.25
+    probes = [next(n for n in names if n.startswith("transformer.h.") and params[n].dim() == d) for d in (2, 1)]
+    deltas = []
+    for with_hint in (False, True):
+        model = subject.model()
+        if with_hint:
+            ps = dict(model.named_parameters())
+            for n in probes:
+                contracts.hint(ps[n], lr_scale=scale)
+        before = _weights(model)
+        _step_with(model, _optimizer(subject, model, weight_decay=0.0), _random_grads(model, 1))
+        deltas.append(_moved(before, model))
+    for n in probes:
+        want, got = scale * deltas[0][n], deltas[1][n]
+        if not torch.allclose(got, want, atol=1e-7, rtol=1e-3):
+            ratio = (got.norm() / deltas[0][n].norm().clamp_min(1e-30)).item()
+            raise ConformanceError(f"{n} has hint(lr_scale={scale}), but its first update is {ratio:.3g} x the "
+                                   f"unhinted one (expected {scale})")
+    unhinted = [n for n in names if n not in probes]
+    for n in unhinted:
+        assert_same(deltas[1][n], deltas[0][n], f"the update of {n}, not hinted, when other parameters have an lr_scale")
+
+
+def check_optimizer_state_dict(subject: PartSubject, **_) -> None:
+    """Two steps, a save, a load into a fresh optimizer over a fresh copy: the third step is the same exactly."""
+    model = subject.model()
+    opt = _optimizer(subject, model)
+    for seed in (1, 2):
+        _step_with(model, opt, _random_grads(model, seed))
+    saved_opt, saved_model = copy.deepcopy(opt.state_dict()), copy.deepcopy(model.state_dict())
+    fresh = subject.model(seed=5)
+    fresh.load_state_dict(saved_model)
+    fresh_opt = _optimizer(subject, fresh)
+    fresh_opt.load_state_dict(saved_opt)
+    grads = _random_grads(model, 3)
+    _step_with(model, opt, grads)
+    _step_with(fresh, fresh_opt, grads)
+    for (name, p), q in zip(model.named_parameters(), fresh.parameters()):
+        assert_same(q, p, f"{name} after a step resumed from the optimizer's state_dict vs an uninterrupted step",
+                    exact=True)
+
+
+def check_optimizer_engine(subject: PartSubject, **_) -> None:
+    """Two steps through a one-rank CPU DeepSpeed engine at ZeRO 1 and 2 (flat fp32 partitions instead of
+    the model's parameters), or at ZeRO 0 where the optimizer's check_recipe refuses those stages."""
+    check = getattr(subject.registry.get("optimizer", subject.name).factory, "check_recipe", None)
+    stages = [s for s in (1, 2) if not (check and check(subject.options, subject.recipe(stage=s)))] or [0]
+    probe = Subject("attention", DEFAULT_PARTNERS["attention"], None, subject.registry)
+    idx, targets = tokens(probe, seed=1), tokens(probe, seed=2)
+    for stage in stages:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            model = subject.model()
+            before = _weights(model)
+            engine = build_engine(model, subject.recipe(stage=stage), registry=subject.registry).engine
+            for _ in range(2):
+                loss = engine_step(engine, lambda: (idx, targets), 1)
+        if not torch.isfinite(loss):
+            raise ConformanceError(f"ZeRO {stage}: the loss after two engine steps is {loss.item()}")
+        if all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters()):
+            raise ConformanceError(f"ZeRO {stage}: two engine steps changed no parameter")
+
+
+def check_schedule_values(subject: PartSubject, **_) -> None:
+    """Every step's learning rate, through warmup, decay and past its end, is a finite float >= 0."""
+    train = subject.recipe().train
+    lr_of = subject.registry.build(subject.spec, train)
+    for step in range(train.max_steps + 20):
+        lr = lr_of(step)
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+            raise ConformanceError(f"step {step}: the learning rate is {lr!r}, expected a finite number >= 0")
+
+
+def check_schedule_resume(subject: PartSubject, **_) -> None:
+    """The lr at step s is the same from a schedule that ran steps 0..s-1 and from one built afresh (as a
+    resumed run builds it, its LambdaLR state loaded), whatever order it is asked in."""
+    train = subject.recipe().train
+    ran = subject.registry.build(subject.spec, train)
+    through = [ran(s) for s in range(train.max_steps + 5)]
+    for s in (0, train.warmup_steps, train.max_steps // 2, train.max_steps, train.max_steps + 3):
+        again = subject.registry.build(subject.spec, train)(s)
+        if again != through[s]:
+            raise ConformanceError(f"step {s}: {through[s]!r} after stepping through 0..{s - 1}, but {again!r} from a "
+                                   "schedule built afresh (a resumed run): compute the lr from the step, keep no count")
+    # through the trainer's LambdaLR: its state_dict round trip into a fresh one gives the same lr
+    model = subject.model()
+    opt = torch.optim.SGD(model.parameters(), lr=train.lr)
+    sched = make_scheduler(opt, train, subject.registry)
+    s = train.max_steps // 2
+    for _ in range(s):
+        opt.step()
+        sched.step()
+    state = copy.deepcopy(sched.state_dict())
+    fresh_opt = torch.optim.SGD(subject.model().parameters(), lr=train.lr)
+    fresh = make_scheduler(fresh_opt, train, subject.registry)
+    fresh.load_state_dict(state)
+    fresh_opt.param_groups[0]["lr"] = fresh.get_last_lr()[0]
+    if not math.isclose(fresh_opt.param_groups[0]["lr"], opt.param_groups[0]["lr"], rel_tol=1e-12):
+        raise ConformanceError(f"step {s}: lr {opt.param_groups[0]['lr']!r}, but {fresh_opt.param_groups[0]['lr']!r} "
+                               "after the scheduler's state_dict was loaded into a fresh one")
+
+
+# evaluators: a tiny prepared dataset (the start of tiny Shakespeare, char tokens) and two ranks simulated
+_KIT_DATA: dict = {}
+
+
+def kit_data(registry: Registry) -> tuple[Path, object]:
+    """(prepared folder, its tokenizer): 20,000 characters of tiny Shakespeare, prepared once per process."""
+    if "prepared" not in _KIT_DATA:
+        folder = Path(tempfile.mkdtemp(prefix="playattention-kit-"))
+        atexit.register(shutil.rmtree, folder, True)
+        text = folder / "corpus.txt"
+        text.write_text((ASSETS / "tinyshakespeare.txt").read_text()[:20_000])
+        data = DataConfig(dataset="kit", paths=[str(text)], prepared_dir=str(folder / "prepared"))
+        _KIT_DATA["prepared"] = prepare(data, registry=registry, progress=False)
+    prepared = _KIT_DATA["prepared"]
+    return prepared, load_tokenizer(prepared, registry)
+
+
+@attrs.frozen
+class RankReplay(EvalContext):
+    """An EvalContext for one of two ranks run one after the other in this process: each reduction
+    (sum, mean, max) records this rank's value and answers with the combined value from ``answers``,
+    once the kit has both ranks' values for it (until then, its own)."""
+
+    answers: tuple = ()
+    values: list = attrs.field(factory=list)
+
+    def _reduce(self, value, op: str) -> torch.Tensor:
+        t = torch.as_tensor(value, dtype=torch.float64, device=self.device).clone()
+        self.values.append((op, t))
+        n = len(self.values) - 1
+        return self.answers[n].clone() if n < len(self.answers) else t
+
+    def sum(self, value):
+        return self._reduce(value, "sum")
+
+    def max(self, value):
+        return self._reduce(value, "max")
+
+
+#: the collectives an evaluator must not call itself: two simulated ranks have no process group
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_object", "broadcast", "broadcast_object_list", "reduce",
+               "gather", "scatter", "barrier")
+
+
+def _evaluate(subject: PartSubject, model: nn.Module, ctx: EvalContext) -> dict[str, float]:
+    def refuse(*args, **kwargs):
+        raise ConformanceError("it calls torch.distributed itself; combine ranks with ctx.sum, ctx.mean and "
+                               "ctx.max, which every rank calls in the same order")
+
+    with contextlib.ExitStack() as stack:
+        if ctx.world_size > 1:
+            for name in COLLECTIVES:
+                stack.enter_context(unittest.mock.patch.object(torch.distributed, name, refuse))
+        return {k: float(v) for k, v in subject.registry.build(subject.spec, ctx)(model).items()}
+
+
+def check_evaluator_ranks(subject: PartSubject, **_) -> None:
+    """Finite float metrics, and the same numbers on one rank and on two (ctx.shard, ctx.sum, ctx.mean, ctx.max).
+
+    The two ranks run one after the other in this process: a reduction's answer is known once both
+    ranks reached it, so they are run again until every reduction is answered (no processes, no gloo).
+    """
+    prepared, tok = kit_data(subject.registry)
+    model = subject.model(vocab_size=tok.vocab_size).eval()
+    recipe = subject.recipe()
+    recipe = attrs.evolve(recipe, model=attrs.evolve(recipe.model, vocab_size=tok.vocab_size), eval=[subject.spec])
+    ctx = dict(recipe=recipe, registry=subject.registry, tokenizer=tok, prepared=prepared, device=torch.device("cpu"))
+    with torch.no_grad():
+        one = _evaluate(subject, model, EvalContext(**ctx))
+        bad = {k: v for k, v in one.items() if not math.isfinite(v)}
+        if not one or bad:
+            raise ConformanceError(f"one rank: expected a dict of finite metrics, got {bad or one}")
+        answers: list[torch.Tensor] = []
+        for _ in range(64):
+            ranks = [RankReplay(**ctx, rank=r, world_size=2, answers=tuple(answers)) for r in (0, 1)]
+            outs = [_evaluate(subject, model, c) for c in ranks]
+            calls = [[op for op, _ in c.values] for c in ranks]
+            if calls[0] != calls[1]:
+                raise ConformanceError(f"the two ranks reduce differently ({calls[0]} vs {calls[1]}): a real run waits "
+                                       "for ever; every rank must call ctx.sum/mean/max the same times in the same order")
+            if len(answers) == len(calls[0]):
+                break
+            (op, a), (_, b) = ranks[0].values[len(answers)], ranks[1].values[len(answers)]
+            if a.shape != b.shape:
+                raise ConformanceError(f"reduction {len(answers) + 1}: the ranks give shapes {tuple(a.shape)} and "
+                                       f"{tuple(b.shape)}")
+            answers.append(a + b if op == "sum" else torch.maximum(a, b))
+        else:
+            raise ConformanceError("more than 64 reductions: not a fixed sequence")
+    if outs[0] != outs[1]:
+        raise ConformanceError(f"the two ranks return different metrics: {outs[0]} vs {outs[1]}")
+    for k in one:
+        if k not in outs[0] or not math.isclose(outs[0][k], one[k], rel_tol=1e-5, abs_tol=1e-6):
+            raise ConformanceError(f"{k}: {one[k]:.6g} on one rank, {outs[0].get(k)!r} on two (each rank's share "
+                                   "combined with ctx.sum/ctx.mean/ctx.max)")
+
+
+#: the checks of each family outside the model, by name, in the order they run
+PART_CHECKS: dict[str, dict[str, Callable]] = {
+    "optimizer": {"described": check_described, "hints": check_optimizer_hints,
+                  "state_dict": check_optimizer_state_dict, "engine": check_optimizer_engine},
+    "schedule": {"described": check_described, "values": check_schedule_values, "resume": check_schedule_resume},
+    "evaluator": {"described": check_described, "ranks": check_evaluator_ranks},
+}
+
+
+def check_part(family: str, name: str, options=None, registry: Registry | None = None, *,
+               plugins: list[str] | tuple[str, ...] = (), checks: list[str] | tuple[str, ...] | None = None) -> list[str]:
+    """check_component for an optimizer, schedule or evaluator (:data:`PART_CHECKS`); the names of the checks run."""
+    subject = make_part_subject(family, name, options, registry, plugins=plugins)
+    known = PART_CHECKS[family]
+    names = list(checks) if checks is not None else list(known)
+    unknown = [c for c in names if c not in known]
+    if unknown:
+        raise ConformanceError(f"unknown {family} checks {unknown} (known: {', '.join(known)})")
+    names = [c for c in names if not skip_reason(subject, c)]
+    failures = []
+    for check in names:
+        try:
+            with single_thread():
+                known[check](subject)
+        except Exception as exc:  # noqa: BLE001
+            failures.append(f"  {check}: {_describe(exc)}")
+    if failures:
+        raise ConformanceError(f"{subject.label} failed {len(failures)} of {len(names)} conformance checks:\n"
+                               + "\n".join(failures))
     return names
