@@ -6,7 +6,9 @@
 The recipe's schedule multiplies every group's learning rate by schedule(step) / train.lr, so a
 group can start from a peak of its own (Muon's matrices from its ``lr``). A factory may define
 ``check_recipe(opts, recipe)`` returning problem lines: what it cannot run under is refused before
-anything runs.
+anything runs. It may also declare ``states_per_param``, the fp32 values of state it keeps per
+parameter (a number, or a function of (name, parameter)), which ``inspect`` and the memory check
+before training count; without it they count Adam's 2.
 """
 from __future__ import annotations
 
@@ -43,6 +45,11 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None)
     return decay_groups([p for p in model.parameters() if p.requires_grad], weight_decay, lr)
 
 
+def is_block_matrix(name: str, param: torch.Tensor) -> bool:
+    """Whether Muon orthogonalises this parameter: a 2-D weight inside the blocks."""
+    return name.startswith("transformer.h.") and param.dim() == 2
+
+
 @attrs.frozen
 class AdamWOptions:
     eps: float = attrs.field(default=1e-8, validator=v.gt(0.0))  # added to the update's denominator
@@ -61,6 +68,9 @@ def adamw(opts: AdamWOptions, model: nn.Module, recipe) -> torch.optim.Optimizer
     # fused: one kernel for every parameter, on CPU too since torch 2.4; a GPT-2 124M step on one
     # thread takes 0.81 s against foreach's 3.34 s, and no whole-model temporaries (bench/RESULTS.md)
     return torch.optim.AdamW(groups, lr=train.lr, betas=tuple(train.betas), eps=opts.eps, fused=True)
+
+
+adamw.states_per_param = 2  # momentum and variance
 
 
 @attrs.frozen
@@ -88,7 +98,7 @@ class Muon(torch.optim.Optimizer):
 
     def __init__(self, opts: MuonOptions, model: nn.Module, recipe):
         train = recipe.train
-        blocks = {id(p) for name, p in model.named_parameters() if name.startswith("transformer.h.") and p.dim() == 2}
+        blocks = {id(p) for name, p in model.named_parameters() if is_block_matrix(name, p)}
         params = [p for p in model.parameters() if p.requires_grad]
         matrices = [p for p in params if id(p) in blocks]
         rest = [p for p in params if id(p) not in blocks]
@@ -122,6 +132,11 @@ class Muon(torch.optim.Optimizer):
     def load_state_dict(self, state_dict) -> None:
         super().load_state_dict(state_dict)  # new group dicts and a new state: share them again
         self._share()
+
+    @staticmethod
+    def states_per_param(name: str, param: torch.Tensor) -> int:
+        """One momentum per block matrix; AdamW's momentum and variance for the rest."""
+        return 1 if is_block_matrix(name, param) else 2
 
     @staticmethod
     def check_recipe(opts: MuonOptions, recipe) -> list[str]:

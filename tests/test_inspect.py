@@ -6,7 +6,9 @@ from pathlib import Path
 import attrs
 import pytest
 
+from toolkit import inspection
 from toolkit.cli import main
+from toolkit.errors import ConfigError
 from toolkit.inspection import activation_bytes, build_meta_model, flops_check, kv_cache, measured_activations, memory_per_gpu
 from toolkit.recipe import load_recipe
 
@@ -114,3 +116,33 @@ def test_measured_activations_see_what_a_component_really_keeps(gpt2):
     spelled_out = {k: v for k, v in measured_activations(math).items() if k[0] == "attention"}
     # the math path keeps the (B, nh, T, T) scores and softmax: far more than a fused kernel's q, k, v, out
     assert sum(spelled_out.values()) > 4 * sum(attention.values())
+
+
+LION = "tests/recipes/plugins/lion.py"
+
+
+def test_optimizer_memory_counts_the_states_the_chosen_optimizer_declares(gpt2):
+    def optimizer_bytes(kind):  # ZeRO 0 in bf16: fp32 master weights plus 4 bytes per state
+        recipe = load_recipe(ROOT / "recipes" / "gpt2.toml", [f"train.optimizer={kind}", "deepspeed.zero_stage=0"],
+                             plugins=[LION])
+        return inspection.memory_per_gpu(recipe, 1000, 1, 0, inspection.optimizer_states(
+            recipe, [(n, p, 1) for n, p in build_meta_model(recipe).named_parameters()]))[0]["optimizer"]
+
+    assert optimizer_bytes("adamw") == 12_000 and optimizer_bytes("undeclared") == 12_000  # Adam's 2 by default
+    assert optimizer_bytes("lion") == 8_000
+    muon = optimizer_bytes("muon")  # one momentum for the block matrices (85M of 124M), Adam's two for the rest
+    assert 4_000 + 4 * 1_000 < muon < 12_000 and muon == pytest.approx(4_000 + 4 * 1_317, rel=1e-3)
+
+
+def test_inspect_and_the_memory_check_say_which_optimizer_they_counted(tmp_path):
+    recipe = load_recipe(ROOT / "recipes" / "gpt2.toml", ["train.optimizer=lion"], plugins=[LION])
+    assert "optimizer lion keeping 1 states per parameter: 2+2+8 bytes per parameter" in inspection.inspect_recipe(recipe)
+    named = inspection.estimated_named_params(recipe)
+    assert sum(p.numel() * k for _, p, k in named) == 124_475_904 and inspection.optimizer_states(recipe, named) == 1
+    adam = attrs.evolve(recipe, train=attrs.evolve(recipe.train, optimizer=recipe.train.optimizer.__class__("adamw")))
+    need = {}
+    for name, r in (("lion", recipe), ("adamw", adam)):
+        with pytest.raises(ConfigError) as info:
+            inspection.check_fits(r, 1, (1024, "free"))
+        need[name] = str(info.value)
+    assert "optimizer 949.7 MiB" in need["lion"] and "optimizer 1.39 GiB" in need["adamw"]

@@ -57,13 +57,34 @@ def flops_check(recipe: Recipe, model: Transformer, report: list[dict]) -> Flops
 
 
 # -- memory ---------------------------------------------------------------------------------------
-def state_bytes_per_param(precision: str) -> tuple[int, int, int]:
-    """Bytes per parameter for (weights, gradients, optimizer states) with Adam.
+#: fp32 values of optimizer state per parameter where the optimizer declares none: Adam's momentum and
+#: variance (an optimizer keeping less, Lion or Muon, declares ``states_per_param``; toolkit.contracts)
+DEFAULT_OPTIMIZER_STATES = 2
 
-    Mixed precision (ZeRO paper's accounting): 2 + 2 + 12 (fp32 master weights, momentum and
-    variance); fp32: 4 + 4 + 8 (momentum and variance; the weights are their own master copy).
+
+def state_bytes_per_param(precision: str, states: float = DEFAULT_OPTIMIZER_STATES) -> tuple[int, int, float]:
+    """Bytes per parameter for (weights, gradients, optimizer states), the optimizer keeping ``states``
+    fp32 values per parameter (Adam 2).
+
+    Mixed precision (ZeRO paper's accounting): 2 + 2 + (4 + 4 * states), the optimizer holding the fp32
+    master weights too (Adam: 12); fp32: 4 + 4 + 4 * states (the weights are their own master copy).
     """
-    return (2, 2, 12) if precision in ("bf16", "fp16") else (4, 4, 8)
+    return (2, 2, 4 + 4 * states) if precision in ("bf16", "fp16") else (4, 4, 4 * states)
+
+
+def optimizer_states(recipe: Recipe, named_params) -> float:
+    """The mean fp32 values of state per parameter that the recipe's optimizer keeps over ``named_params``
+    ((name, tensor, times) each): its factory's ``states_per_param``, a number or a function of (name,
+    tensor), else Adam's :data:`DEFAULT_OPTIMIZER_STATES`."""
+    factory = registry_of(recipe).get("optimizer", recipe.train.optimizer.kind).factory
+    per = getattr(factory, "states_per_param", DEFAULT_OPTIMIZER_STATES)
+    if not callable(per):
+        return float(per)
+    values = count = 0
+    for name, p, times in named_params:
+        values += per(name, p) * p.numel() * times
+        count += p.numel() * times
+    return values / max(count, 1)
 
 
 def _width(recipe: Recipe) -> int:
@@ -193,14 +214,15 @@ def kv_cache(model: Transformer, precision: str) -> list[dict]:
     return rows
 
 
-def memory_per_gpu(recipe: Recipe, n_params: int, world_size: int = 1, activations: int | None = None) -> list[dict]:
+def memory_per_gpu(recipe: Recipe, n_params: int, world_size: int = 1, activations: int | None = None,
+                   states: float = DEFAULT_OPTIMIZER_STATES) -> list[dict]:
     """Estimated bytes per GPU for ZeRO stages 0-3: weights, gradients, optimizer states, activations.
 
     Stage 1 shards the optimizer states over the ``world_size`` ranks, stage 2 also the gradients,
     stage 3 also the weights. With ``offload = "cpu"`` (stages 2 and 3) the optimizer states live
-    in host memory and are left out of the GPU total.
+    in host memory and are left out of the GPU total. ``states``: :func:`optimizer_states`.
     """
-    wb, gb, ob = state_bytes_per_param(recipe.deepspeed.precision)
+    wb, gb, ob = state_bytes_per_param(recipe.deepspeed.precision, states)
     act = activation_bytes(recipe) if activations is None else activations
     n, N = n_params, world_size
     rows = []
@@ -220,16 +242,28 @@ def estimated_params(recipe: Recipe) -> int:
     """The model's parameters, counted on the meta device from one block of each distinct layer
     choice (times its layers) plus embeddings, position and final norm: a model of a thousand wide
     layers would take minutes to build whole, even on meta."""
+    return sum(p.numel() * times for _, p, times in estimated_named_params(recipe))
+
+
+def estimated_named_params(recipe: Recipe) -> list[tuple[str, torch.Tensor, int]]:
+    """(name, meta tensor, how many layers have it) for every parameter, as :func:`estimated_params` counts them."""
     m, registry = recipe.model, registry_of(recipe)
     build = registry.build_in
     layers: dict[str, list[int]] = {}  # one layer index and the count of each distinct choice
     for i in range(m.n_layer):
         layers.setdefault(repr([m.spec_at(f, i) for f in PER_LAYER]), [i, 0])[1] += 1
+    out = []
     with torch.device("meta"):
-        total = sum(n * _numel(build("block", m.spec_at("block", i), m.dims(build, i))) for i, n in layers.values())
-        total += _numel(build("position", m.position, m.dims(build)))
-        total += _numel(m.dims(build).part("norm", m.n_embd, role="final"))
-    return total + m.vocab_size * m.n_embd * (1 if m.tie_embeddings else 2)
+        for i, n in layers.values():
+            block = build("block", m.spec_at("block", i), m.dims(build, i))
+            out += [(f"transformer.h.{i}.{name}", p, n) for name, p in block.named_parameters()]
+        out += [(f"transformer.wpe.{name}", p, 1)
+                for name, p in build("position", m.position, m.dims(build)).named_parameters()]
+        out += [(f"transformer.ln_f.{name}", p, 1)
+                for name, p in m.dims(build).part("norm", m.n_embd, role="final").named_parameters()]
+        heads = ["transformer.wte.weight"] + ([] if m.tie_embeddings else ["lm_head.weight"])
+        out += [(name, torch.empty(m.vocab_size, m.n_embd), 1) for name in heads]
+    return out
 
 
 def _numel(module: torch.nn.Module) -> int:
@@ -248,8 +282,10 @@ def check_fits(recipe: Recipe, world_size: int = 1, available: tuple[int, str] |
     """ConfigError (one line, with the numbers) if weights, gradients, optimizer states and activations
     per rank exceed the memory of the device, before anything is built or allocated. On a CPU the
     ranks share the host, so all of them count; optimizer states offloaded to the host count there."""
-    n = estimated_params(recipe)
-    row = memory_per_gpu(recipe, n, world_size, estimated_activation_bytes(recipe))[recipe.deepspeed.zero_stage]
+    named = estimated_named_params(recipe)
+    n = sum(p.numel() * times for _, p, times in named)
+    row = memory_per_gpu(recipe, n, world_size, estimated_activation_bytes(recipe),
+                         optimizer_states(recipe, named))[recipe.deepspeed.zero_stage]
     have, where = available or available_memory()
     cpu = not on_cuda()
     need = row["total"] * (world_size if cpu else 1) + (row["optimizer"] * world_size if row["optimizer_on_host"] and cpu else 0)
@@ -374,18 +410,20 @@ def inspect_recipe(recipe: Recipe, world_size: int = 1, path: str = "") -> str:
 
     lines.append("")
     n = total["params"]
-    wb, gb, ob = state_bytes_per_param(ds.precision)
+    states = optimizer_states(recipe, ((name, p, 1) for name, p in model.named_parameters()))
+    wb, gb, ob = state_bytes_per_param(ds.precision, states)
     mixed = ds.precision in ("bf16", "fp16")
     lines.append(
         f"memory per GPU, an ESTIMATE (world size {world_size}, {ds.precision}"
-        f"{' with fp32 master weights' if mixed else ''}, Adam: {wb}+{gb}+{ob} bytes per parameter; "
+        f"{' with fp32 master weights' if mixed else ''}, optimizer {t.optimizer.kind} keeping {states:.3g} states "
+        f"per parameter: {wb}+{gb}+{ob:.3g} bytes per parameter; "
         f"activations for micro batch {t.micro_batch}"
         f"{', activation checkpointing' if t.activation_checkpointing else ''}; "
         "CUDA context, temporary buffers and fragmentation not counted):"
     )
     mem_rows = []
     act = sum(measured.values()) if measured is not None else estimated_activation_bytes(recipe)
-    for r in memory_per_gpu(recipe, n, world_size, act):
+    for r in memory_per_gpu(recipe, n, world_size, act, states):
         optim = _gib(r["optimizer"]) + (" (host)" if r["optimizer_on_host"] else "")
         mark = "  <- recipe" if r["stage"] == ds.zero_stage else ""
         mem_rows.append([f"ZeRO {r['stage']}", _gib(r["weights"]), _gib(r["grads"]), optim, _gib(r["activations"]),
