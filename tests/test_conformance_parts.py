@@ -33,6 +33,11 @@ def test_builtin_optimizers_pass_the_kit_without_the_engine(name, options):
     check_component("optimizer", name, options, registry=BUILTINS, checks=["described", "hints", "state_dict"])
 
 
+def test_a_lion_plugin_file_passes_the_optimizer_kit():
+    check_component("optimizer", "lion", plugins=["tests/recipes/plugins/lion.py"],
+                    checks=["described", "hints", "state_dict"])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["adamw", "muon"])
 def test_builtin_optimizers_step_through_zero_1_and_2(name):
