@@ -106,8 +106,9 @@ class Muon(torch.optim.Optimizer):
         for p in matrices:
             hints = getattr(p, "optim_hints", {})
             hinted.setdefault((hints.get("weight_decay", True), hints.get("lr_scale", 1.0)), []).append(p)
-        self.muon = torch.optim.Muon([{"params": ps, "lr": opts.lr * s, "weight_decay": opts.weight_decay if decay else 0.0}
-                                      for (decay, s), ps in hinted.items()], lr=opts.lr,
+        groups = [{"params": ps, "lr": opts.lr * s, "weight_decay": opts.weight_decay if decay else 0.0}
+                  for (decay, s), ps in hinted.items()]
+        self.muon = torch.optim.Muon(groups, lr=opts.lr,
                                      weight_decay=opts.weight_decay, momentum=opts.momentum, nesterov=opts.nesterov,
                                      ns_steps=opts.ns_steps, adjust_lr_fn=opts.adjust_lr)
         self.adamw = torch.optim.AdamW(decay_groups(rest, train.weight_decay, train.lr), lr=train.lr,

@@ -136,7 +136,8 @@ def test_optimizer_memory_counts_the_states_the_chosen_optimizer_declares(gpt2):
 
 def test_inspect_and_the_memory_check_say_which_optimizer_they_counted(tmp_path):
     recipe = load_recipe(ROOT / "recipes" / "gpt2.toml", ["train.optimizer=lion"], plugins=[LION])
-    assert "optimizer lion keeping 1 states per parameter: 2+2+8 bytes per parameter" in inspection.inspect_recipe(recipe)
+    said = inspection.inspect_recipe(recipe)
+    assert "optimizer lion (states per parameter: 1): 2+2+8 bytes per parameter" in said
     named = inspection.estimated_named_params(recipe)
     assert sum(p.numel() * k for _, p, k in named) == 124_475_904 and inspection.optimizer_states(recipe, named) == 1
     adam = attrs.evolve(recipe, train=attrs.evolve(recipe.train, optimizer=recipe.train.optimizer.__class__("adamw")))

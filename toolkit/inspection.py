@@ -415,8 +415,8 @@ def inspect_recipe(recipe: Recipe, world_size: int = 1, path: str = "") -> str:
     mixed = ds.precision in ("bf16", "fp16")
     lines.append(
         f"memory per GPU, an ESTIMATE (world size {world_size}, {ds.precision}"
-        f"{' with fp32 master weights' if mixed else ''}, optimizer {t.optimizer.kind} keeping {states:.3g} states "
-        f"per parameter: {wb}+{gb}+{ob:.3g} bytes per parameter; "
+        f"{' with fp32 master weights' if mixed else ''}, optimizer {t.optimizer.kind} (states per parameter: "
+        f"{states:.3g}): {wb}+{gb}+{ob:.3g} bytes per parameter; "
         f"activations for micro batch {t.micro_batch}"
         f"{', activation checkpointing' if t.activation_checkpointing else ''}; "
         "CUDA context, temporary buffers and fragmentation not counted):"
