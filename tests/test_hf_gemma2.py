@@ -130,6 +130,8 @@ def test_gemma2_27b_scale_comes_from_query_pre_attn_scalar():
 
 @pytest.mark.parametrize("change, message", [
     (dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), "rope_type 'linear' (scaled RoPE) is not supported"),
+    (dict(rope_scaling={"rope_theta": 10000.0}, rope_parameters={"rope_theta": 5000.0}),
+     "rope_scaling and rope_parameters disagree on rope_theta (10000.0 vs 5000.0)"),
     (dict(attention_bias=True), "attention_bias is not supported"),
     (dict(hidden_activation="silu"), "hidden_activation 'silu' is not supported"),
     (dict(use_bidirectional_attention=True), "use_bidirectional_attention is not supported"),

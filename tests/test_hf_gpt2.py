@@ -128,6 +128,15 @@ def test_config_mapping_follows_hf_names():
     assert cfg.dropout == 0.0  # not inherited from resid_pdrop, as in nanoGPT's from_pretrained
 
 
+def test_gpt2_config_keys_the_importer_does_not_read_are_refused_naming_the_key_and_the_file(tmp_path):
+    random_hf_gpt2().save_pretrained(tmp_path)  # every key transformers writes is read (or harmless)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "attn_logit_softcapping": 30.0}))
+    with pytest.raises(HFFormatError, match=re.escape(f"{tmp_path}/config.json: attn_logit_softcapping = 30.0 is not "
+                                                      f"supported by this importer")):
+        GPT2.load(tmp_path)
+
+
 def test_missing_folder_or_files_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such checkpoint folder"):
         GPT2.load(tmp_path / "nope")

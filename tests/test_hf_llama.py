@@ -1,5 +1,6 @@
 """Llama weights from Hugging Face layout into rmsnorm + rope + swiglu + gqa, checked against LlamaForCausalLM."""
 import json
+import re
 
 import pytest
 import torch
@@ -62,6 +63,18 @@ def test_config_mapping_follows_hf_names():
     assert cfg.norm.options == {"eps": 1e-6} and cfg.position.options == {"theta": 1234.0}
     old_style = LLAMA.config_from_hf({"model_type": "llama", **SMALL})  # transformers 4: top-level rope_theta
     assert old_style.position.options == {"theta": 500000.0} and not old_style.tie_embeddings
+
+
+def test_rope_scaling_and_rope_parameters_together_must_agree():
+    """Both given: one table (transformers reads rope_scaling); a setting they disagree on is refused, not picked."""
+    linear = {"rope_type": "linear", "factor": 2.0}
+    both = LLAMA.config_from_hf({"model_type": "llama", **SMALL, "rope_scaling": {"type": "linear", "factor": 2.0},
+                                 "rope_parameters": {**linear, "rope_theta": 1234.0}})
+    assert both.position.options == {"theta": 1234.0, "scaling": "linear", "factor": 2.0}
+    with pytest.raises(HFFormatError, match=re.escape("config.json: rope_scaling and rope_parameters disagree on "
+                                                      "factor (2.0 vs 4.0)")):
+        LLAMA.config_from_hf({"model_type": "llama", **SMALL, "rope_scaling": linear,
+                              "rope_parameters": {**linear, "factor": 4.0}})
 
 
 @pytest.mark.parametrize("change, message", [
