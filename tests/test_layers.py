@@ -111,6 +111,12 @@ def test_there_is_no_import_cycle():
     assert not cycles, f"import cycles: {cycles}"
 
 
+def test_hf_uses_components_through_the_registry_not_plugin_modules():
+    reached = sorted(f"{m} -> {dep}" for m, deps in GRAPH.items() if m.startswith("toolkit.hf")
+                     for dep, _ in deps if dep.startswith("toolkit.plugins"))
+    assert not reached, f"toolkit/hf imports built-in plugin modules: {reached}"
+
+
 def test_the_checker_catches_an_upward_import_a_lazy_one_and_a_cycle(tmp_path):
     """The checks above on a deliberately broken pair of modules."""
     registry = tmp_path / "registry.py"
