@@ -102,7 +102,7 @@ def test_a_plugin_file_registers_an_architecture_that_converts_both_ways(tmp_pat
     tok = CharTokenizer.from_text(TEXT)
     tensors = tiny_folder(tmp_path / "hf", tok.vocab_size)
     (tmp_path / "hf" / "tokenizer.json").write_text(json.dumps(char_tokenizer_json(tok)))
-    with pytest.raises(HFFormatError, match="model_type 'tiny_gpt' .* is not supported; supported: gemma2"):
+    with pytest.raises(HFFormatError, match="model_type 'tiny_gpt' .* is not supported; supported: gpt2, llama"):
         hf_model_config(tmp_path / "hf")  # without the plugin
     registry = load_registry([plugin])
 

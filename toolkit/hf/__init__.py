@@ -28,11 +28,15 @@ def architectures(registry: Registry | None = None) -> list[Adapter]:
     return sorted(adapters, key=lambda a: (a.export_rank, a.model_type))
 
 
+def _names(registry: Registry) -> str:
+    return ", ".join(a.model_type for a in architectures(registry))
+
+
 def adapter(model_type: str, registry: Registry | None = None) -> Adapter:
     """The registered architecture ``model_type``; HFFormatError naming the registered ones otherwise."""
     reg = registry or default_registry()
     if not isinstance(model_type, str) or (FAMILY, model_type) not in reg:
-        raise HFFormatError(f"unknown architecture {model_type!r}; supported: {', '.join(reg.names(FAMILY))}")
+        raise HFFormatError(f"unknown architecture {model_type!r}; supported: {_names(reg)}")
     return reg.build_in(FAMILY, model_type)
 
 
@@ -43,7 +47,7 @@ def adapter_for(hf: dict, where: str, registry: Registry | None = None) -> Adapt
     if not isinstance(kind, str) or (FAMILY, kind) not in reg:
         archs = ", ".join(hf.get("architectures") or []) or "none listed"
         raise HFFormatError(f"{where}: model_type {kind!r} (architectures: {archs}) is not supported; "
-                            f"supported: {', '.join(reg.names(FAMILY))}")
+                            f"supported: {_names(reg)}")
     return reg.build_in(FAMILY, kind)
 
 
