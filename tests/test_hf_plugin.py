@@ -2,6 +2,7 @@
 ``register_architectures`` like the built-ins, listed by ``playattention plugins architecture``, and
 converted both ways (HF folder -> run folder -> HF folder) with every tensor unchanged."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,9 +11,12 @@ from safetensors.torch import load_file, save_file
 from toolkit.cli import main
 from toolkit.convert import hf_to_run, run_to_hf
 from toolkit.generate import load_run
-from toolkit.hf import HFFormatError, hf_model_config
+from toolkit.hf import HFFormatError, adapter, architectures, hf_model_config
 from toolkit.hf.tokenizers import char_tokenizer_json
+from toolkit.inspection import build_meta_model
+from toolkit.model import Transformer
 from toolkit.plugin_manager import load_registry
+from toolkit.recipe import load_recipe
 from toolkit.tokenizer import CharTokenizer
 
 # GPT-2's layout under another model_type, other config keys and other tensor names
@@ -64,6 +68,10 @@ def register_architectures(register):
     register(TinyGPTAdapter.model_type, TinyGPTAdapter)
 '''
 TEXT = "the quick brown fox jumps over the lazy dog\n"
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+#: a shipped recipe of each built-in architecture
+BUILT_IN = {"gpt2": "gpt2", "llama": "llama-cpu", "mistral": "mistral-cpu", "mixtral": "mixtral-cpu",
+            "qwen3": "qwen3-cpu", "gemma2": "gemma2-cpu", "olmo2": "olmo2-cpu", "gpt_neox": "pythia-cpu"}
 
 
 @pytest.fixture
@@ -129,3 +137,20 @@ def test_a_plugin_architectures_config_key_it_does_not_read_is_refused_naming_it
         hf_model_config(tmp_path / "hf", registry=load_registry([plugin]))
     assert str(exc.value) == (f"{tmp_path / 'hf'}/config.json: rotary = true is not supported by this importer "
                               f"(refused rather than risk wrong numbers)")
+
+
+def test_the_built_in_architectures_register_like_any_plugin():
+    assert [a.model_type for a in architectures()] == list(BUILT_IN)  # in the order save_hf tries them
+    assert all(a.exports for a in architectures())
+
+
+@pytest.mark.parametrize("model_type", BUILT_IN)
+def test_each_built_in_reads_back_what_it_writes_and_refuses_a_key_it_does_not_read(model_type):
+    """One config reader for all: whatever config.json an adapter writes, it reads; one key more is refused."""
+    ad = adapter(model_type)
+    config = ad.config_to_hf(build_meta_model(load_recipe(RECIPES / f"{BUILT_IN[model_type]}.toml")))
+    with torch.device("meta"):
+        again = Transformer(ad.config_from_hf(config))
+    assert ad.config_to_hf(again) == config
+    with pytest.raises(HFFormatError, match=r"^config\.json: not_a_setting = 2 is not supported by this importer"):
+        ad.config_from_hf({**config, "not_a_setting": 2})
