@@ -162,6 +162,7 @@ class RotaryPosition(Position):
     """Rotary position embeddings (Su et al. 2021): rotate queries and keys so q.k depends on distance only."""
 
     Options = RopeOptions
+    yarn_mscale = staticmethod(yarn_mscale)  # for importers, which reach the component through the registry
 
     def __init__(self, opts: RopeOptions, dims: Dims):
         super().__init__()

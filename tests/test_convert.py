@@ -10,10 +10,11 @@ transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
 
 from toolkit.cli import main  # noqa: E402
-from toolkit.convert import hf_tokenizer, model_differences  # noqa: E402
+from toolkit.convert import model_differences  # noqa: E402
 from toolkit.errors import ConfigError  # noqa: E402
 from toolkit.generate import load_run  # noqa: E402
 from toolkit.hf import hf_model_config  # noqa: E402
+from toolkit.hf.tokenizers import hf_tokenizer  # noqa: E402
 from toolkit.recipe import load_recipe  # noqa: E402
 from toolkit.tokenizer import ASSETS, HFTokenizer  # noqa: E402
 from toolkit.trainer import train  # noqa: E402

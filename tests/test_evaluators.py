@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from toolkit.cli import main
 from toolkit.errors import ConfigError, DataError
 from toolkit.evaluate import EvalContext
-from toolkit.hf import save_gpt2
+from toolkit.hf import save_hf
 from toolkit.model import ModelConfig, Transformer
 from toolkit.plots import losses_figure
 from toolkit.plugin_manager import default_registry
@@ -144,7 +144,8 @@ def test_eval_command_scores_a_hugging_face_gpt2_folder_with_its_own_bpe_files(t
     pytest.importorskip("transformers")
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=50257, block_size=64, n_layer=1, n_head=2, n_embd=16), None)
-    folder = save_gpt2(model, tmp_path / "gpt2")
+    folder = tmp_path / "gpt2"
+    save_hf(model, folder, "gpt2")
     shutil.copy(ASSETS / "gpt2" / "encoder.json", folder / "vocab.json")
     shutil.copy(ASSETS / "gpt2" / "vocab.bpe", folder / "merges.txt")
     text = tmp_path / "t.txt"

@@ -11,13 +11,13 @@ transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
 
 from hf_parity import compare_training_step, randomize, rel_err, tokens  # noqa: E402
-from toolkit.hf import HFFormatError, gemma2_config_from_hf, hf_config_from_gemma2, load_gemma2, save_gemma2  # noqa: E402
-from toolkit.hf.gemma2 import gemma2_tensors_to_hf  # noqa: E402
+from toolkit.hf import HFFormatError, adapter, save_hf  # noqa: E402
 from toolkit.hf.parts import model_config  # noqa: E402
 from toolkit.model import Transformer  # noqa: E402
 from toolkit.recipe import load_recipe  # noqa: E402
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+GEMMA2 = adapter("gemma2")
 V = 50
 # 6 query heads (not a power of two) of width 12 (not hidden / heads = 8), a window shorter than the text
 SMALL = dict(hidden_size=48, num_attention_heads=6, num_key_value_heads=3, head_dim=12, num_hidden_layers=4,
@@ -44,19 +44,19 @@ def random_hf_gemma2(**overrides):
 def test_imported_gemma2_matches_transformers_logits_loss_and_gradients(tmp_path, variant):
     hf = random_hf_gemma2(**VARIANTS[variant])
     hf.save_pretrained(tmp_path)
-    ours = load_gemma2(tmp_path)
-    errs = compare_training_step(hf, ours, IDX, gemma2_tensors_to_hf)
+    ours = GEMMA2.load(tmp_path)
+    errs = compare_training_step(hf, ours, IDX, GEMMA2.state_dict_to_hf)
     assert max(errs.values()) < 1e-5, {k: e for k, e in errs.items() if e >= 1e-5}
     assert len(errs) == 2 + len(list(hf.parameters()))  # logits, loss and every parameter's gradient
 
 
 def test_sliding_layers_are_hfs_even_layers_by_default():
-    cfg = gemma2_config_from_hf({"model_type": "gemma2", **SMALL, "num_hidden_layers": 6})
+    cfg = GEMMA2.config_from_hf({"model_type": "gemma2", **SMALL, "num_hidden_layers": 6})
     assert cfg.attention.kind == "sliding_window" and cfg.attention.options.window == 8
     assert cfg.layers["global"].at == "1::2" and cfg.layers["global"].attention.kind == "gqa"
     model = Transformer(cfg)
     assert [b.attn.window for b in model.transformer.h] == [8, None] * 3
-    assert hf_config_from_gemma2(model)["layer_types"] == transformers.Gemma2Config(**{**SMALL, "num_hidden_layers": 6}).layer_types
+    assert GEMMA2.config_to_hf(model)["layer_types"] == transformers.Gemma2Config(**{**SMALL, "num_hidden_layers": 6}).layer_types
 
 
 def test_a_checkpoint_saved_by_transformers_4_loads_as_transformers_reads_it(tmp_path):
@@ -68,7 +68,7 @@ def test_a_checkpoint_saved_by_transformers_4_loads_as_transformers_reads_it(tmp
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "rope_theta": theta, "hidden_act": "gelu_pytorch_tanh",
                                                       "cache_implementation": "hybrid"}))
     hf = transformers.Gemma2ForCausalLM.from_pretrained(tmp_path).eval()
-    ours = load_gemma2(tmp_path)
+    ours = GEMMA2.load(tmp_path)
     with torch.no_grad():
         assert rel_err(ours(IDX)[0], hf(IDX).logits) < 1e-5
 
@@ -76,7 +76,7 @@ def test_a_checkpoint_saved_by_transformers_4_loads_as_transformers_reads_it(tmp
 def test_cached_greedy_generation_past_the_window_equals_transformers_uncached(tmp_path):
     hf = random_hf_gemma2(**VARIANTS["gqa2-capped-scaled"])
     hf.save_pretrained(tmp_path)
-    ours = load_gemma2(tmp_path)
+    ours = GEMMA2.load(tmp_path)
     prompt, n = IDX[:1, :5], 24  # 29 tokens: the local layers' window (8) slides 21 times
     want = hf.generate(prompt, max_new_tokens=n, do_sample=False, use_cache=False, eos_token_id=None, pad_token_id=PAD)
     got = ours.generate(prompt, n, temperature=0)  # through the KV cache, the local layers' kept to 8 keys
@@ -88,8 +88,8 @@ def test_cached_greedy_generation_past_the_window_equals_transformers_uncached(t
 def test_exported_gemma2_loads_in_transformers_with_the_same_logits(tmp_path, variant):
     hf = random_hf_gemma2(**VARIANTS[variant])
     hf.save_pretrained(tmp_path / "in")
-    ours = load_gemma2(tmp_path / "in")
-    save_gemma2(ours, tmp_path / "out")
+    ours = GEMMA2.load(tmp_path / "in")
+    save_hf(ours, tmp_path / "out", "gemma2")
     back = transformers.Gemma2ForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert back.config.rope_parameters["rope_theta"] == 5000.0
     for key in ("layer_types", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
@@ -97,7 +97,7 @@ def test_exported_gemma2_loads_in_transformers_with_the_same_logits(tmp_path, va
         assert getattr(back.config, key) == getattr(hf.config, key), key
     with torch.no_grad():
         assert rel_err(back(IDX).logits, ours(IDX)[0]) < 1e-5
-    assert load_gemma2(tmp_path / "out").config == ours.config
+    assert GEMMA2.load(tmp_path / "out").config == ours.config
 
 
 # the config.json of google/gemma-2-2b as published (transformers 4.42 wrote it: no layer_types, rope_theta)
@@ -114,7 +114,7 @@ GEMMA2_2B = {
 
 
 def test_published_gemma2_2b_config_maps_to_the_recipes_model():
-    cfg = gemma2_config_from_hf(GEMMA2_2B)
+    cfg = GEMMA2.config_from_hf(GEMMA2_2B)
     assert (cfg.n_embd, cfg.n_head, cfg.head_dim, cfg.n_layer, cfg.block_size) == (2304, 8, 256, 26, 8192)
     assert cfg.embedding_multiplier == 48.0 and cfg.logit_softcap == 30.0
     assert cfg.attention.options.scale is None  # query_pre_attn_scalar == head_dim: the plain 1/sqrt(256)
@@ -123,13 +123,15 @@ def test_published_gemma2_2b_config_maps_to_the_recipes_model():
 
 
 def test_gemma2_27b_scale_comes_from_query_pre_attn_scalar():
-    cfg = gemma2_config_from_hf({**GEMMA2_2B, "hidden_size": 4608, "head_dim": 128, "num_attention_heads": 32,
+    cfg = GEMMA2.config_from_hf({**GEMMA2_2B, "hidden_size": 4608, "head_dim": 128, "num_attention_heads": 32,
                                  "query_pre_attn_scalar": 144})
     assert cfg.attention.options.scale == 144**-0.5 and cfg.layers["global"].attention.options.scale == 144**-0.5
 
 
 @pytest.mark.parametrize("change, message", [
     (dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), "rope_type 'linear' (scaled RoPE) is not supported"),
+    (dict(rope_scaling={"rope_theta": 10000.0}, rope_parameters={"rope_theta": 5000.0}),
+     "rope_scaling and rope_parameters disagree on rope_theta (10000.0 vs 5000.0)"),
     (dict(attention_bias=True), "attention_bias is not supported"),
     (dict(hidden_activation="silu"), "hidden_activation 'silu' is not supported"),
     (dict(use_bidirectional_attention=True), "use_bidirectional_attention is not supported"),
@@ -142,7 +144,7 @@ def test_gemma2_27b_scale_comes_from_query_pre_attn_scalar():
 def test_gemma2_configs_we_cannot_represent_are_refused_naming_the_key(tmp_path, change, message):
     (tmp_path / "config.json").write_text(json.dumps({**GEMMA2_2B, **change}))
     with pytest.raises(HFFormatError, match=re.escape(message)):
-        load_gemma2(tmp_path)
+        GEMMA2.load(tmp_path)
 
 
 @pytest.mark.parametrize("change, reason", [
@@ -158,7 +160,7 @@ def test_models_gemma2_cannot_express_are_refused_with_the_reason(tmp_path, chan
                   attention={"kind": "gqa", "n_kv_head": 2})
     ours = Transformer(model_config({**fields, **change}))
     with pytest.raises(HFFormatError, match=re.escape("cannot export as Gemma 2: unsupported " + reason)):
-        save_gemma2(ours, tmp_path)
+        save_hf(ours, tmp_path, "gemma2")
     assert not (tmp_path / "model.safetensors").exists()
 
 
@@ -171,8 +173,8 @@ def test_a_config_built_here_round_trips_through_hf_layout_exactly(tmp_path):
                             attention={"kind": "sliding_window", "window": 4, "n_kv_head": 1, "softcap": 40.0},
                             layers={"global": {"at": [1], "attention": {"kind": "gqa", "n_kv_head": 1, "softcap": 40.0}}}))
     ours = Transformer(cfg)
-    save_gemma2(ours, tmp_path)
-    again = load_gemma2(tmp_path)
+    save_hf(ours, tmp_path, "gemma2")
+    again = GEMMA2.load(tmp_path)
     assert again.config == cfg
     for (name, a), (_, b) in zip(ours.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), name

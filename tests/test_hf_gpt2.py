@@ -10,13 +10,14 @@ transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
 
-from toolkit.hf import HFFormatError, gpt2_config_from_hf, load_gpt2, save_gpt2  # noqa: E402
+from toolkit.hf import HFFormatError, adapter, save_hf  # noqa: E402
 from toolkit.config import resolve_spec  # noqa: E402
 from toolkit.families import Spec  # noqa: E402
 from toolkit.model import ModelConfig, Transformer  # noqa: E402
 from toolkit.plugin_manager import PluginManager, get_registry  # noqa: E402
 from toolkit.registry import Source  # noqa: E402
 
+GPT2 = adapter("gpt2")
 SMALL = dict(n_layer=2, n_head=4, n_embd=64, vocab_size=100, n_positions=32)
 
 
@@ -52,7 +53,7 @@ IDX = torch.randint(0, 100, (2, 32), generator=torch.Generator().manual_seed(1))
 def test_imported_gpt2_matches_transformers_logits(tmp_path, activation):
     hf = random_hf_gpt2(activation_function=activation)
     hf.save_pretrained(tmp_path)
-    ours = load_gpt2(tmp_path)
+    ours = GPT2.load(tmp_path)
     assert ours.config.mlp.options.approximate == ("none" if activation == "gelu" else "tanh")
     assert rel_err(our_logits(ours, IDX), hf_logits(hf, IDX)) < 1e-5
 
@@ -61,8 +62,8 @@ def test_imported_gpt2_matches_transformers_logits(tmp_path, activation):
 def test_exported_gpt2_loads_in_transformers_with_same_logits(tmp_path, activation):
     hf = random_hf_gpt2(activation_function=activation)
     hf.save_pretrained(tmp_path / "in")
-    ours = load_gpt2(tmp_path / "in")
-    save_gpt2(ours, tmp_path / "out")
+    ours = GPT2.load(tmp_path / "in")
+    save_hf(ours, tmp_path / "out", "gpt2")
     back = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval()
     assert back.config.activation_function == activation
     assert rel_err(hf_logits(back, IDX), our_logits(ours, IDX)) < 1e-5
@@ -73,10 +74,10 @@ def test_gpt2_round_trip_keeps_config_and_weights_exactly(tmp_path):
     cfg = ModelConfig(vocab_size=100, block_size=32, n_layer=2, n_head=4, n_embd=64,
                       norm={"kind": "layernorm", "eps": 1e-6}, mlp={"kind": "gelu", "hidden_dim": 96})
     ours = Transformer(cfg)
-    save_gpt2(ours, tmp_path)
+    save_hf(ours, tmp_path, "gpt2")
     written = json.loads((tmp_path / "config.json").read_text())
     assert written["n_inner"] == 96 and written["layer_norm_epsilon"] == 1e-6
-    again = load_gpt2(tmp_path)
+    again = GPT2.load(tmp_path)
     reg = get_registry()
     for field in attrs.fields(ModelConfig):
         a, b = getattr(again.config, field.name), getattr(cfg, field.name)
@@ -92,7 +93,7 @@ def test_untied_and_bias_free_models_export_to_equivalent_gpt2(tmp_path):
     torch.manual_seed(0)
     ours = Transformer(ModelConfig(vocab_size=100, block_size=32, n_layer=2, n_head=4, n_embd=64,
                                    bias=False, tie_embeddings=False)).eval()
-    save_gpt2(ours, tmp_path)
+    save_hf(ours, tmp_path, "gpt2")
     back = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
     assert back.lm_head.weight.data_ptr() != back.transformer.wte.weight.data_ptr()
     assert torch.equal(back.lm_head.weight, ours.lm_head.weight)
@@ -101,7 +102,7 @@ def test_untied_and_bias_free_models_export_to_equivalent_gpt2(tmp_path):
 
 def test_imported_gpt2_ties_head_to_embedding(tmp_path):
     random_hf_gpt2().save_pretrained(tmp_path)
-    ours = load_gpt2(tmp_path)
+    ours = GPT2.load(tmp_path)
     assert ours.lm_head.weight is ours.transformer.wte.weight
 
 
@@ -114,12 +115,12 @@ def test_loads_pytorch_model_bin_and_unprefixed_openai_names_with_mask_buffers(t
         sd[f"h.{i}.attn.bias"] = torch.tril(torch.ones(32, 32)).view(1, 1, 32, 32)
         sd[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
     torch.save(sd, tmp_path / "pytorch_model.bin")
-    ours = load_gpt2(tmp_path)
+    ours = GPT2.load(tmp_path)
     assert rel_err(our_logits(ours, IDX), hf_logits(hf, IDX)) < 1e-5
 
 
 def test_config_mapping_follows_hf_names():
-    cfg = gpt2_config_from_hf({"model_type": "gpt2", "n_embd": 48, "n_head": 3, "n_layer": 5, "n_positions": 64,
+    cfg = GPT2.config_from_hf({"model_type": "gpt2", "n_embd": 48, "n_head": 3, "n_layer": 5, "n_positions": 64,
                                "vocab_size": 77, "layer_norm_epsilon": 1e-6, "activation_function": "relu",
                                "tie_word_embeddings": False, "resid_pdrop": 0.1})
     assert (cfg.n_embd, cfg.n_head, cfg.n_layer, cfg.block_size, cfg.vocab_size) == (48, 3, 5, 64, 77)
@@ -127,22 +128,31 @@ def test_config_mapping_follows_hf_names():
     assert cfg.dropout == 0.0  # not inherited from resid_pdrop, as in nanoGPT's from_pretrained
 
 
+def test_gpt2_config_keys_the_importer_does_not_read_are_refused_naming_the_key_and_the_file(tmp_path):
+    random_hf_gpt2().save_pretrained(tmp_path)  # every key transformers writes is read (or harmless)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "attn_logit_softcapping": 30.0}))
+    with pytest.raises(HFFormatError, match=re.escape(f"{tmp_path}/config.json: attn_logit_softcapping = 30.0 is not "
+                                                      f"supported by this importer")):
+        GPT2.load(tmp_path)
+
+
 def test_missing_folder_or_files_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such checkpoint folder"):
-        load_gpt2(tmp_path / "nope")
+        GPT2.load(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="config.json"):
-        load_gpt2(tmp_path)
+        GPT2.load(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", **SMALL}))
     with pytest.raises(FileNotFoundError, match="no weights found.*model.safetensors"):
-        load_gpt2(tmp_path)
+        GPT2.load(tmp_path)
 
 
 def test_other_architectures_are_refused_by_the_gpt2_loader(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
     with pytest.raises(HFFormatError, match="model_type 'llama' is not 'gpt2'.*LlamaForCausalLM"):
-        load_gpt2(tmp_path)
+        GPT2.load(tmp_path)
     with pytest.raises(HFFormatError, match="activation_function 'silu'"):
-        gpt2_config_from_hf({"model_type": "gpt2", **SMALL, "activation_function": "silu"})
+        GPT2.config_from_hf({"model_type": "gpt2", **SMALL, "activation_function": "silu"})
 
 
 def test_weights_that_do_not_fit_are_listed(tmp_path):
@@ -150,7 +160,7 @@ def test_weights_that_do_not_fit_are_listed(tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "n_layer": 3}))
     with pytest.raises(HFFormatError, match=r"missing transformer\.h\.2\."):
-        load_gpt2(tmp_path)
+        GPT2.load(tmp_path)
 
 
 @pytest.mark.parametrize("change, reason", [
@@ -165,14 +175,14 @@ def test_models_gpt2_cannot_express_are_refused_with_the_reason(tmp_path, change
     pm.registry.register("position", "rope_stand_in", learned.factory, learned.options, source=Source("test"))
     cfg = ModelConfig(vocab_size=100, block_size=32, n_layer=1, n_head=4, n_embd=64, **change)
     with pytest.raises(HFFormatError, match=re.escape(f"cannot export as GPT-2: unsupported {reason}")):
-        save_gpt2(Transformer(cfg, pm.registry), tmp_path)
+        save_hf(Transformer(cfg, pm.registry), tmp_path, "gpt2")
     assert not (tmp_path / "model.safetensors").exists()
 
 
 def test_half_precision_files_load_into_fp32_unless_a_dtype_is_asked_for(tmp_path):
     hf = random_hf_gpt2()
     hf.half().save_pretrained(tmp_path)
-    ours = load_gpt2(tmp_path)
+    ours = GPT2.load(tmp_path)
     assert ours.transformer.wte.weight.dtype == torch.float32
     assert torch.equal(ours.transformer.h[0].attn.c_attn.weight, hf.transformer.h[0].attn.c_attn.weight.float().t())
-    assert load_gpt2(tmp_path, dtype=torch.bfloat16).lm_head.weight.dtype == torch.bfloat16
+    assert GPT2.load(tmp_path, dtype=torch.bfloat16).lm_head.weight.dtype == torch.bfloat16

@@ -12,13 +12,13 @@ transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
 
 from hf_parity import compare_training_step, randomize, rel_err, tokens  # noqa: E402
-from toolkit.hf import HFFormatError, gpt_neox_config_from_hf, load_gpt_neox, save_gpt_neox  # noqa: E402
-from toolkit.hf.gpt_neox import gpt_neox_tensors_to_hf  # noqa: E402
+from toolkit.hf import HFFormatError, adapter, save_hf  # noqa: E402
 from toolkit.hf.parts import model_config  # noqa: E402
 from toolkit.model import Transformer  # noqa: E402
 from toolkit.recipe import load_recipe  # noqa: E402
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+NEOX = adapter("gpt_neox")
 V = 50
 # 6 heads (not a power of two) of 16 dimensions, a quarter of which rotate (Pythia's rotary_pct)
 SMALL = dict(hidden_size=96, num_attention_heads=6, num_hidden_layers=2, intermediate_size=80, vocab_size=V,
@@ -33,7 +33,7 @@ IDX = tokens(V, (2, 32), None)  # GPT-NeoX's embedding has no padding_idx
 
 def in_memory_names(tensors, config):
     """The exporter's HF names, with the head as transformers 5 names it in memory (lm_head; embed_out on disk)."""
-    return {("lm_head.weight" if k == "embed_out.weight" else k): t for k, t in gpt_neox_tensors_to_hf(tensors, config).items()}
+    return {("lm_head.weight" if k == "embed_out.weight" else k): t for k, t in NEOX.state_dict_to_hf(tensors, config).items()}
 
 
 def random_hf_neox(**overrides):
@@ -45,7 +45,7 @@ def random_hf_neox(**overrides):
 def test_imported_gpt_neox_matches_transformers_logits_loss_and_gradients(tmp_path, variant):
     hf = random_hf_neox(**VARIANTS[variant])
     hf.save_pretrained(tmp_path)
-    ours = load_gpt_neox(tmp_path)
+    ours = NEOX.load(tmp_path)
     parallel = VARIANTS[variant]["use_parallel_residual"]
     assert ours.config.block.kind == ("parallel" if parallel else "pre_norm")
     errs = compare_training_step(hf, ours, IDX, in_memory_names)
@@ -56,7 +56,7 @@ def test_imported_gpt_neox_matches_transformers_logits_loss_and_gradients(tmp_pa
 def test_query_key_value_rows_are_regrouped_from_per_head_to_q_k_v(tmp_path):
     hf = random_hf_neox()
     hf.save_pretrained(tmp_path)
-    ours = load_gpt_neox(tmp_path)
+    ours = NEOX.load(tmp_path)
     theirs = hf.gpt_neox.layers[0].attention.query_key_value.weight.view(6, 3, 16, 96)  # (heads, q/k/v, hs, C)
     mine = ours.transformer.h[0].attn.c_attn.weight.view(3, 6, 16, 96)  # (q/k/v, heads, hs, C)
     assert torch.equal(mine[1, 4], theirs[4, 1])  # head 4's keys
@@ -65,7 +65,7 @@ def test_query_key_value_rows_are_regrouped_from_per_head_to_q_k_v(tmp_path):
 def test_cached_greedy_generation_equals_transformers_uncached(tmp_path):
     hf = random_hf_neox()
     hf.save_pretrained(tmp_path)
-    ours = load_gpt_neox(tmp_path)
+    ours = NEOX.load(tmp_path)
     prompt, n = IDX[:1, :5], 16
     want = hf.generate(prompt, max_new_tokens=n, do_sample=False, use_cache=False, eos_token_id=None, pad_token_id=0)
     assert torch.equal(ours.generate(prompt, n, temperature=0), want)
@@ -75,14 +75,14 @@ def test_cached_greedy_generation_equals_transformers_uncached(tmp_path):
 def test_exported_gpt_neox_loads_in_transformers_with_the_same_logits(tmp_path, variant):
     hf = random_hf_neox(**VARIANTS[variant])
     hf.save_pretrained(tmp_path / "in")
-    ours = load_gpt_neox(tmp_path / "in")
-    save_gpt_neox(ours, tmp_path / "out")
+    ours = NEOX.load(tmp_path / "in")
+    save_hf(ours, tmp_path / "out", "gpt_neox")
     back = transformers.GPTNeoXForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert back.config.use_parallel_residual == hf.config.use_parallel_residual
     assert back.config.rope_parameters == hf.config.rope_parameters  # theta 5000, the rotary fraction
     with torch.no_grad():
         assert rel_err(back(IDX).logits, ours(IDX)[0]) < 1e-5
-    assert load_gpt_neox(tmp_path / "out").config == ours.config
+    assert NEOX.load(tmp_path / "out").config == ours.config
 
 
 # EleutherAI/pythia-160m's config.json as published (transformers 4.24 wrote it)
@@ -111,14 +111,14 @@ def test_an_original_pythia_checkpoint_loads_as_transformers_reads_it(tmp_path):
         sd[f"gpt_neox.layers.{i}.attention.rotary_emb.inv_freq"] = torch.ones(2)
     save_file(sd, tmp_path / "model.safetensors")
     hf = transformers.GPTNeoXForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
-    ours = load_gpt_neox(tmp_path)
+    ours = NEOX.load(tmp_path)
     assert ours.config.position.options.fraction == 0.25 and ours.config.position.options.theta == 5000.0
     with torch.no_grad():
         assert rel_err(ours(IDX)[0], hf(IDX).logits) < 1e-5
 
 
 def test_published_pythia_160m_config_maps_to_the_recipes_model():
-    cfg = gpt_neox_config_from_hf(PYTHIA_160M)
+    cfg = NEOX.config_from_hf(PYTHIA_160M)
     assert (cfg.block.kind, cfg.block.options.shared_norm) == ("parallel", False)
     assert cfg.position.options.fraction == 0.25 and cfg.mlp.options.approximate == "none"
     recipe = load_recipe(RECIPES / "pythia-160m.toml")
@@ -136,7 +136,7 @@ def test_published_pythia_160m_config_maps_to_the_recipes_model():
 def test_gpt_neox_configs_we_cannot_represent_are_refused_naming_the_key(tmp_path, change, message):
     (tmp_path / "config.json").write_text(json.dumps({**PYTHIA_160M, **change}))
     with pytest.raises(HFFormatError, match=re.escape(message)):
-        load_gpt_neox(tmp_path)
+        NEOX.load(tmp_path)
 
 
 @pytest.mark.parametrize("change, reason", [
@@ -151,5 +151,5 @@ def test_models_gpt_neox_cannot_express_are_refused_with_the_reason(tmp_path, ch
                   position={"kind": "rope", "fraction": 0.25}, mlp="gelu", attention="mha")
     ours = Transformer(model_config({**fields, **change}))
     with pytest.raises(HFFormatError, match=re.escape("cannot export as GPT-NeoX: unsupported " + reason)):
-        save_gpt_neox(ours, tmp_path)
+        save_hf(ours, tmp_path, "gpt_neox")
     assert not (tmp_path / "model.safetensors").exists()

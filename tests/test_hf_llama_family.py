@@ -2,7 +2,7 @@
 
 Each case is a small random transformers model with odd shapes (6 query heads: not a power of two;
 GQA ratios 2 and 3; head_dim != hidden_size / heads where the architecture has head_dim), saved
-with save_pretrained, imported through the dispatch table, and compared in fp32: logits, loss, every
+with save_pretrained, imported through the registered architectures, and compared in fp32: logits, loss, every
 gradient, greedy generation; then exported back and loaded by transformers.
 """
 import json
@@ -14,11 +14,8 @@ transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
 
-from toolkit.hf import ARCHITECTURES, HFFormatError, hf_model_config, load_hf, save_hf  # noqa: E402
-from toolkit.hf.llama import LLAMA, state_dict_from_hf  # noqa: E402
-from toolkit.hf.mistral import MISTRAL  # noqa: E402
-from toolkit.hf.mixtral import MIXTRAL  # noqa: E402
-from toolkit.hf.qwen3 import QWEN3  # noqa: E402
+from toolkit.hf import HFFormatError, architectures, hf_model_config, load_hf, save_hf  # noqa: E402
+from toolkit.hf.llama import LlamaAdapter, MistralAdapter, MixtralAdapter, Qwen3Adapter  # noqa: E402
 
 V = 97
 NO_SPECIAL = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)  # greedy decoding never stops early
@@ -95,7 +92,7 @@ def test_imported_model_matches_transformers_logits_loss_and_every_gradient(save
     want.backward()
     got.backward()
     hf_grads = {n: p.grad for n, p in hf.named_parameters()}
-    want_grads = state_dict_from_hf(hf_grads, ours.config, "grads")  # fused the way the weights are
+    want_grads = LlamaAdapter().state_dict_from_hf(hf_grads, ours.config, "grads")  # fused the way the weights are
     ours_grads = dict(ours.named_parameters())
     assert set(want_grads) >= set(ours_grads)
     worst = max((rel_err(p.grad, want_grads[n]), n) for n, p in ours_grads.items())
@@ -190,8 +187,9 @@ def test_qwen3_sliding_layers_become_a_layer_group(saved, tmp_path):
         assert rel_err(ours(IDX)[0], hf(IDX).logits) < 1e-5
 
 
-@pytest.mark.parametrize("fam, cls", [(LLAMA, "LlamaConfig"), (MISTRAL, "MistralConfig"), (MIXTRAL, "MixtralConfig"),
-                                      (QWEN3, "Qwen3Config")], ids=lambda x: getattr(x, "model_type", x))
+@pytest.mark.parametrize("fam, cls", [(LlamaAdapter, "LlamaConfig"), (MistralAdapter, "MistralConfig"),
+                                      (MixtralAdapter, "MixtralConfig"), (Qwen3Adapter, "Qwen3Config")],
+                         ids=lambda x: getattr(x, "model_type", x))
 def test_defaults_of_absent_keys_are_transformers_own(fam, cls):
     """An absent config.json key means the config class's default: ours must be the same, or imports go wrong silently."""
     klass = getattr(transformers, cls)
@@ -200,9 +198,10 @@ def test_defaults_of_absent_keys_are_transformers_own(fam, cls):
         assert ours == theirs, f"{fam.model_type}.{key}: ours {ours!r}, transformers {theirs!r}"
 
 
-def test_every_llama_family_architecture_is_in_the_table():
-    assert {"llama", "mistral", "mixtral", "qwen3"} <= set(ARCHITECTURES)
-    assert all(ARCHITECTURES[k].exports for k in ("llama", "mistral", "mixtral", "qwen3"))
+def test_every_llama_family_architecture_is_registered():
+    registered = {a.model_type: a for a in architectures()}
+    assert {"llama", "mistral", "mixtral", "qwen3"} <= set(registered)
+    assert all(registered[k].exports for k in ("llama", "mistral", "mixtral", "qwen3"))
 
 
 def _config(cls: str, **change) -> dict:

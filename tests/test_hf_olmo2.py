@@ -11,13 +11,13 @@ transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
 
 from hf_parity import compare_training_step, randomize, rel_err, tokens  # noqa: E402
-from toolkit.hf import HFFormatError, load_olmo2, olmo2_config_from_hf, save_olmo2  # noqa: E402
-from toolkit.hf.olmo2 import olmo2_tensors_to_hf  # noqa: E402
+from toolkit.hf import HFFormatError, adapter, save_hf  # noqa: E402
 from toolkit.hf.parts import model_config  # noqa: E402
 from toolkit.model import Transformer  # noqa: E402
 from toolkit.recipe import load_recipe  # noqa: E402
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+OLMO2 = adapter("olmo2")
 V = 50
 # 6 query heads (not a power of two); eps 1e-6, not the norm's default, so a q/k norm without the model's eps shows
 SMALL = dict(hidden_size=48, num_attention_heads=6, num_key_value_heads=3, num_hidden_layers=3, intermediate_size=40,
@@ -39,10 +39,10 @@ def random_hf_olmo2(**overrides):
 def test_imported_olmo2_matches_transformers_logits_loss_and_gradients(tmp_path, variant):
     hf = random_hf_olmo2(**VARIANTS[variant])
     hf.save_pretrained(tmp_path)
-    ours = load_olmo2(tmp_path)
+    ours = OLMO2.load(tmp_path)
     attn = ours.transformer.h[0].attn
     assert attn.q_norm.weight.shape == (6 * attn.head_dim,) and attn.q_norm.eps == 1e-6  # over all heads at once
-    errs = compare_training_step(hf, ours, IDX, olmo2_tensors_to_hf)
+    errs = compare_training_step(hf, ours, IDX, OLMO2.state_dict_to_hf)
     assert max(errs.values()) < 1e-5, {k: e for k, e in errs.items() if e >= 1e-5}
     assert len(errs) == 2 + len(list(hf.parameters()))
 
@@ -50,7 +50,7 @@ def test_imported_olmo2_matches_transformers_logits_loss_and_gradients(tmp_path,
 def test_cached_greedy_generation_equals_transformers_uncached(tmp_path):
     hf = random_hf_olmo2(**VARIANTS["gqa3-wide-heads-tied"])
     hf.save_pretrained(tmp_path)
-    ours = load_olmo2(tmp_path)
+    ours = OLMO2.load(tmp_path)
     prompt, n = IDX[:1, :5], 16
     want = hf.generate(prompt, max_new_tokens=n, do_sample=False, use_cache=False, eos_token_id=None, pad_token_id=PAD)
     assert torch.equal(ours.generate(prompt, n, temperature=0), want)
@@ -60,15 +60,15 @@ def test_cached_greedy_generation_equals_transformers_uncached(tmp_path):
 def test_exported_olmo2_loads_in_transformers_with_the_same_logits(tmp_path, variant):
     hf = random_hf_olmo2(**VARIANTS[variant])
     hf.save_pretrained(tmp_path / "in")
-    ours = load_olmo2(tmp_path / "in")
-    save_olmo2(ours, tmp_path / "out")
+    ours = OLMO2.load(tmp_path / "in")
+    save_hf(ours, tmp_path / "out", "olmo2")
     back = transformers.Olmo2ForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert back.config.tie_word_embeddings == hf.config.tie_word_embeddings
     assert back.config.rope_parameters["rope_theta"] == 5000.0
     assert back.model.layers[0].self_attn.head_dim == hf.model.layers[0].self_attn.head_dim
     with torch.no_grad():
         assert rel_err(back(IDX).logits, ours(IDX)[0]) < 1e-5
-    assert load_olmo2(tmp_path / "out").config == ours.config
+    assert OLMO2.load(tmp_path / "out").config == ours.config
 
 
 # allenai/OLMo-2-1124-7B's config.json as published
@@ -83,7 +83,7 @@ OLMO2_7B = {
 
 
 def test_published_olmo2_7b_config_maps_to_the_recipes_model():
-    cfg = olmo2_config_from_hf(OLMO2_7B)
+    cfg = OLMO2.config_from_hf(OLMO2_7B)
     assert (cfg.block.kind, cfg.block.options.pre, cfg.block.options.post) == ("sandwich", False, True)
     assert (cfg.attention.options.qk_norm, cfg.attention.options.qk_norm_scope) == ("rmsnorm", "all")
     assert cfg.position.options.theta == 500000.0 and not cfg.tie_embeddings and not cfg.bias
@@ -101,7 +101,7 @@ def test_published_olmo2_7b_config_maps_to_the_recipes_model():
 def test_olmo2_configs_we_cannot_represent_are_refused_naming_the_key(tmp_path, change, message):
     (tmp_path / "config.json").write_text(json.dumps({**OLMO2_7B, **change}))
     with pytest.raises(HFFormatError, match=re.escape(message)):
-        load_olmo2(tmp_path)
+        OLMO2.load(tmp_path)
 
 
 @pytest.mark.parametrize("change, reason", [
@@ -116,5 +116,5 @@ def test_models_olmo2_cannot_express_are_refused_with_the_reason(tmp_path, chang
                   attention={"kind": "gqa", "n_kv_head": 2, "qk_norm": "rmsnorm", "qk_norm_scope": "all"})
     ours = Transformer(model_config({**fields, **change}))
     with pytest.raises(HFFormatError, match=re.escape("cannot export as OLMo 2: unsupported " + reason)):
-        save_olmo2(ours, tmp_path)
+        save_hf(ours, tmp_path, "olmo2")
     assert not (tmp_path / "model.safetensors").exists()

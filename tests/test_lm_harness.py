@@ -18,7 +18,7 @@ lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 from toolkit.evaluate import EvalContext, evaluate_target, load_target  # noqa: E402
-from toolkit.hf import save_gpt2  # noqa: E402
+from toolkit.hf import save_hf  # noqa: E402
 from toolkit.lm_harness import PlayAttentionLM  # noqa: E402
 from toolkit.model import ModelConfig, Transformer  # noqa: E402
 from toolkit.plugins.evaluators import MultipleChoice  # noqa: E402
@@ -51,8 +51,9 @@ def setup(tmp_path_factory):
     """A small random GPT-2 folder (shipped BPE), the examples as JSONL and a task YAML over them."""
     root = tmp_path_factory.mktemp("lm_eval")
     torch.manual_seed(0)
-    folder = save_gpt2(Transformer(ModelConfig(vocab_size=50257, block_size=16, n_layer=1, n_head=2, n_embd=16),
-                                   None), root / "gpt2")
+    folder = root / "gpt2"
+    save_hf(Transformer(ModelConfig(vocab_size=50257, block_size=16, n_layer=1, n_head=2, n_embd=16), None), folder,
+            "gpt2")
     data = root / "mc.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in EXAMPLES))
     tasks = root / "tasks"
@@ -137,7 +138,8 @@ def test_the_documented_lm_eval_command_runs_as_written_on_a_cpu_machine(setup, 
     default device is cuda:0, which used to fail with "Torch not compiled with CUDA enabled"."""
     import shutil
 
-    from toolkit.convert import hf_to_run, write_tokenizer_files
+    from toolkit.convert import hf_to_run
+    from toolkit.hf.tokenizers import write_tokenizer_files
     from toolkit.tokenizer import GPT2Tokenizer
 
     folder, _, _ = setup

@@ -8,8 +8,8 @@ import torch
 
 from toolkit import checkpoint
 from toolkit.cli import main
-from toolkit.convert import char_tokenizer_json
 from toolkit.evaluate import evaluate_target
+from toolkit.hf.tokenizers import char_tokenizer_json
 from toolkit.recipe import load_recipe
 from toolkit.tokenizer import CharTokenizer
 from toolkit.trainer import train

@@ -1,7 +1,7 @@
 """Hugging Face folders <-> run folders, and a run's weights from either (``train --init-from``).
 
 ``playattention convert HF_DIR OUT_DIR`` (:func:`hf_to_run`) writes a run folder, as training leaves
-one, from a Hugging Face folder of any architecture in :data:`toolkit.hf.ARCHITECTURES`::
+one, from a Hugging Face folder of any registered architecture (``playattention plugins architecture``)::
 
     OUT_DIR/
         recipe.toml        the model as a recipe (data and training: a starting point for fine-tuning)
@@ -17,8 +17,6 @@ express the model (or ``--arch``) with the tokenizer's files, for transformers' 
 """
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from pathlib import Path
 
@@ -26,18 +24,18 @@ import attrs
 import torch
 from safetensors.torch import load_file
 
-from . import checkpoint, safeio
+from . import checkpoint
 from .errors import CheckpointError, ConfigError, HFFormatError, UsageError, one_line
 from .data import prepared_dir
 from .generate import RECIPE_FILE, TOKENIZER_FILE, load_run
-from .hf import architecture_of, export_architecture, hf_model_config, load_hf, read_config, read_state_dict
-from .hf.common import CONFIG, load_into, write_checkpoint
+from .hf import adapter_for, export_architecture, hf_model_config, read_config, read_state_dict
+from .hf.common import CONFIG, load_into, unwrap, write_checkpoint
 from .model import ModelConfig, Transformer
+from .plugin_manager import load_registry
 from .recipe import DataConfig, GenerateConfig, Recipe, TrainConfig, diff_recipes, load_recipe, registry_of
 from .registry import Registry
 from .runfolder import LOCK_FILE, RunFolder, lock_folder
-from .tokenizer import (ASSETS, CharTokenizer, GPT2Tokenizer, HFTokenizer, Tokenizer, is_gpt2_bpe, load_tokenizer,
-                        read_hf_tokenizer)
+from .tokenizer import GPT2Tokenizer, HFTokenizer, Tokenizer, load_tokenizer
 
 #: recipe keys a run may change from the model it starts from: neither changes a weight's shape or value
 FREE_MODEL_KEYS = ("model.dropout", "model.block_size")
@@ -56,44 +54,6 @@ def _empty_target(out: Path) -> None:
 
 
 # -- Hugging Face -> run folder ---------------------------------------------------------------------
-def hf_tokenizer(folder: str | Path) -> Tokenizer | None:
-    """The tokenizer of a Hugging Face folder (tiktoken's gpt2 for GPT-2's own files), or None if it has none.
-
-    The end-of-text id (which separates documents) is the model's eos_token_id, from config.json or
-    generation_config.json, else the tokenizer_config.json's eos_token.
-    """
-    folder = Path(folder)
-    if not (folder / "tokenizer.json").is_file() and is_gpt2_bpe(folder):
-        return GPT2Tokenizer()
-    d = read_hf_tokenizer(folder)
-    if d is None:
-        return None
-    tok = HFTokenizer.from_json(d)
-    tok.eot = _eos_id(folder, tok)
-    return tok
-
-
-def _eos_id(folder: Path, tok: HFTokenizer) -> int | None:
-    for name in (CONFIG, "generation_config.json"):
-        try:
-            eos = safeio.read_json(folder / name).get("eos_token_id") if (folder / name).exists() else None
-        except (safeio.BadContent, AttributeError):
-            eos = None
-        if isinstance(eos, list):  # Llama 3 instruct lists several; the first ends a document
-            eos = eos[0] if eos else None
-        if isinstance(eos, int) and 0 <= eos < tok.vocab_size:
-            return eos
-    if not (folder / "tokenizer_config.json").exists():
-        return None
-    try:
-        config = safeio.read_json(folder / "tokenizer_config.json")
-    except safeio.BadContent:
-        return None
-    eos = config.get("eos_token") if isinstance(config, dict) else None
-    eos = eos.get("content") if isinstance(eos, dict) else eos
-    return tok.fast.token_to_id(eos) if isinstance(eos, str) else None
-
-
 def recipe_for(config: ModelConfig, name: str, tokenizer: Tokenizer | None, tokenizer_path: Path | None,
                description: str = "") -> Recipe:
     """A recipe for an imported model: the model as it is; data and training a starting point for fine-tuning."""
@@ -117,9 +77,9 @@ def hf_to_run(hf_dir: str | Path, out_dir: str | Path, *, registry: Registry | N
     if not is_hf_folder(hf_dir):
         raise UsageError(f"{hf_dir}: not a Hugging Face folder (expected {CONFIG} and weights; a run folder "
                          f"converts the other way: --to hf)")
-    arch = architecture_of(read_config(hf_dir), f"{hf_dir}/{CONFIG}")
-    model = load_hf(hf_dir, registry=registry)  # refused before OUT_DIR is touched
-    tokenizer = hf_tokenizer(hf_dir)
+    arch = adapter_for(read_config(hf_dir), f"{hf_dir}/{CONFIG}", registry)
+    model = arch.load(hf_dir, registry=registry)  # refused before OUT_DIR is touched
+    tokenizer = arch.tokenizer_from_hf(hf_dir)
     _empty_target(out)
     lock = lock_folder(out)  # creates it; one writer: a second convert into it (or a training there) is refused
     try:
@@ -179,14 +139,15 @@ def load_checkpoint_model(run: Path, found: Path):
     return model, tokenizer, recipe
 
 
-def load_hf_model(folder: Path):
+def load_hf_model(folder: Path, registry: Registry | None = None):
     """(model, tokenizer, recipe) of a Hugging Face folder: its own tokenizer (the shipped GPT-2 BPE for a
     GPT-2 folder that has none); UsageError for another architecture without one."""
     try:
-        model = load_hf(folder)
+        arch = adapter_for(read_config(folder), f"{folder}/{CONFIG}", registry)
+        model = arch.load(folder, registry=registry)
     except HFFormatError as exc:
         raise UsageError(f"{folder}: {exc}") from None
-    tokenizer = hf_tokenizer(folder)
+    tokenizer = arch.tokenizer_from_hf(folder)
     if tokenizer is None:
         if model.config.vocab_size < GPT2Tokenizer().vocab_size:
             raise UsageError(f"{folder}: no tokenizer (tokenizer.json, or vocab.json + merges.txt) for its "
@@ -197,66 +158,32 @@ def load_hf_model(folder: Path):
 
 
 # -- run folder -> Hugging Face -----------------------------------------------------------------------
-def run_to_hf(run_dir: str | Path, out_dir: str | Path, *, model_type: str | None = None) -> dict:
-    """Write a finished run as a Hugging Face folder (config.json, model.safetensors, tokenizer files)."""
+def run_to_hf(run_dir: str | Path, out_dir: str | Path, *, model_type: str | None = None,
+              registry: Registry | None = None) -> dict:
+    """Write a finished run as a Hugging Face folder (config.json, model.safetensors, tokenizer files), in an
+    architecture of ``registry`` (default: the run recipe's plugins, the built-ins and installed packages)."""
     if is_hf_folder(run_dir):
         raise UsageError(f"{run_dir}: a Hugging Face folder already; --to hf converts a run folder (leave it out "
                          f"to make a run folder of this one)")
     out = Path(out_dir)
     model, tokenizer, recipe, _ = load_model(run_dir)  # a finished run or any checkpoint of one
     run = str(run_dir)
-    arch, config = export_architecture(model, model_type)  # refused before OUT_DIR is touched
+    registry = registry or registry_of(recipe)
+    arch, config = export_architecture(model, model_type, registry)  # refused before OUT_DIR is touched
     _empty_target(out)
-    config.update(write_tokenizer_files(tokenizer, out, recipe.model.block_size))  # bos/eos ids
-    write_checkpoint(out, config, arch.state_dict_to_hf(model))
+    config.update(arch.tokenizer_to_hf(tokenizer, out, recipe.model.block_size))  # bos/eos ids
+    inner = unwrap(model)
+    write_checkpoint(out, config, arch.state_dict_to_hf(inner.state_dict(), inner.config))
     return {"run_dir": str(run), "out": str(out), "architecture": arch.model_type, "hf_class": arch.hf_class,
             "files": sorted(p.name for p in out.iterdir())}
 
 
-def write_tokenizer_files(tokenizer: Tokenizer, out: Path, max_len: int) -> dict:
-    """Write the tokenizer as transformers reads it; returns the config.json keys it sets (bos/eos ids)."""
-    out.mkdir(parents=True, exist_ok=True)
-    if isinstance(tokenizer, GPT2Tokenizer):
-        shutil.copyfile(ASSETS / "gpt2" / "encoder.json", out / "vocab.json")
-        shutil.copyfile(ASSETS / "gpt2" / "vocab.bpe", out / "merges.txt")
-        eot = "<|endoftext|>"
-        _write_json(out / "tokenizer_config.json", {"tokenizer_class": "GPT2Tokenizer", "bos_token": eot,
-                                                    "eos_token": eot, "unk_token": eot, "model_max_length": max_len})
-        return {"bos_token_id": tokenizer.eot, "eos_token_id": tokenizer.eot}
-    if isinstance(tokenizer, CharTokenizer):
-        tokenizer = HFTokenizer.from_json(char_tokenizer_json(tokenizer))
-    if not isinstance(tokenizer, HFTokenizer):
-        print(f"note: the {tokenizer.name} tokenizer has no Hugging Face form; {out} has no tokenizer files")
-        return {}
-    (out / "tokenizer.json").write_text(json.dumps(tokenizer.json, ensure_ascii=False) + "\n", encoding="utf-8")
-    token = tokenizer.fast.id_to_token
-    _write_json(out / "tokenizer_config.json", {
-        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len, "clean_up_tokenization_spaces": False,
-        "bos_token": token(tokenizer.bos) if tokenizer.bos is not None else None,
-        "eos_token": token(tokenizer.eot) if tokenizer.eot is not None else None})
-    return {"bos_token_id": tokenizer.bos, "eos_token_id": tokenizer.eot}
-
-
-def char_tokenizer_json(tokenizer: CharTokenizer) -> dict:
-    """A character vocabulary as a `tokenizers` tokenizer.json: BPE with no merges (one token per character)."""
-    from tokenizers import Tokenizer as Fast
-    from tokenizers import decoders, models
-
-    fast = Fast(models.BPE(vocab={c: i for i, c in enumerate(tokenizer.chars)}, merges=[]))
-    fast.decoder = decoders.Fuse()  # characters back to back, not joined with spaces
-    return json.loads(fast.to_str())
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
 # -- a run's weights from a run or Hugging Face folder (train --init-from) ----------------------------
-def init_source(source: str | Path) -> tuple[ModelConfig, str]:
+def init_source(source: str | Path, registry: Registry | None = None) -> tuple[ModelConfig, str]:
     """(model config, "run" or "hf") of an --init-from folder; UsageError when it is neither."""
     path = Path(source)
     if is_hf_folder(path):
-        return hf_model_config(path), "hf"
+        return hf_model_config(path, registry=registry), "hf"
     if path.is_dir() and (path / RECIPE_FILE).is_file():
         if not (path / checkpoint.WEIGHTS).is_file():
             raise UsageError(f"--init-from {path}: the run has no {checkpoint.WEIGHTS} yet (a run writes it when "
@@ -272,7 +199,7 @@ def recipe_for_init(source: str | Path) -> Recipe:
     config, kind = init_source(path)
     if kind == "run":
         return load_recipe(path / RECIPE_FILE)
-    tokenizer = hf_tokenizer(path)
+    tokenizer = adapter_for(read_config(path), f"{path}/{CONFIG}").tokenizer_from_hf(path)
     tok_path = path if isinstance(tokenizer, HFTokenizer) else None
     return recipe_for(config, path.resolve().name, tokenizer, tok_path, description=f"fine-tuned from {path.resolve()}")
 
@@ -293,7 +220,7 @@ def check_init(source: str | Path, config: ModelConfig, plugins: list[str] | Non
     """Refuse (ConfigError, one line per difference) a recipe model that differs from the one in ``source``;
     returns the source's kind, "run" or "hf"."""
     path = Path(source)
-    theirs, kind = init_source(path)
+    theirs, kind = init_source(path, load_registry(plugins or []))
     lines = model_differences(theirs, config, plugins)
     if lines:
         raise ConfigError([f"--init-from {path}: the recipe's model differs from the one there ({line})"
@@ -306,9 +233,9 @@ def init_weights(model: Transformer, source: str | Path, plugins: list[str] | No
     path = Path(source)
     kind = check_init(path, model.config, plugins)
     if kind == "hf":
-        hf = read_config(path)
-        arch = architecture_of(hf, f"{path}/{CONFIG}")
-        state = arch.state_dict_from_hf(read_state_dict(path), hf_model_config(path), str(path))
+        hf, registry = read_config(path), load_registry(plugins or [])
+        arch = adapter_for(hf, f"{path}/{CONFIG}", registry)
+        state = arch.state_dict_from_hf(read_state_dict(path), hf_model_config(path, registry=registry), str(path))
     else:
         try:
             state = load_file(str(path / checkpoint.WEIGHTS))

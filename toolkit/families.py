@@ -2,7 +2,7 @@
 
 A *family* is a set of interchangeable parts registered by name: the model's attention, norm,
 position and MLP, the optimizer and the learning-rate schedule, the tokenizer, datasets,
-evaluators and CLI commands. Each entry below says which hook registers it, where a recipe chooses
+evaluators, CLI commands and Hugging Face architectures. Each entry below says which hook registers it, where a recipe chooses
 it, the kind a recipe gets when it names none, what its factory is called with, and where the
 conformance kit finds it in a model. Everything that lists families reads this table: the hooks
 (:mod:`toolkit.hookspecs`), the registry, the recipe schema (:func:`components`), the converter,
@@ -27,6 +27,8 @@ HOOKS = {
     "register_datasets": "Register datasets by name: ``register(name, factory, options=None, doc=None)``.",
     "register_evaluators": "Register evaluators: ``register(name, factory, options=None, doc=None)``.",
     "register_commands": "Register CLI commands: ``register(name, factory, options=None, doc=None)``.",
+    "register_architectures": "Register Hugging Face architectures: ``register(model_type, adapter, options=None, "
+                              "doc=None)``.",
 }
 
 
@@ -84,6 +86,8 @@ FAMILIES: tuple[Family, ...] = (
            many=True),
     Family("command", "register_commands", None, None,
            "factory(parser) -> run(args) -> exit status; adds `playattention <name>`"),
+    Family("architecture", "register_architectures", None, None,
+           "factory(opts) -> toolkit.hf.Adapter: a config.json model_type's config, tensors and tokenizer, both ways"),
 )
 
 _BY_NAME = {f.name: f for f in FAMILIES}

@@ -22,12 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .convert import hf_tokenizer, is_hf_folder
+from .convert import is_hf_folder
 from .data import prepared_dir, read_split
 from .errors import DataError, UsageError
 from .generate import encode_prompt, load_run
 from .headstats import head_stats
 from .hf import load_hf
+from .hf.tokenizers import hf_tokenizer
 from .report import _pyplot
 
 #: prompts up to this many tokens get token labels on the heatmaps' axes

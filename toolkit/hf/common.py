@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -17,7 +17,6 @@ from torch import nn
 from .. import safeio
 from ..errors import HFFormatError
 from ..model import Transformer
-from ..registry import Registry
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -140,13 +139,6 @@ def check_architecture(config: dict, model_type: str, architectures: Iterable[st
         )
 
 
-def require(config: dict, keys: Iterable[str], where: str) -> None:
-    """Every key in ``keys`` must be present in config.json."""
-    missing = [k for k in keys if k not in config]
-    if missing:
-        raise HFFormatError(f"{where}: config.json lacks {', '.join(missing)}")
-
-
 def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], where: str) -> None:
     """Copy ``state_dict`` (already in this toolkit's names) into ``model``, reporting every mismatch at once."""
     own = model.state_dict()
@@ -174,28 +166,6 @@ def _few(items: list[str], n: int = 4) -> str:
     more = f" and {len(items) - n} more" if len(items) > n else ""
     return ", ".join(items[:n]) + more
 
-
-
-def load_checkpoint(path: str | Path, config_from_hf: Callable, state_dict_from_hf: Callable, *, dropout: float,
-                    dtype: torch.dtype | None, registry: Registry | None) -> Transformer:
-    """A Transformer from a local HF folder: its config through ``config_from_hf``, its tensors renamed by
-    ``state_dict_from_hf``, every mismatch reported at once (load_into), in eval mode."""
-    where = str(path)
-    config = config_from_hf(read_config(path), dropout=dropout, where=f"{where}/config.json")
-    sd = state_dict_from_hf(read_state_dict(path), config, where)
-    model = Transformer(config, registry)
-    load_into(model, sd, where)
-    if dtype is not None:
-        model.to(dtype)
-    return model.eval()
-
-
-def save_checkpoint(model, path: str | Path, config_to_hf: Callable, tensors_to_hf: Callable) -> Path:
-    """Write ``model`` as a HF folder: config.json from ``config_to_hf`` (which refuses what the layout
-    cannot say, before anything is written), model.safetensors from ``tensors_to_hf``."""
-    config = config_to_hf(model)
-    inner = unwrap(model)
-    return write_checkpoint(path, config, tensors_to_hf(inner.state_dict(), inner.config))
 
 
 #: config.json keys that never change what a model computes: bookkeeping, label maps, generation
@@ -226,6 +196,9 @@ _MISSING = object()
 
 class ConfigReader:
     """A config.json read key by key: :meth:`finish` refuses every key no one read, so no setting is ignored.
+
+    Every adapter reads through one (:meth:`toolkit.hf.Adapter.config_from_hf` makes it and calls finish),
+    so a key an importer does not read is refused in one line naming it and the file.
 
     An absent key takes the architecture's default, which must be transformers' own (its config class's
     field default: e.g. Mistral's sliding_window is 4096 when absent, and none when null).
@@ -261,9 +234,10 @@ class ConfigReader:
         return value
 
     def finish(self) -> None:
-        """Refuse the first key no one read that is not known to be harmless."""
+        """Refuse the first key no one read that is not known to be harmless; a null is unset (transformers
+        writes null for a setting no one chose)."""
         for key, value in self.hf.items():
-            if key in self.read or key in HARMLESS_KEYS:
+            if key in self.read or key in HARMLESS_KEYS or value is None:
                 continue
             if key in HARMLESS_AT:
                 if value in HARMLESS_AT[key] or (value is None and None in HARMLESS_AT[key]):

@@ -13,14 +13,13 @@ rows (and biases) are permuted on the way in and back on the way out.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from ..model import ModelConfig, Transformer
-from ..registry import Registry
-from .common import HFFormatError, check_architecture, load_checkpoint, require, save_checkpoint, unwrap
-from .parts import head_dtype, int_key, layer_tensors, model_config, refuse_unread, rope_settings
+from .adapter import Adapter
+from .common import ConfigReader, HFFormatError, unwrap
+from .parts import head_dtype, layer_tensors, model_config
+from .rope import rope_from_hf
 
 # HF hidden_act -> our gelu MLP's `approximate`
 _GELU_APPROX = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
@@ -45,50 +44,6 @@ _OUTER = {
 }
 # buffers older checkpoints saved: the causal mask, its fill value, RoPE's inverse frequencies
 _BUFFERS = ("attention.bias", "attention.masked_bias", "attention.rotary_emb.inv_freq")
-_READ = {  # every config.json key gpt_neox_config_from_hf reads (the others are bookkeeping or refused)
-    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
-    "max_position_embeddings", "layer_norm_eps", "tie_word_embeddings", "use_parallel_residual", "attention_bias",
-    "rope_parameters", "rope_scaling", "rotary_pct", "rotary_emb_base",
-}
-
-
-def gpt_neox_config_from_hf(hf: dict, *, dropout: float = 0.0, where: str = "GPT-NeoX config") -> ModelConfig:
-    """The :class:`ModelConfig` for a GPT-NeoX / Pythia ``config.json`` (as a dict)."""
-    check_architecture(hf, "gpt_neox", ["GPTNeoXForCausalLM"], where)
-    # intermediate_size is required: GPTNeoXConfig's default (24576) is not 4 * hidden_size
-    require(hf, ["hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size"], where)
-    refuse_unread(hf, _READ, where)
-    C, nh = int_key(hf, "hidden_size", where), int_key(hf, "num_attention_heads", where)
-    if C % nh:
-        raise HFFormatError(f"{where}: hidden_size {C} is not divisible by num_attention_heads {nh}")
-    if hf.get("attention_bias", True) is not True:
-        raise HFFormatError(f"{where}: attention_bias = false is not supported (GPT-NeoX's biases are all or none "
-                            "here, and its MLP and norms always have them)")
-    act = hf.get("hidden_act", "gelu")
-    if act not in _GELU_APPROX:
-        raise HFFormatError(f"{where}: hidden_act {act!r} is not supported (expected one of: {', '.join(_GELU_APPROX)})")
-    rope = rope_settings(hf, where, extra=("partial_rotary_factor",), theta_key="rotary_emb_base")
-    fraction = float(rope.get("partial_rotary_factor", hf.get("rotary_pct", 0.25)))
-    rotary = int(C // nh * fraction)  # HF: int(head_size * partial_rotary_factor) dimensions rotate
-    if rotary % 2 or rotary == 0 or fraction > 1:
-        raise HFFormatError(f"{where}: rotary_pct {fraction} rotates {rotary} of {C // nh} head dimensions; "
-                            "expected an even number > 0")
-    parallel = hf.get("use_parallel_residual", True)
-    return model_config(dict(
-        vocab_size=int_key(hf, "vocab_size", where),
-        block_size=int_key(hf, "max_position_embeddings", where) if "max_position_embeddings" in hf else 2048,
-        n_layer=int_key(hf, "num_hidden_layers", where),
-        n_head=nh,
-        n_embd=C,
-        dropout=dropout,
-        bias=True,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        block={"kind": "parallel", "shared_norm": False} if parallel else {"kind": "pre_norm"},
-        attention="mha",
-        norm={"kind": "layernorm", "eps": float(hf.get("layer_norm_eps", 1e-5))},
-        position={"kind": "rope", "theta": rope["rope_theta"], "fraction": fraction},
-        mlp={"kind": "gelu", "approximate": _GELU_APPROX[act], "hidden_dim": int_key(hf, "intermediate_size", where)},
-    ))
 
 
 def _per_head_to_stacked(t: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -105,107 +60,140 @@ def _stacked_to_per_head(t: torch.Tensor, n_head: int) -> torch.Tensor:
     return stacked.transpose(0, 1).reshape(t.shape)  # (nh, 3, hs, ...) -> (nh*3*hs, ...)
 
 
-def gpt_neox_state_dict_from_hf(hf_sd: dict[str, torch.Tensor], config: ModelConfig,
-                                where: str = "GPT-NeoX weights") -> dict[str, torch.Tensor]:
-    """HF GPT-NeoX tensors -> this toolkit's names, query_key_value's rows permuted from per head to [q; k; v]."""
-    layers, rest = layer_tensors(hf_sd, "gpt_neox.layers.")
-    out = {_OUTER.get(name, name): t for name, t in rest.items()}
-    for i, parts in sorted(layers.items()):
-        prefix = f"transformer.h.{i}."
-        for buffer in _BUFFERS:
-            parts.pop(buffer, None)
-        out.update({prefix + ours: parts.pop(theirs) for theirs, ours in _RENAME.items() if theirs in parts})
-        for kind in ("weight", "bias"):
-            qkv = parts.pop(f"attention.query_key_value.{kind}", None)
-            if qkv is None:
-                raise HFFormatError(f"{where}: layer {i} lacks attention.query_key_value.{kind}")
-            out[f"{prefix}attn.c_attn.{kind}"] = _per_head_to_stacked(qkv, config.n_head)
-        out.update({f"gpt_neox.layers.{i}.{rest}": t for rest, t in parts.items()})  # leftovers: reported as unexpected
-    if config.tie_embeddings and "transformer.wte.weight" in out:
-        out["lm_head.weight"] = out["transformer.wte.weight"]
-    return out
+class GPTNeoXAdapter(Adapter):
+    """GPT-NeoX and Pythia (Black et al. 2022): partial rotary, LayerNorm and biases, a parallel residual."""
 
+    model_type, hf_class, export_rank = "gpt_neox", "GPTNeoXForCausalLM", 7
+    # transformers' GPTNeoXConfig defaults of the keys read; intermediate_size is required: its default
+    # (24576) is not 4 * hidden_size
+    defaults = {"hidden_act": "gelu", "max_position_embeddings": 2048, "layer_norm_eps": 1e-5,
+                "tie_word_embeddings": False, "use_parallel_residual": True, "attention_bias": True,
+                "rotary_pct": 0.25, "rotary_emb_base": 10000.0}
 
-def load_gpt_neox(path: str | Path, *, dropout: float = 0.0, dtype: torch.dtype | None = None,
-                  registry: Registry | None = None) -> Transformer:
-    """A :class:`Transformer` with the weights of a local HF GPT-NeoX / Pythia folder (config.json + safetensors)."""
-    return load_checkpoint(path, gpt_neox_config_from_hf, gpt_neox_state_dict_from_hf, dropout=dropout, dtype=dtype,
-                           registry=registry)
+    def read_config(self, r: ConfigReader, dropout: float) -> ModelConfig:
+        where = r.where
+        C, nh = r.need("hidden_size"), r.need("num_attention_heads")
+        n_layer, hidden, vocab = r.need("num_hidden_layers"), r.need("intermediate_size"), r.need("vocab_size")
+        if C % nh:
+            raise HFFormatError(f"{where}: hidden_size {C} is not divisible by num_attention_heads {nh}")
+        if r.get("attention_bias") is not True:
+            raise HFFormatError(f"{where}: attention_bias = false is not supported (GPT-NeoX's biases are all or "
+                                "none here, and its MLP and norms always have them)")
+        act = r.get("hidden_act")
+        if act not in _GELU_APPROX:
+            raise HFFormatError(f"{where}: hidden_act {act!r} is not supported (expected one of: "
+                                f"{', '.join(_GELU_APPROX)})")
+        max_len = r.need("max_position_embeddings")
+        rope = rope_from_hf(r, max_len, scaled=False, theta_key="rotary_emb_base", fraction_key="rotary_pct",
+                            partial=True)
+        fraction = rope["fraction"]
+        rotary = int(C // nh * fraction)  # HF: int(head_size * partial_rotary_factor) dimensions rotate
+        if rotary % 2 or rotary == 0 or fraction > 1:
+            raise HFFormatError(f"{where}: rotary_pct {fraction} rotates {rotary} of {C // nh} head dimensions; "
+                                "expected an even number > 0")
+        parallel = r.get("use_parallel_residual")
+        return model_config(dict(
+            vocab_size=vocab,
+            block_size=max_len,
+            n_layer=n_layer,
+            n_head=nh,
+            n_embd=C,
+            dropout=dropout,
+            bias=True,
+            tie_embeddings=bool(r.get("tie_word_embeddings")),
+            block={"kind": "parallel", "shared_norm": False} if parallel else {"kind": "pre_norm"},
+            attention="mha",
+            norm={"kind": "layernorm", "eps": r.need("layer_norm_eps", float)},
+            position=rope,
+            mlp={"kind": "gelu", "approximate": _GELU_APPROX[act], "hidden_dim": hidden},
+        ))
 
+    def state_dict_from_hf(self, hf_sd: dict[str, torch.Tensor], config: ModelConfig,
+                           where: str = "weights") -> dict[str, torch.Tensor]:
+        """HF GPT-NeoX tensors -> this toolkit's names, query_key_value's rows permuted from per head to [q; k; v]."""
+        layers, rest = layer_tensors(hf_sd, "gpt_neox.layers.")
+        out = {_OUTER.get(name, name): t for name, t in rest.items()}
+        for i, parts in sorted(layers.items()):
+            prefix = f"transformer.h.{i}."
+            for buffer in _BUFFERS:
+                parts.pop(buffer, None)
+            out.update({prefix + ours: parts.pop(theirs) for theirs, ours in _RENAME.items() if theirs in parts})
+            for kind in ("weight", "bias"):
+                qkv = parts.pop(f"attention.query_key_value.{kind}", None)
+                if qkv is None:
+                    raise HFFormatError(f"{where}: layer {i} lacks attention.query_key_value.{kind}")
+                out[f"{prefix}attn.c_attn.{kind}"] = _per_head_to_stacked(qkv, config.n_head)
+            out.update({f"gpt_neox.layers.{i}.{rest}": t for rest, t in parts.items()})  # leftovers: reported as unexpected
+        if config.tie_embeddings and "transformer.wte.weight" in out:
+            out["lm_head.weight"] = out["transformer.wte.weight"]
+        return out
 
-# -- export ---------------------------------------------------------------------------------------
-def hf_config_from_gpt_neox(model: Transformer) -> dict:
-    """The HF ``config.json`` dict for a model GPT-NeoX can express; HFFormatError says why not otherwise."""
-    model = unwrap(model)
-    cfg = model.config
-    problems = []
-    if cfg.block.kind not in ("parallel", "pre_norm"):
-        problems.append(f"block {cfg.block.kind!r} (GPT-NeoX has 'parallel' or 'pre_norm')")
-    elif cfg.block.kind == "parallel" and cfg.block.options.shared_norm:
-        problems.append("a parallel block with one shared norm (GPT-NeoX has one per branch)")
-    wants = {"attention": ("mha",), "norm": ("layernorm",), "position": ("rope",), "mlp": ("gelu",)}
-    problems += [f"{fam} {getattr(cfg, fam).kind!r} (GPT-NeoX has {' or '.join(map(repr, kinds))})"
-                 for fam, kinds in wants.items() if getattr(cfg, fam).kind not in kinds]
-    if cfg.layers:
-        problems.append(f"layers with components of their own ({', '.join(cfg.layers)})")
-    if not cfg.bias:
-        problems.append("no biases (GPT-NeoX's MLP and norms always have them)")
-    if cfg.head_dim not in (None, cfg.n_embd // cfg.n_head) or cfg.n_embd % cfg.n_head:
-        problems.append(f"head_dim {cfg.head_dim} (GPT-NeoX's is n_embd / n_head)")
-    if cfg.embedding_multiplier is not None or cfg.logit_softcap is not None:
-        problems.append("embedding_multiplier / logit_softcap (GPT-NeoX has neither)")
-    if not problems:
-        o = cfg.attention.options
-        if o.qk_norm is not None or o.softcap is not None or o.scale is not None:
-            problems.append("attention qk_norm / softcap / scale (GPT-NeoX has none)")
-        if cfg.norm.options.bias is False:
-            problems.append("layernorm without bias (GPT-NeoX's has one)")
-    if problems:
-        raise HFFormatError(f"cannot export as GPT-NeoX: unsupported {'; '.join(problems)}")
-    rope, mlp = cfg.position.options, cfg.mlp.options
-    return {
-        "architectures": ["GPTNeoXForCausalLM"],
-        "model_type": "gpt_neox",
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.n_embd,
-        "num_hidden_layers": cfg.n_layer,
-        "num_attention_heads": cfg.n_head,
-        "intermediate_size": model.transformer.h[0].mlp.c_fc.out_features,
-        "hidden_act": "gelu" if mlp.approximate == "none" else "gelu_pytorch_tanh",
-        "max_position_embeddings": cfg.block_size,
-        "layer_norm_eps": cfg.norm.options.eps,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "use_parallel_residual": cfg.block.kind == "parallel",
-        "attention_bias": True,
-        "rotary_pct": rope.fraction,  # as Pythia's files and transformers 4 spell them; transformers 5 reads them too
-        "rotary_emb_base": rope.theta,
-        "attention_dropout": 0.0,
-        "hidden_dropout": 0.0,
-        "initializer_range": 0.02,
-        "torch_dtype": head_dtype(model),
-    }
+    def state_dict_to_hf(self, tensors: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+        """Tensors in this toolkit's names (weights, or their gradients) -> HF GPT-NeoX names, c_attn back to per head."""
+        back = {ours: theirs for theirs, ours in _RENAME.items()}
+        outer = {ours: theirs for theirs, ours in _OUTER.items() if theirs != "lm_head.weight"}
+        out: dict[str, torch.Tensor] = {}
+        for name, t in tensors.items():
+            if name == "lm_head.weight" and config.tie_embeddings:
+                continue  # HF re-ties it to embed_in on load
+            if name in outer:
+                out[outer[name]] = t
+                continue
+            i, below = name.removeprefix("transformer.h.").split(".", 1)
+            prefix = f"gpt_neox.layers.{i}."
+            if below.startswith("attn.c_attn."):
+                out[prefix + "attention.query_key_value." + below.rsplit(".", 1)[1]] = _stacked_to_per_head(t, config.n_head)
+            else:
+                out[prefix + back[below]] = t
+        return out
 
-
-def gpt_neox_tensors_to_hf(tensors: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    """Tensors in this toolkit's names (weights, or their gradients) -> HF GPT-NeoX names, c_attn back to per head."""
-    back = {ours: theirs for theirs, ours in _RENAME.items()}
-    outer = {ours: theirs for theirs, ours in _OUTER.items() if theirs != "lm_head.weight"}
-    out: dict[str, torch.Tensor] = {}
-    for name, t in tensors.items():
-        if name == "lm_head.weight" and config.tie_embeddings:
-            continue  # HF re-ties it to embed_in on load
-        if name in outer:
-            out[outer[name]] = t
-            continue
-        i, below = name.removeprefix("transformer.h.").split(".", 1)
-        prefix = f"gpt_neox.layers.{i}."
-        if below.startswith("attn.c_attn."):
-            out[prefix + "attention.query_key_value." + below.rsplit(".", 1)[1]] = _stacked_to_per_head(t, config.n_head)
-        else:
-            out[prefix + back[below]] = t
-    return out
-
-
-def save_gpt_neox(model: Transformer, path: str | Path) -> Path:
-    """Write ``model`` as a HF GPT-NeoX folder (config.json + model.safetensors) that GPTNeoXForCausalLM loads."""
-    return save_checkpoint(model, path, hf_config_from_gpt_neox, gpt_neox_tensors_to_hf)
+    def config_to_hf(self, model: Transformer) -> dict:
+        """The HF ``config.json`` dict for a model GPT-NeoX can express; HFFormatError says why not otherwise."""
+        model = unwrap(model)
+        cfg = model.config
+        problems = []
+        if cfg.block.kind not in ("parallel", "pre_norm"):
+            problems.append(f"block {cfg.block.kind!r} (GPT-NeoX has 'parallel' or 'pre_norm')")
+        elif cfg.block.kind == "parallel" and cfg.block.options.shared_norm:
+            problems.append("a parallel block with one shared norm (GPT-NeoX has one per branch)")
+        wants = {"attention": ("mha",), "norm": ("layernorm",), "position": ("rope",), "mlp": ("gelu",)}
+        problems += [f"{fam} {getattr(cfg, fam).kind!r} (GPT-NeoX has {' or '.join(map(repr, kinds))})"
+                     for fam, kinds in wants.items() if getattr(cfg, fam).kind not in kinds]
+        if cfg.layers:
+            problems.append(f"layers with components of their own ({', '.join(cfg.layers)})")
+        if not cfg.bias:
+            problems.append("no biases (GPT-NeoX's MLP and norms always have them)")
+        if cfg.head_dim not in (None, cfg.n_embd // cfg.n_head) or cfg.n_embd % cfg.n_head:
+            problems.append(f"head_dim {cfg.head_dim} (GPT-NeoX's is n_embd / n_head)")
+        if cfg.embedding_multiplier is not None or cfg.logit_softcap is not None:
+            problems.append("embedding_multiplier / logit_softcap (GPT-NeoX has neither)")
+        if not problems:
+            o = cfg.attention.options
+            if o.qk_norm is not None or o.softcap is not None or o.scale is not None:
+                problems.append("attention qk_norm / softcap / scale (GPT-NeoX has none)")
+            if cfg.norm.options.bias is False:
+                problems.append("layernorm without bias (GPT-NeoX's has one)")
+        if problems:
+            raise HFFormatError(f"cannot export as GPT-NeoX: unsupported {'; '.join(problems)}")
+        rope, mlp = cfg.position.options, cfg.mlp.options
+        return {
+            "architectures": ["GPTNeoXForCausalLM"],
+            "model_type": "gpt_neox",
+            "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.n_embd,
+            "num_hidden_layers": cfg.n_layer,
+            "num_attention_heads": cfg.n_head,
+            "intermediate_size": model.transformer.h[0].mlp.c_fc.out_features,
+            "hidden_act": "gelu" if mlp.approximate == "none" else "gelu_pytorch_tanh",
+            "max_position_embeddings": cfg.block_size,
+            "layer_norm_eps": cfg.norm.options.eps,
+            "tie_word_embeddings": cfg.tie_embeddings,
+            "use_parallel_residual": cfg.block.kind == "parallel",
+            "attention_bias": True,
+            "rotary_pct": rope.fraction,  # as Pythia's files and transformers 4 spell them; transformers 5 reads them too
+            "rotary_emb_base": rope.theta,
+            "attention_dropout": 0.0,
+            "hidden_dropout": 0.0,
+            "initializer_range": 0.02,
+            "torch_dtype": head_dtype(model),
+        }

@@ -8,15 +8,13 @@ no biases, an untied head, RoPE, SwiGLU, grouped-query attention where num_key_v
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from ..model import ModelConfig, Transformer
-from ..registry import Registry
-from .common import HFFormatError, check_architecture, load_checkpoint, require, save_checkpoint, unwrap
-from .parts import (fused_from_hf, fused_to_hf, head_dtype, int_key, model_config, refuse_unread,
-                    rope_settings)
+from .adapter import Adapter
+from .common import ConfigReader, HFFormatError, unwrap
+from .parts import fused_from_hf, fused_to_hf, head_dtype, model_config
+from .rope import rope_from_hf
 
 _RENAME = {  # per-layer HF name -> ours (single tensors)
     "post_attention_layernorm.weight": "post_ln_1.weight",
@@ -26,118 +24,100 @@ _RENAME = {  # per-layer HF name -> ours (single tensors)
     "self_attn.o_proj.weight": "attn.c_proj.weight",
     "mlp.down_proj.weight": "mlp.c_proj.weight",
 }
-_READ = {  # every config.json key olmo2_config_from_hf reads (the others are bookkeeping or refused)
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
-    "rope_parameters", "rope_scaling", "rope_theta", "attention_bias",
-}
+class Olmo2Adapter(Adapter):
+    """OLMo 2 (OLMo et al. 2024): norms after each sublayer, QK-norm over all heads, SwiGLU, RoPE, no biases."""
 
+    model_type, hf_class, export_rank = "olmo2", "Olmo2ForCausalLM", 6
+    # transformers' Olmo2Config defaults of the keys read
+    defaults = {"hidden_act": "silu", "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "rope_theta": 10000.0}
 
-def olmo2_config_from_hf(hf: dict, *, dropout: float = 0.0, where: str = "OLMo 2 config") -> ModelConfig:
-    """The :class:`ModelConfig` for an OLMo 2 ``config.json`` (as a dict)."""
-    check_architecture(hf, "olmo2", ["Olmo2ForCausalLM"], where)
-    require(hf, ["hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size",
-                 "max_position_embeddings"], where)
-    refuse_unread(hf, _READ, where)
-    C, nh = int_key(hf, "hidden_size", where), int_key(hf, "num_attention_heads", where)
-    nkv = int_key(hf, "num_key_value_heads", where) if hf.get("num_key_value_heads") else nh
-    if hf.get("attention_bias"):
-        raise HFFormatError(f"{where}: attention_bias is not supported (OLMo 2 has no biases)")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise HFFormatError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported (OLMo 2's SwiGLU uses 'silu')")
-    return model_config(dict(
-        vocab_size=int_key(hf, "vocab_size", where),
-        block_size=int_key(hf, "max_position_embeddings", where),
-        n_layer=int_key(hf, "num_hidden_layers", where),
-        n_head=nh,
-        n_embd=C,
-        # HF's Olmo2Attention takes config.head_dim when a config has one, else hidden_size / heads
-        head_dim=int_key(hf, "head_dim", where) if hf.get("head_dim") else None,
-        dropout=dropout,
-        bias=False,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        block={"kind": "sandwich", "pre": False},
-        attention={"kind": "gqa", "n_kv_head": nkv, "qk_norm": "rmsnorm", "qk_norm_scope": "all"},
-        norm={"kind": "rmsnorm", "eps": float(hf.get("rms_norm_eps", 1e-5))},  # the q/k norms take it too
-        position={"kind": "rope", "theta": rope_settings(hf, where)["rope_theta"]},
-        mlp={"kind": "swiglu", "hidden_dim": int_key(hf, "intermediate_size", where)},
-    ))
+    def read_config(self, r: ConfigReader, dropout: float) -> ModelConfig:
+        where = r.where
+        C, nh = r.need("hidden_size"), r.need("num_attention_heads")
+        nkv = r.need("num_key_value_heads") if r.get("num_key_value_heads") else nh
+        if r.get("attention_bias"):
+            raise HFFormatError(f"{where}: attention_bias is not supported (OLMo 2 has no biases)")
+        if r.get("hidden_act") != "silu":
+            raise HFFormatError(f"{where}: hidden_act {r.get('hidden_act')!r} is not supported (OLMo 2's SwiGLU "
+                                f"uses 'silu')")
+        max_len = r.need("max_position_embeddings")
+        return model_config(dict(
+            vocab_size=r.need("vocab_size"),
+            block_size=max_len,
+            n_layer=r.need("num_hidden_layers"),
+            n_head=nh,
+            n_embd=C,
+            # HF's Olmo2Attention takes config.head_dim when a config has one, else hidden_size / heads
+            head_dim=r.need("head_dim") if r.get("head_dim") else None,
+            dropout=dropout,
+            bias=False,
+            tie_embeddings=bool(r.get("tie_word_embeddings")),
+            block={"kind": "sandwich", "pre": False},
+            attention={"kind": "gqa", "n_kv_head": nkv, "qk_norm": "rmsnorm", "qk_norm_scope": "all"},
+            norm={"kind": "rmsnorm", "eps": r.need("rms_norm_eps", float)},  # the q/k norms take it too
+            position={"kind": "rope", "theta": rope_from_hf(r, max_len, scaled=False)["theta"]},
+            mlp={"kind": "swiglu", "hidden_dim": r.need("intermediate_size")},
+        ))
 
+    def state_dict_from_hf(self, hf_sd: dict[str, torch.Tensor], config: ModelConfig,
+                           where: str = "weights") -> dict[str, torch.Tensor]:
+        """HF OLMo 2 tensors -> this toolkit's names, q/k/v and gate/up stacked into the fused weights."""
+        return fused_from_hf(hf_sd, config, _RENAME, where)
 
-def olmo2_state_dict_from_hf(hf_sd: dict[str, torch.Tensor], config: ModelConfig,
-                             where: str = "OLMo 2 weights") -> dict[str, torch.Tensor]:
-    """HF OLMo 2 tensors -> this toolkit's names, q/k/v and gate/up stacked into the fused weights."""
-    return fused_from_hf(hf_sd, config, _RENAME, where)
+    def state_dict_to_hf(self, state_dict: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+        """Tensors in this toolkit's names (weights, or their gradients) -> HF OLMo 2 names, fused ones split."""
+        return fused_to_hf(state_dict, config, _RENAME)
 
-
-def load_olmo2(path: str | Path, *, dropout: float = 0.0, dtype: torch.dtype | None = None,
-               registry: Registry | None = None) -> Transformer:
-    """A :class:`Transformer` with the weights of a local HF OLMo 2 folder (config.json + safetensors)."""
-    return load_checkpoint(path, olmo2_config_from_hf, olmo2_state_dict_from_hf, dropout=dropout, dtype=dtype,
-                           registry=registry)
-
-
-# -- export ---------------------------------------------------------------------------------------
-def hf_config_from_olmo2(model: Transformer) -> dict:
-    """The HF ``config.json`` dict for a model OLMo 2 can express; HFFormatError says why not otherwise."""
-    model = unwrap(model)
-    cfg = model.config
-    wants = {"block": "sandwich", "norm": "rmsnorm", "position": "rope", "mlp": "swiglu"}
-    problems = [f"{fam} {getattr(cfg, fam).kind!r} (OLMo 2 has {kind!r})" for fam, kind in wants.items()
-                if getattr(cfg, fam).kind != kind]
-    if cfg.attention.kind not in ("gqa", "mha", "mqa"):
-        problems.append(f"attention {cfg.attention.kind!r} (OLMo 2 has gqa)")
-    if cfg.layers:
-        problems.append(f"layers with components of their own ({', '.join(cfg.layers)})")
-    if cfg.bias:
-        problems.append("biases (OLMo 2 has none)")
-    if cfg.embedding_multiplier is not None or cfg.logit_softcap is not None:
-        problems.append("embedding_multiplier / logit_softcap (OLMo 2 has neither)")
-    if not problems:
-        attn, block = model.transformer.h[0].attn, cfg.block.options
-        if block.pre or not block.post:
-            problems.append("sandwich blocks with input norms or without output norms (OLMo 2: pre = false, post = true)")
-        if cfg.norm.options.offset != 0.0:
-            problems.append(f"rmsnorm offset {cfg.norm.options.offset} (OLMo 2 scales by the weight)")
-        o = cfg.attention.options
-        if o.qk_norm != "rmsnorm" or o.qk_norm_scope != "all":
-            problems.append(f"qk_norm {o.qk_norm!r} over {o.qk_norm_scope!r} (OLMo 2: 'rmsnorm' over 'all' heads)")
-        if o.softcap is not None or o.scale is not None:
-            problems.append("attention softcap / scale (OLMo 2 has neither)")
-        if cfg.position.options.fraction != 1.0:
-            problems.append(f"rope fraction {cfg.position.options.fraction} (OLMo 2 rotates whole heads)")
-    if problems:
-        raise HFFormatError(f"cannot export as OLMo 2: unsupported {'; '.join(problems)}")
-    hs = cfg.head_dim or cfg.n_embd // cfg.n_head
-    out = {
-        "architectures": ["Olmo2ForCausalLM"],
-        "model_type": "olmo2",
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.n_embd,
-        "intermediate_size": model.transformer.h[0].mlp.hidden,
-        "num_hidden_layers": cfg.n_layer,
-        "num_attention_heads": cfg.n_head,
-        "num_key_value_heads": attn.n_kv_head,
-        "hidden_act": "silu",
-        "max_position_embeddings": cfg.block_size,
-        "rms_norm_eps": cfg.norm.options.eps,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "rope_theta": cfg.position.options.theta,  # as transformers 4 wrote it; transformers 5 reads it too
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "initializer_range": 0.02,
-        "torch_dtype": head_dtype(model),
-    }
-    if hs != cfg.n_embd // cfg.n_head or cfg.n_embd % cfg.n_head:
-        out["head_dim"] = hs  # HF's Olmo2Attention reads it when present
-    return out
-
-
-def olmo2_tensors_to_hf(tensors: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    """Tensors in this toolkit's names (weights, or their gradients) -> HF OLMo 2 names, fused ones split."""
-    return fused_to_hf(tensors, config, _RENAME)
-
-
-def save_olmo2(model: Transformer, path: str | Path) -> Path:
-    """Write ``model`` as a HF OLMo 2 folder (config.json + model.safetensors) that Olmo2ForCausalLM loads."""
-    return save_checkpoint(model, path, hf_config_from_olmo2, olmo2_tensors_to_hf)
+    def config_to_hf(self, model: Transformer) -> dict:
+        """The HF ``config.json`` dict for a model OLMo 2 can express; HFFormatError says why not otherwise."""
+        model = unwrap(model)
+        cfg = model.config
+        wants = {"block": "sandwich", "norm": "rmsnorm", "position": "rope", "mlp": "swiglu"}
+        problems = [f"{fam} {getattr(cfg, fam).kind!r} (OLMo 2 has {kind!r})" for fam, kind in wants.items()
+                    if getattr(cfg, fam).kind != kind]
+        if cfg.attention.kind not in ("gqa", "mha", "mqa"):
+            problems.append(f"attention {cfg.attention.kind!r} (OLMo 2 has gqa)")
+        if cfg.layers:
+            problems.append(f"layers with components of their own ({', '.join(cfg.layers)})")
+        if cfg.bias:
+            problems.append("biases (OLMo 2 has none)")
+        if cfg.embedding_multiplier is not None or cfg.logit_softcap is not None:
+            problems.append("embedding_multiplier / logit_softcap (OLMo 2 has neither)")
+        if not problems:
+            attn, block = model.transformer.h[0].attn, cfg.block.options
+            if block.pre or not block.post:
+                problems.append("sandwich blocks with input norms or without output norms (OLMo 2: pre = false, post = true)")
+            if cfg.norm.options.offset != 0.0:
+                problems.append(f"rmsnorm offset {cfg.norm.options.offset} (OLMo 2 scales by the weight)")
+            o = cfg.attention.options
+            if o.qk_norm != "rmsnorm" or o.qk_norm_scope != "all":
+                problems.append(f"qk_norm {o.qk_norm!r} over {o.qk_norm_scope!r} (OLMo 2: 'rmsnorm' over 'all' heads)")
+            if o.softcap is not None or o.scale is not None:
+                problems.append("attention softcap / scale (OLMo 2 has neither)")
+            if cfg.position.options.fraction != 1.0:
+                problems.append(f"rope fraction {cfg.position.options.fraction} (OLMo 2 rotates whole heads)")
+        if problems:
+            raise HFFormatError(f"cannot export as OLMo 2: unsupported {'; '.join(problems)}")
+        hs = cfg.head_dim or cfg.n_embd // cfg.n_head
+        out = {
+            "architectures": ["Olmo2ForCausalLM"],
+            "model_type": "olmo2",
+            "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.n_embd,
+            "intermediate_size": model.transformer.h[0].mlp.hidden,
+            "num_hidden_layers": cfg.n_layer,
+            "num_attention_heads": cfg.n_head,
+            "num_key_value_heads": attn.n_kv_head,
+            "hidden_act": "silu",
+            "max_position_embeddings": cfg.block_size,
+            "rms_norm_eps": cfg.norm.options.eps,
+            "tie_word_embeddings": cfg.tie_embeddings,
+            "rope_theta": cfg.position.options.theta,  # as transformers 4 wrote it; transformers 5 reads it too
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "initializer_range": 0.02,
+            "torch_dtype": head_dtype(model),
+        }
+        if hs != cfg.n_embd // cfg.n_head or cfg.n_embd % cfg.n_head:
+            out["head_dim"] = hs  # HF's Olmo2Attention reads it when present
+        return out

@@ -1,59 +1,20 @@
-"""What the Gemma 2, OLMo 2 and GPT-NeoX importers share: refusing config keys they do not read,
-plain RoPE settings, and HF's separate projections stacked into (and split out of) our fused ones.
-
-An importer lists every config.json key it reads; any other key that could change a number is
-refused in one line naming it, so a checkpoint is never loaded with a setting silently ignored.
+"""What the adapters share: typed model configs, and HF's separate projections stacked into (and
+split out of) our fused ones in the Llama layout (Llama and its family, Gemma 2, OLMo 2).
 """
 from __future__ import annotations
-
-from typing import Iterable
 
 import torch
 
 from ..config import structure
 from ..model import ModelConfig, Transformer
 from ..plugin_manager import default_registry
-from .common import ConfigReader, HFFormatError
-
-def refuse_unread(hf: dict, read: Iterable[str], where: str) -> None:
-    """Refuse, as :meth:`ConfigReader.finish` does, a config.json key that is neither in ``read`` nor
-    harmless; a null counts as unset (transformers reads it as the default)."""
-    reader = ConfigReader({k: val for k, val in hf.items() if val is not None}, where)
-    reader.read.update(read)
-    reader.finish()
-
-
-def rope_settings(hf: dict, where: str, *, extra: tuple[str, ...] = (), theta_key: str = "rope_theta",
-                  default_theta: float = 10000.0) -> dict:
-    """Plain RoPE's parameters: ``rope_parameters`` (transformers >= 5) or the older top-level keys.
-
-    Returns the parameters with ``rope_theta`` set; scaled RoPE (any rope_type but "default") and
-    parameters not in ``extra`` are refused.
-    """
-    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    kind = params.pop("rope_type", None) or params.pop("type", None) or "default"
-    if kind != "default":
-        raise HFFormatError(f"{where}: rope_type {kind!r} (scaled RoPE) is not supported; only plain RoPE is")
-    unknown = sorted(set(params) - {"rope_theta", *extra})
-    if unknown:
-        raise HFFormatError(f"{where}: rope parameter {', '.join(map(repr, unknown))} is not supported")
-    params.setdefault("rope_theta", hf.get(theta_key) if hf.get(theta_key) is not None else default_theta)
-    params["rope_theta"] = float(params["rope_theta"])
-    return params
+from .common import HFFormatError
 
 
 def model_config(fields: dict) -> ModelConfig:
     """A ModelConfig with every component's options typed, layer groups' included (which the
     constructor leaves as given, so a group's option table must be structured here)."""
     return structure(default_registry(), fields, ModelConfig)
-
-
-def int_key(hf: dict, key: str, where: str) -> int:
-    """``hf[key]`` as an int, or a one-line HFFormatError naming the key."""
-    value = hf[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
-        raise HFFormatError(f"{where}: {key} must be an integer, got {value!r}")
-    return int(value)
 
 
 def layer_tensors(hf_sd: dict[str, torch.Tensor], prefix: str) -> tuple[dict[int, dict[str, torch.Tensor]], dict]:
@@ -69,7 +30,7 @@ def layer_tensors(hf_sd: dict[str, torch.Tensor], prefix: str) -> tuple[dict[int
     return layers, rest
 
 
-# -- the Llama layout (Gemma 2, OLMo 2): model.embed_tokens, model.layers.<i>.{self_attn,mlp}, model.norm
+# -- the Llama layout (its family, Gemma 2, OLMo 2): model.embed_tokens, model.layers.<i>.{self_attn,mlp}, model.norm
 QKV = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")
 GATE_UP = ("mlp.gate_proj.weight", "mlp.up_proj.weight")
 _OUTER = {"model.embed_tokens.weight": "transformer.wte.weight", "model.norm.weight": "transformer.ln_f.weight"}
