@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from toolkit import checkpoint
+from toolkit import checkpoint, runfolder
 from toolkit.checkpoint import CheckpointError
 from toolkit.engine import build_engine
 from toolkit.model import ModelConfig, Transformer
@@ -150,13 +150,13 @@ def test_trimming_logs_keeps_the_steps_up_to_the_checkpoint(tmp_path):
     lines = [{"type": "eval", "step": 0}, {"type": "train", "step": 1}, {"type": "train", "step": 2},
              {"type": "resume", "step": 1}, {"type": "eval", "step": 2}]
     metrics.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"type": "train", "st')
-    assert checkpoint.trim_metrics(metrics, 1) == 3  # steps 2 and 2, and the torn line
+    assert runfolder.trim_metrics(metrics, 1) == 3  # steps 2 and 2, and the torn line
     assert [json.loads(ln) for ln in metrics.read_text().splitlines()] == [lines[0], lines[1], lines[3]]
-    assert checkpoint.trim_metrics(metrics, 1) == 0
+    assert runfolder.trim_metrics(metrics, 1) == 0
 
     samples = tmp_path / "samples.txt"
     samples.write_text("=== step 2 | sample 1/1 ===\na\n\n=== step 4 | sample 1/1 ===\nb\n\n=== step 6 | x ===\nc\n")
-    assert checkpoint.trim_samples(samples, 4) == 1
+    assert runfolder.trim_samples(samples, 4) == 1
     assert samples.read_text() == "=== step 2 | sample 1/1 ===\na\n\n=== step 4 | sample 1/1 ===\nb\n\n"
 
 
@@ -186,9 +186,9 @@ def test_too_little_disk_space_is_refused_with_the_numbers(tmp_path, monkeypatch
 
 def test_a_run_folder_that_cannot_be_written_is_named(tmp_path):
     (tmp_path / "file").write_text("")
-    assert checkpoint.unwritable(tmp_path / "file" / "run").startswith(f"{tmp_path / 'file' / 'run'}: cannot write "
-                                                                       "to the run folder (")
-    assert checkpoint.unwritable(tmp_path / "new" / "run") is None and (tmp_path / "new" / "run").is_dir()
+    assert runfolder.unwritable(tmp_path / "file" / "run").startswith(f"{tmp_path / 'file' / 'run'}: cannot write "
+                                                                      "to the run folder (")
+    assert runfolder.unwritable(tmp_path / "new" / "run") is None and (tmp_path / "new" / "run").is_dir()
     assert list((tmp_path / "new" / "run").iterdir()) == []  # the probe is gone
 
 

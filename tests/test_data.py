@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from toolkit import data as D
 from toolkit.cli import main
-from toolkit.data import TokenLoader, prepare, read_meta, tokens_in
+from toolkit.data import TokenLoader, pipeline, prepare, prepared_dir, read_meta, read_split, tokenize, tokens_in
+from toolkit.data.shards import FORMAT_VERSION, _Folder, _ShardWriter, shard_name
+from toolkit.data.sources import is_val_document
 from toolkit.errors import DataError
 from toolkit.plugin_manager import default_registry
 from toolkit.recipe import DataConfig
@@ -59,9 +60,9 @@ def test_shipped_shakespeare_is_prepared_by_default_with_nanogpts_char_split(tmp
 
 
 def test_default_prepared_dir_is_data_dataset_tokenizer():
-    assert str(D.prepared_dir(DataConfig())) == os.path.join("data", "tinyshakespeare-char")
-    assert str(D.prepared_dir(DataConfig(dataset="web", tokenizer="gpt2", paths=["x"]))) == os.path.join("data", "web-gpt2")
-    assert str(D.prepared_dir(DataConfig(prepared_dir="elsewhere"))) == "elsewhere"
+    assert str(prepared_dir(DataConfig())) == os.path.join("data", "tinyshakespeare-char")
+    assert str(prepared_dir(DataConfig(dataset="web", tokenizer="gpt2", paths=["x"]))) == os.path.join("data", "web-gpt2")
+    assert str(prepared_dir(DataConfig(prepared_dir="elsewhere"))) == "elsewhere"
 
 
 def test_second_prepare_skips_everything_and_touches_nothing(tmp_path, capsys):
@@ -122,7 +123,7 @@ def test_many_documents_split_every_kth_document_into_val(tmp_path):
     out = prepare(DataConfig(dataset="d", tokenizer="gpt2", paths=[str(tmp_path)],
                              prepared_dir=str(tmp_path / "p"), val_fraction=0.1), progress=False)
     tok = GPT2Tokenizer()
-    val_docs = [i for i in range(120) if D.is_val_document(i, 0.1)]
+    val_docs = [i for i in range(120) if is_val_document(i, 0.1)]
     assert val_docs == list(range(9, 120, 10))
     meta = read_meta(out)
     assert meta["split"] == "documents"
@@ -135,14 +136,14 @@ def test_many_documents_split_every_kth_document_into_val(tmp_path):
 def test_big_documents_are_cut_where_gpt2_encodes_the_pieces_exactly():
     tok = GPT2Tokenizer()
     text = SHAKESPEARE[:300_000]
-    pieces = D._pieces(text, size=2000)
+    pieces = tokenize._pieces(text, size=2000)
     assert len(pieces) > 100 and "".join(pieces) == text
     assert [t for p in pieces for t in tok.encode(p)] == tok.encode(text)
 
 
 def test_worker_processes_write_the_same_shards_as_one_process(tmp_path, monkeypatch):
-    monkeypatch.setattr(D, "TASK_CHARS", 30_000)  # many small tasks, finishing out of order
-    monkeypatch.setattr(D, "CHUNK_CHARS", 10_000)
+    monkeypatch.setattr(tokenize, "TASK_CHARS", 30_000)  # many small tasks, finishing out of order
+    monkeypatch.setattr(tokenize, "CHUNK_CHARS", 10_000)
     (tmp_path / "in").mkdir()
     write_jsonl(tmp_path / "in" / "a.jsonl", documents(150))
     (tmp_path / "in" / "b.txt").write_text(SHAKESPEARE[:600_000])  # one big document, cut in pieces
@@ -163,7 +164,7 @@ def test_interrupted_prepare_resumes_without_retokenizing_finished_documents(tmp
     reference = shard_bytes(prepare(attrs.evolve(data, prepared_dir=str(tmp_path / "ref")),
                                     progress=False, workers=1, shard_size=1000))
 
-    write = D._ShardWriter._write
+    write = _ShardWriter._write
     calls = {"n": 0}
 
     def crash_after_five(self, ids, next_pos):
@@ -172,21 +173,21 @@ def test_interrupted_prepare_resumes_without_retokenizing_finished_documents(tmp
         if calls["n"] == 5:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(D._ShardWriter, "_write", crash_after_five)
+    monkeypatch.setattr(_ShardWriter, "_write", crash_after_five)
     with pytest.raises(KeyboardInterrupt):
         prepare(data, progress=False, workers=1, shard_size=1000)
     out = tmp_path / "p"
     assert not (out / "meta.json").exists() and (out / "progress.json").exists()
-    monkeypatch.setattr(D._ShardWriter, "_write", write)
+    monkeypatch.setattr(_ShardWriter, "_write", write)
 
     encoded = []
-    encode = D._TaskEncoder.__call__
-    monkeypatch.setattr(D._TaskEncoder, "__call__", lambda self, task: encoded.extend(t[0] for t in task) or encode(self, task))
+    encode = tokenize._TaskEncoder.__call__
+    monkeypatch.setattr(tokenize._TaskEncoder, "__call__", lambda self, task: encoded.extend(t[0] for t in task) or encode(self, task))
     prepare(data, progress=False, workers=1, shard_size=1000)
     assert shard_bytes(out) == reference
     # the training documents of the five finished shards were not tokenized again, only the
     # validation documents among them (the val split had no finished shard yet)
-    assert all(D.is_val_document(i, 0.1) for i in encoded if i < 50)
+    assert all(is_val_document(i, 0.1) for i in encoded if i < 50)
     assert len([i for i in encoded if i < 50]) == 5
     assert not (out / "progress.json").exists()
 
@@ -271,7 +272,7 @@ def test_a_root_home_or_working_directory_is_refused_as_prepared_folder(tmp_path
     def went_past_the_check(data):  # so that a broken check fails here instead of writing into "/"
         raise AssertionError("prepare went past the check of its folder")
 
-    monkeypatch.setattr(D, "resolve_sources", went_past_the_check)
+    monkeypatch.setattr(pipeline, "resolve_sources", went_past_the_check)
     before = {p: os.listdir(p) for p in ("/", tmp_path, tmp_path / "home", tmp_path / "work")}
     with pytest.raises(DataError) as exc:
         prepare(DataConfig(dataset="w", tokenizer="gpt2", paths=[str(web)], prepared_dir=given), progress=False)
@@ -384,7 +385,7 @@ def test_prepare_interrupted_between_recording_and_writing_a_file_resumes(tmp_pa
                       prepared_dir=str(tmp_path / "p"))
     reference = shard_bytes(prepare(attrs.evolve(data, prepared_dir=str(tmp_path / "ref")), progress=False,
                                     shard_size=300))
-    claim = D._Folder.claim
+    claim = _Folder.claim
     for name in ("tokenizer.json", "train_000000.bin", "train_000002.bin", "meta.json"):
         def crash_once_recorded(self, n, name=name):
             claim(self, n)
@@ -392,10 +393,10 @@ def test_prepare_interrupted_between_recording_and_writing_a_file_resumes(tmp_pa
                 (self.out / (n + ".tmp")).write_bytes(b"half")  # as if killed while writing it
                 raise KeyboardInterrupt
 
-        monkeypatch.setattr(D._Folder, "claim", crash_once_recorded)
+        monkeypatch.setattr(_Folder, "claim", crash_once_recorded)
         with pytest.raises(KeyboardInterrupt):
             prepare(data, progress=False, shard_size=300)
-        monkeypatch.setattr(D._Folder, "claim", claim)
+        monkeypatch.setattr(_Folder, "claim", claim)
         prepare(data, progress=False, shard_size=300)
         assert shard_bytes(tmp_path / "p") == reference and not list((tmp_path / "p").glob("*.tmp")), name
         shutil.rmtree(tmp_path / "p")
@@ -409,10 +410,10 @@ def make_prepared(path, shard_lengths, split="train"):
     path.mkdir(parents=True, exist_ok=True)
     shards, start = [], 0
     for i, n in enumerate(shard_lengths):
-        np.arange(start, start + n, dtype="<u2").tofile(path / D.shard_name(split, i))
-        shards.append({"file": D.shard_name(split, i), "tokens": n})
+        np.arange(start, start + n, dtype="<u2").tofile(path / shard_name(split, i))
+        shards.append({"file": shard_name(split, i), "tokens": n})
         start += n
-    meta = {"format": D.FORMAT_VERSION, "splits": {split: {"tokens": start, "shards": shards}}}
+    meta = {"format": FORMAT_VERSION, "splits": {split: {"tokens": start, "shards": shards}}}
     (path / "meta.json").write_text(json.dumps(meta))
     return path
 
@@ -543,7 +544,7 @@ def test_prepare_input_takes_a_text_column_and_an_hf_tokenizer_file(tmp_path, mo
     assert main(["prepare", "--input", "docs.jsonl", "--text-column", "body", "--tokenizer", "hf",
                  "--tokenizer-file", "tok.json", "--out", "p", "--quiet"]) == 0
     assert read_meta(tmp_path / "p")["tokenizer_name"] == "hf"  # the "body" field read: no [unk] among the tokens
-    assert tokens_in("p", "train") > 0 and 1 not in D.read_split("p", "train")[0]
+    assert tokens_in("p", "train") > 0 and 1 not in read_split("p", "train")[0]
     capsys.readouterr()
     assert main(["prepare", "--input", "docs.jsonl", "--tokenizer", "hf", "--out", "q", "--quiet"]) == 2
     assert capsys.readouterr().err == ("error: --tokenizer hf needs --tokenizer-file FILE (a Hugging Face "

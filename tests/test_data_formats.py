@@ -6,9 +6,11 @@ import attrs
 import pytest
 
 from test_data import documents, shard_bytes, split_tokens, write_jsonl
-from toolkit import data as D
 from toolkit.cli import main
-from toolkit.data import DataError, prepare, read_meta
+from toolkit.data import prepare, read_meta, tokenize
+from toolkit.data.shards import _ShardWriter
+from toolkit.data.sources import _rows, _table_batches
+from toolkit.errors import DataError
 from toolkit.recipe import DataConfig
 
 pa = pytest.importorskip("pyarrow")
@@ -66,7 +68,7 @@ def test_parquet_files_yield_exactly_the_tokens_of_the_same_texts_as_jsonl(tmp_p
 
 
 def test_parquet_with_worker_processes_matches_jsonl_in_one_process(tmp_path, monkeypatch):
-    monkeypatch.setattr(D, "TASK_CHARS", 2_000)  # many tasks, finishing out of order
+    monkeypatch.setattr(tokenize, "TASK_CHARS", 2_000)  # many tasks, finishing out of order
     texts = documents(200, seed=4)
     write_jsonl(tmp_path / "all.jsonl", texts)
     write_parquet(tmp_path / "all.parquet", texts, row_group_size=16)
@@ -88,7 +90,7 @@ def test_saved_datasets_folder_yields_the_tokens_of_jsonl_in_the_order_state_jso
     # the files are read in the order state.json gives, not by name
     state["_data_files"].reverse()
     (saved / "state.json").write_text(json.dumps(state))
-    rows_per_file = [len(list(D._rows(saved / f, "text"))) for f in files]
+    rows_per_file = [len(list(_rows(saved / f, "text"))) for f in files]
     pieces, start = [], 0
     for n in rows_per_file:
         pieces.append(texts[start:start + n])
@@ -143,7 +145,7 @@ def test_text_column_picks_the_parquet_column_and_the_jsonl_field(tmp_path, caps
 
 def test_parquet_is_read_one_row_group_at_a_time(tmp_path):
     write_parquet(tmp_path / "a.parquet", documents(50), row_group_size=8)
-    batches = list(D._table_batches(tmp_path / "a.parquet", "text"))
+    batches = list(_table_batches(tmp_path / "a.parquet", "text"))
     assert [len(values) for values, _ in batches] == [8, 8, 8, 8, 8, 8, 2]
     # the file's bytes are shared out over the row groups, so the progress bar ends at 100%
     assert sum(n for _, n in batches) == (tmp_path / "a.parquet").stat().st_size
@@ -152,7 +154,7 @@ def test_parquet_is_read_one_row_group_at_a_time(tmp_path):
 def test_saved_dataset_batches_account_for_every_byte_of_their_files(tmp_path):
     saved = write_saved_dataset(tmp_path / "saved", documents(3000), num_shards=2)
     for f in sorted(saved.glob("*.arrow")):
-        batches = list(D._table_batches(f, "text"))
+        batches = list(_table_batches(f, "text"))
         assert len(batches) > 1 and sum(len(v) for v, _ in batches) == 1500
         assert sum(n for _, n in batches) == f.stat().st_size
 
@@ -163,7 +165,7 @@ def test_interrupted_parquet_prepare_resumes_to_the_uninterrupted_shards(tmp_pat
                       prepared_dir=str(tmp_path / "p"))
     reference = shard_bytes(prepare(attrs.evolve(data, prepared_dir=str(tmp_path / "ref")),
                                     progress=False, workers=1, shard_size=1000))
-    write = D._ShardWriter._write
+    write = _ShardWriter._write
     calls = {"n": 0}
 
     def crash_after_four(self, ids, next_pos):
@@ -172,10 +174,10 @@ def test_interrupted_parquet_prepare_resumes_to_the_uninterrupted_shards(tmp_pat
         if calls["n"] == 4:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(D._ShardWriter, "_write", crash_after_four)
+    monkeypatch.setattr(_ShardWriter, "_write", crash_after_four)
     with pytest.raises(KeyboardInterrupt):
         prepare(data, progress=False, workers=1, shard_size=1000)
-    monkeypatch.setattr(D._ShardWriter, "_write", write)
+    monkeypatch.setattr(_ShardWriter, "_write", write)
     assert (tmp_path / "p" / "progress.json").exists() and not (tmp_path / "p" / "meta.json").exists()
     prepare(data, progress=False, workers=1, shard_size=1000)
     assert shard_bytes(tmp_path / "p") == reference

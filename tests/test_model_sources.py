@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from toolkit import checkpoint
+from toolkit import checkpoint, runfolder
 from toolkit.cli import main
 from toolkit.evaluate import evaluate_target
 from toolkit.hf.tokenizers import char_tokenizer_json
@@ -125,5 +125,5 @@ def test_a_zero2_bf16_checkpoint_gives_the_fp32_master_weights_the_run_exported(
                                   "deepspeed.precision": "bf16", "generate.max_new_tokens": 2}, name="z2")
     assert train(load_recipe(path), run_dir=tmp_path / "run", progress=False)["status"] == "finished"
     weights = checkpoint.checkpoint_weights(checkpoint.latest(tmp_path / "run" / "checkpoints"))
-    exported = load_file(str(tmp_path / "run" / checkpoint.WEIGHTS))
+    exported = load_file(str(tmp_path / "run" / runfolder.WEIGHTS))
     assert exported and all(torch.equal(weights[k], v) for k, v in exported.items())

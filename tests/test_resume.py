@@ -12,7 +12,7 @@ import signal
 import pytest
 import torch
 
-from toolkit import checkpoint
+from toolkit import checkpoint, runfolder
 from toolkit.cli import main
 from toolkit.recipe import load_recipe, registry_of
 from toolkit.trainer import Trainer, train
@@ -169,9 +169,9 @@ def test_resume_auto_picks_the_newest_run_of_the_recipe(recipe_path, stopped, tm
     shutil.rmtree(out / "ckpt-20240301-000000-2" / "checkpoints")  # newest, but nothing to resume
     text = (out / "other-20250101-000000" / "recipe.toml").read_text().replace('name = "ckpt"', 'name = "other"')
     (out / "other-20250101-000000" / "recipe.toml").write_text(text)
-    assert checkpoint.find_run(out, "ckpt") == out / "ckpt-20240301-000000"
+    assert runfolder.find_run(out, "ckpt") == out / "ckpt-20240301-000000"
     with pytest.raises(checkpoint.CheckpointError, match="no run of recipe 'nope' under"):
-        checkpoint.find_run(out, "nope")
+        runfolder.find_run(out, "nope")
 
 
 @pytest.mark.parametrize("make, message", [

@@ -31,11 +31,10 @@ from tqdm import tqdm
 
 from . import report
 from .ablation import Ablation, Resolved, budget_line
-from .checkpoint import check_resumable
 from .engine import free_port
 from .errors import CheckpointError, UsageError
 from .recipe import dump_recipe, registry_of
-from .runfolder import lock_folder
+from .runfolder import check_resumable, lock_folder
 from .safeio import write_atomically
 
 

@@ -25,9 +25,8 @@ classes its files hold allowed by name (:func:`weights_only_loads`), so loading 
 
 Resuming with another number of ranks goes through DeepSpeed's universal checkpoint for ZeRO
 stages 1-3 (``ds_to_universal``, then ``load_universal``); stage 0 checkpoints hold the whole
-model and optimizer and load as they are. The export (:func:`export_weights`) is one
-``model.safetensors`` of fp32 weights under GPT-2 names, readable without DeepSpeed; ``export.json``
-beside it records its sha256 (:func:`write_export_record`, checked by :func:`export_problem`).
+model and optimizer and load as they are. The run folder's chores (its exported weights, trimming
+metrics and samples on resume, finding a run to resume) are :mod:`toolkit.runfolder`'s.
 """
 from __future__ import annotations
 
@@ -52,7 +51,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 
 from . import families, safeio
 from .engine import device
@@ -61,13 +59,7 @@ from .recipe import diff_lines, flatten, recipe_to_dict
 from .registry import code_of
 from .safeio import fsync, write_atomically
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
 TAG_RE = re.compile(r"^step-(\d+)$")
-WEIGHTS = "model.safetensors"
 STATE_FILE = "toolkit_state.json"
 LATEST = "latest"
 PARTIAL = ".partial-"  # a save in progress (or a crashed one)
@@ -76,7 +68,6 @@ UNIVERSAL = ".universal-"  # a conversion for another number of ranks
 FORMAT = 2  # 2: the manifest records each file's size and sha256 (1: sizes only)
 #: the recipe keys a resumed run may not change besides the model: the checkpoint's layout depends on them
 ENGINE_KEYS = ("deepspeed.zero_stage", "deepspeed.precision", "deepspeed.offload")
-RUN_NAME_RE = re.compile(r"-(\d{8}-\d{6})(?:-(\d+))?$")  # <name>-<YYYYmmdd-HHMMSS>[-n] (trainer.default_run_dir)
 
 
 def tag_for(step: int) -> str:
@@ -200,40 +191,6 @@ def read_state(path: str | Path) -> dict:
         raise CheckpointError(f"{path}: {why}")
     return state
 
-
-def check_resumable(run_dir: str | Path) -> Path:
-    """``run_dir`` if it is a run folder with a complete checkpoint; CheckpointError (one line) if not."""
-    run_dir = Path(run_dir)
-    if not run_dir.exists():
-        raise CheckpointError(f"--resume {run_dir}: no such run folder")
-    recipe = run_dir / "recipe.toml"
-    if not run_dir.is_dir() or not (recipe.exists() or recipe.is_symlink()):
-        raise CheckpointError(f"--resume {run_dir}: not a run folder (no recipe.toml)")
-    if why := safeio.problem(recipe, inside=run_dir):
-        raise CheckpointError(f"--resume {run_dir}: {why}")
-    if latest(run_dir / "checkpoints") is None:
-        broken = [f"{p.name} ({problem(p)})" for p in list_checkpoints(run_dir / "checkpoints")]
-        detail = f"; incomplete: {', '.join(broken)}" if broken else ""
-        raise CheckpointError(f"--resume {run_dir}: no complete checkpoint in {run_dir / 'checkpoints'}{detail}")
-    return run_dir
-
-
-def find_run(out_dir: str | Path, recipe_name: str) -> Path:
-    """The newest run folder of ``recipe_name`` under ``out_dir`` with a complete checkpoint (``--resume auto``)."""
-    out_dir, found = Path(out_dir), []
-    for run in (out_dir.iterdir() if out_dir.is_dir() else []):
-        m = RUN_NAME_RE.search(run.name)
-        if not m or not (run / "recipe.toml").is_file() or latest(run / "checkpoints") is None:
-            continue
-        try:
-            name = tomllib.loads(safeio.read_text(run / "recipe.toml", inside=run)).get("name")
-        except (OSError, ValueError, RecursionError):
-            continue
-        if name == recipe_name:
-            found.append(((m.group(1), int(m.group(2) or 1)), run))
-    if not found:
-        raise CheckpointError(f"--resume auto: no run of recipe {recipe_name!r} under {out_dir} has a complete checkpoint")
-    return max(found)[1]
 
 
 # -- what the toolkit saves besides DeepSpeed --------------------------------------------------
@@ -594,20 +551,7 @@ def _load_universal(engine, root: Path, tag: str) -> None:
         (root / "latest_universal").unlink(missing_ok=True)
 
 
-# -- the run folder --------------------------------------------------------------------------------
-def unwritable(run_dir: str | Path) -> str | None:
-    """Create ``run_dir`` and write a file there; None if that worked, else why not (one line)."""
-    run_dir = Path(run_dir)
-    probe = run_dir / f".write-test-{os.getpid()}"
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        return f"{run_dir}: cannot write to the run folder ({exc.strerror or exc})"
-    return None
-
-
+# -- seeds and room for a run's checkpoints -------------------------------------------------------
 def reseed(seed: int) -> None:
     """Seed python, numpy and torch (a rank that has no saved RNG state after a change of ranks)."""
     random.seed(seed)
@@ -651,169 +595,8 @@ def _size(n: float) -> str:
     raise AssertionError
 
 
-def trim_metrics(path: str | Path, step: int) -> int:
-    """Drop metrics lines after ``step`` (and a torn last line); returns how many were dropped.
-    See :func:`repair_metrics` for a damaged file."""
-    return repair_metrics(path, step)[0]
 
 
-def repair_metrics(path: str | Path, step: int) -> tuple[int, str | None]:
-    """Keep metrics.jsonl's lines up to ``step``: (lines dropped, a note if the file was damaged).
-
-    A line that is not UTF-8 JSON of an object with an integer ``step`` ends the valid prefix:
-    it and everything after it go, and the note says where. A torn last line (a kill while
-    writing) is dropped without a note. A folder in the file's place is a CheckpointError.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"{path}: a folder where the run's metrics file belongs; move it away to resume")
-    if not path.exists() and not path.is_symlink():
-        return 0, None
-    try:
-        raw = safeio.read_bytes(path, inside=path.parent)
-    except OSError as exc:
-        raise CheckpointError(f"cannot read the run's metrics: {exc}; move it away to resume") from None
-    lines = raw.split(b"\n")
-    torn = lines.pop() if lines else b""  # the bytes after the last newline: a torn line, or nothing
-    kept, dropped, note = [], 0, None
-    for n, line in enumerate(lines, 1):
-        try:
-            row = json.loads(line.decode("utf-8"))
-            ok = isinstance(row, dict) and isinstance(row.get("step"), int) and not isinstance(row["step"], bool)
-        except ValueError:  # UnicodeDecodeError, JSONDecodeError
-            ok = False
-        if not ok:
-            note = (f"{path.name} is damaged at line {n}: kept the {len(kept)} valid line(s) before it, "
-                    f"dropped {len(lines) - n + 1} from there on")
-            dropped += len(lines) - n + 1
-            break
-        if row["step"] > step:
-            dropped += 1
-        else:
-            kept.append(line)
-    dropped += bool(torn)
-    if dropped:
-        write_atomically(path, b"".join(ln + b"\n" for ln in kept))
-    return dropped, note
-
-
-SAMPLE_HEADER = re.compile(rb"^=== step (\d+) \|", re.M)
-
-
-def trim_samples(path: str | Path, step: int) -> int:
-    """Drop the samples drawn after ``step`` from samples.txt; returns how many were dropped."""
-    path = Path(path)
-    if not path.exists() and not path.is_symlink():
-        return 0
-    try:  # bytes: a damaged file is trimmed, not a UnicodeDecodeError
-        data = safeio.read_bytes(path, inside=path.parent)
-    except OSError as exc:
-        raise CheckpointError(f"cannot read the run's samples: {exc}; move it away to resume") from None
-    cut = next((m.start() for m in SAMPLE_HEADER.finditer(data) if int(m.group(1)) > step), None)
-    if cut is None:
-        return 0
-    dropped = len(SAMPLE_HEADER.findall(data[cut:]))
-    write_atomically(path, data[:cut])
-    return dropped
-
-
-def samples_damage(path: str | Path) -> str | None:
-    """Cut samples.txt at the sample holding its first byte that is not UTF-8; one line saying so, or None."""
-    path = Path(path)
-    if not path.exists():
-        return None
-    data = safeio.read_bytes(path, inside=path.parent)
-    try:
-        data.decode("utf-8")
-        return None
-    except UnicodeDecodeError as exc:
-        bad = exc.start
-    starts = [m.start() for m in SAMPLE_HEADER.finditer(data) if m.start() <= bad]
-    cut = starts[-1] if starts else 0
-    write_atomically(path, data[:cut])
-    kept, dropped = max(0, len(starts) - 1), len(SAMPLE_HEADER.findall(data[cut:]))
-    return (f"{path.name} is damaged at byte {bad:,} (not UTF-8): kept the {kept} sample(s) before it, "
-            f"dropped {dropped} from there on")
-
-
-# -- exported weights ------------------------------------------------------------------------------
-def exportable(state: dict[str, torch.Tensor], tied: bool) -> dict[str, torch.Tensor]:
-    """The tensors to write: contiguous, and a tied LM head stored once (as transformer.wte.weight)."""
-    out = {k: v.contiguous() for k, v in state.items()}
-    if tied:
-        out.pop("lm_head.weight", None)
-    return out
-
-
-def export_weights(state: dict[str, torch.Tensor], path: str | Path, tied: bool, metadata: dict | None = None) -> Path:
-    """Write fp32 weights to a safetensors file, atomically."""
-    path = Path(path)
-    tensors, meta = exportable(state, tied), {k: str(v) for k, v in (metadata or {}).items()}
-    return write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
-
-
-#: the export's record, beside model.safetensors: each exported file's size and sha256
-EXPORT_RECORD = "export.json"
-#: the files of an export the record covers (those present): the weights, and what gives them meaning
-#: the files of a finished run that generate, eval and convert read, hashed at export: the weights, and
-#: the recipe that says how to build and sample them (a damaged one could still parse, into defaults)
-EXPORTED = (WEIGHTS, "model.toml", "tokenizer.json", "recipe.toml")
-
-
-def write_export_record(folder: str | Path) -> None:
-    """export.json: the size and sha256 of each file of EXPORTED in ``folder``, written atomically, last."""
-    folder = Path(folder)
-    files = {name: {"size": (folder / name).stat().st_size, "sha256": sha256_of(folder / name)}
-             for name in EXPORTED if (folder / name).is_file()}
-    write_atomically(folder / EXPORT_RECORD, json.dumps({"files": files}, indent=1) + "\n")
-
-
-def export_problem(folder: str | Path) -> str | None:
-    """Why the export in ``folder`` must not be used (a file that differs from export.json), or None.
-
-    A folder without export.json (exported before exports were hashed) is None: nothing to check against.
-    """
-    folder = Path(folder)
-    if not (folder / EXPORT_RECORD).exists() and not (folder / EXPORT_RECORD).is_symlink():
-        return None
-    try:
-        record = safeio.read_json(folder / EXPORT_RECORD, inside=folder)
-        files = record["files"]
-        entries = [(name, files[name]["sha256"]) for name in files if name in EXPORTED]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        why = exc if isinstance(exc, (safeio.UnsafeFile, safeio.BadContent)) else type(exc).__name__
-        return f"{folder / EXPORT_RECORD} is damaged ({why})"
-    for name, digest in entries:
-        try:
-            have = sha256_of(folder / name, inside=folder)
-        except OSError as exc:
-            return str(exc)
-        if have != digest:
-            return f"{folder / name} changed since it was written (its sha256 differs from {EXPORT_RECORD})"
-    return None
-
-
-def load_weights(model: torch.nn.Module, path: str | Path) -> None:
-    """Load an exported ``model.safetensors`` into ``model``; a tied head may be absent, nothing else."""
-    load_state(model, load_file(str(path)), path)
-
-
-def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
-    """Load weights into ``model``; ValueError naming ``path`` unless they match it (a tied head may be absent)."""
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shape mismatches: keep the first line that names a tensor
-        lines = [ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln] or [str(exc).splitlines()[0]]
-        raise ValueError(f"{path}: weights do not match the model ({lines[0]})") from None
-    allowed = {"lm_head.weight"} if getattr(model.config, "tie_embeddings", False) else set()
-    missing = [k for k in missing if k not in allowed]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
-        raise ValueError(f"{path}: weights do not match the model ({'; '.join(parts)})")
 
 
 # -- any checkpoint of a run, for inference (generate, eval, convert --to hf) ------------------------

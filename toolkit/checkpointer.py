@@ -16,6 +16,7 @@ from . import checkpoint, safeio
 from .errors import CheckpointError, ConfigError
 from .recipe import Recipe
 from .registry import Registry
+from .runfolder import WEIGHTS
 
 
 def gather_objects(obj, world_size: int) -> list:
@@ -37,7 +38,7 @@ def finished(run_dir: Path, steps: int) -> bool:
     except (OSError, ValueError):
         return False
     return (isinstance(summary, dict) and summary.get("status") == "finished" and summary.get("steps") == steps
-            and (Path(run_dir) / checkpoint.WEIGHTS).is_file())
+            and (Path(run_dir) / WEIGHTS).is_file())
 
 
 def _torch_optimizer(engine):

@@ -31,8 +31,7 @@ import tomli_w
 from . import catalog, completion, families
 from .ablate import run_ablation
 from .ablation import dry_run_text, load_ablation
-from .checkpoint import (CHECKPOINT_SELECTORS, EXPORT_RECORD, WEIGHTS, check_resumable, export_problem, find_run, latest,
-                         read_state)
+from .checkpoint import CHECKPOINT_SELECTORS, latest, read_state
 from .convert import hf_to_run, load_model, recipe_for_init, run_to_hf
 from .data import prepare, prepared_dir, read_split
 from .errors import CheckpointError, ConfigError, UsageError, UserError, one_line
@@ -47,7 +46,8 @@ from .plugin_manager import PluginManager, default_registry, forget_loaded, is_p
 from .recipe import (DataConfig, diff_data, diff_lines, dump_recipe, flatten, load_for_reading, load_recipe,
                      recipe_to_dict, recipe_warnings, registry_of)
 from .registry import Registry
-from .runfolder import LOCK_HOLDER_ENV, lock_folder, new_run_dir
+from .runfolder import (EXPORT_RECORD, LOCK_HOLDER_ENV, WEIGHTS, check_resumable, export_problem, find_run, lock_folder,
+                        new_run_dir)
 from .runs import DEFAULT_DIR, find_runs, render_runs
 from .tokenizer import load_tokenizer
 from .trainer import train

@@ -34,7 +34,7 @@ from .model import ModelConfig, Transformer
 from .plugin_manager import load_registry
 from .recipe import DataConfig, GenerateConfig, Recipe, TrainConfig, diff_recipes, load_recipe, registry_of
 from .registry import Registry
-from .runfolder import LOCK_FILE, RunFolder, lock_folder
+from .runfolder import LOCK_FILE, WEIGHTS, RunFolder, load_state, lock_folder
 from .tokenizer import GPT2Tokenizer, HFTokenizer, Tokenizer, load_tokenizer
 
 #: recipe keys a run may change from the model it starts from: neither changes a weight's shape or value
@@ -132,7 +132,7 @@ def load_checkpoint_model(run: Path, found: Path):
     registry = registry_of(recipe)
     model = Transformer(recipe.model, registry)
     try:
-        checkpoint.load_state(model, checkpoint.checkpoint_weights(found), found)
+        load_state(model, checkpoint.checkpoint_weights(found), found)
         tokenizer = load_tokenizer(found / TOKENIZER_FILE, registry)
     except (OSError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{found}: cannot be loaded ({one_line(str(exc))})") from None
@@ -185,8 +185,8 @@ def init_source(source: str | Path, registry: Registry | None = None) -> tuple[M
     if is_hf_folder(path):
         return hf_model_config(path, registry=registry), "hf"
     if path.is_dir() and (path / RECIPE_FILE).is_file():
-        if not (path / checkpoint.WEIGHTS).is_file():
-            raise UsageError(f"--init-from {path}: the run has no {checkpoint.WEIGHTS} yet (a run writes it when "
+        if not (path / WEIGHTS).is_file():
+            raise UsageError(f"--init-from {path}: the run has no {WEIGHTS} yet (a run writes it when "
                              f"training ends; to continue an unfinished run use --resume)")
         return load_recipe(path / RECIPE_FILE).model, "run"
     raise UsageError(f"--init-from {path}: not a run folder (recipe.toml + model.safetensors) nor a Hugging Face "
@@ -238,10 +238,10 @@ def init_weights(model: Transformer, source: str | Path, plugins: list[str] | No
         state = arch.state_dict_from_hf(read_state_dict(path), hf_model_config(path, registry=registry), str(path))
     else:
         try:
-            state = load_file(str(path / checkpoint.WEIGHTS))
+            state = load_file(str(path / WEIGHTS))
         except Exception as exc:  # noqa: BLE001 - safetensors' own error type: a truncated or garbled file
             first = (str(exc).strip().splitlines() or [""])[0]
-            raise CheckpointError(f"--init-from {path / checkpoint.WEIGHTS}: cannot be loaded "
+            raise CheckpointError(f"--init-from {path / WEIGHTS}: cannot be loaded "
                                   f"({type(exc).__name__}: {first})") from None
         if model.config.tie_embeddings and "transformer.wte.weight" in state:
             state["lm_head.weight"] = state["transformer.wte.weight"]  # written once (a tied head)

@@ -11,10 +11,11 @@ from typing import Callable, TextIO
 
 import torch
 
-from .checkpoint import WEIGHTS, latest, load_weights
+from .checkpoint import latest
 from .errors import CheckpointError, ConfigError
 from .model import Transformer
 from .recipe import GenerateConfig, load_recipe, registry_of
+from .runfolder import WEIGHTS, load_weights
 from .tokenizer import load_tokenizer
 
 RECIPE_FILE = "recipe.toml"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import stat
 import sys
 import time
 from pathlib import Path
@@ -63,16 +62,9 @@ def _number(x) -> float | None:
 
 
 def _newest_state(run: Path) -> dict | None:
-    """toolkit_state.json of the newest complete checkpoint, or None (checkpoint.problem judges completeness)."""
-    for ckpt in reversed(checkpoint.list_checkpoints(run / "checkpoints")):
-        try:
-            if not stat.S_ISREG(os.stat(ckpt / checkpoint.STATE_FILE).st_mode):  # not even a file to judge
-                continue
-        except FileNotFoundError:
-            continue
-        if checkpoint.problem(ckpt) is None:
-            return _json(ckpt / checkpoint.STATE_FILE)
-    return None
+    """toolkit_state.json of the newest complete checkpoint (:func:`toolkit.checkpoint.latest`), or None."""
+    found = checkpoint.latest(run / "checkpoints")
+    return None if found is None else _json(found / checkpoint.STATE_FILE)
 
 
 def read_run(run: Path, now: float | None = None) -> RunRow:

@@ -42,7 +42,7 @@ from .model import Transformer
 from .plugin_manager import is_path_spec
 from .progress import Progress
 from .recipe import Recipe, registry_of
-from .runfolder import RunFolder, files_problem, locked_by_launcher, lock_folder, new_run_dir
+from .runfolder import WEIGHTS, RunFolder, files_problem, locked_by_launcher, lock_folder, new_run_dir, unwritable
 from .signals import StopSignals
 from .trackers import Trackers
 from .tokenizer import load_tokenizer
@@ -164,7 +164,7 @@ class Trainer:
         except Exception as exc:  # noqa: BLE001 - a plugin evaluator, the sampler, a plot: the run is trained
             first = (str(exc).strip().splitlines() or [""])[0]
             self.end_errors.append(f"{what} failed after step {self.step} ({type(exc).__name__}: {first}); "
-                                   f"the run is finished and usable: its checkpoint and {checkpoint.WEIGHTS} "
+                                   f"the run is finished and usable: its checkpoint and {WEIGHTS} "
                                    f"are written")
 
     def started(self) -> None:
@@ -312,7 +312,7 @@ class Trainer:
         chosen = [str(self.run_dir or new_run_dir(self.recipe)) if self.is_main else None, None]
         if self.is_main:
             # creates it; None, or why it cannot be written or a file of it (a FIFO, a folder) cannot be used
-            chosen[1] = checkpoint.unwritable(chosen[0]) or files_problem(chosen[0])
+            chosen[1] = unwritable(chosen[0]) or files_problem(chosen[0])
         dist.broadcast_object_list(chosen, src=0)
         if chosen[1]:
             raise CheckpointError(chosen[1])
@@ -476,7 +476,7 @@ class Trainer:
         state = full_fp32_state_dict(self.engine)
         if self.folder:
             self.folder.write_export(state, self.recipe, self.step)
-        return self.run_dir / checkpoint.WEIGHTS
+        return self.run_dir / WEIGHTS
 
     # -- the end ------------------------------------------------------------------------------------
     def close(self) -> None:
