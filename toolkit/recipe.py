@@ -717,7 +717,7 @@ def _model_component_checks(model: ModelConfig, registry: Registry) -> list[str]
     out: list[str] = []
     # (recipe path, family, spec, the layer it is first used at) for the model's choices and each group's
     choices = []
-    for family in ("position", *families.PER_LAYER):  # blocks last: they build the others again
+    for family in ("position", "parametrization", *families.PER_LAYER):  # blocks last: they build the others again
         choices.append((f"$.model.{family}", family, getattr(model, family), 0))
         for name, group in model.layers.items():
             if family in families.PER_LAYER and getattr(group, family) is not None:

@@ -1,0 +1,86 @@
+"""The parametrization family: standard changes nothing, mup follows Yang et al. 2021 (Table 3, Adam)."""
+import math
+
+import pytest
+import torch
+
+from toolkit.errors import ConfigError
+from toolkit.model import ModelConfig, Transformer
+from toolkit.plugins.optimizers import param_groups
+
+TINY = dict(vocab_size=65, block_size=16, n_layer=2, n_head=4, n_embd=32)
+
+# logits[0, -1, :6] and sum |logits| for seed 1234, recorded with the code before the parametrization
+# family existed (commit c4aaee0): the standard parametrization must leave every model as it was
+BEFORE = {
+    "gpt_learned_mha": (dict(), [-0.1204208, 0.1883051, -0.1894234, 0.1484664, -0.0619842, -0.0120329, 198.7761]),
+    "gqa_rope_swiglu_rms": (dict(attention={"kind": "gqa", "n_kv_head": 2}, position="rope", mlp="swiglu",
+                                 norm="rmsnorm", tie_embeddings=False, bias=False),
+                            [0.0306596, 0.0897972, -0.0297476, 0.0573332, 0.059983, 0.0056275, 181.417]),
+    "mla_alibi": (dict(attention="mla", position="alibi"),
+                  [0.0436932, 0.023472, -0.0924819, 0.0860411, 0.0197658, -0.1152743, 193.252]),
+    "diff_rope": (dict(attention="diff", position="rope"),
+                  [-0.1266934, -0.1458062, 0.1576911, 0.117356, -0.010258, -0.1734876, 206.7075]),
+    "sliding_moe": (dict(attention={"kind": "sliding_window", "window": 4}, mlp="moe"),
+                    [-0.0083679, 0.0566624, -0.2897302, -0.067957, 0.2192844, -0.0381809, 205.3657]),
+}
+
+
+def logits_of(seed=1234, **kw):
+    torch.manual_seed(seed)
+    model = Transformer(ModelConfig(**{**TINY, **kw}))
+    idx = torch.randint(0, 65, (2, 16), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        return model(idx)[0]
+
+
+@pytest.mark.parametrize("name", sorted(BEFORE))
+def test_standard_parametrization_gives_the_logits_of_before(name):
+    kw, expected = BEFORE[name]
+    logits = logits_of(**kw)
+    got = [float(v) for v in logits[0, -1, :6]] + [float(logits.double().abs().sum())]
+    assert got == pytest.approx(expected, abs=2e-6, rel=1e-6)
+    assert torch.equal(logits, logits_of(**kw, parametrization="standard"))
+
+
+@pytest.mark.parametrize("name", ["gpt_learned_mha", "mla_alibi", "diff_rope"])
+def test_mup_at_its_base_width_is_the_standard_model(name):
+    kw = BEFORE[name][0]
+    mup = logits_of(**kw, parametrization={"kind": "mup", "base_width": TINY["n_embd"]})
+    torch.testing.assert_close(mup, logits_of(**kw), rtol=0, atol=1e-6)
+
+
+def test_mup_scales_hidden_matrices_init_and_lr_by_fan_in_and_leaves_vectors():
+    wide = dict(TINY, n_embd=128)  # 4x the base width
+    torch.manual_seed(0)
+    sp = Transformer(ModelConfig(**wide, tie_embeddings=False))
+    torch.manual_seed(0)
+    mp = Transformer(ModelConfig(**wide, tie_embeddings=False, parametrization={"kind": "mup", "base_width": 32}))
+    sp_params, mp_params = dict(sp.named_parameters()), dict(mp.named_parameters())
+    for name in ("transformer.h.0.attn.c_attn.weight", "transformer.h.1.mlp.c_fc.weight"):
+        torch.testing.assert_close(mp_params[name], sp_params[name] / 2)  # std / sqrt(4)
+        assert mp_params[name].optim_hints["lr_scale"] == 0.25
+    # mlp.c_proj's fan-in is 4x wider too: 512 against the base's 128
+    assert mp_params["transformer.h.0.mlp.c_proj.weight"].optim_hints["lr_scale"] == 0.25
+    for name in ("transformer.wte.weight", "transformer.wpe.weight", "lm_head.weight", "transformer.h.0.ln_1.weight",
+                 "transformer.h.0.attn.c_attn.bias"):
+        assert torch.equal(mp_params[name], sp_params[name]), name
+        assert "lr_scale" not in getattr(mp_params[name], "optim_hints", {}), name
+    assert mp.logit_multiplier == 0.25 and sp.logit_multiplier is None
+    hs = 128 // 4  # heads widen with the model: 1/d, equal to 1/sqrt(d) at the base's d = 8
+    assert mp.transformer.h[0].attn.scale == pytest.approx(1 / math.sqrt(8) * 8 / hs)
+    assert sp.transformer.h[0].attn.scale is None
+
+
+def test_mup_learning_rates_reach_the_optimizer_groups():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**dict(TINY, n_embd=64), parametrization={"kind": "mup", "base_width": 32}))
+    hidden = {id(p) for name, p in model.named_parameters() if ".h." in name and p.dim() == 2}
+    lrs = {(id(p) in hidden, group.get("lr", 1e-3)) for group in param_groups(model, 0.1, lr=1e-3)
+           for p in group["params"]}
+    assert lrs == {(True, 5e-4), (False, 1e-3)}  # hidden matrices at lr / 2 (width 2x), the rest at lr
+
+
+def test_mup_refuses_a_base_width_the_heads_do_not_divide():
+    with pytest.raises(ConfigError, match=r"base_width \(30\) must be divisible by model.n_head \(4\)"):
+        Transformer(ModelConfig(**dict(TINY, n_embd=64), parametrization={"kind": "mup", "base_width": 30}))
