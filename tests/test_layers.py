@@ -17,7 +17,8 @@ LAYERS = {
     3: ["model", "data", "recipe", "catalog"],
     4: ["engine", "checkpoint", "hf", "inspection"],
     5: ["trainer", "checkpointer", "runfolder", "trackers", "evaluate", "lm_harness", "signals", "progress", "generate",
-        "ablation", "ablate", "testing", "launch", "losscompare", "convert", "runs", "completion", "lookinside"],
+        "ablation", "ablate", "testing", "launch", "losscompare", "convert", "runs", "completion", "lookinside",
+        "coordcheck"],
     6: ["cli", "__main__"],
 }
 #: may import toolkit modules inside functions: the pytest plugin loads in every pytest run and must stay cheap

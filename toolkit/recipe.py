@@ -36,7 +36,7 @@ from torch import nn
 from . import families
 from .config import (ValueTypeError, _show, build, errors_to_lines, format_errors, make_converter, path_key,
                      structure_fields)
-from .contracts import Position
+from .contracts import Parametrization, Position
 from .errors import ConfigError, PluginLoadError
 from .families import components
 from .model import ModelConfig, select_layers
@@ -739,10 +739,10 @@ def _model_component_checks(model: ModelConfig, registry: Registry) -> list[str]
                 out.append(f"{path}: {_named(registry, family, spec.kind)} failed to build: {_exc_line(exc)}")
                 said.add(_exc_line(exc))
             continue
-        wanted = Position if family == "position" else nn.Module
+        wanted = {"position": Position, "parametrization": Parametrization}.get(family, nn.Module)
         if not isinstance(built[path], wanted):
-            out.append(f"{path}: {_named(registry, family, spec.kind)} built {type(built[path]).__name__}, "
-                       f"not {'a toolkit.contracts.Position' if family == 'position' else 'a torch.nn.Module'}")
+            named = "torch.nn.Module" if wanted is nn.Module else f"toolkit.contracts.{wanted.__name__}"
+            out.append(f"{path}: {_named(registry, family, spec.kind)} built {type(built[path]).__name__}, not a {named}")
     limit = getattr(built.get("$.model.position"), "max_len", None)
     if isinstance(limit, int) and model.block_size > limit:
         out.append(f"$.model.block_size: position '{model.position.kind}' encodes at most {limit} positions, "
