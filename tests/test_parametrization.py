@@ -1,12 +1,19 @@
 """The parametrization family: standard changes nothing, mup follows Yang et al. 2021 (Table 3, Adam)."""
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
+from toolkit.cli import main
+from toolkit.coordcheck import KINDS, coord_check, growth, render
 from toolkit.errors import ConfigError
 from toolkit.model import ModelConfig, Transformer
 from toolkit.plugins.optimizers import param_groups
+from toolkit.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
 
 TINY = dict(vocab_size=65, block_size=16, n_layer=2, n_head=4, n_embd=32)
 
@@ -84,3 +91,47 @@ def test_mup_learning_rates_reach_the_optimizer_groups():
 def test_mup_refuses_a_base_width_the_heads_do_not_divide():
     with pytest.raises(ConfigError, match=r"base_width \(30\) must be divisible by model.n_head \(4\)"):
         Transformer(ModelConfig(**dict(TINY, n_embd=64), parametrization={"kind": "mup", "base_width": 30}))
+
+
+def test_recipe_validation_reports_a_bad_base_width_at_its_path():
+    with pytest.raises(ConfigError, match=r"\$\.model\.parametrization: base_width \(30\) must be divisible"):
+        load_recipe(ROOT / "recipes/gpt-cpu.toml", ['model.parametrization={kind="mup", base_width=30}'])
+
+
+# -- the coordinate check (Yang et al. 2021) -------------------------------------------------------------------
+TINY_RECIPE = ["model.n_layer=2", "model.block_size=32", "train.micro_batch=8"]
+
+
+def test_coordinate_check_is_flat_in_width_under_mup_and_grows_under_standard():
+    # widths 32 -> 128, 3 AdamW steps at gpt-cpu's lr 1e-3, seed 0. Measured growth (widest / narrowest
+    # mean |activation| after the steps) over seeds 0-2: mup 0.75-1.19 for every kind; standard attention
+    # 4.8-5.6, mlp 6.0-6.9, logits 2.8-3.3. Tolerances leave a margin on both sides.
+    check = coord_check(load_recipe(ROOT / "recipes/gpt-cpu.toml", TINY_RECIPE), [32, 64, 128], 3, seed=0)
+    for kind in KINDS:
+        assert 0.6 < growth(check, "mup", kind) < 1.5, (kind, render(check))
+    for kind, at_least in (("attention", 3.0), ("mlp", 3.0), ("logits", 2.0)):
+        assert growth(check, "standard", kind) > at_least, (kind, render(check))
+    # at the base width the two parametrizations are one model: the same numbers at every step
+    for kind in KINDS:
+        assert [s[0] for s in check["results"]["mup"][kind]] == [s[0] for s in check["results"]["standard"][kind]]
+
+
+@pytest.mark.slow
+def test_coordcheck_command_writes_the_plot_and_numbers(tmp_path, capsys):
+    out = tmp_path / "cc.png"
+    code = main(["coordcheck", str(ROOT / "recipes/gpt-cpu.toml"), "--widths", "16,32", "--steps", "1",
+                 "--out", str(out), "--set", "model.n_layer=1", "--set", "model.block_size=16"])
+    assert code == 0
+    assert out.stat().st_size > 0 and json.loads(out.with_suffix(".json").read_text())["widths"] == [16, 32]
+    assert "mup       logits" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("widths, message", [
+    ("64,130", "every width must be divisible by model.n_head (4)"),
+    ("64", "give two or more increasing widths"),
+    ("64,x", "expected integers separated by commas"),
+])
+def test_coordcheck_refuses_bad_widths_in_one_line(widths, message, capsys):
+    assert main(["coordcheck", str(ROOT / "recipes/gpt-cpu.toml"), "--widths", widths]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
