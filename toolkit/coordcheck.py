@@ -40,7 +40,7 @@ def corpus_tokens(recipe, registry, limit: int = 2_000_000) -> torch.Tensor:
     return torch.as_tensor(tokenizer.encode_corpus(text), dtype=torch.long)
 
 
-def _batches(tokens: torch.Tensor, n: int, batch: int, T: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def sample_batches(tokens: torch.Tensor, n: int, batch: int, T: int, seed: int) -> list[tuple[torch.Tensor, ...]]:
     """``n`` (x, y) batches of (batch, T) at fixed random offsets: the same data order at every width."""
     gen = torch.Generator().manual_seed(seed)
     out = []
@@ -109,7 +109,7 @@ def coord_check(recipe, widths: list[int], steps: int = 4, *, base_width: int | 
     base_width = base_width or widths[0]
     lr = lr or recipe.train.lr
     tokens = corpus_tokens(recipe, registry) if tokens is None else tokens
-    batches = _batches(tokens, steps + 1, batch or recipe.train.micro_batch, model.block_size, seed)
+    batches = sample_batches(tokens, steps + 1, batch or recipe.train.micro_batch, model.block_size, seed)
     spec = SPEC_TYPES["parametrization"]
     results = {}
     for kind in parametrizations:
