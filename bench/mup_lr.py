@@ -26,6 +26,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from toolkit.coordcheck import corpus_tokens, sample_batches  # noqa: E402
+from toolkit.errors import ConfigError, UserError  # noqa: E402
 from toolkit.families import SPEC_TYPES  # noqa: E402
 from toolkit.model import Transformer  # noqa: E402
 from toolkit.recipe import load_recipe, registry_of  # noqa: E402
@@ -99,9 +100,16 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     widths = [int(w) for w in args.widths.split(",")]
     lrs = [float(x) for x in args.lrs.split(",")]
-    recipe = load_recipe(args.recipe, [f"model.n_layer={args.layers}"])
-    registry = registry_of(recipe)
-    tokens = corpus_tokens(recipe, registry)
+    try:
+        recipe = load_recipe(args.recipe, [f"model.n_layer={args.layers}"])
+        registry = registry_of(recipe)
+        tokens = corpus_tokens(recipe, registry)
+    except ConfigError as exc:
+        print("\n".join(f"error: {line}" for line in exc.lines), file=sys.stderr)
+        return 2
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     cut = int(len(tokens) * 0.9)  # the last 10% of the text is for validation only
     T = recipe.model.block_size
     train_batches = sample_batches(tokens[:cut], args.steps, args.batch, T, seed=1)

@@ -1,6 +1,8 @@
 """The parametrization family: standard changes nothing, mup follows Yang et al. 2021 (Table 3, Adam)."""
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -135,3 +137,19 @@ def test_coordcheck_refuses_bad_widths_in_one_line(widths, message, capsys):
     assert main(["coordcheck", str(ROOT / "recipes/gpt-cpu.toml"), "--widths", widths]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_lr_sweep_bench_writes_the_best_lr_per_width_and_its_plot(tmp_path):
+    out, png = tmp_path / "lr.json", tmp_path / "lr.png"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "mup_lr.py"), str(ROOT / "recipes/gpt-cpu.toml"),
+                           "--widths", "16,32", "--lrs", "0.001,0.01", "--steps", "3", "--layers", "1",
+                           "--val-batches", "1", "--json", str(out), "--plot", str(png)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["loss"]["mup"]["16"] == result["loss"]["standard"]["16"]  # the base width: one model
+    assert set(result["best_lr"]["mup"]) == {"16", "32"} and png.stat().st_size > 0
+    bad = subprocess.run([sys.executable, str(ROOT / "bench" / "mup_lr.py"), str(tmp_path / "missing.toml")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "missing.toml" in bad.stderr
