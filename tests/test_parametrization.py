@@ -5,13 +5,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import attrs
 import pytest
 import torch
 
 from toolkit.cli import main
 from toolkit.coordcheck import KINDS, coord_check, growth, render
+from toolkit.contracts import Parametrization
 from toolkit.errors import ConfigError
 from toolkit.model import ModelConfig, Transformer
+from toolkit.plugin_manager import default_registry
 from toolkit.plugins.optimizers import param_groups
 from toolkit.recipe import load_recipe
 
@@ -153,3 +156,30 @@ def test_lr_sweep_bench_writes_the_best_lr_per_width_and_its_plot(tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "bench" / "mup_lr.py"), str(tmp_path / "missing.toml")],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "missing.toml" in bad.stderr
+
+
+class _Flat(Parametrization):
+    """Attention logits times 1e-4 of standard's: nearly uniform attention, if the attention asks."""
+
+    def attention_scale(self, head_dim, scale=None):
+        return 1e-4 * (scale or head_dim ** -0.5)
+
+
+@pytest.mark.parametrize("kind", ["mha", "gqa", "mqa", "sliding_window", "mla", "diff", "gated"])
+def test_every_builtin_attention_takes_its_logit_scale_from_the_parametrization(kind):
+    registry = default_registry()
+    dims = ModelConfig(**TINY).dims(registry.build_in)
+    x = torch.randn(2, 8, TINY["n_embd"], generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(8)
+    position = registry.build_in("position", "rope", dims)
+
+    def out(parametrization):
+        torch.manual_seed(0)
+        attn = registry.build_in("attention", kind, attrs.evolve(dims, parametrization=parametrization))
+        if hasattr(attn, "reset_parameters"):  # differential attention's lambdas start empty until the model's init
+            attn.reset_parameters()
+        with torch.no_grad():
+            return attn(x, position, pos)
+
+    torch.testing.assert_close(out(Parametrization()), out(None))  # the base class is standard
+    assert (out(_Flat()) - out(None)).abs().max() > 1e-3
