@@ -95,6 +95,7 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=2, help="model.n_layer for the sweep (default 2)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--val-batches", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0, help="the models' init and the training batches' order")
     ap.add_argument("--json", default=None, help="write the numbers here")
     ap.add_argument("--plot", default=None, help="write the plot here")
     args = ap.parse_args(argv)
@@ -112,12 +113,13 @@ def main(argv=None) -> int:
         return 2
     cut = int(len(tokens) * 0.9)  # the last 10% of the text is for validation only
     T = recipe.model.block_size
-    train_batches = sample_batches(tokens[:cut], args.steps, args.batch, T, seed=1)
+    train_batches = sample_batches(tokens[:cut], args.steps, args.batch, T, seed=1 + args.seed)
     val_batches = sample_batches(tokens[cut:], args.val_batches, args.batch, T, seed=2)
     spec = SPEC_TYPES["parametrization"]
     kinds = {"standard": spec("standard"), "mup": spec("mup", {"base_width": widths[0]})}
     result = {"recipe": args.recipe, "widths": widths, "lrs": lrs, "steps": args.steps, "n_layer": args.layers,
-              "batch": args.batch, "block_size": T, "base_width": widths[0], "loss": {p: {} for p in kinds}}
+              "batch": args.batch, "block_size": T, "seed": args.seed, "base_width": widths[0],
+              "loss": {p: {} for p in kinds}}
     start = time.perf_counter()
     for w in widths:
         for p, chosen in kinds.items():
@@ -126,7 +128,7 @@ def main(argv=None) -> int:
                 continue
             losses = []
             for lr in lrs:
-                losses.append(train_once(recipe, registry, w, chosen, lr, train_batches, val_batches))
+                losses.append(train_once(recipe, registry, w, chosen, lr, train_batches, val_batches, args.seed))
                 print(f"{p:9} width {w:4}  lr {lr:<10g} val loss {losses[-1]:.4f}  "
                       f"({time.perf_counter() - start:.0f} s)", flush=True)
             result["loss"][p][str(w)] = losses

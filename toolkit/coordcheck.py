@@ -60,8 +60,8 @@ def measure(recipe, model_config, registry, batches, lr: float, seed: int) -> di
     train = attrs.evolve(recipe.train, lr=lr)
     # the toolkit's own optimizer with its groups and the parametrization's lr hints, at a constant lr
     # (no schedule, no DeepSpeed: the check is about the parametrization, not the run)
-    optimizer = registry.build_in("optimizer", recipe.train.optimizer, model,
-                                  attrs.evolve(recipe, train=train, deepspeed=attrs.evolve(recipe.deepspeed, offload="none")))
+    plain = attrs.evolve(recipe, train=train, deepspeed=attrs.evolve(recipe.deepspeed, offload="none"))
+    optimizer = registry.build_in("optimizer", recipe.train.optimizer, model, plain)
     sums: dict[str, list[float]] = {}
 
     def record(kind):

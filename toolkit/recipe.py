@@ -742,7 +742,8 @@ def _model_component_checks(model: ModelConfig, registry: Registry) -> list[str]
         wanted = {"position": Position, "parametrization": Parametrization}.get(family, nn.Module)
         if not isinstance(built[path], wanted):
             named = "torch.nn.Module" if wanted is nn.Module else f"toolkit.contracts.{wanted.__name__}"
-            out.append(f"{path}: {_named(registry, family, spec.kind)} built {type(built[path]).__name__}, not a {named}")
+            out.append(f"{path}: {_named(registry, family, spec.kind)} built {type(built[path]).__name__}, "
+                       f"not a {named}")
     limit = getattr(built.get("$.model.position"), "max_len", None)
     if isinstance(limit, int) and model.block_size > limit:
         out.append(f"$.model.block_size: position '{model.position.kind}' encodes at most {limit} positions, "
