@@ -71,7 +71,7 @@ itself: an attention passes ``scale=dims.attention_scale(head_dim, own_scale)`` 
 (None under "standard", so the fused kernel's 1/sqrt(d) as ever; 1/d up to the base's constant under
 "mup"). Rescaling multiplies whatever init a component gave, so a zero init stays zero, and a matrix
 over heads or experts (no dim grows with width) is left alone. The built-in attentions (mha, gqa,
-mqa, sliding_window, mla, differential) pass the scale; MLPs, MoE, norms and blocks need nothing.
+mqa, sliding_window, gated, mla, diff) pass the scale; MLPs, MoE, norms and blocks need nothing.
 
 **Auxiliary losses.** A component that adds to the training objective (a mixture of experts'
 load-balancing loss) sets ``self.aux_losses = {name: scalar tensor}`` in every forward, already
@@ -204,9 +204,9 @@ class Parametrization:
         """What the logits are multiplied by; None: nothing."""
         return None
 
-    def apply(self, model: nn.Module, base_shapes: Callable[[], dict[str, tuple[int, ...]]]) -> None:
-        """After every init: rescale ``model``'s parameters and hint their learning rates. ``base_shapes()``
-        builds the same model at the parametrization's base width (on meta) and returns its shapes by name."""
+    def apply(self, model: nn.Module, base_shapes: Callable[[int], dict[str, tuple[int, ...]]]) -> None:
+        """After every init: rescale ``model``'s parameters and hint their learning rates. ``base_shapes(width)``
+        builds the same model at n_embd = width (on meta) and returns its parameters' shapes by name."""
 
 
 def hint(param: nn.Parameter, *, weight_decay: bool | None = None, lr_scale: float | None = None) -> nn.Parameter:
