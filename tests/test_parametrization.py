@@ -135,9 +135,10 @@ def test_coordcheck_command_writes_the_plot_and_numbers(tmp_path, capsys):
     ("64,130", "every width must be divisible by model.n_head (4)"),
     ("64", "give two or more increasing widths"),
     ("64,x", "expected integers separated by commas"),
+    ("64,128 --lr -1", "--lr must be > 0"),
 ])
 def test_coordcheck_refuses_bad_widths_in_one_line(widths, message, capsys):
-    assert main(["coordcheck", str(ROOT / "recipes/gpt-cpu.toml"), "--widths", widths]) == 2
+    assert main(["coordcheck", str(ROOT / "recipes/gpt-cpu.toml"), "--widths", *widths.split()]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
 

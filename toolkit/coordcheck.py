@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import attrs
@@ -91,7 +92,8 @@ def measure(recipe, model_config, registry, batches, lr: float, seed: int) -> di
 
 
 def coord_check(recipe, widths: list[int], steps: int = 4, *, base_width: int | None = None, lr: float | None = None,
-                batch: int | None = None, seed: int = 0, parametrizations=PARAMETRIZATIONS, tokens=None) -> dict:
+                batch: int | None = None, seed: int = 0, parametrizations=PARAMETRIZATIONS, tokens=None,
+                say=lambda line: None) -> dict:
     """The coordinate check: ``{"results": {parametrization: {kind: [[value per width] per step]}}, ...}``.
 
     Step 0 is the model at init; step ``steps`` after that many optimizer steps. mup's base width
@@ -105,6 +107,8 @@ def coord_check(recipe, widths: list[int], steps: int = 4, *, base_width: int | 
                          f"got {','.join(map(str, widths))}")
     if steps < 1:
         raise UsageError(f"--steps must be at least 1, got {steps}")
+    if lr is not None and not lr > 0:
+        raise UsageError(f"--lr must be > 0, got {lr}")
     registry = registry_of(recipe)
     base_width = base_width or widths[0]
     lr = lr or recipe.train.lr
@@ -114,8 +118,11 @@ def coord_check(recipe, widths: list[int], steps: int = 4, *, base_width: int | 
     results = {}
     for kind in parametrizations:
         chosen = spec(kind, {"base_width": base_width} if kind == "mup" else None)
-        per_width = [measure(recipe, attrs.evolve(model, n_embd=w, parametrization=chosen), registry, batches, lr, seed)
-                     for w in widths]
+        per_width = []
+        for w in widths:
+            say(f"{kind} width {w}: {steps} steps")
+            per_width.append(measure(recipe, attrs.evolve(model, n_embd=w, parametrization=chosen), registry, batches,
+                                     lr, seed))
         results[kind] = {k: [[m[k][t] for m in per_width] for t in range(steps + 1)] for k in KINDS}
     return {"widths": list(widths), "steps": steps, "base_width": base_width, "lr": lr, "results": results}
 
@@ -173,7 +180,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=4, help="optimizer steps before the last measurement (default 4)")
     p.add_argument("--base-width", type=int, default=None, metavar="W", help="mup's base width (default: the smallest)")
     p.add_argument("--lr", type=float, default=None, help="constant learning rate (default: the recipe's train.lr)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the models' init and the batches (default 0)")
     p.add_argument("--out", default="coordcheck.png", metavar="PNG",
                    help="the plot (default coordcheck.png); the numbers go next to it as .json")
 
@@ -184,7 +191,8 @@ def run(args) -> int:
     except ValueError:
         raise UsageError(f"--widths: expected integers separated by commas, got {args.widths!r}") from None
     recipe = load_recipe(args.recipe, args.set, args.plugin)
-    check = coord_check(recipe, widths, args.steps, base_width=args.base_width, lr=args.lr, seed=args.seed)
+    check = coord_check(recipe, widths, args.steps, base_width=args.base_width, lr=args.lr, seed=args.seed,
+                        say=lambda line: print(line, file=sys.stderr, flush=True))
     print(render(check))
     png = plot(check, args.out)
     png.with_suffix(".json").write_text(json.dumps(check, indent=1))
