@@ -12,7 +12,8 @@ import torch
 from toolkit.cli import main
 from toolkit.coordcheck import KINDS, coord_check, growth, render
 from toolkit.contracts import Parametrization
-from toolkit.errors import ConfigError
+from toolkit.errors import ConfigError, HFFormatError
+from toolkit.hf import export_architecture
 from toolkit.model import ModelConfig, Transformer
 from toolkit.plugin_manager import default_registry
 from toolkit.plugins.optimizers import param_groups
@@ -184,3 +185,10 @@ def test_every_builtin_attention_takes_its_logit_scale_from_the_parametrization(
 
     torch.testing.assert_close(out(Parametrization()), out(None))  # the base class is standard
     assert (out(_Flat()) - out(None)).abs().max() > 1e-3
+
+
+def test_a_mup_model_is_refused_by_the_hugging_face_export_rather_than_written_wrong():
+    model = Transformer(ModelConfig(**dict(TINY, n_embd=64), parametrization={"kind": "mup", "base_width": 32}))
+    with pytest.raises(HFFormatError, match="parametrization 'mup'"):
+        export_architecture(model)
+    assert export_architecture(Transformer(ModelConfig(**TINY)))[0].model_type == "gpt2"

@@ -110,6 +110,9 @@ def load_hf(path: str | Path, *, dropout: float = 0.0, dtype: torch.dtype | None
 def export_architecture(model: Transformer, model_type: str | None = None) -> tuple[Architecture, dict]:
     """(architecture, its config.json) for ``model``: the one named, or the first in the table that can express it."""
     model = unwrap(model)
+    if model.config.parametrization.kind != "standard":  # its multipliers have no config.json key anywhere
+        raise HFFormatError(f"no Hugging Face architecture can express parametrization "
+                            f"'{model.config.parametrization.kind}' (its logit and attention multipliers)")
     if model_type is not None:
         if model_type not in ARCHITECTURES:
             raise HFFormatError(f"unknown architecture {model_type!r}; supported: {', '.join(ARCHITECTURES)}")
