@@ -75,7 +75,7 @@ class GroupedQueryAttention(nn.Module):
         if nh % nkv:
             raise ConfigError([f"model.attention.n_kv_head ({nkv}) must divide model.n_head ({nh})"])
         self.n_head, self.n_kv_head, self.head_dim, self.backend = nh, nkv, hs, opts.backend
-        self.softcap, self.scale = opts.softcap, opts.scale
+        self.softcap, self.scale = opts.softcap, dims.attention_scale(hs, opts.scale)  # muP: 1/d (contracts)
         # rows: [q for nh heads; k for nkv heads; v for nkv heads], one matmul for all three
         self.c_attn = nn.Linear(C, (nh + 2 * nkv) * hs, bias=dims.bias)
         self.c_proj = nn.Linear(nh * hs, C, bias=dims.bias)

@@ -55,6 +55,7 @@ class DifferentialAttention(nn.Module):
         self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2 = (
             nn.Parameter(torch.empty(self.head_dim)) for _ in range(4))
         self.subln = dims.build("norm", "rmsnorm", attrs.evolve(dims, role="head"), 2 * self.head_dim)
+        self.scale = dims.attention_scale(self.head_dim)  # None (1/sqrt(d)) unless muP (contracts)
         self.dropout = dims.dropout
         self.resid_dropout = nn.Dropout(dims.dropout)
 
@@ -76,8 +77,10 @@ class DifferentialAttention(nn.Module):
         q, k = position.rotate(q, k, pos)
         k, v, k_pos = update_cache(cache, k, v, pos)
         drop = self.dropout if self.training else 0.0
-        a1 = attend(q[:, 0::2], k[:, 0::2], v, pos, k_pos, position, dropout=drop, backend=self.backend)  # (B, nh, T, 2d)
-        a2 = attend(q[:, 1::2], k[:, 1::2], v, pos, k_pos, position, dropout=drop, backend=self.backend)
+        a1 = attend(q[:, 0::2], k[:, 0::2], v, pos, k_pos, position, dropout=drop, scale=self.scale,
+                    backend=self.backend)  # (B, nh, T, 2d)
+        a2 = attend(q[:, 1::2], k[:, 1::2], v, pos, k_pos, position, dropout=drop, scale=self.scale,
+                    backend=self.backend)
         y = self.subln(a1 - self.lam().to(a1.dtype) * a2) * (1 - self.lambda_init)  # (B, nh, T, 2d)
         y = y.transpose(1, 2).reshape(B, T, self.width)  # (B, T, 2 nh d)
         return self.resid_dropout(self.c_proj(y))

@@ -75,6 +75,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_up = nn.Linear(self.kv_rank, nh * (self.nope_dim + self.v_dim), bias=False)
         self.c_proj = nn.Linear(nh * self.v_dim, C, bias=dims.bias)
         self.resid_dropout = nn.Dropout(dims.dropout)
+        self.scale = dims.attention_scale(self.nope_dim + self.rope_dim)  # None unless muP (contracts)
 
     def forward(self, x, position, pos, cache=None):
         B, T, C = x.shape
@@ -91,7 +92,7 @@ class MultiHeadLatentAttention(nn.Module):
         k_nope, v = kv.split([nope, self.v_dim], dim=-1)  # (B, nh, Tk, nope), (B, nh, Tk, v_dim)
         k = torch.cat([k_nope, k_rope.expand(B, nh, Tk, rope)], dim=-1)  # (B, nh, Tk, nope + rope)
         y = attend(torch.cat([q_nope, q_rope], dim=-1), k, v, pos, k_pos, position,
-                   dropout=self.dropout if self.training else 0.0, backend=self.backend)  # (B, nh, T, v_dim)
+                   dropout=self.dropout if self.training else 0.0, scale=self.scale, backend=self.backend)  # (B, nh, T, v_dim)
         y = y.transpose(1, 2).reshape(B, T, nh * self.v_dim)  # (B, T, nh * v_dim)
         return self.resid_dropout(self.c_proj(y))
 

@@ -17,7 +17,8 @@ LAYERS = {
     3: ["model", "data", "recipe", "catalog"],
     4: ["engine", "checkpoint", "hf", "inspection"],
     5: ["trainer", "checkpointer", "runfolder", "trackers", "evaluate", "lm_harness", "signals", "progress", "generate",
-        "ablation", "ablate", "testing", "launch", "losscompare", "convert", "runs", "completion", "lookinside"],
+        "ablation", "ablate", "testing", "launch", "losscompare", "convert", "runs", "completion", "lookinside",
+        "coordcheck"],
     6: ["cli", "__main__"],
 }
 #: built-in plugins that register what a higher layer defines sit in that layer; the plugin manager

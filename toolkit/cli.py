@@ -28,7 +28,7 @@ from pathlib import Path
 import attrs
 import tomli_w
 
-from . import catalog, completion, families
+from . import catalog, completion, coordcheck, families
 from .ablate import run_ablation
 from .ablation import dry_run_text, load_ablation
 from .checkpoint import CHECKPOINT_SELECTORS, latest, read_state
@@ -789,6 +789,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "steps, tokens, seeds and evals change the ablation's budget (e.g. --set steps=50); repeatable")
     add_trust_option(p)
     p.set_defaults(func=cmd_ablate)
+
+    p = sub.add_parser("coordcheck", help="mean activation per layer kind across widths after a few steps, "
+                       "standard vs mup (docs/mup.md)")
+    coordcheck.add_arguments(p)
+    add_recipe_options(p)
+    p.set_defaults(func=coordcheck.run)
 
     p = sub.add_parser("runs", help="a table of run folders: recipe, steps, best val loss, state, age",
                        description="One line per run folder under DIR: its recipe, steps done of its total, "

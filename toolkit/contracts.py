@@ -58,6 +58,21 @@ module gives them (norms: ones and zeros). A component that wants its own init d
 rate; the built-in optimizers honour both. Without a hint, parameters of two or more dimensions
 decay and the rest do not (nanoGPT).
 
+**Parametrization.** ``[model.parametrization]`` chooses how init, learning rates and two
+multipliers depend on the model's width (:class:`Parametrization`; built-ins in
+``plugins/parametrization.py``): "standard" changes nothing, "mup" is the maximal update
+parametrization (Yang et al. 2021, "Tensor Programs V", Table 3 for Adam) relative to a base width.
+The model does the generic part for every component, plugins included: after all init, it compares
+each parameter's shape with the same model's at the base width, and a parameter with two or more
+dims that grow (a hidden matrix) gets its init scaled by 1/sqrt(fan-in multiplier) and
+``hint(lr_scale=1/multiplier)`` (times any lr_scale it had); embeddings, biases and gains (one dim
+that grows) keep theirs, and the logits are multiplied by base_width / n_embd. What a component does
+itself: an attention passes ``scale=dims.attention_scale(head_dim, own_scale)`` to :func:`attend`
+(None under "standard", so the fused kernel's 1/sqrt(d) as ever; 1/d up to the base's constant under
+"mup"). Rescaling multiplies whatever init a component gave, so a zero init stays zero, and a matrix
+over heads or experts (no dim grows with width) is left alone. The built-in attentions (mha, gqa,
+mqa, sliding_window, gated, mla, diff) pass the scale; MLPs, MoE, norms and blocks need nothing.
+
 **Auxiliary losses.** A component that adds to the training objective (a mixture of experts'
 load-balancing loss) sets ``self.aux_losses = {name: scalar tensor}`` in every forward, already
 weighted (empty when there is nothing to add); declaring ``aux_losses: dict = {}`` in the class is
@@ -115,6 +130,14 @@ class Dims:
     # this layer's choice (a Spec) in each per-layer family, and how the model records what it built
     parts: dict = attrs.field(factory=dict, eq=False, repr=False)
     record: object = attrs.field(default=None, eq=False, repr=False)
+    parametrization: object = attrs.field(default=None, eq=False, repr=False)  # the model's; None: standard
+
+    def attention_scale(self, head_dim: int | None = None, scale: float | None = None) -> float | None:
+        """The factor on q.k an attention hands to attend: its own ``scale`` (None: 1/sqrt(head_dim)) as the
+        model's parametrization adjusts it; None means attend's default, 1/sqrt(head_dim)."""
+        if self.parametrization is None:
+            return scale
+        return self.parametrization.attention_scale(head_dim or self.head_dim, scale)
 
     def part(self, family: str, *args, role: str | None = None):
         """Build this layer's ``family`` component (a block builds its attention, norms and MLP so)."""
@@ -166,6 +189,26 @@ class Position(nn.Module):
 
     def flops_per_token(self, seq_len: int) -> int:
         return 0
+
+
+class Parametrization:
+    """How init, learning rates and the attention and output multipliers depend on width.
+
+    This base is the standard parametrization (GPT-2's init, one learning rate, 1/sqrt(d) attention):
+    every hook leaves the model as it is.
+    """
+
+    def attention_scale(self, head_dim: int, scale: float | None = None) -> float | None:
+        """The factor on q.k for heads ``head_dim`` wide, given the attention's own (None: 1/sqrt(head_dim))."""
+        return scale
+
+    def output_multiplier(self) -> float | None:
+        """What the logits are multiplied by; None: nothing."""
+        return None
+
+    def apply(self, model: nn.Module, base_shapes: Callable[[int], dict[str, tuple[int, ...]]]) -> None:
+        """After every init: rescale ``model``'s parameters and hint their learning rates. ``base_shapes(width)``
+        builds the same model at n_embd = width (on meta) and returns its parameters' shapes by name."""
 
 
 def hint(param: nn.Parameter, *, weight_decay: bool | None = None, lr_scale: float | None = None) -> nn.Parameter:

@@ -73,6 +73,11 @@ FAMILIES: tuple[Family, ...] = (
     Family("block", "register_components", "model.block", "pre_norm",
            "factory(opts, dims) -> nn.Module; forward(x, position, pos, cache=None) -> x; builds its parts "
            "with dims.part(family)", in_model=True, per_layer=True, locations=("transformer.h.*",)),
+    # not in_model: it builds no module, but its kind and options sit in the model table, so a resume
+    # may not change it either (checkpoint fingerprints hash every model.* key)
+    Family("parametrization", "register_components", "model.parametrization", "standard",
+           "factory(opts, dims) -> toolkit.contracts.Parametrization (init scales, lr multipliers, attention "
+           "and output multipliers, as a function of width)"),
     Family("optimizer", "register_optimizers", "train.optimizer", "adamw",
            "factory(opts, model, recipe) -> torch.optim.Optimizer; the schedule scales every group's lr"),
     Family("schedule", "register_schedules", "train.schedule", "cosine",

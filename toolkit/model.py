@@ -143,13 +143,16 @@ class Transformer(nn.Module):
             self.parts.append((family, kind, module, layer))
 
         C, V = config.n_embd, config.vocab_size
-        dims = config.dims(build, record=record)
+        # the parametrization first: attention asks it for its logit scale (muP: 1/d)
+        self.parametrization = build("parametrization", config.parametrization, config.dims(build))
+        dims = attrs.evolve(config.dims(build, record=record), parametrization=self.parametrization)
         wte = nn.Embedding(V, C)  # built in GPT-2's order, so a seed gives the same weights as ever
         wpe = build("position", config.position, dims)
         record("position", config.position.kind, wpe, None)
         blocks = []
         for i in range(config.n_layer):
-            block = build("block", config.spec_at("block", i), config.dims(build, i, record))
+            layer_dims = attrs.evolve(config.dims(build, i, record), parametrization=self.parametrization)
+            block = build("block", config.spec_at("block", i), layer_dims)
             record("block", config.spec_at("block", i).kind, block, i)
             blocks.append(block)
         # a block that ends in a norm (post-norm) needs no final one: it would only add parameters
@@ -172,6 +175,9 @@ class Transformer(nn.Module):
             reset = getattr(type(module), "reset_parameters", None)
             if reset is not None and not reset.__module__.startswith("torch."):
                 module.reset_parameters()
+        # then the parametrization's rescaling of what every init gave (muP: hidden matrices by width)
+        self.parametrization.apply(self, lambda width: _shapes_at(config, width, registry))
+        self.logit_multiplier = self.parametrization.output_multiplier()
         # every component may add auxiliary losses by setting ``self.aux_losses`` in forward, with or
         # without declaring it in its class: each gets an empty dict now, so an undeclared one is
         # collected too (and never keeps a stale value from an earlier forward)
@@ -220,6 +226,8 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, [-1], :]  # (B, 1, C): generation needs only the next token's logits
         logits = self.lm_head(x)  # (B, T, V)
+        if self.logit_multiplier is not None:  # muP: the readout shrinks with width (Yang et al. 2021)
+            logits = logits * self.logit_multiplier
         if self.config.logit_softcap is not None:  # Gemma 2: logits smoothly within +-cap
             cap = self.config.logit_softcap
             logits = cap * torch.tanh(logits / cap)
@@ -340,6 +348,13 @@ class Transformer(nn.Module):
     def flops_per_token(self, seq_len: int | None = None) -> int:
         """Forward FLOPs per token; training costs about three times this (forward + backward)."""
         return self.component_report(seq_len)[-1]["flops_per_token"]
+
+
+def _shapes_at(config: ModelConfig, width: int, registry: Registry) -> dict[str, tuple[int, ...]]:
+    """Every parameter's shape in this model at n_embd = ``width`` (built on meta, standard parametrization)."""
+    narrow = attrs.evolve(config, n_embd=width, parametrization="standard")
+    with torch.device("meta"):
+        return {name: tuple(p.shape) for name, p in Transformer(narrow, registry).named_parameters()}
 
 
 class AttentionMaps:

@@ -36,7 +36,7 @@ from torch import nn
 from . import families
 from .config import (ValueTypeError, _show, build, errors_to_lines, format_errors, make_converter, path_key,
                      structure_fields)
-from .contracts import Position
+from .contracts import Parametrization, Position
 from .errors import ConfigError, PluginLoadError
 from .families import components
 from .model import ModelConfig, select_layers
@@ -717,7 +717,7 @@ def _model_component_checks(model: ModelConfig, registry: Registry) -> list[str]
     out: list[str] = []
     # (recipe path, family, spec, the layer it is first used at) for the model's choices and each group's
     choices = []
-    for family in ("position", *families.PER_LAYER):  # blocks last: they build the others again
+    for family in ("position", "parametrization", *families.PER_LAYER):  # blocks last: they build the others again
         choices.append((f"$.model.{family}", family, getattr(model, family), 0))
         for name, group in model.layers.items():
             if family in families.PER_LAYER and getattr(group, family) is not None:
@@ -739,10 +739,11 @@ def _model_component_checks(model: ModelConfig, registry: Registry) -> list[str]
                 out.append(f"{path}: {_named(registry, family, spec.kind)} failed to build: {_exc_line(exc)}")
                 said.add(_exc_line(exc))
             continue
-        wanted = Position if family == "position" else nn.Module
+        wanted = {"position": Position, "parametrization": Parametrization}.get(family, nn.Module)
         if not isinstance(built[path], wanted):
+            named = "torch.nn.Module" if wanted is nn.Module else f"toolkit.contracts.{wanted.__name__}"
             out.append(f"{path}: {_named(registry, family, spec.kind)} built {type(built[path]).__name__}, "
-                       f"not {'a toolkit.contracts.Position' if family == 'position' else 'a torch.nn.Module'}")
+                       f"not a {named}")
     limit = getattr(built.get("$.model.position"), "max_len", None)
     if isinstance(limit, int) and model.block_size > limit:
         out.append(f"$.model.block_size: position '{model.position.kind}' encodes at most {limit} positions, "

@@ -68,6 +68,9 @@ def export_architecture(model: Transformer, model_type: str | None = None,
                         registry: Registry | None = None) -> tuple[Adapter, dict]:
     """(architecture, its config.json) for ``model``: the one named, or the first that can express it."""
     model = unwrap(model)
+    if model.config.parametrization.kind != "standard":  # its multipliers have no config.json key anywhere
+        raise HFFormatError(f"no Hugging Face architecture can express parametrization "
+                            f"'{model.config.parametrization.kind}' (its logit and attention multipliers)")
     if model_type is not None:
         ad = adapter(model_type, registry)
         if not ad.exports:
