@@ -16,7 +16,7 @@ from pathlib import Path
 import attrs
 import torch
 
-from .data import resolve_sources
+from .data.sources import resolve_sources
 from .errors import UsageError
 from .families import SPEC_TYPES
 from .model import Transformer
