@@ -1,0 +1,71 @@
+"""Power-law fits of loss against compute, on synthetic losses from known laws (fixed seeds)."""
+import numpy as np
+import pytest
+
+from toolkit import scaling
+from toolkit.scaling import FULL, TWO, Point
+
+RUNGS = np.logspace(11, 14, 6)  # six rungs over three decades of compute
+
+
+def draw(law, seeds=4, noise=0.01, rungs=RUNGS, variant="v", rng=None):
+    rng = rng or np.random.default_rng(0)
+    return [Point(variant, f"r{i}", s, float(c), float(law(c) + rng.normal(0, noise)))
+            for i, c in enumerate(rungs) for s in range(seeds)]
+
+
+def test_the_full_form_recovers_a_resolved_irreducible_loss_and_its_exponent_lies_in_the_seed_interval():
+    law = lambda c: 2.0 * (c / 1e12) ** -0.3 + 1.5  # noqa: E731
+    points = draw(law, rng=np.random.default_rng(1))
+    result = scaling.analyse(points, baseline="v")
+    (vf,) = result.fits
+    assert vf.fit.form == FULL and "resolved" in vf.fit.why
+    assert abs(vf.fit.c - 1.5) < 0.15
+    assert vf.b_low < 0.3 < vf.b_high and vf.b_high - vf.b_low < 0.2
+    assert result.draws == scaling.N_BOOT
+
+
+def test_a_pure_power_law_falls_back_to_two_parameters_and_says_why():
+    law = lambda c: 3.0 * (c / 1e12) ** -0.1  # noqa: E731 - no irreducible term to find
+    points = draw(law, noise=0.02)
+    (vf,) = scaling.analyse(points, baseline="v").fits
+    assert vf.fit.form == TWO and "not resolved" in vf.fit.why or "pay for itself" in vf.fit.why
+    assert vf.b_low < 0.1 < vf.b_high
+
+
+def test_three_rungs_are_too_few_for_the_irreducible_term():
+    law = lambda c: 2.0 * (c / 1e12) ** -0.3 + 1.5  # noqa: E731
+    fit = scaling.fit_power_law(*zip(*[(p.compute, p.loss) for p in draw(law, rungs=RUNGS[:3])]))
+    assert fit.form == TWO and fit.why.startswith("only 3 compute values")
+
+
+def test_crossing_of_two_curves_is_found_where_they_are_equal():
+    f = scaling.Fit(TWO, 2.0, 0.1, 0.0, 1.0, 0.0, 1)
+    g = scaling.Fit(TWO, 3.0, 0.2, 0.0, 1.0, 0.0, 1)
+    (c,) = scaling.crossings(f, g, 1.0, 100.0)
+    assert c == pytest.approx(1.5 ** 10, rel=1e-6)  # 2 c^-0.1 = 3 c^-0.2
+    assert scaling.crossings(f, g, 1e4, 1e5) == [pytest.approx(1.5 ** 10, rel=1e-6)]  # searched past the sweep too
+    parallel = scaling.Fit(TWO, 2.5, 0.1, 0.0, 1.0, 0.0, 1)
+    assert scaling.crossings(f, parallel, 1.0, 100.0) == []
+
+
+def test_a_variant_that_scales_better_is_behind_then_crosses_and_the_gap_shrinks():
+    rng = np.random.default_rng(1)
+    base = draw(lambda c: 2.0 * (c / 1e12) ** -0.2, variant="base", rng=rng, noise=0.005)
+    better = draw(lambda c: 2.3 * (c / 1e12) ** -0.3, variant="better", rng=rng, noise=0.005)
+    same = draw(lambda c: 2.2 * (c / 1e12) ** -0.2, variant="same", rng=rng, noise=0.005)
+    result = scaling.analyse(base + better + same, baseline="base")
+    trends = {t.variant: t for t in result.trends}
+    cross = 1e12 * (2.3 / 2.0) ** (1 / 0.1)
+    assert trends["better"].crossings == (pytest.approx(cross, rel=0.3),)
+    assert trends["better"].verdict == "gap reverses sign within the sweep"  # 4e12 lies inside 1e11..1e14
+    # a constant ratio shrinks the absolute gap as the loss falls: the verdict reads the gap itself
+    assert trends["same"].verdict == "gap shrinks with scale, within the sweep" and trends["same"].crossings == ()
+
+
+def test_one_seed_fits_but_gives_no_interval():
+    points = draw(lambda c: 2.0 * (c / 1e12) ** -0.2, seeds=1)
+    points += draw(lambda c: 2.1 * (c / 1e12) ** -0.2, seeds=1, variant="w")
+    result = scaling.analyse(points, baseline="v")
+    assert result.draws == 0 and all(f.b_low is None for f in result.fits)
+    assert result.trends[0].verdict == "1 seed: no interval"
