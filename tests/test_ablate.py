@@ -332,7 +332,7 @@ def test_shipped_ablations_resolve(capsys):
     assert {f.stem for f in files} >= {"positions", "attention", "norms", "mlps"}
     for f in files:
         ab, resolved = ablation.load_ablation(f)
-        assert len(resolved) == len(ab.variants) >= 3
+        assert len(resolved) == len(ab.variants) * (len(ab.scale.rungs) if ab.scale else 1) >= 3
         assert all(r.recipe.train.max_steps <= 1000 for r in resolved)
 
 

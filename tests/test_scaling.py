@@ -29,7 +29,7 @@ def test_a_pure_power_law_falls_back_to_two_parameters_and_says_why():
     law = lambda c: 3.0 * (c / 1e12) ** -0.1  # noqa: E731 - no irreducible term to find
     points = draw(law, noise=0.02)
     (vf,) = scaling.analyse(points, baseline="v").fits
-    assert vf.fit.form == TWO and "not resolved" in vf.fit.why or "pay for itself" in vf.fit.why
+    assert vf.fit.form == TWO and ("not resolved" in vf.fit.why or "pay for itself" in vf.fit.why)
     assert vf.b_low < 0.1 < vf.b_high
 
 

@@ -617,6 +617,9 @@ def plot_scaling(analysis: scaling.Analysis, points: Sequence[scaling.Point], pa
         ax.plot(grid, vf.fit(grid), color=c, lw=1.5, ls="-")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    loss_ticks = plt.FuncFormatter(lambda y, _: f"{y:.3g}")  # plain losses, not 4.16 x 10^0
+    ax.yaxis.set_major_formatter(loss_ticks)
+    ax.yaxis.set_minor_formatter(loss_ticks)
     ax.set_xlabel("training FLOPs (3 x forward FLOPs per token x tokens)")
     ax.set_ylabel("final validation loss")
     ax.set_title(title or "loss vs compute")

@@ -21,6 +21,9 @@ import numpy as np
 FULL, TWO = "a*C^-b + c", "a*C^-b"
 CONFIDENCE = 0.95
 N_BOOT = 300  # bootstrap draws: percentile intervals at 95% are stable to about +-0.01 of their width
+# the full form must beat the two-parameter one by this much AICc: below 2 both have substantial support
+# (Burnham and Anderson 2002), and the simpler one is kept
+MIN_AICC_GAIN = 2.0
 MIN_POINTS_FULL = 4  # distinct compute values below which three parameters leave nothing to judge c by
 
 
@@ -73,14 +76,15 @@ def _fit_two(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
     return float(a), float(b), float(np.sum(res.fun ** 2))
 
 
-def _fit_full(x: np.ndarray, y: np.ndarray, start: tuple[float, float]):
+def _fit_full(x: np.ndarray, y: np.ndarray, start: tuple[float, float], c_starts: tuple[float, ...] = ()):
     """a, b, c, rss, se(c), and whether c sits on a bound, of y = a x^-b + c with a > 0, b in (0, 4), 0 <= c < min(y)."""
     from scipy.optimize import least_squares
 
     hi_c = float(np.min(y)) * (1 - 1e-9)
     best = None
-    for c_start in (0.5 * hi_c, 0.9 * hi_c, 0.1 * hi_c):  # c is the hard one: a few starts
-        a0 = max(float(np.mean(y)) - c_start, 1e-6)
+    for c_start in c_starts or (0.5 * hi_c, 0.9 * hi_c, 0.1 * hi_c):  # c is the hard one: a few starts
+        c_start = min(c_start, 0.999 * hi_c)
+        a0 = start[0] if c_starts else max(float(np.mean(y)) - c_start, 1e-6)
         res = least_squares(lambda p: p[0] * x ** -p[1] + p[2] - y, [a0, max(start[1], 0.01), c_start],
                             bounds=([1e-12, 1e-6, 0.0], [np.inf, 4.0, hi_c]))
         if best is None or res.cost < best.cost:
@@ -99,13 +103,16 @@ def _fit_full(x: np.ndarray, y: np.ndarray, start: tuple[float, float]):
     return a, b, c, rss, se, on_bound
 
 
-def fit_power_law(compute: Sequence[float], loss: Sequence[float], form: str | None = None) -> Fit:
+def fit_power_law(compute: Sequence[float], loss: Sequence[float], form: str | None = None,
+                  near: Fit | None = None) -> Fit:
     """The power law through (compute, loss); ``form`` forces FULL or TWO, else the data choose.
+    ``near``: a fit of similar data to start from (the bootstrap's draws start from the full data's fit).
 
     The full form is kept only when c is resolved: at least MIN_POINTS_FULL distinct computes, c off
-    its bounds (0 and the lowest loss), at least 2 standard errors from 0, and a lower AICc than
-    the two-parameter form (the third parameter must pay for itself). Otherwise the two-parameter
-    form, whose exponent then also absorbs the approach to the irreducible loss.
+    its bounds (0 and the lowest loss), at least 2 standard errors from 0, and an AICc at least
+    MIN_AICC_GAIN lower than the two-parameter form's (the third parameter must pay for itself).
+    Otherwise the two-parameter form, whose exponent then also absorbs the approach to the
+    irreducible loss (it reads lower than the full form's b would be).
     """
     C = np.asarray(compute, dtype=float)
     y = np.asarray(loss, dtype=float)
@@ -120,7 +127,10 @@ def fit_power_law(compute: Sequence[float], loss: Sequence[float], form: str | N
     if form is None and distinct < MIN_POINTS_FULL:
         return attrs.evolve(two, why=f"only {distinct} compute values: with three parameters nothing is left "
                                      f"to tell c from the exponent (needs {MIN_POINTS_FULL})")
-    a, b, c, rss, se, on_bound = _fit_full(x, y, (a2, b2))
+    if near is not None and near.form == FULL:  # same normalisation needed: rescale a to this c0
+        a, b, c, rss, se, on_bound = _fit_full(x, y, (near.a * (c0 / near.c0) ** -near.b, near.b), (near.c,))
+    else:
+        a, b, c, rss, se, on_bound = _fit_full(x, y, (a2, b2))
     full = Fit(FULL, a, b, c, c0, rss, n, c_se=se)
     if form == FULL:
         return full
@@ -129,8 +139,9 @@ def fit_power_law(compute: Sequence[float], loss: Sequence[float], form: str | N
         why = f"c went to its bound ({c:.3g}; allowed 0 to the lowest loss {np.min(y):.3g}): not resolved"
     elif se is None or not math.isfinite(se) or c < 2 * se:
         why = f"c = {c:.3g} ± {se if se is not None else float('nan'):.2g} (standard error) is within 2 errors of 0: not resolved"
-    elif gain <= 0:
-        why = f"the third parameter does not pay for itself (AICc {gain:+.1f} in favour of the full form)"
+    elif gain < MIN_AICC_GAIN:
+        why = (f"the third parameter does not pay for itself (AICc {gain:+.1f} in favour of the full form; "
+               f"needs {MIN_AICC_GAIN:g})")
     else:
         return attrs.evolve(full, why=f"c = {c:.3g} ± {se:.2g} resolved, AICc {gain:.1f} lower than the two-parameter form")
     return attrs.evolve(two, why=why)
@@ -232,7 +243,7 @@ def analyse(points: Sequence[Point], baseline: str, n_boot: int = N_BOOT, seed: 
             if len({p.rung for p in ps}) < 2:
                 continue
             try:
-                this[v] = fit_power_law([p.compute for p in ps], [p.loss for p in ps], form=fits[v].form)
+                this[v] = fit_power_law([p.compute for p in ps], [p.loss for p in ps], form=fits[v].form, near=fits[v])
             except (RuntimeError, ValueError, np.linalg.LinAlgError):
                 continue  # a draw the optimiser cannot fit is left out (the count of draws says how many)
             boot[v].append(this[v])
