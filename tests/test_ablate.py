@@ -333,7 +333,8 @@ def test_shipped_ablations_resolve(capsys):
     for f in files:
         ab, resolved = ablation.load_ablation(f)
         assert len(resolved) == len(ab.variants) * (len(ab.scale.rungs) if ab.scale else 1) >= 3
-        assert all(r.recipe.train.max_steps <= 1000 for r in resolved)
+        # a size sweep's largest rung trains longest (tokens in proportion to its parameters)
+        assert all(r.recipe.train.max_steps <= (5000 if ab.scale else 1000) for r in resolved)
 
 
 def test_a_component_that_cannot_be_built_is_reported_before_anything_runs(tiny, tmp_path, capsys, monkeypatch):
