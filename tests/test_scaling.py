@@ -69,3 +69,18 @@ def test_one_seed_fits_but_gives_no_interval():
     result = scaling.analyse(points, baseline="v")
     assert result.draws == 0 and all(f.b_low is None for f in result.fits)
     assert result.trends[0].verdict == "1 seed: no interval"
+
+
+def test_a_variant_the_optimiser_cannot_fit_is_left_out_and_the_others_are_fitted(monkeypatch):
+    points = draw(lambda c: 2.0 * (c / 1e12) ** -0.2, seeds=1) + draw(lambda c: 2.1 * (c / 1e12) ** -0.2, seeds=1,
+                                                                      variant="w")
+    real = scaling.fit_power_law
+
+    def flaky(compute, loss, **kw):
+        if min(loss) > 2.1 * 100 ** -0.2 * 0.99:  # variant w's losses
+            raise ValueError("Residuals are not finite in the initial point.")
+        return real(compute, loss, **kw)
+
+    monkeypatch.setattr(scaling, "fit_power_law", flaky)
+    result = scaling.analyse(points, baseline="v")
+    assert [f.variant for f in result.fits] == ["v"] and result.trends == ()

@@ -226,7 +226,12 @@ def _verdict(gap_lo: float, gap_hi: float, lo: float | None, hi: float | None, s
 def analyse(points: Sequence[Point], baseline: str, n_boot: int = N_BOOT, seed: int = 0) -> Analysis:
     """Fit every variant with at least two rungs, bootstrap its seeds, and compare each with ``baseline``."""
     groups = {v: ps for v, ps in _by_variant(points).items() if len({p.rung for p in ps}) >= 2}
-    fits = {v: fit_power_law([p.compute for p in ps], [p.loss for p in ps]) for v, ps in groups.items()}
+    fits = {}
+    for v, ps in list(groups.items()):
+        try:
+            fits[v] = fit_power_law([p.compute for p in ps], [p.loss for p in ps])
+        except (RuntimeError, ValueError, np.linalg.LinAlgError):
+            del groups[v]  # the optimiser failed: this variant goes unfitted rather than taking the report down
     # one draw: for each rung, its seeds resampled with replacement, the same for every variant
     rungs = sorted({p.rung for p in points})
     seeds_of = {r: sorted({p.seed for p in points if p.rung == r}) for r in rungs}
