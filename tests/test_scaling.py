@@ -84,3 +84,30 @@ def test_a_variant_the_optimiser_cannot_fit_is_left_out_and_the_others_are_fitte
     monkeypatch.setattr(scaling, "fit_power_law", flaky)
     result = scaling.analyse(points, baseline="v")
     assert [f.variant for f in result.fits] == ["v"] and result.trends == ()
+
+
+def test_a_sweeps_report_fits_each_variant_with_an_exponent_interval_and_a_verdict(tmp_path):
+    from toolkit import report
+
+    rng = np.random.default_rng(2)
+    laws = {"base": lambda c: 3.0 * (c / 1e12) ** -0.1 + 1.0, "better": lambda c: 2.9 * (c / 1e12) ** -0.14 + 1.0}
+    infos, runs = [], []
+    for variant, law in laws.items():
+        for w, fpt in ((16, 1e5), (32, 4e5), (64, 1.6e6), (128, 6.4e6)):
+            name = f"{variant}@w{w}"
+            infos.append(report.VariantInfo(name, params=w, flops_per_token=int(fpt), group=variant, rung=f"w{w}"))
+            tokens = 2e5 * w
+            for seed in (1, 2, 3):
+                loss = float(law(3 * fpt * tokens) + rng.normal(0, 0.004))
+                runs.append(report.RunResult(name, seed, str(tmp_path / f"{name}-s{seed}"), "finished",
+                                             {"final_val_loss": loss, "tokens": tokens}))
+    rows = report.write_report(tmp_path, infos, runs, baseline="base", title="synthetic")
+    assert {r["variant"] for r in rows if r["baseline"]} == {f"base@w{w}" for w in (16, 32, 64, 128)}
+    md = (tmp_path / "report.md").read_text()
+    assert (tmp_path / "scaling.png").is_file() and "![loss against compute](scaling.png)" in md
+    better = next(ln for ln in md.splitlines() if ln.startswith("| better | 4 x 3 |"))
+    lo, hi = (float(x) for x in better.split("[")[1].split("]")[0].split(", "))
+    assert lo < 0.14 < hi or better.split(" | ")[2] == scaling.TWO  # the two-parameter b also absorbs c
+    verdict = [ln for ln in md.splitlines() if ln.startswith("| better | ")][1]  # the row of the gap table
+    assert "gap grows with scale, within the sweep" in verdict  # ahead, and more so with compute
+    assert "(outside the sweep, 2.22 x below the smallest compute: an extrapolation" in verdict  # at 4.3e11
