@@ -746,7 +746,8 @@ def load_ablation(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> t
     ablation, errors = _parse(Path(path), sets)
     lines = [f"{path}: {e}" for e in errors]
     if ablation is not None:
-        if not (ablation.steps or ablation.tokens or (ablation.scale and ablation.scale.tokens_per_param)):  # a broken budget: resolve with a stand-in, report the rest
+        per_param = ablation.scale is not None and ablation.scale.tokens_per_param is not None
+        if not (ablation.steps or ablation.tokens or per_param):  # a broken budget: resolve with a stand-in, report the rest
             ablation = attrs.evolve(ablation, steps=1)
         try:
             resolved = resolve(ablation)
