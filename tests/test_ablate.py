@@ -332,8 +332,9 @@ def test_shipped_ablations_resolve(capsys):
     assert {f.stem for f in files} >= {"positions", "attention", "norms", "mlps"}
     for f in files:
         ab, resolved = ablation.load_ablation(f)
-        assert len(resolved) == len(ab.variants) >= 3
-        assert all(r.recipe.train.max_steps <= 1000 for r in resolved)
+        assert len(resolved) == len(ab.variants) * (len(ab.scale.rungs) if ab.scale else 1) >= 3
+        # a size sweep's largest rung trains longest (tokens in proportion to its parameters)
+        assert all(r.recipe.train.max_steps <= (5000 if ab.scale else 1000) for r in resolved)
 
 
 def test_a_component_that_cannot_be_built_is_reported_before_anything_runs(tiny, tmp_path, capsys, monkeypatch):
@@ -572,3 +573,136 @@ def test_ablate_writes_plain_lines_not_progress_bar_frames_off_a_terminal(tiny, 
     captured = capsys.readouterr()
     assert "start a-s1337" in captured.out and "FAILED a-s1337" in captured.out
     assert "\r" not in captured.err + captured.out
+
+
+# -- size sweeps ([scale]) -------------------------------------------------------------------------
+SWEEP = """\
+    name = "sweep"
+    seeds = [1, 2]
+    baseline = "learned"
+    [scale]
+    widths = [{widths}]
+    head_dim = 8
+    n_layer = 1
+    tokens_per_param = 0.01
+    [grid]
+    "model.position.kind" = ["learned", "rope"]
+    """
+
+
+def test_a_sweep_runs_every_variant_at_every_rung_with_tokens_in_proportion_to_the_baselines_parameters(tiny, capsys):
+    path = tiny(SWEEP.format(widths="16, 32"))
+    ab, resolved = ablation.load_ablation(path)
+    assert [r.variant.name for r in resolved] == ["learned@w16", "rope@w16", "learned@w32", "rope@w32"]
+    by_name = {r.variant.name: r for r in resolved}
+    for w in (16, 32):
+        base, rope = by_name[f"learned@w{w}"], by_name[f"rope@w{w}"]
+        assert base.recipe.model.n_embd == rope.recipe.model.n_embd == w and base.recipe.model.n_head == w // 8
+        assert base.recipe.model.n_layer == 1 and rope.info.diff == ("model.position.kind=rope",)  # against its rung
+        tokens = 0.01 * base.info.params
+        steps = -(-tokens // ablation.tokens_per_step(base.recipe))
+        assert base.recipe.train.max_steps == rope.recipe.train.max_steps == steps  # the same tokens at a rung
+        assert (rope.info.group, rope.info.rung) == ("rope", f"w{w}")
+    assert main(["ablate", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("ablation sweep: 2 variants x 2 rungs x 2 seeds = 8 runs, tokens = 0.01 x the baseline's "
+                          "parameters at each rung; rungs: n_embd in 16, 32; n_head = n_embd / 8; n_layer = 1")
+    row = next(ln for ln in out.splitlines() if ln.startswith("rope@w32"))
+    r = by_name["rope@w32"]
+    tokens = r.recipe.train.max_steps * ablation.tokens_per_step(r.recipe)
+    assert f"{r.info.params:,}" in row and f"{3 * r.info.flops_per_token * tokens:.3g}" in row
+    assert "total:" in out.splitlines()[-1]
+
+
+def test_widening_a_sweep_keeps_the_fingerprints_of_the_rungs_it_had(tiny):
+    small = ablate.plan_jobs(*ablation.load_ablation(tiny(SWEEP.format(widths="16, 32"), name="a.toml")))
+    wide = ablate.plan_jobs(*ablation.load_ablation(tiny(SWEEP.format(widths="16, 32, 48"), name="a.toml")))
+    before = {j.name: j.fingerprint for j in small}
+    assert {j.name: j.fingerprint for j in wide if j.name in before} == before
+    assert sorted(j.name for j in wide if j.name not in before) == ["learned@w48-s1", "learned@w48-s2",
+                                                                    "rope@w48-s1", "rope@w48-s2"]
+
+
+def test_problems_of_a_scale_table_are_one_line_each_at_their_key(tiny, capsys):
+    path = tiny("""\
+        steps = 5
+        [scale]
+        widths = [16, 20, 16]
+        head_dim = 8
+        n_layer = 1
+        aspect = 4
+        tokens_per_param = 2
+        rungz = 1
+        [[variant]]
+        name = "a"
+        """)
+    lines = [ln.split(": ", 1)[1] for ln in errors_of(path, capsys)]
+    assert "$.scale.widths: expected distinct positive widths, got [16, 20, 16]" in lines
+    assert "$.scale.rungz: unknown key; did you mean 'rung'?" in lines
+    path = tiny("""\
+        steps = 5
+        [scale]
+        widths = [16, 20]
+        head_dim = 8
+        n_layer = 1
+        aspect = 4
+        tokens_per_param = 2
+        [[variant]]
+        name = "a"
+        """)
+    lines = [ln.split(": ", 1)[1] for ln in errors_of(path, capsys)]
+    assert lines == ["$.scale.tokens_per_param: give one budget rule: steps, tokens or scale.tokens_per_param",
+                     "$.scale.aspect: give the depth as n_layer (fixed) or aspect (n_layer = width / aspect), not both",
+                     "$.scale.widths[1]: 20 is not a multiple of head_dim 8"]
+    path = tiny("""\
+        steps = 5
+        [scale]
+        widths = [16]
+        [[variant]]
+        name = "a"
+        """)
+    assert [ln.split(": ", 1)[1] for ln in errors_of(path, capsys)] == [
+        "$.scale: a sweep needs at least 2 rungs (widths = [...] or [[scale.rung]] tables), got 1"]
+
+
+def test_explicit_rungs_resolve_and_a_rung_the_model_rejects_is_named_once(tiny, capsys):
+    path = tiny("""\
+        steps = 5
+        [[scale.rung]]
+        name = "small"
+        set = { "model.n_embd" = 16, "model.n_head" = 2 }
+        [[scale.rung]]
+        name = "odd"
+        set = { "model.n_embd" = 18, "model.n_head" = 4 }
+        [[variant]]
+        name = "a"
+        """)
+    lines = errors_of(path, capsys)  # once, not also for the rung's overrides on their own
+    assert len(lines) == 1 and "variant 'a@odd'" in lines[0] and "n_embd (18) must be divisible by n_head (4)" in lines[0]
+
+
+@pytest.mark.slow
+def test_a_tiny_sweep_trains_fits_and_plots_and_a_rerun_trains_nothing(tiny, tmp_path, capsys):
+    path = tiny("""\
+        name = "tiny-sweep"
+        steps = 4
+        evals = 1
+        baseline = "learned"
+        [scale]
+        widths = [16, 32]
+        head_dim = 8
+        n_layer = 1
+        [grid]
+        "model.position.kind" = ["learned", "rope"]
+        """)
+    out = tmp_path / "out"
+    assert main(["ablate", str(path), "--out", str(out), "--quiet"]) == 0
+    md = (out / "report.md").read_text()
+    assert (out / "scaling.png").is_file() and "![loss against compute](scaling.png)" in md
+    assert "## Scaling: loss against training compute" in md
+    assert "| **learned** (baseline) | 2 x 1 | a*C^-b |" in md and "only 2 compute values" in md
+    assert "| rope | " in md and "1 seed: no interval" in md
+    assert "| **learned@w32** (baseline) |" in md  # the table compares each rung with its own baseline
+    capsys.readouterr()
+    assert main(["ablate", str(path), "--out", str(out)]) == 0
+    assert "4 of 4 runs already finished with the same recipe and plugin code" in capsys.readouterr().out

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 #: each module's layer; a module imports only from its own layer or below
 LAYERS = {
-    1: ["errors", "families", "contracts", "hookspecs", "registry", "plots", "report", "scoring", "headstats", "safeio"],
+    1: ["errors", "families", "contracts", "hookspecs", "registry", "plots", "report", "scaling", "scoring", "headstats", "safeio"],
     2: ["plugin_manager", "config", "tokenizer", "plugins"],
     3: ["model", "data", "recipe", "catalog"],
     4: ["engine", "checkpoint", "hf", "inspection"],

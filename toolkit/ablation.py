@@ -55,7 +55,7 @@ import attrs
 import torch
 from attrs import validators as v
 
-from . import families, report
+from . import families, report, scaling
 from .config import _show as _got  # a value as the recipe errors show it
 from .config import errors_to_lines, make_converter, structure_fields
 from .convert import check_init
@@ -95,6 +95,32 @@ class VariantTable:
     set: Any = attrs.Factory(dict)  # a table of "dotted.key" = value, or an array of "dotted.key=value"
 
 
+def _widths(_, attribute, value):
+    if len(set(value)) != len(value) or any(w <= 0 for w in value):
+        raise ValueError(f"expected distinct positive widths, got {_got(value)}")
+
+
+@attrs.frozen
+class RungTable:
+    """One ``[[scale.rung]]``: a model size given as overrides."""
+
+    name: str = attrs.field(validator=_name)
+    set: Any = attrs.Factory(dict)
+
+
+@attrs.frozen
+class ScaleTable:
+    """``[scale]``: the ladder of model sizes every variant runs at, and the budget rule per rung."""
+
+    widths: list[int] = attrs.field(factory=list, validator=_widths)  # model.n_embd of each rung
+    head_dim: int | None = attrs.field(default=None, validator=v.optional(v.gt(0)))  # n_head = width / head_dim
+    n_layer: int | None = attrs.field(default=None, validator=v.optional(v.gt(0)))  # the same depth at every rung
+    aspect: int | None = attrs.field(default=None, validator=v.optional(v.gt(0)))  # n_layer = width / aspect
+    rung: list[RungTable] = attrs.Factory(list)  # or explicit rungs, each a set of overrides
+    # the budget: tokens = k x the parameters of the baseline at each rung (Chinchilla: k about 20)
+    tokens_per_param: float | None = attrs.field(default=None, validator=v.optional(v.gt(0)))
+
+
 @attrs.frozen
 class AblationFile:
     """An ablation file as written."""
@@ -114,6 +140,7 @@ class AblationFile:
     # a run or Hugging Face folder every run starts from (train --init-from; relative to this file):
     # then the variants may change the training, not the model
     init_from: str | None = None
+    scale: ScaleTable | None = None  # a size sweep: every variant at every rung
 
 
 # -- what the file means ----------------------------------------------------------------------------
@@ -139,6 +166,23 @@ class Variant:
 
 
 @attrs.frozen
+class Rung:
+    """One size of a sweep: its name and the overrides that make it."""
+
+    name: str
+    overrides: tuple[Override, ...]
+
+
+@attrs.frozen
+class Scale:
+    """A size sweep: the rungs, how they were made, and the budget rule (None: the file's steps or tokens)."""
+
+    rungs: tuple[Rung, ...]
+    rule: str  # e.g. "n_embd in 64, 96, 128; n_head = n_embd / 32; n_layer = 4"
+    tokens_per_param: float | None = None
+
+
+@attrs.frozen
 class Ablation:
     """A parsed ablation file (nothing resolved yet)."""
 
@@ -155,6 +199,7 @@ class Ablation:
     variants: tuple[Variant, ...]
     baseline: str
     init_from: Path | None = None  # the folder every run's weights start from
+    scale: Scale | None = None  # a size sweep: every variant runs at every rung as "<variant>@<rung>"
 
     def run_name(self, variant: str, seed: int) -> str:
         return f"{variant}-s{seed}"
@@ -359,6 +404,8 @@ def _cli_overrides(data: dict, sets: list[str] | tuple[str, ...], errors: list[s
         key = ".".join(keys)
         if key in BUDGET_KEYS:
             data.pop({"steps": "tokens", "tokens": "steps"}.get(key, ""), None)
+            if key in ("steps", "tokens") and isinstance(data.get("scale"), dict):
+                data["scale"].pop("tokens_per_param", None)  # one budget rule: the one given here
             data[key] = parsed
         else:
             loc = f"--set {item}"
@@ -390,9 +437,12 @@ def _parse(path: Path, sets: list[str] | tuple[str, ...] = ()) -> tuple[Ablation
         init_from = Path(os.path.normpath(path.parent / given["init_from"]))
         if not init_from.is_dir():
             errors.append(f"$.init_from: no such folder: {init_from}")
-    if "steps" in data and "tokens" in data:
+    per_param = isinstance(data.get("scale"), dict) and "tokens_per_param" in data["scale"]
+    if per_param and ("steps" in data or "tokens" in data):
+        errors.append("$.scale.tokens_per_param: give one budget rule: steps, tokens or scale.tokens_per_param")
+    elif "steps" in data and "tokens" in data:
         errors.append("$.tokens: give either steps or tokens, not both")
-    elif "steps" not in data and "tokens" not in data:
+    elif "steps" not in data and "tokens" not in data and not per_param:
         errors.append("$: no budget: add steps = N or tokens = N (every variant trains for the same budget)")
     plugins = tuple(str((path.parent / p).resolve()) if is_path_spec(p) else p for p in given["plugins"])
 
@@ -428,11 +478,60 @@ def _parse(path: Path, sets: list[str] | tuple[str, ...] = ()) -> tuple[Ablation
         hint = difflib.get_close_matches(baseline, list(seen), n=1)
         errors.append(f"$.baseline: no variant named {baseline!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
                       + f" (variants: {', '.join(seen)})")
+    scale = _parse_scale(given["scale"], errors, path.parent) if given["scale"] is not None else None
     if not (recipe_path.is_file() and variants and baseline in seen):
         return None, errors
     return Ablation(path, given["name"] or path.stem, given["description"], recipe_path, plugins, given["steps"],
                     given["tokens"], tuple(given["seeds"]), given["evals"], tuple(shared), tuple(variants),
-                    baseline, init_from), errors
+                    baseline, init_from, scale), errors
+
+
+def _parse_scale(table: ScaleTable, errors: list[str], base: Path) -> Scale | None:
+    """The rungs of ``[scale]``: from widths by its rule (head_dim, n_layer or aspect), or explicit ``[[scale.rung]]``s."""
+    n = len(errors)
+    if table.widths and table.rung:
+        errors.append("$.scale.rung: give widths or [[scale.rung]] tables, not both")
+    elif len(table.widths) + len(table.rung) < 2:
+        errors.append(f"$.scale: a sweep needs at least 2 rungs (widths = [...] or [[scale.rung]] tables), "
+                      f"got {len(table.widths) + len(table.rung)}")
+    if table.rung:
+        for key in ("head_dim", "n_layer", "aspect"):
+            if getattr(table, key) is not None:
+                errors.append(f"$.scale.{key}: a rule for widths; [[scale.rung]] tables set what they change themselves")
+    if table.n_layer is not None and table.aspect is not None:
+        errors.append("$.scale.aspect: give the depth as n_layer (fixed) or aspect (n_layer = width / aspect), not both")
+    rungs, rule = [], []
+    for i, w in enumerate(table.widths):
+        at = f"$.scale.widths[{i}]"
+        sets = {"model.n_embd": (w, "$.scale.widths")}
+        if table.head_dim is not None:
+            sets["model.n_head"] = (w // table.head_dim, "$.scale.head_dim")
+            if w % table.head_dim:
+                errors.append(f"{at}: {w} is not a multiple of head_dim {table.head_dim}")
+        if table.aspect is not None:
+            sets["model.n_layer"] = (w // table.aspect, "$.scale.aspect")
+            if w % table.aspect:
+                errors.append(f"{at}: {w} is not a multiple of aspect {table.aspect} (n_layer = width / aspect)")
+        elif table.n_layer is not None:
+            sets["model.n_layer"] = (table.n_layer, "$.scale.n_layer")
+        ovs = [Override(k, str(val), val, at + ("" if k == "model.n_embd" else f" (sets {k}={val})"), key_at)
+               for k, (val, key_at) in sets.items()]
+        rungs.append(Rung(f"w{w}", tuple(ovs)))
+    if table.widths:
+        rule = [f"n_embd in {', '.join(map(str, table.widths))}"]
+        rule += [f"n_head = n_embd / {table.head_dim}"] * (table.head_dim is not None)
+        rule += ([f"n_layer = n_embd / {table.aspect}"] if table.aspect is not None
+                 else [f"n_layer = {table.n_layer}"] if table.n_layer is not None else ["n_layer from the recipe"])
+    for i, item in enumerate(table.rung):
+        rungs.append(Rung(item.name, tuple(parse_overrides(item.set, f"$.scale.rung[{i}].set", errors, base))))
+    if table.rung:
+        rule = [f"rungs {', '.join(r.name for r in rungs)} as [[scale.rung]] sets"]
+    names = [r.name for r in rungs]
+    for name in sorted({x for x in names if names.count(x) > 1}):
+        errors.append(f"$.scale.rung: rung name {name!r} is used {names.count(name)} times; names must be unique")
+    if len(errors) > n:
+        return None
+    return Scale(tuple(rungs), "; ".join(rule), table.tokens_per_param)
 
 
 # -- resolving ---------------------------------------------------------------------------------
@@ -456,6 +555,11 @@ def _map_line(line: str, overrides: list[Override]) -> str:
     return best.where + dotted[len(best.key):] + rest
 
 
+def tokens_per_step(recipe: Recipe) -> int:
+    t = recipe.train
+    return t.tokens_per_step or t.micro_batch * recipe.model.block_size * (t.grad_accum or 1)
+
+
 def model_counts(recipe: Recipe) -> tuple[int, int]:
     """All parameters (tied embeddings once) and forward FLOPs per token at the full context,
     from the model built on the meta device (no memory, no init time)."""
@@ -469,8 +573,7 @@ def budget_overrides(ablation: Ablation, recipe: Recipe) -> list[Override]:
     """The overrides that give ``recipe`` the ablation's budget: max_steps, warmup and decay scaled
     with it, and the eval interval. Overrides in the file come after them, so they win."""
     t = recipe.train
-    tokens_per_step = t.tokens_per_step or t.micro_batch * recipe.model.block_size * (t.grad_accum or 1)
-    steps = ablation.steps or math.ceil(ablation.tokens / tokens_per_step)
+    steps = ablation.steps or math.ceil(ablation.tokens / tokens_per_step(recipe))
     ratio = steps / t.max_steps
     values: dict[str, int] = {"max_steps": steps, "warmup_steps": min(round(t.warmup_steps * ratio), steps - 1)}
     if t.decay_steps is not None:
@@ -544,6 +647,8 @@ def resolve(ablation: Ablation) -> list[Resolved]:
     """Every variant's recipe, validated, with its budget, differences, parameters and FLOPs.
 
     Raises ConfigError listing every problem of every variant (identical problems merged)."""
+    if ablation.scale is not None:
+        return resolve_scaled(ablation)
     where = str(ablation.path)
     try:
         base = load_recipe(ablation.recipe, plugins=ablation.plugins)
@@ -592,13 +697,57 @@ def resolve(ablation: Ablation) -> list[Resolved]:
     return out
 
 
+def at_rung(ablation: Ablation, rung: Rung) -> Ablation:
+    """The ablation at one rung, without a sweep: variants named ``<variant>@<rung>``, the rung's overrides
+    before the shared ones (a ``set`` or ``ablate --set`` of yours wins)."""
+    return attrs.evolve(ablation, scale=None, shared=(*rung.overrides, *ablation.shared),
+                        variants=tuple(Variant(f"{x.name}@{rung.name}", x.overrides) for x in ablation.variants),
+                        baseline=f"{ablation.baseline}@{rung.name}")
+
+
+_WHO = re.compile(r"^(?:all variants|variants? '[^']*'(?:, '[^']*')*): ")
+
+
+def _named_once(lines: list[str], where: str) -> list[str]:
+    """A rung's problem once: a rung's overrides are shared by its variants, so the recipe reports a problem
+    they cause both for the shared overrides and for each variant; keep the line that names the variants (and so the rung)."""
+    tails = {_WHO.sub("", ln.removeprefix(where + ": ")) for ln in lines if _WHO.match(ln.removeprefix(where + ": "))}
+    return [ln for ln in lines if _WHO.match(ln.removeprefix(where + ": ")) or ln.removeprefix(where + ": ") not in tails]
+
+
+def resolve_scaled(ablation: Ablation) -> list[Resolved]:
+    """Every variant at every rung, rung by rung; with ``tokens_per_param`` each rung's budget is k times
+    the parameters of the baseline there, the same tokens for every variant of the rung."""
+    plain = attrs.evolve(ablation, scale=None)
+    # the variants at the base recipe's size first, so a variant's own problem is reported once, not once per rung
+    resolve(plain if plain.steps or plain.tokens else attrs.evolve(plain, steps=1))
+    out, lines = [], []
+    for rung in ablation.scale.rungs:
+        sub = at_rung(plain, rung)
+        try:
+            if ablation.scale.tokens_per_param is not None:
+                base = [x for x in sub.variants if x.name == sub.baseline]
+                (first,) = resolve(attrs.evolve(sub, steps=1, variants=tuple(base)))
+                sub = attrs.evolve(sub, steps=None, tokens=math.ceil(ablation.scale.tokens_per_param * first.info.params))
+            done = resolve(sub)
+        except ConfigError as exc:
+            lines += [ln for ln in _named_once(exc.lines, str(ablation.path)) if ln not in lines]
+            continue
+        for r, variant in zip(done, ablation.variants):
+            out.append(attrs.evolve(r, info=attrs.evolve(r.info, group=variant.name, rung=rung.name)))
+    if lines:
+        raise ConfigError(lines)
+    return out
+
+
 def load_ablation(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> tuple[Ablation, list[Resolved]]:
     """Parse and resolve an ablation file (with ``ablate --set`` strings); raises ConfigError with every
     problem of the file and of every variant."""
     ablation, errors = _parse(Path(path), sets)
     lines = [f"{path}: {e}" for e in errors]
     if ablation is not None:
-        if not (ablation.steps or ablation.tokens):  # a broken budget: resolve with a stand-in, report the rest
+        per_param = ablation.scale is not None and ablation.scale.tokens_per_param is not None
+        if not (ablation.steps or ablation.tokens or per_param):  # a broken budget: resolve with a stand-in, report the rest
             ablation = attrs.evolve(ablation, steps=1)
         try:
             resolved = resolve(ablation)
@@ -626,6 +775,8 @@ def _init_problems(ablation: Ablation, resolved: list[Resolved]) -> list[str]:
 
 # -- dry run -----------------------------------------------------------------------------------
 def budget_line(ablation: Ablation, resolved: list[Resolved]) -> str:
+    if ablation.scale is not None:
+        return scale_budget_line(ablation, resolved)
     steps = sorted({r.recipe.train.max_steps for r in resolved})
     what = f"{ablation.steps} steps" if ablation.steps else f"{report.si(ablation.tokens)} tokens ({'/'.join(map(str, steps))} steps)"
     n, s = len(resolved), len(ablation.seeds)
@@ -634,6 +785,8 @@ def budget_line(ablation: Ablation, resolved: list[Resolved]) -> str:
 
 def dry_run_text(ablation: Ablation, resolved: list[Resolved]) -> str:
     """Every variant with its parameters, FLOPs per token and differing keys."""
+    if ablation.scale is not None:
+        return scale_dry_run_text(ablation, resolved)
     lines = [f"ablation {ablation.name}: {budget_line(ablation, resolved)}",
              f"seeds {', '.join(map(str, ablation.seeds))}; baseline {ablation.baseline}", ""]
     width = max(len("variant"), *(len(r.variant.name) + 2 for r in resolved))
@@ -643,4 +796,36 @@ def dry_run_text(ablation: Ablation, resolved: list[Resolved]) -> str:
         name = r.variant.name + (" *" if r.variant.name == ablation.baseline else "")
         diff = "(baseline)" if r.variant.name == ablation.baseline else (", ".join(r.info.diff) or "(nothing)")
         lines.append(f"{name:<{width}}  {r.info.params:>{pw},}  {report.si(r.info.flops_per_token):>9}  {diff}")
+    return "\n".join(lines)
+
+
+def scale_budget_line(ablation: Ablation, resolved: list[Resolved]) -> str:
+    sc = ablation.scale
+    nv, nr, s = len(ablation.variants), len(sc.rungs), len(ablation.seeds)
+    what = (f"tokens = {sc.tokens_per_param:g} x the baseline's parameters at each rung" if sc.tokens_per_param
+            else f"{ablation.steps} steps" if ablation.steps else f"{report.si(ablation.tokens)} tokens")
+    return (f"{nv} variant{'s' * (nv != 1)} x {nr} rungs x {s} seed{'s' * (s != 1)} = {nv * nr * s} runs, "
+            f"{what}; rungs: {sc.rule}; base recipe {ablation.recipe}")
+
+
+def scale_dry_run_text(ablation: Ablation, resolved: list[Resolved]) -> str:
+    """Every run of a sweep: its size, budget and training FLOPs (3 x forward, as `inspect` counts), and the total."""
+    lines = [f"ablation {ablation.name}: {budget_line(ablation, resolved)}",
+             f"seeds {', '.join(map(str, ablation.seeds))}; baseline {ablation.baseline} (at each rung)", ""]
+    rows = []
+    total = 0.0
+    for r in resolved:
+        tokens = r.recipe.train.max_steps * tokens_per_step(r.recipe)
+        flops = scaling.train_flops(r.info.flops_per_token, tokens)
+        total += flops * len(ablation.seeds)
+        diff = "(baseline)" if r.info.group == ablation.baseline else (", ".join(r.info.diff) or "(nothing)")
+        rows.append([r.variant.name, f"{r.info.params:,}", report.si(r.info.flops_per_token), f"{r.recipe.train.max_steps:,}",
+                     report.si(tokens), f"{tokens / r.info.params:.2g}", f"{flops:.3g}", diff])
+    head = ["run", "params", "FLOPs/tok", "steps", "tokens", "tok/param", "train FLOPs", "differs from baseline"]
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
+    lines.append("  ".join(h.ljust(w) if i in (0, 7) else h.rjust(w) for i, (h, w) in enumerate(zip(head, widths))).rstrip())
+    for row in rows:
+        lines.append("  ".join(c.ljust(w) if i in (0, 7) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip())
+    lines += ["", f"total: {total:.3g} training FLOPs over {len(resolved) * len(ablation.seeds)} runs "
+                  f"(each run above once per seed)"]
     return "\n".join(lines)

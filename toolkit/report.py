@@ -10,6 +10,8 @@ baseline, parameters and FLOPs per token, and why a run failed). Output, in the 
 - ``tradeoff.png``: final validation loss against FLOPs per token (or parameters when FLOPs are equal);
 - ``attention.png``: when runs log ``attention_stats``, its sink mass, entropy and mean distance per
   layer, one line per variant (the means over layers are columns of the table).
+- ``scaling.png`` and a section of report.md, for a size sweep: final val loss against training FLOPs,
+  power-law fits with seed-bootstrap intervals, crossings and a verdict per variant (:mod:`toolkit.scaling`).
 
 Statistics over seeds are the mean and the sample standard deviation (n - 1); a variant counts as
 finished when at least one of its seeds finished, and failed seeds are named in the report. Each
@@ -28,7 +30,7 @@ from typing import Any, Sequence
 import attrs
 import numpy as np
 
-from . import safeio
+from . import safeio, scaling
 
 STATUS_ORDER = ("finished", "partial", "running", "pending", "interrupted", "failed")
 CONFIDENCE = 0.95
@@ -43,6 +45,9 @@ class VariantInfo:
     diff: tuple[str, ...] = ()  # "key=value" for each setting that differs from the baseline
     params: int | None = None
     flops_per_token: int | None = None
+    # in a size sweep: the variant this is one rung of ("rope" for "rope@w64"), and the rung
+    group: str | None = None
+    rung: str | None = None
 
 
 @attrs.frozen
@@ -183,7 +188,8 @@ def evaluator_metrics(runs: Sequence[RunResult]) -> list[str]:
 def summarize(variants: Sequence[VariantInfo], runs: Sequence[RunResult], baseline: str | None) -> list[dict]:
     """One row per variant (in the order given): losses and evaluator metrics as mean and std over its
     finished seeds, delta of the mean final val loss against the baseline's with its Welch interval,
-    verdict and seeds to resolve, and rank by mean final val loss (1 = best)."""
+    verdict and seeds to resolve, and rank by mean final val loss (1 = best). In a size sweep each
+    rung's variants are compared with the baseline at the same rung."""
     rows = []
     metrics = evaluator_metrics(runs)
     finals: dict[str, list[float]] = {}  # each variant's final val losses over its finished seeds
@@ -205,7 +211,7 @@ def summarize(variants: Sequence[VariantInfo], runs: Sequence[RunResult], baseli
         errors = [f"seed {r.seed}: {r.error or 'no error recorded'}" for r in mine if r.status == "failed"]
         rows.append(dict(
             variant=v.name,
-            baseline=v.name == baseline,
+            baseline=(v.group if v.group is not None else v.name) == baseline,
             status=status,
             seeds_finished=len(done),
             seeds_total=len(mine),
@@ -231,9 +237,11 @@ def summarize(variants: Sequence[VariantInfo], runs: Sequence[RunResult], baseli
             error=" | ".join(errors),
             evals={k: _mean_std([r.summary.get(k) for r in done]) for k in metrics},  # final values: (mean, std)
         ))
-    base = next((r for r in rows if r["baseline"]), None)
-    if base is not None and base["final_val_loss"] is not None:
-        for r in rows:
+    rung_of = {v.name: v.rung for v in variants}
+    bases = {rung_of[r["variant"]]: r for r in rows if r["baseline"]}
+    for r in rows:
+        base = bases.get(rung_of[r["variant"]])
+        if base is not None and base["final_val_loss"] is not None:
             if r["final_val_loss"] is None:
                 continue
             r["delta_final_val_loss"] = r["final_val_loss"] - base["final_val_loss"]
@@ -556,5 +564,122 @@ def write_report(out_dir: str | Path, variants: Sequence[VariantInfo], runs: Seq
         plots.append("attention.png")
     write_csv(rows, out / "results.csv")
     write_runs_csv(runs, out / "runs.csv")
-    (out / "report.md").write_text(render_markdown(rows, runs, title=title, header=header, plots=plots))
+    text = render_markdown(rows, runs, title=title, header=header, plots=plots)
+    if any(v.rung is not None for v in variants):
+        points = scaling_points(variants, runs)
+        analysis = scaling.analyse(points, baseline) if points else None
+        plotted = analysis is not None and plot_scaling(analysis, points, out / "scaling.png", title=f"{title}: loss vs compute")
+        text += render_scaling(analysis, points, baseline, plot="scaling.png" if plotted else None)
+    (out / "report.md").write_text(text)
     return rows
+
+
+# -- size sweeps -------------------------------------------------------------------------------
+def scaling_points(variants: Sequence[VariantInfo], runs: Sequence[RunResult]) -> list[scaling.Point]:
+    """One point per finished run of a sweep: its training FLOPs (3 x forward FLOPs per token x the tokens
+    it trained) and final val loss."""
+    info = {v.name: v for v in variants}
+    out = []
+    for r in runs:
+        v = info.get(r.variant)
+        loss, tokens = r.summary.get("final_val_loss"), r.summary.get("tokens")
+        if r.status == "finished" and v and v.rung is not None and v.flops_per_token and _is_number(loss) and _is_number(tokens):
+            out.append(scaling.Point(v.group, v.rung, r.seed, scaling.train_flops(v.flops_per_token, tokens), float(loss)))
+    return out
+
+
+def _rung_stats(points: Sequence[scaling.Point], variant: str):
+    """compute, mean, min and max loss of each rung of ``variant``, by compute."""
+    by_rung: dict[str, list[scaling.Point]] = {}
+    for p in points:
+        if p.variant == variant:
+            by_rung.setdefault(p.rung, []).append(p)
+    stats = [(statistics.fmean(p.compute for p in ps), statistics.fmean(p.loss for p in ps),
+              min(p.loss for p in ps), max(p.loss for p in ps)) for ps in by_rung.values()]
+    return [list(col) for col in zip(*sorted(stats))]
+
+
+def plot_scaling(analysis: scaling.Analysis, points: Sequence[scaling.Point], path: str | Path, title: str = "") -> bool:
+    """scaling.png: final val loss against training FLOPs on log-log axes, per variant the mean over seeds at
+    each rung with a band from min to max, and its fitted curve over the compute it covers."""
+    if not analysis.fits:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8.5, 4.6), dpi=100)
+    colors = _colors(len(analysis.fits))
+    for vf, c in zip(analysis.fits, colors):
+        xs, mean, lo, hi = _rung_stats(points, vf.variant)
+        b = f"b = {vf.fit.b:.3f}" + (f" [{vf.b_low:.3f}, {vf.b_high:.3f}]" if vf.b_low is not None else "")
+        ax.plot(xs, mean, "o", color=c, label=f"{vf.variant}: {b}")
+        if any(h != l for h, l in zip(hi, lo)):
+            ax.fill_between(xs, lo, hi, color=c, alpha=0.18, lw=0)
+        grid = np.logspace(math.log10(vf.c_min), math.log10(vf.c_max), 100)
+        ax.plot(grid, vf.fit(grid), color=c, lw=1.5, ls="-")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    loss_ticks = plt.FuncFormatter(lambda y, _: f"{y:.3g}")  # plain losses, not 4.16 x 10^0
+    ax.yaxis.set_major_formatter(loss_ticks)
+    ax.yaxis.set_minor_formatter(loss_ticks)
+    ax.set_xlabel("training FLOPs (3 x forward FLOPs per token x tokens)")
+    ax.set_ylabel("final validation loss")
+    ax.set_title(title or "loss vs compute")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(title="variant: exponent (95% CI)", fontsize=8, title_fontsize=8, loc="upper left",
+              bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def _cross(c: float, lo: float, hi: float) -> str:
+    if lo <= c <= hi:
+        return f"{c:.3g} (within the sweep)"
+    where = f"{c / hi:.3g} x past the largest" if c > hi else f"{lo / c:.3g} x below the smallest"
+    return f"{c:.3g} (outside the sweep, {where} compute: an extrapolation of the fits, not measured)"
+
+
+def render_scaling(analysis: scaling.Analysis | None, points: Sequence[scaling.Point], baseline: str | None,
+                   plot: str | None) -> str:
+    """The report's section on a size sweep: fits, exponent intervals, crossings and a verdict per variant."""
+    lines = ["", "## Scaling: loss against training compute", ""]
+    if analysis is None or not analysis.fits:
+        lines.append("No variant has finished runs at two rungs yet: nothing to fit.")
+        return "\n".join(lines) + "\n"
+    lo = min(f.c_min for f in analysis.fits)
+    hi = max(f.c_max for f in analysis.fits)
+    boot = (f"{analysis.draws} bootstrap draws of the seeds (resampled within each rung, the same draw for every "
+            "variant), percentile interval widened by sqrt(n/(n-1)) for n seeds" if analysis.draws
+            else "no interval: one seed per rung")
+    lines += [f"Compute C = 3 x forward FLOPs per token (the components' own counts, as `inspect`) x tokens trained, "
+              f"from {lo:.3g} to {hi:.3g} FLOPs. Each variant is fitted to all its (rung, seed) final val losses, "
+              f"L = a (C/C0)^-b + c, or a (C/C0)^-b when c is not resolved (C0: the geometric mean of its compute). "
+              f"Exponent intervals: {boot}.", "",
+              "| variant | rungs x seeds | form | a | b (exponent) | 95% CI of b | c | C0 | why this form |",
+              "|---|---:|---|---:|---:|---:|---:|---:|---|"]
+    for vf in analysis.fits:
+        f = vf.fit
+        ci = "–" if vf.b_low is None else f"[{vf.b_low:.4f}, {vf.b_high:.4f}]"
+        c = f"{f.c:.4f}" if f.form == scaling.FULL else "–"
+        name = f"**{vf.variant}** (baseline)" if vf.variant == baseline else vf.variant
+        lines.append(f"| {_md(name)} | {vf.rungs} x {vf.seeds} | {f.form} | {f.a:.4f} | {f.b:.4f} | {ci} | {c} | "
+                     f"{f.c0:.3g} | {_md(f.why or 'forced')} |")
+    if analysis.trends:
+        lines += ["", "| variant vs baseline | gap at smallest C | gap at largest C | 95% CI of the change | verdict | "
+                      "fitted curves cross at C = |", "|---|---:|---:|---:|---|---|"]
+        for t in analysis.trends:
+            ci = "–" if t.change_low is None else f"[{t.change_low:+.4f}, {t.change_high:+.4f}]"
+            cross = "; ".join(_cross(c, lo, hi) for c in t.crossings) or \
+                "nowhere from 1/1000 of the smallest to 1000 x the largest compute"
+            lines.append(f"| {_md(t.variant)} | {t.gap_lo:+.4f} at {t.c_lo:.3g} | {t.gap_hi:+.4f} at {t.c_hi:.3g} | "
+                         f"{ci} | {t.verdict} | {cross} |")
+        lines += ["", "Gap: the variant's fitted loss minus the baseline's at the same compute (negative: the variant is "
+                      "ahead), at the smallest and largest compute both reached. The verdict reads the interval of its "
+                      "change: *grows* or *shrinks* when the interval excludes 0, *constant* when it contains 0."]
+    lines += ["", f"What this says holds within the sweep, {lo:.3g} to {hi:.3g} training FLOPs. A fit is a summary "
+                  "of these points, not a law: past the largest rung it is an extrapolation, and a crossing outside "
+                  "the sweep is where two extrapolations meet, not a measurement. The intervals cover seed noise "
+                  "only, not the choice of form, the budget rule, or the learning rate left untuned across sizes."]
+    if plot:
+        lines += ["", f"![loss against compute]({plot})"]
+    return "\n".join(lines) + "\n"
