@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from toolkit import plugin_manager
-from toolkit.config import resolve_specs, structure
+from toolkit.converter import resolve_specs, structure
 from toolkit.errors import ConfigError
 from toolkit.model import ModelConfig
 from toolkit.plugin_manager import get_registry

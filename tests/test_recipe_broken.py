@@ -14,7 +14,7 @@ import pytest
 
 from toolkit.cli import main
 from toolkit.errors import ConfigError
-from toolkit.recipe import load_recipe
+from toolkit.probe import load_buildable
 
 ROOT = Path(__file__).resolve().parent.parent
 BROKEN = sorted((ROOT / "tests" / "recipes" / "broken").glob("*.toml"))
@@ -45,7 +45,7 @@ def test_broken_recipe_reports_exactly_its_expected_lines(path, monkeypatch):
     rel = path.relative_to(ROOT).as_posix()
     exact, starts, sets = _expectations(text)
     with pytest.raises(ConfigError) as info:
-        load_recipe(rel, sets)
+        load_buildable(rel, sets)
     lines = info.value.lines
     for expect in exact:
         assert _line(expect, rel) in lines

@@ -113,7 +113,7 @@ class Spec:
 
     Structured from a recipe, ``options`` is an instance of the component's options class. Made in
     Python, it may be None (the component's defaults) or a dict, which the model structures once
-    with the recipe converter (:func:`toolkit.config.resolve_spec`).
+    with the recipe converter (:func:`toolkit.converter.resolve_spec`).
     """
 
     family: ClassVar[str] = ""

@@ -22,13 +22,8 @@ from .engine import batch_plan, check_deepspeed_config, deepspeed_config, merged
 from .errors import ConfigError
 from .families import PER_LAYER
 from .model import Transformer, select_layers
-from .recipe import Recipe, registry_of
-
-
-def build_meta_model(recipe: Recipe) -> Transformer:
-    """The recipe's model with shapes but no storage (instant, even for big models)."""
-    with torch.device("meta"):
-        return Transformer(recipe.model, registry_of(recipe))
+from .probe import build_meta_model, estimated_params
+from .recipe import Recipe
 
 
 @attrs.frozen
@@ -216,26 +211,6 @@ def memory_per_gpu(recipe: Recipe, n_params: int, world_size: int = 1, activatio
 
 
 # -- before training: does it fit? ---------------------------------------------------------------
-def estimated_params(recipe: Recipe) -> int:
-    """The model's parameters, counted on the meta device from one block of each distinct layer
-    choice (times its layers) plus embeddings, position and final norm: a model of a thousand wide
-    layers would take minutes to build whole, even on meta."""
-    m, registry = recipe.model, registry_of(recipe)
-    build = registry.build_in
-    layers: dict[str, list[int]] = {}  # one layer index and the count of each distinct choice
-    for i in range(m.n_layer):
-        layers.setdefault(repr([m.spec_at(f, i) for f in PER_LAYER]), [i, 0])[1] += 1
-    with torch.device("meta"):
-        total = sum(n * _numel(build("block", m.spec_at("block", i), m.dims(build, i))) for i, n in layers.values())
-        total += _numel(build("position", m.position, m.dims(build)))
-        total += _numel(m.dims(build).part("norm", m.n_embd, role="final"))
-    return total + m.vocab_size * m.n_embd * (1 if m.tie_embeddings else 2)
-
-
-def _numel(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 def available_memory() -> tuple[int, str]:
     """(bytes free for one rank's work, what they are): the GPU's free memory, or the host's available memory."""
     if on_cuda():

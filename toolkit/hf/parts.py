@@ -10,7 +10,7 @@ from typing import Iterable
 
 import torch
 
-from ..config import structure
+from ..converter import structure
 from ..model import ModelConfig, Transformer
 from ..plugin_manager import default_registry
 from .common import ConfigReader, HFFormatError
