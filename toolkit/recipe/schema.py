@@ -12,7 +12,7 @@ from typing import Any, Literal
 import attrs
 from attrs import validators as v
 
-from ..families import SPEC_TYPES, components, layer_components
+from ..families import SPEC_TYPES, Spec, component, components, layer_component, layer_components
 
 
 def _positive(_, attribute, value):
@@ -49,11 +49,16 @@ def _layer_selection(_, attribute, value):
 
 
 @attrs.frozen
-@layer_components  # attention, norm, mlp, block: each None (the model's) or a Spec for these layers
+@layer_components  # checks there is a field for each per-layer family (toolkit.families) and types it
 class LayerGroup:
     """Some layers' own components: ``[model.layers.<name>]`` with ``at`` and any of the per-layer families."""
 
     at: Any = attrs.field(validator=_layer_selection)  # "1::2", "5::6", "-1", or [0, 11]
+    # each None (the model's choice) or these layers' own
+    attention: Spec | None = layer_component("attention")
+    norm: Spec | None = layer_component("norm")
+    mlp: Spec | None = layer_component("mlp")
+    block: Spec | None = layer_component("block")
 
 
 def _layer_groups(value):
@@ -63,7 +68,7 @@ def _layer_groups(value):
 
 
 @attrs.frozen
-@components("model")  # attention, norm, position, mlp, block: one field each (toolkit.families)
+@components("model")  # checks there is a field for each family FAMILIES places in [model] and types it
 class ModelConfig:
     """The model's shape and its components. Defaults are GPT-2 124M (vocab padded to 50304)."""
 
@@ -85,6 +90,12 @@ class ModelConfig:
     layout: Literal["pre", "post"] | None = attrs.field(default=None, validator=v.optional(v.in_(("pre", "post"))))
     # layers with components of their own, applied in order (a later group wins where two name a layer)
     layers: dict[str, LayerGroup] = attrs.field(factory=dict, converter=_layer_groups)
+    # the components (toolkit.families): a registered kind and its options each
+    attention: Spec = component("attention")
+    norm: Spec = component("norm")
+    position: Spec = component("position")
+    mlp: Spec = component("mlp")
+    block: Spec = component("block")
 
     def __attrs_post_init__(self):
         if self.head_dim is None and self.n_embd % self.n_head:
@@ -115,7 +126,7 @@ def _betas(_, attribute, value):
 
 
 @attrs.frozen
-@components("data")  # the families toolkit/families.py places in [data]: a field each
+@components("data")  # checks there is a field for each family FAMILIES places in [data] and types it
 class DataConfig:
     """Where tokens come from: a dataset of text files, a tokenizer and a validation split."""
 
@@ -128,6 +139,7 @@ class DataConfig:
     val_fraction: float = attrs.field(default=0.1, validator=[v.gt(0.0), v.lt(1.0)])
     # the column of .parquet files and datasets folders, and the JSONL field, that holds the text
     text_column: str = "text"
+    tokenizer: Spec = component("tokenizer")
 
 
 @attrs.frozen
@@ -150,9 +162,8 @@ class TrackersConfig:
     csv: bool = False  # <run folder>/metrics.csv, one column per metric
 
 
-
 @attrs.frozen
-@components("train")  # the families toolkit/families.py places in [train]: a field each
+@components("train")  # checks there is a field for each family FAMILIES places in [train] and types it
 class TrainConfig:
     """The optimisation: batch arithmetic, schedule, evaluation, sampling, checkpoints."""
 
@@ -182,6 +193,8 @@ class TrainConfig:
     activation_checkpointing: bool = False
     out_dir: str = "runs"
     trackers: TrackersConfig = attrs.Factory(TrackersConfig)  # [train.trackers]: TensorBoard, W&B, CSV
+    optimizer: Spec = component("optimizer")
+    schedule: Spec = component("schedule")
 
 
 @attrs.frozen
@@ -220,7 +233,7 @@ class GenerateConfig:
 
 
 @attrs.frozen
-@components("")  # eval: the evaluators run at every evaluation (toolkit.families)
+@components("")  # checks there is a field for each family FAMILIES places at the top level and types it
 class Recipe:
     name: str = "recipe"
     description: str = ""
@@ -230,4 +243,5 @@ class Recipe:
     train: TrainConfig = attrs.Factory(TrainConfig)
     deepspeed: DeepSpeedConfig = attrs.Factory(DeepSpeedConfig)
     generate: GenerateConfig = attrs.Factory(GenerateConfig)
+    eval: list[Spec] = component("evaluator")  # [[eval]]: the evaluators run at every evaluation
 
