@@ -8,7 +8,8 @@ conformance kit finds it in a model. Everything that lists families reads this t
 (:mod:`toolkit.hookspecs`), the registry, the recipe schema (:func:`components`), the converter,
 checkpoint fingerprints, ablation keys, ``playattention plugins`` and the conformance kit.
 
-Adding a family is one entry here, its built-ins in ``plugins/`` and the code that uses what it builds.
+Adding a family is one entry here, its field in toolkit/recipe/schema.py if a recipe chooses it
+(:func:`components` says so when it is missing), its built-ins in ``plugins/`` and the code that uses what it builds.
 """
 from __future__ import annotations
 
