@@ -7,7 +7,8 @@ import attrs
 import pytest
 
 from toolkit.cli import main
-from toolkit.inspection import activation_bytes, build_meta_model, flops_check, kv_cache, measured_activations, memory_per_gpu
+from toolkit.inspection import activation_bytes, flops_check, kv_cache, measured_activations, memory_per_gpu
+from toolkit.probe import build_meta_model
 from toolkit.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
