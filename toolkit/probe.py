@@ -179,7 +179,8 @@ def estimated_params(recipe: Recipe) -> int:
     for i in range(m.n_layer):
         layers.setdefault(repr([m.spec_at(f, i) for f in families.PER_LAYER]), [i, 0])[1] += 1
     with torch.device("meta"):
-        total = sum(n * _numel(build("block", m.spec_at("block", i), model_dims(m, build, i))) for i, n in layers.values())
+        total = sum(n * _numel(build("block", m.spec_at("block", i), model_dims(m, build, i)))
+                    for i, n in layers.values())
         total += _numel(build("position", m.position, model_dims(m, build)))
         total += _numel(model_dims(m, build).part("norm", m.n_embd, role="final"))
     return total + m.vocab_size * m.n_embd * (1 if m.tie_embeddings else 2)

@@ -42,8 +42,8 @@ __all__ = [
 ]
 
 
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), plugins: list[str] | tuple[str, ...] = (),
-                *, model_check: ModelCheck | None = None) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
+                plugins: list[str] | tuple[str, ...] = (), *, model_check: ModelCheck | None = None) -> Recipe:
     """Read, resolve and validate a recipe file (or a run folder's recipe.toml).
 
     ``overrides`` are ``--set`` strings (``"train.lr=3e-4"``), ``plugins`` extra plugin files or

@@ -132,7 +132,6 @@ def _normalise_components(data: dict) -> None:
             table[fam.key] = {"kind": table[fam.key]}
 
 
-
 def _leaves(data: dict, prefix: tuple = ()):
     for key, value in data.items():
         if isinstance(value, dict) and value:

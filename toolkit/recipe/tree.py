@@ -28,7 +28,6 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-
 def _drop_none(value):
     """TOML has no null: leave unset optional keys out (they resolve to the same defaults)."""
     if isinstance(value, dict):
