@@ -25,7 +25,8 @@ import torch  # noqa: E402
 
 from toolkit.errors import ConfigError  # noqa: E402
 from toolkit.model import Transformer  # noqa: E402
-from toolkit.recipe import load_recipe, registry_of  # noqa: E402
+from toolkit.probe import load_buildable  # noqa: E402
+from toolkit.recipe import registry_of  # noqa: E402
 
 LAYOUTS = ("per tensor", "one flat tensor")
 
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1 or args.steps < 1:
         p.error("--rounds and --steps must be >= 1")
     try:
-        recipes = [load_recipe(path) for path in args.recipes]
+        recipes = [load_buildable(path) for path in args.recipes]
     except (ConfigError, FileNotFoundError) as exc:
         for line in (exc.lines if isinstance(exc, ConfigError) else [str(exc)]):
             print(f"error: {line}", file=sys.stderr)

@@ -358,11 +358,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 1 or args.warmup < 0 or args.block < 1 or args.reps < 1 or args.profile < 0:
         p.error("--steps, --block and --reps must be >= 1, --warmup and --profile >= 0")
     ensure_accelerator()
-    from toolkit.config import ConfigError
-    from toolkit.recipe import load_recipe
+    from toolkit.converter import ConfigError
+    from toolkit.probe import load_buildable
 
     try:
-        recipe = load_recipe(args.recipe, args.set, args.plugin)
+        recipe = load_buildable(args.recipe, args.set, args.plugin)
         stages = [int(v) for v in args.stages.split(",") if v.strip()]
         if any(v not in (0, 1, 2, 3) for v in stages):
             raise ConfigError([f"--stages: ZeRO stages are 0 to 3, got {args.stages}"])

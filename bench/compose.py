@@ -44,10 +44,11 @@ import torch.nn.functional as F  # noqa: E402
 
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from toolkit.config import ConfigError, resolve_spec  # noqa: E402
+from toolkit.converter import ConfigError, resolve_spec  # noqa: E402
 from toolkit.engine import batch_plan, build_engine, device, engine_step, ensure_accelerator  # noqa: E402
 from toolkit.model import Transformer  # noqa: E402
-from toolkit.recipe import load_recipe, registry_of  # noqa: E402
+from toolkit.probe import load_buildable  # noqa: E402
+from toolkit.recipe import registry_of  # noqa: E402
 
 
 def _load(name: str, path: Path):
@@ -334,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.attention == "math":
         overrides.append('model.attention.backend="math"')
     try:
-        recipe = load_recipe(args.recipe, overrides, args.plugin)
+        recipe = load_buildable(args.recipe, overrides, args.plugin)
         oracle_for(recipe, args.attention)  # refuse a recipe the oracle cannot express before building anything
     except (ConfigError, FileNotFoundError) as exc:
         for line in getattr(exc, "lines", [str(exc)]):

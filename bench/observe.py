@@ -33,7 +33,8 @@ import torch  # noqa: E402
 
 from toolkit import contracts  # noqa: E402
 from toolkit.model import Transformer  # noqa: E402
-from toolkit.recipe import load_recipe, registry_of  # noqa: E402
+from toolkit.probe import load_buildable  # noqa: E402
+from toolkit.recipe import registry_of  # noqa: E402
 
 #: the commit before observation was added to attend (the branch point of look-inside)
 BASE = "901ca2c"
@@ -141,7 +142,7 @@ def main() -> int:
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = p.parse_args()
     old = attend_before()
-    results = [bench(load_recipe(r, args.set), args.rounds, args.steps, old) for r in args.recipes]
+    results = [bench(load_buildable(r, args.set), args.rounds, args.steps, old) for r in args.recipes]
     print("| recipe | attention | tokens/step | baseline ms | off ms | on ms | off / baseline (range) | on / baseline |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in results:

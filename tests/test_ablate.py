@@ -10,6 +10,7 @@ import torch
 from toolkit import ablate, ablation
 from toolkit.cli import main
 from toolkit.errors import ConfigError
+from toolkit.engine import batch_plan
 from toolkit.model import Transformer
 from toolkit.plugin_manager import default_registry
 from toolkit.recipe import load_recipe, registry_of
@@ -600,7 +601,7 @@ def test_a_sweep_runs_every_variant_at_every_rung_with_tokens_in_proportion_to_t
         assert base.recipe.model.n_embd == rope.recipe.model.n_embd == w and base.recipe.model.n_head == w // 8
         assert base.recipe.model.n_layer == 1 and rope.info.diff == ("model.position.kind=rope",)  # against its rung
         tokens = 0.01 * base.info.params
-        steps = -(-tokens // ablation.tokens_per_step(base.recipe))
+        steps = -(-tokens // batch_plan(base.recipe).tokens_per_step)
         assert base.recipe.train.max_steps == rope.recipe.train.max_steps == steps  # the same tokens at a rung
         assert (rope.info.group, rope.info.rung) == ("rope", f"w{w}")
     assert main(["ablate", str(path), "--dry-run"]) == 0
@@ -609,7 +610,7 @@ def test_a_sweep_runs_every_variant_at_every_rung_with_tokens_in_proportion_to_t
                           "parameters at each rung; rungs: n_embd in 16, 32; n_head = n_embd / 8; n_layer = 1")
     row = next(ln for ln in out.splitlines() if ln.startswith("rope@w32"))
     r = by_name["rope@w32"]
-    tokens = r.recipe.train.max_steps * ablation.tokens_per_step(r.recipe)
+    tokens = r.recipe.train.max_steps * batch_plan(r.recipe).tokens_per_step
     assert f"{r.info.params:,}" in row and f"{3 * r.info.flops_per_token * tokens:.3g}" in row
     assert "total:" in out.splitlines()[-1]
 

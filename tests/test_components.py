@@ -8,7 +8,7 @@ import torch
 from toolkit.plugins.attention import GQAOptions
 from toolkit.plugins.mlp import GatedOptions, gated_hidden_dim
 from toolkit.plugins.position import alibi_slopes
-from toolkit.config import resolve_spec, structure
+from toolkit.converter import resolve_spec, structure
 from toolkit.errors import ConfigError
 from toolkit.contracts import Dims, flops_per_token
 from toolkit.families import SPEC_TYPES

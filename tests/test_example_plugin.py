@@ -126,7 +126,7 @@ def test_the_same_module_loads_as_a_plugin_file_named_by_a_recipe(tmp_path, buil
 
 
 def test_unknown_option_names_the_allowed_ones(installed):
-    from toolkit.config import structure
+    from toolkit.converter import structure
 
     with pytest.raises(ConfigError) as err:
         structure(PluginManager().registry, {"attention": {"kind": "talking_heads", "mixing": "both"}}, ModelConfig, "$.model")

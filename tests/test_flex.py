@@ -6,7 +6,7 @@ import torch
 
 from toolkit import contracts
 from toolkit.contracts import Position, attend, dense_score_mod
-from toolkit.model import ModelConfig, Transformer
+from toolkit.model import ModelConfig, Transformer, model_dims
 from toolkit.plugin_manager import PluginManager
 
 BUILTINS = PluginManager(entry_points=False).registry
@@ -106,7 +106,7 @@ def test_a_position_with_only_a_dense_score_bias_still_works_with_flex(make_posi
 
 
 def test_alibi_score_mod_adds_exactly_its_score_bias():
-    alibi = BUILTINS.get("position", "alibi").factory(None, ModelConfig(n_head=6, n_embd=48).dims())
+    alibi = BUILTINS.get("position", "alibi").factory(None, model_dims(ModelConfig(n_head=6, n_embd=48)))
     q_pos, k_pos = torch.tensor([5, 6, 9]), torch.tensor([0, 2, 5, 6, 7, 9])  # cached keys, not contiguous
     mod = alibi.score_mod(q_pos, k_pos)
     scores = torch.randn(6, 3, 6)
@@ -214,7 +214,7 @@ def test_soft_capped_logits_are_the_same_through_flex_and_the_math_path(attentio
 
 
 def test_alibi_gives_the_head_count_an_attention_asks_for():
-    alibi = BUILTINS.build_in("position", "alibi", ModelConfig(vocab_size=V, block_size=T, n_head=8, n_embd=32).dims())
+    alibi = BUILTINS.build_in("position", "alibi", model_dims(ModelConfig(vocab_size=V, block_size=T, n_head=8, n_embd=32)))
     pos = torch.arange(6)
     assert alibi.score_bias(pos, pos).shape == (8, 6, 6)
     half = alibi.score_bias(pos, pos, n_head=4)  # differential attention: half as many heads

@@ -11,7 +11,7 @@ transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
 
 from toolkit.hf import HFFormatError, adapter, save_hf  # noqa: E402
-from toolkit.config import resolve_spec  # noqa: E402
+from toolkit.converter import resolve_spec  # noqa: E402
 from toolkit.families import Spec  # noqa: E402
 from toolkit.model import ModelConfig, Transformer  # noqa: E402
 from toolkit.plugin_manager import PluginManager, get_registry  # noqa: E402

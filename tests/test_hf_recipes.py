@@ -7,7 +7,7 @@ import torch
 
 from toolkit.cli import main
 from toolkit.hf import export_architecture
-from toolkit.inspection import build_meta_model
+from toolkit.probe import build_meta_model
 from toolkit.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent

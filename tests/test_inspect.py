@@ -6,10 +6,11 @@ from pathlib import Path
 import attrs
 import pytest
 
-from toolkit import inspection
+from toolkit import inspection, probe
 from toolkit.cli import main
 from toolkit.errors import ConfigError
-from toolkit.inspection import activation_bytes, build_meta_model, flops_check, kv_cache, measured_activations, memory_per_gpu
+from toolkit.inspection import activation_bytes, flops_check, kv_cache, measured_activations, memory_per_gpu
+from toolkit.probe import build_meta_model
 from toolkit.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -138,7 +139,7 @@ def test_inspect_and_the_memory_check_say_which_optimizer_they_counted(tmp_path)
     recipe = load_recipe(ROOT / "recipes" / "gpt2.toml", ["train.optimizer=lion"], plugins=[LION])
     said = inspection.inspect_recipe(recipe)
     assert "optimizer lion (states per parameter: 1): 2+2+8 bytes per parameter" in said
-    named = inspection.estimated_named_params(recipe)
+    named = probe.estimated_named_params(recipe)
     assert sum(p.numel() * k for _, p, k in named) == 124_475_904 and inspection.optimizer_states(recipe, named) == 1
     adam = attrs.evolve(recipe, train=attrs.evolve(recipe.train, optimizer=recipe.train.optimizer.__class__("adamw")))
     need = {}

@@ -4,6 +4,8 @@ Every import of a toolkit module counts, at module level or inside a function, s
 cannot reach up lazily to dodge a cycle. See ../shared/design.md and toolkit/families.py.
 """
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,9 +15,9 @@ ROOT = Path(__file__).resolve().parent.parent
 #: each module's layer; a module imports only from its own layer or below
 LAYERS = {
     1: ["errors", "families", "contracts", "hookspecs", "registry", "plots", "report", "scaling", "scoring", "headstats", "safeio"],
-    2: ["plugin_manager", "config", "tokenizer", "plugins"],
-    3: ["model", "data", "recipe", "catalog"],
-    4: ["engine", "checkpoint", "hf", "inspection"],
+    2: ["plugin_manager", "converter", "tokenizer", "plugins", "recipe"],
+    3: ["model", "data", "catalog"],
+    4: ["engine", "checkpoint", "hf", "inspection", "probe"],
     5: ["trainer", "checkpointer", "runfolder", "trackers", "evaluate", "lm_harness", "signals", "progress", "generate",
         "ablation", "ablate", "testing", "launch", "losscompare", "convert", "runs", "completion", "lookinside",
         "coordcheck"],
@@ -128,3 +130,11 @@ def test_the_checker_catches_an_upward_import_a_lazy_one_and_a_cycle(tmp_path):
     up = imports("toolkit.registry", registry, known)
     assert up == [("toolkit.trainer", True)] and layer_of("toolkit.trainer") > layer_of("toolkit.registry")
     assert imports("toolkit.trainer", trainer, known) == [("toolkit.registry", False)]
+
+
+def test_importing_the_recipe_package_loads_no_torch():
+    """The schema, composition and validation are plain Python: reading and checking a recipe's own
+    fields needs neither torch nor DeepSpeed (building the model is toolkit.probe's, a layer above)."""
+    code = "import sys, toolkit.recipe; print('torch' in sys.modules, 'deepspeed' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.split() == ["False", "False"], out.stdout

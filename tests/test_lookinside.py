@@ -13,7 +13,7 @@ from toolkit.cli import main
 from toolkit.contracts import attend, observing_attention
 from toolkit.headstats import head_stats, layer_stats
 from toolkit.lookinside import head_importance
-from toolkit.model import ModelConfig, Transformer
+from toolkit.model import ModelConfig, Transformer, model_dims
 from toolkit.plugin_manager import default_registry
 
 B, NH, T, HS = 2, 4, 7, 8
@@ -37,7 +37,7 @@ def by_hand(q, k, *, window=None, bias=None, softcap=None):
     return torch.softmax(s + (0 if bias is None else bias), dim=-1)
 
 
-ALIBI = default_registry().build_in("position", "alibi", ModelConfig(n_head=NH, n_embd=NH * HS).dims())
+ALIBI = default_registry().build_in("position", "alibi", model_dims(ModelConfig(n_head=NH, n_embd=NH * HS)))
 CASES = {
     "mha": (dict(), dict(), NH),
     "gqa": (dict(), dict(), 2),

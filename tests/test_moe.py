@@ -7,7 +7,7 @@ import statistics
 import pytest
 import torch
 
-from toolkit.config import structure
+from toolkit.converter import structure
 from toolkit.engine import build_engine, engine_step
 from toolkit.model import ModelConfig, Transformer
 from toolkit.plots import plot_summary

@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from toolkit.cli import main
-from toolkit.config import structure
+from toolkit.converter import structure
 from toolkit.errors import ConfigError
 from toolkit.model import ModelConfig, Transformer, select_layers
 from toolkit.plugin_manager import default_registry
+from toolkit.probe import load_buildable
 from toolkit.recipe import diff_recipes, dump_recipe, load_recipe
 from toolkit.trainer import train
 
@@ -119,7 +120,7 @@ def test_a_recipe_with_local_global_attention_and_moe_every_other_layer(tmp_path
 ])
 def test_a_bad_layer_group_is_one_line_at_its_path(tmp_path, tiny_recipe, changes, line):
     with pytest.raises(ConfigError) as err:
-        load_recipe(tiny_recipe(tmp_path, changes))
+        load_buildable(tiny_recipe(tmp_path, changes))
     assert len(err.value.lines) == 1 and line in err.value.lines[0], err.value.lines
 
 

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from toolkit import plugin_manager
-from toolkit.config import resolve_specs, structure
+from toolkit.converter import resolve_specs, structure
 from toolkit.errors import ConfigError
+from toolkit.families import components
 from toolkit.model import ModelConfig
 from toolkit.plugin_manager import get_registry
 from toolkit.recipe import Recipe, dump_recipe, load_recipe, parse_override, resolve_data
@@ -305,3 +306,12 @@ def test_plugins_given_by_set_are_relative_to_the_working_directory(monkeypatch)
     r = load_recipe(ROOT / "recipes" / "smoke.toml",
                     ['plugins=["recipes/plugins/short_position.py"]', "model.position.kind=short", "model.position.max_len=32"])
     assert r.plugins == [str(ROOT / "tests" / "recipes" / "plugins" / "short_position.py")]
+
+
+def test_a_schema_class_lacking_a_field_the_families_table_places_there_fails_when_defined():
+    """Component fields are written out in the schema (an IDE finds them) and FAMILIES stays the list:
+    a family the table places in [train] that TrainConfig does not declare is an error at import."""
+    with pytest.raises(TypeError, match="Train lacks the field of optimizer, schedule"):
+        @components("train")
+        class Train:
+            lr: float = 1.0

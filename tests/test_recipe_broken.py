@@ -14,6 +14,7 @@ import pytest
 
 from toolkit.cli import main
 from toolkit.errors import ConfigError
+from toolkit.probe import load_buildable
 from toolkit.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,7 +46,7 @@ def test_broken_recipe_reports_exactly_its_expected_lines(path, monkeypatch):
     rel = path.relative_to(ROOT).as_posix()
     exact, starts, sets = _expectations(text)
     with pytest.raises(ConfigError) as info:
-        load_recipe(rel, sets)
+        load_buildable(rel, sets)
     lines = info.value.lines
     for expect in exact:
         assert _line(expect, rel) in lines
@@ -78,3 +79,15 @@ def test_cli_reports_a_malformed_set_in_one_line(monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     assert main(["recipe", "show", "recipes/smoke.toml", "--set", "train.lr"]) == 2
     assert capsys.readouterr().err == "error: --set train.lr: expected KEY.PATH=VALUE, e.g. --set train.lr=3e-4\n"
+
+
+def test_load_recipe_checks_the_values_and_load_buildable_also_builds_the_model_among_the_cross_checks(monkeypatch):
+    """toolkit.recipe imports no torch, so it does not build the model; toolkit.probe.load_buildable
+    does, at the place among the cross-field checks where the model check always ran."""
+    monkeypatch.chdir(ROOT)
+    rel = "tests/recipes/broken/n_kv_head_not_dividing.toml"
+    assert load_recipe(rel).model.attention.options.n_kv_head == 3  # every value is of its type and range
+    with pytest.raises(ConfigError) as info:
+        load_buildable(rel, ["deepspeed.config.gradient_clipping=1.0", "train.min_lr=1.0"])
+    assert [line.split(": ")[1] for line in info.value.lines] == [
+        "$.model.attention", "$.deepspeed.config.gradient_clipping", "$.train.min_lr"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from toolkit.cli import main
-from toolkit.inspection import build_meta_model
+from toolkit.probe import build_meta_model
 from toolkit.model import Transformer
 from toolkit.recipe import load_recipe
 

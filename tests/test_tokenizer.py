@@ -5,7 +5,7 @@ import socket
 import pytest
 
 from toolkit import tokenizer as tk
-from toolkit.config import resolve_specs
+from toolkit.converter import resolve_specs
 from toolkit.data import prepare
 from toolkit.errors import DataError, UnknownComponentError
 from toolkit.families import SPEC_TYPES

@@ -8,12 +8,12 @@ import sys
 from pathlib import Path
 
 _EXPORTS = {
-    "AttentionSpec": "model", "MlpSpec": "model", "ModelConfig": "model", "NormSpec": "model",
+    "AttentionSpec": "model", "MlpSpec": "model", "ModelConfig": "recipe", "NormSpec": "model",
     "PositionSpec": "model", "Transformer": "model",
     "Dims": "contracts", "Position": "contracts", "attend": "contracts", "update_cache": "contracts",
     "hookimpl": "hookspecs",
     "get_registry": "plugin_manager", "load_registry": "plugin_manager",
-    "load_recipe": "recipe",
+    "load_recipe": "recipe", "load_buildable": "probe",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -31,7 +31,7 @@ gives every variant the same initialisation stream and data order. The schedule 
 ``max_steps``, and ``eval_interval = steps // evals`` so every curve has the same evaluation points.
 A key you set yourself (``set`` or a variant's ``set``) is left as you set it.
 
-**Validation.** The file itself goes through the recipe converter (:mod:`toolkit.config`), so its
+**Validation.** The file itself goes through the recipe converter (:mod:`toolkit.converter`), so its
 errors read like a recipe's. Then every variant's recipe is resolved, each with the registry of its
 own plugins, and every problem in every variant is reported, one line each, at its place in the
 ablation file::
@@ -52,18 +52,18 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import torch
 from attrs import validators as v
 
 from . import families, report, scaling
-from .config import _show as _got  # a value as the recipe errors show it
-from .config import errors_to_lines, make_converter, structure_fields
+from .converter import _show as _got  # a value as the recipe errors show it
+from .converter import errors_to_lines, make_converter, structure_fields
 from .convert import check_init
+from .engine import batch_plan
 from .errors import ConfigError, PluginLoadError, UserError
 from .families import Spec
-from .model import Transformer
 from .plugin_manager import default_registry, is_path_spec, load_registry
-from .recipe import (MISSING, Recipe, differences, flatten, load_recipe, parse_override, read_toml, recipe_to_dict,
+from .probe import load_buildable, model_counts
+from .recipe import (MISSING, Recipe, differences, flatten, parse_override, read_toml, recipe_to_dict,
                      registry_of, toml_inline)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=,-]*$")
@@ -555,25 +555,11 @@ def _map_line(line: str, overrides: list[Override]) -> str:
     return best.where + dotted[len(best.key):] + rest
 
 
-def tokens_per_step(recipe: Recipe) -> int:
-    t = recipe.train
-    return t.tokens_per_step or t.micro_batch * recipe.model.block_size * (t.grad_accum or 1)
-
-
-def model_counts(recipe: Recipe) -> tuple[int, int]:
-    """All parameters (tied embeddings once) and forward FLOPs per token at the full context,
-    from the model built on the meta device (no memory, no init time)."""
-    with torch.device("meta"):
-        model = Transformer(recipe.model, registry_of(recipe))
-    total = model.component_report(recipe.model.block_size)[-1]
-    return int(total["params"]), int(total["flops_per_token"])
-
-
 def budget_overrides(ablation: Ablation, recipe: Recipe) -> list[Override]:
     """The overrides that give ``recipe`` the ablation's budget: max_steps, warmup and decay scaled
     with it, and the eval interval. Overrides in the file come after them, so they win."""
     t = recipe.train
-    steps = ablation.steps or math.ceil(ablation.tokens / tokens_per_step(recipe))
+    steps = ablation.steps or math.ceil(ablation.tokens / batch_plan(recipe).tokens_per_step)
     ratio = steps / t.max_steps
     values: dict[str, int] = {"max_steps": steps, "warmup_steps": min(round(t.warmup_steps * ratio), steps - 1)}
     if t.decay_steps is not None:
@@ -637,7 +623,7 @@ def _check_variant(ablation: Ablation, base: Recipe, overrides: list[Override],
             bad.append(ov)
     good = [ov for ov in overrides if ov not in bad]  # the rest is still checked, for every problem at once
     try:
-        recipe = load_recipe(ablation.recipe, [ov.arg for ov in good], plugins=ablation.plugins)
+        recipe = load_buildable(ablation.recipe, [ov.arg for ov in good], plugins=ablation.plugins)
     except ConfigError as exc:
         return problems + [_map_line(line, good) for line in exc.lines], None
     return problems, None if problems else recipe
@@ -651,7 +637,7 @@ def resolve(ablation: Ablation) -> list[Resolved]:
         return resolve_scaled(ablation)
     where = str(ablation.path)
     try:
-        base = load_recipe(ablation.recipe, plugins=ablation.plugins)
+        base = load_buildable(ablation.recipe, plugins=ablation.plugins)
     except ConfigError as exc:
         raise ConfigError([f"{where}: base recipe {ablation.recipe}: {line}" for line in exc.lines]) from None
 
@@ -668,7 +654,7 @@ def resolve(ablation: Ablation) -> list[Resolved]:
         if not problems:
             overrides = budget_overrides(ablation, recipe) + overrides
             try:
-                recipe = load_recipe(ablation.recipe, [ov.arg for ov in overrides], plugins=ablation.plugins)
+                recipe = load_buildable(ablation.recipe, [ov.arg for ov in overrides], plugins=ablation.plugins)
                 recipe = attrs.evolve(recipe, train=attrs.evolve(recipe.train, seed=ablation.seeds[0]))
             except ConfigError as exc:
                 problems = [_map_line(line, overrides) for line in exc.lines]
@@ -815,7 +801,7 @@ def scale_dry_run_text(ablation: Ablation, resolved: list[Resolved]) -> str:
     rows = []
     total = 0.0
     for r in resolved:
-        tokens = r.recipe.train.max_steps * tokens_per_step(r.recipe)
+        tokens = r.recipe.train.max_steps * batch_plan(r.recipe).tokens_per_step
         flops = scaling.train_flops(r.info.flops_per_token, tokens)
         total += flops * len(ablation.seeds)
         diff = "(baseline)" if r.info.group == ablation.baseline else (", ".join(r.info.diff) or "(nothing)")

@@ -43,7 +43,8 @@ from .inspection import check_fits, inspect_recipe
 from .launch import LAUNCHER_PID, PARENT_PID, die_with_parent
 from .lookinside import look_inside
 from .plugin_manager import PluginManager, default_registry, forget_loaded, is_path_spec, trust
-from .recipe import (DataConfig, diff_data, diff_lines, dump_recipe, flatten, load_for_reading, load_recipe,
+from .probe import load_buildable, model_problems
+from .recipe import (DataConfig, diff_data, diff_lines, dump_recipe, flatten, load_for_reading,
                      recipe_to_dict, recipe_warnings, registry_of)
 from .registry import Registry
 from .runfolder import (EXPORT_RECORD, LOCK_HOLDER_ENV, WEIGHTS, check_resumable, export_problem, find_run, lock_folder,
@@ -111,7 +112,7 @@ def cmd_prepare(args) -> int:
         if args.tokenizer or args.tokenizer_file or args.text_column or args.out or args.val_fraction is not None:
             raise UsageError("--tokenizer, --tokenizer-file, --text-column, --out and --val-fraction go with --input; "
                              "with a recipe use --set data.KEY=VALUE")
-        recipe = load_recipe(args.recipe, args.set, args.plugin)
+        recipe = load_buildable(args.recipe, args.set, args.plugin)
         data, registry = recipe.data, registry_of(recipe)
     elif args.input:
         if args.set or args.plugin:
@@ -208,7 +209,7 @@ def check_export(target, no_verify: bool = False) -> None:
 
 
 def cmd_recipe_show(args) -> int:
-    recipe, data, held = load_for_reading(args.recipe, args.set, args.plugin)
+    recipe, data, held = load_for_reading(args.recipe, args.set, args.plugin, model_check=model_problems)
     for line in held:
         print(f"warning: {args.recipe}: {one_line(line)}", file=sys.stderr)
     if recipe is not None:
@@ -227,7 +228,7 @@ def cmd_recipe_validate(args) -> int:
     bad = 0
     for path in args.files:
         try:
-            recipe = load_recipe(path, args.set, args.plugin)
+            recipe = load_buildable(path, args.set, args.plugin)
         except ConfigError as exc:
             print_errors(exc.lines)
             bad += 1
@@ -274,12 +275,13 @@ def cmd_inspect(args) -> int:
     if args.world_size < 1:
         raise UsageError(f"--world-size must be >= 1, got {args.world_size}")
     check_export(args.recipe, args.no_verify)
-    print(inspect_recipe(load_recipe(args.recipe, args.set, args.plugin), args.world_size, args.recipe))
+    print(inspect_recipe(load_buildable(args.recipe, args.set, args.plugin), args.world_size, args.recipe))
     return 0
 
 
 def cmd_diff(args) -> int:
-    (_, a, held_a), (_, b, held_b) = (load_for_reading(r, args.set, args.plugin) for r in (args.a, args.b))
+    (_, a, held_a), (_, b, held_b) = (load_for_reading(r, args.set, args.plugin, model_check=model_problems)
+                                      for r in (args.a, args.b))
     for path, line in [*((args.a, ln) for ln in held_a), *((args.b, ln) for ln in held_b)]:
         print(f"warning: {path}: {one_line(line)}", file=sys.stderr)
     lines = diff_data(a, b)
@@ -330,14 +332,14 @@ def train_target(args):
             with tempfile.TemporaryDirectory() as tmp:
                 made = Path(tmp) / "recipe.toml"
                 made.write_text(dump_recipe(recipe_for_init(args.init_from)))
-                return load_recipe(made, args.set, args.plugin), None
+                return load_buildable(made, args.set, args.plugin), None
         if not args.recipe:
             raise UsageError("give a RECIPE to train, --init-from a folder to start from, or --resume RUN_DIR")
-        return load_recipe(args.recipe, args.set, args.plugin), None
+        return load_buildable(args.recipe, args.set, args.plugin), None
     if args.resume == "auto":
         if not args.recipe:
             raise UsageError("--resume auto needs the RECIPE whose newest run to continue")
-        recipe = load_recipe(args.recipe, args.set, args.plugin)
+        recipe = load_buildable(args.recipe, args.set, args.plugin)
         run_dir = find_run(recipe.train.out_dir, recipe.name)
     else:
         run_dir = check_resumable(args.resume)
@@ -374,7 +376,7 @@ def resumed_recipe(run_dir: Path, args):
     """
     found = latest(run_dir / "checkpoints")
     saved = read_state(found).get("recipe")
-    own = load_recipe(run_dir)
+    own = load_buildable(run_dir)
     # keys both know: a key one toolkit version has and the other not is not a change of this run's recipe
     recorded = flatten(json.loads(json.dumps(saved))) if isinstance(saved, dict) else {}
     mine = {k: v for k, v in _plain(own).items() if k in recorded}
@@ -382,13 +384,13 @@ def resumed_recipe(run_dir: Path, args):
         raise CheckpointError(f"{run_dir / 'recipe.toml'} differs from the recipe {found.name} recorded ({diff}); "
                               f"restore it, or give the changes you mean as --set")
     extend, said = extension(run_dir, own, args)
-    recipe = load_recipe(run_dir, [*extend, *args.set], args.plugin)
+    recipe = load_buildable(run_dir, [*extend, *args.set], args.plugin)
     if args.recipe:
-        other = _plain(load_recipe(args.recipe, [*extend, *args.set], args.plugin))
+        other = _plain(load_buildable(args.recipe, [*extend, *args.set], args.plugin))
         if diff := _first_differences(_plain(recipe), other):
             raise UsageError(f"{args.recipe} differs from the recipe of {run_dir} ({', '.join(diff)}); a resume keeps "
                              f"the run's own recipe: leave RECIPE out, or give the changes you mean as --set")
-    before, after = _plain(load_recipe(run_dir, extend)), _plain(recipe)  # what --extend and --decay change is meant
+    before, after = _plain(load_buildable(run_dir, extend)), _plain(recipe)  # what --extend and --decay change is meant
     if diff := _first_differences(before, after, HORIZON_KEYS):
         raise UsageError(f"--set {diff[0]}: a resumed run keeps its horizon (a longer cosine would re-stretch and the "
                          f"learning rate jump); to train N more steps at the schedule's final rate use --extend N")
@@ -420,7 +422,7 @@ def extension(run_dir: Path, own, args) -> tuple[list[str], str | None]:
         raise UsageError(f"--extend: {run_dir} ended at step {t.max_steps}, inside its warmup ({t.warmup_steps} "
                          f"steps), so it has no final learning rate to continue at; train it again with more steps")
     sets = [f"train.max_steps={steps}", f"train.decay_steps={end}"]
-    final = lr_at(t.max_steps, load_recipe(run_dir, sets).train, registry_of(own))
+    final = lr_at(t.max_steps, load_buildable(run_dir, sets).train, registry_of(own))
     if args.decay is None:
         return sets, (f"extending {run_dir} by {args.extend} steps, to {steps}: the learning rate stays at "
                       f"{final:.3g}, the final rate of its {t.schedule.kind} schedule (which ends at step {end})")

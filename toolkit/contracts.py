@@ -44,7 +44,7 @@ which is exact for matmul-only modules. Attention adds its score and value produ
 
 **Validation.** Options classes validate single values (attrs validators). A factory that needs
 the model's shape to decide (``n_kv_head`` must divide ``n_head``) raises
-:class:`toolkit.config.ConfigError` from ``__init__``: recipe validation builds every component
+:class:`toolkit.errors.ConfigError` from ``__init__``: recipe validation builds every component
 once on the ``meta`` device and reports that message at ``$.model.<family>`` with the others.
 
 **Initialisation.** The model applies GPT-2's init to every ``nn.Linear`` and ``nn.Embedding``

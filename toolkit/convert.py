@@ -32,7 +32,8 @@ from .hf import adapter_for, export_architecture, hf_model_config, read_config, 
 from .hf.common import CONFIG, load_into, unwrap, write_checkpoint
 from .model import ModelConfig, Transformer
 from .plugin_manager import load_registry
-from .recipe import DataConfig, GenerateConfig, Recipe, TrainConfig, diff_recipes, load_recipe, registry_of
+from .probe import load_buildable
+from .recipe import DataConfig, GenerateConfig, Recipe, TrainConfig, diff_recipes, registry_of
 from .registry import Registry
 from .runfolder import LOCK_FILE, WEIGHTS, RunFolder, load_state, lock_folder
 from .tokenizer import GPT2Tokenizer, HFTokenizer, Tokenizer, load_tokenizer
@@ -128,7 +129,7 @@ def load_checkpoint_model(run: Path, found: Path):
     change its model), the tokenizer saved with the checkpoint, its weights consolidated."""
     if not (run / RECIPE_FILE).is_file():
         raise FileNotFoundError(f"{run}: not a run folder (no {RECIPE_FILE})")
-    recipe = load_recipe(run / RECIPE_FILE)
+    recipe = load_buildable(run / RECIPE_FILE)
     registry = registry_of(recipe)
     model = Transformer(recipe.model, registry)
     try:
@@ -188,7 +189,7 @@ def init_source(source: str | Path, registry: Registry | None = None) -> tuple[M
         if not (path / WEIGHTS).is_file():
             raise UsageError(f"--init-from {path}: the run has no {WEIGHTS} yet (a run writes it when "
                              f"training ends; to continue an unfinished run use --resume)")
-        return load_recipe(path / RECIPE_FILE).model, "run"
+        return load_buildable(path / RECIPE_FILE).model, "run"
     raise UsageError(f"--init-from {path}: not a run folder (recipe.toml + model.safetensors) nor a Hugging Face "
                      f"folder (config.json + weights)")
 
@@ -198,7 +199,7 @@ def recipe_for_init(source: str | Path) -> Recipe:
     path = Path(source)
     config, kind = init_source(path)
     if kind == "run":
-        return load_recipe(path / RECIPE_FILE)
+        return load_buildable(path / RECIPE_FILE)
     tokenizer = adapter_for(read_config(path), f"{path}/{CONFIG}").tokenizer_from_hf(path)
     tok_path = path if isinstance(tokenizer, HFTokenizer) else None
     return recipe_for(config, path.resolve().name, tokenizer, tok_path, description=f"fine-tuned from {path.resolve()}")

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .config import structure
+from .converter import structure
 from .convert import load_model
 from .data import TokenLoader, read_split
 from .errors import DataError, UsageError

@@ -8,7 +8,8 @@ conformance kit finds it in a model. Everything that lists families reads this t
 (:mod:`toolkit.hookspecs`), the registry, the recipe schema (:func:`components`), the converter,
 checkpoint fingerprints, ablation keys, ``playattention plugins`` and the conformance kit.
 
-Adding a family is one entry here, its built-ins in ``plugins/`` and the code that uses what it builds.
+Adding a family is one entry here, its field in toolkit/recipe/schema.py if a recipe chooses it
+(:func:`components` says so when it is missing), its built-ins in ``plugins/`` and the code that uses what it builds.
 """
 from __future__ import annotations
 
@@ -122,7 +123,7 @@ class Spec:
 
     Structured from a recipe, ``options`` is an instance of the component's options class. Made in
     Python, it may be None (the component's defaults) or a dict, which the model structures once
-    with the recipe converter (:func:`toolkit.config.resolve_spec`).
+    with the recipe converter (:func:`toolkit.converter.resolve_spec`).
     """
 
     family: ClassVar[str] = ""
@@ -168,37 +169,39 @@ def _as_specs(name: str):
     return lambda values: [one(v) for v in values] if isinstance(values, (list, tuple)) else values
 
 
-def layer_components(cls):
-    """Class decorator: an optional Spec field (default None: the model's own) for every per-layer family."""
-    annotations = dict(cls.__dict__.get("__annotations__", {}))
-    for name in PER_LAYER:
-        annotations[name] = SPEC_TYPES[name] | None
-        one = as_spec(name)
-        setattr(cls, name, attrs.field(default=None, converter=lambda v, one=one: None if v is None else one(v)))
-    cls.__annotations__ = annotations
-    return cls
+def component(name: str):
+    """The schema field of a recipe's choice in family ``name``, written out in its class so an IDE
+    finds it (``attention: Spec = component("attention")``): a Spec defaulting to the family's
+    default kind, or a list of them for a family with ``many=True``."""
+    fam = family(name)
+    if fam.many:
+        return attrs.field(factory=list, converter=_as_specs(name))
+    return attrs.field(default=SPEC_TYPES[name](fam.default), converter=as_spec(name))
+
+
+def layer_component(name: str):
+    """The field of a layer group's own choice in per-layer family ``name``: None (the model's) or a Spec."""
+    one = as_spec(name)
+    return attrs.field(default=None, converter=lambda v: None if v is None else one(v))
 
 
 def components(section: str):
-    """Class decorator: add a field for each family the table places in ``section`` (before ``@attrs.frozen``).
+    """Class decorator (before ``@attrs.frozen``) of a schema class that writes out a :func:`component`
+    field for each family the table places in ``section``: each gets its family's own Spec type, which
+    the converter structures by; a field the class lacks is an error when the module loads."""
+    return lambda cls: _typed(cls, {f.key: list[SPEC_TYPES[f.name]] if f.many else SPEC_TYPES[f.name]
+                                    for f in FAMILIES if f.where is not None and f.section == section})
 
-    ``@components("train")`` gives TrainConfig ``optimizer`` and ``schedule`` fields, each a Spec
-    defaulting to the family's default kind; a family with ``many=True`` becomes a list.
-    """
 
-    def add(cls):
-        annotations = dict(cls.__dict__.get("__annotations__", {}))
-        for fam in FAMILIES:
-            if fam.where is None or fam.section != section:
-                continue
-            spec = SPEC_TYPES[fam.name]
-            if fam.many:
-                annotations[fam.key] = list[spec]
-                setattr(cls, fam.key, attrs.field(factory=list, converter=_as_specs(fam.name)))
-            else:
-                annotations[fam.key] = spec
-                setattr(cls, fam.key, attrs.field(default=spec(fam.default), converter=as_spec(fam.name)))
-        cls.__annotations__ = annotations
-        return cls
+def layer_components(cls):
+    """The same for a layer group: a :func:`layer_component` field for every per-layer family."""
+    return _typed(cls, {name: SPEC_TYPES[name] | None for name in PER_LAYER})
 
-    return add
+
+def _typed(cls, types: dict[str, Any]):
+    annotations = dict(cls.__dict__.get("__annotations__", {}))
+    if missing := [key for key in types if key not in annotations]:
+        raise TypeError(f"{cls.__name__} lacks the field of {', '.join(missing)}: toolkit.families.FAMILIES places "
+                        f"it there (write `{missing[0]}: Spec = component(...)`)")
+    cls.__annotations__ = {**annotations, **types}
+    return cls

@@ -14,7 +14,8 @@ import torch
 from .checkpoint import latest
 from .errors import CheckpointError, ConfigError
 from .model import Transformer
-from .recipe import GenerateConfig, load_recipe, registry_of
+from .probe import load_buildable
+from .recipe import GenerateConfig, registry_of
 from .runfolder import WEIGHTS, load_weights
 from .tokenizer import load_tokenizer
 
@@ -45,7 +46,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
     only); a damaged weights or tokenizer file is a CheckpointError naming it, in one line.
     """
     run_dir = resolve_run_dir(run_dir)
-    recipe = load_recipe(run_dir / RECIPE_FILE)
+    recipe = load_buildable(run_dir / RECIPE_FILE)
     registry = registry_of(recipe)
     model = Transformer(recipe.model, registry)
     try:

@@ -22,13 +22,8 @@ from .engine import batch_plan, check_deepspeed_config, deepspeed_config, merged
 from .errors import ConfigError
 from .families import PER_LAYER
 from .model import Transformer, select_layers
-from .recipe import Recipe, registry_of
-
-
-def build_meta_model(recipe: Recipe) -> Transformer:
-    """The recipe's model with shapes but no storage (instant, even for big models)."""
-    with torch.device("meta"):
-        return Transformer(recipe.model, registry_of(recipe))
+from .probe import build_meta_model, estimated_named_params, estimated_params
+from .recipe import Recipe
 
 
 @attrs.frozen
@@ -238,38 +233,6 @@ def memory_per_gpu(recipe: Recipe, n_params: int, world_size: int = 1, activatio
 
 
 # -- before training: does it fit? ---------------------------------------------------------------
-def estimated_params(recipe: Recipe) -> int:
-    """The model's parameters, counted on the meta device from one block of each distinct layer
-    choice (times its layers) plus embeddings, position and final norm: a model of a thousand wide
-    layers would take minutes to build whole, even on meta."""
-    return sum(p.numel() * times for _, p, times in estimated_named_params(recipe))
-
-
-def estimated_named_params(recipe: Recipe) -> list[tuple[str, torch.Tensor, int]]:
-    """(name, meta tensor, how many layers have it) for every parameter, as :func:`estimated_params` counts them."""
-    m, registry = recipe.model, registry_of(recipe)
-    build = registry.build_in
-    layers: dict[str, list[int]] = {}  # one layer index and the count of each distinct choice
-    for i in range(m.n_layer):
-        layers.setdefault(repr([m.spec_at(f, i) for f in PER_LAYER]), [i, 0])[1] += 1
-    out = []
-    with torch.device("meta"):
-        for i, n in layers.values():
-            block = build("block", m.spec_at("block", i), m.dims(build, i))
-            out += [(f"transformer.h.{i}.{name}", p, n) for name, p in block.named_parameters()]
-        out += [(f"transformer.wpe.{name}", p, 1)
-                for name, p in build("position", m.position, m.dims(build)).named_parameters()]
-        out += [(f"transformer.ln_f.{name}", p, 1)
-                for name, p in m.dims(build).part("norm", m.n_embd, role="final").named_parameters()]
-        heads = ["transformer.wte.weight"] + ([] if m.tie_embeddings else ["lm_head.weight"])
-        out += [(name, torch.empty(m.vocab_size, m.n_embd), 1) for name in heads]
-    return out
-
-
-def _numel(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 def available_memory() -> tuple[int, str]:
     """(bytes free for one rank's work, what they are): the GPU's free memory, or the host's available memory."""
     if on_cuda():

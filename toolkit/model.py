@@ -11,122 +11,31 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Callable, Literal
+from typing import Callable
 
 import attrs
 import torch
 import torch.nn.functional as F
-from attrs import validators as v
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import resolve_specs
+from .converter import resolve_specs
 from .contracts import AttentionObserver, Dims, Position, flops_per_token, observing_attention
-from .families import PER_LAYER, SPEC_TYPES, components, layer_components
+from .families import PER_LAYER, SPEC_TYPES
 from .plugin_manager import default_registry
+from .recipe.schema import ModelConfig, select_layers  # noqa: F401 - the schema's; importers know them from here
 from .registry import Registry
 
 # the Spec of each model family, by the names older code imports
 AttentionSpec, NormSpec, PositionSpec, MlpSpec = (SPEC_TYPES[f] for f in ("attention", "norm", "position", "mlp"))
 
 
-def _positive(_, attribute, value):
-    if value <= 0:
-        raise ValueError(f"{attribute.name} must be > 0, got {value}")
-
-
-def select_layers(at, n_layer: int) -> list[int]:
-    """The layers ``at`` names: a slice as text ("1::2", "0:4", "-1") or a list of indices; ValueError if out of range."""
-    if isinstance(at, str):
-        parts = at.split(":")
-        try:
-            numbers = [int(p) if p.strip() else None for p in parts]
-        except ValueError:
-            raise ValueError(f'expected a slice such as "1::2" or a list of layer indices, got "{at}"') from None
-        if len(parts) == 1:
-            at = [numbers[0]]
-        elif len(parts) > 3 or numbers[-1] == 0 and len(parts) == 3:
-            raise ValueError(f'expected a slice such as "1::2" or a list of layer indices, got "{at}"')
-        else:
-            return list(range(n_layer))[slice(*numbers)]
-    out = []
-    for i in at:
-        if not -n_layer <= i < n_layer:
-            raise ValueError(f"layer {i} is out of range for n_layer {n_layer}")
-        out.append(i % n_layer)
-    return out
-
-
-def _layer_selection(_, attribute, value):
-    if isinstance(value, str) or (isinstance(value, list) and all(type(i) is int for i in value)):
-        return
-    raise ValueError(f'expected a slice such as "1::2" or a list of layer indices, got {value!r}')
-
-
-@attrs.frozen
-@layer_components  # attention, norm, mlp, block: each None (the model's) or a Spec for these layers
-class LayerGroup:
-    """Some layers' own components: ``[model.layers.<name>]`` with ``at`` and any of the per-layer families."""
-
-    at: Any = attrs.field(validator=_layer_selection)  # "1::2", "5::6", "-1", or [0, 11]
-
-
-def _layer_groups(value):
-    if isinstance(value, dict):
-        return {k: LayerGroup(**g) if isinstance(g, dict) else g for k, g in value.items()}
-    return value
-
-
-@attrs.frozen
-@components("model")  # attention, norm, position, mlp, block: one field each (toolkit.families)
-class ModelConfig:
-    """The model's shape and its components. Defaults are GPT-2 124M (vocab padded to 50304)."""
-
-    vocab_size: int = attrs.field(default=50304, validator=[v.instance_of(int), _positive])
-    block_size: int = attrs.field(default=1024, validator=[v.instance_of(int), _positive])
-    n_layer: int = attrs.field(default=12, validator=[v.instance_of(int), _positive])
-    n_head: int = attrs.field(default=12, validator=[v.instance_of(int), _positive])
-    n_embd: int = attrs.field(default=768, validator=[v.instance_of(int), _positive])
-    dropout: float = attrs.field(default=0.0, converter=float, validator=[v.ge(0.0), v.lt(1.0)])
-    bias: bool = attrs.field(default=True, validator=v.instance_of(bool))
-    tie_embeddings: bool = attrs.field(default=True, validator=v.instance_of(bool))
-    # one attention head's width; None: n_embd / n_head (Gemma and Qwen 3 make heads wider or narrower)
-    head_dim: int | None = attrs.field(default=None, validator=v.optional([v.instance_of(int), _positive]))
-    # token embeddings times this before the first block (Gemma: sqrt(n_embd)); None: 1
-    embedding_multiplier: float | None = attrs.field(default=None, validator=v.optional(v.gt(0.0)))
-    # cap the output logits smoothly at +-logit_softcap (Gemma 2: 30); None: no cap
-    logit_softcap: float | None = attrs.field(default=None, validator=v.optional(v.gt(0.0)))
-    # the older spelling of block: "post" is block = "post_norm" ("pre", the default block, changes nothing)
-    layout: Literal["pre", "post"] | None = attrs.field(default=None, validator=v.optional(v.in_(("pre", "post"))))
-    # layers with components of their own, applied in order (a later group wins where two name a layer)
-    layers: dict[str, LayerGroup] = attrs.field(factory=dict, converter=_layer_groups)
-
-    def __attrs_post_init__(self):
-        if self.head_dim is None and self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}), or give head_dim")
-        if self.layout is not None:  # fold the old spelling into block, so both spellings are one config
-            if self.layout == "post" and self.block.kind not in ("pre_norm", "post_norm"):
-                raise ValueError(f"layout = \"post\" and block = \"{self.block.kind}\" disagree; give only block")
-            if self.layout == "post":
-                object.__setattr__(self, "block", SPEC_TYPES["block"]("post_norm"))
-            object.__setattr__(self, "layout", None)
-        for name, group in self.layers.items():
-            if not select_layers(group.at, self.n_layer):  # ValueError: out of range
-                raise ValueError(f"layers.{name}.at: {group.at!r} selects none of the {self.n_layer} layers")
-
-    def spec_at(self, family: str, layer: int | None):
-        """The Spec of ``family`` at ``layer`` (None: the model-wide choice)."""
-        spec = getattr(self, family)
-        if layer is not None:
-            for group in self.layers.values():
-                if getattr(group, family) is not None and layer in select_layers(group.at, self.n_layer):
-                    spec = getattr(group, family)
-        return spec
-
-    def dims(self, build: Callable | None = None, layer: int | None = None, record: Callable | None = None) -> Dims:
-        parts = {f: self.spec_at(f, layer) for f in PER_LAYER}
-        return Dims(self.n_embd, self.n_head, self.n_layer, self.block_size, self.vocab_size, self.dropout,
-                    self.bias, build, head_size=self.head_dim, layer=layer, parts=parts, record=record)
+def model_dims(config: ModelConfig, build: Callable | None = None, layer: int | None = None,
+               record: Callable | None = None) -> Dims:
+    """The shape handed to the factories of ``layer``'s components (None: the model-wide ones)."""
+    parts = {f: config.spec_at(f, layer) for f in PER_LAYER}
+    return Dims(config.n_embd, config.n_head, config.n_layer, config.block_size, config.vocab_size, config.dropout,
+                config.bias, build, head_size=config.head_dim, layer=layer, parts=parts, record=record)
 
 
 class Transformer(nn.Module):
@@ -144,14 +53,14 @@ class Transformer(nn.Module):
 
         C, V = config.n_embd, config.vocab_size
         # the parametrization first: attention asks it for its logit scale (muP: 1/d)
-        self.parametrization = build("parametrization", config.parametrization, config.dims(build))
-        dims = attrs.evolve(config.dims(build, record=record), parametrization=self.parametrization)
+        self.parametrization = build("parametrization", config.parametrization, model_dims(config, build))
+        dims = attrs.evolve(model_dims(config, build, record=record), parametrization=self.parametrization)
         wte = nn.Embedding(V, C)  # built in GPT-2's order, so a seed gives the same weights as ever
         wpe = build("position", config.position, dims)
         record("position", config.position.kind, wpe, None)
         blocks = []
         for i in range(config.n_layer):
-            layer_dims = attrs.evolve(config.dims(build, i, record), parametrization=self.parametrization)
+            layer_dims = attrs.evolve(model_dims(config, build, i, record), parametrization=self.parametrization)
             block = build("block", config.spec_at("block", i), layer_dims)
             record("block", config.spec_at("block", i).kind, block, i)
             blocks.append(block)

@@ -222,7 +222,7 @@ class Registry:
         if isinstance(spec.options, comp.options):
             return spec.options
         raise TypeError(f"{spec.family} {spec.kind!r}: options must be {comp.options.__qualname__}, got "
-                        f"{type(spec.options).__qualname__} (structure recipe tables with toolkit.config first)")
+                        f"{type(spec.options).__qualname__} (structure recipe tables with toolkit.converter first)")
 
     def build(self, spec: Spec, *args):
         """``factory(options, *args)`` for the component ``spec`` chooses."""

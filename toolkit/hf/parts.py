@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import structure
+from ..converter import structure
 from ..model import ModelConfig, Transformer
 from ..plugin_manager import default_registry
 from .common import HFFormatError

@@ -87,7 +87,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import cattrs
 
 from toolkit import contracts, families
-from toolkit.config import format_errors, make_converter
+from toolkit.converter import format_errors, make_converter
 from toolkit.contracts import Position, flops_per_token
 from toolkit.data import prepare
 from toolkit.engine import build_engine, engine_step, make_scheduler

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from toolkit.config import ConfigError, structure
+from toolkit.converter import ConfigError, structure
 from toolkit.model import ModelConfig, Transformer
 from toolkit.plugin_manager import PluginManager
 from toolkit.testing import ComponentConformance
