@@ -5,10 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from toolkit.config import ConfigError
+from toolkit.errors import ConfigError
 from toolkit.model import Transformer
 from toolkit.plugin_manager import load_registry
 from toolkit.recipe import load_recipe, registry_of
+from toolkit.probe import load_buildable
 from toolkit.testing import conformance
 
 COMPAT = Path(__file__).resolve().parent / "compat"
@@ -56,7 +57,7 @@ def test_an_old_position_asked_for_fewer_heads_than_it_has_says_what_to_change(t
     path = tmp_path / "r.toml"
     path.write_text(recipe_text(attention="diff", position="linear_bias"))
     with pytest.raises(ConfigError) as info:  # the recipe check's forward on the meta device finds it
-        load_recipe(path)
+        load_buildable(path)
     assert str(info.value).endswith(
         "position 'LinearBias': score_bias gave a bias for 2 heads where the attention asks for 1; give score_bias an "
         "n_head argument and return that many heads (toolkit.contracts.Position)")

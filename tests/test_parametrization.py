@@ -14,10 +14,11 @@ from toolkit.coordcheck import KINDS, coord_check, growth, render
 from toolkit.contracts import Parametrization
 from toolkit.errors import ConfigError, HFFormatError
 from toolkit.hf import export_architecture
-from toolkit.model import ModelConfig, Transformer
+from toolkit.model import ModelConfig, Transformer, model_dims
 from toolkit.plugin_manager import default_registry
 from toolkit.plugins.optimizers import param_groups
 from toolkit.recipe import load_recipe
+from toolkit.probe import load_buildable
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -101,7 +102,7 @@ def test_mup_refuses_a_base_width_the_heads_do_not_divide():
 
 def test_recipe_validation_reports_a_bad_base_width_at_its_path():
     with pytest.raises(ConfigError, match=r"\$\.model\.parametrization: base_width \(30\) must be divisible"):
-        load_recipe(ROOT / "recipes/gpt-cpu.toml", ['model.parametrization={kind="mup", base_width=30}'])
+        load_buildable(ROOT / "recipes/gpt-cpu.toml", ['model.parametrization={kind="mup", base_width=30}'])
 
 
 # -- the coordinate check (Yang et al. 2021) -------------------------------------------------------------------
@@ -170,7 +171,7 @@ class _Flat(Parametrization):
 @pytest.mark.parametrize("kind", ["mha", "gqa", "mqa", "sliding_window", "mla", "diff", "gated"])
 def test_every_builtin_attention_takes_its_logit_scale_from_the_parametrization(kind):
     registry = default_registry()
-    dims = ModelConfig(**TINY).dims(registry.build_in)
+    dims = model_dims(ModelConfig(**TINY), registry.build_in)
     x = torch.randn(2, 8, TINY["n_embd"], generator=torch.Generator().manual_seed(0))
     pos = torch.arange(8)
     position = registry.build_in("position", "rope", dims)

@@ -20,7 +20,8 @@ from .data.sources import resolve_sources
 from .errors import UsageError
 from .families import SPEC_TYPES
 from .model import Transformer
-from .recipe import load_recipe, registry_of
+from .probe import load_buildable
+from .recipe import registry_of
 from .safeio import read_text
 
 #: what is measured: the token embeddings, every attention's and MLP's output (averaged over layers), the logits
@@ -190,7 +191,7 @@ def run(args) -> int:
         widths = [int(w) for w in args.widths.split(",")]
     except ValueError:
         raise UsageError(f"--widths: expected integers separated by commas, got {args.widths!r}") from None
-    recipe = load_recipe(args.recipe, args.set, args.plugin)
+    recipe = load_buildable(args.recipe, args.set, args.plugin)
     check = coord_check(recipe, widths, args.steps, base_width=args.base_width, lr=args.lr, seed=args.seed,
                         say=lambda line: print(line, file=sys.stderr, flush=True))
     print(render(check))

@@ -22,8 +22,8 @@ from .engine import batch_plan, check_deepspeed_config, deepspeed_config, merged
 from .errors import ConfigError
 from .families import PER_LAYER
 from .model import Transformer, select_layers
-from .probe import build_meta_model, estimated_named_params, estimated_params
-from .recipe import Recipe
+from .probe import build_meta_model, estimated_named_params
+from .recipe import Recipe, registry_of
 
 
 @attrs.frozen
