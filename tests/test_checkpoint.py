@@ -14,7 +14,7 @@ from toolkit import checkpoint, runfolder
 from toolkit.checkpoint import CheckpointError
 from toolkit.engine import build_engine
 from toolkit.model import ModelConfig, Transformer
-from toolkit.recipe import DeepSpeedConfig, Recipe, TrainConfig
+from toolkit.recipe import DeepSpeedConfig, Recipe, TrainConfig, load_recipe, registry_of
 
 TOOLKIT = Path(__file__).resolve().parent.parent / "toolkit"
 
@@ -207,3 +207,16 @@ def test_every_torch_load_in_the_toolkit_is_weights_only():
         flags = {kw.arg: kw.value for kw in node.keywords}
         assert isinstance(flags.get("weights_only"), ast.Constant) and flags["weights_only"].value is True, \
             f"{path.relative_to(TOOLKIT.parent)}:{node.lineno}: torch.load without weights_only=True"
+
+
+def test_a_checkpoint_saved_before_a_model_key_existed_resumes_when_the_key_keeps_its_default():
+    # a run saved before model.parametrization existed resolved without it; its default is what that run had
+    recipe = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "smoke.toml")
+    current = checkpoint.identity(recipe, registry_of(recipe))
+    saved = json.loads(json.dumps(current))
+    del saved["recipe"]["model"]["parametrization"]
+    assert checkpoint.identity_changes(saved, current) == ([], [])
+    chosen = json.loads(json.dumps(current))
+    chosen["recipe"]["model"]["parametrization"] = {"kind": "mup", "base_width": 16}
+    refused, _ = checkpoint.identity_changes(saved, chosen)
+    assert refused == ['model.parametrization.kind: "standard" -> "mup"', "model.parametrization.base_width: (unset) -> 16"]

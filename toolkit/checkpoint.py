@@ -55,7 +55,7 @@ import torch.distributed as dist
 from . import families, safeio
 from .engine import device
 from .errors import CheckpointError
-from .recipe import diff_lines, flatten, recipe_to_dict
+from .recipe import diff_lines, flatten, recipe_to_dict, validate
 from .registry import code_of
 from .safeio import fsync, write_atomically
 
@@ -246,15 +246,24 @@ def _fixed_keys(recipe_dict: dict) -> dict:
     return {k: v for k, v in flat.items() if k == "plugins" or k.startswith("model.") or k in ENGINE_KEYS}
 
 
+def as_resolved_now(recipe_dict: dict) -> dict:
+    """A saved resolved recipe as this version resolves it: a key added since it was saved (a new
+    family such as model.parametrization, a new option) takes its default, which is what the run had,
+    so it is no change; a recipe this version cannot read stays as saved and its keys compare as they are."""
+    recipe, _ = validate(recipe_dict)
+    return recipe_to_dict(recipe) if recipe is not None else recipe_dict
+
+
 def identity_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     """(refused, allowed) differences from a checkpoint's identity to the resuming run's, ``key: a -> b`` each.
 
     Refused: the model, its plugins and their versions, and ENGINE_KEYS. Allowed: everything else
     (more steps, another eval interval, ...), which the run folder then records.
     """
-    old_fixed, new_fixed = _fixed_keys(saved["recipe"]), _fixed_keys(current["recipe"])
+    old = as_resolved_now(saved["recipe"])
+    old_fixed, new_fixed = _fixed_keys(old), _fixed_keys(current["recipe"])
     refused = diff_lines(old_fixed, new_fixed) + diff_lines(saved["components"], current["components"], prefix="plugin ")
-    old_all, new_all = flatten(saved["recipe"]), flatten(current["recipe"])
+    old_all, new_all = flatten(old), flatten(current["recipe"])
     allowed = diff_lines({k: v for k, v in old_all.items() if k not in old_fixed},
                          {k: v for k, v in new_all.items() if k not in new_fixed})
     return refused, allowed
