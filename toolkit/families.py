@@ -63,8 +63,8 @@ FAMILIES: tuple[Family, ...] = (
            in_model=True, per_layer=True, locations=("transformer.h.*.ln_*", "transformer.h.*.post_ln_*",
                                                      "transformer.ln_f")),
     Family("position", "register_components", "model.position", "learned",
-           "factory(opts, dims) -> toolkit.contracts.Position (embed, rotate, score_bias)",
-           in_model=True, locations=("transformer.wpe",)),
+           "factory(opts, dims) -> toolkit.contracts.Position (embed, rotate, score_bias); per layer: rotate, "
+           "score_bias only", in_model=True, per_layer=True, locations=("transformer.wpe", "transformer.layer_wpe.*")),
     Family("mlp", "register_components", "model.mlp", "gelu",
            "factory(opts, dims) -> nn.Module; forward(x) -> y, both (B, T, C)",
            in_model=True, per_layer=True, locations=("transformer.h.*.mlp",)),

@@ -21,7 +21,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import resolve_specs
-from .contracts import AttentionObserver, Dims, Position, flops_per_token, observing_attention
+from .contracts import (AttentionObserver, Dims, Position, acts_per_layer, flops_per_token, observing_attention,
+                        new_state, state_for, takes_state)
+from .errors import ConfigError
 from .families import PER_LAYER, SPEC_TYPES, components, layer_components
 from .plugin_manager import default_registry
 from .registry import Registry
@@ -64,7 +66,7 @@ def _layer_selection(_, attribute, value):
 
 
 @attrs.frozen
-@layer_components  # attention, norm, mlp, block: each None (the model's) or a Spec for these layers
+@layer_components  # attention, norm, position, mlp, block: each None (the model's) or a Spec for these layers
 class LayerGroup:
     """Some layers' own components: ``[model.layers.<name>]`` with ``at`` and any of the per-layer families."""
 
@@ -158,6 +160,26 @@ class Transformer(nn.Module):
                                               h=nn.ModuleList(blocks), ln_f=final))
         if not isinstance(self.transformer.wpe, Position):
             raise TypeError(f"position {config.position.kind!r} must build a toolkit.contracts.Position")
+        # a layer group's own position (iRoPE: RoPE on local layers, none on global ones); layers that
+        # choose the same one share it, and the model's stays transformer.wpe (GPT-2's name)
+        own: dict = {}
+        for i in range(config.n_layer):
+            spec = config.spec_at("position", i)
+            if spec != config.position and spec not in own:
+                own[spec] = build("position", spec, config.dims(build, i))
+                if not isinstance(own[spec], Position):
+                    raise TypeError(f"position {spec.kind!r} must build a toolkit.contracts.Position")
+                if not acts_per_layer(own[spec]):
+                    raise ConfigError(f"model.layers: position '{spec.kind}' adds to the embeddings (embed), which the "
+                                      "model does once, not per layer; per layer choose one that rotates or biases "
+                                      "scores (rope, alibi, none)")
+                record("position", spec.kind, own[spec], i)
+        if own:
+            self.transformer.layer_wpe = nn.ModuleList(own.values())
+        # each layer's Position (a plain list: the modules are registered above)
+        self.layer_positions = [own.get(config.spec_at("position", i), wpe) for i in range(config.n_layer)]
+        self._max_len = min((p.max_len for p in {id(p): p for p in self.layer_positions + [wpe]}.values()
+                             if p.max_len is not None), default=None)
         self.lm_head = nn.Linear(C, V, bias=False)
         if config.tie_embeddings:  # weight tying (Press & Wolf 2017), as in GPT-2
             self.lm_head.weight = self.transformer.wte.weight
@@ -179,6 +201,16 @@ class Transformer(nn.Module):
         for m in self._loss_sources:
             if not isinstance(getattr(m, "aux_losses", None), dict):
                 m.aux_losses = {}
+        # which components ask for the per-forward state (a ``state`` keyword in forward), found once
+        # here so that forward (compiled too) reads a constant: contracts.state_for
+        for m in self.modules():
+            m._takes_state = takes_state(m) and m is not self
+        for family, kind, module, layer in self.parts:
+            block = self.transformer.h[layer] if layer is not None else None
+            if family != "block" and block is not None and module._takes_state and not block._takes_state:
+                raise ConfigError(f"{family} '{kind}' at layer {layer} asks for the per-forward state, but block "
+                                  f"'{config.spec_at('block', layer).kind}' does not hand it on: declare state=None "
+                                  "in the block's forward and call its parts with **state_for(part, state)")
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -203,19 +235,24 @@ class Transformer(nn.Module):
         for source in self._loss_sources:
             source.aux_losses = {}
         position: Position = self.transformer.wpe
-        if position.max_len is not None and start_pos + T > position.max_len:
-            raise ValueError(f"sequence of {start_pos + T} tokens exceeds the positional limit {position.max_len}")
+        if self._max_len is not None and start_pos + T > self._max_len:
+            raise ValueError(f"sequence of {start_pos + T} tokens exceeds the positional limit {self._max_len}")
         pos = torch.arange(start_pos, start_pos + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.wte(idx)  # (B, T, C)
         if self.config.embedding_multiplier is not None:  # Gemma: sqrt(n_embd), in the embeddings' dtype
             x = x * torch.tensor(self.config.embedding_multiplier, dtype=x.dtype)
         x = self.transformer.drop(position.embed(x, pos))
+        state = new_state(idx, x)  # this forward's (or decoding step's) state: contracts, "State between layers"
         for i, block in enumerate(self.transformer.h):
             layer_cache = cache[i] if cache is not None else None
+            position = self.layer_positions[i]
+            run = (_with_state, block) if block._takes_state else (block,)
+            args = (x, position, pos, layer_cache) + ((state,) if block._takes_state else ())
             if self.activation_checkpointing and self.training and layer_cache is None:
-                x = checkpoint(block, x, position, pos, use_reentrant=False)
+                out = checkpoint(*run, *args, use_reentrant=False)
             else:
-                x = block(x, position, pos, layer_cache)
+                out = run[0](*run[1:], *args)
+            x, state = out if block._takes_state else (out, state)
         x = self.transformer.ln_f(x)
         if last_only:
             x = x[:, [-1], :]  # (B, 1, C): generation needs only the next token's logits
@@ -340,6 +377,13 @@ class Transformer(nn.Module):
     def flops_per_token(self, seq_len: int | None = None) -> int:
         """Forward FLOPs per token; training costs about three times this (forward + backward)."""
         return self.component_report(seq_len)[-1]["flops_per_token"]
+
+
+def _with_state(block: nn.Module, x, position, pos, cache, state: dict):
+    """One block over its own shallow copy of the state -> (x, the copy): its writes reach later layers
+    through what it returns, and a recompute (activation checkpointing) starts from the same contents."""
+    state = dict(state)
+    return block(x, position, pos, cache, **state_for(block, state)), state
 
 
 class AttentionMaps:
