@@ -131,6 +131,12 @@ class ModelConfig:
                     self.bias, build, head_size=self.head_dim, layer=layer, parts=parts, record=record)
 
 
+def embed_per_layer_refusal(kind: str) -> str:
+    """Why a position with an embed hook cannot be a layer's own: the embeddings are added once."""
+    return (f"position '{kind}' adds to the embeddings (embed), which the model does once, before the first "
+            "layer; a layer's own position must rotate q and k or bias the scores (rope, alibi, none)")
+
+
 class Transformer(nn.Module):
     """A GPT: token embedding, positional component, N blocks, final norm, LM head."""
 
@@ -170,9 +176,8 @@ class Transformer(nn.Module):
                 if not isinstance(own[spec], Position):
                     raise TypeError(f"position {spec.kind!r} must build a toolkit.contracts.Position")
                 if not acts_per_layer(own[spec]):
-                    raise ConfigError(f"model.layers: position '{spec.kind}' adds to the embeddings (embed), which the "
-                                      "model does once, not per layer; per layer choose one that rotates or biases "
-                                      "scores (rope, alibi, none)")
+                    group = next(n for n, g in config.layers.items() if g.position == spec)
+                    raise ConfigError(f"$.model.layers.{group}.position: {embed_per_layer_refusal(spec.kind)}")
                 record("position", spec.kind, own[spec], i)
         if own:
             self.transformer.layer_wpe = nn.ModuleList(own.values())

@@ -59,7 +59,9 @@ checks, in order:
     compile          torch.compile gives the eager outputs (only with compile=True: CPU compiles are slow)
 
 A component for which a check cannot apply says so with a class attribute
-``conformance_skip = {"scale": "the reason"}``; the kit skips that check and names the reason.
+``conformance_skip = {"scale": "the reason"}``; the kit skips that check and names the reason. Where
+that depends on the options, make it a function of them (a staticmethod) returning that dict, e.g.
+``{"position_hooks": "no position on this layer"} if not opts.rotate else {}``.
 
 Tolerances are fp32's (atol 1e-5, rtol 1e-4) except where the text says "exactly".
 """
@@ -85,7 +87,7 @@ import cattrs
 
 from toolkit import contracts, families
 from toolkit.config import format_errors, make_converter
-from toolkit.contracts import Position, flops_per_token, new_state, state_for
+from toolkit.contracts import Position, acts_per_layer, flops_per_token, new_state, state_for
 from toolkit.engine import build_engine, engine_step
 from toolkit.families import SPEC_TYPES
 from toolkit.model import ModelConfig, Transformer
@@ -628,6 +630,8 @@ def check_per_layer(subject: Subject, **_) -> None:
     """Builds for every layer index (and as the final norm), and works where only some layers use it."""
     if subject.family not in families.PER_LAYER:
         return
+    if subject.family == "position" and not acts_per_layer(subject.build().transformer.wpe):
+        return  # it adds to the embeddings, once for the model: no layer may choose it (model.py refuses)
     spec = SPEC_TYPES[subject.family](subject.name, subject.options)
     partner = SPEC_TYPES[subject.family](DEFAULT_PARTNERS.get(subject.family, "pre_norm"))
     n = TINY_MODEL["n_layer"]
@@ -747,7 +751,10 @@ def _describe(exc: BaseException) -> str:
 def skip_reason(subject: Subject, check: str) -> str | None:
     """Why the component opts out of ``check`` (its class's ``conformance_skip``), or None."""
     factory = subject.registry.get(subject.family, subject.name).factory
-    return dict(getattr(factory, "conformance_skip", {})).get(check)
+    skips = getattr(factory, "conformance_skip", {})
+    if callable(skips):  # a function of the options: an attention with rope = false rotates nothing
+        skips = skips(subject.options)
+    return dict(skips or {}).get(check)
 
 
 def run_check(subject: Subject, check: str, **kwargs) -> None:
