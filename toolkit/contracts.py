@@ -6,11 +6,12 @@ Every factory is called with its structured options and a :class:`Dims` describi
     norm:      factory(opts, dims, dim)   -> module; forward(x) -> x, normalising the last dim of size `dim`
     position:  factory(opts, dims)        -> a Position (below)
     mlp:       factory(opts, dims)        -> module; forward(x) -> y
-    block:     factory(opts, dims)        -> module; forward(x, position, pos, cache=None) -> x, one residual
-               layer that builds its attention, norms and MLP with ``dims.part(family, ...)``
+    block:     factory(opts, dims)        -> module; forward(x, position, pos, cache=None, state=None) -> x, one
+               residual layer that builds its attention, norms and MLP with ``dims.part(family, ...)``
 
-**Per layer.** Attention, norm, MLP and block may differ from layer to layer (``[model.layers.<name>]``
-in a recipe). Their factories get ``dims.layer``, the index of the layer they are built for (0 ..
+**Per layer.** Attention, norm, MLP, block and position may differ from layer to layer
+(``[model.layers.<name>]`` in a recipe; a layer's own position acts through rotate and score_bias only,
+the model hands it to that layer's block as ``position``: embed happens once, for the model). Their factories get ``dims.layer``, the index of the layer they are built for (0 ..
 n_layer - 1; None for the final norm), so per-layer schedules are data (litgpt's ``block_idx``); a
 norm also gets ``dims.role``: "attention", "mlp", "final" or "qk", where it sits.
 

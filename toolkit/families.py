@@ -56,7 +56,8 @@ class Family:
 
 FAMILIES: tuple[Family, ...] = (
     Family("attention", "register_components", "model.attention", "mha",
-           "factory(opts, dims) -> nn.Module; forward(x, position, pos, cache=None) -> y, x and y (B, T, C)",
+           "factory(opts, dims) -> nn.Module; forward(x, position, pos, cache=None) -> y, x and y (B, T, C); "
+           "declare state=None to get the per-forward state",
            in_model=True, per_layer=True, locations=("transformer.h.*.attn",)),
     Family("norm", "register_components", "model.norm", "layernorm",
            "factory(opts, dims, dim) -> nn.Module normalising the last dimension (of size dim)",
@@ -66,11 +67,12 @@ FAMILIES: tuple[Family, ...] = (
            "factory(opts, dims) -> toolkit.contracts.Position (embed, rotate, score_bias); per layer: rotate, "
            "score_bias only", in_model=True, per_layer=True, locations=("transformer.wpe", "transformer.layer_wpe.*")),
     Family("mlp", "register_components", "model.mlp", "gelu",
-           "factory(opts, dims) -> nn.Module; forward(x) -> y, both (B, T, C)",
+           "factory(opts, dims) -> nn.Module; forward(x) -> y, both (B, T, C); declare state=None to get the "
+           "per-forward state",
            in_model=True, per_layer=True, locations=("transformer.h.*.mlp",)),
     Family("block", "register_components", "model.block", "pre_norm",
-           "factory(opts, dims) -> nn.Module; forward(x, position, pos, cache=None) -> x; builds its parts "
-           "with dims.part(family)", in_model=True, per_layer=True, locations=("transformer.h.*",)),
+           "factory(opts, dims) -> nn.Module; forward(x, position, pos, cache=None, state=None) -> x; builds "
+           "its parts with dims.part(family), hands them the state with **state_for(part, state)", in_model=True, per_layer=True, locations=("transformer.h.*",)),
     Family("optimizer", "register_optimizers", "train.optimizer", "adamw",
            "factory(opts, model, recipe) -> torch.optim.Optimizer; the schedule scales every group's lr"),
     Family("schedule", "register_schedules", "train.schedule", "cosine",
