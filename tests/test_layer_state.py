@@ -73,8 +73,8 @@ VALUE_RESIDUAL = textwrap.dedent('''
 
     @hookimpl
     def register_components(register):
-        register("attention", "value_residual", ValueResidualAttention)
-        register("attention", "dense_value_residual", DenseValueResidualAttention)
+        register("attention", "resformer", ValueResidualAttention)
+        register("attention", "dense_resformer", DenseValueResidualAttention)
 ''')
 
 NO_STATE_BLOCK = textwrap.dedent('''
@@ -105,7 +105,7 @@ NO_STATE_BLOCK = textwrap.dedent('''
         register("block", "old", OldBlock)
 ''')
 
-TINY = dict(vocab_size=61, block_size=24, n_layer=3, n_head=2, n_embd=16, position="rope", attention="value_residual")
+TINY = dict(vocab_size=61, block_size=24, n_layer=3, n_head=2, n_embd=16, position="rope", attention="resformer")
 
 
 @pytest.fixture
@@ -118,7 +118,7 @@ def plugin(tmp_path, monkeypatch):
 
 
 def test_value_residual_plugin_passes_the_conformance_kit(plugin):
-    ran = check_component("attention", "value_residual", plugins=[str(plugin)])
+    ran = check_component("attention", "resformer", plugins=[str(plugin)])
     assert "state" in ran and "kv_cache" in ran
 
 
@@ -145,7 +145,7 @@ def test_value_residual_trains_and_cached_greedy_decoding_equals_uncached(plugin
 
 def test_kit_catches_a_plugin_that_changes_the_state_in_place(plugin):
     with pytest.raises(ConformanceError) as err:
-        check_component("attention", "dense_value_residual", plugins=[str(plugin)])
+        check_component("attention", "dense_resformer", plugins=[str(plugin)])
     lines = str(err.value).splitlines()
     assert lines[0].endswith("failed 1 of 18 conformance checks:"), str(err.value)  # every other check passes it
     assert lines[1].startswith("  state: layer 1 changed state['vsum'] in place")
@@ -153,7 +153,7 @@ def test_kit_catches_a_plugin_that_changes_the_state_in_place(plugin):
 
 def test_a_block_that_does_not_hand_on_the_state_is_refused_when_built(plugin):
     registry = load_registry([str(plugin), str(plugin.parent / "old_block.py")])
-    with pytest.raises(ConfigError, match="attention 'value_residual' at layer 0 asks for the per-forward state, "
+    with pytest.raises(ConfigError, match="attention 'resformer' at layer 0 asks for the per-forward state, "
                                           "but block 'old' does not hand it on"):
         Transformer(ModelConfig(**TINY, block="old"), registry)
     Transformer(ModelConfig(**{**TINY, "attention": "mha"}, block="old"), registry)  # no part asks: fine

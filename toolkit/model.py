@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import resolve_specs
 from .contracts import (AttentionObserver, Dims, Position, acts_per_layer, flops_per_token, observing_attention,
-                        new_state, state_for, takes_state)
+                        new_state, takes_state)
 from .errors import ConfigError
 from .families import PER_LAYER, SPEC_TYPES, components, layer_components
 from .plugin_manager import default_registry
@@ -251,13 +251,10 @@ class Transformer(nn.Module):
         for i, block in enumerate(self.transformer.h):
             layer_cache = cache[i] if cache is not None else None
             position = self.layer_positions[i]
-            run = (_with_state, block) if block._takes_state else (block,)
-            args = (x, position, pos, layer_cache) + ((state,) if block._takes_state else ())
             if self.activation_checkpointing and self.training and layer_cache is None:
-                out = checkpoint(*run, *args, use_reentrant=False)
+                x, state = checkpoint(_with_state, block, x, position, pos, None, state, use_reentrant=False)
             else:
-                out = run[0](*run[1:], *args)
-            x, state = out if block._takes_state else (out, state)
+                x, state = _with_state(block, x, position, pos, layer_cache, state)
         x = self.transformer.ln_f(x)
         if last_only:
             x = x[:, [-1], :]  # (B, 1, C): generation needs only the next token's logits
@@ -387,8 +384,10 @@ class Transformer(nn.Module):
 def _with_state(block: nn.Module, x, position, pos, cache, state: dict):
     """One block over its own shallow copy of the state -> (x, the copy): its writes reach later layers
     through what it returns, and a recompute (activation checkpointing) starts from the same contents."""
+    if not block._takes_state:
+        return block(x, position, pos, cache), state
     state = dict(state)
-    return block(x, position, pos, cache, **state_for(block, state)), state
+    return block(x, position, pos, cache, state=state), state
 
 
 class AttentionMaps:
