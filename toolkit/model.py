@@ -181,10 +181,10 @@ class Transformer(nn.Module):
                 record("position", spec.kind, own[spec], i)
         if own:
             self.transformer.layer_wpe = nn.ModuleList(own.values())
-        # each layer's Position (a plain list: the modules are registered above)
-        self.layer_positions = [own.get(config.spec_at("position", i), wpe) for i in range(config.n_layer)]
-        self._max_len = min((p.max_len for p in {id(p): p for p in self.layer_positions + [wpe]}.values()
-                             if p.max_len is not None), default=None)
+        # each layer's own position as an index into layer_wpe, or None: the model's (looked up in
+        # forward, so that a position swapped in for transformer.wpe reaches every layer)
+        self._own_position = [list(own).index(s) if s in own else None
+                              for s in (config.spec_at("position", i) for i in range(config.n_layer))]
         self.lm_head = nn.Linear(C, V, bias=False)
         if config.tie_embeddings:  # weight tying (Press & Wolf 2017), as in GPT-2
             self.lm_head.weight = self.transformer.wte.weight
@@ -240,8 +240,10 @@ class Transformer(nn.Module):
         for source in self._loss_sources:
             source.aux_losses = {}
         position: Position = self.transformer.wpe
-        if self._max_len is not None and start_pos + T > self._max_len:
-            raise ValueError(f"sequence of {start_pos + T} tokens exceeds the positional limit {self._max_len}")
+        own = list(self.transformer.layer_wpe) if "layer_wpe" in self.transformer else []
+        limits = [p.max_len for p in [position, *own] if p.max_len is not None]
+        if limits and start_pos + T > min(limits):
+            raise ValueError(f"sequence of {start_pos + T} tokens exceeds the positional limit {min(limits)}")
         pos = torch.arange(start_pos, start_pos + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.wte(idx)  # (B, T, C)
         if self.config.embedding_multiplier is not None:  # Gemma: sqrt(n_embd), in the embeddings' dtype
@@ -250,7 +252,7 @@ class Transformer(nn.Module):
         state = new_state(idx, x)  # this forward's (or decoding step's) state: contracts, "State between layers"
         for i, block in enumerate(self.transformer.h):
             layer_cache = cache[i] if cache is not None else None
-            position = self.layer_positions[i]
+            position = self.transformer.wpe if self._own_position[i] is None else own[self._own_position[i]]
             if self.activation_checkpointing and self.training and layer_cache is None:
                 x, state = checkpoint(_with_state, block, x, position, pos, None, state, use_reentrant=False)
             else:
