@@ -90,7 +90,7 @@ class GroupedQueryAttention(nn.Module):
     def forward(self, x, position, pos, cache=None):
         return self.resid_dropout(self.c_proj(self.heads(x, position, pos, cache)))
 
-    def heads(self, x, position, pos, cache=None):
+    def heads(self, x, position, pos, cache=None, state=None):
         """The heads' outputs side by side, (B, T, nh*hs): what c_proj mixes back into the residual stream."""
         B, T, C = x.shape
         nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
@@ -102,6 +102,7 @@ class GroupedQueryAttention(nn.Module):
         v = v.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
         if self.q_norm is not None and not self.qk_norm_all:
             q, k = self.q_norm(q), self.k_norm(k)  # normalised over hs, per head and token
+        v = self.mix_values(v, state)
         q, k = position.rotate(q, k, pos)
         k, v, k_pos = self.update_cache(cache, k, v, pos)  # (B, nkv, T_past + T, hs), positions (T_past + T,)
         y = attend(q, k, v, pos, k_pos, position, dropout=self.dropout if self.training else 0.0,
@@ -110,6 +111,10 @@ class GroupedQueryAttention(nn.Module):
 
     def update_cache(self, cache, k, v, pos):
         return update_cache(cache, k, v, pos)
+
+    def mix_values(self, v, state):
+        """This step's values (B, nkv, T, hs) before caching; a subclass may mix in the per-forward state's."""
+        return v
 
     def context(self, seq_len: int) -> int:
         """How many keys a query attends to, at most, in a sequence of seq_len."""

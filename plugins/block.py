@@ -1,9 +1,10 @@
 """Built-in blocks: where the norms and the residual connections sit around attention and the MLP.
 
-Contract: factory(opts, dims) -> module; forward(x, position, pos, cache=None) -> x. A block builds
+Contract: factory(opts, dims) -> module; forward(x, position, pos, cache=None, state=None) -> x. A block builds
 this layer's attention, norms and MLP with ``dims.part(family, ...)`` (the layer's own choices when
 a recipe gives them), keeps GPT-2's names (ln_1, attn, ln_2, mlp) so weights load by name, and says
-with ``final_norm`` whether the model needs a norm after the last block.
+with ``final_norm`` whether the model needs a norm after the last block. Each hands the per-forward
+state to the parts that ask for it (toolkit.contracts, "State between layers").
 
     pre_norm    x + attn(ln_1(x)); x + mlp(ln_2(x))                         (GPT-2, Llama)
     post_norm   ln_1(x + attn(x)); ln_2(x + mlp(x))                         (Vaswani et al. 2017)
@@ -15,7 +16,7 @@ from __future__ import annotations
 import attrs
 from torch import nn
 
-from toolkit.contracts import Dims
+from toolkit.contracts import Dims, state_for
 from toolkit.errors import ConfigError
 from toolkit.hookspecs import hookimpl
 from toolkit.registry import NoOptions
@@ -34,9 +35,9 @@ class PreNorm(nn.Module):
         self.ln_2 = dims.part("norm", dims.n_embd, role="mlp")
         self.mlp = dims.part("mlp")
 
-    def forward(self, x, position, pos, cache=None):
-        x = x + self.attn(self.ln_1(x), position, pos, cache)
-        return x + self.mlp(self.ln_2(x))
+    def forward(self, x, position, pos, cache=None, state=None):
+        x = x + self.attn(self.ln_1(x), position, pos, cache, **state_for(self.attn, state))
+        return x + self.mlp(self.ln_2(x), **state_for(self.mlp, state))
 
 
 class PostNorm(PreNorm):
@@ -44,9 +45,9 @@ class PostNorm(PreNorm):
 
     final_norm = False  # the block already ends in a norm
 
-    def forward(self, x, position, pos, cache=None):
-        x = self.ln_1(x + self.attn(x, position, pos, cache))
-        return self.ln_2(x + self.mlp(x))
+    def forward(self, x, position, pos, cache=None, state=None):
+        x = self.ln_1(x + self.attn(x, position, pos, cache, **state_for(self.attn, state)))
+        return self.ln_2(x + self.mlp(x, **state_for(self.mlp, state)))
 
 
 @attrs.frozen
@@ -68,9 +69,10 @@ class Parallel(nn.Module):
         self.ln_2 = None if opts.shared_norm else dims.part("norm", dims.n_embd, role="mlp")
         self.mlp = dims.part("mlp")
 
-    def forward(self, x, position, pos, cache=None):
+    def forward(self, x, position, pos, cache=None, state=None):
         h = self.ln_1(x)
-        return x + self.attn(h, position, pos, cache) + self.mlp(h if self.ln_2 is None else self.ln_2(x))
+        return (x + self.attn(h, position, pos, cache, **state_for(self.attn, state))
+                + self.mlp(h if self.ln_2 is None else self.ln_2(x), **state_for(self.mlp, state)))
 
 
 @attrs.frozen
@@ -97,9 +99,9 @@ class Sandwich(nn.Module):
         self.mlp = dims.part("mlp")
         self.post_ln_2 = dims.part("norm", C, role="mlp") if opts.post else nn.Identity()
 
-    def forward(self, x, position, pos, cache=None):
-        x = x + self.post_ln_1(self.attn(self.ln_1(x), position, pos, cache))
-        return x + self.post_ln_2(self.mlp(self.ln_2(x)))
+    def forward(self, x, position, pos, cache=None, state=None):
+        x = x + self.post_ln_1(self.attn(self.ln_1(x), position, pos, cache, **state_for(self.attn, state)))
+        return x + self.post_ln_2(self.mlp(self.ln_2(x), **state_for(self.mlp, state)))
 
 
 @hookimpl

@@ -106,6 +106,9 @@ def test_activation_checkpointing_compiles_without_graph_breaks():
     model = tiny("mha", "alibi")
     model.activation_checkpointing = True
     assert_one_graph_in_training(model)
+    model = research(**RESEARCH["state-irope"])  # blocks that write the state under recomputation
+    model.activation_checkpointing = True
+    assert_one_graph_in_training(model)
 
 
 class HostPosition(Position):
@@ -137,6 +140,9 @@ RESEARCH = {
     "parallel-dyt": dict(block="parallel", norm="dyt"),
     "sandwich-moe": dict(block="sandwich", mlp={"kind": "moe", "experts": 4, "top_k": 2}),
     "local-global": dict(attention={"kind": "sliding_window", "window": 5}, layers={"g": {"at": "1::2", "attention": "mha"}}),
+    # the per-forward state (value residual, x0, U-net skips) and a layer's own position (iRoPE)
+    "state-irope": dict(attention="value_residual", block="shortcut_block", n_layer=4,
+                        layers={"g": {"at": "1::2", "position": "none"}}),
 }
 
 

@@ -153,6 +153,7 @@ def test_gemma2_configs_we_cannot_represent_are_refused_naming_the_key(tmp_path,
     (dict(norm={"kind": "rmsnorm", "offset": 0.0}), "rmsnorm offset 0.0 (Gemma 2 scales by 1 + weight)"),
     (dict(attention={"kind": "gqa", "n_kv_head": 2, "scale": 0.3}), "attention scale 0.3"),
     (dict(layers={"g": {"at": "1::2", "attention": {"kind": "gqa", "n_kv_head": 1}}}), "attention options differ"),
+    (dict(layers={"g": {"at": "1::2", "position": "none"}}), "layers with their own block, norm, MLP or position"),
 ])
 def test_models_gemma2_cannot_express_are_refused_with_the_reason(tmp_path, change, reason):
     fields = dict(vocab_size=V, block_size=32, n_layer=2, n_head=4, n_embd=64, bias=False, block="sandwich",

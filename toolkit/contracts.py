@@ -6,11 +6,12 @@ Every factory is called with its structured options and a :class:`Dims` describi
     norm:      factory(opts, dims, dim)   -> module; forward(x) -> x, normalising the last dim of size `dim`
     position:  factory(opts, dims)        -> a Position (below)
     mlp:       factory(opts, dims)        -> module; forward(x) -> y
-    block:     factory(opts, dims)        -> module; forward(x, position, pos, cache=None) -> x, one residual
-               layer that builds its attention, norms and MLP with ``dims.part(family, ...)``
+    block:     factory(opts, dims)        -> module; forward(x, position, pos, cache=None, state=None) -> x, one
+               residual layer that builds its attention, norms and MLP with ``dims.part(family, ...)``
 
-**Per layer.** Attention, norm, MLP and block may differ from layer to layer (``[model.layers.<name>]``
-in a recipe). Their factories get ``dims.layer``, the index of the layer they are built for (0 ..
+**Per layer.** Attention, norm, MLP, block and position may differ from layer to layer
+(``[model.layers.<name>]`` in a recipe; a layer's own position acts through rotate and score_bias only,
+the model hands it to that layer's block as ``position``: embed happens once, for the model). Their factories get ``dims.layer``, the index of the layer they are built for (0 ..
 n_layer - 1; None for the final norm), so per-layer schedules are data (litgpt's ``block_idx``); a
 norm also gets ``dims.role``: "attention", "mlp", "final" or "qk", where it sits.
 
@@ -90,6 +91,31 @@ true. An attention whose output is not one softmax map times V (differential att
 defines ``attention_map(maps) -> (B, h, Tq, Tk)``, combining what it recorded in one forward, in call
 order, into the map it really applies to its values. While observing, a head may also be masked
 (its attend output zeroed), which is how head importance is measured.
+
+**State between layers.** Some designs pass something from layer to layer beyond the residual
+stream: value residual (ResFormer, Zhou et al. 2024: every layer mixes its values with the first
+layer's), modded-nanogpt's x0 shortcut, value embeddings, U-net skips, hyper-connections. For these
+the model creates a small per-forward ``state``, a plain dict, for every forward and every decoding
+step. A block, attention or MLP asks for it by declaring a ``state`` keyword in its forward
+(``forward(x, position, pos, cache=None, state=None)``, MLP ``forward(x, state=None)``); the model
+finds that once when it is built (:func:`takes_state`), and hands the dict to every block that asks;
+a block hands it to its parts with ``**state_for(self.attn, state)`` (the built-in blocks do). The
+model puts ``state["idx"]`` (B, T) token ids and ``state["x0"]`` (B, T, C), the first block's input,
+in it; components add entries by name (``state["v1"] = v``) and read what earlier layers added.
+The rules that keep it right under activation checkpointing, ``torch.compile(fullgraph=True)`` and
+the KV cache:
+
+- each layer gets its own shallow copy of the state, holding what the layers before it wrote, and
+  its writes reach only later layers; so a recomputed layer (activation checkpointing) sees the same
+  contents as in its first forward, and "write it if nobody has yet" means "the first such layer";
+- write new tensors, never change one in the state in place (``state["s"] = state["s"] + y``,
+  not ``+=``): earlier layers hold the same tensor, and their recompute would see the change;
+- while decoding, the state is the step's: it holds the current tokens only (values before
+  ``update_cache``), never the cached past; keep what later steps need in your layer's ``cache``;
+- keep no reference to the state or its tensors between forwards (on ``self``): each forward's is new.
+
+The conformance kit's ``state`` check runs on components that declare it (:func:`check_state` in
+:mod:`toolkit.testing.conformance`).
 
 **Metrics.** A component may define ``metrics() -> {name: float or 0-dim tensor}`` (an expert's
 load, a learned lambda, ...): the trainer asks for them every ``log_interval`` steps, so keep what
@@ -209,6 +235,36 @@ class Parametrization:
     def apply(self, model: nn.Module, base_shapes: Callable[[int], dict[str, tuple[int, ...]]]) -> None:
         """After every init: rescale ``model``'s parameters and hint their learning rates. ``base_shapes(width)``
         builds the same model at n_embd = width (on meta) and returns its parameters' shapes by name."""
+
+
+def takes_state(module: nn.Module) -> bool:
+    """Whether ``module``'s forward declares a ``state`` parameter (it asks for the per-forward state)."""
+    forward = getattr(type(module), "forward", None)
+    try:
+        return forward is not None and "state" in inspect.signature(forward).parameters
+    except (TypeError, ValueError):  # a builtin without a signature
+        return False
+
+
+def new_state(idx: torch.Tensor, x0: torch.Tensor) -> dict:
+    """A forward's state as the model creates it: the token ids (B, T) and the first block's input (B, T, C)."""
+    return {"idx": idx, "x0": x0}
+
+
+def state_for(module: nn.Module, state: dict | None) -> dict:
+    """``{"state": state}`` if ``module`` asks for the state, else ``{}``: call a part as
+    ``self.attn(h, position, pos, cache, **state_for(self.attn, state))``. The model marks every
+    component once when it is built, so compiled code reads a constant here, never a signature."""
+    asks = getattr(module, "_takes_state", None)
+    if asks is None:  # a module not built by a Transformer
+        asks = takes_state(module)
+    return {"state": state} if asks and state is not None else {}
+
+
+def acts_per_layer(position: Position) -> bool:
+    """Whether a position can be chosen per layer: it must not add to the embeddings (``embed`` runs
+    once, before the first layer); rotate and score_bias act inside each layer's attention."""
+    return type(position).embed is Position.embed
 
 
 def hint(param: nn.Parameter, *, weight_decay: bool | None = None, lr_scale: float | None = None) -> nn.Parameter:

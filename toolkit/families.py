@@ -59,21 +59,24 @@ class Family:
 
 FAMILIES: tuple[Family, ...] = (
     Family("attention", "register_components", "model.attention", "mha",
-           "factory(opts, dims) -> nn.Module; forward(x, position, pos, cache=None) -> y, x and y (B, T, C)",
+           "factory(opts, dims) -> nn.Module; forward(x, position, pos, cache=None) -> y, x and y (B, T, C); "
+           "declare state=None to get the per-forward state",
            in_model=True, per_layer=True, locations=("transformer.h.*.attn",)),
     Family("norm", "register_components", "model.norm", "layernorm",
            "factory(opts, dims, dim) -> nn.Module normalising the last dimension (of size dim)",
            in_model=True, per_layer=True, locations=("transformer.h.*.ln_*", "transformer.h.*.post_ln_*",
                                                      "transformer.ln_f")),
     Family("position", "register_components", "model.position", "learned",
-           "factory(opts, dims) -> toolkit.contracts.Position (embed, rotate, score_bias)",
-           in_model=True, locations=("transformer.wpe",)),
+           "factory(opts, dims) -> toolkit.contracts.Position (embed, rotate, score_bias); per layer: rotate, "
+           "score_bias only", in_model=True, per_layer=True, locations=("transformer.wpe", "transformer.layer_wpe.*")),
     Family("mlp", "register_components", "model.mlp", "gelu",
-           "factory(opts, dims) -> nn.Module; forward(x) -> y, both (B, T, C)",
+           "factory(opts, dims) -> nn.Module; forward(x) -> y, both (B, T, C); declare state=None to get the "
+           "per-forward state",
            in_model=True, per_layer=True, locations=("transformer.h.*.mlp",)),
     Family("block", "register_components", "model.block", "pre_norm",
-           "factory(opts, dims) -> nn.Module; forward(x, position, pos, cache=None) -> x; builds its parts "
-           "with dims.part(family)", in_model=True, per_layer=True, locations=("transformer.h.*",)),
+           "factory(opts, dims) -> nn.Module; forward(x, position, pos, cache=None, state=None) -> x; builds "
+           "its parts with dims.part(family), hands them the state with **state_for(part, state)", in_model=True,
+           per_layer=True, locations=("transformer.h.*",)),
     # not in_model: it builds no module, but its kind and options sit in the model table, so a resume
     # may not change it either (checkpoint fingerprints hash every model.* key)
     Family("parametrization", "register_components", "model.parametrization", "standard",

@@ -19,8 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .contracts import (AttentionObserver, Dims, Position, acts_per_layer, flops_per_token, observing_attention,
+                        new_state, takes_state)
 from .converter import resolve_specs
-from .contracts import AttentionObserver, Dims, Position, flops_per_token, observing_attention
+from .errors import ConfigError
 from .families import PER_LAYER, SPEC_TYPES
 from .plugin_manager import default_registry
 from .recipe.schema import ModelConfig, select_layers  # noqa: F401 - the schema's; importers know them from here
@@ -36,6 +38,12 @@ def model_dims(config: ModelConfig, build: Callable | None = None, layer: int | 
     parts = {f: config.spec_at(f, layer) for f in PER_LAYER}
     return Dims(config.n_embd, config.n_head, config.n_layer, config.block_size, config.vocab_size, config.dropout,
                 config.bias, build, head_size=config.head_dim, layer=layer, parts=parts, record=record)
+
+
+def embed_per_layer_refusal(kind: str) -> str:
+    """Why a position with an embed hook cannot be a layer's own: the embeddings are added once."""
+    return (f"position '{kind}' adds to the embeddings (embed), which the model does once, before the first "
+            "layer; a layer's own position must rotate q and k or bias the scores (rope, alibi, none)")
 
 
 class Transformer(nn.Module):
@@ -70,6 +78,25 @@ class Transformer(nn.Module):
                                               h=nn.ModuleList(blocks), ln_f=final))
         if not isinstance(self.transformer.wpe, Position):
             raise TypeError(f"position {config.position.kind!r} must build a toolkit.contracts.Position")
+        # a layer group's own position (iRoPE: RoPE on local layers, none on global ones); layers that
+        # choose the same one share it, and the model's stays transformer.wpe (GPT-2's name)
+        own: dict = {}
+        for i in range(config.n_layer):
+            spec = config.spec_at("position", i)
+            if spec != config.position and spec not in own:
+                own[spec] = build("position", spec, model_dims(config, build, i))
+                if not isinstance(own[spec], Position):
+                    raise TypeError(f"position {spec.kind!r} must build a toolkit.contracts.Position")
+                if not acts_per_layer(own[spec]):
+                    group = next(n for n, g in config.layers.items() if g.position == spec)
+                    raise ConfigError(f"$.model.layers.{group}.position: {embed_per_layer_refusal(spec.kind)}")
+                record("position", spec.kind, own[spec], i)
+        if own:
+            self.transformer.layer_wpe = nn.ModuleList(own.values())
+        # each layer's own position as an index into layer_wpe, or None: the model's (looked up in
+        # forward, so that a position swapped in for transformer.wpe reaches every layer)
+        self._own_position = [list(own).index(s) if s in own else None
+                              for s in (config.spec_at("position", i) for i in range(config.n_layer))]
         self.lm_head = nn.Linear(C, V, bias=False)
         if config.tie_embeddings:  # weight tying (Press & Wolf 2017), as in GPT-2
             self.lm_head.weight = self.transformer.wte.weight
@@ -94,6 +121,16 @@ class Transformer(nn.Module):
         for m in self._loss_sources:
             if not isinstance(getattr(m, "aux_losses", None), dict):
                 m.aux_losses = {}
+        # which components ask for the per-forward state (a ``state`` keyword in forward), found once
+        # here so that forward (compiled too) reads a constant: contracts.state_for
+        for m in self.modules():
+            m._takes_state = takes_state(m) and m is not self
+        for family, kind, module, layer in self.parts:
+            block = self.transformer.h[layer] if layer is not None else None
+            if family != "block" and block is not None and module._takes_state and not block._takes_state:
+                raise ConfigError(f"{family} '{kind}' at layer {layer} asks for the per-forward state, but block "
+                                  f"'{config.spec_at('block', layer).kind}' does not hand it on: declare state=None "
+                                  "in the block's forward and call its parts with **state_for(part, state)")
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -118,19 +155,23 @@ class Transformer(nn.Module):
         for source in self._loss_sources:
             source.aux_losses = {}
         position: Position = self.transformer.wpe
-        if position.max_len is not None and start_pos + T > position.max_len:
-            raise ValueError(f"sequence of {start_pos + T} tokens exceeds the positional limit {position.max_len}")
+        own = list(self.transformer.layer_wpe) if "layer_wpe" in self.transformer else []
+        limits = [p.max_len for p in [position, *own] if p.max_len is not None]
+        if limits and start_pos + T > min(limits):
+            raise ValueError(f"sequence of {start_pos + T} tokens exceeds the positional limit {min(limits)}")
         pos = torch.arange(start_pos, start_pos + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.wte(idx)  # (B, T, C)
         if self.config.embedding_multiplier is not None:  # Gemma: sqrt(n_embd), in the embeddings' dtype
             x = x * torch.tensor(self.config.embedding_multiplier, dtype=x.dtype)
         x = self.transformer.drop(position.embed(x, pos))
+        state = new_state(idx, x)  # this forward's (or decoding step's) state: contracts, "State between layers"
         for i, block in enumerate(self.transformer.h):
             layer_cache = cache[i] if cache is not None else None
+            position = self.transformer.wpe if self._own_position[i] is None else own[self._own_position[i]]
             if self.activation_checkpointing and self.training and layer_cache is None:
-                x = checkpoint(block, x, position, pos, use_reentrant=False)
+                x, state = checkpoint(_with_state, block, x, position, pos, None, state, use_reentrant=False)
             else:
-                x = block(x, position, pos, layer_cache)
+                x, state = _with_state(block, x, position, pos, layer_cache, state)
         x = self.transformer.ln_f(x)
         if last_only:
             x = x[:, [-1], :]  # (B, 1, C): generation needs only the next token's logits
@@ -264,6 +305,15 @@ def _shapes_at(config: ModelConfig, width: int, registry: Registry) -> dict[str,
     narrow = attrs.evolve(config, n_embd=width, parametrization="standard")
     with torch.device("meta"):
         return {name: tuple(p.shape) for name, p in Transformer(narrow, registry).named_parameters()}
+
+
+def _with_state(block: nn.Module, x, position, pos, cache, state: dict):
+    """One block over its own shallow copy of the state -> (x, the copy): its writes reach later layers
+    through what it returns, and a recompute (activation checkpointing) starts from the same contents."""
+    if not block._takes_state:
+        return block(x, position, pos, cache), state
+    state = dict(state)
+    return block(x, position, pos, cache, state=state), state
 
 
 class AttentionMaps:

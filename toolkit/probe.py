@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from . import families
-from .contracts import Parametrization, Position
+from .contracts import Parametrization, Position, acts_per_layer, new_state, state_for
 from .errors import ConfigError
-from .model import Transformer, model_dims
+from .model import Transformer, embed_per_layer_refusal, model_dims
 from .plugin_manager import is_path_spec
 from .recipe import ModelConfig, Recipe, load_recipe, registry_of, select_layers
 from .recipe.compose import _display
@@ -38,7 +38,7 @@ def model_problems(model: ModelConfig, registry: Registry) -> list[str]:
     out: list[str] = []
     # (recipe path, family, spec, the layer it is first used at) for the model's choices and each group's
     choices = []
-    for family in ("position", "parametrization", *families.PER_LAYER):  # blocks last: they build the others again
+    for family in ("parametrization", *families.PER_LAYER):  # blocks last: they build the others again
         choices.append((f"$.model.{family}", family, getattr(model, family), 0))
         for name, group in model.layers.items():
             if family in families.PER_LAYER and getattr(group, family) is not None:
@@ -65,6 +65,8 @@ def model_problems(model: ModelConfig, registry: Registry) -> list[str]:
             named = "torch.nn.Module" if wanted is nn.Module else f"toolkit.contracts.{wanted.__name__}"
             out.append(f"{path}: {_named(registry, family, spec.kind)} built {type(built[path]).__name__}, "
                        f"not a {named}")
+        elif family == "position" and path != "$.model.position" and not acts_per_layer(built[path]):
+            out.append(f"{path}: {embed_per_layer_refusal(spec.kind)}")
     limit = getattr(built.get("$.model.position"), "max_len", None)
     if isinstance(limit, int) and model.block_size > limit:
         out.append(f"$.model.block_size: position '{model.position.kind}' encodes at most {limit} positions, "
@@ -95,8 +97,8 @@ def _probe_model(model: ModelConfig, registry: Registry) -> list[str]:
     through each: a component whose forward fails, or returns another shape than its contract says,
     is reported at ``$.model.<family>`` naming its plugin.
 
-    Layers that choose the same components behave alike, so one layer of each choice is probed
-    (and the first and last). Data-dependent operations (a mixture of experts' routing) cannot run
+    Every layer is probed, in order, with one per-forward state (a layer may read what an earlier
+    one wrote there). Data-dependent operations (a mixture of experts' routing) cannot run
     on meta; such a probe is inconclusive and says nothing.
     """
     B, T, C = PROBE_B, min(PROBE_T, model.block_size), model.n_embd
@@ -121,10 +123,7 @@ def _probe_model(model: ModelConfig, registry: Registry) -> list[str]:
         module.register_forward_pre_hook(lambda *_: running.append(part))
         module.register_forward_hook(after)
 
-    first: dict[str, int] = {}
-    for i in range(model.n_layer):
-        first.setdefault(repr([model.spec_at(f, i) for f in families.PER_LAYER]), i)
-    layers = sorted({*first.values(), 0, model.n_layer - 1})
+    layers = range(model.n_layer)  # every layer: with the per-forward state, a layer may read what earlier ones wrote
     pos = torch.arange(T, device="meta")  # (T,)
     try:
         with torch.device("meta"):
@@ -141,8 +140,9 @@ def _probe_model(model: ModelConfig, registry: Registry) -> list[str]:
         if tuple(x.shape) != (B, T, C):
             return [f"{where('position', model.position.kind, None)}: embed returned shape {tuple(x.shape)} "
                     f"for ({B}, {T}, {C}) token embeddings"]
+        state = new_state(torch.zeros((B, T), dtype=torch.long, device="meta"), x)
         for block in blocks:  # outside the device context: plain meta kernels, no mode overhead
-            block(x, position, pos, None)
+            block(x, position, pos, None, **state_for(block, state))
     except _ProbeFailed:
         return bad
     except Exception as exc:  # noqa: BLE001 - the innermost component running is the one that failed

@@ -140,8 +140,8 @@ class Gemma2Adapter(Adapter):
         wants = {"block": "sandwich", "norm": "rmsnorm", "position": "rope", "mlp": "geglu"}
         problems += [f"{fam} {getattr(cfg, fam).kind!r} (Gemma 2 has {kind!r})" for fam, kind in wants.items()
                      if getattr(cfg, fam).kind != kind]
-        if any(g.block or g.norm or g.mlp for g in cfg.layers.values()):
-            problems.append("layers with their own block, norm or MLP (Gemma 2's differ only in attention)")
+        if any(g.block or g.norm or g.mlp or g.position for g in cfg.layers.values()):
+            problems.append("layers with their own block, norm, MLP or position (Gemma 2's differ only in attention)")
         types, shared, window, attn_problems = _attention_plan(model)
         problems += attn_problems
         if not problems:

@@ -57,6 +57,7 @@ class LayerGroup:
     # each None (the model's choice) or these layers' own
     attention: Spec | None = layer_component("attention")
     norm: Spec | None = layer_component("norm")
+    position: Spec | None = layer_component("position")
     mlp: Spec | None = layer_component("mlp")
     block: Spec | None = layer_component("block")
 

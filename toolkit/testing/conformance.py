@@ -53,10 +53,15 @@ checks, in order:
                      and their gradient reaches its parameters
     per_layer        shape, causal and kv_cache where only the last layer uses it; a block builds
                      the parts its layer chose
+    state            a component that asks for the per-forward state changes none of its tensors in
+                     place, and activation checkpointing and torch.compile(fullgraph=True) give the
+                     plain forward's loss and gradients
     compile          torch.compile gives the eager outputs (only with compile=True: CPU compiles are slow)
 
 A component for which a check cannot apply says so with a class attribute
-``conformance_skip = {"scale": "the reason"}``; the kit skips that check and names the reason.
+``conformance_skip = {"scale": "the reason"}``; the kit skips that check and names the reason. Where
+that depends on the options, make it a function of them (a staticmethod) returning that dict, e.g.
+``{"position_hooks": "no position on this layer"} if not opts.rotate else {}``.
 
 Tolerances are fp32's (atol 1e-5, rtol 1e-4) except where the text says "exactly".
 """
@@ -88,7 +93,7 @@ import cattrs
 
 from toolkit import contracts, families
 from toolkit.converter import format_errors, make_converter
-from toolkit.contracts import Position, flops_per_token
+from toolkit.contracts import Position, acts_per_layer, flops_per_token, new_state, state_for
 from toolkit.data import prepare
 from toolkit.engine import build_engine, engine_step, make_scheduler
 from toolkit.evaluate import EvalContext
@@ -241,6 +246,11 @@ def chunk_sizes(T: int) -> list[int]:
     return sizes
 
 
+def _state(module: nn.Module, x: torch.Tensor) -> dict:
+    """The keyword that hands a fresh per-forward state to a module called on its own, if it asks for one."""
+    return state_for(module, new_state(torch.zeros(x.shape[:2], dtype=torch.long), x))
+
+
 # -- the checks ----------------------------------------------------------------------------------
 def check_described(subject: Subject, **_) -> None:
     comp = subject.registry.get(subject.family, subject.name)
@@ -290,7 +300,7 @@ def _check_module_shapes(subject: Subject, model: Transformer, dtype: torch.dtyp
             if not torch.isfinite(bias).all():
                 raise ConformanceError("score_bias has non-finite values (leave masking to attend)")
     elif subject.family in ("attention", "block"):
-        checks = [("forward(x, position, pos)", module(x, position, pos), x)]
+        checks = [("forward(x, position, pos)", module(x, position, pos, **_state(module, x)), x)]
     else:  # norm, mlp: (B, T, C) -> (B, T, C)
         checks = [("forward(x)", module(x), x)]
     for what, got, like in checks:
@@ -345,7 +355,7 @@ def check_position_hooks(subject: Subject, **_) -> None:
     pos = torch.arange(T)
     with torch.no_grad():
         spy = SpyPosition()
-        plain = attn(x, spy, pos)
+        plain = attn(x, spy, pos, **_state(attn, x))
         rotates = [c for c in spy.calls if c[0] == "rotate"]
         biases = [c for c in spy.calls if c[0] == "score_bias"]
         if len(rotates) != 1 or rotates[0][3] != pos.tolist() or rotates[0][1][2] != T or rotates[0][2][2] != T:
@@ -355,13 +365,13 @@ def check_position_hooks(subject: Subject, **_) -> None:
             raise ConformanceError(f"expected position.score_bias(q_pos, k_pos) with the {T} positions "
                                    f"(attend calls it), got {biases or 'no call'}")
         for hook in ("rotate", "score_bias"):
-            if torch.allclose(attn(x, SpyPosition(perturb=hook), pos).float(), plain.float()):
+            if torch.allclose(attn(x, SpyPosition(perturb=hook), pos, **_state(attn, x)).float(), plain.float()):
                 raise ConformanceError(f"the output ignores what position.{hook} returns")
         # decoding: the hooks see the new positions, and score_bias every cached key position
         spy, cache, split = SpyPosition(), {}, T - 6
-        attn(x[:, :split], spy, pos[:split], cache)
+        attn(x[:, :split], spy, pos[:split], cache, **_state(attn, x[:, :split]))
         spy.calls.clear()
-        attn(x[:, split:], spy, pos[split:], cache)
+        attn(x[:, split:], spy, pos[split:], cache, **_state(attn, x[:, split:]))
         rotate_pos = [c[3] for c in spy.calls if c[0] == "rotate"]
         bias_pos = [(c[1], c[2]) for c in spy.calls if c[0] == "score_bias"]
         new = pos[split:].tolist()
@@ -583,9 +593,9 @@ def check_scale(subject: Subject, **_) -> None:
     x = torch.randn(1, T, C, generator=torch.Generator().manual_seed(3))  # one sequence: a bias has no batch axis
     probe = ScaleProbe()
     with torch.no_grad():
-        recorded = attn(x, probe, torch.arange(T))
+        recorded = attn(x, probe, torch.arange(T), **_state(attn, x))
         probe.replay = True
-        replayed = attn(x, probe, torch.arange(T))
+        replayed = attn(x, probe, torch.arange(T), **_state(attn, x))
     assert_same(replayed, recorded, "the output with q.k/sqrt(d) handed in as a score bias (q zeroed) vs the plain "
                 "output: the logits are not scaled by 1/sqrt(head dim)")
 
@@ -630,6 +640,8 @@ def check_per_layer(subject: Subject, **_) -> None:
     """Builds for every layer index (and as the final norm), and works where only some layers use it."""
     if subject.family not in families.PER_LAYER:
         return
+    if subject.family == "position" and not acts_per_layer(subject.build().transformer.wpe):
+        return  # it adds to the embeddings, once for the model: no layer may choose it (model.py refuses)
     spec = SPEC_TYPES[subject.family](subject.name, subject.options)
     partner = SPEC_TYPES[subject.family](DEFAULT_PARTNERS.get(subject.family, "pre_norm"))
     n = TINY_MODEL["n_layer"]
@@ -643,6 +655,73 @@ def check_per_layer(subject: Subject, **_) -> None:
         if isinstance(want, type) and type(got) is not want:
             raise ConformanceError(f"layer {n - 1} chose attention {other!r}, but the block built a {type(got).__name__} "
                                    "(build the layer's parts with dims.part(family))")
+
+
+def _watch_state_writes(model: Transformer) -> tuple[list[str], list]:
+    """Hooks on every block that note each state tensor changed in place while the block ran."""
+    found, handles = [], []
+    for i, block in enumerate(model.transformer.h):
+        before: dict = {}
+
+        def pre(_m, _args, kwargs, before=before):
+            state = kwargs.get("state") or {}
+            before.clear()
+            before.update({k: (v, v._version) for k, v in state.items() if isinstance(v, torch.Tensor)})
+
+        def post(_m, _args, kwargs, _out, i=i, before=before):
+            for key, (tensor, version) in before.items():
+                if tensor._version != version:
+                    found.append(f"layer {i} changed state[{key!r}] in place: earlier layers hold the same tensor, "
+                                 f"and recomputing them (activation checkpointing) sees the change; store a new "
+                                 f"tensor (state[{key!r}] = state[{key!r}] + y, not +=)")
+
+        handles += [block.register_forward_pre_hook(pre, with_kwargs=True),
+                    block.register_forward_hook(post, with_kwargs=True)]
+    return found, handles
+
+
+def check_state(subject: Subject, **_) -> None:
+    """A component that asks for the per-forward state (a ``state`` keyword in forward) keeps its rules
+    (toolkit.contracts, "State between layers"): it changes no state tensor in place, and activation
+    checkpointing and torch.compile(fullgraph=True) give the plain forward's loss and gradients.
+    (Cached decoding, where a step's state holds the current tokens only, is the kv_cache check.)"""
+    model = subject.build().train()
+    if not any(getattr(m, "_takes_state", False) for m in subject.modules(model)):
+        return
+    idx, targets = tokens(subject, seed=1), tokens(subject, seed=2)
+    found, handles = _watch_state_writes(model)
+    try:
+        _, loss = model(idx, targets)
+    finally:
+        for h in handles:
+            h.remove()
+    if found:
+        raise ConformanceError(found[0])
+    loss.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    model.activation_checkpointing = True
+    _, again = model(idx, targets)
+    again.backward()
+    assert_same(again, loss, "the loss with activation checkpointing vs without")
+    for n, p in model.named_parameters():
+        if n in want:
+            assert_same(p.grad, want[n], f"the gradient of {n} with activation checkpointing (layers recomputed in "
+                        f"backward) vs without")
+    model.activation_checkpointing = False
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(model.eval(), backend="eager", fullgraph=True)
+        with torch.no_grad():
+            got, _ = compiled(idx)
+            plain, _ = model(idx)
+    except Exception as exc:  # noqa: BLE001 - a graph break is an error under fullgraph
+        raise ConformanceError(f"torch.compile(fullgraph=True) of a model using it: {_describe(exc)}") from None
+    finally:
+        torch._dynamo.reset()
+    assert_same(got, plain, "torch.compile(fullgraph=True) vs eager outputs")
 
 
 #: every check by name, in the order they run
@@ -664,6 +743,7 @@ CHECKS: dict[str, Callable] = {
     "engine": check_engine,
     "aux_losses": check_aux_losses,
     "per_layer": check_per_layer,
+    "state": check_state,
     "compile": check_compile,
 }
 
@@ -681,7 +761,10 @@ def _describe(exc: BaseException) -> str:
 def skip_reason(subject: Subject, check: str) -> str | None:
     """Why the component opts out of ``check`` (its class's ``conformance_skip``), or None."""
     factory = subject.registry.get(subject.family, subject.name).factory
-    return dict(getattr(factory, "conformance_skip", {})).get(check)
+    skips = getattr(factory, "conformance_skip", {})
+    if callable(skips):  # a function of the options: an attention with rope = false rotates nothing
+        skips = skips(subject.options)
+    return dict(skips or {}).get(check)
 
 
 def run_check(subject: Subject, check: str, **kwargs) -> None:

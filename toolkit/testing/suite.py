@@ -92,6 +92,9 @@ class ComponentConformance:
     def test_works_in_only_some_layers(self):
         self.check("per_layer")
 
+    def test_per_forward_state_survives_checkpointing_and_compile(self):
+        self.check("state")
+
     @pytest.mark.slow
     def test_compiled_model_matches_eager(self):
         self.check("compile", backend=self.compile_backend)

@@ -1,0 +1,84 @@
+"""Built-in components that pass state between layers (toolkit.contracts, "State between layers"):
+the pieces of the NanoGPT speedrun (modded-nanogpt, Jordan et al. 2024) that need it.
+
+    shortcut_block   a pre-norm block with modded-nanogpt's two shortcuts, each with learned weights:
+                     x0 (x = a*x + b*x0 first, x0 the first block's input; a, b start at 1, 0) and
+                     U-net skips (layer L//2 + d adds w * the output of layer L//2 - 1 - d; w starts at 1)
+    value_residual   multi-head attention whose values mix with the first layer's (ResFormer, Zhou et al.
+                     2024): v = l*v + (1-l)*v1 in every layer after the first, l learned per layer
+"""
+from __future__ import annotations
+
+import attrs
+import torch
+from torch import nn
+
+from toolkit.contracts import Dims
+from toolkit.hookspecs import hookimpl
+
+from .attention import AttentionOptions, GroupedQueryAttention
+from .block import PreNorm
+
+
+@attrs.frozen
+class ShortcutOptions:
+    x0: bool = True  # mix the first block's input back in before the layer (learned a, b)
+    unet: bool = True  # U-net skips from the first half's outputs to the second half's inputs (learned w)
+
+
+class ShortcutBlock(PreNorm):
+    """Pre-norm block with modded-nanogpt's learned x0 shortcut and U-net skips (state between layers)."""
+
+    Options = ShortcutOptions
+
+    def __init__(self, opts: ShortcutOptions, dims: Dims):
+        super().__init__(opts, dims)
+        half, i = dims.n_layer // 2, dims.layer or 0
+        # a 1-dim tensor each: DeepSpeed cannot flatten 0-dim parameters
+        self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0])) if opts.x0 else None
+        self.save = f"unet{i}" if opts.unet and i < half else None  # the encoder half saves its outputs
+        self.skip_from = f"unet{2 * half - 1 - i}" if opts.unet and half <= i < 2 * half else None
+        self.skip_weight = nn.Parameter(torch.ones(1)) if self.skip_from else None
+
+    def forward(self, x, position, pos, cache=None, state=None):
+        # a layer whose partner is not a shortcut block (a recipe that uses it in some layers) gets no skip
+        if self.skip_from is not None and self.skip_from in state:
+            x = x + self.skip_weight * state[self.skip_from]
+        if self.lambdas is not None:
+            x = self.lambdas[0] * x + self.lambdas[1] * state["x0"]
+        x = super().forward(x, position, pos, cache, state)
+        if self.save is not None:
+            state[self.save] = x  # a new entry: later layers read it, nothing changes it in place
+        return x
+
+
+@attrs.frozen
+class ValueResidualOptions(AttentionOptions):
+    # each later layer's share of its own values at init; the rest is the first layer's (ResFormer: 0.5)
+    init_lambda: float = attrs.field(default=0.5, validator=attrs.validators.and_(attrs.validators.ge(0.0),
+                                                                                    attrs.validators.le(1.0)))
+
+
+class ValueResidualAttention(GroupedQueryAttention):
+    """Multi-head attention whose values mix with the first layer's (value residual, ResFormer; Zhou et al. 2024)."""
+
+    Options = ValueResidualOptions
+
+    def __init__(self, opts: ValueResidualOptions, dims: Dims):
+        super().__init__(opts, dims, n_kv_head=dims.n_head)
+        # the first layer's values are its own: it has nothing to mix
+        self.lam = nn.Parameter(torch.full((1,), opts.init_lambda)) if dims.layer else None
+
+    def forward(self, x, position, pos, cache=None, state=None):
+        return self.resid_dropout(self.c_proj(self.heads(x, position, pos, cache, state)))
+
+    def mix_values(self, v, state):
+        # this step's tokens only (before the cache): the first layer that runs writes its values
+        v1 = state.setdefault("v1", v)
+        return v if self.lam is None else self.lam * v + (1 - self.lam) * v1
+
+
+@hookimpl
+def register_components(register):
+    register("block", "shortcut_block", ShortcutBlock)
+    register("attention", "value_residual", ValueResidualAttention)
