@@ -7,12 +7,13 @@ import attrs
 import pytest
 import torch
 
-from toolkit.config import structure
+from toolkit.converter import structure
 from toolkit.contracts import attend
 from toolkit.errors import ConfigError
 from toolkit.model import ModelConfig, Transformer
 from toolkit.plugin_manager import PluginManager, default_registry
 from toolkit.recipe import load_recipe
+from toolkit.probe import load_buildable
 from toolkit.testing.conformance import ConformanceError, check_component
 from toolkit.trainer import train
 
@@ -52,7 +53,7 @@ def test_a_position_that_adds_to_the_embeddings_is_refused_per_layer_in_one_line
     said = (f"$.model.layers.global.position: position '{kind}' adds to the embeddings (embed), which the model "
             "does once, before the first layer; a layer's own position must rotate q and k or bias the scores")
     with pytest.raises(ConfigError) as err:
-        load_recipe(tiny_recipe(tmp_path, {**IROPE, "model.layers.global": {"at": [1, 3], "position": kind}}))
+        load_buildable(tiny_recipe(tmp_path, {**IROPE, "model.layers.global": {"at": [1, 3], "position": kind}}))
     assert len(err.value.lines) == 1 and said in err.value.lines[0], err.value.lines
     with pytest.raises(ConfigError, match=re.escape(said)):
         small(position="rope", layers={"global": {"at": [1], "position": kind}})

@@ -3,7 +3,7 @@ skips with learned weights (block shortcut_block) and value residual (attention 
 conformance kit runs on both with every other built-in (tests/test_conformance.py)."""
 import torch
 
-from toolkit.config import structure
+from toolkit.converter import structure
 from toolkit.model import ModelConfig, Transformer
 from toolkit.plugin_manager import default_registry
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..converter import structure
+from ..converter import resolve_specs, structure
 from ..model import ModelConfig, Transformer
 from ..plugin_manager import default_registry
 from .common import HFFormatError
@@ -13,8 +13,10 @@ from .common import HFFormatError
 
 def model_config(fields: dict) -> ModelConfig:
     """A ModelConfig with every component's options typed, layer groups' included (which the
-    constructor leaves as given, so a group's option table must be structured here)."""
-    return structure(default_registry(), fields, ModelConfig)
+    constructor leaves as given, so a group's option table must be structured here), and those of
+    the components ``fields`` leaves at their defaults (as a recipe's are)."""
+    registry = default_registry()
+    return resolve_specs(registry, structure(registry, fields, ModelConfig))
 
 
 def layer_tensors(hf_sd: dict[str, torch.Tensor], prefix: str) -> tuple[dict[int, dict[str, torch.Tensor]], dict]:
