@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from toolkit.cli import render_plugins
+from toolkit.commands.plugins import render_plugins
 from toolkit import plugin_manager
 from toolkit.errors import ConfigError
 from toolkit.model import ModelConfig

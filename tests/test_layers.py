@@ -18,7 +18,7 @@ LAYERS = {
     4: ["engine", "checkpoint", "hf", "inspection"],
     5: ["trainer", "checkpointer", "runfolder", "trackers", "evaluate", "lm_harness", "signals", "progress", "generate",
         "ablation", "ablate", "testing", "launch", "losscompare", "convert", "runs", "completion", "lookinside"],
-    6: ["cli", "__main__"],
+    6: ["cli", "commands", "__main__"],
 }
 #: may import toolkit modules inside functions: the pytest plugin loads in every pytest run and must stay cheap
 LAZY_ALLOWED = {"toolkit.testing.pytest_plugin"}
