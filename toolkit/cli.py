@@ -2,7 +2,7 @@
 
 Each subcommand is a module of :mod:`toolkit.commands`, named in :data:`COMMANDS` with its one-line
 summary and imported only when that command runs (as pip does): `playattention --help` and the light
-commands never import torch or DeepSpeed for the heavy ones. Plugins add commands of their own
+commands never import torch or DeepSpeed for the heavy ones. Installed plugin packages add commands
 through ``register_commands``. Problems a user can fix (bad recipe, missing file) print one line per
 problem to stderr and exit 2; nothing is lost and no traceback is shown.
 """
@@ -21,7 +21,7 @@ import sys
 
 from .commands import MAX_ERROR_LINES, print_errors  # noqa: F401 - MAX_ERROR_LINES: part of the CLI's interface
 from .errors import ConfigError, UserError
-from .plugin_manager import default_registry, forget_loaded, trust
+from .plugin_manager import PluginManager, forget_loaded, trust
 from .registry import Registry
 
 #: every built-in command: its module (``add_arguments(parser)`` sets what runs it) and its one-line summary
@@ -90,10 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     if "--trace" in argv[: argv.index("--") if "--" in argv else len(argv)]:
         os.environ["PLAYATTENTION_TRACE"] = "1"
         forget_loaded()  # load again, so the built-ins' registrations are traced too
-    parser = build_parser({command_of(argv)})  # imports only the module of the command that runs
+    command = command_of(argv)
+    parser = build_parser({command})  # imports only the module of the command that runs
     IMPORTED = IMPORTED or time.perf_counter()  # the first call: the command's imports are done
     try:
-        add_plugin_commands(parser._subparsers._group_actions[0], default_registry())
+        if command not in COMMANDS:  # --help, a typo or a plugin's command: installed packages' commands too
+            add_plugin_commands(parser._subparsers._group_actions[0], PluginManager(builtins=False).registry)
         args = parser.parse_args(argv)
         # plugin files run only with consent: those the user names on this command line, or all with --trust-plugins
         trust(everything=getattr(args, "trust_plugins", False), files=getattr(args, "plugin", None) or ())

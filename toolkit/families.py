@@ -83,7 +83,7 @@ FAMILIES: tuple[Family, ...] = (
            "factory(opts, ctx) -> callable: model -> {metric: float}, on every rank (toolkit.evaluate.EvalContext)",
            many=True),
     Family("command", "register_commands", None, None,
-           "factory(parser) -> run(args) -> exit status; adds `playattention <name>`"),
+           "factory(parser) -> run(args) -> exit status; adds `playattention <name>` (from an installed package)"),
 )
 
 _BY_NAME = {f.name: f for f in FAMILIES}
