@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from toolkit import cli
+
 #: runs cli.main(argv) and prints the heavy packages and the command modules it imported
 PROBE = """
 import contextlib, io, sys
@@ -36,3 +38,11 @@ def test_help_and_light_commands_import_neither_torch_nor_deepspeed(argv):
 
 def test_a_commands_help_imports_only_that_commands_module():
     assert {m for m in imported("runs", "--help") if m.startswith("toolkit.")} == {"toolkit.commands.runs"}
+
+
+@pytest.mark.parametrize("before", [["--local_rank", "0"], ["--local-rank=0"], ["--local_r", "0"], ["--trace"]],
+                         ids=" ".join)
+def test_the_command_is_found_after_top_level_options(before, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PLAYATTENTION_TRACE", "0")  # --trace sets it; setenv restores it afterwards
+    assert cli.main([*before, "runs", str(tmp_path)]) == 0  # the deepspeed launcher puts --local_rank first
+    assert capsys.readouterr().out == f"no run folders in {tmp_path}\n"

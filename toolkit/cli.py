@@ -28,14 +28,19 @@ from .registry import Registry
 COMMANDS = {
     "plugins": ("toolkit.commands.plugins", "list every registered component with its options and source"),
     "recipe": ("toolkit.commands.recipe", "work with recipes (see docs/recipes.md)"),
-    "inspect": ("toolkit.commands.inspect", "parameters, FLOPs, batch arithmetic, DeepSpeed config and memory of a recipe"),
+    "inspect": ("toolkit.commands.inspect",
+                "parameters, FLOPs, batch arithmetic, DeepSpeed config and memory of a recipe"),
     "diff": ("toolkit.commands.diff", "key-by-key differences of two resolved recipes or run folders"),
     "prepare": ("toolkit.commands.prepare", "tokenize a recipe's [data] (or --input files) into token shards"),
     "train": ("toolkit.commands.train", "train a recipe through DeepSpeed into a run folder"),
-    "convert": ("toolkit.commands.convert", "a Hugging Face folder into a run folder, or a run into a Hugging Face folder"),
-    "generate": ("toolkit.commands.generate", "sample text from a run, a checkpoint or a Hugging Face folder, streamed"),
-    "eval": ("toolkit.commands.eval", "run evaluators (hellaswag, perplexity, ...) on a run, a checkpoint or a HF folder"),
-    "attention": ("toolkit.commands.attention", "what each attention head attends to: heatmaps, a page to explore, statistics"),
+    "convert": ("toolkit.commands.convert",
+                "a Hugging Face folder into a run folder, or a run into a Hugging Face folder"),
+    "generate": ("toolkit.commands.generate",
+                 "sample text from a run, a checkpoint or a Hugging Face folder, streamed"),
+    "eval": ("toolkit.commands.eval",
+             "run evaluators (hellaswag, perplexity, ...) on a run, a checkpoint or a HF folder"),
+    "attention": ("toolkit.commands.attention",
+                  "what each attention head attends to: heatmaps, a page to explore, statistics"),
     "ablate": ("toolkit.commands.ablate", "train a grid of component swaps and write a comparison report"),
     "runs": ("toolkit.commands.runs", "a table of run folders: recipe, steps, best val loss, state, age"),
     "completion": ("toolkit.commands.completion", "print a shell completion script (bash or zsh)"),
@@ -43,7 +48,7 @@ COMMANDS = {
 
 
 def build_parser(commands=None) -> argparse.ArgumentParser:
-    """The parser with every command; the arguments of those in ``commands`` (default all), whose modules it imports."""
+    """The parser with every command; the arguments of those in ``commands`` (default all: imports every module)."""
     parser = argparse.ArgumentParser(prog="playattention", description=__doc__.splitlines()[0])
     parser.add_argument("--trace", action="store_true", help="show which plugin registered what")
     # the deepspeed launcher runs `playattention --local_rank=N train ...` (LOCAL_RANK is also in the env)
@@ -62,8 +67,8 @@ def command_of(argv: list[str]) -> str | None:
     for word in words:
         if word == "--":
             return next(words, None)
-        if word in ("--local_rank", "--local-rank"):
-            next(words, None)
+        if len(word) > 2 and ("--local_rank".startswith(word) or "--local-rank".startswith(word)):  # or a prefix
+            next(words, None)  # its value
         elif not word.startswith("-"):
             return word
     return None
