@@ -32,8 +32,12 @@ def imported(*argv: str) -> set[str]:
 
 @pytest.mark.parametrize("argv", [["--help"], [], ["trian"], ["plugins", "--help"]], ids=" ".join)
 def test_help_and_light_commands_import_neither_torch_nor_deepspeed(argv):
-    heavy = imported(*argv) & {"torch", "deepspeed"}
+    got = imported(*argv)
+    heavy = got & {"torch", "deepspeed"}
     assert not heavy, f"playattention {' '.join(argv)} imported {', '.join(sorted(heavy))}"
+    # the command list comes from the table: no command's module is imported but the one that runs
+    runs = {"toolkit.commands.plugins"} if argv[:1] == ["plugins"] else set()
+    assert {m for m in got if m.startswith("toolkit.")} == runs
 
 
 def test_a_commands_help_imports_only_that_commands_module():
