@@ -12,11 +12,13 @@ setup: $(STAMP)
 
 # torch first, pinned, so pip takes the local CPU wheel here (and the normal build elsewhere)
 # and never resolves a CUDA build as a dependency of something else.
+# setuptools always warns "Editable installation" for an editable install whose package-dir maps a
+# folder elsewhere (plugins/ -> toolkit.plugins): a notice about that layout, which pip relays; filtered by its text.
 $(STAMP): pyproject.toml
 	@test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	PYTHONWARNINGS='ignore:Editable installation' $(BIN)/python -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
 
 # DeepSpeed's op builds and inductor's kernels cached in this checkout's venv: never a lock or a

@@ -382,4 +382,4 @@ if __name__ == "__main__":
     code = main()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(code)  # skip gloo's shutdown (see toolkit.cli.cmd_train)
+    os._exit(code)  # skip gloo's shutdown (see toolkit.commands.train.cmd_train)

@@ -1,5 +1,7 @@
 """`playattention plugins`: every family, each component's options with type and default, and its source."""
+import importlib
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -7,6 +9,7 @@ import textwrap
 import pytest
 
 from toolkit import cli, plugin_manager
+from toolkit.registry import Source
 
 
 @pytest.fixture(autouse=True)
@@ -137,12 +140,19 @@ def test_a_plugin_package_adds_a_command(tmp_path, monkeypatch, capsys):
             register("train", greet)  # a built-in name: not added
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(plugin_manager, "BUILTIN_MODULES", (*plugin_manager.BUILTIN_MODULES, "pa_cmd"))
+
+    def load_entry_points(self, group="playattention"):  # as if pa-cmd 0.2 were installed
+        self._register_plugin(importlib.import_module("pa_cmd"), "entrypoint:pa-cmd:greet", Source("greet", "pa-cmd", "0.2"))
+
+    monkeypatch.setattr(plugin_manager.PluginManager, "load_entry_points", load_entry_points)
     plugin_manager.forget_loaded()
     assert cli.main(["greet", "--who", "you"]) == 3
     captured = capsys.readouterr()
     assert captured.out == "hello you\n"
-    assert "warning: command 'train' from playattention 0.1.0 (pa_cmd) is not added: a built-in command has that name" in captured.err
+    assert "warning: command 'train' from pa-cmd 0.2 (greet) is not added: a built-in command has that name" in captured.err
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert re.search(r"\n    greet +Greets someone. \(from pa-cmd 0.2 \(greet\)\)\n", capsys.readouterr().out)
 
 
 def test_a_family_argument_lists_only_that_family_and_a_name_only_that_component(capsys):

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from toolkit.cli import render_plugins
 from toolkit import plugin_manager
+from toolkit.commands.plugins import render_plugins
 from toolkit.errors import ConfigError
 from toolkit.model import ModelConfig
 from toolkit.plugin_manager import PluginManager

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from toolkit import cli, plugin_manager
+from toolkit.commands import train as train_command
 from toolkit.recipe import MAX_DEPTH, MAX_EXTENDS, MAX_PLUGINS, MAX_RECIPE_BYTES, load_recipe
 
 TINY = Path(__file__).resolve().parent / "recipes" / "bases" / "tiny.toml"
@@ -367,7 +368,7 @@ def test_max_steps_below_warmup_warms_up_over_the_whole_run_with_a_warning(capsy
 
 def test_train_has_out_for_the_folder_runs_go_in(tmp_path, capsys, monkeypatch):
     seen = {}
-    monkeypatch.setattr(cli, "train", lambda recipe, **kw: seen.setdefault("recipe", recipe) and
+    monkeypatch.setattr(train_command, "train", lambda recipe, **kw: seen.setdefault("recipe", recipe) and
                         {"status": "failed", "steps": 0, "error": "stop here", "run_dir": str(tmp_path)})
     cli.main(["train", str(TINY), "--out", str(tmp_path / "elsewhere")])
     assert seen["recipe"].train.out_dir == str(tmp_path / "elsewhere")

@@ -21,7 +21,7 @@ LAYERS = {
     5: ["trainer", "checkpointer", "runfolder", "trackers", "evaluate", "lm_harness", "signals", "progress", "generate",
         "ablation", "ablate", "testing", "launch", "losscompare", "convert", "runs", "completion", "lookinside",
         "coordcheck"],
-    6: ["cli", "__main__"],
+    6: ["cli", "commands", "__main__"],
 }
 #: built-in plugins that register what a higher layer defines sit in that layer; the plugin manager
 #: imports them by name at run time, so nothing below imports them

@@ -6,6 +6,7 @@ import pytest
 import tomli_w
 
 from toolkit import cli, plugin_manager
+from toolkit.commands import train as train_command
 from toolkit.errors import ConfigError
 from toolkit.inspection import check_fits
 from toolkit.recipe import load_recipe
@@ -25,8 +26,8 @@ def no_training(monkeypatch):
     """train() must not be reached: everything here is refused before a process or a model exists."""
     def refuse(*args, **kwargs):
         raise AssertionError("training started")
-    monkeypatch.setattr(cli, "train", refuse)
-    monkeypatch.setattr(cli, "launch_ranks", refuse)
+    monkeypatch.setattr(train_command, "train", refuse)
+    monkeypatch.setattr(train_command, "launch_ranks", refuse)
 
 
 def recipe(tmp_path, body: str) -> str:

@@ -19,7 +19,8 @@ from test_resume import rows
 # the module-scoped fixtures of the hardening tests: one finished run per module, copied before damage
 from test_run_hardening import child_env, copy_run, errors, finished, short_recipe  # noqa: F401
 from toolkit import checkpoint, safeio
-from toolkit.cli import extension, main
+from toolkit.cli import main
+from toolkit.commands.train import extension
 from toolkit.errors import UsageError
 from toolkit.engine import lr_at
 from toolkit.recipe import load_recipe

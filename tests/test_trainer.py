@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from toolkit.cli import main, prompt_hint, render_train_summary
+from toolkit.cli import main
+from toolkit.commands.train import prompt_hint, render_train_summary
 from toolkit.errors import ConfigError, DataError
 from toolkit.generate import load_run
 from toolkit.recipe import load_recipe

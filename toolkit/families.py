@@ -94,7 +94,7 @@ FAMILIES: tuple[Family, ...] = (
            "factory(opts, ctx) -> callable: model -> {metric: float}, on every rank (toolkit.evaluate.EvalContext)",
            many=True),
     Family("command", "register_commands", None, None,
-           "factory(parser) -> run(args) -> exit status; adds `playattention <name>`"),
+           "factory(parser) -> run(args) -> exit status; adds `playattention <name>` (from an installed package)"),
     Family("architecture", "register_architectures", None, None,
            "factory(opts) -> toolkit.hf.Adapter: a config.json model_type's config, tensors and tokenizer, both ways"),
 )

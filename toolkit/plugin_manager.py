@@ -181,7 +181,7 @@ def entry_points(group: str = ENTRY_POINT_GROUP) -> tuple[list, list[PluginFailu
     silently, or fail for every package at once)."""
     eps, failures, seen = [], [], set()
     for dist in md.distributions():
-        name = dist.metadata["Name"] if dist.metadata is not None else None
+        name = _name(dist)
         key = (name or "").lower().replace("-", "_")
         if key in seen:  # the first on sys.path wins, as importlib.metadata's own lookup
             continue
@@ -208,6 +208,17 @@ def entry_points(group: str = ENTRY_POINT_GROUP) -> tuple[list, list[PluginFailu
         failures.append(PluginFailure(_entry_points_file(dist), name, dist.version,
                                       f"malformed entry_points.txt: {one_line(problem)}"))
     return eps, failures
+
+
+def _name(dist) -> str | None:
+    """A distribution's ``Name`` from the head of its METADATA. ``dist.metadata`` parses the whole file
+    with the email parser: for every installed package, that was 0.13 s of CPU in each command."""
+    try:
+        text = dist.read_text("METADATA") or dist.read_text("PKG-INFO") or ""
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    found = re.search(r"^Name:[ \t]*(\S.*?)\s*$", text.split("\n\n", 1)[0], re.MULTILINE | re.IGNORECASE)
+    return found.group(1) if found else None
 
 
 _EP_LINE = re.compile(r"^\s*[^=\s\[][^=]*=\s*[\w.]+\s*(:\s*[\w.]+\s*)?(\[.*\])?\s*$")
