@@ -5,7 +5,8 @@ import argparse
 
 from ..errors import UsageError
 from ..evaluate import evaluate_target, render_results, write_results
-from . import _cuda, add_trust_option
+from ..engine import on_cuda
+from . import add_trust_option
 from .exports import add_no_verify, check_export
 
 
@@ -13,7 +14,7 @@ def cmd_eval(args) -> int:
     if args.batch_size is not None and args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
     check_export(args.target, args.no_verify)
-    results = evaluate_target(args.target, args.task, device=args.device or ("cuda" if _cuda() else "cpu"),
+    results = evaluate_target(args.target, args.task, device=args.device or ("cuda" if on_cuda() else "cpu"),
                               batch_size=args.batch_size)
     if args.json != "-":
         print(render_results(results))

@@ -10,7 +10,8 @@ from ..checkpoint import CHECKPOINT_SELECTORS
 from ..convert import load_model
 from ..errors import UsageError
 from ..generate import encode_prompt, stream_samples
-from . import _cuda, add_trust_option
+from ..engine import on_cuda
+from . import add_trust_option
 from .exports import add_no_verify, check_export
 
 
@@ -18,7 +19,7 @@ def cmd_generate(args) -> int:
     check_export(args.run, args.no_verify)
     if args.num_samples < 1:
         raise UsageError(f"--num-samples must be at least 1, got {args.num_samples}")
-    model, tokenizer, recipe, _ = load_model(args.run, device=args.device or ("cuda" if _cuda() else "cpu"))
+    model, tokenizer, recipe, _ = load_model(args.run, device=args.device or ("cuda" if on_cuda() else "cpu"))
     given = {"prompts": args.prompt, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
              "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
     for name, value in given.items():  # the recipe's own values were checked when it loaded
