@@ -105,3 +105,38 @@ def test_muon_leaves_embedding_tables_inside_blocks_to_adamw():
     muon = {id(p) for g in opt.muon.param_groups for p in g["params"]}
     assert id(model.transformer.h[0].attn.value_embed.weight) not in muon
     assert id(model.transformer.h[0].attn.c_attn.weight) in muon
+
+
+def test_inspect_counts_the_speedrun_recipe_and_measures_its_value_residual_kv_cache(capsys):
+    from test_layers import ROOT
+    from toolkit.cli import main
+
+    assert main(["inspect", str(ROOT / "recipes" / "speedrun.toml")]) == 0
+    out = capsys.readouterr().out
+    V, C, L, hidden = 50304, 768, 12, 4 * 768
+    # embedding, untied head, 3 value embedding tables; per layer qkv, proj, mlp, 2 norms, 2 qk-norms,
+    # value-residual lambda (not layer 0), 2 value-embedding lambdas (6 layers); x0 lambdas, 6 skip weights
+    per_layer = 4 * C * C + 2 * C * hidden + 2 * C + 2 * 128
+    want = 2 * V * C + 3 * V * C + L * per_layer + C + (L - 1) + 6 * 2 + L * 2 + L // 2
+    assert f"total                      {want:,}" in out
+    assert "value_residual      12              3,072        1,024" in out  # bytes/token/layer, all 1024 kept
+
+
+def test_the_speedrun_recipes_assemble_every_piece_and_the_cpu_one_matches_gpt_cpus_size_data_and_budget():
+    from test_layers import ROOT
+
+    for name in ("speedrun", "speedrun-cpu"):
+        r = load_recipe(ROOT / "recipes" / f"{name}.toml")
+        m, a, b = r.model, r.model.attention.options, r.model.block.options
+        assert (m.position.kind, m.norm.kind, m.mlp.kind, m.block.kind, m.attention.kind) == (
+            "rope", "rmsnorm", "relu2", "shortcut_block", "value_residual")
+        assert a.qk_norm == "rmsnorm" and a.value_embeds > 0 and a.window_start < a.window == m.block_size
+        assert (b.x0, b.unet, m.tie_embeddings, m.zero_init_proj, m.logit_softcap) == (True, True, False, True, 30.0)
+        assert r.train.optimizer.kind == "muon"
+    full = load_recipe(ROOT / "recipes" / "speedrun.toml").model
+    assert (full.n_layer, full.n_embd, full.n_head, full.vocab_size) == (12, 768, 6, 50304)
+    cpu, gpt = load_recipe(ROOT / "recipes" / "speedrun-cpu.toml"), load_recipe(ROOT / "recipes" / "gpt-cpu.toml")
+    assert (cpu.data, cpu.train.max_steps, cpu.train.micro_batch, cpu.train.eval_interval) == (
+        gpt.data, gpt.train.max_steps, gpt.train.micro_batch, gpt.train.eval_interval)
+    assert [getattr(cpu.model, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")] == [
+        getattr(gpt.model, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")]
