@@ -140,3 +140,15 @@ def test_the_speedrun_recipes_assemble_every_piece_and_the_cpu_one_matches_gpt_c
         gpt.data, gpt.train.max_steps, gpt.train.micro_batch, gpt.train.eval_interval)
     assert [getattr(cpu.model, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")] == [
         getattr(gpt.model, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")]
+
+
+def test_the_speedrun_ablation_goes_from_gpt_cpu_to_speedrun_cpu_one_piece_at_a_time():
+    from test_layers import ROOT
+    from toolkit import ablation
+
+    _, resolved = ablation.load_ablation(ROOT / "recipes" / "ablations" / "speedrun.toml")
+    first, last = resolved[0].recipe, resolved[-1].recipe
+    gpt, speedrun = load_recipe(ROOT / "recipes" / "gpt-cpu.toml"), load_recipe(ROOT / "recipes" / "speedrun-cpu.toml")
+    assert first.model == gpt.model and (last.model, last.train.optimizer, last.train.weight_decay) == (
+        speedrun.model, speedrun.train.optimizer, speedrun.train.weight_decay)
+    assert all(r.recipe.train.max_steps == 500 for r in resolved)
