@@ -152,3 +152,17 @@ def test_the_speedrun_ablation_goes_from_gpt_cpu_to_speedrun_cpu_one_piece_at_a_
     assert first.model == gpt.model and (last.model, last.train.optimizer, last.train.weight_decay) == (
         speedrun.model, speedrun.train.optimizer, speedrun.train.weight_decay)
     assert all(r.recipe.train.max_steps == 500 for r in resolved)
+
+
+def test_the_speedrun_pieces_compile_as_one_graph_while_the_window_grows():
+    model = small(attention={"kind": "value_residual", "qk_norm": "rmsnorm", "value_embeds": 2, "window": 16,
+                             "window_start": 4}, block="shortcut_block", mlp="relu2",
+                  tie_embeddings=False, logit_softcap=30.0).train()  # projections not at zero: attention counts
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    losses = []
+    for step in (0, 60):  # windows 4 and 12: a graph each
+        set_progress(model, step, 100)
+        losses.append(compiled(IDX, IDX)[1])
+        torch.testing.assert_close(losses[-1], model(IDX, IDX)[1])
+    assert not torch.allclose(*losses)
