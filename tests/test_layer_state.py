@@ -117,6 +117,7 @@ def plugin(tmp_path, monkeypatch):
     return tmp_path / "value_residual.py"
 
 
+@pytest.mark.slow
 def test_value_residual_plugin_passes_the_conformance_kit(plugin):
     ran = check_component("attention", "resformer", plugins=[str(plugin)])
     assert "state" in ran and "kv_cache" in ran
@@ -143,6 +144,7 @@ def test_value_residual_trains_and_cached_greedy_decoding_equals_uncached(plugin
     assert torch.equal(cached, model.generate(prompt, 12, temperature=0, use_cache=False))
 
 
+@pytest.mark.slow
 def test_kit_catches_a_plugin_that_changes_the_state_in_place(plugin):
     with pytest.raises(ConformanceError) as err:
         check_component("attention", "dense_resformer", plugins=[str(plugin)])
