@@ -6,7 +6,8 @@ heads they keep and in how far back a query may look:
     mha             n_kv_head = n_head             (Vaswani et al. 2017)
     gqa             n_kv_head divides n_head        (Ainslie et al. 2023)
     mqa             n_kv_head = 1                   (Shazeer 2019)
-    sliding_window  causal band of `window` keys    (Child et al. 2019; Beltagy et al. 2020; Mistral 7B)
+    sliding_window  causal band of `window` keys    (Child et al. 2019; Beltagy et al. 2020; Mistral 7B);
+                    with window_start, a band that grows during training (modded-nanogpt)
 
 Parameters: a fused ``c_attn`` whose output rows are [q (n_head*hs); k (n_kv_head*hs); v (n_kv_head*hs)]
 and ``c_proj``. With n_kv_head = n_head this is exactly GPT-2's ``c_attn`` layout, and Llama's
@@ -60,6 +61,12 @@ class GQAOptions(AttentionOptions):
 class SlidingWindowOptions(GQAOptions):
     # a query at position p attends to keys at positions p - window + 1 .. p
     window: int = attrs.field(default=256, validator=_positive_int)
+    # grow the window during training (modded-nanogpt: 128 -> 1792 tokens): window_start at step 0,
+    # then linearly to `window` at window_growth * max_steps, in multiples of window_start (each size
+    # compiles once). Derived from the step (set_progress), so a resume continues it; evaluation and
+    # generation always use `window`. None: `window` throughout
+    window_start: int | None = attrs.field(default=None, validator=v.optional(_positive_int))
+    window_growth: float = attrs.field(default=1.0, validator=[v.gt(0.0), v.le(1.0)])
 
 
 class GroupedQueryAttention(nn.Module):
@@ -67,6 +74,7 @@ class GroupedQueryAttention(nn.Module):
 
     Options = GQAOptions
     window: int | None = None  # None: full causal attention
+    growing: int | None = None  # the window while it grows in training (SlidingWindowAttention.set_progress)
 
     def __init__(self, opts: AttentionOptions, dims: Dims, n_kv_head: int | None = None):
         super().__init__()
@@ -105,8 +113,9 @@ class GroupedQueryAttention(nn.Module):
         v = self.mix_values(v, state)
         q, k = position.rotate(q, k, pos)
         k, v, k_pos = self.update_cache(cache, k, v, pos)  # (B, nkv, T_past + T, hs), positions (T_past + T,)
+        window = self.growing if self.training and self.growing is not None else self.window
         y = attend(q, k, v, pos, k_pos, position, dropout=self.dropout if self.training else 0.0,
-                   window=self.window, softcap=self.softcap, scale=self.scale, backend=self.backend)  # (B, nh, T, hs)
+                   window=window, softcap=self.softcap, scale=self.scale, backend=self.backend)  # (B, nh, T, hs)
         return y.transpose(1, 2).contiguous().view(B, T, nh * hs)  # (B, T, nh*hs): heads side by side again
 
     def update_cache(self, cache, k, v, pos):
@@ -159,10 +168,21 @@ class SlidingWindowAttention(GroupedQueryAttention):
     def __init__(self, opts: SlidingWindowOptions, dims: Dims):
         super().__init__(opts, dims)
         self.window = opts.window
+        if opts.window_start is not None and opts.window_start > opts.window:
+            raise ConfigError([f"model.attention.window_start ({opts.window_start}) must not exceed window ({opts.window})"])
+        self.window_start, self.window_growth = opts.window_start, opts.window_growth
+
+    def set_progress(self, step: int, max_steps: int) -> None:
+        """The trainer's call before each step (contract: toolkit.contracts.set_progress)."""
+        if self.window_start is None or self.window is None:
+            return
+        frac = min(1.0, step / (self.window_growth * max_steps))
+        w = self.window_start + frac * (self.window - self.window_start)
+        self.growing = min(self.window, self.window_start * int(w // self.window_start))
 
     def update_cache(self, cache, k, v, pos):
         k, v, k_pos = update_cache(cache, k, v, pos)
-        if cache is not None and k_pos.size(0) > self.window:
+        if cache is not None and self.window is not None and k_pos.size(0) > self.window:
             # Every later query sits after the last cached key, so it can see at most window - 1 of them:
             # keeping the last `window` keys, values and positions is enough, and memory stays bounded.
             w = self.window

@@ -71,6 +71,13 @@ class ReluMLP(MLP):
     """The original Transformer's MLP: Linear, ReLU, Linear."""
 
 
+class Relu2MLP(MLP):
+    """Squared ReLU (So et al. 2021, Primer; the NanoGPT speedrun's MLP): Linear, relu(x)^2, Linear."""
+
+    def act(self, x):
+        return F.relu(x).square()
+
+
 def _positive_int(_, attribute, value):
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{attribute.name} must be a positive integer, got {value!r}")
@@ -144,5 +151,6 @@ class GeGLU(GatedMLP):
 def register_components(register):
     register("mlp", "gelu", GeluMLP)
     register("mlp", "relu", ReluMLP)
+    register("mlp", "relu2", Relu2MLP)
     register("mlp", "swiglu", SwiGLU)
     register("mlp", "geglu", GeGLU)

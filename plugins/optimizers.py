@@ -98,7 +98,9 @@ class Muon(torch.optim.Optimizer):
 
     def __init__(self, opts: MuonOptions, model: nn.Module, recipe):
         train = recipe.train
-        blocks = {id(p) for name, p in model.named_parameters() if is_block_matrix(name, p)}
+        # an embedding table inside a block (value embeddings) is a lookup too: AdamW's, as modded-nanogpt's
+        tables = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+        blocks = {id(p) for name, p in model.named_parameters() if is_block_matrix(name, p) and id(p) not in tables}
         params = [p for p in model.parameters() if p.requires_grad]
         matrices = [p for p in params if id(p) in blocks]
         rest = [p for p in params if id(p) not in blocks]

@@ -5,7 +5,11 @@ the pieces of the NanoGPT speedrun (modded-nanogpt, Jordan et al. 2024) that nee
                      x0 (x = a*x + b*x0 first, x0 the first block's input; a, b start at 1, 0) and
                      U-net skips (layer L//2 + d adds w * the output of layer L//2 - 1 - d; w starts at 1)
     value_residual   multi-head attention whose values mix with the first layer's (ResFormer, Zhou et al.
-                     2024): v = l*v + (1-l)*v1 in every layer after the first, l learned per layer
+                     2024): v = l*v + (1-l)*v1 in every layer after the first, l learned per layer;
+                     with value_embeds = n, modded-nanogpt's value embeddings: the first n layers each
+                     own a token embedding table, and v = a*v + b*table[idx] there and in the last n
+                     layers, which reuse the tables in the same order (a, b learned, start at 0.5);
+                     with window (and window_start), sliding_window's band (growing in training)
 """
 from __future__ import annotations
 
@@ -14,9 +18,10 @@ import torch
 from torch import nn
 
 from toolkit.contracts import Dims
+from toolkit.errors import ConfigError
 from toolkit.hookspecs import hookimpl
 
-from .attention import AttentionOptions, GroupedQueryAttention
+from .attention import SlidingWindowAttention, SlidingWindowOptions
 from .block import PreNorm
 
 
@@ -53,21 +58,35 @@ class ShortcutBlock(PreNorm):
 
 
 @attrs.frozen
-class ValueResidualOptions(AttentionOptions):
+class ValueResidualOptions(SlidingWindowOptions):
     # each later layer's share of its own values at init; the rest is the first layer's (ResFormer: 0.5)
     init_lambda: float = attrs.field(default=0.5, validator=attrs.validators.and_(attrs.validators.ge(0.0),
                                                                                     attrs.validators.le(1.0)))
+    # token embedding tables mixed into the values of the first and the last value_embeds layers (modded-nanogpt: 3)
+    value_embeds: int = attrs.field(default=0, validator=attrs.validators.ge(0))
+    # sliding_window's band; None: full causal attention
+    window: int | None = attrs.field(default=None, validator=attrs.validators.optional(attrs.validators.gt(0)))
 
 
-class ValueResidualAttention(GroupedQueryAttention):
+class ValueResidualAttention(SlidingWindowAttention):
     """Multi-head attention whose values mix with the first layer's (value residual, ResFormer; Zhou et al. 2024)."""
 
     Options = ValueResidualOptions
 
     def __init__(self, opts: ValueResidualOptions, dims: Dims):
-        super().__init__(opts, dims, n_kv_head=dims.n_head)
+        if opts.window is None and opts.window_start is not None:
+            raise ConfigError(["model.attention.window_start needs a window to grow to"])
+        super().__init__(opts, dims)
         # the first layer's values are its own: it has nothing to mix
         self.lam = nn.Parameter(torch.full((1,), opts.init_lambda)) if dims.layer else None
+        n, i, L = opts.value_embeds, dims.layer or 0, dims.n_layer
+        if 2 * n > L:
+            raise ConfigError([f"model.attention.value_embeds ({n}) must be at most half of n_layer ({L}): "
+                               "the first and the last value_embeds layers use the tables"])
+        # layer i < n owns table i; layer L - n + j reads table j from the state (shared, as modded-nanogpt)
+        self.embed_key = f"ve{i}" if i < n else f"ve{i - (L - n)}" if n and i >= L - n else None
+        self.value_embed = nn.Embedding(dims.vocab_size, self.n_kv_head * self.head_dim) if i < n else None
+        self.ve_lambdas = nn.Parameter(torch.tensor([0.5, 0.5])) if self.embed_key else None
 
     def forward(self, x, position, pos, cache=None, state=None):
         return self.resid_dropout(self.c_proj(self.heads(x, position, pos, cache, state)))
@@ -75,7 +94,15 @@ class ValueResidualAttention(GroupedQueryAttention):
     def mix_values(self, v, state):
         # this step's tokens only (before the cache): the first layer that runs writes its values
         v1 = state.setdefault("v1", v)
-        return v if self.lam is None else self.lam * v + (1 - self.lam) * v1
+        if self.lam is not None:
+            v = self.lam * v + (1 - self.lam) * v1
+        if self.value_embed is not None:
+            B, nkv, T, hs = v.shape
+            state[self.embed_key] = self.value_embed(state["idx"]).view(B, T, nkv, hs).transpose(1, 2)
+        # a partner layer that is not this attention (another kind in some layers) leaves no table
+        if self.embed_key is not None and self.embed_key in state:
+            v = self.ve_lambdas[0] * v + self.ve_lambdas[1] * state[self.embed_key]
+        return v
 
 
 @hookimpl

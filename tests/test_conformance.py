@@ -22,7 +22,10 @@ VARIANTS = {
     ("attention", "diff"): [None, {"lambda_init": 0.5, "backend": "math"}],
     ("attention", "mha"): [None, {"qk_norm": "layernorm"}],
     ("attention", "gated"): [None, {"gate": "headwise", "n_kv_head": 2}],
-    ("attention", "sliding_window"): [{"window": 4}, {"window": 3, "n_kv_head": 2, "qk_norm": "rmsnorm"}],
+    ("attention", "sliding_window"): [{"window": 4}, {"window": 3, "n_kv_head": 2, "qk_norm": "rmsnorm"},
+                                      {"window": 4, "window_start": 2}],
+    # the speedrun's attention: value residual, value embeddings, QK-norm and a growing window at once
+    ("attention", "value_residual"): [None, {"value_embeds": 1, "window": 4, "window_start": 2, "qk_norm": "rmsnorm"}],
     ("norm", "rmsnorm"): [None, {"eps": 1e-6}],
     # scaled RoPE (Llama 3.1, YaRN) rotates by fixed, rescaled frequencies: the same contract as plain rope
     ("position", "rope"): [None, {"scaling": "llama3", "factor": 8.0, "original_max_len": 16},

@@ -117,6 +117,12 @@ the KV cache:
 The conformance kit's ``state`` check runs on components that declare it (:func:`check_state` in
 :mod:`toolkit.testing.conformance`).
 
+**Training progress.** A component whose option follows a schedule (a sliding window that grows
+during training) may define ``set_progress(step, max_steps)``: the trainer calls it on every module
+that has it before each optimizer step (:func:`set_progress`). Derive everything from ``step``, so a
+resumed run continues where it stopped, and store nothing in the state dict; in eval mode (evaluation,
+``generate``) and in a model that never trained use the option's final value.
+
 **Metrics.** A component may define ``metrics() -> {name: float or 0-dim tensor}`` (an expert's
 load, a learned lambda, ...): the trainer asks for them every ``log_interval`` steps, so keep what
 they need from the last forward (detached) rather than computing in every step.
@@ -259,6 +265,14 @@ def state_for(module: nn.Module, state: dict | None) -> dict:
     if asks is None:  # a module not built by a Transformer
         asks = takes_state(module)
     return {"state": state} if asks and state is not None else {}
+
+
+def set_progress(model: nn.Module, step: int, max_steps: int) -> None:
+    """Tell every module of ``model`` that defines ``set_progress`` that ``step`` of ``max_steps`` is next."""
+    for module in model.modules():
+        hook = getattr(module, "set_progress", None)
+        if callable(hook) and module is not model:
+            hook(step, max_steps)
 
 
 def acts_per_layer(position: Position) -> bool:

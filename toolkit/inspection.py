@@ -18,6 +18,7 @@ import attrs
 import psutil
 import torch
 
+from .contracts import new_state, state_for
 from .engine import batch_plan, check_deepspeed_config, deepspeed_config, merged_deepspeed_config, on_cuda
 from .errors import ConfigError
 from .families import PER_LAYER
@@ -197,8 +198,9 @@ def kv_cache(model: Transformer, precision: str) -> list[dict]:
     position, rows = model.transformer.wpe, []
 
     def cached(attn, n: int) -> int:
-        cache: dict = {}
-        attn(torch.zeros((1, n, C), device="meta"), position, torch.arange(n, device="meta"), cache)
+        cache, x = {}, torch.zeros((1, n, C), device="meta")
+        state = state_for(attn, new_state(torch.zeros((1, n), dtype=torch.long, device="meta"), x))  # value residual
+        attn(x, position, torch.arange(n, device="meta"), cache, **state)
         return sum(v.numel() for k, v in cache.items() if isinstance(v, torch.Tensor) and k != "pos")
 
     for i, block in enumerate(model.transformer.h):

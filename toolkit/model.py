@@ -105,7 +105,9 @@ class Transformer(nn.Module):
         # GPT-2: scale the init of projections into the residual stream by 1/sqrt(2 * n_layer),
         # since each block adds two such contributions to the residual stream.
         for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
+            if name.endswith("c_proj.weight") and config.zero_init_proj:
+                torch.nn.init.zeros_(p)
+            elif name.endswith("c_proj.weight"):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         for module in {id(m): m for m in self.modules()}.values():  # then each component's own init
             reset = getattr(type(module), "reset_parameters", None)

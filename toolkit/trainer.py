@@ -34,6 +34,7 @@ from . import checkpoint, data
 from .checkpointer import Checkpointer
 from .engine import (batch_plan, build_engine, deepspeed_config, device, engine_step, full_fp32_state_dict,
                      init_distributed, one_rank_zero_note, peak_flops, schedule)
+from .contracts import set_progress
 from .convert import check_init, init_weights
 from .errors import CheckpointError, ConfigError, UsageError, UserError
 from .evaluate import EvalContext, LossEvaluator, build_evaluators, run_evaluators
@@ -129,6 +130,7 @@ class Trainer:
             self.phase("first eval")
         while self.step < cfg.max_steps:
             lr = self.lr_of(self.step)
+            set_progress(self.engine.module, self.step, cfg.max_steps)  # a component option on a schedule
             t0 = time.perf_counter()
             loss, grad_norm, aux = self.read_step(*self.train_step())  # the one host sync of the step
             self.check_finite(loss + sum(aux.values()))  # NaN/inf: stop before anything of this step is kept

@@ -87,6 +87,9 @@ class ModelConfig:
     embedding_multiplier: float | None = attrs.field(default=None, validator=v.optional(v.gt(0.0)))
     # cap the output logits smoothly at +-logit_softcap (Gemma 2: 30); None: no cap
     logit_softcap: float | None = attrs.field(default=None, validator=v.optional(v.gt(0.0)))
+    # projections into the residual stream (every c_proj) start at zero, so each block starts as the
+    # identity (modded-nanogpt); false: GPT-2's normal init scaled by 1/sqrt(2 * n_layer)
+    zero_init_proj: bool = attrs.field(default=False, validator=v.instance_of(bool))
     # the older spelling of block: "post" is block = "post_norm" ("pre", the default block, changes nothing)
     layout: Literal["pre", "post"] | None = attrs.field(default=None, validator=v.optional(v.in_(("pre", "post"))))
     # layers with components of their own, applied in order (a later group wins where two name a layer)
