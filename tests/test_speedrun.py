@@ -5,8 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from test_layers import ROOT
 from test_resume import StopAt, curve
-from toolkit.config import structure
+from toolkit.cli import main
+from toolkit.converter import structure
 from toolkit.contracts import set_progress
 from toolkit.model import ModelConfig, Transformer
 from toolkit.plugin_manager import default_registry
@@ -108,9 +110,6 @@ def test_muon_leaves_embedding_tables_inside_blocks_to_adamw():
 
 
 def test_inspect_counts_the_speedrun_recipe_and_measures_its_value_residual_kv_cache(capsys):
-    from test_layers import ROOT
-    from toolkit.cli import main
-
     assert main(["inspect", str(ROOT / "recipes" / "speedrun.toml")]) == 0
     out = capsys.readouterr().out
     V, C, L, hidden = 50304, 768, 12, 4 * 768
