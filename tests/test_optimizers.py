@@ -11,7 +11,7 @@ from toolkit.cli import main
 from toolkit.engine import make_optimizer, make_scheduler
 from toolkit.errors import ConfigError
 from toolkit.model import ModelConfig, Transformer
-from toolkit.plugins.optimizers import decay_groups
+from toolkit.plugins.optimizers import MuonMatrices, decay_groups, orthogonalize
 from toolkit.recipe import DeepSpeedConfig, Recipe, TrainConfig, load_recipe
 from toolkit.trainer import train
 
@@ -33,14 +33,14 @@ def loss_step(model, opt, seed):
     opt.step()
 
 
-def test_muon_is_torchs_muon_on_block_matrices_and_adamw_on_everything_else():
+def test_muon_is_muon_on_block_matrices_and_adamw_on_everything_else():
     torch.manual_seed(0)
     model = Transformer(recipe().model)
     twin = copy.deepcopy(model)
     opt = make_optimizer(model, recipe())
     blocks = [p for n, p in twin.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2]
     rest = [p for p in twin.parameters() if all(p is not b for b in blocks)]
-    by_hand = [torch.optim.Muon(blocks, lr=0.02, weight_decay=0.0, momentum=0.95, nesterov=True),
+    by_hand = [MuonMatrices(blocks, lr=0.02, weight_decay=0.0, momentum=0.95, nesterov=True),
                torch.optim.AdamW(decay_groups(rest, 0.1), lr=3e-3, betas=(0.9, 0.95), fused=True)]
     for seed in range(3):
         loss_step(model, opt, seed)
@@ -53,7 +53,7 @@ def test_muon_is_torchs_muon_on_block_matrices_and_adamw_on_everything_else():
         for o in by_hand:
             o.step()
     for (name, a), b in zip(model.named_parameters(), twin.parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-7, msg=name)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7, msg=lambda m: f"{name}: {m}")
     # the wte / lm_head and the norms' gains went to AdamW, the attention and MLP matrices to Muon
     muon_ids = {id(p) for g in opt.muon.param_groups for p in g["params"]}
     assert id(model.transformer.h[0].attn.c_attn.weight) in muon_ids and id(model.lm_head.weight) not in muon_ids
@@ -106,3 +106,20 @@ def test_muon_trains_through_the_deepspeed_engine(tmp_path, tiny_recipe):
     evals = [line for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
     first, last = (json.loads(evals[i])["val_loss"] for i in (0, -1))
     assert last < first - 0.1  # it learns (4.18 -> 3.99 in 8 steps)
+
+
+def test_muon_orthogonalises_in_fp32_on_a_cpu_what_torch_does_in_bf16():
+    # torch.optim.Muon's Newton-Schulz runs in bfloat16, which this CPU emulates ~13x slower than fp32
+    g = torch.randn(96, 32, generator=torch.Generator().manual_seed(0))
+    ours = orthogonalize(g, (3.4445, -4.7750, 2.0315), 5, 1e-7)
+    assert ours.dtype == torch.float32 and ours.shape == g.shape
+    torch.testing.assert_close(ours, torch.optim._muon._zeropower_via_newtonschulz(g, (3.4445, -4.7750, 2.0315), 5, 1e-7)
+                               .float(), rtol=0, atol=2e-2)
+    s = torch.linalg.svdvals(ours)
+    assert 0.5 < s.min() and s.max() < 1.5  # near-orthogonal, as the quintic iteration leaves it
+    # and a whole step is torch.optim.Muon's, to bf16's precision
+    p, q = (torch.nn.Parameter(torch.randn(96, 32, generator=torch.Generator().manual_seed(1))) for _ in range(2))
+    for opt, param in ((torch.optim.Muon([p], lr=0.02, weight_decay=0.1), p), (MuonMatrices([q], lr=0.02, weight_decay=0.1), q)):
+        param.grad = g.clone()
+        opt.step()
+    torch.testing.assert_close(q, p, rtol=0, atol=5e-4)
