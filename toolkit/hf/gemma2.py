@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from ..model import ModelConfig, Transformer, select_layers
 from .adapter import Adapter
 from .common import ConfigReader, HFFormatError, unwrap
-from .parts import fused_from_hf, fused_to_hf, head_dtype, model_config
+from .parts import FusedLayout, head_dtype, model_config
 from .rope import rope_from_hf
 
 # HF hidden_activation -> our geglu's `approximate`
@@ -57,10 +55,11 @@ def _slice_text(indices: list[int], n_layer: int) -> str | list[int]:
     return indices
 
 
-class Gemma2Adapter(Adapter):
+class Gemma2Adapter(FusedLayout, Adapter):
     """Gemma 2 (Gemma Team 2024): sandwich norms, GeGLU, soft-capped logits, local and global attention in turn."""
 
     model_type, hf_class, export_rank = "gemma2", "Gemma2ForCausalLM", 5
+    rename = _RENAME
     # transformers' Gemma2Config defaults of the keys read
     defaults = {"max_position_embeddings": 8192, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
                 "rope_theta": 10000.0, "query_pre_attn_scalar": 256, "attn_logit_softcapping": 50.0,
@@ -123,14 +122,6 @@ class Gemma2Adapter(Adapter):
             layers=layers,
         ))
 
-    def state_dict_from_hf(self, hf_sd: dict[str, torch.Tensor], config: ModelConfig,
-                           where: str = "weights") -> dict[str, torch.Tensor]:
-        """HF Gemma 2 tensors -> this toolkit's names, q/k/v and gate/up stacked into the fused weights."""
-        return fused_from_hf(hf_sd, config, _RENAME, where)
-
-    def state_dict_to_hf(self, state_dict: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-        """Tensors in this toolkit's names (weights, or their gradients) -> HF Gemma 2 names, fused ones split."""
-        return fused_to_hf(state_dict, config, _RENAME)
 
     def config_to_hf(self, model: Transformer) -> dict:
         """The HF ``config.json`` dict for a model Gemma 2 can express; HFFormatError says why not otherwise."""

@@ -8,12 +8,10 @@ no biases, an untied head, RoPE, SwiGLU, grouped-query attention where num_key_v
 """
 from __future__ import annotations
 
-import torch
-
 from ..model import ModelConfig, Transformer
 from .adapter import Adapter
 from .common import ConfigReader, HFFormatError, unwrap
-from .parts import fused_from_hf, fused_to_hf, head_dtype, model_config
+from .parts import FusedLayout, head_dtype, model_config
 from .rope import rope_from_hf
 
 _RENAME = {  # per-layer HF name -> ours (single tensors)
@@ -24,10 +22,11 @@ _RENAME = {  # per-layer HF name -> ours (single tensors)
     "self_attn.o_proj.weight": "attn.c_proj.weight",
     "mlp.down_proj.weight": "mlp.c_proj.weight",
 }
-class Olmo2Adapter(Adapter):
+class Olmo2Adapter(FusedLayout, Adapter):
     """OLMo 2 (OLMo et al. 2024): norms after each sublayer, QK-norm over all heads, SwiGLU, RoPE, no biases."""
 
     model_type, hf_class, export_rank = "olmo2", "Olmo2ForCausalLM", 6
+    rename = _RENAME
     # transformers' Olmo2Config defaults of the keys read
     defaults = {"hidden_act": "silu", "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "rope_theta": 10000.0}
 
@@ -59,14 +58,6 @@ class Olmo2Adapter(Adapter):
             mlp={"kind": "swiglu", "hidden_dim": r.need("intermediate_size")},
         ))
 
-    def state_dict_from_hf(self, hf_sd: dict[str, torch.Tensor], config: ModelConfig,
-                           where: str = "weights") -> dict[str, torch.Tensor]:
-        """HF OLMo 2 tensors -> this toolkit's names, q/k/v and gate/up stacked into the fused weights."""
-        return fused_from_hf(hf_sd, config, _RENAME, where)
-
-    def state_dict_to_hf(self, state_dict: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-        """Tensors in this toolkit's names (weights, or their gradients) -> HF OLMo 2 names, fused ones split."""
-        return fused_to_hf(state_dict, config, _RENAME)
 
     def config_to_hf(self, model: Transformer) -> dict:
         """The HF ``config.json`` dict for a model OLMo 2 can express; HFFormatError says why not otherwise."""

@@ -3,6 +3,8 @@ split out of) our fused ones in the Llama layout (Llama and its family, Gemma 2,
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from ..converter import resolve_specs, structure
@@ -98,3 +100,19 @@ def unfuse(fused: torch.Tensor, pieces: tuple[str, ...], sizes: list[int]) -> di
 def head_dtype(model: Transformer) -> str:
     """The parameters' dtype as config.json spells it ("float32", "bfloat16")."""
     return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
+class FusedLayout:
+    """The tensors of an adapter whose HF layout is Llama's (separate q/k/v and gate/up) under names
+    of its own: ``rename`` maps each per-layer HF name to ours (mixed in before Adapter)."""
+
+    rename: ClassVar[dict[str, str]] = {}
+
+    def state_dict_from_hf(self, hf_sd: dict[str, torch.Tensor], config: ModelConfig,
+                           where: str = "weights") -> dict[str, torch.Tensor]:
+        """HF tensors -> this toolkit's names, q/k/v and gate/up stacked into the fused weights."""
+        return fused_from_hf(hf_sd, config, self.rename, where)
+
+    def state_dict_to_hf(self, state_dict: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+        """Tensors in this toolkit's names (weights, or their gradients) -> HF names, fused ones split."""
+        return fused_to_hf(state_dict, config, self.rename)

@@ -158,6 +158,24 @@ class Subject:
         return [model.get_submodule(p) for p in self.module_paths(model)]
 
 
+def _typed_options(family: str, name: str, comp, options, registry: Registry):
+    """``options`` as the component's options class: its defaults for None, a dict structured by the
+    converter, an instance kept; ConformanceError saying what is wrong otherwise."""
+    if options is None or isinstance(options, comp.options):
+        try:
+            return options if options is not None else comp.options()
+        except TypeError as exc:
+            raise ConformanceError(f"{family} {name!r}: its options have no defaults, pass options=...: {exc}") from None
+    if isinstance(options, dict):
+        try:
+            return make_converter(registry).structure(options, comp.options)
+        except (cattrs.BaseValidationError, ValueError, TypeError) as exc:
+            lines = format_errors(exc, "options") if isinstance(exc, cattrs.BaseValidationError) else [str(exc)]
+            raise ConformanceError(f"{family} {name!r}: invalid options: " + "; ".join(lines)) from None
+    raise ConformanceError(f"{family} {name!r}: options must be a dict or {comp.options.__name__}, "
+                           f"got {type(options).__name__}")
+
+
 def make_subject(family: str, name: str, options=None, registry: Registry | None = None, *,
                  plugins: list[str] | tuple[str, ...] = (), model: dict | None = None) -> Subject:
     """Look the component up and structure its options; a readable ConformanceError if either fails."""
@@ -171,20 +189,7 @@ def make_subject(family: str, name: str, options=None, registry: Registry | None
     elif not isinstance(registry, Registry):
         raise ConformanceError(f"registry must be a toolkit.registry.Registry, got {type(registry).__name__}")
     comp = registry.get(family, name)  # UnknownComponentError names the registered ones
-    if options is None or isinstance(options, comp.options):
-        try:
-            opts = options if options is not None else comp.options()
-        except TypeError as exc:
-            raise ConformanceError(f"{family} {name!r}: its options have no defaults, pass options=...: {exc}") from None
-    elif isinstance(options, dict):
-        try:
-            opts = make_converter(registry).structure(options, comp.options)
-        except (cattrs.BaseValidationError, ValueError, TypeError) as exc:
-            lines = format_errors(exc, "options") if isinstance(exc, cattrs.BaseValidationError) else [str(exc)]
-            raise ConformanceError(f"{family} {name!r}: invalid options: " + "; ".join(lines)) from None
-    else:
-        raise ConformanceError(f"{family} {name!r}: options must be a dict or {comp.options.__name__}, "
-                               f"got {type(options).__name__}")
+    opts = _typed_options(family, name, comp, options, registry)
     return Subject(family, name, opts, registry, dict(model or {}))
 
 
@@ -861,20 +866,7 @@ def make_part_subject(family: str, name: str, options=None, registry: Registry |
     elif plugins:
         raise ConformanceError("pass either registry or plugins, not both (load the plugins into your registry first)")
     comp = registry.get(family, name)
-    if options is None or isinstance(options, comp.options):
-        try:
-            opts = options if options is not None else comp.options()
-        except TypeError as exc:
-            raise ConformanceError(f"{family} {name!r}: its options have no defaults, pass options=...: {exc}") from None
-    elif isinstance(options, dict):
-        try:
-            opts = make_converter(registry).structure(options, comp.options)
-        except (cattrs.BaseValidationError, ValueError, TypeError) as exc:
-            lines = format_errors(exc, "options") if isinstance(exc, cattrs.BaseValidationError) else [str(exc)]
-            raise ConformanceError(f"{family} {name!r}: invalid options: " + "; ".join(lines)) from None
-    else:
-        raise ConformanceError(f"{family} {name!r}: options must be a dict or {comp.options.__name__}, "
-                               f"got {type(options).__name__}")
+    opts = _typed_options(family, name, comp, options, registry)
     return PartSubject(family, name, opts, registry)
 
 
