@@ -66,6 +66,7 @@ class SlidingWindowOptions(GQAOptions):
     # compiles once). Derived from the step (set_progress), so a resume continues it; evaluation and
     # generation always use `window`. None: `window` throughout
     window_start: int | None = attrs.field(default=None, validator=v.optional(_positive_int))
+    # the fraction of training over which the window grows from window_start to window
     window_growth: float = attrs.field(default=1.0, validator=[v.gt(0.0), v.le(1.0)])
 
 

@@ -158,7 +158,7 @@ def test_every_problem_in_every_variant_is_reported_at_its_place_with_exit_2(tin
         f"{p}: $.set[0]: the ablation sets it: use `steps = N` or `tokens = N` at the top of the file",
         f"{p}: variants 'learned', 'rope': $.grid.\"model.positon.kind\": unknown key; did you mean \"model.position.kind\"?",
         f"{p}: variant 'typo': $.variant[0].set.\"model.mlp.kind\": unknown mlp 'swiglo'; did you mean 'swiglu'? "
-        "(registered: geglu, gelu, moe, relu, swiglu)",
+        "(registered: geglu, gelu, moe, relu, relu2, swiglu)",
         f"{p}: variant 'typo': $.variant[0].set.\"train.lr\": expected float, got \"fast\"",
         f"{p}: variant 'opts': $.variant[1].set.\"model.position\".thetaa: not an option of position 'rope'; "
         "did you mean 'theta'?",
