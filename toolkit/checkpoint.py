@@ -57,7 +57,7 @@ from .engine import device
 from .errors import CheckpointError
 from .recipe import diff_lines, flatten, recipe_to_dict, validate
 from .registry import code_of
-from .safeio import fsync, write_atomically
+from .safeio import fsync, sha256_of, write_atomically
 
 TAG_RE = re.compile(r"^step-(\d+)$")
 STATE_FILE = "toolkit_state.json"
@@ -138,15 +138,6 @@ def problem(path: str | Path) -> str | None:
         if have != size:
             return f"{name} has {have:,} bytes, {size:,} were written"
     return None
-
-
-def sha256_of(path: Path, inside: str | Path | None = None) -> str:
-    """The file's sha256 (hex), read in 8 MiB chunks; only a regular file (:func:`toolkit.safeio.open_regular`)."""
-    digest = hashlib.sha256()
-    with safeio.open_regular(path, inside) as f:
-        while chunk := f.read(8 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def verify(path: str | Path, names: list[str] | None = None) -> str | None:

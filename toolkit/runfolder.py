@@ -43,12 +43,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import safeio
-from .checkpoint import latest, list_checkpoints, problem, sha256_of
+from .checkpoint import latest, list_checkpoints, problem
 from .errors import CheckpointError
 from .plots import plot_losses, plot_summary
 from .recipe import Recipe, dump_recipe, recipe_to_dict
 from .registry import Registry
-from .safeio import write_atomically
+from .safeio import sha256_of, write_atomically
 from .trackers import Trackers
 
 if sys.version_info >= (3, 11):

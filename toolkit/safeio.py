@@ -16,6 +16,7 @@ It is also the one way a file is written whole or not at all: :func:`write_atomi
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import stat
@@ -173,3 +174,12 @@ def fsync(path: str | Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def sha256_of(path: str | Path, inside: str | Path | None = None) -> str:
+    """The file's sha256 (hex), read in 8 MiB chunks; only a regular file (:func:`open_regular`)."""
+    digest = hashlib.sha256()
+    with open_regular(path, inside) as f:
+        while chunk := f.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

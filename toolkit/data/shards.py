@@ -132,14 +132,6 @@ def _shards_ok(out: Path, split: str, sizes: list[int]) -> str | None:
     return None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 @contextlib.contextmanager
 def _locked(out: Path):
     """Serialise concurrent prepares of one directory (e.g. several ranks starting together)."""
@@ -244,7 +236,7 @@ class _Folder:
         except FileNotFoundError:
             return
         entry = self.hashes.get(name, {})
-        if not (stat.S_ISREG(st.st_mode) and st.st_size == entry.get("size") and _sha256(path) == entry.get("sha256")):
+        if not (stat.S_ISREG(st.st_mode) and st.st_size == entry.get("size") and safeio.sha256_of(path) == entry.get("sha256")):
             raise DataError(f"{path}: prepare cannot show it wrote this file (not the size and sha256 it recorded "
                             f"when writing it), so it neither removes nor replaces it; move it away or set "
                             f"data.prepared_dir to another folder")
