@@ -59,7 +59,7 @@ from .converter import _show as _got  # a value as the recipe errors show it
 from .converter import errors_to_lines, make_converter, structure_fields
 from .convert import check_init
 from .engine import batch_plan
-from .errors import ConfigError, PluginLoadError, UserError
+from .errors import ConfigError, PluginLoadError, Problem, UserError, format_path, format_problem
 from .families import Spec
 from .plugin_manager import default_registry, is_path_spec, load_registry
 from .probe import load_buildable, model_counts
@@ -535,15 +535,15 @@ def _parse_scale(table: ScaleTable, errors: list[str], base: Path) -> Scale | No
 
 
 # -- resolving ---------------------------------------------------------------------------------
-_PATH_RE = re.compile(r'\$((?:\.(?:"[^"]*"|[\w-]+)|\[\d+\])*)')
+def _map_lines(exc: ConfigError, overrides: list[Override]) -> list[str]:
+    """The lines of a recipe's error, each that an override caused moved to that override's place in the ablation file."""
+    return [_map_problem(p, line, overrides) for p, line in zip(exc.problems, exc.lines)]
 
 
-def _map_line(line: str, overrides: list[Override]) -> str:
-    """Move a recipe error that an override caused to that override's place in the ablation file."""
-    m = _PATH_RE.search(line)
-    if not m or not m.group(1):
+def _map_problem(problem: Problem, line: str, overrides: list[Override]) -> str:
+    if not problem.path:
         return line
-    dotted = m.group(1)[1:].replace('"', "") if m.group(1).startswith(".") else m.group(1)
+    dotted = format_path(problem.path, root="")[1:].replace('"', "")
     best = None
     for ov in overrides:  # the last matching override wins, as it does when applied
         if dotted == ov.key or dotted.startswith(ov.key + ".") or dotted.startswith(ov.key + "["):
@@ -551,8 +551,8 @@ def _map_line(line: str, overrides: list[Override]) -> str:
                 best = ov
     if best is None:
         return line
-    rest = re.sub(r" \(from --set .*\)$", "", line[m.end():])  # the recipe's note of which --set it was
-    return best.where + dotted[len(best.key):] + rest
+    origin = problem.origin if problem.origin and not problem.origin.startswith("--set ") else None  # the --set is the override
+    return best.where + dotted[len(best.key):] + ": " + format_problem(attrs.evolve(problem, path=None, origin=origin))
 
 
 def budget_overrides(ablation: Ablation, recipe: Recipe) -> list[Override]:
@@ -625,7 +625,7 @@ def _check_variant(ablation: Ablation, base: Recipe, overrides: list[Override],
     try:
         recipe = load_buildable(ablation.recipe, [ov.arg for ov in good], plugins=ablation.plugins)
     except ConfigError as exc:
-        return problems + [_map_line(line, good) for line in exc.lines], None
+        return problems + _map_lines(exc, good), None
     return problems, None if problems else recipe
 
 
@@ -657,7 +657,7 @@ def resolve(ablation: Ablation) -> list[Resolved]:
                 recipe = load_buildable(ablation.recipe, [ov.arg for ov in overrides], plugins=ablation.plugins)
                 recipe = attrs.evolve(recipe, train=attrs.evolve(recipe.train, seed=ablation.seeds[0]))
             except ConfigError as exc:
-                problems = [_map_line(line, overrides) for line in exc.lines]
+                problems = _map_lines(exc, overrides)
         if not problems:
             try:
                 params, flops = model_counts(recipe)

@@ -29,7 +29,7 @@ from cattrs.errors import (
     IterableValidationNote,
 )
 
-from .errors import ConfigError, UnknownComponentError, did_you_mean
+from .errors import ConfigError, Problem, UnknownComponentError, did_you_mean, format_problem, path_key
 from .families import Spec
 from .registry import Registry
 
@@ -65,12 +65,6 @@ def _show(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_show(v) for v in value) + "]" if len(value) <= 8 else f"an array of {len(value)}"
     return repr(value)
-
-
-def path_key(key: Any) -> str:
-    """A key as it goes in a ``$.a.b`` path: bare when TOML would write it bare, else quoted (escapes shown)."""
-    key = str(key)
-    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key, ensure_ascii=False)
 
 
 def _quote_names(names) -> str:
@@ -381,62 +375,66 @@ def make_converter(registry: Registry) -> cattrs.Converter:
 
 
 # -- error formatting ---------------------------------------------------------------------------
-def _describe(exc: BaseException, path: str) -> str:
-    """One error as ``PATH: message`` (cattrs' transform_error formatter, friendlier for TOML)."""
+def _describe(exc: BaseException, path: tuple) -> list[Problem]:
+    """One error as problems at ``path`` (cattrs' transform_error formatter, friendlier for TOML)."""
     if isinstance(exc, (ValueTypeError, InvalidValue, UnknownComponentError, UnknownOptionError)):
-        return f"{path}: {exc}"
+        return [Problem(path, str(exc))]
     if isinstance(exc, ForbiddenExtraKeysError):
         known = [f.name for f in attrs.fields(exc.cl) if f.init] if attrs.has(exc.cl) else []
-        parts = []
+        out = []
         for key in sorted(exc.extra_fields):
-            msg = f"{path}.{path_key(key)}: unknown key"
+            msg = "unknown key"
             hint = did_you_mean(key, known)
             if hint:
                 msg += f"; did you mean '{hint}'?"
             elif known:
                 msg += f" (allowed: {', '.join(known)})"
-            parts.append(msg)
-        return "\n".join(parts)
+            out.append(Problem((*path, key), msg))
+        return out
     if isinstance(exc, KeyError):
         text = exc.args[0] if exc.args else ""
-        return f"{path}: {text if isinstance(text, str) and ' ' in text else 'required key is missing'}"
+        return [Problem(path, text if isinstance(text, str) and ' ' in text else 'required key is missing')]
     if isinstance(exc, (ValueError, TypeError)):
         text = str(exc).strip().splitlines()
-        return f"{path}: {text[0] if text else type(exc).__name__}"
-    return f"{path}: {type(exc).__name__}: {exc}"
+        return [Problem(path, text[0] if text else type(exc).__name__)]
+    return [Problem(path, f"{type(exc).__name__}: {exc}")]
 
 
-def format_errors(exc: BaseException, root: str = "$") -> list[str]:
-    """Flatten a cattrs structuring error into one line per problem, each with its path.
+def problems_of(exc: BaseException, path: tuple = ()) -> list[Problem]:
+    """Flatten a cattrs structuring error into one problem each, its path as data (from cattrs' notes).
 
     Like cattrs' ``transform_error``, but worded for TOML users and with did-you-mean hints.
     """
-    return _walk(exc, root)
-
-
-def _walk(exc: BaseException, path: str) -> list[str]:
     if isinstance(exc, (ClassValidationError, IterableValidationError)):
-        out: list[str] = []
+        out: list[Problem] = []
         with_notes, without = exc.group_exceptions()
         for inner, note in with_notes:
             if isinstance(note, AttributeValidationNote):
-                sub = f"{path}.{path_key(note.name)}"
+                sub = (*path, note.name)
             elif isinstance(note, IterableValidationNote):
-                sub = f"{path}[{note.index!r}]"
+                sub = (*path, note.index)
             else:
                 sub = path
-            out.extend(_walk(inner, sub))
+            out.extend(problems_of(inner, sub))
         for inner in without:
-            out.extend(_walk(inner, path))
+            out.extend(problems_of(inner, path))
         return out
-    return _describe(exc, path).splitlines()
+    return _describe(exc, path)
+
+
+def format_errors(exc: BaseException, root: str = "$") -> list[str]:
+    """A cattrs structuring error as one line per problem (``$.model.n_head: expected int, got "twelve"``)."""
+    return [format_problem(p, root=root) for p in problems_of(exc)]
+
+
+def field_problems(errors: list[Exception], path: tuple = ()) -> list[Problem]:
+    """Problems for errors collected by :func:`structure_fields` (each carries its path note)."""
+    return problems_of(ClassValidationError("errors", errors, object), path) if errors else []
 
 
 def errors_to_lines(errors: list[Exception], root: str = "$") -> list[str]:
     """Lines for errors collected by :func:`structure_fields` (each carries its path note)."""
-    if not errors:
-        return []
-    return format_errors(ClassValidationError("errors", errors, object), root)
+    return [format_problem(p, root=root) for p in field_problems(errors)]
 
 
 def structure(registry: Registry, data: Any, cls: type, root: str = "$"):
@@ -446,7 +444,7 @@ def structure(registry: Registry, data: Any, cls: type, root: str = "$"):
     except (ClassValidationError, IterableValidationError) as exc:
         raise ConfigError(format_errors(exc, root)) from None
     except (ValueError, TypeError) as exc:  # a top-level value of the wrong type
-        raise ConfigError(_describe(exc, root).splitlines()) from None
+        raise ConfigError([format_problem(p, root=root) for p in _describe(exc, ())]) from None
 
 
 # -- specs made in Python ---------------------------------------------------------------------------
