@@ -3,9 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import attrs
 import pytest
+from attrs import validators as v
 
-from toolkit.errors import ConfigError, Problem, format_problem
+from toolkit.converter import refusal
+from toolkit.errors import ConfigError, InvalidValue, Problem, format_problem
 from toolkit.recipe import load_recipe
 
 TINY = Path(__file__).resolve().parent / "recipes" / "bases" / "tiny.toml"
@@ -45,3 +48,37 @@ def test_a_value_from_a_base_file_names_it_from_the_data_not_the_text(tmp_path, 
     with pytest.raises(ConfigError) as info:
         load_recipe(child)
     assert [(p.path, p.origin) for p in info.value.problems] == [(("train", "min_lr"), "base.toml")]
+
+
+@attrs.define
+class _C:
+    x: object = None
+
+
+def _field():
+    return attrs.fields(_C).x
+
+
+@pytest.mark.parametrize("validator, value, said", [
+    (v.gt(0.0), -1.0, "must be > 0, got -1.0"),
+    (v.le(1.5), 2.0, "must be <= 1.5, got 2.0"),
+    (v.in_(("head", "all")), "heda", 'must be one of "head", "all", got "heda"; did you mean "head"?'),
+    (v.instance_of(bool), 1, "expected bool, got 1"),
+    (v.optional([v.instance_of(int), v.gt(0)]), 0, "must be > 0, got 0"),
+    (v.optional(v.gt(0)), None, None),
+    ([v.ge(0.0), v.lt(1.0)], 0.5, None),
+])
+def test_attrs_validators_are_read_by_their_parts_not_their_message(validator, value, said):
+    assert refusal(validator, _field(), value) == said
+
+
+def test_a_validator_says_its_message_as_data_and_a_plugins_leading_field_name_is_dropped():
+    def ours(_, attribute, value):
+        raise InvalidValue("must be odd, got 2", attribute.name)
+
+    def a_plugins(_, attribute, value):
+        raise ValueError(f"{attribute.name} must be a positive integer, got {value!r}")
+
+    assert refusal(ours, _field(), 2) == "must be odd, got 2"
+    assert str(InvalidValue("must be odd, got 2", "x")) == "x must be odd, got 2"  # built in Python: names its field
+    assert refusal(a_plugins, _field(), 0) == "must be a positive integer, got 0"

@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import re
 import typing
 from typing import Any, Literal
 
@@ -29,7 +28,7 @@ from cattrs.errors import (
     IterableValidationNote,
 )
 
-from .errors import ConfigError, Problem, UnknownComponentError, did_you_mean, format_problem, path_key
+from .errors import ConfigError, InvalidValue, Problem, UnknownComponentError, did_you_mean, format_problem, path_key
 from .families import Spec
 from .registry import Registry
 
@@ -40,10 +39,6 @@ class ValueTypeError(TypeError):
     def __init__(self, expected: str, value: Any):
         self.expected, self.value = expected, value
         super().__init__(f"expected {expected}, got {_show(value)}")
-
-
-class InvalidValue(ValueError):
-    """A value of the right type that a validator refused; the message is already user-facing."""
 
 
 class UnknownOptionError(KeyError):
@@ -185,35 +180,54 @@ def _note(exc: Exception, name: str, typ: Any) -> Exception:
     return exc
 
 
-_ATTRS_NUMBER = re.compile(r"^'?\w+'? must be (?P<op>[<>]=?|==|!=) (?P<bound>.+): .*$", re.S)
-_ATTRS_IN = re.compile(r"^'?\w+'? must be in .*\(got .*\)$", re.S)
-_ATTRS_TYPE = re.compile(r"^'?\w+'? must be <class '(?P<type>[\w.]+)'>", re.S)
+def refusal(validator: Any, attribute: attrs.Attribute, value: Any) -> str | None:
+    """What ``validator`` says of ``value``, as ``must be > 0, got -1.0`` (the field name is in the path), or None.
 
-
-def validator_message(exc: BaseException, name: str, value: Any) -> str:
-    """An attrs validator's error as ``must be > 0, got -1.0`` (the field name is in the path)."""
-    args = exc.args
-    text = args[0] if args and isinstance(args[0], str) else str(exc)
-    if _ATTRS_IN.match(text) and len(args) >= 3:
-        options = list(args[2])
+    attrs' own validators (``gt``, ``in_``, ``instance_of``, ``optional``, ``and_``, the ones plugins
+    use) are read by their parts (bound, options, type), not by their message. Any other validator is
+    run: an :class:`InvalidValue` says its message as is; a plain ValueError (a plugin's own) has a
+    leading field name dropped. AttributeError: it needs the instance (the constructor runs it)."""
+    if isinstance(validator, (list, tuple)):
+        validator = attrs.validators.and_(*validator)
+    kind = type(validator).__name__
+    if kind == "_AndValidator":
+        return next((r for v in validator._validators if (r := refusal(v, attribute, value))), None)
+    if kind == "_OptionalValidator":
+        return None if value is None else refusal(validator.validator, attribute, value)
+    if kind == "_NumberValidator":
+        if validator.compare_func(value, validator.bound):
+            return None
+        bound = validator.bound  # `must be > 0`, not `> 0.0`
+        shown = str(int(bound)) if isinstance(bound, float) and bound.is_integer() else str(bound)
+        return f"must be {validator.compare_op} {shown}, got {_show(value)}"
+    if kind == "_InValidator":
+        try:
+            if value in validator.options:
+                return None
+        except TypeError:
+            pass
+        options = list(getattr(validator, "_original_options", validator.options))
         msg = f"must be one of {', '.join(_show(o) for o in options)}, got {_show(value)}"
         if isinstance(value, str):
             hint = did_you_mean(value, [o for o in options if isinstance(o, str)])
             if hint:
                 msg += f"; did you mean {_show(hint)}?"
         return msg
-    m = _ATTRS_NUMBER.match(text)
-    if m:
-        bound = m["bound"]
-        try:  # `must be > 0`, not `> 0.0`
-            bound = str(int(float(bound))) if float(bound).is_integer() else bound
-        except ValueError:
-            pass
-        return f"must be {m['op']} {bound}, got {_show(value)}"
-    m = _ATTRS_TYPE.match(text)
-    if m:
-        return f"expected {_type_name(args[2]) if len(args) >= 3 else m['type']}, got {_show(value)}"
-    for prefix in (f"'{name}' ", f"{name} ", f"{name}: "):  # custom validators often name the field
+    if kind == "_InstanceOfValidator":
+        return None if isinstance(value, validator.type) else f"expected {_type_name(validator.type)}, got {_show(value)}"
+    try:
+        validator(None, attribute, value)
+    except InvalidValue as exc:
+        return exc.message
+    except (ValueError, TypeError) as exc:
+        return _without_name(exc, attribute.name)
+    return None
+
+
+def _without_name(exc: BaseException, name: str) -> str:
+    """A plugin validator's message without the field name it often starts with (the name is in the path)."""
+    text = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
+    for prefix in (f"'{name}' ", f"{name} ", f"{name}: "):
         if text.startswith(prefix):
             return text[len(prefix):]
     return text
@@ -221,13 +235,14 @@ def validator_message(exc: BaseException, name: str, value: Any) -> str:
 
 def _clean(exc: BaseException, name: str = "") -> Exception:
     """A constructor's (post-init or validator) error as a one-line :class:`InvalidValue`."""
+    if isinstance(exc, InvalidValue) and exc.field:  # a validator run by the constructor: said at its field
+        return _note(InvalidValue(exc.message), exc.field, Any)
     if isinstance(exc, (InvalidValue, ValueTypeError)):
         return exc
     text = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
     if len(exc.args) >= 2 and isinstance(exc.args[1], attrs.Attribute):  # a validator that needed the instance
         attr = exc.args[1]
-        value = exc.args[-1]
-        return _note(InvalidValue(validator_message(exc, attr.name, value)), attr.name, attr.type)
+        return _note(InvalidValue(_without_name(exc, attr.name)), attr.name, attr.type)
     return InvalidValue(text.strip().splitlines()[0] if text.strip() else type(exc).__name__)
 
 
@@ -271,12 +286,14 @@ def structure_fields(converter: cattrs.Converter, data: Any, cls: type) -> tuple
                 continue
         if f.validator is not None:
             try:
-                f.validator(None, f, checked)
-            except (ValueError, TypeError) as exc:
-                errors.append(_note(InvalidValue(validator_message(exc, f.name, checked)), f.name, f.type))
-                continue
+                refused = refusal(f.validator, f, checked)
             except AttributeError:
-                pass  # a validator that needs the instance; the constructor runs it below
+                refused = None  # a validator that needs the instance; the constructor runs it below
+            except (ValueError, TypeError) as exc:  # a bound that cannot be compared with the value
+                refused = _without_name(exc, f.name)
+            if refused is not None:
+                errors.append(_note(InvalidValue(refused), f.name, f.type))
+                continue
         kwargs[f.alias or f.name] = value
     return kwargs, errors
 
@@ -377,7 +394,9 @@ def make_converter(registry: Registry) -> cattrs.Converter:
 # -- error formatting ---------------------------------------------------------------------------
 def _describe(exc: BaseException, path: tuple) -> list[Problem]:
     """One error as problems at ``path`` (cattrs' transform_error formatter, friendlier for TOML)."""
-    if isinstance(exc, (ValueTypeError, InvalidValue, UnknownComponentError, UnknownOptionError)):
+    if isinstance(exc, InvalidValue):
+        return [Problem(path, exc.message)]
+    if isinstance(exc, (ValueTypeError, UnknownComponentError, UnknownOptionError)):
         return [Problem(path, str(exc))]
     if isinstance(exc, ForbiddenExtraKeysError):
         known = [f.name for f in attrs.fields(exc.cl) if f.init] if attrs.has(exc.cl) else []

@@ -65,6 +65,16 @@ class ConfigError(UserError, ValueError):
         super().__init__("\n".join(self.lines))
 
 
+class InvalidValue(ValueError):
+    """A value of the right type that a validator refused. ``message`` is what a recipe's user sees
+    (``must be > 0, got 0``: the path is added where it is printed); ``field`` names the field for
+    whoever built the object in Python (``str()``: ``n_layer must be > 0, got 0``). Validators raise it."""
+
+    def __init__(self, message: str, field: str | None = None):
+        self.message, self.field = message, field
+        super().__init__(f"{field} {message}" if field else message)
+
+
 class RegistryError(UserError, ValueError):
     """A component could not be registered or found."""
 
