@@ -639,11 +639,11 @@ def resolve(ablation: Ablation) -> list[Resolved]:
     try:
         base = load_buildable(ablation.recipe, plugins=ablation.plugins)
     except ConfigError as exc:
-        raise ConfigError([f"{where}: base recipe {ablation.recipe}: {line}" for line in exc.lines]) from None
+        raise _ResolveError(where, [(None, f"base recipe {ablation.recipe}: {line}") for line in exc.lines]) from None
 
     # shared overrides first: their problems are reported once, and variants are checked without them
     shared_problems, _ = _check_variant(ablation, base, list(ablation.shared), list(ablation.shared))
-    lines = [f"{where}: {p}" for p in shared_problems]
+    said: list[tuple[str | None, str]] = [(None, p) for p in shared_problems]
     shared = [ov for ov in ablation.shared if not any(p.startswith(ov.where) for p in shared_problems)]
 
     by_problem: dict[str, list[str]] = {}
@@ -667,13 +667,13 @@ def resolve(ablation: Ablation) -> list[Resolved]:
                 resolved[variant.name] = (variant, recipe, params, flops)
         for p in problems:
             by_problem.setdefault(p, []).append(variant.name)
-    if by_problem or lines:
+    if by_problem or said:
         n = len(ablation.variants)
         for p, names in by_problem.items():
             who = "all variants" if len(names) == n > 1 else ("variant " if len(names) == 1 else "variants ") + ", ".join(
                 repr(x) for x in names)
-            lines.append(f"{where}: {who}: {p}")
-        raise ConfigError(lines)
+            said.append((who, p))
+        raise _ResolveError(where, said)
 
     base_recipe = resolved[ablation.baseline][1]
     out = []
@@ -691,14 +691,22 @@ def at_rung(ablation: Ablation, rung: Rung) -> Ablation:
                         baseline=f"{ablation.baseline}@{rung.name}")
 
 
-_WHO = re.compile(r"^(?:all variants|variants? '[^']*'(?:, '[^']*')*): ")
+class _ResolveError(ConfigError):
+    """:func:`resolve`'s problems, each with the variants it is said for (None: said once, for the
+    file or its shared overrides), kept as parts so that a rung's can be merged (:func:`_named_once`)."""
+
+    def __init__(self, where: str, said: list[tuple[str | None, str]]):
+        self.said = said
+        super().__init__([f"{where}: {who}: {p}" if who else f"{where}: {p}" for who, p in said])
 
 
-def _named_once(lines: list[str], where: str) -> list[str]:
+def _named_once(exc: ConfigError) -> list[str]:
     """A rung's problem once: a rung's overrides are shared by its variants, so the recipe reports a problem
     they cause both for the shared overrides and for each variant; keep the line that names the variants (and so the rung)."""
-    tails = {_WHO.sub("", ln.removeprefix(where + ": ")) for ln in lines if _WHO.match(ln.removeprefix(where + ": "))}
-    return [ln for ln in lines if _WHO.match(ln.removeprefix(where + ": ")) or ln.removeprefix(where + ": ") not in tails]
+    if not isinstance(exc, _ResolveError):
+        return exc.lines
+    named = {p for who, p in exc.said if who}
+    return [line for (who, p), line in zip(exc.said, exc.lines) if who or p not in named]
 
 
 def resolve_scaled(ablation: Ablation) -> list[Resolved]:
@@ -717,7 +725,7 @@ def resolve_scaled(ablation: Ablation) -> list[Resolved]:
                 sub = attrs.evolve(sub, steps=None, tokens=math.ceil(ablation.scale.tokens_per_param * first.info.params))
             done = resolve(sub)
         except ConfigError as exc:
-            lines += [ln for ln in _named_once(exc.lines, str(ablation.path)) if ln not in lines]
+            lines += [ln for ln in _named_once(exc) if ln not in lines]
             continue
         for r, variant in zip(done, ablation.variants):
             out.append(attrs.evolve(r, info=attrs.evolve(r.info, group=variant.name, rung=rung.name)))
