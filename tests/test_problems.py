@@ -82,3 +82,12 @@ def test_a_validator_says_its_message_as_data_and_a_plugins_leading_field_name_i
     assert refusal(ours, _field(), 2) == "must be odd, got 2"
     assert str(InvalidValue("must be odd, got 2", "x")) == "x must be odd, got 2"  # built in Python: names its field
     assert refusal(a_plugins, _field(), 0) == "must be a positive integer, got 0"
+
+
+def test_a_plugin_that_cannot_load_is_said_with_its_reason_as_data_whatever_its_file_is_called(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a plugin file is named relative to the working folder
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'extends = "{TINY.as_posix()}"\nplugins = ["why failed: here.py"]\n')
+    with pytest.raises(ConfigError) as info:
+        load_recipe(recipe)
+    assert info.value.problems == [Problem(("plugins", 0), 'cannot load plugin "why failed: here.py": no such file')]

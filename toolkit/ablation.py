@@ -535,12 +535,13 @@ def _parse_scale(table: ScaleTable, errors: list[str], base: Path) -> Scale | No
 
 
 # -- resolving ---------------------------------------------------------------------------------
-def _map_lines(exc: ConfigError, overrides: list[Override]) -> list[str]:
-    """The lines of a recipe's error, each that an override caused moved to that override's place in the ablation file."""
-    return [_map_problem(p, line, overrides) for p, line in zip(exc.problems, exc.lines)]
+def _map_lines(exc: ConfigError, overrides: list[Override], blamed: list[Override] | None = None) -> list[str]:
+    """The lines of a recipe's error, each that an override caused moved to that override's place in the
+    ablation file (and that override added to ``blamed``)."""
+    return [_map_problem(p, line, overrides, blamed) for p, line in zip(exc.problems, exc.lines)]
 
 
-def _map_problem(problem: Problem, line: str, overrides: list[Override]) -> str:
+def _map_problem(problem: Problem, line: str, overrides: list[Override], blamed: list[Override] | None) -> str:
     if not problem.path:
         return line
     dotted = format_path(problem.path, root="")[1:].replace('"', "")
@@ -551,6 +552,8 @@ def _map_problem(problem: Problem, line: str, overrides: list[Override]) -> str:
                 best = ov
     if best is None:
         return line
+    if blamed is not None:
+        blamed.append(best)
     origin = problem.origin if problem.origin and not problem.origin.startswith("--set ") else None  # the --set is the override
     return best.where + dotted[len(best.key):] + ": " + format_problem(attrs.evolve(problem, path=None, origin=origin))
 
@@ -598,9 +601,10 @@ def recipe_diff(recipe: Recipe, baseline: Recipe) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _check_variant(ablation: Ablation, base: Recipe, overrides: list[Override],
-                   checked: list[Override]) -> tuple[list[str], Recipe | None]:
-    """The recipe with all of ``overrides``, or the problems with the keys of ``checked``, or with the recipe.
+def _check_variant(ablation: Ablation, base: Recipe, overrides: list[Override], checked: list[Override],
+                   blamed: list[Override] | None = None) -> tuple[list[str], Recipe | None]:
+    """The recipe with all of ``overrides``, or the problems with the keys of ``checked``, or with the recipe
+    (each override a problem is said at is added to ``blamed``).
 
     Each variant is checked against the registry of its own plugins (the base recipe's, the
     file's, and its own ``plugins`` override): a kind that one variant's plugin file provides
@@ -613,19 +617,23 @@ def _check_variant(ablation: Ablation, base: Recipe, overrides: list[Override],
     try:
         registry = load_registry(plugins)
     except PluginLoadError as exc:
-        at = next((o.where for o in overrides if o.key == "plugins"), "$.plugins")
-        return [f"{at}: {exc}"], None
+        at = next((o for o in overrides if o.key == "plugins"), None)
+        if at is not None and blamed is not None:
+            blamed.append(at)
+        return [f"{at.where if at else '$.plugins'}: {exc}"], None
     kinds = _apply_kinds(chosen_kinds(base), overrides)
     problems, bad = [], []
     for ov in checked:
         if p := check_key(ov.key, kinds, registry):
             problems.append(f"{ov.key_where}: {p}")
             bad.append(ov)
+    if blamed is not None:  # a rung's key problem is said at the rung, not at the override's value
+        blamed += [ov for ov in bad if ov.key_where.startswith(ov.where)]
     good = [ov for ov in overrides if ov not in bad]  # the rest is still checked, for every problem at once
     try:
         recipe = load_buildable(ablation.recipe, [ov.arg for ov in good], plugins=ablation.plugins)
     except ConfigError as exc:
-        return problems + _map_lines(exc, good), None
+        return problems + _map_lines(exc, good, blamed), None
     return problems, None if problems else recipe
 
 
@@ -642,9 +650,10 @@ def resolve(ablation: Ablation) -> list[Resolved]:
         raise _ResolveError(where, [(None, f"base recipe {ablation.recipe}: {line}") for line in exc.lines]) from None
 
     # shared overrides first: their problems are reported once, and variants are checked without them
-    shared_problems, _ = _check_variant(ablation, base, list(ablation.shared), list(ablation.shared))
+    blamed: list[Override] = []
+    shared_problems, _ = _check_variant(ablation, base, list(ablation.shared), list(ablation.shared), blamed)
     said: list[tuple[str | None, str]] = [(None, p) for p in shared_problems]
-    shared = [ov for ov in ablation.shared if not any(p.startswith(ov.where) for p in shared_problems)]
+    shared = [ov for ov in ablation.shared if ov not in blamed]
 
     by_problem: dict[str, list[str]] = {}
     resolved: dict[str, tuple[Variant, Recipe, int, int]] = {}

@@ -105,7 +105,12 @@ class AmbiguousComponentError(UnknownComponentError):
 
 
 class PluginLoadError(UserError, RuntimeError):
-    """A plugin the user asked for by name (recipe, ablation file or --plugin) could not be loaded."""
+    """A plugin the user asked for by name (recipe, ablation file or --plugin) could not be loaded;
+    ``reason`` is why, without the plugin's name (a recipe names the plugin at its own path)."""
+
+    def __init__(self, message: str, reason: str | None = None):
+        self.reason = message if reason is None else reason
+        super().__init__(message)
 
 
 class DataError(UserError, ValueError):

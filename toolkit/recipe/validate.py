@@ -110,9 +110,8 @@ def _registry_for(plugins) -> tuple[Registry, list[Problem]]:
         try:
             load_registry([spec])
         except PluginLoadError as exc:
-            reason = str(exc).split(" failed: ", 1)[-1]
             shown = _display(Path(spec)) if is_path_spec(spec) else spec
-            lines.append(Problem(("plugins", i), f"cannot load plugin \"{shown}\": {reason}"))
+            lines.append(Problem(("plugins", i), f"cannot load plugin \"{shown}\": {exc.reason}"))
             continue
         good.append(spec)
     return load_registry(good), lines
