@@ -28,7 +28,7 @@ from cattrs.errors import (
     IterableValidationNote,
 )
 
-from .errors import ConfigError, InvalidValue, Problem, UnknownComponentError, did_you_mean, format_problem, path_key
+from .errors import ConfigError, InvalidValue, Problem, UnknownComponentError, did_you_mean, format_problem
 from .families import Spec
 from .registry import Registry
 

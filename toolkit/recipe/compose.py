@@ -22,8 +22,8 @@ from typing import Any
 import attrs
 
 from .. import families
-from ..converter import _show, path_key
-from ..errors import ConfigError
+from ..converter import _show
+from ..errors import ConfigError, path_key
 from ..plugin_manager import is_path_spec
 from .tree import deep_merge
 
