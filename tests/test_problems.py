@@ -7,6 +7,7 @@ import attrs
 import pytest
 from attrs import validators as v
 
+from toolkit.ablation import parse_ablation
 from toolkit.converter import refusal
 from toolkit.errors import ConfigError, InvalidValue, Problem, format_problem
 from toolkit.recipe import load_recipe
@@ -91,3 +92,11 @@ def test_a_plugin_that_cannot_load_is_said_with_its_reason_as_data_whatever_its_
     with pytest.raises(ConfigError) as info:
         load_recipe(recipe)
     assert info.value.problems == [Problem(("plugins", 0), 'cannot load plugin "why failed: here.py": no such file')]
+
+
+def test_an_ablation_baseline_of_the_wrong_type_is_said_once(tmp_path):
+    path = tmp_path / "a.toml"
+    path.write_text(f'recipe = "{TINY.as_posix()}"\nsteps = 1\nbaseline = 3\n[grid]\n"model.n_layer" = [1, 2]\n')
+    with pytest.raises(ConfigError) as info:
+        parse_ablation(path)
+    assert info.value.lines == [f"{path}: $.baseline: expected string, got 3"]

@@ -56,7 +56,7 @@ from attrs import validators as v
 
 from . import families, report, scaling
 from .converter import _show as _got  # a value as the recipe errors show it
-from .converter import errors_to_lines, make_converter, structure_fields
+from .converter import field_problems, make_converter, structure_fields
 from .convert import check_init
 from .engine import batch_plan
 from .errors import ConfigError, PluginLoadError, Problem, UserError, format_path, format_problem
@@ -423,7 +423,8 @@ def _parse(path: Path, sets: list[str] | tuple[str, ...] = ()) -> tuple[Ablation
     cli_errors: list[str] = []
     cli = _cli_overrides(data, sets, cli_errors)
     kwargs, errs = structure_fields(make_converter(default_registry()), data, AblationFile)
-    errors = cli_errors + errors_to_lines(errs)
+    refused = field_problems(errs)
+    errors = cli_errors + [format_problem(p) for p in refused]
     given = {k: kwargs.get(k, getattr(attrs.fields(AblationFile), k).default) for k in attrs.fields_dict(AblationFile)}
     given = {k: (val.factory() if isinstance(val, attrs.Factory) else val) for k, val in given.items()}
 
@@ -474,7 +475,7 @@ def _parse(path: Path, sets: list[str] | tuple[str, ...] = ()) -> tuple[Ablation
         if n > 1:
             errors.append(f"$: variant name {vname!r} is used {n} times; names must be unique")
     baseline = given["baseline"] if given["baseline"] is not None else (variants[0].name if variants else "")
-    if variants and baseline not in seen and "baseline" not in {ln.split(":")[0][2:] for ln in errors}:
+    if variants and baseline not in seen and ("baseline",) not in {p.path for p in refused}:
         hint = difflib.get_close_matches(baseline, list(seen), n=1)
         errors.append(f"$.baseline: no variant named {baseline!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
                       + f" (variants: {', '.join(seen)})")
