@@ -56,10 +56,10 @@ from attrs import validators as v
 
 from . import families, report, scaling
 from .converter import _show as _got  # a value as the recipe errors show it
-from .converter import errors_to_lines, make_converter, structure_fields
+from .converter import field_problems, make_converter, structure_fields
 from .convert import check_init
 from .engine import batch_plan
-from .errors import ConfigError, PluginLoadError, UserError
+from .errors import ConfigError, PluginLoadError, Problem, UserError, format_path, format_problem
 from .families import Spec
 from .plugin_manager import default_registry, is_path_spec, load_registry
 from .probe import load_buildable, model_counts
@@ -423,7 +423,8 @@ def _parse(path: Path, sets: list[str] | tuple[str, ...] = ()) -> tuple[Ablation
     cli_errors: list[str] = []
     cli = _cli_overrides(data, sets, cli_errors)
     kwargs, errs = structure_fields(make_converter(default_registry()), data, AblationFile)
-    errors = cli_errors + errors_to_lines(errs)
+    refused = field_problems(errs)
+    errors = cli_errors + [format_problem(p) for p in refused]
     given = {k: kwargs.get(k, getattr(attrs.fields(AblationFile), k).default) for k in attrs.fields_dict(AblationFile)}
     given = {k: (val.factory() if isinstance(val, attrs.Factory) else val) for k, val in given.items()}
 
@@ -474,7 +475,7 @@ def _parse(path: Path, sets: list[str] | tuple[str, ...] = ()) -> tuple[Ablation
         if n > 1:
             errors.append(f"$: variant name {vname!r} is used {n} times; names must be unique")
     baseline = given["baseline"] if given["baseline"] is not None else (variants[0].name if variants else "")
-    if variants and baseline not in seen and "baseline" not in {ln.split(":")[0][2:] for ln in errors}:
+    if variants and baseline not in seen and ("baseline",) not in {p.path for p in refused}:
         hint = difflib.get_close_matches(baseline, list(seen), n=1)
         errors.append(f"$.baseline: no variant named {baseline!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
                       + f" (variants: {', '.join(seen)})")
@@ -535,15 +536,16 @@ def _parse_scale(table: ScaleTable, errors: list[str], base: Path) -> Scale | No
 
 
 # -- resolving ---------------------------------------------------------------------------------
-_PATH_RE = re.compile(r'\$((?:\.(?:"[^"]*"|[\w-]+)|\[\d+\])*)')
+def _map_lines(exc: ConfigError, overrides: list[Override], blamed: list[Override] | None = None) -> list[str]:
+    """The lines of a recipe's error, each that an override caused moved to that override's place in the
+    ablation file (and that override added to ``blamed``)."""
+    return [_map_problem(p, line, overrides, blamed) for p, line in zip(exc.problems, exc.lines)]
 
 
-def _map_line(line: str, overrides: list[Override]) -> str:
-    """Move a recipe error that an override caused to that override's place in the ablation file."""
-    m = _PATH_RE.search(line)
-    if not m or not m.group(1):
+def _map_problem(problem: Problem, line: str, overrides: list[Override], blamed: list[Override] | None) -> str:
+    if not problem.path:
         return line
-    dotted = m.group(1)[1:].replace('"', "") if m.group(1).startswith(".") else m.group(1)
+    dotted = format_path(problem.path, root="")[1:].replace('"', "")
     best = None
     for ov in overrides:  # the last matching override wins, as it does when applied
         if dotted == ov.key or dotted.startswith(ov.key + ".") or dotted.startswith(ov.key + "["):
@@ -551,8 +553,10 @@ def _map_line(line: str, overrides: list[Override]) -> str:
                 best = ov
     if best is None:
         return line
-    rest = re.sub(r" \(from --set .*\)$", "", line[m.end():])  # the recipe's note of which --set it was
-    return best.where + dotted[len(best.key):] + rest
+    if blamed is not None:
+        blamed.append(best)
+    origin = problem.origin if problem.origin and not problem.origin.startswith("--set ") else None  # the --set is the override
+    return best.where + dotted[len(best.key):] + ": " + format_problem(attrs.evolve(problem, path=None, origin=origin))
 
 
 def budget_overrides(ablation: Ablation, recipe: Recipe) -> list[Override]:
@@ -598,9 +602,10 @@ def recipe_diff(recipe: Recipe, baseline: Recipe) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _check_variant(ablation: Ablation, base: Recipe, overrides: list[Override],
-                   checked: list[Override]) -> tuple[list[str], Recipe | None]:
-    """The recipe with all of ``overrides``, or the problems with the keys of ``checked``, or with the recipe.
+def _check_variant(ablation: Ablation, base: Recipe, overrides: list[Override], checked: list[Override],
+                   blamed: list[Override] | None = None) -> tuple[list[str], Recipe | None]:
+    """The recipe with all of ``overrides``, or the problems with the keys of ``checked``, or with the recipe
+    (each override a problem is said at is added to ``blamed``).
 
     Each variant is checked against the registry of its own plugins (the base recipe's, the
     file's, and its own ``plugins`` override): a kind that one variant's plugin file provides
@@ -613,19 +618,23 @@ def _check_variant(ablation: Ablation, base: Recipe, overrides: list[Override],
     try:
         registry = load_registry(plugins)
     except PluginLoadError as exc:
-        at = next((o.where for o in overrides if o.key == "plugins"), "$.plugins")
-        return [f"{at}: {exc}"], None
+        at = next((o for o in overrides if o.key == "plugins"), None)
+        if at is not None and blamed is not None:
+            blamed.append(at)
+        return [f"{at.where if at else '$.plugins'}: {exc}"], None
     kinds = _apply_kinds(chosen_kinds(base), overrides)
     problems, bad = [], []
     for ov in checked:
         if p := check_key(ov.key, kinds, registry):
             problems.append(f"{ov.key_where}: {p}")
             bad.append(ov)
+    if blamed is not None:  # a rung's key problem is said at the rung, not at the override's value
+        blamed += [ov for ov in bad if ov.key_where.startswith(ov.where)]
     good = [ov for ov in overrides if ov not in bad]  # the rest is still checked, for every problem at once
     try:
         recipe = load_buildable(ablation.recipe, [ov.arg for ov in good], plugins=ablation.plugins)
     except ConfigError as exc:
-        return problems + [_map_line(line, good) for line in exc.lines], None
+        return problems + _map_lines(exc, good, blamed), None
     return problems, None if problems else recipe
 
 
@@ -639,12 +648,13 @@ def resolve(ablation: Ablation) -> list[Resolved]:
     try:
         base = load_buildable(ablation.recipe, plugins=ablation.plugins)
     except ConfigError as exc:
-        raise ConfigError([f"{where}: base recipe {ablation.recipe}: {line}" for line in exc.lines]) from None
+        raise _ResolveError(where, [(None, f"base recipe {ablation.recipe}: {line}") for line in exc.lines]) from None
 
     # shared overrides first: their problems are reported once, and variants are checked without them
-    shared_problems, _ = _check_variant(ablation, base, list(ablation.shared), list(ablation.shared))
-    lines = [f"{where}: {p}" for p in shared_problems]
-    shared = [ov for ov in ablation.shared if not any(p.startswith(ov.where) for p in shared_problems)]
+    blamed: list[Override] = []
+    shared_problems, _ = _check_variant(ablation, base, list(ablation.shared), list(ablation.shared), blamed)
+    said: list[tuple[str | None, str]] = [(None, p) for p in shared_problems]
+    shared = [ov for ov in ablation.shared if ov not in blamed]
 
     by_problem: dict[str, list[str]] = {}
     resolved: dict[str, tuple[Variant, Recipe, int, int]] = {}
@@ -657,7 +667,7 @@ def resolve(ablation: Ablation) -> list[Resolved]:
                 recipe = load_buildable(ablation.recipe, [ov.arg for ov in overrides], plugins=ablation.plugins)
                 recipe = attrs.evolve(recipe, train=attrs.evolve(recipe.train, seed=ablation.seeds[0]))
             except ConfigError as exc:
-                problems = [_map_line(line, overrides) for line in exc.lines]
+                problems = _map_lines(exc, overrides)
         if not problems:
             try:
                 params, flops = model_counts(recipe)
@@ -667,13 +677,13 @@ def resolve(ablation: Ablation) -> list[Resolved]:
                 resolved[variant.name] = (variant, recipe, params, flops)
         for p in problems:
             by_problem.setdefault(p, []).append(variant.name)
-    if by_problem or lines:
+    if by_problem or said:
         n = len(ablation.variants)
         for p, names in by_problem.items():
             who = "all variants" if len(names) == n > 1 else ("variant " if len(names) == 1 else "variants ") + ", ".join(
                 repr(x) for x in names)
-            lines.append(f"{where}: {who}: {p}")
-        raise ConfigError(lines)
+            said.append((who, p))
+        raise _ResolveError(where, said)
 
     base_recipe = resolved[ablation.baseline][1]
     out = []
@@ -691,14 +701,22 @@ def at_rung(ablation: Ablation, rung: Rung) -> Ablation:
                         baseline=f"{ablation.baseline}@{rung.name}")
 
 
-_WHO = re.compile(r"^(?:all variants|variants? '[^']*'(?:, '[^']*')*): ")
+class _ResolveError(ConfigError):
+    """:func:`resolve`'s problems, each with the variants it is said for (None: said once, for the
+    file or its shared overrides), kept as parts so that a rung's can be merged (:func:`_named_once`)."""
+
+    def __init__(self, where: str, said: list[tuple[str | None, str]]):
+        self.said = said
+        super().__init__([f"{where}: {who}: {p}" if who else f"{where}: {p}" for who, p in said])
 
 
-def _named_once(lines: list[str], where: str) -> list[str]:
+def _named_once(exc: ConfigError) -> list[str]:
     """A rung's problem once: a rung's overrides are shared by its variants, so the recipe reports a problem
     they cause both for the shared overrides and for each variant; keep the line that names the variants (and so the rung)."""
-    tails = {_WHO.sub("", ln.removeprefix(where + ": ")) for ln in lines if _WHO.match(ln.removeprefix(where + ": "))}
-    return [ln for ln in lines if _WHO.match(ln.removeprefix(where + ": ")) or ln.removeprefix(where + ": ") not in tails]
+    if not isinstance(exc, _ResolveError):
+        return exc.lines
+    named = {p for who, p in exc.said if who}
+    return [line for (who, p), line in zip(exc.said, exc.lines) if who or p not in named]
 
 
 def resolve_scaled(ablation: Ablation) -> list[Resolved]:
@@ -717,7 +735,7 @@ def resolve_scaled(ablation: Ablation) -> list[Resolved]:
                 sub = attrs.evolve(sub, steps=None, tokens=math.ceil(ablation.scale.tokens_per_param * first.info.params))
             done = resolve(sub)
         except ConfigError as exc:
-            lines += [ln for ln in _named_once(exc.lines, str(ablation.path)) if ln not in lines]
+            lines += [ln for ln in _named_once(exc) if ln not in lines]
             continue
         for r, variant in zip(done, ablation.variants):
             out.append(attrs.evolve(r, info=attrs.evolve(r.info, group=variant.name, rung=rung.name)))

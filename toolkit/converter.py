@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import re
 import typing
 from typing import Any, Literal
 
@@ -29,7 +28,7 @@ from cattrs.errors import (
     IterableValidationNote,
 )
 
-from .errors import ConfigError, UnknownComponentError, did_you_mean
+from .errors import ConfigError, InvalidValue, Problem, UnknownComponentError, did_you_mean, format_problem
 from .families import Spec
 from .registry import Registry
 
@@ -40,10 +39,6 @@ class ValueTypeError(TypeError):
     def __init__(self, expected: str, value: Any):
         self.expected, self.value = expected, value
         super().__init__(f"expected {expected}, got {_show(value)}")
-
-
-class InvalidValue(ValueError):
-    """A value of the right type that a validator refused; the message is already user-facing."""
 
 
 class UnknownOptionError(KeyError):
@@ -65,12 +60,6 @@ def _show(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_show(v) for v in value) + "]" if len(value) <= 8 else f"an array of {len(value)}"
     return repr(value)
-
-
-def path_key(key: Any) -> str:
-    """A key as it goes in a ``$.a.b`` path: bare when TOML would write it bare, else quoted (escapes shown)."""
-    key = str(key)
-    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key, ensure_ascii=False)
 
 
 def _quote_names(names) -> str:
@@ -191,35 +180,54 @@ def _note(exc: Exception, name: str, typ: Any) -> Exception:
     return exc
 
 
-_ATTRS_NUMBER = re.compile(r"^'?\w+'? must be (?P<op>[<>]=?|==|!=) (?P<bound>.+): .*$", re.S)
-_ATTRS_IN = re.compile(r"^'?\w+'? must be in .*\(got .*\)$", re.S)
-_ATTRS_TYPE = re.compile(r"^'?\w+'? must be <class '(?P<type>[\w.]+)'>", re.S)
+def refusal(validator: Any, attribute: attrs.Attribute, value: Any) -> str | None:
+    """What ``validator`` says of ``value``, as ``must be > 0, got -1.0`` (the field name is in the path), or None.
 
-
-def validator_message(exc: BaseException, name: str, value: Any) -> str:
-    """An attrs validator's error as ``must be > 0, got -1.0`` (the field name is in the path)."""
-    args = exc.args
-    text = args[0] if args and isinstance(args[0], str) else str(exc)
-    if _ATTRS_IN.match(text) and len(args) >= 3:
-        options = list(args[2])
+    attrs' own validators (``gt``, ``in_``, ``instance_of``, ``optional``, ``and_``, the ones plugins
+    use) are read by their parts (bound, options, type), not by their message. Any other validator is
+    run: an :class:`InvalidValue` says its message as is; a plain ValueError (a plugin's own) has a
+    leading field name dropped. AttributeError: it needs the instance (the constructor runs it)."""
+    if isinstance(validator, (list, tuple)):
+        validator = attrs.validators.and_(*validator)
+    kind = type(validator).__name__
+    if kind == "_AndValidator":
+        return next((r for v in validator._validators if (r := refusal(v, attribute, value))), None)
+    if kind == "_OptionalValidator":
+        return None if value is None else refusal(validator.validator, attribute, value)
+    if kind == "_NumberValidator":
+        if validator.compare_func(value, validator.bound):
+            return None
+        bound = validator.bound  # `must be > 0`, not `> 0.0`
+        shown = str(int(bound)) if isinstance(bound, float) and bound.is_integer() else str(bound)
+        return f"must be {validator.compare_op} {shown}, got {_show(value)}"
+    if kind == "_InValidator":
+        try:
+            if value in validator.options:
+                return None
+        except TypeError:
+            pass
+        options = list(getattr(validator, "_original_options", validator.options))
         msg = f"must be one of {', '.join(_show(o) for o in options)}, got {_show(value)}"
         if isinstance(value, str):
             hint = did_you_mean(value, [o for o in options if isinstance(o, str)])
             if hint:
                 msg += f"; did you mean {_show(hint)}?"
         return msg
-    m = _ATTRS_NUMBER.match(text)
-    if m:
-        bound = m["bound"]
-        try:  # `must be > 0`, not `> 0.0`
-            bound = str(int(float(bound))) if float(bound).is_integer() else bound
-        except ValueError:
-            pass
-        return f"must be {m['op']} {bound}, got {_show(value)}"
-    m = _ATTRS_TYPE.match(text)
-    if m:
-        return f"expected {_type_name(args[2]) if len(args) >= 3 else m['type']}, got {_show(value)}"
-    for prefix in (f"'{name}' ", f"{name} ", f"{name}: "):  # custom validators often name the field
+    if kind == "_InstanceOfValidator":
+        return None if isinstance(value, validator.type) else f"expected {_type_name(validator.type)}, got {_show(value)}"
+    try:
+        validator(None, attribute, value)
+    except InvalidValue as exc:
+        return exc.message
+    except (ValueError, TypeError) as exc:
+        return _without_name(exc, attribute.name)
+    return None
+
+
+def _without_name(exc: BaseException, name: str) -> str:
+    """A plugin validator's message without the field name it often starts with (the name is in the path)."""
+    text = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
+    for prefix in (f"'{name}' ", f"{name} ", f"{name}: "):
         if text.startswith(prefix):
             return text[len(prefix):]
     return text
@@ -227,13 +235,14 @@ def validator_message(exc: BaseException, name: str, value: Any) -> str:
 
 def _clean(exc: BaseException, name: str = "") -> Exception:
     """A constructor's (post-init or validator) error as a one-line :class:`InvalidValue`."""
+    if isinstance(exc, InvalidValue) and exc.field:  # a validator run by the constructor: said at its field
+        return _note(InvalidValue(exc.message), exc.field, Any)
     if isinstance(exc, (InvalidValue, ValueTypeError)):
         return exc
     text = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
     if len(exc.args) >= 2 and isinstance(exc.args[1], attrs.Attribute):  # a validator that needed the instance
         attr = exc.args[1]
-        value = exc.args[-1]
-        return _note(InvalidValue(validator_message(exc, attr.name, value)), attr.name, attr.type)
+        return _note(InvalidValue(_without_name(exc, attr.name)), attr.name, attr.type)
     return InvalidValue(text.strip().splitlines()[0] if text.strip() else type(exc).__name__)
 
 
@@ -277,12 +286,14 @@ def structure_fields(converter: cattrs.Converter, data: Any, cls: type) -> tuple
                 continue
         if f.validator is not None:
             try:
-                f.validator(None, f, checked)
-            except (ValueError, TypeError) as exc:
-                errors.append(_note(InvalidValue(validator_message(exc, f.name, checked)), f.name, f.type))
-                continue
+                refused = refusal(f.validator, f, checked)
             except AttributeError:
-                pass  # a validator that needs the instance; the constructor runs it below
+                refused = None  # a validator that needs the instance; the constructor runs it below
+            except (ValueError, TypeError) as exc:  # a bound that cannot be compared with the value
+                refused = _without_name(exc, f.name)
+            if refused is not None:
+                errors.append(_note(InvalidValue(refused), f.name, f.type))
+                continue
         kwargs[f.alias or f.name] = value
     return kwargs, errors
 
@@ -381,62 +392,68 @@ def make_converter(registry: Registry) -> cattrs.Converter:
 
 
 # -- error formatting ---------------------------------------------------------------------------
-def _describe(exc: BaseException, path: str) -> str:
-    """One error as ``PATH: message`` (cattrs' transform_error formatter, friendlier for TOML)."""
-    if isinstance(exc, (ValueTypeError, InvalidValue, UnknownComponentError, UnknownOptionError)):
-        return f"{path}: {exc}"
+def _describe(exc: BaseException, path: tuple) -> list[Problem]:
+    """One error as problems at ``path`` (cattrs' transform_error formatter, friendlier for TOML)."""
+    if isinstance(exc, InvalidValue):
+        return [Problem(path, exc.message)]
+    if isinstance(exc, (ValueTypeError, UnknownComponentError, UnknownOptionError)):
+        return [Problem(path, str(exc))]
     if isinstance(exc, ForbiddenExtraKeysError):
         known = [f.name for f in attrs.fields(exc.cl) if f.init] if attrs.has(exc.cl) else []
-        parts = []
+        out = []
         for key in sorted(exc.extra_fields):
-            msg = f"{path}.{path_key(key)}: unknown key"
+            msg = "unknown key"
             hint = did_you_mean(key, known)
             if hint:
                 msg += f"; did you mean '{hint}'?"
             elif known:
                 msg += f" (allowed: {', '.join(known)})"
-            parts.append(msg)
-        return "\n".join(parts)
+            out.append(Problem((*path, key), msg))
+        return out
     if isinstance(exc, KeyError):
         text = exc.args[0] if exc.args else ""
-        return f"{path}: {text if isinstance(text, str) and ' ' in text else 'required key is missing'}"
+        return [Problem(path, text if isinstance(text, str) and ' ' in text else 'required key is missing')]
     if isinstance(exc, (ValueError, TypeError)):
         text = str(exc).strip().splitlines()
-        return f"{path}: {text[0] if text else type(exc).__name__}"
-    return f"{path}: {type(exc).__name__}: {exc}"
+        return [Problem(path, text[0] if text else type(exc).__name__)]
+    return [Problem(path, f"{type(exc).__name__}: {exc}")]
 
 
-def format_errors(exc: BaseException, root: str = "$") -> list[str]:
-    """Flatten a cattrs structuring error into one line per problem, each with its path.
+def problems_of(exc: BaseException, path: tuple = ()) -> list[Problem]:
+    """Flatten a cattrs structuring error into one problem each, its path as data (from cattrs' notes).
 
     Like cattrs' ``transform_error``, but worded for TOML users and with did-you-mean hints.
     """
-    return _walk(exc, root)
-
-
-def _walk(exc: BaseException, path: str) -> list[str]:
     if isinstance(exc, (ClassValidationError, IterableValidationError)):
-        out: list[str] = []
+        out: list[Problem] = []
         with_notes, without = exc.group_exceptions()
         for inner, note in with_notes:
             if isinstance(note, AttributeValidationNote):
-                sub = f"{path}.{path_key(note.name)}"
+                sub = (*path, note.name)
             elif isinstance(note, IterableValidationNote):
-                sub = f"{path}[{note.index!r}]"
+                sub = (*path, note.index)
             else:
                 sub = path
-            out.extend(_walk(inner, sub))
+            out.extend(problems_of(inner, sub))
         for inner in without:
-            out.extend(_walk(inner, path))
+            out.extend(problems_of(inner, path))
         return out
-    return _describe(exc, path).splitlines()
+    return _describe(exc, path)
+
+
+def format_errors(exc: BaseException, root: str = "$") -> list[str]:
+    """A cattrs structuring error as one line per problem (``$.model.n_head: expected int, got "twelve"``)."""
+    return [format_problem(p, root=root) for p in problems_of(exc)]
+
+
+def field_problems(errors: list[Exception], path: tuple = ()) -> list[Problem]:
+    """Problems for errors collected by :func:`structure_fields` (each carries its path note)."""
+    return problems_of(ClassValidationError("errors", errors, object), path) if errors else []
 
 
 def errors_to_lines(errors: list[Exception], root: str = "$") -> list[str]:
     """Lines for errors collected by :func:`structure_fields` (each carries its path note)."""
-    if not errors:
-        return []
-    return format_errors(ClassValidationError("errors", errors, object), root)
+    return [format_problem(p, root=root) for p in field_problems(errors)]
 
 
 def structure(registry: Registry, data: Any, cls: type, root: str = "$"):
@@ -446,7 +463,7 @@ def structure(registry: Registry, data: Any, cls: type, root: str = "$"):
     except (ClassValidationError, IterableValidationError) as exc:
         raise ConfigError(format_errors(exc, root)) from None
     except (ValueError, TypeError) as exc:  # a top-level value of the wrong type
-        raise ConfigError(_describe(exc, root).splitlines()) from None
+        raise ConfigError([format_problem(p, root=root) for p in _describe(exc, ())]) from None
 
 
 # -- specs made in Python ---------------------------------------------------------------------------

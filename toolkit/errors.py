@@ -6,19 +6,73 @@ plugin, raises them without importing anything above it.
 from __future__ import annotations
 
 import difflib
+import json
 import re
+
+import attrs
 
 
 class UserError(Exception):
     """A problem the user can fix (a recipe value, a missing file); said in one line, never a traceback."""
 
 
-class ConfigError(UserError, ValueError):
-    """One or more configuration problems, one line each (``file: $.path: problem``)."""
+@attrs.frozen
+class Problem:
+    """One configuration problem as data: where (``("model", "layers", 0)``; None for a line with no
+    recipe path), what, and the file or ``--set`` that gave the value (None: the recipe itself).
+    Formatted only when printed (:func:`format_problem`), so callers move and merge problems by their parts."""
 
-    def __init__(self, lines: list[str] | str):
-        self.lines = [lines] if isinstance(lines, str) else list(lines)
+    path: tuple | None
+    message: str
+    origin: str | None = None
+
+    def at(self, *prefix) -> "Problem":
+        """This problem under ``prefix`` (a section's problems, found within it, placed in the recipe)."""
+        return attrs.evolve(self, path=(*prefix, *self.path)) if self.path is not None else self
+
+
+def path_key(key) -> str:
+    """A key as it goes in a ``$.a.b`` path: bare when TOML would write it bare, else quoted (escapes shown)."""
+    key = str(key)
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key, ensure_ascii=False)
+
+
+def format_path(path: tuple, root: str = "$") -> str:
+    """``("a", "b", 0)`` as ``$.a.b[0]``."""
+    return root + "".join(f"[{k}]" if isinstance(k, int) else f".{path_key(k)}" for k in path)
+
+
+def format_problem(problem: Problem, file: str | None = None, root: str = "$") -> str:
+    """The one way a problem is written: ``file: $.a.b[0]: message (from base.toml)``."""
+    parts = [file] if file else []
+    if problem.path is not None:
+        parts.append(format_path(problem.path, root))
+    parts.append(problem.message + (f" (from {problem.origin})" if problem.origin else ""))
+    return ": ".join(parts)
+
+
+class ConfigError(UserError, ValueError):
+    """One or more configuration problems, one line each (``file: $.path: problem``).
+
+    Built from :class:`Problem` s (``problems=``, with the ``file`` they are in) so that the path and
+    origin stay data for whoever catches it; ``ConfigError(lines)`` is a problem per ready-made line."""
+
+    def __init__(self, lines: list[str] | str = (), *, problems=(), file: str | None = None):
+        lines = [lines] if isinstance(lines, str) else list(lines)
+        self.problems = [Problem(None, line) for line in lines] + list(problems)
+        self.file = file
+        self.lines = lines + [format_problem(p, file) for p in problems]
         super().__init__("\n".join(self.lines))
+
+
+class InvalidValue(ValueError):
+    """A value of the right type that a validator refused. ``message`` is what a recipe's user sees
+    (``must be > 0, got 0``: the path is added where it is printed); ``field`` names the field for
+    whoever built the object in Python (``str()``: ``n_layer must be > 0, got 0``). Validators raise it."""
+
+    def __init__(self, message: str, field: str | None = None):
+        self.message, self.field = message, field
+        super().__init__(f"{field} {message}" if field else message)
 
 
 class RegistryError(UserError, ValueError):
@@ -51,7 +105,12 @@ class AmbiguousComponentError(UnknownComponentError):
 
 
 class PluginLoadError(UserError, RuntimeError):
-    """A plugin the user asked for by name (recipe, ablation file or --plugin) could not be loaded."""
+    """A plugin the user asked for by name (recipe, ablation file or --plugin) could not be loaded;
+    ``reason`` is why, without the plugin's name (a recipe names the plugin at its own path)."""
+
+    def __init__(self, message: str, reason: str | None = None):
+        self.reason = message if reason is None else reason
+        super().__init__(message)
 
 
 class DataError(UserError, ValueError):

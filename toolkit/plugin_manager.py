@@ -385,7 +385,7 @@ class PluginManager:
 
     def _fail(self, failure: PluginFailure, strict: bool = False) -> None:
         if strict:
-            raise PluginLoadError(str(failure))
+            raise PluginLoadError(str(failure), failure.reason)
         self.failures.append(failure)
         if self.trace:
             print(f"[playattention] {failure}", file=sys.stderr)
@@ -408,7 +408,7 @@ def load_registry(plugins: list[str] | tuple[str, ...] = ()) -> Registry:
     try:
         specs = tuple(str(Path(p).resolve()) if is_path_spec(p) else p for p in plugins)
     except ValueError as exc:  # a null byte in a file name
-        raise PluginLoadError(f"plugin {one_line(next(p for p in plugins if chr(0) in p))!r} failed: {exc}") from None
+        raise PluginLoadError(f"plugin {one_line(next(p for p in plugins if chr(0) in p))!r} failed: {exc}", str(exc)) from None
     # what may run depends on the consent and the working directory: a registry made under other ones is not reused
     return _load(specs, trace_enabled(), (_consent["all"], _consent["files"], os.getcwd()))
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from . import families
 from .contracts import Parametrization, Position, acts_per_layer, new_state, state_for
-from .errors import ConfigError
+from .errors import ConfigError, Problem
 from .model import Transformer, embed_per_layer_refusal, model_dims
 from .plugin_manager import is_path_spec
 from .recipe import ModelConfig, Recipe, load_recipe, registry_of, select_layers
@@ -29,21 +29,21 @@ def load_buildable(path: str | Path, overrides: list[str] | tuple[str, ...] = ()
     return load_recipe(path, overrides, plugins, model_check=model_problems)
 
 
-def model_problems(model: ModelConfig, registry: Registry) -> list[str]:
+def model_problems(model: ModelConfig, registry: Registry) -> list[Problem]:
     """Build each model component once on the meta device, for the model and for each layer group:
     a factory that refuses its options for this model's shape raises ConfigError (e.g. gqa's
     n_kv_head must divide n_head); a position reports the longest sequence it can encode as ``max_len``.
-    Then probe the shapes (:func:`_probe_model`). A line per problem, ``$.model...: message``."""
+    Then probe the shapes (:func:`_probe_model`). A problem each, at its ``$.model...`` path."""
     build = registry.build_in
-    out: list[str] = []
+    out: list[Problem] = []
     # (recipe path, family, spec, the layer it is first used at) for the model's choices and each group's
     choices = []
     for family in ("parametrization", *families.PER_LAYER):  # blocks last: they build the others again
-        choices.append((f"$.model.{family}", family, getattr(model, family), 0))
+        choices.append((("model", family), family, getattr(model, family), 0))
         for name, group in model.layers.items():
             if family in families.PER_LAYER and getattr(group, family) is not None:
                 first = select_layers(group.at, model.n_layer)[0]
-                choices.append((f"$.model.layers.{name}.{family}", family, getattr(group, family), first))
+                choices.append((("model", "layers", name, family), family, getattr(group, family), first))
     built, said = {}, set()
     for path, family, spec, layer in choices:
         dims = model_dims(model, build, layer)
@@ -52,25 +52,25 @@ def model_problems(model: ModelConfig, registry: Registry) -> list[str]:
             with torch.device("meta"):
                 built[path] = build(family, spec, attrs.evolve(dims, parts={**dims.parts, family: spec}), *args)
         except ConfigError as exc:  # a block says again what its parts said: once is enough
-            out += [f"{path}: {line}" for line in exc.lines if line not in said]
+            out += [Problem(path, line) for line in exc.lines if line not in said]
             said.update(exc.lines)
             continue
         except Exception as exc:  # noqa: BLE001 - a factory that fails: the plugin's problem, said at its path
             if _exc_line(exc) not in said:  # a block fails again for its failing part: once is enough
-                out.append(f"{path}: {_named(registry, family, spec.kind)} failed to build: {_exc_line(exc)}")
+                out.append(Problem(path, f"{_named(registry, family, spec.kind)} failed to build: {_exc_line(exc)}"))
                 said.add(_exc_line(exc))
             continue
         wanted = {"position": Position, "parametrization": Parametrization}.get(family, nn.Module)
         if not isinstance(built[path], wanted):
             named = "torch.nn.Module" if wanted is nn.Module else f"toolkit.contracts.{wanted.__name__}"
-            out.append(f"{path}: {_named(registry, family, spec.kind)} built {type(built[path]).__name__}, "
-                       f"not a {named}")
-        elif family == "position" and path != "$.model.position" and not acts_per_layer(built[path]):
-            out.append(f"{path}: {embed_per_layer_refusal(spec.kind)}")
-    limit = getattr(built.get("$.model.position"), "max_len", None)
+            out.append(Problem(path, f"{_named(registry, family, spec.kind)} built {type(built[path]).__name__}, "
+                                     f"not a {named}"))
+        elif family == "position" and path != ("model", "position") and not acts_per_layer(built[path]):
+            out.append(Problem(path, embed_per_layer_refusal(spec.kind)))
+    limit = getattr(built.get(("model", "position")), "max_len", None)
     if isinstance(limit, int) and model.block_size > limit:
-        out.append(f"$.model.block_size: position '{model.position.kind}' encodes at most {limit} positions, "
-                   f"got block_size {model.block_size}")
+        out.append(Problem(("model", "block_size"), f"position '{model.position.kind}' encodes at most {limit} "
+                                                     f"positions, got block_size {model.block_size}"))
     if not out:
         out += _probe_model(model, registry)
     return out
@@ -92,7 +92,7 @@ def _exc_line(exc: BaseException) -> str:
 PROBE_B, PROBE_T = 2, 8
 
 
-def _probe_model(model: ModelConfig, registry: Registry) -> list[str]:
+def _probe_model(model: ModelConfig, registry: Registry) -> list[Problem]:
     """Build the model's blocks on the meta device and run one forward of (PROBE_B, PROBE_T) tokens
     through each: a component whose forward fails, or returns another shape than its contract says,
     is reported at ``$.model.<family>`` naming its plugin.
@@ -104,10 +104,11 @@ def _probe_model(model: ModelConfig, registry: Registry) -> list[str]:
     B, T, C = PROBE_B, min(PROBE_T, model.block_size), model.n_embd
     build = registry.build_in
     running: list[tuple[str, str, int | None]] = []  # the components whose forward is on the stack
-    bad: list[str] = []
+    bad: list[Problem] = []
 
-    def where(family, kind, layer):
-        return f"$.model.{family}: {_named(registry, family, kind)}" + ("" if layer is None else f" at layer {layer}")
+    def at(family, kind, layer, message):
+        named = _named(registry, family, kind) + ("" if layer is None else f" at layer {layer}")
+        return Problem(("model", family), f"{named}: {message}")
 
     def hooked(family, kind, module, layer):
         part = (family, kind, layer)
@@ -117,8 +118,8 @@ def _probe_model(model: ModelConfig, registry: Registry) -> list[str]:
             want = tuple(args[0].shape) if args and isinstance(args[0], torch.Tensor) else None
             got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
             if want is not None and got != want:
-                bad.append(f"{where(*part)}: forward returned {got if isinstance(got, str) else f'shape {got}'} "
-                           f"for input {want}; the contract is (B, T, C) -> (B, T, C)")
+                bad.append(at(*part, f"forward returned {got if isinstance(got, str) else f'shape {got}'} "
+                                     f"for input {want}; the contract is (B, T, C) -> (B, T, C)"))
                 raise _ProbeFailed
         module.register_forward_pre_hook(lambda *_: running.append(part))
         module.register_forward_hook(after)
@@ -138,8 +139,8 @@ def _probe_model(model: ModelConfig, registry: Registry) -> list[str]:
                 blocks.append(block)
         x = position.embed(torch.zeros((B, T, C), device="meta"), pos)  # (B, T, C)
         if tuple(x.shape) != (B, T, C):
-            return [f"{where('position', model.position.kind, None)}: embed returned shape {tuple(x.shape)} "
-                    f"for ({B}, {T}, {C}) token embeddings"]
+            return [at("position", model.position.kind, None, f"embed returned shape {tuple(x.shape)} "
+                                                               f"for ({B}, {T}, {C}) token embeddings")]
         state = new_state(torch.zeros((B, T), dtype=torch.long, device="meta"), x)
         for block in blocks:  # outside the device context: plain meta kernels, no mode overhead
             block(x, position, pos, None, **state_for(block, state))
@@ -148,7 +149,7 @@ def _probe_model(model: ModelConfig, registry: Registry) -> list[str]:
     except Exception as exc:  # noqa: BLE001 - the innermost component running is the one that failed
         if isinstance(exc, NotImplementedError) or "meta" in str(exc).lower() or not running:
             return []  # an operation meta tensors cannot do (or not a component's): inconclusive
-        return [f"{where(*running[-1])}: forward failed: {_exc_line(exc)}"]
+        return [at(*running[-1], f"forward failed: {_exc_line(exc)}")]
     return []
 
 

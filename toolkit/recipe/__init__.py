@@ -15,13 +15,14 @@ is this with the model built and probed on the meta device (``model_check``).
 """
 from __future__ import annotations
 
-import re
+import itertools
 from pathlib import Path
 
+import attrs
 import tomli_w
 
 from ..converter import make_converter
-from ..errors import ConfigError
+from ..errors import ConfigError, Problem
 from ..plugin_manager import is_path_spec, refusal
 from .compose import (MAX_DEPTH, MAX_EXTENDS, MAX_PLUGINS, MAX_RECIPE_BYTES, _Sources, _top, overrides_table,
                       parse_override, read_toml, recipe_file, resolve_data, too_deep)
@@ -53,9 +54,9 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
     """
     sources = _Sources()
     data = resolve_data(path, overrides, plugins, _sources=sources)
-    recipe, lines = validate(data, model_check)
-    if lines:
-        raise ConfigError([f"{_top(path)[1]}: {_with_source(line, sources)}" for line in lines])
+    recipe, problems = validate(data, model_check)
+    if problems:
+        raise ConfigError(problems=[_with_origin(p, sources) for p in problems], file=_top(path)[1])
     return recipe
 
 
@@ -77,16 +78,12 @@ def load_for_reading(path: str | Path, overrides=(), plugins=(), *,
                         f"(--trust-plugins loads and checks it)" for i, p, why in held]
 
 
-_PATH_TOKEN = re.compile(r"\.([^.\[]+)")
-
-
-def _with_source(line: str, sources: _Sources) -> str:
-    """Append ``(from base.toml)`` or ``(from --set ...)`` to a line whose value came from elsewhere."""
-    path, sep, _ = line.partition(": ")
-    if not sep or not path.startswith("$"):
-        return line
-    source = sources.lookup(tuple(_PATH_TOKEN.findall(path.split("[")[0])))
-    return f"{line} (from {source})" if source else line
+def _with_origin(problem: Problem, sources: _Sources) -> Problem:
+    """The problem with the base file or ``--set`` that gave its value, where that is not the recipe itself."""
+    if problem.path is None:
+        return problem
+    keys = tuple(itertools.takewhile(lambda k: isinstance(k, str), problem.path))  # a table's, not an array item's
+    return attrs.evolve(problem, origin=sources.lookup(keys))
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:

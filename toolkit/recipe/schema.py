@@ -12,12 +12,13 @@ from typing import Any, Literal
 import attrs
 from attrs import validators as v
 
+from ..errors import InvalidValue
 from ..families import SPEC_TYPES, Spec, component, components, layer_component, layer_components
 
 
 def _positive(_, attribute, value):
     if value <= 0:
-        raise ValueError(f"{attribute.name} must be > 0, got {value}")
+        raise InvalidValue(f"must be > 0, got {value}", attribute.name)
 
 
 def select_layers(at, n_layer: int) -> list[int]:
@@ -45,7 +46,7 @@ def select_layers(at, n_layer: int) -> list[int]:
 def _layer_selection(_, attribute, value):
     if isinstance(value, str) or (isinstance(value, list) and all(type(i) is int for i in value)):
         return
-    raise ValueError(f'expected a slice such as "1::2" or a list of layer indices, got {value!r}')
+    raise InvalidValue(f'expected a slice such as "1::2" or a list of layer indices, got {value!r}')
 
 
 @attrs.frozen
@@ -127,7 +128,7 @@ class ModelConfig:
 
 def _betas(_, attribute, value):
     if not all(0.0 <= b < 1.0 for b in value):
-        raise ValueError(f"must be two numbers in [0, 1), got [{', '.join(repr(b) for b in value)}]")
+        raise InvalidValue(f"must be two numbers in [0, 1), got [{', '.join(repr(b) for b in value)}]")
 
 
 @attrs.frozen
@@ -220,7 +221,7 @@ MIN_TEMPERATURE = 1e-4
 
 def _temperature(_, attribute, value):
     if not (value == 0 or value >= MIN_TEMPERATURE):
-        raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE} (logits / temperature must stay "
+        raise InvalidValue(f"must be 0 (greedy) or at least {MIN_TEMPERATURE} (logits / temperature must stay "
                          f"finite in fp32), got {value!r}")
 
 

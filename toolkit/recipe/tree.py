@@ -6,7 +6,7 @@ import datetime
 import json
 from typing import Any
 
-from ..converter import path_key
+from ..errors import path_key
 
 
 def deep_merge(base: dict, over: dict) -> dict:

@@ -9,16 +9,16 @@ import attrs
 from cattrs.errors import ClassValidationError
 
 from .. import families
-from ..converter import ValueTypeError, _show, build, errors_to_lines, format_errors, make_converter, structure_fields
-from ..errors import PluginLoadError
+from ..converter import ValueTypeError, _show, build, field_problems, make_converter, problems_of, structure_fields
+from ..errors import PluginLoadError, Problem
 from ..plugin_manager import is_path_spec, load_registry
 from ..registry import Registry
 from .compose import _display
 from .schema import DataConfig, DeepSpeedConfig, GenerateConfig, ModelConfig, Recipe, TrackersConfig, TrainConfig
 
-#: a check of the model a recipe describes: (model, registry) -> a line per problem (``$.model...: ...``).
+#: a check of the model a recipe describes: (model, registry) -> its problems (at ``$.model...`` paths).
 #: Building it needs torch, so the toolkit's (:func:`toolkit.probe.model_problems`) is handed in from above.
-ModelCheck = Callable[[ModelConfig, Registry], list[str]]
+ModelCheck = Callable[[ModelConfig, Registry], list[Problem]]
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "deepspeed": DeepSpeedConfig,
             "generate": GenerateConfig}
@@ -27,18 +27,18 @@ SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "dee
 TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}
 
 
-def _tracker_checks(trackers: TrackersConfig | None) -> list[str]:
-    """A tracker that is on but whose package is not installed: one line naming the extra to install."""
+def _tracker_checks(trackers: TrackersConfig | None) -> list[Problem]:
+    """A tracker that is on but whose package is not installed: a problem naming the extra to install."""
     out = []
     for name, (module, extra) in TRACKER_PACKAGES.items():
         on = getattr(trackers, name, None)
         if on and importlib.util.find_spec(module) is None:
-            out.append(f"$.train.trackers.{name}: needs the {module} package, which is not installed: "
-                       f"pip install 'playattention[{extra}]'")
+            out.append(Problem(("train", "trackers", name), f"needs the {module} package, which is not installed: "
+                                                             f"pip install 'playattention[{extra}]'"))
     return out
 
 
-def validate(data: dict, model_check: ModelCheck | None = None) -> tuple[Recipe | None, list[str]]:
+def validate(data: dict, model_check: ModelCheck | None = None) -> tuple[Recipe | None, list[Problem]]:
     """Structure resolved recipe data and run the cross-field checks: (recipe, []) or (None, every problem).
 
     Each section is structured on its own, so a section that fails still lends its valid fields
@@ -47,27 +47,27 @@ def validate(data: dict, model_check: ModelCheck | None = None) -> tuple[Recipe 
     """
     if not set(data) - {"name", "description", "plugins"}:
         # an empty file (or one of comments) would otherwise train the default GPT-2 124M: surely not what was meant
-        return None, ["$: an empty recipe, no [model] table: nothing to train (write one, or extend a recipe that has one)"]
-    lines: list[str] = []
+        return None, [Problem((), "an empty recipe, no [model] table: nothing to train "
+                                  "(write one, or extend a recipe that has one)")]
+    lines: list[Problem] = []
     data = _spell_out_default_components(dict(data))
     registry, plugin_lines = _registry_for(data.get("plugins", []))
     lines += plugin_lines
     converter = make_converter(registry)
 
     kwargs, errors = structure_fields(converter, {k: val for k, val in data.items() if k not in SECTIONS}, Recipe)
-    lines += errors_to_lines(errors)
+    lines += field_problems(errors)
     values: dict[str, dict] = {}  # each section's valid field values, defaults filled in
     for name, cls in SECTIONS.items():
         if name not in data:
             values[name] = attrs.asdict(cls(), recurse=False)
             continue
-        root = f"$.{name}"
         try:
             fields, errors = structure_fields(converter, data[name], cls)
         except ValueTypeError as exc:  # `model = 3`
-            lines.append(f"{root}: {exc}")
+            lines.append(Problem((name,), str(exc)))
             continue
-        lines += errors_to_lines(errors, root)
+        lines += field_problems(errors, (name,))
         defaults = {f.name: f.default.factory() if isinstance(f.default, attrs.Factory) else f.default
                     for f in attrs.fields(cls) if f.default is not attrs.NOTHING}
         failed = set(data[name]) - set(fields)
@@ -76,7 +76,7 @@ def validate(data: dict, model_check: ModelCheck | None = None) -> tuple[Recipe 
             try:
                 kwargs[name] = build(cls, fields)
             except ClassValidationError as exc:  # a refused combination, e.g. n_embd % n_head
-                lines += format_errors(exc, root)
+                lines += problems_of(exc, (name,))
     model = kwargs.get("model")  # None: the model section failed
     lines += _cross_checks(values, model, registry, model_check)
     if lines:
@@ -101,8 +101,8 @@ def _spell_out_default_components(data: dict) -> dict:
     return data
 
 
-def _registry_for(plugins) -> tuple[Registry, list[str]]:
-    """The registry of the recipe's plugins, and a line for each plugin that cannot be loaded."""
+def _registry_for(plugins) -> tuple[Registry, list[Problem]]:
+    """The registry of the recipe's plugins, and a problem for each plugin that cannot be loaded."""
     lines, good = [], []
     for i, spec in enumerate(plugins if isinstance(plugins, list) else []):
         if not isinstance(spec, str):
@@ -110,9 +110,8 @@ def _registry_for(plugins) -> tuple[Registry, list[str]]:
         try:
             load_registry([spec])
         except PluginLoadError as exc:
-            reason = str(exc).split(" failed: ", 1)[-1]
             shown = _display(Path(spec)) if is_path_spec(spec) else spec
-            lines.append(f"$.plugins[{i}]: cannot load plugin \"{shown}\": {reason}")
+            lines.append(Problem(("plugins", i), f"cannot load plugin \"{shown}\": {exc.reason}"))
             continue
         good.append(spec)
     return load_registry(good), lines
@@ -124,10 +123,10 @@ def registry_of(recipe: Recipe) -> Registry:
 
 
 def _cross_checks(s: dict[str, dict], model: ModelConfig | None, registry: Registry,
-                  model_check: ModelCheck | None = None) -> list[str]:
+                  model_check: ModelCheck | None = None) -> list[Problem]:
     """Checks that need several values: components vs the model's shape, batch arithmetic, schedule."""
     m, t, ds = (s.get(k, {}) for k in ("model", "train", "deepspeed"))
-    out: list[str] = []
+    out: list[Problem] = []
 
     def have(section: dict, *keys: str) -> bool:
         return all(k in section for k in keys)
@@ -144,18 +143,20 @@ def _cross_checks(s: dict[str, dict], model: ModelConfig | None, registry: Regis
         if tps is not None:
             per = mb * T
             if tps % per:
-                out.append(f"$.train.tokens_per_step: {tps} is not divisible by micro_batch * block_size "
-                           f"= {mb} * {T} = {per} (the tokens of one micro batch)")
+                out.append(Problem(("train", "tokens_per_step"), f"{tps} is not divisible by micro_batch * block_size "
+                                                                  f"= {mb} * {T} = {per} (the tokens of one micro batch)"))
             elif ga is not None and ga != tps // per:
-                out.append(f"$.train.grad_accum: {ga} disagrees with tokens_per_step / (micro_batch * block_size) "
-                           f"= {tps} / ({mb} * {T}) = {tps // per}; give only one of them")
+                out.append(Problem(("train", "grad_accum"), f"{ga} disagrees with tokens_per_step / (micro_batch * "
+                                                            f"block_size) = {tps} / ({mb} * {T}) = {tps // per}; "
+                                                            f"give only one of them"))
     if have(t, "lr", "min_lr") and t["min_lr"] > t["lr"]:
-        out.append(f"$.train.min_lr: must be <= lr ({t['lr']!r}), got {t['min_lr']!r}")
+        out.append(Problem(("train", "min_lr"), f"must be <= lr ({t['lr']!r}), got {t['min_lr']!r}"))
     if have(t, "warmup_steps", "decay_steps") and t["decay_steps"] is not None and t["decay_steps"] <= t["warmup_steps"]:
-        out.append(f"$.train.decay_steps: must be > warmup_steps ({t['warmup_steps']}), got {t['decay_steps']}")
+        out.append(Problem(("train", "decay_steps"),
+                           f"must be > warmup_steps ({t['warmup_steps']}), got {t['decay_steps']}"))
     out += _tracker_checks(t.get("trackers"))
     if have(ds, "offload", "zero_stage") and ds["offload"] == "cpu" and ds["zero_stage"] < 2:
-        out.append(f"$.deepspeed.offload: \"cpu\" needs zero_stage 2 or 3, got zero_stage {ds['zero_stage']}")
+        out.append(Problem(("deepspeed", "offload"), f"\"cpu\" needs zero_stage 2 or 3, got zero_stage {ds['zero_stage']}"))
     return out
 
 
@@ -164,12 +165,12 @@ SIZE_LIMITS = {("model", "n_layer"): 1024, ("model", "n_head"): 1024, ("model", 
                ("model", "block_size"): 1 << 20, ("model", "vocab_size"): 1 << 22, ("train", "micro_batch"): 1 << 16}
 
 
-def _size_checks(s: dict[str, dict]) -> list[str]:
+def _size_checks(s: dict[str, dict]) -> list[Problem]:
     out = []
     for (section, key), limit in SIZE_LIMITS.items():
         value = s.get(section, {}).get(key)
         if isinstance(value, int) and value > limit:
-            out.append(f"$.{section}.{key}: must be <= {limit:,}, got {value:,} (the limit on a size)")
+            out.append(Problem((section, key), f"must be <= {limit:,}, got {value:,} (the limit on a size)"))
     return out
 
 
@@ -190,8 +191,8 @@ TOOLKIT_DS_KEYS = {
 }
 
 
-def _deepspeed_config_checks(config: Any) -> list[str]:
-    """A line for each [deepspeed.config] key that the toolkit sets itself, naming the recipe key to use."""
+def _deepspeed_config_checks(config: Any) -> list[Problem]:
+    """A problem for each [deepspeed.config] key that the toolkit sets itself, naming the recipe key to use."""
     if not isinstance(config, dict):
         return []
     out = []
@@ -200,11 +201,10 @@ def _deepspeed_config_checks(config: Any) -> list[str]:
         for k in keys:
             node = node.get(k, _MISSING) if isinstance(node, dict) else _MISSING
         if node is not _MISSING:
-            out.append(f"$.deepspeed.config.{'.'.join(keys)}: set by the toolkit from {recipe_key}; "
-                       f"set that instead")
+            out.append(Problem(("deepspeed", "config", *keys), f"set by the toolkit from {recipe_key}; set that instead"))
     for key in ("bf16", "fp16", "torch_autocast", "zero_optimization"):
         if key in config and not isinstance(config[key], dict):
-            out.append(f"$.deepspeed.config.{key}: expected a table, got {_show(config[key])}")
+            out.append(Problem(("deepspeed", "config", key), f"expected a table, got {_show(config[key])}"))
     return out
 
 
@@ -237,12 +237,27 @@ def chosen_components(recipe: Recipe) -> list[tuple[str, families.Spec]]:
     return out
 
 
-def _component_recipe_checks(recipe: Recipe, registry: Registry) -> list[str]:
+def _component_recipe_checks(recipe: Recipe, registry: Registry) -> list[Problem]:
     """Each chosen component's own say on the whole recipe: a factory's ``check_recipe(options, recipe)``
-    returns problem lines (``$.path: message``), e.g. an optimizer that needs ZeRO stage 0."""
+    returns problems, or problem lines (``$.path: message``), e.g. an optimizer that needs ZeRO stage 0."""
     out = []
     for _, spec in chosen_components(recipe):
         check = getattr(registry.get(spec.family, spec.kind).factory, "check_recipe", None)
         if check is not None:
-            out += list(check(spec.options, recipe))
+            out += [p if isinstance(p, Problem) else _line_problem(p) for p in check(spec.options, recipe)]
     return out
+
+
+def _line_problem(line: str) -> Problem:
+    """A plugin's ``$.a.b[0]: message`` line as a problem. Lines are the plugin API that plugins already
+    use, so this is the one place a path is read back from text: split at dots and brackets, no regex."""
+    where, sep, message = line.partition(": ")
+    if not sep or not where.startswith("$.") or '"' in where:
+        return Problem(None, line)
+    path: list = []
+    for part in where[2:].split("."):
+        name, *indexes = part.split("[")
+        if not name or not all(i.endswith("]") and i[:-1].isdigit() for i in indexes):
+            return Problem(None, line)
+        path += [name, *(int(i[:-1]) for i in indexes)]
+    return Problem(tuple(path), message)
