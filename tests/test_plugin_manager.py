@@ -275,5 +275,5 @@ def test_a_component_hook_cannot_register_another_kind(plugin_dir):
     pm = PluginManager(entry_points=False)
     pm.add_module("pa_wrongkind")
     assert failure_for(pm, "pa_wrongkind").reason == (
-        "ValueError: register_components registers attention, norm, position, mlp, block, not 'schedule' "
+        "ValueError: register_components registers attention, norm, position, mlp, block, parametrization, not 'schedule' "
         "(use register_schedules)")
