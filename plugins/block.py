@@ -27,6 +27,7 @@ class PreNorm(nn.Module):
 
     Options = NoOptions
     final_norm = True
+    reads_state = False  # hands the state on to its parts, reads none of it: the recipe probe runs one layer of each choice
 
     def __init__(self, opts, dims: Dims):
         super().__init__()
@@ -59,6 +60,7 @@ class ParallelOptions:
 class Parallel(nn.Module):
     """Parallel block (GPT-J; PaLM, Chowdhery et al. 2022): attention and MLP read the same input, added together."""
 
+    reads_state = False  # hands the state on only
     Options = ParallelOptions
     final_norm = True
 
@@ -84,6 +86,7 @@ class SandwichOptions:
 class Sandwich(nn.Module):
     """Norms around each branch, before and/or after it (Gemma 2, Team 2024; OLMo 2, OLMo et al. 2024)."""
 
+    reads_state = False  # hands the state on only
     Options = SandwichOptions
     final_norm = True
 

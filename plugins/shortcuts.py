@@ -35,6 +35,7 @@ class ShortcutBlock(PreNorm):
     """Pre-norm block with modded-nanogpt's learned x0 shortcut and U-net skips (state between layers)."""
 
     Options = ShortcutOptions
+    reads_state = True  # x0 and the U-net skips: what earlier layers wrote
 
     def __init__(self, opts: ShortcutOptions, dims: Dims):
         super().__init__(opts, dims)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from . import families
-from .contracts import Parametrization, Position, acts_per_layer, new_state, state_for
+from .contracts import Parametrization, Position, acts_per_layer, new_state, state_for, takes_state
 from .errors import ConfigError, Problem
 from .model import Transformer, embed_per_layer_refusal, model_dims
 from .plugin_manager import is_path_spec
@@ -97,8 +97,9 @@ def _probe_model(model: ModelConfig, registry: Registry) -> list[Problem]:
     through each: a component whose forward fails, or returns another shape than its contract says,
     is reported at ``$.model.<family>`` naming its plugin.
 
-    Every layer is probed, in order, with one per-forward state (a layer may read what an earlier
-    one wrote there). Data-dependent operations (a mixture of experts' routing) cannot run
+    Layers that choose the same components behave alike, so one layer of each choice is probed (and
+    the first and last), unless a component takes the per-forward state: then every layer, in order
+    (a layer may read what an earlier one wrote there). Data-dependent operations (a mixture of experts' routing) cannot run
     on meta; such a probe is inconclusive and says nothing.
     """
     B, T, C = PROBE_B, min(PROBE_T, model.block_size), model.n_embd
@@ -124,19 +125,30 @@ def _probe_model(model: ModelConfig, registry: Registry) -> list[Problem]:
         module.register_forward_pre_hook(lambda *_: running.append(part))
         module.register_forward_hook(after)
 
-    layers = range(model.n_layer)  # every layer: with the per-forward state, a layer may read what earlier ones wrote
+    def build_blocks(layers) -> list[nn.Module]:
+        blocks = []
+        for layer in layers:
+            parts: list = []
+            block = build("block", model.spec_at("block", layer),
+                          model_dims(model, build, layer, lambda *part: parts.append(part)))
+            for part in [("block", model.spec_at("block", layer).kind, block, layer), *parts]:
+                hooked(*part)
+            blocks.append(block)
+        return blocks
+
+    first: dict[str, int] = {}
+    for i in range(model.n_layer):
+        first.setdefault(repr([model.spec_at(f, i) for f in families.PER_LAYER]), i)
+    some = sorted({*first.values(), 0, model.n_layer - 1})  # a 1024-layer recipe: 2 blocks, not 1024
     pos = torch.arange(T, device="meta")  # (T,)
     try:
         with torch.device("meta"):
             position = build("position", model.position, model_dims(model, build))
-            blocks = []
-            for layer in layers:
-                parts: list = []
-                block = build("block", model.spec_at("block", layer),
-                              model_dims(model, build, layer, lambda *part: parts.append(part)))
-                for part in [("block", model.spec_at("block", layer).kind, block, layer), *parts]:
-                    hooked(*part)
-                blocks.append(block)
+            blocks = build_blocks(some)
+            # a component that reads the state may read what an earlier layer wrote: then every layer, in order
+            reads = any(takes_state(m) and getattr(m, "reads_state", True) for b in blocks for m in b.modules())
+            if len(some) < model.n_layer and reads:
+                blocks = build_blocks(range(model.n_layer))
         x = position.embed(torch.zeros((B, T, C), device="meta"), pos)  # (B, T, C)
         if tuple(x.shape) != (B, T, C):
             return [at("position", model.position.kind, None, f"embed returned shape {tuple(x.shape)} "
