@@ -18,6 +18,8 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+import importlib
+import importlib.util
 import inspect
 import io
 import sys
@@ -78,12 +80,37 @@ def code_of(source: Source, modules: bool = True) -> str:
 
 @attrs.frozen
 class Component:
+    """A registered part. ``target`` is its factory, or ``"module:attr"`` naming it: a *lazy*
+    registration, imported on the first :attr:`factory` (listing parts and reading recipes need only
+    the options, so the built-ins register this way and those commands never import torch)."""
+
     family: str
     name: str
-    factory: Callable
+    target: Callable | str
     options: type
     doc: str
     source: Source
+    _resolved: list = attrs.field(factory=list, eq=False, repr=False)  # the imported factory, once
+
+    @property
+    def lazy(self) -> bool:
+        return isinstance(self.target, str)
+
+    @property
+    def factory(self) -> Callable:
+        """The factory: a lazy one is imported here, once, and checked against its registration."""
+        if not self.lazy:
+            return self.target
+        if not self._resolved:
+            self._resolved.append(resolve(self))
+        return self._resolved[0]
+
+    @property
+    def check_recipe(self) -> Callable | None:
+        """The part's ``check_recipe(options, recipe)``, or None: on its options class, or on a factory
+        registered itself (a lazy one's factory is not imported to check a recipe)."""
+        return getattr(self.options, "check_recipe", None) or (
+            None if self.lazy else getattr(self.target, "check_recipe", None))
 
     @property
     def qualified(self) -> str:
@@ -239,8 +266,12 @@ class Registry:
                 yield from self._components[family][name]
 
     def code(self) -> dict[str, str]:
-        """Every source that registered here and the code it stands for (:func:`code_of`)."""
-        return {str(c.source.plugin): code_of(c.source) for c in sorted(self, key=lambda c: c.source.plugin)}
+        """Every source that registered here and the code it stands for (:func:`code_of`), and every
+        module a lazy registration names (its code is the part's code, though the source did not import it)."""
+        code = {str(c.source.plugin): code_of(c.source) for c in sorted(self, key=lambda c: c.source.plugin)}
+        for module in sorted({c.target.partition(":")[0] for c in self if c.lazy}):
+            code[module] = module_code(module)
+        return code
 
     def __contains__(self, key: tuple[str, str]) -> bool:
         family, name = key
@@ -256,7 +287,14 @@ def make_component(family, name, factory, options=None, doc=None, source=Source(
     families.family(family)
     if not isinstance(name, str) or not name.replace("-", "_").isidentifier():
         raise RegistryError(f"{family} name must be an identifier-like string, got {name!r}")
-    if not callable(factory):
+    if isinstance(factory, str):
+        module, _, attr = factory.partition(":")
+        if not (attr.isidentifier() and all(p.isidentifier() for p in module.split("."))):
+            raise RegistryError(f"{family} {name!r}: a lazy factory is 'package.module:attribute', got {factory!r}")
+        if options is None:  # it is not imported to read its Options
+            raise RegistryError(f"{family} {name!r}: registering {factory!r} by name needs its options class "
+                                f"(register(name, {factory!r}, OptionsClass, doc); NoOptions for none)")
+    elif not callable(factory):
         raise RegistryError(f"{family} {name!r}: factory must be callable, got {type(factory).__name__}")
     if options is None:
         options = getattr(factory, "Options", NoOptions)
@@ -265,8 +303,48 @@ def make_component(family, name, factory, options=None, doc=None, source=Source(
     if not _is_frozen(options):
         raise RegistryError(f"{family} {name!r}: options class {options.__name__} must be frozen (@attrs.frozen)")
     if doc is None:
-        doc = (factory.__doc__ or "").strip().splitlines()[0] if factory.__doc__ else ""
+        doc = first_line(options.__doc__ if isinstance(factory, str) else factory.__doc__)
     return Component(family, name, factory, options, doc, source)
+
+
+def first_line(doc: str | None) -> str:
+    """A docstring's first line: a part's one-line description."""
+    return doc.strip().splitlines()[0] if doc and doc.strip() else ""
+
+
+def resolve(comp: Component) -> Callable:
+    """Import a lazy registration's factory and check it is what was registered: callable, and its
+    ``Options`` (where it has one) the options class registered with it."""
+    module, _, attr = comp.target.partition(":")
+    where = f"{comp.family} {comp.name!r} (registered by {comp.source} as {comp.target!r})"
+    try:
+        factory = getattr(importlib.import_module(module), attr)
+    except ImportError as exc:
+        raise RegistryError(f"{where}: cannot import {module}: {exc}") from exc
+    except AttributeError:
+        raise RegistryError(f"{where}: {module} has no {attr!r}") from None
+    if not callable(factory):
+        raise RegistryError(f"{where}: not callable, got {type(factory).__name__}")
+    if getattr(factory, "check_recipe", None) is not None and getattr(comp.options, "check_recipe", None) is None:
+        raise RegistryError(f"{where}: its check_recipe must be on its options class, {comp.options.__qualname__}: "
+                            f"a part registered by name is not imported to check a recipe")
+    declared = getattr(factory, "Options", comp.options)
+    if declared is not comp.options:
+        raise RegistryError(f"{where}: its Options is {declared.__qualname__}, but it was registered "
+                            f"with {comp.options.__qualname__}")
+    return factory
+
+
+def module_code(module: str) -> str:
+    """A module's content hash, found without importing it (a lazy registration's target)."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
+    origin = Path(spec.origin) if spec is not None and spec.origin else None
+    if origin is None or not origin.is_file():
+        return f"{module} (not found)"
+    return f"{module} (sha256 {hashlib.sha256(origin.read_bytes()).hexdigest()[:12]})"
 
 
 def _is_frozen(options: type) -> bool:

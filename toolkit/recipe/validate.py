@@ -238,11 +238,12 @@ def chosen_components(recipe: Recipe) -> list[tuple[str, families.Spec]]:
 
 
 def _component_recipe_checks(recipe: Recipe, registry: Registry) -> list[Problem]:
-    """Each chosen component's own say on the whole recipe: a factory's ``check_recipe(options, recipe)``
-    returns problems, or problem lines (``$.path: message``), e.g. an optimizer that needs ZeRO stage 0."""
+    """Each chosen component's own say on the whole recipe: its ``check_recipe(options, recipe)``
+    (:attr:`toolkit.registry.Component.check_recipe`) returns problems, or problem lines
+    (``$.path: message``), e.g. an optimizer that needs ZeRO stage 0."""
     out = []
     for _, spec in chosen_components(recipe):
-        check = getattr(registry.get(spec.family, spec.kind).factory, "check_recipe", None)
+        check = registry.get(spec.family, spec.kind).check_recipe
         if check is not None:
             out += [p if isinstance(p, Problem) else _line_problem(p) for p in check(spec.options, recipe)]
     return out

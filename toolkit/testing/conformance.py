@@ -978,7 +978,7 @@ def check_optimizer_state_dict(subject: PartSubject, **_) -> None:
 def check_optimizer_engine(subject: PartSubject, **_) -> None:
     """Two steps through a one-rank CPU DeepSpeed engine at ZeRO 1 and 2 (flat fp32 partitions instead of
     the model's parameters), or at ZeRO 0 where the optimizer's check_recipe refuses those stages."""
-    check = getattr(subject.registry.get("optimizer", subject.name).factory, "check_recipe", None)
+    check = subject.registry.get("optimizer", subject.name).check_recipe
     stages = [s for s in (1, 2) if not (check and check(subject.options, subject.recipe(stage=s)))] or [0]
     probe = Subject("attention", DEFAULT_PARTNERS["attention"], None, subject.registry)
     idx, targets = tokens(probe, seed=1), tokens(probe, seed=2)
