@@ -46,8 +46,10 @@ from .registry import BUILTIN_NAMESPACE, Registry, Source, make_component
 
 ENTRY_POINT_GROUP = "playattention"
 #: the built-in plugin modules: every module of the toolkit.plugins package, registered like any other
+#: (its subpackage ``impl`` holds the code they register by name, imported when a part is built)
 BUILTIN_MODULES = tuple(f"{builtin_plugins.__name__}.{m.name}"
-                        for m in sorted(pkgutil.iter_modules(builtin_plugins.__path__), key=lambda m: m.name))
+                        for m in sorted(pkgutil.iter_modules(builtin_plugins.__path__), key=lambda m: m.name)
+                        if not m.ispkg)
 
 
 @attrs.frozen
