@@ -241,7 +241,7 @@ def register_components(register):
     ('attention = "one_token"', "$.model.attention: attention 'one_token' (from {plugin}) at layer 0: forward "
                                 "returned shape (2, 1, 32) for input (2, 8, 32); the contract is (B, T, C) -> (B, T, C)"),
 ])
-@pytest.mark.parametrize("command", [["recipe", "show"], ["inspect"]])
+@pytest.mark.parametrize("command", [["recipe", "validate"], ["inspect"]])
 def test_a_component_that_breaks_its_contract_fails_validation_naming_its_plugin(tmp_path, capsys, monkeypatch,
                                                                                  choice, said, command):
     monkeypatch.chdir(tmp_path)
@@ -255,8 +255,18 @@ def test_a_valid_layer_group_is_probed_at_its_own_layers(tmp_path, capsys, monke
     monkeypatch.chdir(tmp_path)
     write(tmp_path / "bad_parts.py", BAD_COMPONENTS)
     path = based(tmp_path, 'plugins = ["bad_parts.py"]\n[model.layers.last]\nat = "-1"\nmlp = "wrong_shape"\n')
-    code, err, _ = run(["recipe", "show", path.name], capsys)
+    code, err, _ = run(["recipe", "validate", path.name], capsys)
     assert code == 2 and len(err) == 1 and "mlp 'wrong_shape' (from bad_parts.py) at layer 1: forward returned" in err[0]
+
+
+def test_recipe_show_and_diff_read_a_recipe_without_building_its_model(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # reading is torch-free and fast; `recipe validate` is the check that builds
+    write(tmp_path / "bad_parts.py", BAD_COMPONENTS)
+    based(tmp_path, 'plugins = ["bad_parts.py"]\n[model]\nmlp = "raises"\n')
+    code, _, out = run(["recipe", "show", "r.toml"], capsys)
+    assert code == 0 and 'kind = "raises"' in out
+    assert run(["diff", "r.toml", "r.toml"], capsys)[0] == 0
+    assert run(["recipe", "validate", "r.toml"], capsys)[0] == 2
 
 
 # -- plugins that exit, interrupt, or cannot be named -------------------------------------------------

@@ -1,10 +1,12 @@
 """The component registry: lookups with helpful errors, duplicate detection, validated registrations."""
+import sys
+
 import attr
 import attrs
 import pytest
 from torch import nn
 
-from toolkit.families import MODEL_FAMILIES, NAMES
+from toolkit.families import MODEL_FAMILIES, NAMES, SPEC_TYPES
 from toolkit.registry import (
     NoOptions,
     Registry,
@@ -197,3 +199,103 @@ class _DocumentedBase:
 class Documented(_DocumentedBase):
     # only in the subclass
     extra: str = ""
+
+
+# -- parts registered by name ("module:attr"), imported when first built ---------------------------------
+LAZY_IMPL = '''
+import attrs
+from torch import nn
+
+
+@attrs.frozen
+class OtherOptions:
+    width: int = 4
+
+
+class Lazy(nn.Module):
+    """A part imported only when built."""
+
+    def __init__(self, opts, *args):
+        super().__init__()
+        self.width = opts.width
+
+
+class WrongOptions(Lazy):
+    """Declares other options than it was registered with."""
+
+    Options = OtherOptions
+
+
+class ChecksOnItsClass(Lazy):
+    """Has a recipe check that a reader of the recipe would never see."""
+
+    @staticmethod
+    def check_recipe(opts, recipe):
+        return ["$.model: never seen"]
+
+
+NOT_CALLABLE = 3
+'''
+
+
+@pytest.fixture
+def lazy_module(tmp_path, monkeypatch):
+    """The name of a fresh module (in tmp_path, on sys.path) for lazy registrations to point at."""
+    name = f"lazy_impl_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{name}.py").write_text(LAZY_IMPL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield name
+    sys.modules.pop(name, None)
+
+
+def test_a_part_registered_by_name_is_imported_only_when_first_built(lazy_module):
+    reg = Registry()
+    comp = reg.register("mlp", "lazy", f"{lazy_module}:Lazy", WidthOptions, "A part imported only when built.")
+    assert comp.lazy and lazy_module not in sys.modules and reg.names("mlp") == ["lazy"]
+    assert comp.option_fields()[0][:2] == ("width", "int")  # listing needs the options only
+    module = reg.build(comp_spec("mlp", "lazy"))
+    assert lazy_module in sys.modules and module.width == 4 and comp.factory is sys.modules[lazy_module].Lazy
+
+
+def comp_spec(family, kind):
+    return SPEC_TYPES[family](kind)
+
+
+@pytest.mark.parametrize("target, said", [
+    ("{m}_gone:Lazy", "cannot import {m}_gone: No module named '{m}_gone'"),
+    ("{m}:Absent", "{m} has no 'Absent'"),
+    ("{m}:NOT_CALLABLE", "not callable, got int"),
+    ("{m}:WrongOptions", "its Options is OtherOptions, but it was registered with WidthOptions"),
+    ("{m}:ChecksOnItsClass", "its check_recipe must be on its options class, WidthOptions: a part registered by name is not "
+                                 "imported to check a recipe"),
+])
+def test_a_part_registered_by_name_that_is_not_what_was_registered_fails_when_built_naming_the_registration(
+        lazy_module, target, said):
+    reg = Registry()
+    target = target.format(m=lazy_module)
+    reg.register("mlp", "lazy", target, WidthOptions, source=Source("tests.plugin", "testpkg", "1.0"))
+    with pytest.raises(RegistryError) as err:
+        reg.build(comp_spec("mlp", "lazy"))
+    assert str(err.value) == (f"mlp 'lazy' (registered by testpkg 1.0 (tests.plugin) as {target!r}): "
+                              + said.format(m=lazy_module))
+
+
+def test_registering_by_name_needs_a_module_attribute_name_and_the_options_class():
+    with pytest.raises(RegistryError, match=r"a lazy factory is 'package.module:attribute', got 'lazy_impl.Lazy'"):
+        Registry().register("mlp", "lazy", "lazy_impl.Lazy", WidthOptions)
+    with pytest.raises(RegistryError, match=r"registering 'lazy_impl:Lazy' by name needs its options class"):
+        Registry().register("mlp", "lazy", "lazy_impl:Lazy")
+
+
+def test_a_part_registered_by_name_is_described_by_its_options_docstring_unless_given_a_doc():
+    reg = Registry()
+    assert reg.register("mlp", "a", "lazy_impl:Lazy", NoOptions).doc == "Options class for components that take none."
+    assert reg.register("mlp", "b", "lazy_impl:Lazy", NoOptions, "Mine.").doc == "Mine."
+
+
+def test_the_code_a_registry_stands_for_includes_the_module_a_lazy_registration_names(lazy_module, tmp_path):
+    reg = Registry()
+    reg.register("mlp", "lazy", f"{lazy_module}:Lazy", WidthOptions)
+    before = reg.code()[lazy_module]
+    (tmp_path / f"{lazy_module}.py").write_text(LAZY_IMPL + "\n# edited\n")
+    assert before.startswith(f"{lazy_module} (sha256 ") and reg.code()[lazy_module] != before

@@ -106,7 +106,11 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         # plugin files run only with consent: those the user names on this command line, or all with --trust-plugins
         trust(everything=getattr(args, "trust_plugins", False), files=getattr(args, "plugin", None) or ())
-        return int(args.func(args) or 0)
+        func = args.func
+        if isinstance(func, str):  # "module:function": an action whose imports its command's others need not pay
+            module, _, name = func.partition(":")
+            func = getattr(importlib.import_module(module), name)
+        return int(func(args) or 0)
     except ConfigError as exc:
         print_errors(exc.lines)
         return 2

@@ -1,18 +1,17 @@
-"""`playattention diff`: key-by-key differences of two resolved recipes or run folders."""
+"""`playattention diff`: key-by-key differences of two resolved recipes or run folders (no torch: the
+models are not built, `recipe validate` does that)."""
 from __future__ import annotations
 
 import argparse
 import sys
 
 from ..errors import one_line
-from ..probe import model_problems
 from ..recipe import diff_data, load_for_reading
 from . import add_recipe_options
 
 
 def cmd_diff(args) -> int:
-    (_, a, held_a), (_, b, held_b) = (load_for_reading(r, args.set, args.plugin, model_check=model_problems)
-                                      for r in (args.a, args.b))
+    (_, a, held_a), (_, b, held_b) = (load_for_reading(r, args.set, args.plugin) for r in (args.a, args.b))
     for path, line in [*((args.a, ln) for ln in held_a), *((args.b, ln) for ln in held_b)]:
         print(f"warning: {path}: {one_line(line)}", file=sys.stderr)
     lines = diff_data(a, b)

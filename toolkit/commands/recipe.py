@@ -1,4 +1,8 @@
-"""`playattention recipe show|list|validate|copy`: work with recipes."""
+"""`playattention recipe show|list|validate|copy`: work with recipes.
+
+`show`, `list` and `copy` read files and the registry's options classes only, so they import no torch;
+`validate` also builds the model on the meta device (:mod:`toolkit.commands.recipe_validate`,
+imported when it runs)."""
 from __future__ import annotations
 
 import argparse
@@ -8,14 +12,13 @@ import sys
 import tomli_w
 
 from .. import catalog
-from ..errors import ConfigError, UserError, one_line
-from ..probe import load_buildable, model_problems
+from ..errors import one_line
 from ..recipe import load_for_reading, recipe_warnings
-from . import add_recipe_options, print_errors
+from . import add_recipe_options
 
 
 def cmd_recipe_show(args) -> int:
-    recipe, data, held = load_for_reading(args.recipe, args.set, args.plugin, model_check=model_problems)
+    recipe, data, held = load_for_reading(args.recipe, args.set, args.plugin)
     for line in held:
         print(f"warning: {args.recipe}: {one_line(line)}", file=sys.stderr)
     if recipe is not None:
@@ -27,24 +30,6 @@ def cmd_recipe_show(args) -> int:
 def cmd_recipe_list(args) -> int:
     print(catalog.render_list())
     return 0
-
-
-def cmd_recipe_validate(args) -> int:
-    """Every file resolved and checked: ``FILE: ok`` on stdout, each problem on stderr; 2 if any."""
-    bad = 0
-    for path in args.files:
-        try:
-            recipe = load_buildable(path, args.set, args.plugin)
-        except ConfigError as exc:
-            print_errors(exc.lines)
-            bad += 1
-        except (UserError, FileNotFoundError) as exc:
-            print_errors([f"{path}: {exc}" if path not in str(exc) else str(exc)])
-            bad += 1
-        else:
-            print_warnings(recipe, path)
-            print(f"{path}: ok")
-    return 2 if bad else 0
 
 
 def cmd_recipe_copy(args) -> int:
@@ -74,7 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                               "per problem. Exit status 0 if every file is valid, 2 otherwise.")
     q.add_argument("files", nargs="+", metavar="FILE", help="recipe TOML files or run folders")
     add_recipe_options(q)
-    q.set_defaults(func=cmd_recipe_validate)
+    q.set_defaults(func="toolkit.commands.recipe_validate:cmd_recipe_validate")  # it imports torch
     q = recipe_sub.add_parser("copy", help="copy a shipped recipe to start from (never overwrites)")
     q.add_argument("name", metavar="NAME", help="a shipped recipe (`playattention recipe list`), e.g. gpt-cpu")
     q.add_argument("dest", metavar="DEST", help="the new file, or a folder to copy it into")

@@ -60,9 +60,11 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
     return recipe
 
 
-def load_for_reading(path: str | Path, overrides=(), plugins=(), *,
-                     model_check: ModelCheck | None = None) -> tuple[Recipe | None, dict, list[str]]:
+def load_for_reading(path: str | Path, overrides=(), plugins=()) -> tuple[Recipe | None, dict, list[str]]:
     """(recipe, its plain data, a line per plugin file not loaded) for commands that only show a recipe.
+
+    Checked as :func:`load_recipe` checks, without building the model (no torch): `recipe validate`
+    and the commands that build it use :func:`toolkit.probe.load_buildable`.
 
     A plugin file that may not run here (:func:`toolkit.plugin_manager.refusal`) is not imported:
     the data is then the recipe as written (``extends`` and ``--set`` applied), unchecked, since
@@ -72,7 +74,7 @@ def load_for_reading(path: str | Path, overrides=(), plugins=(), *,
     held = [(i, p, why) for i, p in enumerate(data.get("plugins", []))
             if is_path_spec(p) and (why := refusal(Path(p)))]
     if not held:
-        recipe = load_recipe(path, overrides, plugins, model_check=model_check)
+        recipe = load_recipe(path, overrides, plugins)
         return recipe, recipe_to_dict(recipe), []
     return None, data, [f"$.plugins[{i}]: plugin \"{p}\" not loaded: {why}; the recipe is shown as written, unchecked "
                         f"(--trust-plugins loads and checks it)" for i, p, why in held]
