@@ -154,3 +154,22 @@ def test_each_built_in_reads_back_what_it_writes_and_refuses_a_key_it_does_not_r
     assert ad.config_to_hf(again) == config
     with pytest.raises(HFFormatError, match=r"^config\.json: not_a_setting = 2 is not supported by this importer"):
         ad.config_from_hf({**config, "not_a_setting": 2})
+
+
+@pytest.mark.slow
+def test_convert_generate_and_eval_read_and_write_a_plugin_architecture_given_with_plugin(tmp_path, plugin, capsys):
+    tok = CharTokenizer.from_text(TEXT)
+    tiny_folder(tmp_path / "hf", tok.vocab_size)
+    (tmp_path / "hf" / "tokenizer.json").write_text(json.dumps(char_tokenizer_json(tok)))
+    (tmp_path / "heldout.txt").write_text(TEXT * 4)
+    assert main(["convert", "hf", "run"]) == 2  # without the plugin: not supported, in one line
+    assert "model_type 'tiny_gpt'" in capsys.readouterr().err
+    assert main(["convert", "hf", "run", "--plugin", plugin]) == 0
+    assert main(["convert", "run", "back", "--to", "hf", "--arch", "tiny_gpt", "--plugin", plugin]) == 0
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["model_type"] == "tiny_gpt"
+    capsys.readouterr()
+    assert main(["generate", "back", "--plugin", plugin, "--prompt", "the", "--max-new-tokens", "4",
+                 "--temperature", "0", "--device", "cpu"]) == 0
+    assert "the" in capsys.readouterr().out
+    assert main(["eval", "back", "--plugin", plugin, "--task", "perplexity:path=heldout.txt", "--device", "cpu"]) == 0
+    assert "perplexity" in capsys.readouterr().out

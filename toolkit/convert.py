@@ -72,12 +72,13 @@ def recipe_for(config: ModelConfig, name: str, tokenizer: Tokenizer | None, toke
                   train=train, generate=gen)
 
 
-def hf_to_run(hf_dir: str | Path, out_dir: str | Path, *, registry: Registry | None = None) -> dict:
+def hf_to_run(hf_dir: str | Path, out_dir: str | Path, *, registry: Registry | None = None, plugins=()) -> dict:
     """Convert a Hugging Face folder into a run folder; returns what summary.json says."""
     hf_dir, out = Path(hf_dir), Path(out_dir)
     if not is_hf_folder(hf_dir):
         raise UsageError(f"{hf_dir}: not a Hugging Face folder (expected {CONFIG} and weights; a run folder "
                          f"converts the other way: --to hf)")
+    registry = registry or (load_registry(plugins) if plugins else None)  # --plugin: an architecture of a plugin
     arch = adapter_for(read_config(hf_dir), f"{hf_dir}/{CONFIG}", registry)
     model = arch.load(hf_dir, registry=registry)  # refused before OUT_DIR is touched
     tokenizer = arch.tokenizer_from_hf(hf_dir)
@@ -107,17 +108,18 @@ def _write_converted(hf_dir: Path, out: Path, arch, model, tokenizer, registry) 
 
 
 # -- a model to use: a run, any of its checkpoints, or a Hugging Face folder ------------------------------
-def load_model(source: str | Path, device: str | torch.device = "cpu"):
+def load_model(source: str | Path, device: str | torch.device = "cpu", plugins=()):
     """(model in eval mode, tokenizer, recipe, prepared data dir or None) of what generate, eval and
     convert --to hf take: a finished run folder (or its model.safetensors), a checkpoint of a run
     (``RUN@latest``, ``RUN@best``, ``RUN@step-N``, ``RUN/checkpoints/step-NNNNNNN``: its own
-    tokenizer and weights), or a Hugging Face folder of any architecture convert reads, with its own
-    tokenizer. Problems are one line (FileNotFoundError, UsageError, CheckpointError)."""
+    tokenizer and weights), or a Hugging Face folder of any architecture convert reads (built in, from an
+    installed package or from ``plugins``), with its own tokenizer. Problems are one line
+    (FileNotFoundError, UsageError, CheckpointError)."""
     run, found = checkpoint.resolve_checkpoint(source)
     if found is not None:
         model, tokenizer, recipe = load_checkpoint_model(run, found)
     elif is_hf_folder(run):
-        model, tokenizer, recipe = load_hf_model(run)
+        model, tokenizer, recipe = load_hf_model(run, load_registry(plugins) if plugins else None)
         return model.to(device).eval(), tokenizer, recipe, None
     else:
         model, tokenizer, recipe = load_run(run)
@@ -160,16 +162,17 @@ def load_hf_model(folder: Path, registry: Registry | None = None):
 
 # -- run folder -> Hugging Face -----------------------------------------------------------------------
 def run_to_hf(run_dir: str | Path, out_dir: str | Path, *, model_type: str | None = None,
-              registry: Registry | None = None) -> dict:
+              registry: Registry | None = None, plugins=()) -> dict:
     """Write a finished run as a Hugging Face folder (config.json, model.safetensors, tokenizer files), in an
-    architecture of ``registry`` (default: the run recipe's plugins, the built-ins and installed packages)."""
+    architecture of ``registry`` (default: the built-ins, installed packages, the run recipe's plugins and
+    ``plugins``)."""
     if is_hf_folder(run_dir):
         raise UsageError(f"{run_dir}: a Hugging Face folder already; --to hf converts a run folder (leave it out "
                          f"to make a run folder of this one)")
     out = Path(out_dir)
     model, tokenizer, recipe, _ = load_model(run_dir)  # a finished run or any checkpoint of one
     run = str(run_dir)
-    registry = registry or registry_of(recipe)
+    registry = registry or load_registry([*recipe.plugins, *plugins])
     arch, config = export_architecture(model, model_type, registry)  # refused before OUT_DIR is touched
     _empty_target(out)
     config.update(arch.tokenizer_to_hf(tokenizer, out, recipe.model.block_size))  # bos/eos ids

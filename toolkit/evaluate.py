@@ -138,18 +138,18 @@ def parse_task(text: str, registry: Registry) -> Spec:
     return structure(registry, {"kind": kind.strip(), **options}, SPEC_TYPES["evaluator"], root=f"--task {kind.strip()}")
 
 
-def load_target(path: str | Path, device: str | torch.device = "cpu"):
+def load_target(path: str | Path, device: str | torch.device = "cpu", plugins=()):
     """(model in eval mode, tokenizer, recipe, prepared data dir or None) of a finished run, any checkpoint
     of one (``RUN@best``...), or a Hugging Face folder of any architecture convert reads, with its own
     tokenizer (:func:`toolkit.convert.load_model`)."""
-    return load_model(path, device)
+    return load_model(path, device, plugins)
 
 
 def evaluate_target(path: str | Path, tasks: list[str], *, device: str | torch.device = "cpu",
-                    batch_size: int | None = None) -> dict[str, float]:
+                    batch_size: int | None = None, plugins=()) -> dict[str, float]:
     """Run evaluators (``--task`` texts, or the run's own ``[[eval]]`` when none) on what :func:`load_target` reads;
     their metrics as ``label/metric``."""
-    model, tokenizer, recipe, prepared = load_target(path, device)
+    model, tokenizer, recipe, prepared = load_target(path, device, plugins)
     registry = registry_of(recipe)
     specs = [parse_task(t, registry) for t in tasks] if tasks else list(recipe.eval)
     if not specs:

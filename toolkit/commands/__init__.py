@@ -16,8 +16,12 @@ def add_recipe_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value, in TOML syntax or a bare word for a string "
                    "(e.g. --set train.lr=3e-4 --set model.attention.kind=gqa); repeatable")
-    p.add_argument("--plugin", action="append", default=[], metavar="FILE",
-                   help="also load this plugin file or module; repeatable")
+    add_plugin_options(p, "also load this plugin file or module; repeatable")
+
+
+def add_plugin_options(p: argparse.ArgumentParser, help: str) -> None:
+    """``--plugin`` (repeatable) and ``--trust-plugins``."""
+    p.add_argument("--plugin", action="append", default=[], metavar="FILE", help=help)
     add_trust_option(p)
 
 

@@ -5,7 +5,7 @@ import argparse
 
 from ..convert import hf_to_run, run_to_hf
 from ..errors import UsageError
-from . import add_trust_option
+from . import add_plugin_options
 from .exports import add_no_verify, check_export
 
 
@@ -13,14 +13,14 @@ def cmd_convert(args) -> int:
     if args.to == "run":
         if args.arch:
             raise UsageError("--arch chooses what --to hf writes; a Hugging Face folder says its own architecture")
-        s = hf_to_run(args.source, args.out)
+        s = hf_to_run(args.source, args.out, plugins=args.plugin)
         tok = f"tokenizer {s['tokenizer']}" if s["tokenizer"] else "no tokenizer (train with a recipe that names one)"
         print(f"converted {s['hf_class']} ({s['params']:,} parameters, {tok}) into {s['run_dir']}\n"
               f"  generate: playattention generate {s['run_dir']} --prompt 'The' --temperature 0\n"
               f"  train:    playattention train --init-from {s['run_dir']} --set model.block_size=256")
         return 0
     check_export(args.source, args.no_verify)
-    s = run_to_hf(args.source, args.out, model_type=args.arch)
+    s = run_to_hf(args.source, args.out, model_type=args.arch, plugins=args.plugin)
     print(f"wrote {s['hf_class']} into {s['out']} ({', '.join(s['files'])}); "
           f"load it with transformers.AutoModelForCausalLM.from_pretrained({s['out']!r})")
     return 0
@@ -39,5 +39,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", help="with --to hf: the architecture (model_type) to write "
                    "(default: the first that can express the model)")
     add_no_verify(p)
-    add_trust_option(p)
+    add_plugin_options(p, "a plugin file or module whose architectures (register_architectures) it may read or write; repeatable")
     p.set_defaults(func=cmd_convert)

@@ -6,7 +6,7 @@ import argparse
 from ..errors import UsageError
 from ..evaluate import evaluate_target, render_results, write_results
 from ..engine import on_cuda
-from . import add_trust_option
+from . import add_plugin_options
 from .exports import add_no_verify, check_export
 
 
@@ -15,7 +15,7 @@ def cmd_eval(args) -> int:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
     check_export(args.target, args.no_verify)
     results = evaluate_target(args.target, args.task, device=args.device or ("cuda" if on_cuda() else "cpu"),
-                              batch_size=args.batch_size)
+                              batch_size=args.batch_size, plugins=args.plugin)
     if args.json != "-":
         print(render_results(results))
     if args.json:
@@ -38,5 +38,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, metavar="N", help="rows per forward (default the run's train.micro_batch)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default cuda if available)")
     add_no_verify(p)
-    add_trust_option(p)
+    add_plugin_options(p, "a plugin file or module whose architectures (register_architectures) it may read or write; repeatable")
     p.set_defaults(func=cmd_eval)

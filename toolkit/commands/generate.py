@@ -11,7 +11,7 @@ from ..convert import load_model
 from ..errors import UsageError
 from ..generate import encode_prompt, stream_samples
 from ..engine import on_cuda
-from . import add_trust_option
+from . import add_plugin_options
 from .exports import add_no_verify, check_export
 
 
@@ -19,7 +19,7 @@ def cmd_generate(args) -> int:
     check_export(args.run, args.no_verify)
     if args.num_samples < 1:
         raise UsageError(f"--num-samples must be at least 1, got {args.num_samples}")
-    model, tokenizer, recipe, _ = load_model(args.run, device=args.device or ("cuda" if on_cuda() else "cpu"))
+    model, tokenizer, recipe, _ = load_model(args.run, args.device or ("cuda" if on_cuda() else "cpu"), args.plugin)
     given = {"prompts": args.prompt, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
              "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
     for name, value in given.items():  # the recipe's own values were checked when it loaded
@@ -54,5 +54,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="samples per prompt (seeds seed, seed+1, ...)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default cuda if available)")
     add_no_verify(p)
-    add_trust_option(p)
+    add_plugin_options(p, "a plugin file or module whose architectures (register_architectures) it may read or write; repeatable")
     p.set_defaults(func=cmd_generate)
