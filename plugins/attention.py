@@ -19,7 +19,6 @@ import attrs
 from attrs import validators as v
 
 from toolkit.families import BACKENDS
-
 from toolkit.hookspecs import hookimpl
 
 

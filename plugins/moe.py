@@ -17,7 +17,6 @@ import attrs
 from attrs import validators as v
 
 from toolkit.families import SPEC_TYPES
-
 from toolkit.hookspecs import hookimpl
 
 

@@ -1,4 +1,4 @@
-"""The built-in block code that toolkit.plugins.block registers by name (its options and docs are there)."""
+"""The code of toolkit.plugins.block's parts, imported when one is built (their options and docs are there)."""
 from __future__ import annotations
 
 from torch import nn

@@ -1,4 +1,4 @@
-"""The built-in evaluator code that toolkit.plugins.evaluators registers by name (its options and docs are there)."""
+"""The code of toolkit.plugins.evaluators's parts, imported when one is built (their options and docs are there)."""
 from __future__ import annotations
 
 import json

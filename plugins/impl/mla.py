@@ -1,4 +1,4 @@
-"""The built-in multi-head latent attention code that toolkit.plugins.mla registers by name (its options and docs are there)."""
+"""The code of toolkit.plugins.mla's parts, imported when one is built (their options and docs are there)."""
 from __future__ import annotations
 
 import attrs

@@ -1,4 +1,4 @@
-"""The built-in MLP code that toolkit.plugins.mlp registers by name (its options and docs are there)."""
+"""The code of toolkit.plugins.mlp's parts, imported when one is built (their options and docs are there)."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""The built-in mixture-of-experts MLP code that toolkit.plugins.moe registers by name (its options and docs are there)."""
+"""The code of toolkit.plugins.moe's parts, imported when one is built (their options and docs are there)."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""The built-in state-passing code that toolkit.plugins.shortcuts registers by name (its options and docs are there)."""
+"""The code of toolkit.plugins.shortcuts's parts, imported when one is built (their options and docs are there)."""
 from __future__ import annotations
 
 import torch
