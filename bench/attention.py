@@ -41,7 +41,7 @@ def sync() -> None:
 
 def make_case(shape, case: str, dev, dtype):
     """The attend call of ``case`` as a function of its backend, and what it needs."""
-    from plugins.position import ALiBiPosition
+    from toolkit.plugins.impl.position import ALiBiPosition
     from toolkit.contracts import Dims
     from toolkit.registry import NoOptions
 

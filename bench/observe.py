@@ -40,7 +40,7 @@ from toolkit.recipe import registry_of  # noqa: E402
 BASE = "901ca2c"
 MODES = ("baseline", "off", "on")
 #: the built-in plugins that call attend by the name they imported
-USERS = ("toolkit.plugins.attention", "toolkit.plugins.differential", "toolkit.plugins.mla")
+USERS = ("toolkit.plugins.impl.attention", "toolkit.plugins.impl.differential", "toolkit.plugins.impl.mla")
 
 
 def attend_before() -> callable:

@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 
+from toolkit.plugins.impl.mlp import gated_hidden_dim
+from toolkit.plugins.impl.position import alibi_slopes
 from toolkit.plugins.attention import GQAOptions
-from toolkit.plugins.mlp import GatedOptions, gated_hidden_dim
-from toolkit.plugins.position import alibi_slopes
+from toolkit.plugins.mlp import GatedOptions
 from toolkit.converter import resolve_spec, structure
 from toolkit.errors import ConfigError
 from toolkit.contracts import Dims, flops_per_token

@@ -16,7 +16,7 @@ from toolkit.hf import save_hf
 from toolkit.model import ModelConfig, Transformer
 from toolkit.plots import losses_figure
 from toolkit.plugin_manager import default_registry
-from toolkit.plugins.evaluators import MultipleChoice, Windows, read_examples
+from toolkit.plugins.impl.evaluators import MultipleChoice, Windows, read_examples
 from toolkit.recipe import Recipe, load_recipe
 from toolkit.scoring import score_continuations
 from toolkit.tokenizer import ASSETS, GPT2Tokenizer

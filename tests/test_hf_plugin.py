@@ -142,6 +142,8 @@ def test_a_plugin_architectures_config_key_it_does_not_read_is_refused_naming_it
 def test_the_built_in_architectures_register_like_any_plugin():
     assert [a.model_type for a in architectures()] == list(BUILT_IN)  # in the order save_hf tries them
     assert all(a.exports for a in architectures())
+    # plugins/architectures.py names them without importing them: each under its own adapter's model_type
+    assert [adapter(model_type).model_type for model_type in BUILT_IN] == list(BUILT_IN)
 
 
 @pytest.mark.parametrize("model_type", BUILT_IN)

@@ -67,4 +67,4 @@ def test_a_checkout_used_without_installing_finds_its_built_ins(tmp_path):
                           capture_output=True, text=True, timeout=120, cwd=tmp_path,
                           env={"PYTHONPATH": f"{ROOT}:{packages}", "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr
-    assert "toolkit.plugins.norm.RMSNorm" in proc.stdout
+    assert "toolkit.plugins.impl.norm.RMSNorm" in proc.stdout

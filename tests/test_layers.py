@@ -23,9 +23,10 @@ LAYERS = {
         "coordcheck"],
     6: ["cli", "commands", "__main__"],
 }
-#: built-in plugins that register what a higher layer defines sit in that layer; the plugin manager
-#: imports them by name at run time, so nothing below imports them
-OWN_LAYER = {"toolkit.plugins.architectures": 4}  # the hf adapters
+#: built-in plugins that import what a higher layer defines sit in that layer; the plugin manager
+#: imports them by name at run time, so nothing below imports them (plugins/architectures.py names
+#: the hf adapters without importing them, so it needs no entry)
+OWN_LAYER: dict[str, int] = {}
 #: may import toolkit modules inside functions: the pytest plugin loads in every pytest run and must stay cheap
 LAZY_ALLOWED = {"toolkit.testing.pytest_plugin"}
 
@@ -36,8 +37,9 @@ def modules() -> dict[str, Path]:
     for path in sorted((ROOT / "toolkit").rglob("*.py")):
         parts = path.relative_to(ROOT).with_suffix("").parts
         found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
-    for path in sorted((ROOT / "plugins").glob("*.py")):
-        found["toolkit.plugins" + ("" if path.stem == "__init__" else f".{path.stem}")] = path
+    for path in sorted((ROOT / "plugins").rglob("*.py")):
+        parts = path.relative_to(ROOT / "plugins").with_suffix("").parts
+        found[".".join(("toolkit.plugins", *(parts[:-1] if parts[-1] == "__init__" else parts)))] = path
     return found
 
 

@@ -21,7 +21,7 @@ from toolkit.evaluate import EvalContext, evaluate_target, load_target  # noqa: 
 from toolkit.hf import save_hf  # noqa: E402
 from toolkit.lm_harness import PlayAttentionLM  # noqa: E402
 from toolkit.model import ModelConfig, Transformer  # noqa: E402
-from toolkit.plugins.evaluators import MultipleChoice  # noqa: E402
+from toolkit.plugins.impl.evaluators import MultipleChoice  # noqa: E402
 from toolkit.scoring import score_continuations  # noqa: E402
 
 EXAMPLES = [

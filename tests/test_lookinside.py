@@ -212,7 +212,8 @@ def test_the_attention_stats_evaluator_on_uniform_attention():
     """Queries zeroed: every head attends uniformly to the tokens so far, so query i puts 1/(i+1) on the first."""
     from types import SimpleNamespace
 
-    from toolkit.plugins.evaluators import AttentionStats, AttentionStatsOptions
+    from toolkit.plugins.impl.evaluators import AttentionStats
+    from toolkit.plugins.evaluators import AttentionStatsOptions
 
     torch.manual_seed(0)
     m = Transformer(ModelConfig(vocab_size=50, block_size=16, n_layer=2, n_head=4, n_embd=32)).eval()

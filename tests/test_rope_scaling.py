@@ -4,7 +4,8 @@ import torch
 
 from toolkit.errors import ConfigError
 from toolkit.model import ModelConfig, Transformer
-from toolkit.plugins.position import RopeOptions, rope_inv_freq
+from toolkit.plugins.impl.position import rope_inv_freq
+from toolkit.plugins.position import RopeOptions
 
 transformers = pytest.importorskip("transformers")
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402

@@ -100,7 +100,8 @@ def test_the_trainer_grows_the_window_by_the_step_and_a_resumed_run_continues_it
 
 def test_muon_leaves_embedding_tables_inside_blocks_to_adamw():
     from test_optimizers import recipe
-    from toolkit.plugins.optimizers import Muon, MuonOptions
+    from toolkit.plugins.impl.optimizers import Muon
+    from toolkit.plugins.optimizers import MuonOptions
 
     model = small(attention={"kind": "value_residual", "value_embeds": 1})
     opt = Muon(MuonOptions(), model, recipe())

@@ -141,6 +141,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
+from .families import BACKENDS  # the values of an attention's backend option (see attend)
 
 
 @attrs.frozen
@@ -365,10 +366,6 @@ def record_attention(probs: torch.Tensor) -> None:
     """Offer this layer's attention probabilities (B, nh, Tq, Tk), for an attention that does not use attend()."""
     if _observer is not None:
         _observer.record(probs)
-
-
-#: the values of an attention's ``backend`` option (see :func:`attend`)
-BACKENDS = ("sdpa", "flex", "math")
 
 
 def attend(

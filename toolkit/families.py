@@ -99,6 +99,10 @@ FAMILIES: tuple[Family, ...] = (
            "factory(opts) -> toolkit.hf.Adapter: a config.json model_type's config, tensors and tokenizer, both ways"),
 )
 
+#: the values of an attention's ``backend`` option (toolkit.contracts.attend says which runs when): here,
+#: not in toolkit.contracts, so the options classes that list them import no torch
+BACKENDS = ("sdpa", "flex", "math")
+
 _BY_NAME = {f.name: f for f in FAMILIES}
 NAMES: tuple[str, ...] = tuple(_BY_NAME)
 MODEL_FAMILIES: tuple[str, ...] = tuple(f.name for f in FAMILIES if f.in_model)
