@@ -4,11 +4,13 @@ packages only, not by loading the built-in components. How long start-up takes i
 job; this checks what is imported, which does not depend on the machine's load."""
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from toolkit import cli
 
+ROOT = Path(__file__).resolve().parent.parent
 #: runs cli.main(argv) and prints the heavy packages and the command modules it imported
 PROBE = """
 import contextlib, io, sys
@@ -38,6 +40,20 @@ def test_help_and_light_commands_import_neither_torch_nor_deepspeed(argv):
     # the command list comes from the table: no command's module is imported but the one that runs
     runs = {"toolkit.commands.plugins"} if argv[:1] == ["plugins"] else set()
     assert {m for m in got if m.startswith("toolkit.")} == runs
+
+
+@pytest.mark.parametrize("argv", [["plugins"], ["recipe", "show", "recipes/gpt-cpu.toml"], ["recipe", "list"],
+                                  ["diff", "recipes/gpt2.toml", "recipes/llama.toml"]], ids=" ".join)
+def test_listing_plugins_and_reading_recipes_import_neither_torch_nor_deepspeed(argv, monkeypatch):
+    # the built-ins declare their options without torch and register their code by name (plugins/impl/)
+    monkeypatch.chdir(ROOT)
+    heavy = imported(*argv) & {"torch", "deepspeed"}
+    assert not heavy, f"playattention {' '.join(argv)} imported {', '.join(sorted(heavy))}"
+
+
+def test_recipe_validate_builds_the_model_so_it_imports_torch(monkeypatch):
+    monkeypatch.chdir(ROOT)  # a check that the probe above can see torch at all
+    assert "torch" in imported("recipe", "validate", "recipes/gpt-cpu.toml")
 
 
 def test_a_commands_help_imports_only_that_commands_module():

@@ -7,6 +7,7 @@ import pytest
 from torch import nn
 
 from toolkit.families import MODEL_FAMILIES, NAMES, SPEC_TYPES
+from toolkit.plugin_manager import default_registry
 from toolkit.registry import (
     NoOptions,
     Registry,
@@ -14,6 +15,7 @@ from toolkit.registry import (
     Source,
     UnknownComponentError,
     field_docs,
+    first_line,
 )
 
 
@@ -299,3 +301,13 @@ def test_the_code_a_registry_stands_for_includes_the_module_a_lazy_registration_
     before = reg.code()[lazy_module]
     (tmp_path / f"{lazy_module}.py").write_text(LAZY_IMPL + "\n# edited\n")
     assert before.startswith(f"{lazy_module} (sha256 ") and reg.code()[lazy_module] != before
+
+
+def test_every_builtin_registered_by_name_is_the_class_its_registration_describes():
+    # the built-ins declare options and a one-line doc without importing their code (plugins/impl/):
+    # each must still be what it says, or `plugins` would list what is not built
+    lazy = [c for c in default_registry() if c.lazy]
+    assert {c.family for c in lazy} >= {"attention", "norm", "position", "mlp", "block", "optimizer", "evaluator"}
+    for comp in lazy:
+        factory = comp.factory  # RegistryError if it does not import, or declares other options
+        assert comp.doc == first_line(factory.__doc__), f"{comp.family} {comp.name!r}: {comp.doc!r}"
