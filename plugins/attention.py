@@ -20,11 +20,7 @@ from attrs import validators as v
 
 from toolkit.families import BACKENDS
 from toolkit.hookspecs import hookimpl
-
-
-def _positive_int(_, attribute, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{attribute.name} must be a positive integer, got {value!r}")
+from toolkit.validators import positive_int
 
 
 @attrs.frozen
@@ -52,18 +48,18 @@ class AttentionOptions:
 @attrs.frozen
 class GQAOptions(AttentionOptions):
     # key/value heads, each shared by n_head / n_kv_head query heads; None: n_head (plain multi-head)
-    n_kv_head: int | None = attrs.field(default=None, validator=v.optional(_positive_int))
+    n_kv_head: int | None = attrs.field(default=None, validator=v.optional(positive_int))
 
 
 @attrs.frozen
 class SlidingWindowOptions(GQAOptions):
     # a query at position p attends to keys at positions p - window + 1 .. p
-    window: int = attrs.field(default=256, validator=_positive_int)
+    window: int = attrs.field(default=256, validator=positive_int)
     # grow the window during training (modded-nanogpt: 128 -> 1792 tokens): window_start at step 0,
     # then linearly to `window` at window_growth * max_steps, in multiples of window_start (each size
     # compiles once). Derived from the step (set_progress), so a resume continues it; evaluation and
     # generation always use `window`. None: `window` throughout
-    window_start: int | None = attrs.field(default=None, validator=v.optional(_positive_int))
+    window_start: int | None = attrs.field(default=None, validator=v.optional(positive_int))
     # the fraction of training over which the window grows from window_start to window
     window_growth: float = attrs.field(default=1.0, validator=[v.gt(0.0), v.le(1.0)])
 

@@ -5,6 +5,7 @@ import attrs
 from attrs import validators as v
 
 from toolkit.hookspecs import hookimpl
+from toolkit.validators import positive_int
 
 
 @attrs.frozen
@@ -21,18 +22,13 @@ class GeluOptions(MLPOptions):
     approximate: str = attrs.field(default="tanh", validator=v.in_(("none", "tanh")))
 
 
-def _positive_int(_, attribute, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{attribute.name} must be a positive integer, got {value!r}")
-
-
 @attrs.frozen
 class GatedOptions:
     # hidden width = multiplier * n_embd rounded up to a multiple of `multiple_of`, unless hidden_dim is given.
     # 8/3 keeps the parameter count of a 4x ungated MLP with three matrices instead of two (Shazeer 2020).
     multiplier: float = attrs.field(default=8 / 3, validator=v.gt(0.0))
-    multiple_of: int = attrs.field(default=64, validator=_positive_int)  # for tensor-core friendly shapes (Llama)
-    hidden_dim: int | None = attrs.field(default=None, validator=v.optional(_positive_int))  # the width itself
+    multiple_of: int = attrs.field(default=64, validator=positive_int)  # for tensor-core friendly shapes (Llama)
+    hidden_dim: int | None = attrs.field(default=None, validator=v.optional(positive_int))  # the width itself
 
 
 @attrs.frozen

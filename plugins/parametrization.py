@@ -22,18 +22,14 @@ import attrs
 from attrs import validators as v
 
 from toolkit.hookspecs import hookimpl
+from toolkit.validators import positive_int
 from toolkit.registry import NoOptions
-
-
-def _positive_int(_, attribute, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{attribute.name} must be a positive integer, got {value!r}")
 
 
 @attrs.frozen
 class MupOptions:
     # the width (n_embd) at which mup equals standard: tune lr there, then widen and keep it
-    base_width: int = attrs.field(validator=[v.instance_of(int), _positive_int])
+    base_width: int = attrs.field(validator=[v.instance_of(int), positive_int])
 
 
 @hookimpl

@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 #: each module's layer; a module imports only from its own layer or below
 LAYERS = {
-    1: ["errors", "families", "contracts", "hookspecs", "registry", "plots", "report", "scaling", "scoring", "headstats", "safeio"],
+    1: ["errors", "families", "contracts", "hookspecs", "registry", "plots", "report", "scaling", "scoring", "headstats", "safeio",
+        "validators"],
     2: ["plugin_manager", "converter", "tokenizer", "plugins", "recipe"],
     3: ["model", "data", "catalog"],
     4: ["engine", "checkpoint", "hf", "inspection", "probe"],
