@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from toolkit.plugin_manager import PluginManager
-from toolkit.plugins.impl.optimizers import decay_groups
+from toolkit.contracts import decay_groups
 from toolkit.testing.conformance import ConformanceError, check_component
 
 BUILTINS = PluginManager(entry_points=False).registry

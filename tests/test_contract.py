@@ -6,7 +6,7 @@ from torch import nn
 from toolkit.contracts import hint
 from toolkit.model import ModelConfig, Transformer
 from toolkit.plugin_manager import PluginManager
-from toolkit.plugins.impl.optimizers import param_groups
+from toolkit.contracts import param_groups
 
 
 class Mixer(nn.Module):

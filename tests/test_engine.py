@@ -7,7 +7,7 @@ import torch
 from toolkit.engine import (batch_plan, build_engine, deep_merge, deepspeed_config, full_fp32_state_dict, lr_at,
                             make_optimizer, make_scheduler, one_rank_zero_note)
 from toolkit.errors import ConfigError
-from toolkit.plugins.impl.optimizers import param_groups
+from toolkit.contracts import param_groups
 from toolkit.model import ModelConfig, Transformer
 from toolkit.recipe import DeepSpeedConfig, Recipe, TrainConfig
 

@@ -11,7 +11,8 @@ from toolkit.cli import main
 from toolkit.engine import make_optimizer, make_scheduler
 from toolkit.errors import ConfigError
 from toolkit.model import ModelConfig, Transformer
-from toolkit.plugins.impl.optimizers import MuonMatrices, decay_groups, orthogonalize
+from toolkit.contracts import decay_groups
+from toolkit.plugins.impl.optimizers import MuonMatrices, orthogonalize
 from toolkit.recipe import DeepSpeedConfig, Recipe, TrainConfig, load_recipe
 from toolkit.trainer import train
 

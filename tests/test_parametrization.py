@@ -16,7 +16,7 @@ from toolkit.errors import ConfigError, HFFormatError
 from toolkit.hf import export_architecture
 from toolkit.model import ModelConfig, Transformer, model_dims
 from toolkit.plugin_manager import default_registry
-from toolkit.plugins.impl.optimizers import param_groups
+from toolkit.contracts import param_groups
 from toolkit.recipe import load_recipe
 from toolkit.probe import load_buildable
 

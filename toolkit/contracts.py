@@ -293,6 +293,31 @@ def hint(param: nn.Parameter, *, weight_decay: bool | None = None, lr_scale: flo
     return param
 
 
+def decay_groups(params: list[nn.Parameter], weight_decay: float, lr: float | None = None) -> list[dict]:
+    """nanoGPT's AdamW groups: decay matrices and embeddings (dim >= 2), not biases or norm gains,
+    unless a component's :func:`hint` says otherwise; a hinted lr_scale gets a
+    group of its own at lr * lr_scale."""
+    groups: dict[tuple[bool, float], list] = {(True, 1.0): [], (False, 1.0): []}
+    for p in params:
+        hints = getattr(p, "optim_hints", {})
+        key = (hints.get("weight_decay", p.dim() >= 2), hints.get("lr_scale", 1.0))
+        groups.setdefault(key, []).append(p)
+    out = []
+    for (decay, scale), members in groups.items():
+        group = {"params": members, "weight_decay": weight_decay if decay else 0.0}
+        if scale != 1.0:
+            if lr is None:
+                raise ValueError("a parameter has an lr_scale hint: give decay_groups the base lr")
+            group["lr"] = lr * scale
+        out.append(group)
+    return out
+
+
+def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None) -> list[dict]:
+    """:func:`decay_groups` of every trainable parameter of ``model`` (tied weights once)."""
+    return decay_groups([p for p in model.parameters() if p.requires_grad], weight_decay, lr)
+
+
 def flops_per_token(module: nn.Module, seq_len: int) -> int:
     """Forward FLOPs per token of a module: its own ``flops_per_token`` if it has one, else 2 per Linear weight."""
     own = getattr(type(module), "flops_per_token", None)

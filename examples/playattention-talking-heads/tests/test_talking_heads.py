@@ -65,7 +65,7 @@ def test_inverse_sqrt_schedule_warms_up_then_decays_with_the_square_root_of_the_
 
 
 def test_mixing_matrices_are_exempt_from_weight_decay():
-    from toolkit.plugins.impl.optimizers import param_groups
+    from toolkit.contracts import param_groups
 
     model = small({"kind": "talking_heads"})
     no_decay = next(g for g in param_groups(model, 0.1) if g["weight_decay"] == 0.0)

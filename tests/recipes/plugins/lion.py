@@ -3,7 +3,7 @@ import attrs
 import torch
 
 from toolkit.hookspecs import hookimpl
-from toolkit.plugins.impl.optimizers import param_groups
+from toolkit.contracts import param_groups
 
 
 @attrs.frozen
