@@ -1,7 +1,12 @@
 """prepare (text -> uint16 token shards) and TokenLoader (per-rank batches, exact resume)."""
+import fcntl
 import json
 import os
+import queue
 import shutil
+import subprocess
+import sys
+import threading
 
 import attrs
 import numpy as np
@@ -559,3 +564,25 @@ def test_preparing_off_a_terminal_writes_no_progress_bar_frames(tmp_path, capsys
     prepare(DataConfig(dataset="t", tokenizer="char", paths=[str(tmp_path / "t.txt")],
                        prepared_dir=str(tmp_path / "p")), progress=True)
     assert "\r" not in capsys.readouterr().err
+
+
+PREPARE = "import sys; from toolkit.data import prepare; from toolkit.recipe import DataConfig; " \
+          "prepare(DataConfig(prepared_dir=sys.argv[1]))"
+
+
+def test_a_prepare_that_finds_another_preparing_the_folder_waits_for_it_saying_so(tmp_path):
+    # two runs of an ablation (--parallel 2) preparing the same data: the second used to find the
+    # first's half-written folder, call it someone else's and fail
+    out = tmp_path / "ts"
+    out.mkdir()
+    (out / "tokenizer.json").write_text("{}")  # what a preparation writes before its first state file
+    lines: queue.Queue = queue.Queue()
+    with open(out / ".lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # the other prepare, under way
+        proc = subprocess.Popen([sys.executable, "-c", PREPARE, str(out)], stderr=subprocess.PIPE, text=True)
+        threading.Thread(target=lambda: [lines.put(ln) for ln in proc.stderr], daemon=True).start()
+        first = lines.get(timeout=120)
+        assert first.startswith(f"{out}: another process is preparing this folder; waiting for it to finish (")
+        (out / "tokenizer.json").unlink()  # the other one stops (here: leaving the folder empty) ...
+    assert proc.wait(timeout=300) == 0  # ... and this one, judging the folder under the lock, prepares it
+    assert read_meta(out)["vocab_size"] == 65

@@ -25,8 +25,8 @@ from ..errors import DataError
 from ..plugin_manager import default_registry
 from ..registry import Registry
 from ..tokenizer import CHAR_DOC_SEPARATOR, Tokenizer
-from .shards import (FORMAT_VERSION, SPLITS, _Folder, _ShardWriter, _locked, _own_files, _read_json, _refuse_target,
-                     _shards_ok, prepared_dir, shard_name)
+from .shards import (FORMAT_VERSION, SPLITS, _Folder, _ShardWriter, _locked, _own_files, _preparing_elsewhere,
+                     _read_json, _refuse_target, _shards_ok, prepared_dir, shard_name)
 from .sources import _count_documents, _documents, is_val_document, resolve_sources
 from .tokenize import _Feed, _encoded
 
@@ -102,9 +102,10 @@ def prepare(data, *, registry: Registry | None = None, progress: bool = True, wo
     registry = registry or default_registry()
     sources = resolve_sources(data, registry)
     inputs = _fingerprint(data, sources, shard_size)
-    _own_files(out)  # refuse someone else's folder before anything is created in it
+    if not _preparing_elsewhere(out):  # one another prepare is writing is judged under the lock, below
+        _own_files(out)  # refuse someone else's folder before anything is created in it
     out.mkdir(parents=True, exist_ok=True)
-    with _locked(out):
+    with _locked(out, say):
         folder = _Folder(out)  # again under the lock: another rank may have prepared it meanwhile
         why = None
         if "meta.json" in folder.owned and (out / "meta.json").exists():

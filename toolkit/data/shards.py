@@ -22,6 +22,7 @@ import json
 import os
 import re
 import stat
+import time
 from pathlib import Path
 
 import numpy as np
@@ -132,13 +133,46 @@ def _shards_ok(out: Path, split: str, sizes: list[int]) -> str | None:
     return None
 
 
+#: how often a prepare waiting for another one's lock says so
+WAIT_NOTICE_S = 10.0
+
+
+def _preparing_elsewhere(out: Path) -> bool:
+    """Whether another process holds ``out``'s prepare lock now: its folder may look half written
+    (a tokenizer.json before any state file), so it is judged once that prepare is done."""
+    import fcntl
+
+    lock = out / ".lock"
+    if lock.is_symlink() or not lock.is_file():  # only prepare's own lock file, never created here
+        return False
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
 @contextlib.contextmanager
-def _locked(out: Path):
-    """Serialise concurrent prepares of one directory (e.g. several ranks starting together)."""
+def _locked(out: Path, say=lambda msg: None):
+    """Serialise concurrent prepares of one directory (several ranks, or an ablation's parallel runs,
+    starting together). One that must wait says on what, and for how long every WAIT_NOTICE_S."""
     import fcntl
 
     with open(out / ".lock", "a") as f:  # "a": opening changes nothing, not even the mtime
-        fcntl.flock(f, fcntl.LOCK_EX)
+        start, told = time.monotonic(), None
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                now = time.monotonic()
+                if told is None or now - told >= WAIT_NOTICE_S:
+                    say(f"{out}: another process is preparing this folder; waiting for it to finish "
+                        f"({now - start:.0f} s so far)")
+                    told = now
+                time.sleep(0.1)
         try:
             yield
         finally:
