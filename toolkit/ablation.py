@@ -63,8 +63,8 @@ from .errors import ConfigError, PluginLoadError, Problem, UserError, format_pat
 from .families import Spec
 from .plugin_manager import default_registry, is_path_spec, load_registry
 from .probe import load_buildable, model_counts
-from .recipe import (MISSING, Recipe, differences, flatten, parse_override, read_toml, recipe_to_dict,
-                     registry_of, toml_inline)
+from .recipe import (MISSING, Recipe, differences, flatten, load_recipe, parse_override, read_toml,
+                     recipe_to_dict, registry_of, toml_inline)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=,-]*$")
 # recipe keys the ablation sets itself
@@ -664,7 +664,8 @@ def resolve(ablation: Ablation) -> list[Resolved]:
         if not problems:
             overrides = budget_overrides(ablation, recipe) + overrides
             try:
-                recipe = load_buildable(ablation.recipe, [ov.arg for ov in overrides], plugins=ablation.plugins)
+                # the budget sets train keys only: the model, built and checked just above, is the same
+                recipe = load_recipe(ablation.recipe, [ov.arg for ov in overrides], plugins=ablation.plugins)
                 recipe = attrs.evolve(recipe, train=attrs.evolve(recipe.train, seed=ablation.seeds[0]))
             except ConfigError as exc:
                 problems = _map_lines(exc, overrides)
