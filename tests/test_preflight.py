@@ -92,7 +92,7 @@ def test_the_memory_check_counts_weights_optimizer_and_activations_per_rank(tmp_
     ('[model.mlp]\nkind = "moe"\nexperts = 100000\n', "$.model.mlp.experts: must be <= 512"),
 ])
 def test_a_degenerate_model_is_one_line(tmp_path, capsys, body, said):
-    code = cli.main(["recipe", "show", recipe(tmp_path, body)])
+    code = cli.main(["recipe", "validate", recipe(tmp_path, body)])
     err = capsys.readouterr().err.splitlines()
     assert code == 2 and len(err) == 1 and said in err[0], err
 

@@ -1,7 +1,8 @@
-"""Seeded fuzzing of `playattention recipe show`: a few hundred generated recipes, valid and broken in
-every way issue 15 lists. Recipes name plugin files that exit or break their
-contract, and come with hostile ``--set`` values. A broken one exits 2 with only ``error:`` lines (one problem each, never
-split by a newline of its own, at most MAX_ERROR_LINES + 1) and no traceback; only a valid one exits 0.
+"""Seeded fuzzing of `playattention recipe validate` (the full check, the model built on meta): a few
+hundred generated recipes, valid and broken in every way issue 15 lists. Recipes name plugin files
+that exit or break their contract, and come with hostile ``--set`` values. A broken one exits 2 with
+only ``error:`` lines (one problem each, never split by a newline of its own, at most
+MAX_ERROR_LINES + 1) and no traceback; only a valid one exits 0.
 """
 import math
 import random
@@ -192,7 +193,7 @@ def test_every_generated_recipe_is_accepted_or_refused_in_clean_lines(tmp_path, 
     for n, (text, sets, broken) in enumerate(generated):
         path = tmp_path / f"fuzz{n}.toml"
         path.write_text(text, encoding="utf-8", errors="surrogateescape")
-        code = cli.main(["recipe", "show", path.name, *sets])
+        code = cli.main(["recipe", "validate", path.name, *sets])
         out, err = capsys.readouterr()
         where = f"case {n} {broken} {sets}:\n{text[:2000]}\n--- stderr:\n{err[:3000]}"
         assert "Traceback" not in err + out, where
@@ -268,7 +269,7 @@ def classify(tmp_path, case_id, text, command, refuse, capsys) -> str:
 
     path = tmp_path / f"{case_id}.toml"
     path.write_bytes(text.encode())
-    argv = {"inspect": ["inspect", path.name], "recipe": ["recipe", "show", path.name],
+    argv = {"inspect": ["inspect", path.name], "recipe": ["recipe", "validate", path.name],
             "train": ["train", path.name, "--run-dir", f"run-{case_id}", "--set", "train.max_steps=1"]}[command]
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
     with open("/proc/self/status") as f:  # a size that slips through must fail to allocate, not fill the machine
