@@ -245,9 +245,11 @@ def lazy_module(tmp_path, monkeypatch):
     """The name of a fresh module (in tmp_path, on sys.path) for lazy registrations to point at."""
     name = f"lazy_impl_{tmp_path.name.replace('-', '_')}"
     (tmp_path / f"{name}.py").write_text(LAZY_IMPL)
+    (tmp_path / f"{name}_raises.py").write_text("raise RuntimeError('no GPU here')\n")  # fails as it loads
     monkeypatch.syspath_prepend(str(tmp_path))
     yield name
     sys.modules.pop(name, None)
+    sys.modules.pop(f"{name}_raises", None)
 
 
 def test_a_part_registered_by_name_is_imported_only_when_first_built(lazy_module):
@@ -266,6 +268,7 @@ def comp_spec(family, kind):
 @pytest.mark.parametrize("target, said", [
     ("{m}_gone:Lazy", "cannot import {m}_gone: No module named '{m}_gone'"),
     ("{m}:Absent", "{m} has no 'Absent'"),
+    ("{m}_raises:Lazy", "importing {m}_raises failed: RuntimeError: no GPU here"),
     ("{m}:NOT_CALLABLE", "not callable, got int"),
     ("{m}:WrongOptions", "its Options is OtherOptions, but it was registered with WidthOptions"),
     ("{m}:ChecksOnItsClass", "its check_recipe must be on its options class, WidthOptions: a part registered by name is not "

@@ -318,11 +318,14 @@ def resolve(comp: Component) -> Callable:
     module, _, attr = comp.target.partition(":")
     where = f"{comp.family} {comp.name!r} (registered by {comp.source} as {comp.target!r})"
     try:
-        factory = getattr(importlib.import_module(module), attr)
+        imported = importlib.import_module(module)
     except ImportError as exc:
         raise RegistryError(f"{where}: cannot import {module}: {exc}") from exc
-    except AttributeError:
-        raise RegistryError(f"{where}: {module} has no {attr!r}") from None
+    except Exception as exc:  # noqa: BLE001 - a plugin's code failing as it loads is the plugin's problem, said so
+        raise RegistryError(f"{where}: importing {module} failed: {type(exc).__name__}: {exc}") from exc
+    factory = getattr(imported, attr, None)
+    if factory is None:
+        raise RegistryError(f"{where}: {module} has no {attr!r}")
     if not callable(factory):
         raise RegistryError(f"{where}: not callable, got {type(factory).__name__}")
     if getattr(factory, "check_recipe", None) is not None and getattr(comp.options, "check_recipe", None) is None:
