@@ -19,6 +19,10 @@ def add_recipe_options(p: argparse.ArgumentParser) -> None:
     add_plugin_options(p, "also load this plugin file or module; repeatable")
 
 
+#: --plugin's help where a command reads or writes Hugging Face folders (convert, generate, eval)
+ARCHITECTURE_PLUGINS = "a plugin file or module whose architectures (register_architectures) it may read or write; repeatable"
+
+
 def add_plugin_options(p: argparse.ArgumentParser, help: str) -> None:
     """``--plugin`` (repeatable) and ``--trust-plugins``."""
     p.add_argument("--plugin", action="append", default=[], metavar="FILE", help=help)

@@ -5,7 +5,7 @@ import argparse
 
 from ..convert import hf_to_run, run_to_hf
 from ..errors import UsageError
-from . import add_plugin_options
+from . import ARCHITECTURE_PLUGINS, add_plugin_options
 from .exports import add_no_verify, check_export
 
 
@@ -39,5 +39,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", help="with --to hf: the architecture (model_type) to write "
                    "(default: the first that can express the model)")
     add_no_verify(p)
-    add_plugin_options(p, "a plugin file or module whose architectures (register_architectures) it may read or write; repeatable")
+    add_plugin_options(p, ARCHITECTURE_PLUGINS)
     p.set_defaults(func=cmd_convert)

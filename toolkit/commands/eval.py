@@ -6,7 +6,7 @@ import argparse
 from ..errors import UsageError
 from ..evaluate import evaluate_target, render_results, write_results
 from ..engine import on_cuda
-from . import add_plugin_options
+from . import ARCHITECTURE_PLUGINS, add_plugin_options
 from .exports import add_no_verify, check_export
 
 
@@ -38,5 +38,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, metavar="N", help="rows per forward (default the run's train.micro_batch)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default cuda if available)")
     add_no_verify(p)
-    add_plugin_options(p, "a plugin file or module whose architectures (register_architectures) it may read or write; repeatable")
+    add_plugin_options(p, ARCHITECTURE_PLUGINS)
     p.set_defaults(func=cmd_eval)

@@ -11,7 +11,7 @@ from ..convert import load_model
 from ..errors import UsageError
 from ..generate import encode_prompt, stream_samples
 from ..engine import on_cuda
-from . import add_plugin_options
+from . import ARCHITECTURE_PLUGINS, add_plugin_options
 from .exports import add_no_verify, check_export
 
 
@@ -54,5 +54,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="samples per prompt (seeds seed, seed+1, ...)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default cuda if available)")
     add_no_verify(p)
-    add_plugin_options(p, "a plugin file or module whose architectures (register_architectures) it may read or write; repeatable")
+    add_plugin_options(p, ARCHITECTURE_PLUGINS)
     p.set_defaults(func=cmd_generate)
