@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ast
 import functools
-import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -33,6 +32,7 @@ import attrs
 from . import families
 from .errors import AmbiguousComponentError, RegistryError, UnknownComponentError
 from .families import Spec
+from .safeio import sha256_of
 
 
 @attrs.frozen
@@ -62,19 +62,24 @@ class Source:
         return self.plugin
 
 
+def _short_sha256(path: Path) -> str:
+    """The first 12 hex digits of a code file's sha256: what a fingerprint records of it."""
+    return sha256_of(path)[:12]
+
+
 def code_of(source: Source, modules: bool = True) -> str:
     """The code a source stands for: a plugin file's content hash, a package's version and, with
     ``modules``, the content hash of the module that registered (an edited checkout keeps its version)."""
     path = Path(source.plugin)
     if path.suffix == ".py" and path.is_file():  # a plugin file has no version: its content stands in
-        return f"{path} (sha256 {hashlib.sha256(path.read_bytes()).hexdigest()[:12]})"
+        return f"{path} (sha256 {_short_sha256(path)})"
     if not source.package:
         return source.plugin
     said = f"{source.package} {source.version or '?'}"
     module = sys.modules.get(source.plugin)
     file = Path(getattr(module, "__file__", None) or "")
     if modules and file.suffix == ".py" and file.is_file():
-        said += f" ({source.plugin} sha256 {hashlib.sha256(file.read_bytes()).hexdigest()[:12]})"
+        said += f" ({source.plugin} sha256 {_short_sha256(file)})"
     return said
 
 
@@ -347,7 +352,7 @@ def module_code(module: str) -> str:
     origin = Path(spec.origin) if spec is not None and spec.origin else None
     if origin is None or not origin.is_file():
         return f"{module} (not found)"
-    return f"{module} (sha256 {hashlib.sha256(origin.read_bytes()).hexdigest()[:12]})"
+    return f"{module} (sha256 {_short_sha256(origin)})"
 
 
 def _is_frozen(options: type) -> bool:
